@@ -1,0 +1,545 @@
+//! The typed, validated configuration model.
+//!
+//! Every front end that produces configuration (the Envoy v3 YAML/JSON loader
+//! in `mesh-bin`, the xDS converter in `mesh-xds`, a Rust program building a
+//! proxy by hand) produces these plain types. Nothing downstream of this
+//! module sees YAML, JSON or protobuf, and nothing here is a string map: each
+//! field that Envoy spells as a duration is a [`Duration`], each enum an enum.
+//!
+//! Field names follow Envoy's v3 API so that a reader who knows an Envoy
+//! bootstrap can find their way; the doc comment of each type names the
+//! Envoy message it models.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
+/// subset mesh supports).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bootstrap {
+    /// `node`: the identity the proxy reports (to control planes, later).
+    pub node: Node,
+    /// `static_resources.listeners`.
+    pub listeners: Vec<Listener>,
+    /// `static_resources.clusters`.
+    pub clusters: Vec<Cluster>,
+    /// `admin`: the admin HTTP listener, if any.
+    pub admin: Option<Admin>,
+}
+
+/// Envoy `config.core.v3.Node`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// `node.id`.
+    pub id: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// `node.locality`.
+    pub locality: Locality,
+}
+
+/// Envoy `config.core.v3.Locality`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// `region`.
+    pub region: String,
+    /// `zone`.
+    pub zone: String,
+    /// `sub_zone`.
+    pub sub_zone: String,
+}
+
+/// Envoy `config.bootstrap.v3.Admin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// `admin.address.socket_address`.
+    pub address: SocketAddr,
+}
+
+/// Envoy `config.listener.v3.Listener`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// `name`; unique among listeners.
+    pub name: String,
+    /// `address.socket_address`.
+    pub address: SocketAddr,
+    /// `filter_chains`. mesh uses the first chain; filter-chain matching
+    /// arrives with TLS.
+    pub filter_chains: Vec<FilterChain>,
+    /// Maximum concurrent downstream connections (from the
+    /// `envoy.filters.network.connection_limit` network filter). Connections
+    /// over the limit are closed as soon as they are accepted.
+    pub connection_limit: Option<ConnectionLimit>,
+    /// `per_connection_buffer_limit_bytes` (default 1 MiB as in Envoy).
+    pub per_connection_buffer_limit_bytes: u32,
+}
+
+/// Envoy `extensions.filters.network.connection_limit.v3.ConnectionLimit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimit {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `max_connections`.
+    pub max_connections: u64,
+    /// `delay`: how long to wait before closing a rejected connection.
+    pub delay: Option<Duration>,
+}
+
+/// Envoy `config.listener.v3.FilterChain`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterChain {
+    /// `name` (optional in Envoy).
+    pub name: String,
+    /// The terminal network filter of the chain.
+    pub terminal: NetworkFilter,
+}
+
+/// The terminal network filter of a filter chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkFilter {
+    /// `envoy.filters.network.http_connection_manager`.
+    HttpConnectionManager(Box<HttpConnectionManager>),
+    /// `envoy.filters.network.tcp_proxy`.
+    TcpProxy(TcpProxy),
+}
+
+/// Envoy `HttpConnectionManager.CodecType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CodecType {
+    /// HTTP/1.1 or HTTP/2 (prior knowledge) chosen per connection from the
+    /// first bytes.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only (h2c prior knowledge on cleartext listeners).
+    Http2,
+}
+
+/// Envoy `extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConnectionManager {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `codec_type`.
+    pub codec_type: CodecType,
+    /// `route_config` (inline; RDS arrives with xDS).
+    pub route_config: RouteConfiguration,
+    /// `http_filters`, in order. The last one is `envoy.filters.http.router`.
+    pub http_filters: Vec<HttpFilter>,
+    /// `stream_idle_timeout` (Envoy default 5 minutes; `0s` disables).
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout` (default disabled).
+    pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout` (default disabled).
+    pub request_headers_timeout: Option<Duration>,
+    /// `common_http_protocol_options.idle_timeout` for downstream connections
+    /// (Envoy default 1 hour).
+    pub idle_timeout: Option<Duration>,
+    /// `max_request_headers_kb` (Envoy default 60).
+    pub max_request_headers_kb: u32,
+    /// `use_remote_address`: when true the proxy appends the peer address to
+    /// `x-forwarded-for` (unless `skip_xff_append`).
+    pub use_remote_address: bool,
+    /// `skip_xff_append`.
+    pub skip_xff_append: bool,
+    /// `generate_request_id` (default true): add `x-request-id` when absent.
+    pub generate_request_id: bool,
+    /// `server_name` (default "envoy" in Envoy; mesh uses "mesh" unless set).
+    pub server_name: Option<String>,
+    /// `access_log`.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// One entry of `http_filters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpFilter {
+    /// `envoy.filters.http.router`: the terminal filter.
+    Router,
+}
+
+/// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
+/// Envoy's default text format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    /// `envoy.access_loggers.stdout`.
+    Stdout,
+    /// `envoy.access_loggers.stderr`.
+    Stderr,
+    /// `envoy.access_loggers.file` with `path`.
+    File(String),
+}
+
+/// Envoy `extensions.filters.network.tcp_proxy.v3.TcpProxy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpProxy {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `cluster` or `weighted_clusters`.
+    pub cluster: ClusterSpecifier,
+    /// `idle_timeout` (Envoy default 1 hour; `0s` disables).
+    pub idle_timeout: Option<Duration>,
+    /// `access_log`.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// Envoy `config.route.v3.RouteConfiguration`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteConfiguration {
+    /// `name`.
+    pub name: String,
+    /// `virtual_hosts`.
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// `request_headers_to_add`, `request_headers_to_remove`,
+    /// `response_headers_to_add`, `response_headers_to_remove`.
+    pub headers: HeaderMutations,
+}
+
+/// Header mutations at one level (route configuration, virtual host or
+/// route). Envoy applies the most specific level last for requests, so that
+/// route-level values win when they overwrite.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderMutations {
+    /// `request_headers_to_add`.
+    pub request_add: Vec<HeaderValueOption>,
+    /// `request_headers_to_remove`.
+    pub request_remove: Vec<String>,
+    /// `response_headers_to_add`.
+    pub response_add: Vec<HeaderValueOption>,
+    /// `response_headers_to_remove`.
+    pub response_remove: Vec<String>,
+}
+
+impl HeaderMutations {
+    /// True when no mutation is configured at this level.
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+}
+
+/// Envoy `config.core.v3.HeaderValueOption`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderValueOption {
+    /// `header.key` (lower-cased).
+    pub key: String,
+    /// `header.value`.
+    pub value: String,
+    /// `append_action` (or the deprecated `append` flag).
+    pub append_action: AppendAction,
+    /// `keep_empty_value`.
+    pub keep_empty_value: bool,
+}
+
+/// Envoy `HeaderValueOption.HeaderAppendAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppendAction {
+    /// Append a value, adding the header if absent (Envoy's default).
+    #[default]
+    AppendIfExistsOrAdd,
+    /// Add only when the header is absent.
+    AddIfAbsent,
+    /// Replace every existing value, or add.
+    OverwriteIfExistsOrAdd,
+    /// Replace only when present.
+    OverwriteIfExists,
+}
+
+/// Envoy `config.route.v3.VirtualHost`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VirtualHost {
+    /// `name`.
+    pub name: String,
+    /// `domains`: exact host names, `*`, `*.suffix` / `*suffix` or
+    /// `prefix.*` / `prefix*` wildcards. Matching ignores case and the port
+    /// unless the domain names one.
+    pub domains: Vec<String>,
+    /// `routes`, matched in order; the first match wins.
+    pub routes: Vec<Route>,
+    /// Header mutations at the virtual-host level.
+    pub headers: HeaderMutations,
+}
+
+/// Envoy `config.route.v3.Route`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// `name`.
+    pub name: String,
+    /// `match`.
+    pub matcher: RouteMatch,
+    /// `route`, `direct_response` or `redirect`.
+    pub action: Action,
+    /// Header mutations at the route level.
+    pub headers: HeaderMutations,
+}
+
+/// Envoy `config.route.v3.RouteMatch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteMatch {
+    /// `prefix`, `path` or `safe_regex`.
+    pub path: PathMatch,
+    /// `case_sensitive` (default true) for `prefix` and `path`.
+    pub case_sensitive: bool,
+    /// `headers`: all must match.
+    pub headers: Vec<HeaderMatcher>,
+    /// `query_parameters`: all must match.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    /// `grpc`: match only gRPC requests (`content-type: application/grpc*`).
+    pub grpc: bool,
+}
+
+/// The path part of a [`RouteMatch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    /// `prefix`: the path (without query) starts with this.
+    Prefix(String),
+    /// `path`: the path (without query) equals this.
+    Exact(String),
+    /// `safe_regex.regex`: the whole path (without query) matches.
+    Regex(String),
+    /// `path_separated_prefix`: the path equals this or continues with `/`.
+    SeparatedPrefix(String),
+}
+
+/// Envoy `config.route.v3.HeaderMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderMatcher {
+    /// `name` (lower-cased). Pseudo-headers `:path`, `:method`,
+    /// `:authority`, `:scheme` are matched too.
+    pub name: String,
+    /// What the value must satisfy.
+    pub kind: HeaderMatchKind,
+    /// `invert_match`.
+    pub invert: bool,
+    /// `treat_missing_header_as_empty`.
+    pub treat_missing_as_empty: bool,
+}
+
+/// How a [`HeaderMatcher`] tests a value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderMatchKind {
+    /// `exact_match` or `string_match.exact`.
+    Exact(String),
+    /// `prefix_match` or `string_match.prefix`.
+    Prefix(String),
+    /// `suffix_match` or `string_match.suffix`.
+    Suffix(String),
+    /// `contains_match` or `string_match.contains`.
+    Contains(String),
+    /// `safe_regex_match` or `string_match.safe_regex`: the whole value
+    /// matches.
+    Regex(String),
+    /// `present_match`: true = header present, false = absent.
+    Present(bool),
+    /// `range_match`: the value is an integer in `[start, end)`.
+    Range {
+        /// `start` (inclusive).
+        start: i64,
+        /// `end` (exclusive).
+        end: i64,
+    },
+    /// `string_match` with `ignore_case: true` (exact/prefix/suffix/contains).
+    IgnoreCase(Box<HeaderMatchKind>),
+}
+
+/// Envoy `config.route.v3.QueryParameterMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryParameterMatcher {
+    /// `name`.
+    pub name: String,
+    /// `string_match` (exact/prefix/suffix/contains/regex, optional
+    /// ignore_case), or `present_match` (`Present(true)`).
+    pub kind: HeaderMatchKind,
+}
+
+/// What a matched route does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// `route`: forward to a cluster.
+    Route(RouteAction),
+    /// `direct_response`: answer locally.
+    DirectResponse {
+        /// `status`.
+        status: u16,
+        /// `body.inline_string` / `body.inline_bytes`.
+        body: Option<bytes::Bytes>,
+    },
+    /// `redirect`.
+    Redirect(RedirectAction),
+}
+
+/// Envoy `config.route.v3.RouteAction`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteAction {
+    /// `cluster` or `weighted_clusters`.
+    pub cluster: ClusterSpecifier,
+    /// `prefix_rewrite`: replaces the matched prefix (or the whole matched
+    /// path for `path` matches).
+    pub prefix_rewrite: Option<String>,
+    /// `regex_rewrite` (pattern, substitution).
+    pub regex_rewrite: Option<(String, String)>,
+    /// `host_rewrite_literal`.
+    pub host_rewrite_literal: Option<String>,
+    /// `timeout` (Envoy default 15 s; `0s` disables).
+    pub timeout: Option<Duration>,
+    /// `idle_timeout` per stream.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Which cluster(s) a route or TCP proxy sends to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterSpecifier {
+    /// One cluster by name.
+    Cluster(String),
+    /// `weighted_clusters.clusters`: a weighted random choice per request.
+    Weighted(Vec<WeightedCluster>),
+}
+
+/// One entry of `weighted_clusters.clusters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedCluster {
+    /// `name`.
+    pub name: String,
+    /// `weight`.
+    pub weight: u32,
+    /// Header mutations of this choice (`request_headers_to_add`, ...).
+    pub headers: HeaderMutations,
+}
+
+/// Envoy `config.route.v3.RedirectAction`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectAction {
+    /// `https_redirect` (scheme `https`) or `scheme_redirect`.
+    pub scheme: Option<String>,
+    /// `host_redirect`.
+    pub host: Option<String>,
+    /// `port_redirect`.
+    pub port: Option<u16>,
+    /// `path_redirect` or `prefix_rewrite`.
+    pub path: Option<RedirectPath>,
+    /// `response_code` (301 default, 302, 303, 307, 308).
+    pub response_code: u16,
+    /// `strip_query`.
+    pub strip_query: bool,
+}
+
+/// How a redirect changes the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedirectPath {
+    /// `path_redirect`: the whole path (and query, when it has one).
+    Path(String),
+    /// `prefix_rewrite`: replace the matched prefix.
+    PrefixRewrite(String),
+}
+
+/// Envoy `config.cluster.v3.Cluster.DiscoveryType`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryType {
+    /// `STATIC`: the endpoints are IP addresses in `load_assignment`.
+    Static,
+    /// `STRICT_DNS`: every address every host name resolves to is an
+    /// endpoint, re-resolved every `dns_refresh_rate`.
+    StrictDns,
+    /// `LOGICAL_DNS`: one endpoint per host name, connecting to its first
+    /// address, re-resolved every `dns_refresh_rate`.
+    LogicalDns,
+    /// `EDS`: endpoints arrive over xDS (`eds_cluster_config.service_name`).
+    Eds {
+        /// `eds_cluster_config.service_name` (defaults to the cluster name).
+        service_name: String,
+    },
+}
+
+/// Envoy `config.cluster.v3.Cluster.LbPolicy` (the ones mesh has today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// `ROUND_ROBIN`: weighted round robin when endpoint weights differ.
+    #[default]
+    RoundRobin,
+    /// `RANDOM`: weighted random.
+    Random,
+}
+
+/// The protocol used to talk to a cluster's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (Envoy's default).
+    #[default]
+    Http1,
+    /// HTTP/2 (h2c prior knowledge on cleartext), from
+    /// `typed_extension_protocol_options` `explicit_http_config.http2_protocol_options`
+    /// or the deprecated `http2_protocol_options`.
+    Http2,
+    /// Whatever the downstream request used (`use_downstream_protocol_config`).
+    Downstream,
+}
+
+/// Envoy `config.cluster.v3.Cluster`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// `name`; unique among clusters.
+    pub name: String,
+    /// `type`.
+    pub discovery: DiscoveryType,
+    /// `connect_timeout` (Envoy default 5 s).
+    pub connect_timeout: Duration,
+    /// `lb_policy`.
+    pub lb_policy: LbPolicy,
+    /// `load_assignment.endpoints`.
+    pub localities: Vec<LocalityLbEndpoints>,
+    /// The upstream HTTP protocol.
+    pub protocol: UpstreamProtocol,
+    /// `dns_refresh_rate` (Envoy default 5 s).
+    pub dns_refresh_rate: Duration,
+    /// `dns_lookup_family` restricts resolved addresses.
+    pub dns_lookup_family: DnsLookupFamily,
+    /// Upstream connection idle timeout
+    /// (`common_http_protocol_options.idle_timeout`, Envoy default 1 hour).
+    pub idle_timeout: Option<Duration>,
+    /// `per_connection_buffer_limit_bytes`.
+    pub per_connection_buffer_limit_bytes: u32,
+}
+
+/// Envoy `Cluster.DnsLookupFamily`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DnsLookupFamily {
+    /// `AUTO` (Envoy: prefer IPv6, fall back to IPv4). mesh keeps the
+    /// resolver's order.
+    #[default]
+    Auto,
+    /// `V4_ONLY`.
+    V4Only,
+    /// `V6_ONLY`.
+    V6Only,
+    /// `V4_PREFERRED`.
+    V4Preferred,
+    /// `ALL`.
+    All,
+}
+
+/// Envoy `config.endpoint.v3.LocalityLbEndpoints`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalityLbEndpoints {
+    /// `locality`.
+    pub locality: Locality,
+    /// `priority` (0 is the highest).
+    pub priority: u32,
+    /// `load_balancing_weight` of the locality.
+    pub load_balancing_weight: Option<u32>,
+    /// `lb_endpoints`.
+    pub lb_endpoints: Vec<LbEndpoint>,
+}
+
+/// Envoy `config.endpoint.v3.LbEndpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbEndpoint {
+    /// `endpoint.address.socket_address.address`: an IP for STATIC
+    /// clusters, a host name for DNS clusters.
+    pub host: String,
+    /// `endpoint.address.socket_address.port_value`.
+    pub port: u16,
+    /// `load_balancing_weight` (default 1).
+    pub weight: u32,
+}
