@@ -149,6 +149,9 @@ pub struct HttpConnectionManager {
     pub server_name: Option<String>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `upgrade_configs[].upgrade_type`, lower-cased (e.g. `websocket`).
+    /// Upgrade requests of other types are refused with 403, as Envoy does.
+    pub upgrade_types: Vec<String>,
 }
 
 /// One entry of `http_filters`.
