@@ -151,18 +151,34 @@ mod tests {
 
     #[test]
     fn static_needs_ip_literals() {
-        assert_eq!(static_endpoints(&cluster(DiscoveryType::Static, &["10.0.0.1"])).unwrap().len(), 1);
+        assert_eq!(
+            static_endpoints(&cluster(DiscoveryType::Static, &["10.0.0.1"]))
+                .unwrap()
+                .len(),
+            1
+        );
         let e = static_endpoints(&cluster(DiscoveryType::Static, &["example.com"])).unwrap_err();
         assert!(e.contains("lb_endpoints[0]"), "{e}");
     }
 
     #[tokio::test]
     async fn strict_dns_resolves_localhost() {
-        let eps = resolve(&cluster(DiscoveryType::StrictDns, &["localhost"])).await.unwrap();
+        let eps = resolve(&cluster(DiscoveryType::StrictDns, &["localhost"]))
+            .await
+            .unwrap();
         assert!(!eps.is_empty());
-        assert!(eps.iter().all(|e| e.addr.ip().is_loopback() && e.hostname == "localhost"));
-        let eps = resolve(&cluster(DiscoveryType::LogicalDns, &["localhost"])).await.unwrap();
+        assert!(eps
+            .iter()
+            .all(|e| e.addr.ip().is_loopback() && e.hostname == "localhost"));
+        let eps = resolve(&cluster(DiscoveryType::LogicalDns, &["localhost"]))
+            .await
+            .unwrap();
         assert_eq!(eps.len(), 1);
-        assert!(resolve(&cluster(DiscoveryType::StrictDns, &["no-such-host.invalid"])).await.is_err());
+        assert!(resolve(&cluster(
+            DiscoveryType::StrictDns,
+            &["no-such-host.invalid"]
+        ))
+        .await
+        .is_err());
     }
 }

@@ -271,7 +271,9 @@ mod tests {
     fn weighted_random_follows_weights() {
         let b = Balancer::with_endpoints(LbPolicy::Random, vec![spec(1, 3, 0), spec(2, 1, 0)]);
         let n = 40_000;
-        let ones = (0..n).filter(|_| b.pick().unwrap().addr.port() == 1).count();
+        let ones = (0..n)
+            .filter(|_| b.pick().unwrap().addr.port() == 1)
+            .count();
         let share = ones as f64 / n as f64;
         assert!((0.72..0.78).contains(&share), "{share}");
     }
