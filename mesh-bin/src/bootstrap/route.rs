@@ -98,6 +98,9 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             o.path(),
             "only one of route, redirect and direct_response may be set",
         );
+        for k in kinds {
+            o.take(k);
+        }
         None
     } else if let Some(a) = o.obj(cx, "route") {
         let regex = matches!(
