@@ -1310,3 +1310,74 @@ fn error_display_shapes() {
     assert_eq!(e.to_string(), "a.b: bad");
     assert!(!e.is_unsupported());
 }
+
+#[test]
+fn duplicate_keys_and_odd_yaml_are_errors() {
+    assert_eq!(
+        errs_str("static_resources:\n  clusters:\n  - name: a\n    name: b\n"),
+        vec!["static_resources.clusters[0]: duplicate entry with key \"name\" at line 3 column 5"]
+    );
+    assert_eq!(
+        errs_str("{\"admin\": {}, \"admin\": {}}"),
+        vec!["duplicate entry with key \"admin\""]
+    );
+    assert_eq!(errs_str("123: x\n"), vec!["unsupported: 123"]);
+    for text in [
+        "? [a]\n: b\n",
+        "a: &x [*x]\n",
+        "static_resources: {clusters: [{name: a, per_connection_buffer_limit_bytes: 99999999999999999999999}]}",
+    ] {
+        assert_eq!(errs_str(text).len(), 1, "{text}");
+    }
+}
+
+/// Replacing any node of the bench configuration by a value of another
+/// type yields errors or a configuration, never a panic.
+#[test]
+fn mutations_never_panic() {
+    fn paths(v: &Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match v {
+            Value::Object(m) => m.iter().for_each(|(k, c)| {
+                paths(
+                    c,
+                    format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                    out,
+                )
+            }),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, c)| paths(c, format!("{at}/{i}"), out)),
+            _ => {}
+        }
+    }
+    let base = bench();
+    let mut all = Vec::new();
+    paths(&base, String::new(), &mut all);
+    let replacements = [
+        json!(null),
+        json!(-1),
+        json!(1.5),
+        json!("x"),
+        json!(""),
+        json!(true),
+        json!([]),
+        json!([{}]),
+        json!({}),
+        json!({"unknown": 1}),
+    ];
+    let mut failures = 0;
+    for p in all.iter().skip(1) {
+        for r in &replacements {
+            let mut v = base.clone();
+            if let Some(slot) = v.pointer_mut(p) {
+                *slot = r.clone();
+            }
+            if load_value(&v).is_err() {
+                failures += 1;
+            }
+        }
+    }
+    assert!(failures > all.len());
+}
