@@ -22,6 +22,7 @@ use serde_json::Value;
 
 mod cluster;
 mod hcm;
+mod headers;
 mod listener;
 mod reader;
 mod route;
