@@ -180,6 +180,7 @@ impl WorkerCluster {
                 },
                 connect_timeout: self.entry.config.connect_timeout,
                 max_idle: 1024,
+                idle_timeout: self.entry.config.idle_timeout,
             },
         );
         pools.insert((addr, h2), p.clone());

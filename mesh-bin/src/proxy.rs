@@ -135,6 +135,7 @@ impl Proxy {
                         codec: hcm.codec_type,
                         max_request_headers_bytes: hcm.max_request_headers_kb as usize * 1024,
                         request_headers_timeout: hcm.request_headers_timeout,
+                        idle_timeout: hcm.idle_timeout,
                     };
                     Terminal::Http(Arc::new(shared), server)
                 }
