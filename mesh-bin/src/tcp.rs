@@ -21,7 +21,8 @@ pub struct TcpStats {
     pub cx_total: Counter,
     /// `downstream_cx_no_route`.
     pub cx_no_route: Counter,
-    /// `upstream_flush_active`-like gauge of proxied connections.
+    /// `mesh_tcp_upstream_cx_active`: connections being proxied (mesh's own
+    /// stat).
     pub cx_active: Gauge,
     /// `idle_timeout`.
     pub idle_timeout: Counter,
@@ -70,7 +71,7 @@ impl TcpProxyShared {
             stats: TcpStats {
                 cx_total: store.counter("envoy_tcp_downstream_cx_total", &l),
                 cx_no_route: store.counter("envoy_tcp_downstream_cx_no_route", &l),
-                cx_active: store.gauge("envoy_tcp_upstream_cx_active", &l),
+                cx_active: store.gauge("mesh_tcp_upstream_cx_active", &l),
                 idle_timeout: store.counter("envoy_tcp_idle_timeout", &l),
             },
         })
