@@ -273,14 +273,10 @@ pub(crate) fn endpoint_address(cx: &mut Ctx, mut o: Obj<'_>) -> Option<(String, 
     o.finish(cx);
     let mut sa = sa?;
     let host = sa.req_string(cx, "address");
-    // An upstream endpoint needs a real port: 0 would only fail at connect time.
     let port = match sa.take("port_value") {
-        Some(v) => reader::as_int(cx, &sa.at("port_value"), v, 1, 65535)
+        Some(v) => reader::as_int(cx, &sa.at("port_value"), v, 0, 65535)
             .and_then(|p| u16::try_from(p).ok()),
-        None => {
-            cx.missing(&sa.at("port_value"));
-            None
-        }
+        None => Some(0),
     };
     sa.enumeration(
         cx,
