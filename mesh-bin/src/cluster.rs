@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
 use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
-use mesh_core::stats::{Counter, Gauge, StatusClassCounters, Store};
+use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
 use mesh_lb::{dns, Balancer};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,8 @@ pub struct ClusterStats {
     pub rq_total: Counter,
     /// `upstream_rq_xx` by status class.
     pub rq_xx: StatusClassCounters,
+    /// `upstream_rq_<code>` by exact status.
+    pub rq_code: StatusCodeCounters,
     /// `upstream_rq_active`.
     pub rq_active: Gauge,
     /// `upstream_rq_timeout`.
@@ -38,11 +40,20 @@ pub struct ClusterStats {
 }
 
 impl ClusterStats {
+    /// Counts an upstream response (or a proxy-made one charged to the
+    /// upstream, as Envoy does for resets and timeouts) by class and code.
+    #[inline]
+    pub fn record_status(&self, status: u16) {
+        self.rq_xx.record(status);
+        self.rq_code.record(status);
+    }
+
     fn new(store: &Store, name: &str) -> Self {
         let l = vec![("envoy_cluster_name", name.to_owned())];
         ClusterStats {
             rq_total: store.counter("envoy_cluster_upstream_rq_total", &l),
             rq_xx: StatusClassCounters::new(store, "envoy_cluster_upstream_rq_xx", &l),
+            rq_code: StatusCodeCounters::new(store, "envoy_cluster_upstream_rq", &l),
             rq_active: store.gauge("envoy_cluster_upstream_rq_active", &l),
             rq_timeout: store.counter("envoy_cluster_upstream_rq_timeout", &l),
             cx_connect_fail: store.counter("envoy_cluster_upstream_cx_connect_fail", &l),

@@ -21,6 +21,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use mesh_codec::http::body::{OnEnd, UpstreamBody};
+use mesh_codec::http::client::FailureKind;
 use mesh_codec::http::{hop, ProxyBody};
 use mesh_core::config::HttpConnectionManager;
 use mesh_core::flags::ResponseFlag;
@@ -157,6 +158,10 @@ impl HttpProxy {
         let stats = &self.shared.stats;
         stats.rq_total.inc();
         let _active = GaugeGuard::new(&stats.rq_active);
+        if let Some(resp) = self.reject_malformed(&req) {
+            stats.rq_xx.record(resp.status().as_u16());
+            return resp;
+        }
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
@@ -170,10 +175,62 @@ impl HttpProxy {
         if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
+            let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(&entry.format(resp.status().as_u16(), flag, sent, None));
+            logger.write(&entry.format(resp.status().as_u16(), flag, sent, upstream));
         }
         resp
+    }
+
+    /// Requests Envoy refuses before routing, answered the same way:
+    /// HTTP/1.0 (426), HTTP/1.1 without `Host` (400), `Content-Length` with
+    /// `Transfer-Encoding` (400: a request-smuggling vector), a request
+    /// target that is not a path (400), and headers over
+    /// `max_request_headers_kb` (431). The connection closes after a 400.
+    fn reject_malformed(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        let bad = |status: StatusCode, body: &'static str| {
+            let mut r = self.local_reply(status, body, ResponseFlag::DownstreamProtocolError);
+            r.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            Some(r)
+        };
+        let headers = req.headers();
+        match req.version() {
+            http::Version::HTTP_09 | http::Version::HTTP_10 => {
+                return bad(StatusCode::UPGRADE_REQUIRED, "");
+            }
+            http::Version::HTTP_11 => {
+                if req.uri().authority().is_none() && !headers.contains_key(HOST) {
+                    return bad(StatusCode::BAD_REQUEST, "");
+                }
+                if headers.contains_key(http::header::CONTENT_LENGTH)
+                    && headers.contains_key(http::header::TRANSFER_ENCODING)
+                {
+                    return bad(StatusCode::BAD_REQUEST, "");
+                }
+            }
+            _ => {}
+        }
+        if req.method() != http::Method::CONNECT {
+            let path = req.uri().path();
+            let ok =
+                path.starts_with('/') || (path == "*" && req.method() == http::Method::OPTIONS);
+            if !ok || req.uri().path_and_query().is_none() {
+                return bad(StatusCode::BAD_REQUEST, "");
+            }
+        }
+        let limit = self.shared.config.max_request_headers_kb as usize * 1024;
+        let mut size = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        for (name, value) in headers {
+            size += name.as_str().len() + value.len();
+        }
+        if size > limit {
+            return bad(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+            );
+        }
+        None
     }
 
     fn local_reply(
@@ -429,57 +486,80 @@ impl HttpProxy {
             None => Ok(sent.await),
         };
         let (resp, pool_end) = match result {
-            Err(Expiry::Route) => {
-                cstats.rq_timeout.inc();
-                cstats.rq_xx.record(504);
+            Err(why) => {
                 endpoint.stats.rq_error.inc();
-                return self.local_reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                    ResponseFlag::UpstreamRequestTimeout,
-                );
-            }
-            Err(Expiry::StreamIdle) => {
-                endpoint.stats.rq_error.inc();
-                return self.local_reply(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "stream timeout",
-                    ResponseFlag::StreamIdleTimeout,
-                );
-            }
-            Err(Expiry::Request) => {
-                endpoint.stats.rq_error.inc();
-                return self.local_reply(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request timeout",
-                    ResponseFlag::DownstreamProtocolError,
-                );
+                let (status, body, flag) = match why {
+                    Expiry::Route => {
+                        cstats.rq_timeout.inc();
+                        cstats.record_status(504);
+                        (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                            ResponseFlag::UpstreamRequestTimeout,
+                        )
+                    }
+                    Expiry::StreamIdle => (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "stream timeout",
+                        ResponseFlag::StreamIdleTimeout,
+                    ),
+                    Expiry::Request => (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request timeout",
+                        ResponseFlag::DownstreamProtocolError,
+                    ),
+                };
+                let mut resp = self.local_reply(status, body, flag);
+                resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
+                return resp;
             }
             Ok(Err(e)) => {
-                endpoint.stats.rq_error.inc();
-                cstats.rq_xx.record(503);
-                if e.is_connect() {
-                    cstats.cx_connect_fail.inc();
-                    endpoint.stats.cx_connect_fail.inc();
-                    tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, "UF");
-                    return self.local_reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                        ResponseFlag::UpstreamConnectionFailure,
-                    );
+                let (status, body, flag) = match e.kind() {
+                    FailureKind::Connect => {
+                        cstats.cx_connect_fail.inc();
+                        endpoint.stats.cx_connect_fail.inc();
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                            ResponseFlag::UpstreamConnectionFailure,
+                        )
+                    }
+                    FailureKind::UpstreamProtocol => (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+                        ResponseFlag::UpstreamProtocolError,
+                    ),
+                    FailureKind::DownstreamBody => (
+                        StatusCode::BAD_REQUEST,
+                        "",
+                        ResponseFlag::DownstreamProtocolError,
+                    ),
+                    FailureKind::Reset => {
+                        cstats.rq_rx_reset.inc();
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                            ResponseFlag::UpstreamConnectionTermination,
+                        )
+                    }
+                };
+                if flag != ResponseFlag::DownstreamProtocolError {
+                    endpoint.stats.rq_error.inc();
+                    cstats.record_status(status.as_u16());
                 }
-                cstats.rq_rx_reset.inc();
-                tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, "UC");
-                return self.local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                    ResponseFlag::UpstreamConnectionTermination,
-                );
+                tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, flag = flag.as_str(), "upstream request failed");
+                let mut resp = self.local_reply(status, body, flag);
+                resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
+                if flag == ResponseFlag::DownstreamProtocolError {
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return resp;
             }
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
-        cstats.rq_xx.record(status.as_u16());
+        cstats.record_status(status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
         }
@@ -532,6 +612,10 @@ impl HttpProxy {
         )
     }
 }
+
+/// The endpoint a proxy-made response is about (for `%UPSTREAM_HOST%`).
+#[derive(Debug, Clone, Copy)]
+struct UpstreamHost(SocketAddr);
 
 /// Which timeout ended the wait for response headers.
 #[derive(Debug, Clone, Copy)]

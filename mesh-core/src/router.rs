@@ -347,11 +347,12 @@ impl CompiledHeaderMatcher {
             Some(v) => v,
             None if self.treat_missing_as_empty => Cow::Borrowed(""),
             None => {
-                // Envoy: an absent header matches only `present_match: false`,
-                // or any inverted matcher other than a present matcher.
+                // Envoy: an absent header matches only `present_match: false`
+                // (or an inverted `present_match: true`); every other
+                // matcher fails on it, inverted or not.
                 return match self.kind {
                     StringMatch::Present(expected) => expected == self.invert,
-                    _ => self.invert,
+                    _ => false,
                 };
             }
         };

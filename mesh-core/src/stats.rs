@@ -211,6 +211,46 @@ impl StatusClassCounters {
     }
 }
 
+/// Counters by exact status code (`name{envoy_response_code="503",...}`),
+/// each series created the first time its code is seen.
+#[derive(Debug, Clone)]
+pub struct StatusCodeCounters {
+    store: Store,
+    name: Arc<str>,
+    labels: Arc<Labels>,
+    slots: Arc<[std::sync::OnceLock<Counter>]>,
+}
+
+impl StatusCodeCounters {
+    /// Counters named `name` with `labels` plus `envoy_response_code`.
+    pub fn new(store: &Store, name: &str, labels: &[(&'static str, String)]) -> Self {
+        StatusCodeCounters {
+            store: store.clone(),
+            name: Arc::from(name),
+            labels: Arc::new(labels.to_vec()),
+            slots: (100..600).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// Counts one response with this status (codes outside 100..=599 are
+    /// not counted).
+    #[inline]
+    pub fn record(&self, status: u16) {
+        let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| self.slots.get(i as usize))
+        else {
+            return;
+        };
+        slot.get_or_init(|| {
+            let mut l: Labels = self.labels.as_ref().clone();
+            l.push(("envoy_response_code", status.to_string()));
+            self.store.counter(&self.name, &l)
+        })
+        .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +285,31 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn status_codes_get_their_own_series() {
+        let store = Store::new();
+        let c = StatusCodeCounters::new(
+            &store,
+            "envoy_cluster_upstream_rq",
+            &[("envoy_cluster_name", "a".into())],
+        );
+        c.record(503);
+        c.record(503);
+        c.record(200);
+        c.record(42);
+        let text = store.render_prometheus();
+        assert!(
+            text.contains(
+                "envoy_cluster_upstream_rq{envoy_cluster_name=\"a\",envoy_response_code=\"503\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "envoy_cluster_upstream_rq{envoy_cluster_name=\"a\",envoy_response_code=\"200\"} 1"
+        ));
+        assert!(!text.contains("\"42\""));
     }
 
     #[test]

@@ -104,14 +104,7 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
         None
     } else if let Some(a) = o.obj(cx, "route") {
-        let regex = matches!(
-            matcher,
-            Some(RouteMatch {
-                path: PathMatch::Regex(_),
-                ..
-            })
-        );
-        Some(Action::Route(route_action(cx, a, regex)))
+        Some(Action::Route(route_action(cx, a)))
     } else if let Some(r) = o.obj(cx, "redirect") {
         Some(Action::Redirect(redirect(cx, r)))
     } else if let Some(d) = o.obj(cx, "direct_response") {
@@ -358,7 +351,7 @@ fn query_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> QueryParameterMatcher {
     }
 }
 
-fn route_action(cx: &mut Ctx, mut o: Obj<'_>, regex_match: bool) -> RouteAction {
+fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
     let other = [
         "cluster_header",
         "cluster_specifier_plugin",
@@ -385,13 +378,8 @@ fn route_action(cx: &mut Ctx, mut o: Obj<'_>, regex_match: bool) -> RouteAction 
             ClusterSpecifier::Cluster(String::new())
         }
     };
+    // With a safe_regex match, Envoy's prefix_rewrite replaces the whole path.
     let prefix_rewrite = o.string(cx, "prefix_rewrite");
-    if prefix_rewrite.is_some() && regex_match {
-        cx.error(
-            &o.at("prefix_rewrite"),
-            "prefix_rewrite cannot be used with a safe_regex match",
-        );
-    }
     let regex_rewrite = o.obj(cx, "regex_rewrite").and_then(|mut r| {
         let pattern = match r.obj(cx, "pattern") {
             Some(p) => regex_matcher(cx, p),

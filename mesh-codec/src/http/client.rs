@@ -67,10 +67,40 @@ pub enum UpstreamError {
     Handshake(hyper::Error),
 }
 
+/// Which side an [`UpstreamError`] should be blamed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Could not connect (Envoy `UF`, 503).
+    Connect,
+    /// The upstream answered with something that is not HTTP (Envoy `UPE`, 502).
+    UpstreamProtocol,
+    /// The downstream request body failed (bad chunk, reset): the client's
+    /// fault (400).
+    DownstreamBody,
+    /// The upstream closed or reset before the response headers (Envoy `UC`, 503).
+    Reset,
+}
+
 impl UpstreamError {
     /// True for connect failures (Envoy's `UF`).
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))
+    }
+
+    /// Who failed, as the proxy reports it.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            UpstreamError::Connect(_) => FailureKind::Connect,
+            UpstreamError::Reset(e) | UpstreamError::Handshake(e) => {
+                if e.is_user() {
+                    FailureKind::DownstreamBody
+                } else if e.is_parse() || e.is_parse_status() {
+                    FailureKind::UpstreamProtocol
+                } else {
+                    FailureKind::Reset
+                }
+            }
+        }
     }
 }
 
