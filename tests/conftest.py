@@ -14,31 +14,11 @@ MESH_REQUIRE=1 (scripts/test does) to make a missing binary a failure.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import harness
 
-KINDS = ("envoy", "mesh")
-
-
-def _mesh_missing_reason() -> str | None:
-    if harness.mesh_available() or os.environ.get("MESH_REQUIRE") == "1":
-        return None
-    return f"mesh binary not built yet ({harness.mesh_bin()})"
-
-
-def kind_params(kinds=KINDS):
-    reason = _mesh_missing_reason()
-    out = []
-    for k in kinds:
-        marks = [pytest.mark.skip(reason=reason)] if (k == "mesh" and reason) else []
-        out.append(pytest.param(k, marks=marks, id=k))
-    return out
-
-
-@pytest.fixture(params=kind_params())
+@pytest.fixture(params=harness.kind_params())
 def kind(request) -> str:
     return request.param
 

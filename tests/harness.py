@@ -61,6 +61,32 @@ def mesh_available() -> bool:
     return p.is_file() and os.access(p, os.X_OK)
 
 
+KINDS = ("envoy", "mesh")
+
+
+def mesh_missing_reason() -> str | None:
+    """Why the mesh side must be skipped (None: it must run).
+
+    Only a binary that is not built yet is a reason; MESH_REQUIRE=1
+    (set by scripts/test) turns that into a failure instead.
+    """
+    if mesh_available() or os.environ.get("MESH_REQUIRE") == "1":
+        return None
+    return f"mesh binary not built yet ({mesh_bin()})"
+
+
+def kind_params(kinds=KINDS):
+    """pytest params over proxy kinds; mesh is skipped only if unbuilt."""
+    import pytest
+
+    reason = mesh_missing_reason()
+    out = []
+    for k in kinds:
+        marks = [pytest.mark.skip(reason=reason)] if (k == "mesh" and reason) else []
+        out.append(pytest.param(k, marks=marks, id=k))
+    return out
+
+
 # --------------------------------------------------------------------------
 # templates
 
@@ -545,6 +571,7 @@ def refused_port() -> tuple[socket.socket, int]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     server_version = "test-upstream"
     sys_version = ""
 
