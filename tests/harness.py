@@ -656,7 +656,7 @@ class _Handler(BaseHTTPRequestHandler):
                 h.update(chunk)
                 n += len(chunk)
             info = self._info(n, h.hexdigest())
-            m = re.fullmatch(r"/status/(\d{3})", path)
+            m = re.search(r"/status/(\d{3})$", path)  # also under a prefix: /b/status/404
             if m:
                 return self._send(int(m.group(1)), json.dumps(info).encode())
             m = re.fullmatch(r"/bytes/(\d+)", path)
