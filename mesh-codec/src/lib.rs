@@ -1,1 +1,16 @@
-//! stub
+//! mesh-codec: bytes to messages and back.
+//!
+//! - [`http`]: HTTP/1.1 and HTTP/2 on hyper — the downstream server
+//!   ([`http::server`], AUTO/HTTP1/HTTP2 codecs, h2c prior knowledge), the
+//!   upstream client with per-endpoint connection pools ([`http::client`]),
+//!   the body type the proxy streams ([`http::body`]) and hop-by-hop header
+//!   handling ([`http::hop`]);
+//! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`.
+//!
+//! The meta-protocol framework (Dubbo, Thrift, SOFA Bolt behind one `Codec`
+//! trait) arrives with the multi-protocol work and lives here too.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod http;
+pub mod tcp;

@@ -256,8 +256,9 @@ pub struct VirtualHost {
     /// `name`.
     pub name: String,
     /// `domains`: exact host names, `*`, `*.suffix` / `*suffix` or
-    /// `prefix.*` / `prefix*` wildcards. Matching ignores case and the port
-    /// unless the domain names one.
+    /// `prefix.*` / `prefix*` wildcards. Matching ignores case; as in Envoy,
+    /// a `Host` with a port matches only a domain that names the port (or a
+    /// wildcard that covers it).
     pub domains: Vec<String>,
     /// `routes`, matched in order; the first match wins.
     pub routes: Vec<Route>,

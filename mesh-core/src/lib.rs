@@ -1,8 +1,23 @@
 //! mesh-core: what every other mesh crate speaks.
 //!
 //! - [`config`]: the typed configuration model (Envoy v3 field names, plain
-//!   Rust types).
+//!   Rust types), produced by the YAML loader and the xDS converter alike;
+//! - [`view`]: the protocol-neutral request view the router and filters read;
+//! - [`router`]: virtual host and route matching, weighted clusters,
+//!   rewrites, redirects;
+//! - [`headers`]: compiled header mutations;
+//! - [`listener`]: binding, the accept loop, connection limits and drain;
+//! - [`stats`]: counters and gauges with Envoy's Prometheus names;
+//! - [`flags`]: Envoy response flags for proxy-made responses.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod flags;
+pub mod headers;
+pub mod listener;
+pub mod router;
+pub mod stats;
+pub mod view;
+
+pub use flags::ResponseFlag;

@@ -1,0 +1,200 @@
+//! The body type the proxy streams in both directions.
+//!
+//! One enum instead of a boxed trait object: a forwarded body stays a
+//! hyper `Incoming` (frames, trailers and end-of-stream pass through
+//! untouched), a proxy-made response is a single `Bytes`, and an upstream
+//! response body carries what must happen when it ends — its connection
+//! goes back to the pool, its endpoint's active-request count drops, and a
+//! route timeout still applies while it streams.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Why a proxied body failed mid-stream.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The peer's body failed (reset, closed early, protocol error).
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// The route timeout expired while the response was streaming.
+    #[error("upstream request timeout while streaming the response")]
+    Timeout,
+}
+
+/// Runs a closure when the owning body ends or is dropped, whichever is
+/// first.
+pub struct OnEnd(Option<Box<dyn FnOnce(bool) + Send + Sync>>);
+
+impl OnEnd {
+    /// `f(completed)`: `completed` is true when the body reached its end.
+    pub fn new(f: impl FnOnce(bool) + Send + Sync + 'static) -> Self {
+        OnEnd(Some(Box::new(f)))
+    }
+
+    /// Runs the closure now (once); `completed` as in [`OnEnd::new`].
+    pub fn fire(&mut self, completed: bool) {
+        if let Some(f) = self.0.take() {
+            f(completed);
+        }
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        self.fire(false);
+    }
+}
+
+impl std::fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnEnd")
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body with its end-of-stream bookkeeping.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        on_end: Option<OnEnd>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl UpstreamBody {
+    /// Wraps `inner`; `on_end` runs when it ends; `deadline` (if any) fails
+    /// the body when it passes first.
+    pub fn new(
+        inner: Incoming,
+        on_end: Option<OnEnd>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    ) -> Self {
+        UpstreamBody {
+            inner,
+            on_end,
+            deadline,
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(None) => {
+                if let Some(mut e) = this.on_end.take() {
+                    e.fire(true);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                this.on_end.take();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        this.on_end.take();
+                        return Poll::Ready(Some(Err(BodyError::Timeout)));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;
+
+/// A body the proxy sends: forwarded, proxy-made, or empty.
+#[derive(Debug, Default)]
+pub enum ProxyBody {
+    /// No body.
+    #[default]
+    Empty,
+    /// A complete body held in memory (direct responses, error replies).
+    Full(Option<Bytes>),
+    /// A downstream request body being forwarded upstream.
+    Incoming(Incoming),
+    /// An upstream response body being forwarded downstream.
+    Upstream(UpstreamBody),
+}
+
+impl ProxyBody {
+    /// A body of these bytes.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        if b.is_empty() {
+            ProxyBody::Empty
+        } else {
+            ProxyBody::Full(Some(b))
+        }
+    }
+}
+
+impl From<Incoming> for ProxyBody {
+    fn from(b: Incoming) -> Self {
+        ProxyBody::Incoming(b)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        // Every variant is Unpin (Incoming is; UpstreamBody's fields are).
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Upstream(b) => b.size_hint(),
+        }
+    }
+}

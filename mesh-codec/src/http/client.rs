@@ -1,0 +1,247 @@
+//! The upstream HTTP client: a connection pool per endpoint.
+//!
+//! Each worker owns its pools (as Envoy's workers do), so a pool is only
+//! touched by one thread and its lock is never contended.
+//!
+//! - HTTP/1.1: idle keep-alive connections are kept in a LIFO list. A
+//!   connection goes back to the list when its response body has been read
+//!   to the end; a response dropped early, an upgrade or an error closes it.
+//!   A stale idle connection (closed by the upstream while idle) is retried
+//!   once on a fresh one, which is safe because the request was never
+//!   written.
+//! - HTTP/2: one multiplexed connection per endpoint, re-established when it
+//!   closes.
+//!
+//! Connect failures and timeouts are reported as [`UpstreamError::Connect`]
+//! so the proxy can answer 503 with Envoy's `UF` flag.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::{OnEnd, ProxyBody};
+
+/// Which HTTP version a pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2 (h2c prior knowledge).
+    Http2,
+}
+
+/// Settings of an endpoint pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The protocol.
+    pub protocol: PoolProtocol,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle connections kept at most (HTTP/1.1).
+    pub max_idle: usize,
+}
+
+/// Why an upstream request failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection could not be established (refused, unreachable,
+    /// timed out). Retrying elsewhere is safe: nothing was sent.
+    #[error("connection failure: {0}")]
+    Connect(io::Error),
+    /// The connection or stream ended before response headers arrived
+    /// (reset, closed, protocol error). The request may have been seen.
+    #[error("disconnect/reset before headers: {0}")]
+    Reset(hyper::Error),
+    /// The HTTP handshake (HTTP/2 preface) failed.
+    #[error("protocol handshake failed: {0}")]
+    Handshake(hyper::Error),
+}
+
+impl UpstreamError {
+    /// True for connect failures (Envoy's `UF`).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+/// The connection pool of one endpoint (per worker).
+#[derive(Debug)]
+pub struct EndpointPool {
+    addr: SocketAddr,
+    config: PoolConfig,
+    idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+}
+
+/// What [`EndpointPool::send`] returns: the response, and a hook to run when
+/// its body ends (returns the connection to the pool).
+pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
+
+impl EndpointPool {
+    /// A pool for `addr`.
+    pub fn new(addr: SocketAddr, config: PoolConfig) -> Arc<Self> {
+        Arc::new(EndpointPool {
+            addr,
+            config,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        })
+    }
+
+    /// The endpoint address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+        let stream =
+            tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| {
+                    UpstreamError::Connect(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connect timeout",
+                    ))
+                })?
+                .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends a request. For HTTP/1.1 the request URI should be in origin
+    /// form with a `host` header; for HTTP/2 it must be absolute
+    /// (`http://authority/path`), which becomes `:scheme`/`:authority`.
+    /// `upgrade` marks a request whose connection must not be reused.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        upgrade: bool,
+    ) -> Result<PooledResponse, UpstreamError> {
+        match self.config.protocol {
+            PoolProtocol::Http1 => self.send_h1(req, upgrade).await,
+            PoolProtocol::Http2 => self.send_h2(req).await,
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    async fn new_h1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+        upgrade: bool,
+    ) -> Result<PooledResponse, UpstreamError> {
+        // Try idle connections first; a stale one hands the request back.
+        while let Some(mut sender) = self.take_idle() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => {
+                        req = r;
+                        continue;
+                    }
+                    None => return Err(UpstreamError::Reset(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.new_h1().await?;
+        sender.ready().await.map_err(UpstreamError::Reset)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Reset)?;
+        Ok(self.finish_h1(resp, sender, upgrade))
+    }
+
+    fn finish_h1(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        sender: http1::SendRequest<ProxyBody>,
+        upgrade: bool,
+    ) -> PooledResponse {
+        if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return (resp, None);
+        }
+        let pool = Arc::downgrade(self);
+        let on_end = OnEnd::new(move |completed| {
+            if !completed {
+                return;
+            }
+            if let Some(pool) = pool.upgrade() {
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < pool.config.max_idle {
+                    idle.push(sender);
+                }
+            }
+        });
+        (resp, Some(on_end))
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+        {
+            let guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = guard.as_ref() {
+                if !s.is_closed() {
+                    return Ok(s.clone());
+                }
+            }
+        }
+        let stream = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(16 << 20)
+            .adaptive_window(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn send_h2(&self, req: Request<ProxyBody>) -> Result<PooledResponse, UpstreamError> {
+        let mut sender = self.h2_sender().await?;
+        sender.ready().await.map_err(UpstreamError::Reset)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Reset)?;
+        Ok((resp, None))
+    }
+}

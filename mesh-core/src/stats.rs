@@ -1,0 +1,257 @@
+//! Counters and gauges, and their Prometheus text rendering.
+//!
+//! Stats are created once, when a listener or cluster is built, and the
+//! request path only touches the returned handles (one relaxed atomic add).
+//! Names and labels follow Envoy's Prometheus output
+//! (`envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="web"}`)
+//! so that dashboards built for Envoy work unchanged; stats Envoy does not
+//! have use the `mesh_` prefix.
+//!
+//! This is a small store of our own rather than `prometheus-client`: that
+//! crate's text encoder appends `_total` to every counter name (OpenMetrics),
+//! which would break the Envoy names.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A monotonically increasing count.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Subtracts one.
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Sets the value.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge that counts one while alive: `inc` on creation, `dec` on drop.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Metric {
+    Counter(Counter),
+    Gauge(Gauge),
+}
+
+/// Labels of one series, in order.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// The registry of every stat of a proxy.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    inner: Arc<Mutex<BTreeMap<(String, String), Metric>>>,
+}
+
+fn render_labels(labels: &[(&'static str, String)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let escaped = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{escaped}\"");
+    }
+    s
+}
+
+impl Store {
+    /// A new, empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Metric>> {
+        // A poisoned lock only means another thread panicked while inserting;
+        // the map itself is still consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The counter `name{labels}`, created at zero if new. Asking twice for
+    /// the same series returns the same counter.
+    pub fn counter(&self, name: &str, labels: &[(&'static str, String)]) -> Counter {
+        let key = (name.to_owned(), render_labels(labels));
+        let mut map = self.lock();
+        match map.get(&key) {
+            Some(Metric::Counter(c)) => c.clone(),
+            _ => {
+                let c = Counter::default();
+                map.insert(key, Metric::Counter(c.clone()));
+                c
+            }
+        }
+    }
+
+    /// The gauge `name{labels}`, created at zero if new.
+    pub fn gauge(&self, name: &str, labels: &[(&'static str, String)]) -> Gauge {
+        let key = (name.to_owned(), render_labels(labels));
+        let mut map = self.lock();
+        match map.get(&key) {
+            Some(Metric::Gauge(g)) => g.clone(),
+            _ => {
+                let g = Gauge::default();
+                map.insert(key, Metric::Gauge(g.clone()));
+                g
+            }
+        }
+    }
+
+    /// The value of a counter or gauge, if it exists (for tests and admin).
+    pub fn value(&self, name: &str, labels: &[(&'static str, String)]) -> Option<i64> {
+        let key = (name.to_owned(), render_labels(labels));
+        self.lock().get(&key).map(|m| match m {
+            Metric::Counter(c) => c.get() as i64,
+            Metric::Gauge(g) => g.get(),
+        })
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self) -> String {
+        let map = self.lock();
+        let mut out = String::with_capacity(map.len() * 64);
+        let mut last_name = "";
+        for ((name, labels), metric) in map.iter() {
+            if name != last_name {
+                let ty = match metric {
+                    Metric::Counter(_) => "counter",
+                    Metric::Gauge(_) => "gauge",
+                };
+                let _ = writeln!(out, "# TYPE {name} {ty}");
+                last_name = name;
+            }
+            let value = match metric {
+                Metric::Counter(c) => c.get() as i64,
+                Metric::Gauge(g) => g.get(),
+            };
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+        out
+    }
+}
+
+/// Counters by HTTP status class (1xx .. 5xx).
+#[derive(Debug, Clone)]
+pub struct StatusClassCounters([Counter; 5]);
+
+impl StatusClassCounters {
+    /// Creates `name{envoy_response_code_class="N", labels...}` for N in 1..=5.
+    pub fn new(store: &Store, name: &str, labels: &[(&'static str, String)]) -> Self {
+        let mk = |class: u8| {
+            let mut l: Labels = vec![("envoy_response_code_class", class.to_string())];
+            l.extend(labels.iter().cloned());
+            store.counter(name, &l)
+        };
+        StatusClassCounters([mk(1), mk(2), mk(3), mk(4), mk(5)])
+    }
+
+    /// Counts one response with this status.
+    #[inline]
+    pub fn record(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize;
+        self.0[class - 1].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_envoy_style_names() {
+        let store = Store::new();
+        let c = StatusClassCounters::new(
+            &store,
+            "envoy_cluster_upstream_rq_xx",
+            &[("envoy_cluster_name", "web".into())],
+        );
+        c.record(200);
+        c.record(204);
+        c.record(503);
+        store
+            .gauge(
+                "envoy_cluster_upstream_rq_active",
+                &[("envoy_cluster_name", "web".into())],
+            )
+            .inc();
+        let text = store.render_prometheus();
+        assert!(text.contains(
+            "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",envoy_cluster_name=\"web\"} 2"
+        ));
+        assert!(text.contains(
+            "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"5\",envoy_cluster_name=\"web\"} 1"
+        ));
+        assert!(text.contains("# TYPE envoy_cluster_upstream_rq_active gauge"));
+        assert_eq!(
+            text.matches("# TYPE envoy_cluster_upstream_rq_xx counter")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn same_series_is_shared() {
+        let store = Store::new();
+        store.counter("x", &[]).inc();
+        store.counter("x", &[]).inc();
+        assert_eq!(store.value("x", &[]), Some(2));
+    }
+}
