@@ -233,6 +233,22 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the test process dies.
+
+    A pytest worker killed by a timeout cannot run fixture teardown; this
+    keeps its proxies from outliving it.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 def kill_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM, wait, then SIGKILL - by PID only."""
     if proc.poll() is not None:
@@ -286,7 +302,8 @@ class Proxy:
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err, cwd=self.dir)
+                                     stderr=self._err, cwd=self.dir,
+                                     preexec_fn=_die_with_parent)
         if wait_ready:
             try:
                 self.wait_ready()

@@ -210,6 +210,30 @@ CASES = [
         ],
     ),
     Case(
+        "separated_prefix_and_grpc_match",
+        vhost_all("""
+  - match: {path_separated_prefix: "/api"}
+    route: {cluster: a}
+  - match: {prefix: "/svc/", grpc: {}}
+    route: {cluster: a}
+  - match: {prefix: "/"}
+    route: {cluster: b}
+"""),
+        [
+            Req("/api", expect=up("a", "/api")),
+            Req("/api/", expect=up("a", "/api/")),
+            Req("/api/x?y=1", expect=up("a", "/api/x?y=1")),
+            Req("/api?y=1", expect=up("a", "/api?y=1")),
+            Req("/apix", expect=up("b", "/apix")),  # a segment, not a string prefix
+            Req("/svc/M", method="POST", headers=[("content-type", "application/grpc")],
+                body=b"", expect=up("a", "/svc/M")),
+            Req("/svc/M", method="POST", headers=[("content-type", "application/grpc+proto")],
+                body=b"", expect=up("a", "/svc/M")),
+            Req("/svc/M", method="POST", headers=[("content-type", "application/json")],
+                body=b"", expect=up("b", "/svc/M")),
+        ],
+    ),
+    Case(
         "header_matchers",
         vhost_all("""
   - match:
