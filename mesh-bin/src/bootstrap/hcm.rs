@@ -1,0 +1,150 @@
+//! The HTTP connection manager network filter
+//! (`envoy.filters.network.http_connection_manager`) and its HTTP filters.
+
+use std::time::Duration;
+
+use mesh_core::config::{CodecType, HttpConnectionManager, HttpFilter, RouteConfiguration};
+
+use super::listener::{access_logs, ONE_HOUR};
+use super::reader::{Ctx, Obj};
+use super::{route, select_extension, Known};
+
+const HTTP_FILTERS: &[Known] = &[Known {
+    name: "envoy.filters.http.router",
+    type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+}];
+
+/// Envoy's default `stream_idle_timeout` (5 minutes).
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The HCM's typed config.
+pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let codec_type = o
+        .enumeration(
+            cx,
+            "codec_type",
+            &[
+                ("AUTO", CodecType::Auto),
+                ("HTTP1", CodecType::Http1),
+                ("HTTP2", CodecType::Http2),
+            ],
+            &[("HTTP3", "HTTP/3 is not supported yet")],
+        )
+        .unwrap_or_default();
+
+    o.refuse(cx, "rds", "RDS arrives with xDS");
+    o.refuse(cx, "scoped_routes", "scoped routes arrive with xDS");
+    let route_config = match o.obj(cx, "route_config") {
+        Some(rc) => route::route_config(cx, rc),
+        None => {
+            if !o.has("route_config") && !o.has("rds") && !o.has("scoped_routes") {
+                cx.missing(&o.at("route_config"));
+            }
+            RouteConfiguration::default()
+        }
+    };
+
+    let http_filters = http_filters(cx, &mut o);
+
+    let stream_idle_timeout = o.timeout(cx, "stream_idle_timeout", Some(STREAM_IDLE_TIMEOUT));
+    let request_timeout = o.timeout(cx, "request_timeout", None);
+    let request_headers_timeout = o.timeout(cx, "request_headers_timeout", None);
+    let idle_timeout = match o.obj(cx, "common_http_protocol_options") {
+        Some(mut c) => {
+            let t = c.timeout(cx, "idle_timeout", Some(ONE_HOUR));
+            c.finish(cx);
+            t
+        }
+        None => Some(ONE_HOUR),
+    };
+    let kb_path = o.at("max_request_headers_kb");
+    let max_request_headers_kb = match o.u32(cx, "max_request_headers_kb") {
+        Some(kb) if (1..=8192).contains(&kb) => kb,
+        Some(kb) => {
+            cx.error(&kb_path, format!("must be from 1 to 8192, found {kb}"));
+            60
+        }
+        None => 60,
+    };
+    let use_remote_address = o.bool(cx, "use_remote_address").unwrap_or(false);
+    let skip_xff_append = o.bool(cx, "skip_xff_append").unwrap_or(false);
+    let generate_request_id = o.bool(cx, "generate_request_id").unwrap_or(true);
+    let server_name = o.string(cx, "server_name");
+    let access_log = access_logs(cx, &mut o);
+
+    let mut upgrade_types = Vec::new();
+    for (path, v) in o.list(cx, "upgrade_configs") {
+        let Some(mut u) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        if let Some(t) = u.req_string(cx, "upgrade_type") {
+            upgrade_types.push(t.to_ascii_lowercase());
+        }
+        u.finish(cx);
+    }
+    o.empty_obj(cx, "http_protocol_options");
+    o.empty_obj(cx, "http2_protocol_options");
+    o.finish(cx);
+
+    HttpConnectionManager {
+        stat_prefix,
+        codec_type,
+        route_config,
+        http_filters,
+        stream_idle_timeout,
+        request_timeout,
+        request_headers_timeout,
+        idle_timeout,
+        max_request_headers_kb,
+        use_remote_address,
+        skip_xff_append,
+        generate_request_id,
+        server_name,
+        access_log,
+        upgrade_types,
+    }
+}
+
+/// `http_filters`: only the router, which must be present and last.
+fn http_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<HttpFilter> {
+    let path = o.at("http_filters");
+    let entries = o.list(cx, "http_filters");
+    let count = entries.len();
+    let mut out = Vec::new();
+    let mut last_is_router = false;
+    let mut last_unsupported = false;
+    for (i, (fpath, v)) in entries.into_iter().enumerate() {
+        let Some(mut f) = Obj::new(cx, fpath, v) else {
+            continue;
+        };
+        let before = cx.errors.len();
+        match select_extension(cx, &mut f, "HTTP filter", HTTP_FILTERS) {
+            Some((_, tc)) => {
+                if let Some(tc) = tc {
+                    // The router's options (suppress_envoy_headers, ...) are
+                    // not supported: each is reported by `finish`.
+                    tc.finish(cx);
+                }
+                if i + 1 == count {
+                    last_is_router = true;
+                } else {
+                    cx.error(
+                        f.path(),
+                        "envoy.filters.http.router must be the last HTTP filter",
+                    );
+                }
+                out.push(HttpFilter::Router);
+            }
+            None => last_unsupported = i + 1 == count && cx.errors.len() > before,
+        }
+        f.finish(cx);
+    }
+    if !last_is_router && !last_unsupported {
+        cx.error(
+            &path,
+            "envoy.filters.http.router is required as the last HTTP filter",
+        );
+    }
+    out
+}

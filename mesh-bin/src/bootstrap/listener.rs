@@ -1,0 +1,358 @@
+//! Listeners, their filter chain and network filters (connection limit, TCP
+//! proxy) and access logs. The HTTP connection manager is in `hcm.rs`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_core::config::{
+    AccessLog, ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
+    WeightedCluster,
+};
+
+use super::reader::{is_empty_list, Ctx, Obj};
+use super::{hcm, ip_address, select_extension, Known};
+
+/// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB).
+pub(crate) const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
+
+/// Envoy's default connection idle timeout (1 hour).
+pub(crate) const ONE_HOUR: Duration = Duration::from_secs(3600);
+
+const FCM_REASON: &str = "filter chain matching arrives with TLS";
+
+const CONNECTION_LIMIT: usize = 0;
+const HTTP_CONNECTION_MANAGER: usize = 1;
+const TCP_PROXY: usize = 2;
+
+const NETWORK_FILTERS: &[Known] = &[
+    Known {
+        name: "envoy.filters.network.connection_limit",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+    },
+    Known {
+        name: "envoy.filters.network.http_connection_manager",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    },
+    Known {
+        name: "envoy.filters.network.tcp_proxy",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+    },
+];
+
+const TERMINAL_NAMES: &str =
+    "envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy";
+
+const ACCESS_LOGGERS: &[Known] = &[
+    Known {
+        name: "envoy.access_loggers.stdout",
+        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+    },
+    Known {
+        name: "envoy.access_loggers.stderr",
+        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+    },
+    Known {
+        name: "envoy.access_loggers.file",
+        type_url: "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+    },
+];
+
+/// `static_resources.listeners`.
+pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
+    let mut out = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+    for (i, (path, v)) in sr.list(cx, "listeners").into_iter().enumerate() {
+        let Some(mut o) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let name = o.req_string(cx, "name");
+        if let Some(name) = &name {
+            if let Some(first) = names.insert(name.clone(), i) {
+                names.insert(name.clone(), first);
+                cx.error(
+                    &o.at("name"),
+                    format!("duplicate listener name {name:?} (also listeners[{first}])"),
+                );
+            }
+        }
+        let address_path = o.at("address");
+        let address = match o.obj(cx, "address") {
+            Some(a) => ip_address(cx, a),
+            None => {
+                if !o.has("address") {
+                    cx.missing(&address_path);
+                }
+                None
+            }
+        };
+        if let Some(addr) = address.filter(|a| a.port() != 0) {
+            let label = name.clone().unwrap_or_else(|| format!("listeners[{i}]"));
+            if let Some(other) = addresses.get(&addr) {
+                cx.error(
+                    &address_path,
+                    format!("duplicate address {addr} (also listener {other:?})"),
+                );
+            } else {
+                addresses.insert(addr, label);
+            }
+        }
+        let limit = o
+            .u32(cx, "per_connection_buffer_limit_bytes")
+            .unwrap_or(DEFAULT_BUFFER_LIMIT);
+        o.empty_list(
+            cx,
+            "listener_filters",
+            "listener filters are not supported yet",
+        );
+        let chains_path = o.at("filter_chains");
+        let present = o.has("filter_chains");
+        let empty = o.peek("filter_chains").is_some_and(is_empty_list);
+        let chains = o.list(cx, "filter_chains");
+        let mut filter_chains = Vec::new();
+        let mut connection_limit = None;
+        for (j, (cpath, cv)) in chains.into_iter().enumerate() {
+            if j > 0 {
+                cx.unsupported(&cpath, Some(FCM_REASON));
+                continue;
+            }
+            if let Some(c) = Obj::new(cx, cpath, cv) {
+                let (chain, cl) = filter_chain(cx, c);
+                connection_limit = cl;
+                filter_chains.extend(chain);
+            }
+        }
+        if !present {
+            cx.missing(&chains_path);
+        } else if empty {
+            cx.error(&chains_path, "at least one filter chain is required");
+        }
+        o.finish(cx);
+        if let (Some(name), Some(address)) = (name, address) {
+            out.push(Listener {
+                name,
+                address,
+                filter_chains,
+                connection_limit,
+                per_connection_buffer_limit_bytes: limit,
+            });
+        }
+    }
+    out
+}
+
+/// One `filter_chains` entry: the chain and the connection limit from its
+/// non-terminal filters.
+fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<ConnectionLimit>) {
+    let name = o.string(cx, "name").unwrap_or_default();
+    o.refuse(cx, "filter_chain_match", FCM_REASON);
+    let filters_path = o.at("filters");
+    let present = o.has("filters");
+    let empty = o.peek("filters").is_some_and(is_empty_list);
+    let filters = o.list(cx, "filters");
+    let count = filters.len();
+    let mut terminal = None;
+    let mut limit = None;
+    for (i, (path, v)) in filters.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let Some(mut f) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let Some((which, tc)) = select_extension(cx, &mut f, "network filter", NETWORK_FILTERS)
+        else {
+            f.finish(cx);
+            continue;
+        };
+        let tc = match tc {
+            Some(tc) => Some(tc),
+            None => {
+                cx.missing(&f.at("typed_config"));
+                None
+            }
+        };
+        match which {
+            CONNECTION_LIMIT => {
+                if last {
+                    cx.error(
+                        f.path(),
+                        format!("the last filter must be {TERMINAL_NAMES}"),
+                    );
+                }
+                if let Some(tc) = tc {
+                    let cl = connection_limit(cx, tc);
+                    if limit.is_some() {
+                        cx.error(
+                            f.path(),
+                            "only one envoy.filters.network.connection_limit filter is supported",
+                        );
+                    }
+                    limit = Some(cl);
+                }
+            }
+            HTTP_CONNECTION_MANAGER | TCP_PROXY => {
+                if !last {
+                    cx.error(
+                        f.path(),
+                        format!(
+                            "{} is a terminal filter and must be the last filter",
+                            NETWORK_FILTERS[which].name
+                        ),
+                    );
+                }
+                if let Some(tc) = tc {
+                    terminal = Some(if which == TCP_PROXY {
+                        NetworkFilter::TcpProxy(tcp_proxy(cx, tc))
+                    } else {
+                        NetworkFilter::HttpConnectionManager(Box::new(hcm::hcm(cx, tc)))
+                    });
+                }
+            }
+            _ => {}
+        }
+        f.finish(cx);
+    }
+    if !present {
+        cx.missing(&filters_path);
+    } else if empty {
+        cx.error(
+            &filters_path,
+            format!("the last filter must be {TERMINAL_NAMES}"),
+        );
+    }
+    o.finish(cx);
+    (
+        terminal.map(|terminal| FilterChain { name, terminal }),
+        limit,
+    )
+}
+
+/// `envoy.filters.network.connection_limit`'s typed config.
+fn connection_limit(cx: &mut Ctx, mut o: Obj<'_>) -> ConnectionLimit {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let max_path = o.at("max_connections");
+    let max_connections = match o.u64(cx, "max_connections") {
+        Some(0) => {
+            cx.error(&max_path, "must be at least 1");
+            0
+        }
+        Some(n) => n,
+        None => {
+            if !o.has("max_connections") {
+                cx.missing(&max_path);
+            }
+            0
+        }
+    };
+    let delay = o.duration(cx, "delay").filter(|d| !d.is_zero());
+    o.finish(cx);
+    ConnectionLimit {
+        stat_prefix,
+        max_connections,
+        delay,
+    }
+}
+
+/// `envoy.filters.network.tcp_proxy`'s typed config.
+fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let cluster = if o.has("cluster") && o.has("weighted_clusters") {
+        cx.error(
+            o.path(),
+            "only one of cluster and weighted_clusters may be set",
+        );
+        o.take("cluster");
+        o.take("weighted_clusters");
+        ClusterSpecifier::Cluster(String::new())
+    } else if o.has("weighted_clusters") {
+        let mut w = o.obj(cx, "weighted_clusters");
+        let mut clusters = Vec::new();
+        if let Some(w) = w.as_mut() {
+            let entries = w.list(cx, "clusters");
+            if entries.is_empty() {
+                cx.error(&w.at("clusters"), "at least one cluster is required");
+            }
+            for (path, v) in entries {
+                let Some(mut c) = Obj::new(cx, path, v) else {
+                    continue;
+                };
+                let name = c.req_string(cx, "name");
+                if let Some(n) = &name {
+                    cx.cluster_ref(c.at("name"), n.clone());
+                }
+                let weight_path = c.at("weight");
+                let weight = c.u32(cx, "weight");
+                if weight == Some(0) || (weight.is_none() && !c.has("weight")) {
+                    cx.error(&weight_path, "must be at least 1");
+                }
+                c.finish(cx);
+                clusters.push(WeightedCluster {
+                    name: name.unwrap_or_default(),
+                    weight: weight.unwrap_or(0),
+                    headers: Default::default(),
+                });
+            }
+        }
+        if let Some(w) = w {
+            w.finish(cx);
+        }
+        ClusterSpecifier::Weighted(clusters)
+    } else if o.has("cluster") {
+        let path = o.at("cluster");
+        let name = o.req_string(cx, "cluster").unwrap_or_default();
+        if !name.is_empty() {
+            cx.cluster_ref(path, name.clone());
+        }
+        ClusterSpecifier::Cluster(name)
+    } else {
+        cx.error(o.path(), "one of cluster or weighted_clusters is required");
+        ClusterSpecifier::Cluster(String::new())
+    };
+    let idle_timeout = o.timeout(cx, "idle_timeout", Some(ONE_HOUR));
+    let access_log = access_logs(cx, &mut o);
+    o.finish(cx);
+    TcpProxy {
+        stat_prefix,
+        cluster,
+        idle_timeout,
+        access_log,
+    }
+}
+
+/// The `access_log` list of a filter.
+pub(crate) fn access_logs(cx: &mut Ctx, parent: &mut Obj<'_>) -> Vec<AccessLog> {
+    let mut out = Vec::new();
+    for (path, v) in parent.list(cx, "access_log") {
+        let Some(mut o) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        o.refuse(cx, "filter", "access log filters are not supported yet");
+        if let Some((which, tc)) = select_extension(cx, &mut o, "access logger", ACCESS_LOGGERS) {
+            let file_path = tc.as_ref().map(|t| t.at("path"));
+            let mut path = None;
+            if let Some(mut tc) = tc {
+                tc.refuse(
+                    cx,
+                    "log_format",
+                    "custom access log formats are not supported yet",
+                );
+                if which == 2 {
+                    path = tc.req_string(cx, "path");
+                }
+                tc.finish(cx);
+            }
+            match which {
+                0 => out.push(AccessLog::Stdout),
+                1 => out.push(AccessLog::Stderr),
+                _ => match (path, file_path) {
+                    (Some(p), _) => out.push(AccessLog::File(p)),
+                    (None, Some(_)) => {}
+                    (None, None) => cx.missing(&o.at("typed_config")),
+                },
+            }
+        }
+        o.finish(cx);
+    }
+    out
+}
