@@ -102,3 +102,11 @@ def grpc_server(tmp_path_factory):
     srv = harness.start_grpc_server(tmp_path_factory.mktemp("grpc-stubs"))
     yield srv
     srv.stop()
+
+
+def pytest_configure(config):
+    # the controller (not an xdist worker) starts each run with an empty tests/.work
+    if not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(harness.WORK, ignore_errors=True)

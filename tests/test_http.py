@@ -229,3 +229,32 @@ def test_websocket_upgrade_passthrough(proxy):
             rest = got[len(msg):]
             assert hashlib.sha256(got[: len(msg)]).digest() == hashlib.sha256(msg).digest()
     assert proxy.alive()
+
+
+def test_h2load_multiplexed_streams(proxy):
+    """400 requests over 4 h2c connections, 10 concurrent streams each."""
+    r = subprocess.run(["h2load", "-n", "400", "-c", "4", "-m", "10", "-T", "20",
+                        url(proxy, "/h2load")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed",
+                  r.stdout)
+    assert m, r.stdout
+    assert m.groups() == ("400", "400", "400", "400", "0"), r.stdout
+    assert re.search(r"status codes: 400 2xx", r.stdout), r.stdout
+
+
+def test_http1_pipelined_requests(proxy):
+    """Two requests written at once on one connection answer in order."""
+    with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as s:
+        s.sendall(b"GET /p/1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+                  b"GET /p/2 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        buf = b""
+        deadline = 10
+        s.settimeout(deadline)
+        while buf.count(b'"path": "/p/') < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    assert buf.count(b"HTTP/1.1 200") == 2, buf[:500]
+    assert buf.index(b'"path": "/p/1"') < buf.index(b'"path": "/p/2"')
