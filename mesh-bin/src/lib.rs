@@ -1,8 +1,22 @@
-//! mesh-bin: the pieces of the mesh binary that are worth testing as a library.
+//! mesh-bin: the `mesh` proxy assembled from the mesh crates.
 //!
-//! - [`bootstrap`]: the Envoy v3 bootstrap loader (YAML/JSON text into the
-//!   typed [`mesh_core::config::Bootstrap`] model).
+//! - [`bootstrap`]: Envoy v3 bootstrap (YAML/JSON) -> `mesh_core::config::Bootstrap`,
+//!   refusing every field outside the supported subset by its path;
+//! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
+//! - [`http`]: the HTTP connection manager + router filter;
+//! - [`tcp`]: the TCP proxy filter;
+//! - [`cluster`]: the cluster manager and per-worker connection pools;
+//! - [`admin`]: the admin API;
+//! - [`demo`]: demo upstreams for `mesh demo`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod bootstrap;
+pub mod cluster;
+pub mod demo;
+pub mod http;
+pub mod proxy;
+pub mod tcp;
+
+pub use proxy::{Proxy, ProxyOptions, StartError};

@@ -339,7 +339,7 @@ impl CompiledHeaderMatcher {
                 // Envoy: an absent header matches only `present_match: false`,
                 // or any inverted matcher other than a present matcher.
                 return match self.kind {
-                    StringMatch::Present(expected) => !expected != self.invert,
+                    StringMatch::Present(expected) => expected == self.invert,
                     _ => self.invert,
                 };
             }
@@ -583,8 +583,8 @@ impl RouteTable {
             let vpath = format!("virtual_hosts[{vi}]");
             table.add_vhost(vh, vi, &vpath)?;
         }
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        table.prefixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(table)
     }
 

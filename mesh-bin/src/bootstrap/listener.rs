@@ -70,12 +70,13 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
         };
         let name = o.req_string(cx, "name");
         if let Some(name) = &name {
-            if let Some(first) = names.insert(name.clone(), i) {
-                names.insert(name.clone(), first);
+            if let Some(first) = names.get(name) {
                 cx.error(
                     &o.at("name"),
                     format!("duplicate listener name {name:?} (also listeners[{first}])"),
                 );
+            } else {
+                names.insert(name.clone(), i);
             }
         }
         let address_path = o.at("address");

@@ -22,6 +22,7 @@ use serde_json::Value;
 
 mod cluster;
 mod hcm;
+mod headers;
 mod listener;
 mod reader;
 mod route;
@@ -118,7 +119,9 @@ pub fn load_file(path: &Path) -> Result<Bootstrap, ConfigErrors> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let value = if is_json {
-        serde_json::from_str::<Value>(&text).map_err(|e| single(&origin, e.to_string()))?
+        let v = serde_json::from_str::<Value>(&text).map_err(|e| single(&origin, e.to_string()))?;
+        check_duplicate_keys(&text, &origin)?;
+        v
     } else {
         parse_yaml(&text, &origin)?
     };
@@ -140,7 +143,20 @@ fn single(path: &str, message: String) -> ConfigErrors {
 }
 
 fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigErrors> {
-    yaml_serde::from_str::<Value>(text).map_err(|e| single(origin, e.to_string()))
+    let value = yaml_serde::from_str::<Value>(text).map_err(|e| single(origin, e.to_string()))?;
+    check_duplicate_keys(text, origin)?;
+    Ok(value)
+}
+
+/// A JSON tree keeps the last of two equal keys; Envoy refuses them, and
+/// mesh must not silently drop a value. `yaml_serde::Value` rejects
+/// duplicates, so a second parse into it finds them (its other errors, if
+/// any, are left to the main parse).
+fn check_duplicate_keys(text: &str, origin: &str) -> Result<(), ConfigErrors> {
+    match yaml_serde::from_str::<yaml_serde::Value>(text) {
+        Err(e) if e.to_string().contains("duplicate entry") => Err(single(origin, e.to_string())),
+        _ => Ok(()),
+    }
 }
 
 fn load_value(value: &Value, origin: &str) -> Result<Bootstrap, ConfigErrors> {

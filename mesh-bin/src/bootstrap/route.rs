@@ -1,15 +1,16 @@
-//! Route configuration: virtual hosts, routes, matchers, actions and header
-//! mutations (Envoy `config.route.v3`).
+//! Route configuration: virtual hosts, routes, matchers and actions (Envoy
+//! `config.route.v3`). Header mutations are in `headers.rs`.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use mesh_core::config::{
-    Action, AppendAction, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, HeaderMutations,
-    HeaderValueOption, PathMatch, QueryParameterMatcher, RedirectAction, RedirectPath, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, QueryParameterMatcher,
+    RedirectAction, RedirectPath, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster,
 };
 
+use super::headers::header_mutations;
 use super::reader::{as_int, is_empty_list, one_of, Ctx, Obj};
 
 /// Envoy's default route `timeout` (15 s).
@@ -98,6 +99,9 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             o.path(),
             "only one of route, redirect and direct_response may be set",
         );
+        for k in kinds {
+            o.take(k);
+        }
         None
     } else if let Some(a) = o.obj(cx, "route") {
         let regex = matches!(
@@ -621,108 +625,4 @@ pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     Some(out)
-}
-
-/// The four header-mutation lists of a route configuration, virtual host,
-/// route or weighted cluster.
-pub(crate) fn header_mutations(cx: &mut Ctx, o: &mut Obj<'_>) -> HeaderMutations {
-    HeaderMutations {
-        request_add: header_options(cx, o, "request_headers_to_add"),
-        request_remove: header_removals(cx, o, "request_headers_to_remove"),
-        response_add: header_options(cx, o, "response_headers_to_add"),
-        response_remove: header_removals(cx, o, "response_headers_to_remove"),
-    }
-}
-
-/// Checks a header name for adding or removing; returns it lower-cased.
-fn header_name(cx: &mut Ctx, path: &str, name: &str, verb: &str) -> Option<String> {
-    let lower = name.to_ascii_lowercase();
-    if lower.is_empty() {
-        cx.error(path, "must not be empty");
-        None
-    } else if lower.starts_with(':') || lower == "host" {
-        cx.error(
-            path,
-            format!(":-prefixed or host headers may not be {verb} ({name:?})"),
-        );
-        None
-    } else if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
-        cx.error(path, format!("invalid header name {name:?}"));
-        None
-    } else {
-        Some(lower)
-    }
-}
-
-fn header_removals(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<String> {
-    o.strings(cx, key)
-        .into_iter()
-        .filter_map(|(p, n)| header_name(cx, &p, &n, "removed"))
-        .collect()
-}
-
-fn header_options(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<HeaderValueOption> {
-    let mut out = Vec::new();
-    for (path, v) in o.list(cx, key) {
-        let Some(mut h) = Obj::new(cx, path, v) else {
-            continue;
-        };
-        let header = match h.obj(cx, "header") {
-            Some(mut kv) => {
-                let key_path = kv.at("key");
-                let name = kv
-                    .req_string(cx, "key")
-                    .and_then(|k| header_name(cx, &key_path, &k, "modified"));
-                let value_path = kv.at("value");
-                let value = kv.string(cx, "value").unwrap_or_default();
-                let value_ok = http::HeaderValue::from_str(&value).is_ok();
-                if !value_ok {
-                    cx.error(&value_path, format!("invalid header value {value:?}"));
-                }
-                kv.finish(cx);
-                name.filter(|_| value_ok).map(|n| (n, value))
-            }
-            None => {
-                if !h.has("header") {
-                    cx.missing(&h.at("header"));
-                }
-                None
-            }
-        };
-        if h.has("append") && h.has("append_action") {
-            cx.error(h.path(), "only one of append and append_action may be set");
-        }
-        let append = h.bool(cx, "append").map(|a| {
-            if a {
-                AppendAction::AppendIfExistsOrAdd
-            } else {
-                AppendAction::OverwriteIfExistsOrAdd
-            }
-        });
-        let action = h.enumeration(
-            cx,
-            "append_action",
-            &[
-                ("APPEND_IF_EXISTS_OR_ADD", AppendAction::AppendIfExistsOrAdd),
-                ("ADD_IF_ABSENT", AppendAction::AddIfAbsent),
-                (
-                    "OVERWRITE_IF_EXISTS_OR_ADD",
-                    AppendAction::OverwriteIfExistsOrAdd,
-                ),
-                ("OVERWRITE_IF_EXISTS", AppendAction::OverwriteIfExists),
-            ],
-            &[],
-        );
-        let keep_empty_value = h.bool(cx, "keep_empty_value").unwrap_or(false);
-        h.finish(cx);
-        if let Some((key, value)) = header {
-            out.push(HeaderValueOption {
-                key,
-                value,
-                append_action: action.or(append).unwrap_or_default(),
-                keep_empty_value,
-            });
-        }
-    }
-    out
 }

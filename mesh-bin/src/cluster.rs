@@ -1,0 +1,188 @@
+//! The cluster manager: every configured cluster with its balancer,
+//! discovery and stats, shared by all workers; and each worker's
+//! connection pools to those clusters' endpoints.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
+use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
+use mesh_core::stats::{Counter, Gauge, StatusClassCounters, Store};
+use mesh_lb::{dns, Balancer};
+use tokio_util::sync::CancellationToken;
+
+/// Envoy's `cluster.<name>.*` stats.
+#[derive(Debug, Clone)]
+pub struct ClusterStats {
+    /// `upstream_rq_total`.
+    pub rq_total: Counter,
+    /// `upstream_rq_xx` by status class.
+    pub rq_xx: StatusClassCounters,
+    /// `upstream_rq_active`.
+    pub rq_active: Gauge,
+    /// `upstream_rq_timeout`.
+    pub rq_timeout: Counter,
+    /// `upstream_cx_connect_fail`.
+    pub cx_connect_fail: Counter,
+    /// `upstream_cx_none_healthy`: requests that found no endpoint.
+    pub cx_none_healthy: Counter,
+    /// `upstream_rq_rx_reset`: upstream reset/closed before a response.
+    pub rq_rx_reset: Counter,
+    /// `upstream_cx_tx_bytes_total` for TCP proxying.
+    pub cx_tx_bytes: Counter,
+    /// `upstream_cx_rx_bytes_total` for TCP proxying.
+    pub cx_rx_bytes: Counter,
+    /// `membership_total`.
+    pub membership_total: Gauge,
+}
+
+impl ClusterStats {
+    fn new(store: &Store, name: &str) -> Self {
+        let l = vec![("envoy_cluster_name", name.to_owned())];
+        ClusterStats {
+            rq_total: store.counter("envoy_cluster_upstream_rq_total", &l),
+            rq_xx: StatusClassCounters::new(store, "envoy_cluster_upstream_rq_xx", &l),
+            rq_active: store.gauge("envoy_cluster_upstream_rq_active", &l),
+            rq_timeout: store.counter("envoy_cluster_upstream_rq_timeout", &l),
+            cx_connect_fail: store.counter("envoy_cluster_upstream_cx_connect_fail", &l),
+            cx_none_healthy: store.counter("envoy_cluster_upstream_cx_none_healthy", &l),
+            rq_rx_reset: store.counter("envoy_cluster_upstream_rq_rx_reset", &l),
+            cx_tx_bytes: store.counter("envoy_cluster_upstream_cx_tx_bytes_total", &l),
+            cx_rx_bytes: store.counter("envoy_cluster_upstream_cx_rx_bytes_total", &l),
+            membership_total: store.gauge("envoy_cluster_membership_total", &l),
+        }
+    }
+}
+
+/// One cluster: configuration, balancer and stats.
+#[derive(Debug)]
+pub struct ClusterEntry {
+    /// The configuration it was built from.
+    pub config: Cluster,
+    /// Picks endpoints.
+    pub balancer: Arc<Balancer>,
+    /// Stats.
+    pub stats: ClusterStats,
+}
+
+/// Every cluster by name.
+#[derive(Debug, Default)]
+pub struct ClusterManager {
+    clusters: HashMap<Arc<str>, Arc<ClusterEntry>>,
+    order: Vec<Arc<str>>,
+}
+
+impl ClusterManager {
+    /// Builds every cluster and runs its first discovery (DNS resolution),
+    /// so that a listener using it starts with endpoints. DNS clusters keep
+    /// re-resolving on the current runtime until `stop` fires.
+    pub async fn build(
+        clusters: &[Cluster],
+        store: &Store,
+        stop: &CancellationToken,
+    ) -> Result<Self, String> {
+        let mut cm = ClusterManager::default();
+        for (i, c) in clusters.iter().enumerate() {
+            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            match &c.discovery {
+                DiscoveryType::Static => {
+                    let eps = dns::static_endpoints(c)
+                        .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
+                    balancer.update(eps);
+                }
+                DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
+                    match dns::resolve(c).await {
+                        Ok(eps) => {
+                            balancer.update(eps);
+                        }
+                        Err(e) => tracing::warn!(cluster = %c.name, error = %e,
+                            "initial DNS resolution failed; the cluster starts empty and keeps retrying"),
+                    }
+                    tokio::spawn(dns::refresh_loop(c.clone(), balancer.clone(), stop.clone()));
+                }
+                DiscoveryType::Eds { .. } => {
+                    return Err(format!(
+                        "static_resources.clusters[{i}].type: EDS needs an xDS source, which this build does not have yet (unsupported)"
+                    ));
+                }
+            }
+            let stats = ClusterStats::new(store, &c.name);
+            stats
+                .membership_total
+                .set(balancer.endpoints().endpoints.len() as i64);
+            let name: Arc<str> = Arc::from(c.name.as_str());
+            cm.order.push(name.clone());
+            cm.clusters.insert(
+                name,
+                Arc::new(ClusterEntry {
+                    config: c.clone(),
+                    balancer,
+                    stats,
+                }),
+            );
+        }
+        Ok(cm)
+    }
+
+    /// A cluster by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<ClusterEntry>> {
+        self.clusters.get(name)
+    }
+
+    /// Every cluster, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ClusterEntry>> {
+        self.order.iter().filter_map(|n| self.clusters.get(n))
+    }
+}
+
+/// One worker's view of a cluster: the shared entry plus this worker's
+/// connection pools.
+#[derive(Debug)]
+pub struct WorkerCluster {
+    /// The shared cluster.
+    pub entry: Arc<ClusterEntry>,
+    pools: Mutex<HashMap<(SocketAddr, bool), Arc<EndpointPool>>>,
+}
+
+impl WorkerCluster {
+    /// A worker-local handle on `entry`.
+    pub fn new(entry: Arc<ClusterEntry>) -> Self {
+        WorkerCluster {
+            entry,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether requests to this cluster use HTTP/2, given the downstream
+    /// request's version.
+    pub fn uses_h2(&self, downstream: http::Version) -> bool {
+        match self.entry.config.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Downstream => downstream == http::Version::HTTP_2,
+        }
+    }
+
+    /// The pool for `addr` speaking HTTP/2 or not, created on first use.
+    pub fn pool(&self, addr: SocketAddr, h2: bool) -> Arc<EndpointPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pools.get(&(addr, h2)) {
+            return p.clone();
+        }
+        let p = EndpointPool::new(
+            addr,
+            PoolConfig {
+                protocol: if h2 {
+                    PoolProtocol::Http2
+                } else {
+                    PoolProtocol::Http1
+                },
+                connect_timeout: self.entry.config.connect_timeout,
+                max_idle: 1024,
+            },
+        );
+        pools.insert((addr, h2), p.clone());
+        p
+    }
+}

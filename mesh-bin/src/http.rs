@@ -1,0 +1,571 @@
+//! The HTTP connection manager (`envoy.filters.network.http_connection_manager`
+//! with `envoy.filters.http.router`): for each request, route, then answer
+//! locally (direct response, redirect, proxy-made error) or forward to an
+//! endpoint of the chosen cluster and stream the response back.
+//!
+//! Per request the path is: [`HttpProxy::handle`] -> `RouteTable::route`
+//! (mesh-core) -> action -> `Balancer::pick` (mesh-lb) -> header work ->
+//! `EndpointPool::send` (mesh-codec) -> response header work. Proxy-made
+//! errors carry Envoy's response flag in stats and logs.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use mesh_codec::http::body::{OnEnd, UpstreamBody};
+use mesh_codec::http::{hop, ProxyBody};
+use mesh_core::config::HttpConnectionManager;
+use mesh_core::flags::ResponseFlag;
+use mesh_core::headers::StreamInfo;
+use mesh_core::router::{redirect_location, CompiledAction, RouteMatch, RouteTable};
+use mesh_core::stats::{Counter, Gauge, GaugeGuard, StatusClassCounters, Store};
+
+use crate::cluster::{ClusterManager, WorkerCluster};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+
+/// Envoy's `http.<stat_prefix>.*` stats.
+#[derive(Debug, Clone)]
+pub struct HttpStats {
+    /// `downstream_rq_total`.
+    pub rq_total: Counter,
+    /// `downstream_rq_xx`.
+    pub rq_xx: StatusClassCounters,
+    /// `downstream_rq_active`.
+    pub rq_active: Gauge,
+    /// `downstream_cx_total`.
+    pub cx_total: Counter,
+    /// `downstream_cx_active`.
+    pub cx_active: Gauge,
+    /// `no_route`.
+    pub no_route: Counter,
+    /// `rq_direct_response`.
+    pub rq_direct_response: Counter,
+    /// `rq_redirect`.
+    pub rq_redirect: Counter,
+    /// `mesh_http_downstream_rq_response_flag{flag=..}`: proxy-made
+    /// responses by Envoy response flag (mesh's own stat).
+    flags: Vec<Counter>,
+}
+
+impl HttpStats {
+    /// Registers the stats of an HCM with this `stat_prefix`.
+    pub fn new(store: &Store, prefix: &str) -> Self {
+        let l = vec![("envoy_http_conn_manager_prefix", prefix.to_owned())];
+        HttpStats {
+            rq_total: store.counter("envoy_http_downstream_rq_total", &l),
+            rq_xx: StatusClassCounters::new(store, "envoy_http_downstream_rq_xx", &l),
+            rq_active: store.gauge("envoy_http_downstream_rq_active", &l),
+            cx_total: store.counter("envoy_http_downstream_cx_total", &l),
+            cx_active: store.gauge("envoy_http_downstream_cx_active", &l),
+            no_route: store.counter("envoy_http_no_route", &l),
+            rq_direct_response: store.counter("envoy_http_rq_direct_response", &l),
+            rq_redirect: store.counter("envoy_http_rq_redirect", &l),
+            flags: ResponseFlag::ALL
+                .iter()
+                .map(|f| {
+                    let mut l = l.clone();
+                    l.push(("flag", f.as_str().to_owned()));
+                    store.counter("mesh_http_downstream_rq_response_flag", &l)
+                })
+                .collect(),
+        }
+    }
+
+    fn flag(&self, f: ResponseFlag) {
+        self.flags[f.index()].inc();
+    }
+}
+
+/// What one HCM shares across workers.
+#[derive(Debug)]
+pub struct HcmShared {
+    /// The HCM configuration.
+    pub config: HttpConnectionManager,
+    /// The compiled routes.
+    pub routes: RouteTable,
+    /// Stats.
+    pub stats: HttpStats,
+    server_name: HeaderValue,
+}
+
+impl HcmShared {
+    /// Compiles an HCM; errors carry the route-config-relative field path.
+    pub fn new(config: &HttpConnectionManager, store: &Store) -> Result<Self, String> {
+        let routes = RouteTable::new(&config.route_config)
+            .map_err(|e| format!("route_config.{}: {}", e.path, e.message))?;
+        let server_name = HeaderValue::from_str(config.server_name.as_deref().unwrap_or("mesh"))
+            .map_err(|_| "server_name: not a valid header value".to_owned())?;
+        Ok(HcmShared {
+            stats: HttpStats::new(store, &config.stat_prefix),
+            config: config.clone(),
+            routes,
+            server_name,
+        })
+    }
+}
+
+/// One worker's HTTP proxy for one HCM.
+#[derive(Debug)]
+pub struct HttpProxy {
+    shared: Arc<HcmShared>,
+    clusters: HashMap<Arc<str>, WorkerCluster>,
+}
+
+impl HttpProxy {
+    /// A worker-local proxy with its own connection pools.
+    pub fn new(shared: Arc<HcmShared>, cm: &ClusterManager) -> Self {
+        let clusters = shared
+            .routes
+            .referenced_clusters()
+            .into_iter()
+            .filter_map(|name| {
+                cm.get(&name)
+                    .map(|e| (name.clone(), WorkerCluster::new(e.clone())))
+            })
+            .collect();
+        HttpProxy { shared, clusters }
+    }
+
+    /// The shared part.
+    pub fn shared(&self) -> &Arc<HcmShared> {
+        &self.shared
+    }
+
+    /// Handles one request from a downstream connection.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        info: StreamInfo,
+    ) -> Response<ProxyBody> {
+        let stats = &self.shared.stats;
+        stats.rq_total.inc();
+        let _active = GaugeGuard::new(&stats.rq_active);
+        let resp = self.route_and_forward(req, &info).await;
+        stats.rq_xx.record(resp.status().as_u16());
+        resp
+    }
+
+    fn local_reply(
+        &self,
+        status: StatusCode,
+        body: &'static str,
+        flag: ResponseFlag,
+    ) -> Response<ProxyBody> {
+        self.shared.stats.flag(flag);
+        tracing::debug!(
+            status = status.as_u16(),
+            flag = flag.as_str(),
+            "proxy-made response"
+        );
+        let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+        *resp.status_mut() = status;
+        if !body.is_empty() {
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        resp.headers_mut()
+            .insert(http::header::SERVER, self.shared.server_name.clone());
+        resp
+    }
+
+    async fn route_and_forward(
+        &self,
+        mut req: Request<Incoming>,
+        info: &StreamInfo,
+    ) -> Response<ProxyBody> {
+        let upgrade = if req.version() == http::Version::HTTP_11 {
+            hop::upgrade_type(req.headers())
+        } else {
+            None
+        };
+        if let Some(u) = &upgrade {
+            if !self.shared.config.upgrade_types.iter().any(|t| t == u) {
+                return self.local_reply(
+                    StatusCode::FORBIDDEN,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                );
+            }
+        }
+        let shared = self.shared.clone();
+        let Some(m) = shared.routes.route(&req) else {
+            shared.stats.no_route.inc();
+            return self.local_reply(StatusCode::NOT_FOUND, "", ResponseFlag::NoRouteFound);
+        };
+        match &m.route.action {
+            CompiledAction::DirectResponse { status, body } => {
+                shared.stats.rq_direct_response.inc();
+                let mut resp = Response::new(match body {
+                    Some(b) => ProxyBody::full(b.clone()),
+                    None => ProxyBody::Empty,
+                });
+                *resp.status_mut() = *status;
+                if body.as_ref().is_some_and(|b| !b.is_empty()) {
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                }
+                for level in m.mutation_levels() {
+                    level.response.apply(resp.headers_mut(), info);
+                }
+                resp.headers_mut()
+                    .insert(http::header::SERVER, shared.server_name.clone());
+                resp
+            }
+            CompiledAction::Redirect(r) => {
+                shared.stats.rq_redirect.inc();
+                let location = redirect_location(r, &m, &req, "http");
+                let mut resp = Response::new(ProxyBody::Empty);
+                *resp.status_mut() =
+                    StatusCode::from_u16(r.response_code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(LOCATION, v);
+                }
+                for level in m.mutation_levels() {
+                    level.response.apply(resp.headers_mut(), info);
+                }
+                resp.headers_mut()
+                    .insert(http::header::SERVER, shared.server_name.clone());
+                resp
+            }
+            CompiledAction::Route(_) => {
+                let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+                self.forward(req, &m, info, down_upgrade).await
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        m: &RouteMatch<'_>,
+        info: &StreamInfo,
+        down_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let CompiledAction::Route(action) = &m.route.action else {
+            return self.local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                ResponseFlag::NoRouteFound,
+            );
+        };
+        let choice = action.choose_cluster();
+        let Some(cluster) = self.clusters.get(choice.name) else {
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                ResponseFlag::NoClusterFound,
+            );
+        };
+        let cstats = &cluster.entry.stats;
+        let Some(endpoint) = cluster.entry.balancer.pick() else {
+            cstats.cx_none_healthy.inc();
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                ResponseFlag::NoHealthyUpstream,
+            );
+        };
+        let h2 = cluster.uses_h2(req.version());
+        let (mut parts, body) = req.into_parts();
+        let is_upgrade = down_upgrade.is_some();
+        hop::strip(&mut parts.headers, is_upgrade);
+
+        // Authority and path as the upstream will see them.
+        let authority: Option<HeaderValue> = match &action.host_rewrite {
+            Some(h) => Some(h.clone()),
+            None => match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => parts.headers.get(HOST).cloned(),
+            },
+        };
+        let original_pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let rewritten = m.rewritten_path(original_pq);
+        let pq: &str = rewritten.as_deref().unwrap_or(original_pq);
+
+        // Forwarding headers.
+        let cfg = &self.shared.config;
+        if cfg.use_remote_address && !cfg.skip_xff_append {
+            let ip = info.downstream_remote.ip().to_string();
+            let value = match parts
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(existing) if !existing.is_empty() => format!("{existing},{ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+            parts
+                .headers
+                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if cfg.generate_request_id && !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts.headers.insert(X_REQUEST_ID.clone(), request_id());
+        }
+        if let Some(h) = choice.headers {
+            h.request.apply(&mut parts.headers, info);
+        }
+        for level in m.mutation_levels() {
+            level.request.apply(&mut parts.headers, info);
+        }
+
+        // The upstream request line.
+        if h2 {
+            let auth = authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_else(|| endpoint.addr.to_string());
+            parts.uri = match Uri::builder()
+                .scheme("http")
+                .authority(auth.as_str())
+                .path_and_query(pq)
+                .build()
+            {
+                Ok(u) => u,
+                Err(_) => {
+                    return self.local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "",
+                        ResponseFlag::DownstreamProtocolError,
+                    )
+                }
+            };
+            parts.headers.remove(HOST);
+            parts.version = http::Version::HTTP_2;
+        } else {
+            if rewritten.is_some() || parts.uri.authority().is_some() {
+                parts.uri = match pq.parse() {
+                    Ok(u) => u,
+                    Err(_) => {
+                        return self.local_reply(
+                            StatusCode::BAD_REQUEST,
+                            "",
+                            ResponseFlag::DownstreamProtocolError,
+                        )
+                    }
+                };
+            }
+            match authority {
+                Some(a) => {
+                    parts.headers.insert(HOST, a);
+                }
+                None => {
+                    if let Ok(v) = HeaderValue::from_str(&endpoint.addr.to_string()) {
+                        parts.headers.insert(HOST, v);
+                    }
+                }
+            }
+            parts.version = http::Version::HTTP_11;
+        }
+        let upstream_req = Request::from_parts(parts, ProxyBody::Incoming(body));
+
+        // Send, bounded by the route timeout.
+        cstats.rq_total.inc();
+        endpoint.stats.rq_total.inc();
+        let rq_active = GaugeGuard::new(&cstats.rq_active);
+        let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+        let pool = cluster.pool(endpoint.addr, h2);
+        let deadline = action.timeout.map(|t| tokio::time::Instant::now() + t);
+        let sent = pool.send(upstream_req, is_upgrade);
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let (resp, pool_end) = match result {
+            None => {
+                cstats.rq_timeout.inc();
+                cstats.rq_xx.record(504);
+                endpoint.stats.rq_error.inc();
+                return self.local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    ResponseFlag::UpstreamRequestTimeout,
+                );
+            }
+            Some(Err(e)) => {
+                endpoint.stats.rq_error.inc();
+                cstats.rq_xx.record(503);
+                if e.is_connect() {
+                    cstats.cx_connect_fail.inc();
+                    endpoint.stats.cx_connect_fail.inc();
+                    tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, "UF");
+                    return self.local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        ResponseFlag::UpstreamConnectionFailure,
+                    );
+                }
+                cstats.rq_rx_reset.inc();
+                tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, "UC");
+                return self.local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    ResponseFlag::UpstreamConnectionTermination,
+                );
+            }
+            Some(Ok(r)) => r,
+        };
+        let status = resp.status();
+        cstats.rq_xx.record(status.as_u16());
+        if status.is_server_error() {
+            endpoint.stats.rq_error.inc();
+        }
+
+        let mut resp = resp;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = down_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(bridge_upgrade(down, up));
+            }
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        hop::strip(
+            &mut rparts.headers,
+            status == StatusCode::SWITCHING_PROTOCOLS,
+        );
+        if let Some(h) = choice.headers {
+            h.response.apply(&mut rparts.headers, info);
+        }
+        for level in m.mutation_levels() {
+            level.response.apply(&mut rparts.headers, info);
+        }
+        rparts
+            .headers
+            .insert(http::header::SERVER, self.shared.server_name.clone());
+        rparts.headers.remove(&X_ENVOY_OVERLOADED);
+        let on_end = OnEnd::new(move |completed| {
+            if let Some(mut p) = pool_end {
+                p.fire(completed);
+            }
+            drop(rq_active);
+            drop(ep_active);
+        });
+        let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        Response::from_parts(
+            rparts,
+            ProxyBody::Upstream(UpstreamBody::new(rbody, Some(on_end), body_deadline)),
+        )
+    }
+}
+
+/// Copies bytes between the two sides of an upgraded (e.g. WebSocket)
+/// connection until either closes.
+async fn bridge_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let down = hyper_util::rt::TokioIo::new(down);
+    let up = hyper_util::rt::TokioIo::new(up);
+    if let Err(e) = mesh_codec::tcp::proxy(down, up, None).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// A random UUID v4 in its text form.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [0u8; 36];
+    let mut j = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[j] = b'-';
+            j += 1;
+        }
+        out[j] = HEX[(b >> 4) as usize];
+        out[j + 1] = HEX[(b & 0xf) as usize];
+        j += 2;
+    }
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The hyper service of one downstream connection.
+#[derive(Debug, Clone)]
+pub struct ConnService {
+    proxy: Arc<HttpProxy>,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl ConnService {
+    /// A service for a connection from `peer` arriving on `local`.
+    pub fn new(proxy: Arc<HttpProxy>, peer: SocketAddr, local: SocketAddr) -> Self {
+        ConnService { proxy, peer, local }
+    }
+}
+
+/// The future of [`ConnService`].
+pub type ConnFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ConnFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let info = StreamInfo {
+            downstream_remote: self.peer,
+            downstream_local: self.local,
+            protocol: req.version(),
+        };
+        let proxy = self.proxy.clone();
+        Box::pin(async move { Ok(proxy.handle(req, info).await) })
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        hyper::service::Service::call(self, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(request_id(), request_id());
+    }
+}

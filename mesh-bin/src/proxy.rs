@@ -1,0 +1,360 @@
+//! `Proxy`: a configuration turned into running listeners, clusters and the
+//! admin API.
+//!
+//! Start-up order: clusters are built and DNS clusters resolved first, then
+//! every listener socket is bound, then the workers start accepting, then
+//! `/ready` turns 200 — so a listener never accepts a request its clusters
+//! cannot serve yet.
+//!
+//! Workers: `concurrency` threads, each running its own single-threaded
+//! tokio runtime with its own `SO_REUSEPORT` socket per listener and its own
+//! upstream connection pools (Envoy's worker model). Nothing on the request
+//! path crosses threads except relaxed atomic stats and the read-only
+//! route tables and endpoint sets.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_core::config::{Bootstrap, NetworkFilter};
+use mesh_core::listener::{
+    accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
+};
+use mesh_core::stats::{GaugeGuard, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::cluster::ClusterManager;
+use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::tcp::TcpProxyShared;
+
+/// How to run a proxy (the command-line knobs).
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Worker threads (Envoy's `--concurrency`), at least 1.
+    pub concurrency: usize,
+    /// How long draining may take before the process exits anyway.
+    pub drain_time: Duration,
+    /// Where to write the admin address once bound (`--admin-address-path`).
+    pub admin_address_path: Option<std::path::PathBuf>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            concurrency: 1,
+            drain_time: Duration::from_secs(5),
+            admin_address_path: None,
+        }
+    }
+}
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is valid but cannot be served (field path and reason).
+    #[error("{0}")]
+    Config(String),
+    /// A socket could not be bound.
+    #[error("binding {addr} for {what}: {source}")]
+    Bind {
+        /// What was being bound.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker thread could not start.
+    #[error("starting a worker: {0}")]
+    Worker(std::io::Error),
+}
+
+enum Terminal {
+    Http(Arc<HcmShared>, ServerConfig),
+    Tcp(Arc<TcpProxyShared>),
+}
+
+struct BuiltListener {
+    name: String,
+    addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+    limiter: Option<ConnectionLimiter>,
+    stats: ListenerStats,
+    terminal: Arc<Terminal>,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    admin_addr: Option<SocketAddr>,
+    listeners: Vec<(String, SocketAddr)>,
+    drain: Drain,
+    store: Store,
+    stop: CancellationToken,
+    drain_time: Duration,
+}
+
+impl Proxy {
+    /// Starts everything the configuration describes. Must be called from
+    /// within a tokio runtime, which then runs the admin API and DNS
+    /// refreshes; request traffic runs on the proxy's own worker threads.
+    /// `config_json` is what `/config_dump` shows.
+    pub async fn start(
+        bootstrap: Bootstrap,
+        options: ProxyOptions,
+        config_json: serde_json::Value,
+    ) -> Result<Proxy, StartError> {
+        let store = Store::new();
+        let stop = CancellationToken::new();
+        let drain = Drain::new();
+        let cm = Arc::new(
+            ClusterManager::build(&bootstrap.clusters, &store, &stop)
+                .await
+                .map_err(StartError::Config)?,
+        );
+        let concurrency = options.concurrency.max(1);
+
+        let mut built = Vec::new();
+        for (li, l) in bootstrap.listeners.iter().enumerate() {
+            let path = format!("static_resources.listeners[{li}]");
+            let chain = l.filter_chains.first().ok_or_else(|| {
+                StartError::Config(format!(
+                    "{path}.filter_chains: at least one filter chain is required"
+                ))
+            })?;
+            let terminal = match &chain.terminal {
+                NetworkFilter::HttpConnectionManager(hcm) => {
+                    let shared = HcmShared::new(hcm, &store).map_err(|e| {
+                        StartError::Config(format!("{path}.filter_chains[0].filters: {e}"))
+                    })?;
+                    let server = ServerConfig {
+                        codec: hcm.codec_type,
+                        max_request_headers_bytes: hcm.max_request_headers_kb as usize * 1024,
+                        request_headers_timeout: hcm.request_headers_timeout,
+                    };
+                    Terminal::Http(Arc::new(shared), server)
+                }
+                NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
+                    TcpProxyShared::new(t, &cm, &store).map_err(|e| {
+                        StartError::Config(format!(
+                            "{path}.filter_chains[0].filters: tcp_proxy.{e}"
+                        ))
+                    })?,
+                )),
+            };
+            let first = bind_tcp(l.address).map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.address,
+                source,
+            })?;
+            let addr = first.local_addr().map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.address,
+                source,
+            })?;
+            let mut sockets = vec![first];
+            for _ in 1..concurrency {
+                sockets.push(bind_tcp(addr).map_err(|source| StartError::Bind {
+                    what: format!("listener {:?} (worker socket)", l.name),
+                    addr,
+                    source,
+                })?);
+            }
+            built.push(BuiltListener {
+                name: l.name.clone(),
+                addr,
+                sockets,
+                limiter: l
+                    .connection_limit
+                    .as_ref()
+                    .map(|c| ConnectionLimiter::new(c.max_connections as usize, c.delay)),
+                stats: ListenerStats::new(&store, addr),
+                terminal: Arc::new(terminal),
+            });
+        }
+        let listeners: Vec<(String, SocketAddr)> =
+            built.iter().map(|b| (b.name.clone(), b.addr)).collect();
+
+        // Admin.
+        let mut admin_addr = None;
+        let mut admin_state = None;
+        if let Some(admin) = &bootstrap.admin {
+            let sock = bind_tcp(admin.address).map_err(|source| StartError::Bind {
+                what: "admin".into(),
+                addr: admin.address,
+                source,
+            })?;
+            let addr = sock.local_addr().map_err(|source| StartError::Bind {
+                what: "admin".into(),
+                addr: admin.address,
+                source,
+            })?;
+            let listener =
+                tokio::net::TcpListener::from_std(sock).map_err(|source| StartError::Bind {
+                    what: "admin".into(),
+                    addr,
+                    source,
+                })?;
+            let state = Arc::new(AdminState {
+                store: store.clone(),
+                clusters: cm.clone(),
+                listeners: listeners.clone(),
+                config_json,
+                ready: Default::default(),
+                drain: drain.clone(),
+            });
+            tokio::spawn(admin::serve(listener, state.clone()));
+            if let Some(p) = &options.admin_address_path {
+                std::fs::write(p, addr.to_string()).map_err(|e| {
+                    StartError::Config(format!("--admin-address-path {}: {e}", p.display()))
+                })?;
+            }
+            admin_addr = Some(addr);
+            admin_state = Some(state);
+        }
+
+        // Workers.
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, &BuiltListener)>> =
+            (0..concurrency).map(|_| Vec::new()).collect();
+        for b in &built {
+            for (w, s) in b.sockets.iter().enumerate() {
+                let s = s.try_clone().map_err(StartError::Worker)?;
+                per_worker[w].push((s, b));
+            }
+        }
+        for (w, sockets) in per_worker.into_iter().enumerate() {
+            let jobs: Vec<WorkerListener> = sockets
+                .into_iter()
+                .map(|(s, b)| WorkerListener {
+                    socket: s,
+                    limiter: b.limiter.clone(),
+                    stats: b.stats.clone(),
+                    terminal: b.terminal.clone(),
+                })
+                .collect();
+            let cm = cm.clone();
+            let drain = drain.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(StartError::Worker)?;
+            std::thread::Builder::new()
+                .name(format!("mesh-worker-{w}"))
+                .spawn(move || rt.block_on(run_worker(jobs, cm, drain)))
+                .map_err(StartError::Worker)?;
+        }
+        drop(built);
+        if let Some(state) = &admin_state {
+            state.ready.store(true, Ordering::Release);
+        }
+        tracing::info!(listeners = ?listeners, admin = ?admin_addr, workers = concurrency, "mesh is ready");
+        Ok(Proxy {
+            admin_addr,
+            listeners,
+            drain,
+            store,
+            stop,
+            drain_time: options.drain_time,
+        })
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// A listener's bound address by name.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Every stat.
+    pub fn stats(&self) -> &Store {
+        &self.store
+    }
+
+    /// The drain handle (signalled by `/quitquitquit` too).
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to the drain
+    /// time, then stops background work. Returns true when every connection
+    /// ended in time.
+    pub async fn shutdown(self) -> bool {
+        self.drain.signal();
+        let clean = tokio::time::timeout(self.drain_time, self.drain.wait())
+            .await
+            .is_ok();
+        self.stop.cancel();
+        if !clean {
+            tracing::warn!(
+                open = self.drain.active(),
+                "drain time over; closing the remaining connections"
+            );
+        }
+        clean
+    }
+}
+
+struct WorkerListener {
+    socket: std::net::TcpListener,
+    limiter: Option<ConnectionLimiter>,
+    stats: ListenerStats,
+    terminal: Arc<Terminal>,
+}
+
+async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: Drain) {
+    for job in jobs {
+        let listener = match tokio::net::TcpListener::from_std(job.socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "worker could not register a listener");
+                continue;
+            }
+        };
+        match &*job.terminal {
+            Terminal::Http(shared, server) => {
+                let proxy = Arc::new(HttpProxy::new(shared.clone(), &cm));
+                let server = Arc::new(server.clone());
+                let token = drain.token();
+                tokio::spawn(accept_loop(
+                    listener,
+                    job.limiter,
+                    drain.clone(),
+                    job.stats,
+                    move |a: Accepted| {
+                        let svc = ConnService::new(proxy.clone(), a.peer, a.local);
+                        let server = server.clone();
+                        let token = token.clone();
+                        let hstats = proxy.shared().stats.clone();
+                        async move {
+                            hstats.cx_total.inc();
+                            let _cx = GaugeGuard::new(&hstats.cx_active);
+                            serve_connection(a.stream, &server, svc, token).await;
+                            drop(a.guard);
+                        }
+                    },
+                ));
+            }
+            Terminal::Tcp(shared) => {
+                let shared = shared.clone();
+                tokio::spawn(accept_loop(
+                    listener,
+                    job.limiter,
+                    drain.clone(),
+                    job.stats,
+                    move |a: Accepted| shared.clone().handle(a),
+                ));
+            }
+        }
+    }
+    drain.wait().await;
+}

@@ -1,0 +1,142 @@
+//! `envoy.filters.network.tcp_proxy`: each downstream connection is paired
+//! with a new connection to an endpoint of the cluster and bytes are copied
+//! both ways. A connect failure closes the downstream connection (there is
+//! no protocol to carry an error), counted as `upstream_cx_connect_fail`.
+
+use std::sync::Arc;
+
+use mesh_core::config::{ClusterSpecifier, TcpProxy};
+use mesh_core::listener::Accepted;
+use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
+use tokio::net::TcpStream;
+
+use crate::cluster::{ClusterEntry, ClusterManager};
+
+/// Envoy's `tcp.<stat_prefix>.*` stats.
+#[derive(Debug, Clone)]
+pub struct TcpStats {
+    /// `downstream_cx_total`.
+    pub cx_total: Counter,
+    /// `downstream_cx_no_route`.
+    pub cx_no_route: Counter,
+    /// `upstream_flush_active`-like gauge of proxied connections.
+    pub cx_active: Gauge,
+    /// `idle_timeout`.
+    pub idle_timeout: Counter,
+}
+
+/// A compiled TCP proxy, shared by every worker.
+#[derive(Debug)]
+pub struct TcpProxyShared {
+    config: TcpProxy,
+    clusters: Vec<(Arc<ClusterEntry>, u32)>,
+    total_weight: u64,
+    stats: TcpStats,
+}
+
+impl TcpProxyShared {
+    /// Resolves the cluster names against `cm`.
+    pub fn new(config: &TcpProxy, cm: &ClusterManager, store: &Store) -> Result<Self, String> {
+        let wanted: Vec<(String, u32)> = match &config.cluster {
+            ClusterSpecifier::Cluster(c) => vec![(c.clone(), 1)],
+            ClusterSpecifier::Weighted(ws) => {
+                ws.iter().map(|w| (w.name.clone(), w.weight)).collect()
+            }
+        };
+        let mut clusters = Vec::new();
+        for (name, weight) in wanted {
+            let entry = cm
+                .get(&name)
+                .ok_or_else(|| format!("cluster: unknown cluster {name:?}"))?;
+            if weight > 0 {
+                clusters.push((entry.clone(), weight));
+            }
+        }
+        let total_weight = clusters.iter().map(|c| u64::from(c.1)).sum();
+        if total_weight == 0 {
+            return Err("weighted_clusters: the weights sum to 0".into());
+        }
+        let l = vec![("envoy_tcp_prefix", config.stat_prefix.clone())];
+        Ok(TcpProxyShared {
+            config: config.clone(),
+            clusters,
+            total_weight,
+            stats: TcpStats {
+                cx_total: store.counter("envoy_tcp_downstream_cx_total", &l),
+                cx_no_route: store.counter("envoy_tcp_downstream_cx_no_route", &l),
+                cx_active: store.gauge("envoy_tcp_upstream_cx_active", &l),
+                idle_timeout: store.counter("envoy_tcp_idle_timeout", &l),
+            },
+        })
+    }
+
+    fn choose(&self) -> &Arc<ClusterEntry> {
+        if self.clusters.len() == 1 {
+            return &self.clusters[0].0;
+        }
+        let mut pick = fastrand::u64(0..self.total_weight);
+        for (c, w) in &self.clusters {
+            if pick < u64::from(*w) {
+                return c;
+            }
+            pick -= u64::from(*w);
+        }
+        &self.clusters[self.clusters.len() - 1].0
+    }
+
+    /// Proxies one accepted connection to completion.
+    pub async fn handle(self: Arc<Self>, accepted: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            guard,
+            ..
+        } = accepted;
+        self.stats.cx_total.inc();
+        let cluster = self.choose();
+        let Some(endpoint) = cluster.balancer.pick() else {
+            cluster.stats.cx_none_healthy.inc();
+            self.stats.cx_no_route.inc();
+            tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");
+            return;
+        };
+        let connect = tokio::time::timeout(
+            cluster.config.connect_timeout,
+            TcpStream::connect(endpoint.addr),
+        )
+        .await;
+        let upstream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                cluster.stats.cx_connect_fail.inc();
+                endpoint.stats.cx_connect_fail.inc();
+                tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
+                return;
+            }
+            Err(_) => {
+                cluster.stats.cx_connect_fail.inc();
+                endpoint.stats.cx_connect_fail.inc();
+                tracing::debug!(%peer, endpoint = %endpoint.addr, "tcp_proxy: upstream connect timed out (UF); closing");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let _active = GaugeGuard::new(&self.stats.cx_active);
+        let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+        endpoint.stats.rq_total.inc();
+        cluster.stats.rq_total.inc();
+        match mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await {
+            Ok(t) => {
+                cluster.stats.cx_tx_bytes.add(t.sent);
+                cluster.stats.cx_rx_bytes.add(t.received);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.stats.idle_timeout.inc();
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "tcp_proxy: connection ended with an error");
+            }
+        }
+        drop(guard);
+    }
+}
