@@ -520,6 +520,68 @@ def request(port: int, method: str = "GET", path: str = "/", headers=None, body=
             conn.close()
 
 
+def h2_request(port: int, method: str = "GET", path: str = "/", headers=None, body=None,
+               host: str = "example.com", timeout: float = HTTP_TIMEOUT,
+               addr: str = "127.0.0.1") -> Response:
+    """One HTTP/2 (h2c, prior knowledge) request on a fresh connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    hdrs = [(":method", method), (":path", path), (":scheme", "http"), (":authority", host)]
+    if isinstance(headers, dict):
+        hdrs += list(headers.items())
+    elif headers:
+        hdrs += list(headers)
+    if body is not None:
+        hdrs.append(("content-length", str(len(body))))
+    hdrs = [(k.lower(), v) for k, v in hdrs]
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                header_encoding="utf-8"))
+    with socket.create_connection((addr, port), timeout=timeout) as s:
+        conn.initiate_connection()
+        conn.increment_flow_control_window(1 << 24)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, hdrs, end_stream=not body)
+        if body:
+            view = memoryview(body)
+            while view:
+                n = min(len(view), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if n <= 0:
+                    s.sendall(conn.data_to_send())
+                    for ev in conn.receive_data(s.recv(65536)):
+                        pass
+                    continue
+                conn.send_data(sid, bytes(view[:n]))
+                view = view[n:]
+            conn.end_stream(sid)
+        s.sendall(conn.data_to_send())
+        status, rheaders, data, done = None, [], bytearray(), False
+        while not done:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("h2: connection closed before the response ended")
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    for k, v in ev.headers:
+                        if k == ":status":
+                            status = int(v)
+                        else:
+                            rheaders.append((k, v))
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    data += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    done = True
+                elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                    raise ConnectionError(f"h2: stream reset ({ev.error_code})")
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    if not done:
+                        raise ConnectionError(f"h2: GOAWAY ({ev.error_code})")
+            s.sendall(conn.data_to_send())
+        return Response(status, rheaders, bytes(data))
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = False,
                  addr: str = "127.0.0.1") -> bytes:
     """Send raw bytes and read one HTTP response head (+ body if Content-Length)."""

@@ -1,6 +1,8 @@
 """The same bootstrap YAML under Envoy and under mesh, the same requests.
 
-Every case is one route configuration (YAML below) plus a list of requests.
+Every case is one route configuration (YAML below) plus a list of requests,
+sent once over HTTP/1.1 and once over h2c (prior knowledge) to a listener
+with the default codec_type AUTO.
 Each request is reduced to an *observation*: status, which upstream answered
 and the path/headers it saw, selected response headers, and for
 proxy-made responses the body. Header comparisons only cover headers the
@@ -84,9 +86,13 @@ def _split(values: list[str]) -> list[str]:
     return out
 
 
-def observe_one(port: int, req: Req) -> dict:
-    r = harness.request(port, req.method, req.path, headers=req.headers, body=req.body,
-                        host=req.host)
+def send(port: int, req: Req, proto: str) -> harness.Response:
+    fn = harness.request if proto == "h1" else harness.h2_request
+    return fn(port, req.method, req.path, headers=req.headers, body=req.body, host=req.host)
+
+
+def observe_one(port: int, req: Req, proto: str) -> dict:
+    r = send(port, req, proto)
     o: dict = {"status": r.status, "upstream": r.upstream}
     if r.upstream is not None:
         info = r.json()
@@ -106,12 +112,12 @@ def observe_one(port: int, req: Req) -> dict:
     return o
 
 
-def observe(port: int, req: Req) -> dict:
+def observe(port: int, req: Req, proto: str) -> dict:
     if req.repeat == 1:
-        return observe_one(port, req)
+        return observe_one(port, req, proto)
     statuses, upstreams = set(), set()
     for _ in range(req.repeat):
-        r = harness.request(port, req.method, req.path, headers=req.headers, host=req.host)
+        r = send(port, req, proto)
         statuses.add(r.status)
         upstreams.add(r.upstream or "-")
     return {"statuses": sorted(statuses), "upstreams": sorted(upstreams)}
@@ -171,7 +177,7 @@ CASES = [
   - match: {safe_regex: {regex: "/items/[0-9]+"}}
     route: {cluster: a}
   - match: {safe_regex: {regex: "/v[12]/.*"}}
-    route: {cluster: a, prefix_rewrite: "/"}
+    route: {cluster: a}
   - match: {prefix: "/"}
     route: {cluster: b}
 """),
@@ -182,8 +188,22 @@ CASES = [
             Req("/items/123/x", expect=up("b", "/items/123/x")),
             Req("/x/items/1", expect=up("b", "/x/items/1")),
             Req("/items/abc", expect=up("b", "/items/abc")),
-            # prefix_rewrite after a regex match replaces the whole (fully matched) path
+            Req("/v2/thing", expect=up("a", "/v2/thing")),
+            Req("/v3/thing", expect=up("b", "/v3/thing")),
+        ],
+    ),
+    Case(
+        "regex_with_prefix_rewrite",
+        vhost_all("""
+  - match: {safe_regex: {regex: "/v[12]/.*"}}
+    route: {cluster: a, prefix_rewrite: "/"}
+  - match: {prefix: "/"}
+    route: {cluster: b}
+"""),
+        [
+            # Envoy accepts this; the "prefix" a regex match replaces is the whole path
             Req("/v2/thing", expect=up("a", "/")),
+            Req("/v1/x?q=1", expect=up("a", "/?q=1")),
             Req("/v3/thing", expect=up("b", "/v3/thing")),
         ],
     ),
@@ -656,21 +676,22 @@ def case_config(case: Case, ports: dict) -> str:
                                          case.hcm_extra)
 
 
-def run_case(kind: str, case: Case, ports: dict) -> list[dict]:
+def run_case(kind: str, case: Case, ports: dict, proto: str) -> list[dict]:
     with harness.start_proxy(kind, case_config(case, ports)) as proxy:
         port = proxy.port("ingress")
-        obs = [observe(port, r) for r in case.requests]
+        obs = [observe(port, r, proto) for r in case.requests]
         assert proxy.alive(), f"{kind} died during the case:\n{proxy.stderr_text()[-2000:]}"
         return obs
 
 
-_envoy_cache: dict[str, list[dict]] = {}
+_envoy_cache: dict[tuple, list[dict]] = {}
 
 
-def envoy_reference(case: Case, ports: dict) -> list[dict]:
-    if case.id not in _envoy_cache:
-        _envoy_cache[case.id] = run_case("envoy", case, ports)
-    return _envoy_cache[case.id]
+def envoy_reference(case: Case, ports: dict, proto: str) -> list[dict]:
+    key = (case.id, proto)
+    if key not in _envoy_cache:
+        _envoy_cache[key] = run_case("envoy", case, ports, proto)
+    return _envoy_cache[key]
 
 
 def mismatches(case: Case, got: list[dict], want: list[dict], got_name: str, want_name: str):
@@ -682,13 +703,15 @@ def mismatches(case: Case, got: list[dict], want: list[dict], got_name: str, wan
     return lines
 
 
+@pytest.mark.parametrize("proto", ["h1", "h2"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_case(case: Case, kind: str, cluster_ports):
-    got = run_case(kind, case, cluster_ports)
+def test_case(case: Case, kind: str, proto: str, cluster_ports):
+    """HTTP/1.1 and h2c (prior knowledge) clients; listeners use codec_type AUTO."""
+    got = run_case(kind, case, cluster_ports, proto)
     if kind == "envoy":
         want, want_name = [r.expect for r in case.requests], "expected"
     else:
-        want, want_name = envoy_reference(case, cluster_ports), "envoy"
+        want, want_name = envoy_reference(case, cluster_ports, proto), "envoy"
     bad = mismatches(case, got, want, kind, want_name)
     assert not bad, f"case {case.id}: {len(bad)} request(s) differ:\n" + "\n".join(bad)
 
