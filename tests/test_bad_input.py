@@ -111,3 +111,19 @@ def test_h2_garbage_after_preface(proxy):
         except (ConnectionResetError, socket.timeout):
             pass
     served_normally(proxy)
+
+
+def test_http10_request_426(proxy):
+    """Envoy refuses HTTP/1.0 unless http_protocol_options.accept_http_10 is set."""
+    raw = harness.raw_exchange(proxy.port(), b"GET / HTTP/1.0\r\nHost: example.com\r\n\r\n")
+    assert harness.status_of(raw) == 426, raw[:300]
+    served_normally(proxy)
+
+
+def test_content_length_and_chunked_together_400(proxy):
+    raw = harness.raw_exchange(
+        proxy.port(),
+        b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert harness.status_of(raw) == 400, raw[:300]
+    served_normally(proxy)

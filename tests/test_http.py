@@ -258,3 +258,35 @@ def test_http1_pipelined_requests(proxy):
             buf += chunk
     assert buf.count(b"HTTP/1.1 200") == 2, buf[:500]
     assert buf.index(b'"path": "/p/1"') < buf.index(b'"path": "/p/2"')
+
+
+def test_h1_concurrent_connections(proxy):
+    """400 HTTP/1.1 requests over 20 concurrent keep-alive connections."""
+    r = subprocess.run(["h2load", "--h1", "-n", "400", "-c", "20", "-T", "20",
+                        url(proxy, "/h1load")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"requests: 400 total, 400 started, 400 done, 400 succeeded, 0 failed",
+                     r.stdout), r.stdout
+    assert re.search(r"status codes: 400 2xx", r.stdout), r.stdout
+
+
+def test_chunked_request_body(proxy):
+    chunks = [harness.payload(n, seed=n) for n in (1, 1000, 70000, 5)]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as s:
+        s.sendall(b"POST /chunked HTTP/1.1\r\nHost: example.com\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        raw = harness.read_http_response(s)
+    assert harness.status_of(raw) == 200, raw[:300]
+    info = json.loads(raw.partition(b"\r\n\r\n")[2])
+    whole = b"".join(chunks)
+    assert info["body_len"] == len(whole)
+    assert info["body_sha256"] == harness.sha256(whole)
+
+
+def test_connection_close_honoured(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as s:
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+        raw = harness.read_http_response(s, read_until_close=True)  # returns at EOF
+    assert harness.status_of(raw) == 200, raw[:300]
+    assert re.search(rb"(?im)^connection:\s*close", raw.partition(b"\r\n\r\n")[0]), raw[:300]
