@@ -897,6 +897,10 @@ def start_grpc_server(stub_dir: Path) -> GrpcServer:
 
     class Echo(pb2_grpc.EchoServiceServicer):
         def Echo(self, request, context):
+            md = dict(context.invocation_metadata())
+            if "x-echo-md" in md:  # metadata round trip: initial + trailing
+                context.send_initial_metadata((("x-initial", md["x-echo-md"]),))
+                context.set_trailing_metadata((("x-trailer", md["x-echo-md"]),))
             return pb2.EchoReply(message=request.message, seq=request.seq)
 
         def Chat(self, request_iterator, context):

@@ -186,3 +186,23 @@ virtual_hosts:
         assert rc == 0, proxy.stderr_text()[-2000:]
         assert time.monotonic() - sent <= drain + 3
         assert refused, "a new connection was served after SIGTERM"
+
+
+@needs_mesh
+def test_sigint_idle_exits_0(upstream_a):
+    cfg = harness.simple_http_bootstrap("""
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/"}
+    route: {cluster: a}
+""", [harness.static_cluster("a", upstream_a.port)])
+    with harness.start_proxy("mesh", cfg, extra_args=("--drain-time-s", "2")) as proxy:
+        assert harness.request(proxy.port(), "GET", "/").status == 200
+        os.kill(proxy.proc.pid, signal.SIGINT)
+        try:
+            rc = proxy.proc.wait(timeout=2 + 3)
+        except subprocess.TimeoutExpired:
+            pytest.fail("mesh still running 5 s after SIGINT with nothing in flight")
+        assert rc == 0, proxy.stderr_text()[-2000:]

@@ -75,3 +75,20 @@ def test_unknown_method_unimplemented(channel):
     with pytest.raises(grpc.RpcError) as ei:
         call(b"", timeout=10)
     assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_metadata_and_trailers(stub, grpc_server):
+    pb2 = grpc_server.pb2
+    reply, call = stub.Echo.with_call(pb2.EchoRequest(message="md", seq=3),
+                                      metadata=(("x-echo-md", "v-123"),), timeout=10)
+    assert reply.message == "md"
+    assert ("x-initial", "v-123") in tuple(call.initial_metadata())
+    assert ("x-trailer", "v-123") in tuple(call.trailing_metadata())
+    assert call.code() == grpc.StatusCode.OK
+
+
+def test_concurrent_unary_calls(stub, grpc_server):
+    pb2 = grpc_server.pb2
+    futures = [stub.Echo.future(pb2.EchoRequest(message=f"c{i}", seq=i), timeout=15)
+               for i in range(50)]
+    assert [f.result().seq for f in futures] == list(range(50))
