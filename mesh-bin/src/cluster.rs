@@ -85,6 +85,7 @@ impl ClusterManager {
         let mut cm = ClusterManager::default();
         for (i, c) in clusters.iter().enumerate() {
             let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {
                     let eps = dns::static_endpoints(c)
@@ -99,7 +100,13 @@ impl ClusterManager {
                         Err(e) => tracing::warn!(cluster = %c.name, error = %e,
                             "initial DNS resolution failed; the cluster starts empty and keeps retrying"),
                     }
-                    tokio::spawn(dns::refresh_loop(c.clone(), balancer.clone(), stop.clone()));
+                    let membership = stats.membership_total.clone();
+                    tokio::spawn(dns::refresh_loop(
+                        c.clone(),
+                        balancer.clone(),
+                        stop.clone(),
+                        move |n| membership.set(n as i64),
+                    ));
                 }
                 DiscoveryType::Eds { .. } => {
                     return Err(format!(
@@ -107,7 +114,6 @@ impl ClusterManager {
                     ));
                 }
             }
-            let stats = ClusterStats::new(store, &c.name);
             stats
                 .membership_total
                 .set(balancer.endpoints().endpoints.len() as i64);
@@ -180,6 +186,7 @@ impl WorkerCluster {
                 },
                 connect_timeout: self.entry.config.connect_timeout,
                 max_idle: 1024,
+                idle_timeout: self.entry.config.idle_timeout,
             },
         );
         pools.insert((addr, h2), p.clone());

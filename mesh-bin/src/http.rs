@@ -28,6 +28,7 @@ use mesh_core::headers::StreamInfo;
 use mesh_core::router::{redirect_location, CompiledAction, RouteMatch, RouteTable};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, StatusClassCounters, Store};
 
+use crate::access_log::{AccessLogger, HttpLogEntry};
 use crate::cluster::{ClusterManager, WorkerCluster};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -98,6 +99,7 @@ pub struct HcmShared {
     /// Stats.
     pub stats: HttpStats,
     server_name: HeaderValue,
+    access_log: Option<AccessLogger>,
 }
 
 impl HcmShared {
@@ -107,7 +109,10 @@ impl HcmShared {
             .map_err(|e| format!("route_config.{}: {}", e.path, e.message))?;
         let server_name = HeaderValue::from_str(config.server_name.as_deref().unwrap_or("mesh"))
             .map_err(|_| "server_name: not a valid header value".to_owned())?;
+        let access_log =
+            AccessLogger::new(&config.access_log).map_err(|e| format!("access_log: {e}"))?;
         Ok(HcmShared {
+            access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
             config: config.clone(),
             routes,
@@ -146,14 +151,28 @@ impl HttpProxy {
     /// Handles one request from a downstream connection.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         info: StreamInfo,
     ) -> Response<ProxyBody> {
         let stats = &self.shared.stats;
         stats.rq_total.inc();
         let _active = GaugeGuard::new(&stats.rq_active);
-        let resp = self.route_and_forward(req, &info).await;
+        if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
+            req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
+        }
+        let mut log = self
+            .shared
+            .access_log
+            .as_ref()
+            .map(|_| HttpLogEntry::capture(&req));
+        let resp = self.route_and_forward(req, &info, &mut log).await;
         stats.rq_xx.record(resp.status().as_u16());
+        if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
+            // Not handed to a streaming upstream body: the response is complete.
+            let flag = resp.extensions().get::<ResponseFlag>().copied();
+            let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            logger.write(&entry.format(resp.status().as_u16(), flag, sent, None));
+        }
         resp
     }
 
@@ -177,6 +196,7 @@ impl HttpProxy {
         }
         resp.headers_mut()
             .insert(http::header::SERVER, self.shared.server_name.clone());
+        resp.extensions_mut().insert(flag);
         resp
     }
 
@@ -184,6 +204,7 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         info: &StreamInfo,
+        log: &mut Option<HttpLogEntry>,
     ) -> Response<ProxyBody> {
         let upgrade = if req.version() == http::Version::HTTP_11 {
             hop::upgrade_type(req.headers())
@@ -241,7 +262,7 @@ impl HttpProxy {
             }
             CompiledAction::Route(_) => {
                 let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-                self.forward(req, &m, info, down_upgrade).await
+                self.forward(req, &m, info, down_upgrade, log).await
             }
         }
     }
@@ -252,6 +273,7 @@ impl HttpProxy {
         m: &RouteMatch<'_>,
         info: &StreamInfo,
         down_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        log: &mut Option<HttpLogEntry>,
     ) -> Response<ProxyBody> {
         let CompiledAction::Route(action) = &m.route.action else {
             return self.local_reply(
@@ -319,9 +341,6 @@ impl HttpProxy {
                 .headers
                 .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
-        if cfg.generate_request_id && !parts.headers.contains_key(&X_REQUEST_ID) {
-            parts.headers.insert(X_REQUEST_ID.clone(), request_id());
-        }
         if let Some(h) = choice.headers {
             h.request.apply(&mut parts.headers, info);
         }
@@ -386,14 +405,31 @@ impl HttpProxy {
         let rq_active = GaugeGuard::new(&cstats.rq_active);
         let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         let pool = cluster.pool(endpoint.addr, h2);
-        let deadline = action.timeout.map(|t| tokio::time::Instant::now() + t);
+        // Waiting for response headers is bounded by the route timeout, the
+        // stream idle timeout (route `idle_timeout` overrides the HCM's) and
+        // the HCM request timeout, whichever ends first.
+        let now = tokio::time::Instant::now();
+        let deadline = action.timeout.map(|t| now + t);
+        let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
+        let mut wait = deadline.map(|d| (d, Expiry::Route));
+        for (t, why) in [
+            (idle, Expiry::StreamIdle),
+            (cfg.request_timeout, Expiry::Request),
+        ] {
+            if let Some(t) = t {
+                let d = now + t;
+                if wait.is_none_or(|(w, _)| d < w) {
+                    wait = Some((d, why));
+                }
+            }
+        }
         let sent = pool.send(upstream_req, is_upgrade);
-        let result = match deadline {
-            Some(d) => tokio::time::timeout_at(d, sent).await.ok(),
-            None => Some(sent.await),
+        let result = match wait {
+            Some((d, why)) => tokio::time::timeout_at(d, sent).await.map_err(|_| why),
+            None => Ok(sent.await),
         };
         let (resp, pool_end) = match result {
-            None => {
+            Err(Expiry::Route) => {
                 cstats.rq_timeout.inc();
                 cstats.rq_xx.record(504);
                 endpoint.stats.rq_error.inc();
@@ -403,7 +439,23 @@ impl HttpProxy {
                     ResponseFlag::UpstreamRequestTimeout,
                 );
             }
-            Some(Err(e)) => {
+            Err(Expiry::StreamIdle) => {
+                endpoint.stats.rq_error.inc();
+                return self.local_reply(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "stream timeout",
+                    ResponseFlag::StreamIdleTimeout,
+                );
+            }
+            Err(Expiry::Request) => {
+                endpoint.stats.rq_error.inc();
+                return self.local_reply(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                    ResponseFlag::DownstreamProtocolError,
+                );
+            }
+            Ok(Err(e)) => {
                 endpoint.stats.rq_error.inc();
                 cstats.rq_xx.record(503);
                 if e.is_connect() {
@@ -424,7 +476,7 @@ impl HttpProxy {
                     ResponseFlag::UpstreamConnectionTermination,
                 );
             }
-            Some(Ok(r)) => r,
+            Ok(Ok(r)) => r,
         };
         let status = resp.status();
         cstats.rq_xx.record(status.as_u16());
@@ -454,19 +506,42 @@ impl HttpProxy {
             .headers
             .insert(http::header::SERVER, self.shared.server_name.clone());
         rparts.headers.remove(&X_ENVOY_OVERLOADED);
-        let on_end = OnEnd::new(move |completed| {
+        let log = log.take().and_then(|e| {
+            self.shared
+                .access_log
+                .clone()
+                .map(|l| (e, l, status.as_u16(), endpoint.addr))
+        });
+        let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
-                p.fire(completed);
+                p.fire(completed, bytes);
             }
             drop(rq_active);
             drop(ep_active);
+            if let Some((entry, logger, status, upstream)) = log {
+                let flag = (!completed).then_some(ResponseFlag::DownstreamConnectionTermination);
+                logger.write(&entry.format(status, flag, bytes, Some(upstream)));
+            }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
         Response::from_parts(
             rparts,
-            ProxyBody::Upstream(UpstreamBody::new(rbody, Some(on_end), body_deadline)),
+            ProxyBody::Upstream(
+                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(idle),
+            ),
         )
     }
+}
+
+/// Which timeout ended the wait for response headers.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// Route `timeout`: 504, `UT`.
+    Route,
+    /// Stream idle timeout: 408, `SI`.
+    StreamIdle,
+    /// HCM `request_timeout`: 408.
+    Request,
 }
 
 /// Copies bytes between the two sides of an upgraded (e.g. WebSocket)

@@ -86,9 +86,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => match bootstrap::load_file(&config) {
-            Ok(_) => {
-                println!("ok");
-                ExitCode::SUCCESS
+            Ok(b) => {
+                let errors = mesh_bin::proxy::check(&b);
+                if errors.is_empty() {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("{}: invalid configuration", config.display());
+                    for e in errors {
+                        eprintln!("{e}");
+                    }
+                    ExitCode::FAILURE
+                }
             }
             Err(errors) => {
                 print_errors(&config, &errors);

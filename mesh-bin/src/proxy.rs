@@ -87,6 +87,42 @@ struct BuiltListener {
     terminal: Arc<Terminal>,
 }
 
+/// The field path of listener `li`'s terminal filter config.
+fn terminal_path(li: usize, l: &mesh_core::config::Listener) -> String {
+    let index = usize::from(l.connection_limit.is_some());
+    format!("static_resources.listeners[{li}].filter_chains[0].filters[{index}].typed_config")
+}
+
+/// Checks what the loader cannot: compiles every route table (regexes,
+/// header templates, domains) as [`Proxy::start`] would, without binding
+/// anything. Returns every error with its field path.
+pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (li, l) in bootstrap.listeners.iter().enumerate() {
+        for chain in &l.filter_chains {
+            if let NetworkFilter::HttpConnectionManager(hcm) = &chain.terminal {
+                if let Err(e) = mesh_core::router::RouteTable::new(&hcm.route_config) {
+                    errors.push(format!(
+                        "{}.route_config.{}: {}",
+                        terminal_path(li, l),
+                        e.path,
+                        e.message
+                    ));
+                }
+                if let Some(name) = &hcm.server_name {
+                    if http::HeaderValue::from_str(name).is_err() {
+                        errors.push(format!(
+                            "{}.server_name: not a valid header value",
+                            terminal_path(li, l)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    errors
+}
+
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
@@ -128,22 +164,19 @@ impl Proxy {
             })?;
             let terminal = match &chain.terminal {
                 NetworkFilter::HttpConnectionManager(hcm) => {
-                    let shared = HcmShared::new(hcm, &store).map_err(|e| {
-                        StartError::Config(format!("{path}.filter_chains[0].filters: {e}"))
-                    })?;
+                    let shared = HcmShared::new(hcm, &store)
+                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?;
                     let server = ServerConfig {
                         codec: hcm.codec_type,
                         max_request_headers_bytes: hcm.max_request_headers_kb as usize * 1024,
                         request_headers_timeout: hcm.request_headers_timeout,
+                        idle_timeout: hcm.idle_timeout,
                     };
                     Terminal::Http(Arc::new(shared), server)
                 }
                 NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
-                    TcpProxyShared::new(t, &cm, &store).map_err(|e| {
-                        StartError::Config(format!(
-                            "{path}.filter_chains[0].filters: tcp_proxy.{e}"
-                        ))
-                    })?,
+                    TcpProxyShared::new(t, &cm, &store)
+                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
                 )),
             };
             let first = bind_tcp(l.address).map_err(|source| StartError::Bind {

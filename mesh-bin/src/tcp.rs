@@ -6,10 +6,12 @@
 use std::sync::Arc;
 
 use mesh_core::config::{ClusterSpecifier, TcpProxy};
+use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use tokio::net::TcpStream;
 
+use crate::access_log::{tcp_line, AccessLogger};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
 /// Envoy's `tcp.<stat_prefix>.*` stats.
@@ -19,7 +21,8 @@ pub struct TcpStats {
     pub cx_total: Counter,
     /// `downstream_cx_no_route`.
     pub cx_no_route: Counter,
-    /// `upstream_flush_active`-like gauge of proxied connections.
+    /// `mesh_tcp_upstream_cx_active`: connections being proxied (mesh's own
+    /// stat).
     pub cx_active: Gauge,
     /// `idle_timeout`.
     pub idle_timeout: Counter,
@@ -32,6 +35,7 @@ pub struct TcpProxyShared {
     clusters: Vec<(Arc<ClusterEntry>, u32)>,
     total_weight: u64,
     stats: TcpStats,
+    access_log: Option<AccessLogger>,
 }
 
 impl TcpProxyShared {
@@ -57,14 +61,17 @@ impl TcpProxyShared {
             return Err("weighted_clusters: the weights sum to 0".into());
         }
         let l = vec![("envoy_tcp_prefix", config.stat_prefix.clone())];
+        let access_log =
+            AccessLogger::new(&config.access_log).map_err(|e| format!("access_log: {e}"))?;
         Ok(TcpProxyShared {
+            access_log,
             config: config.clone(),
             clusters,
             total_weight,
             stats: TcpStats {
                 cx_total: store.counter("envoy_tcp_downstream_cx_total", &l),
                 cx_no_route: store.counter("envoy_tcp_downstream_cx_no_route", &l),
-                cx_active: store.gauge("envoy_tcp_upstream_cx_active", &l),
+                cx_active: store.gauge("mesh_tcp_upstream_cx_active", &l),
                 idle_timeout: store.counter("envoy_tcp_idle_timeout", &l),
             },
         })
@@ -86,6 +93,18 @@ impl TcpProxyShared {
 
     /// Proxies one accepted connection to completion.
     pub async fn handle(self: Arc<Self>, accepted: Accepted) {
+        let start = std::time::SystemTime::now();
+        let started = std::time::Instant::now();
+        let (flag, received, sent, upstream) = self.proxy(accepted).await;
+        if let Some(log) = &self.access_log {
+            log.write(&tcp_line(start, started, flag, received, sent, upstream));
+        }
+    }
+
+    async fn proxy(
+        &self,
+        accepted: Accepted,
+    ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>) {
         let Accepted {
             stream,
             peer,
@@ -98,7 +117,7 @@ impl TcpProxyShared {
             cluster.stats.cx_none_healthy.inc();
             self.stats.cx_no_route.inc();
             tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");
-            return;
+            return (Some(ResponseFlag::NoHealthyUpstream), 0, 0, None);
         };
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
@@ -111,13 +130,23 @@ impl TcpProxyShared {
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
-                return;
+                return (
+                    Some(ResponseFlag::UpstreamConnectionFailure),
+                    0,
+                    0,
+                    Some(endpoint.addr),
+                );
             }
             Err(_) => {
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, "tcp_proxy: upstream connect timed out (UF); closing");
-                return;
+                return (
+                    Some(ResponseFlag::UpstreamConnectionFailure),
+                    0,
+                    0,
+                    Some(endpoint.addr),
+                );
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -125,18 +154,27 @@ impl TcpProxyShared {
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();
         cluster.stats.rq_total.inc();
-        match mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await {
+        let result = mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await;
+        drop(guard);
+        match result {
             Ok(t) => {
                 cluster.stats.cx_tx_bytes.add(t.sent);
                 cluster.stats.cx_rx_bytes.add(t.received);
+                (None, t.sent, t.received, Some(endpoint.addr))
             }
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 self.stats.idle_timeout.inc();
+                (
+                    Some(ResponseFlag::StreamIdleTimeout),
+                    0,
+                    0,
+                    Some(endpoint.addr),
+                )
             }
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "tcp_proxy: connection ended with an error");
+                (None, 0, 0, Some(endpoint.addr))
             }
         }
-        drop(guard);
     }
 }

@@ -13,4 +13,5 @@
 #![warn(missing_docs)]
 
 pub mod http;
+pub mod idle;
 pub mod tcp;

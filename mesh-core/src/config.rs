@@ -199,8 +199,10 @@ pub struct RouteConfiguration {
 }
 
 /// Header mutations at one level (route configuration, virtual host or
-/// route). Envoy applies the most specific level last for requests, so that
-/// route-level values win when they overwrite.
+/// route). As in Envoy's default (`most_specific_header_mutations_wins:
+/// false`), levels apply from the most specific to the most general
+/// (weighted cluster, route, virtual host, route configuration), so the most
+/// general level wins when two overwrite the same header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderMutations {
     /// `request_headers_to_add`.
@@ -509,8 +511,7 @@ pub struct Cluster {
 /// Envoy `Cluster.DnsLookupFamily`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DnsLookupFamily {
-    /// `AUTO` (Envoy: prefer IPv6, fall back to IPv4). mesh keeps the
-    /// resolver's order.
+    /// `AUTO`: IPv6 addresses when there are any, else IPv4 (Envoy's rule).
     #[default]
     Auto,
     /// `V4_ONLY`.

@@ -154,23 +154,37 @@ pub struct HeaderOps {
 }
 
 impl HeaderOps {
-    fn compile(add: &[HeaderValueOption], remove: &[String]) -> Result<Self, String> {
+    fn compile(
+        add: &[HeaderValueOption],
+        remove: &[String],
+        add_field: &str,
+        remove_field: &str,
+    ) -> Result<Self, String> {
         let mut ops = HeaderOps::default();
-        for r in remove {
+        for (i, r) in remove.iter().enumerate() {
             ops.remove.push(
                 HeaderName::from_bytes(r.as_bytes())
-                    .map_err(|_| format!("invalid header name {r:?}"))?,
+                    .map_err(|_| format!("{remove_field}[{i}]: invalid header name {r:?}"))?,
             );
         }
-        for a in add {
-            let name = HeaderName::from_bytes(a.key.as_bytes())
-                .map_err(|_| format!("invalid header name {:?}", a.key))?;
-            let parts = parse_template(&a.value)?;
+        for (i, a) in add.iter().enumerate() {
+            let name = HeaderName::from_bytes(a.key.as_bytes()).map_err(|_| {
+                format!(
+                    "{add_field}[{i}].header.key: invalid header name {:?}",
+                    a.key
+                )
+            })?;
+            let parts = parse_template(&a.value)
+                .map_err(|e| format!("{add_field}[{i}].header.value: {e}"))?;
             let value = match parts.as_slice() {
-                [Substitution::Literal(l)] => Value::Static(
-                    HeaderValue::from_str(l)
-                        .map_err(|_| format!("invalid header value {:?}", a.value))?,
-                ),
+                [Substitution::Literal(l)] => {
+                    Value::Static(HeaderValue::from_str(l).map_err(|_| {
+                        format!(
+                            "{add_field}[{i}].header.value: invalid header value {:?}",
+                            a.value
+                        )
+                    })?)
+                }
                 _ => Value::Template(parts),
             };
             ops.add.push(Add {
@@ -232,11 +246,22 @@ pub struct CompiledMutations {
 }
 
 impl CompiledMutations {
-    /// Compiles one level; errors name the offending header.
+    /// Compiles one level; errors start with the field path relative to the
+    /// level (`request_headers_to_add[0].header.value: ...`).
     pub fn compile(m: &HeaderMutations) -> Result<Self, String> {
         Ok(CompiledMutations {
-            request: HeaderOps::compile(&m.request_add, &m.request_remove)?,
-            response: HeaderOps::compile(&m.response_add, &m.response_remove)?,
+            request: HeaderOps::compile(
+                &m.request_add,
+                &m.request_remove,
+                "request_headers_to_add",
+                "request_headers_to_remove",
+            )?,
+            response: HeaderOps::compile(
+                &m.response_add,
+                &m.response_remove,
+                "response_headers_to_add",
+                "response_headers_to_remove",
+            )?,
         })
     }
 }

@@ -264,6 +264,17 @@ fn err(path: String, message: impl Into<String>) -> RouteError {
     }
 }
 
+/// A header-mutation error (`field[i]...: message`) placed under `path`.
+fn mutation_err(path: &str, e: String) -> RouteError {
+    let (field, message) = e.split_once(": ").unwrap_or(("", e.as_str()));
+    let full = match (path.is_empty(), field.is_empty()) {
+        (true, _) => field.to_owned(),
+        (false, true) => path.to_owned(),
+        (false, false) => format!("{path}.{field}"),
+    };
+    err(full, message.to_owned())
+}
+
 fn compile_regex(pattern: &str, path: &str) -> Result<Regex, RouteError> {
     // Envoy's safe_regex must match the whole input.
     Regex::new(&format!("^(?:{pattern})$"))
@@ -503,7 +514,7 @@ fn compile_route(r: &Route, path: &str) -> Result<CompiledRoute, RouteError> {
                     let mut total = 0u64;
                     for (i, w) in ws.iter().enumerate() {
                         let h = CompiledMutations::compile(&w.headers).map_err(|m| {
-                            err(format!("{apath}.weighted_clusters.clusters[{i}]"), m)
+                            mutation_err(&format!("{apath}.weighted_clusters.clusters[{i}]"), m)
                         })?;
                         if w.weight > 0 {
                             total += u64::from(w.weight);
@@ -562,7 +573,7 @@ fn compile_route(r: &Route, path: &str) -> Result<CompiledRoute, RouteError> {
         name: r.name.clone(),
         matcher,
         action,
-        headers: CompiledMutations::compile(&r.headers).map_err(|m| err(path.to_owned(), m))?,
+        headers: CompiledMutations::compile(&r.headers).map_err(|m| mutation_err(path, m))?,
     })
 }
 
@@ -577,7 +588,7 @@ impl RouteTable {
             suffixes: Vec::new(),
             prefixes: Vec::new(),
             any: None,
-            headers: CompiledMutations::compile(&cfg.headers).map_err(|m| err(String::new(), m))?,
+            headers: CompiledMutations::compile(&cfg.headers).map_err(|m| mutation_err("", m))?,
         };
         for (vi, vh) in cfg.virtual_hosts.iter().enumerate() {
             let vpath = format!("virtual_hosts[{vi}]");
@@ -622,8 +633,7 @@ impl RouteTable {
         self.vhosts.push(CompiledVirtualHost {
             name: vh.name.clone(),
             routes,
-            headers: CompiledMutations::compile(&vh.headers)
-                .map_err(|m| err(vpath.to_owned(), m))?,
+            headers: CompiledMutations::compile(&vh.headers).map_err(|m| mutation_err(vpath, m))?,
         });
         Ok(())
     }

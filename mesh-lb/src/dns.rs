@@ -75,7 +75,8 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     .collect(),
             };
             let mut addrs = family_filter(cluster.dns_lookup_family, addrs);
-            addrs.dedup();
+            let mut seen = std::collections::HashSet::new();
+            addrs.retain(|a| seen.insert(*a));
             if logical {
                 addrs.truncate(1);
             }
@@ -94,11 +95,13 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
 }
 
 /// Re-resolves a DNS cluster every `dns_refresh_rate` until `stop` fires,
-/// updating `balancer` when the answer changes.
+/// updating `balancer` when the answer changes and then calling
+/// `on_change` with the new number of endpoints.
 pub async fn refresh_loop(
     cluster: Cluster,
     balancer: Arc<Balancer>,
     stop: tokio_util::sync::CancellationToken,
+    on_change: impl Fn(usize) + Send + 'static,
 ) {
     loop {
         tokio::select! {
@@ -108,6 +111,7 @@ pub async fn refresh_loop(
         match resolve(&cluster).await {
             Ok(specs) => {
                 if balancer.update(specs) {
+                    on_change(balancer.endpoints().endpoints.len());
                     tracing::info!(cluster = %cluster.name, "DNS answer changed; endpoints updated");
                 }
             }

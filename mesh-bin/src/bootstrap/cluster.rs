@@ -258,8 +258,18 @@ fn load_assignment(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Vec<LocalityLbEn
 fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
     let endpoint = match o.obj(cx, "endpoint") {
         Some(mut ep) => {
+            let addr_path = ep.at("address");
             let addr = match ep.obj(cx, "address") {
-                Some(a) => endpoint_address(cx, a),
+                Some(a) => endpoint_address(cx, a).filter(|(_, port, _)| {
+                    // Port 0 would only fail at connect time: refuse it here.
+                    if *port == 0 {
+                        cx.error(
+                            &format!("{addr_path}.socket_address.port_value"),
+                            "an endpoint needs a port from 1 to 65535",
+                        );
+                    }
+                    *port != 0
+                }),
                 None => {
                     if !ep.has("address") {
                         cx.missing(&ep.at("address"));

@@ -23,29 +23,33 @@ pub enum BodyError {
     /// The route timeout expired while the response was streaming.
     #[error("upstream request timeout while streaming the response")]
     Timeout,
+    /// No frame arrived for the stream idle timeout.
+    #[error("stream idle timeout while streaming the response")]
+    IdleTimeout,
 }
 
 /// Runs a closure when the owning body ends or is dropped, whichever is
 /// first.
-pub struct OnEnd(Option<Box<dyn FnOnce(bool) + Send + Sync>>);
+pub struct OnEnd(Option<Box<dyn FnOnce(bool, u64) + Send + Sync>>);
 
 impl OnEnd {
-    /// `f(completed)`: `completed` is true when the body reached its end.
-    pub fn new(f: impl FnOnce(bool) + Send + Sync + 'static) -> Self {
+    /// `f(completed, bytes)`: `completed` is true when the body reached its
+    /// end; `bytes` is how many body bytes passed through.
+    pub fn new(f: impl FnOnce(bool, u64) + Send + Sync + 'static) -> Self {
         OnEnd(Some(Box::new(f)))
     }
 
-    /// Runs the closure now (once); `completed` as in [`OnEnd::new`].
-    pub fn fire(&mut self, completed: bool) {
+    /// Runs the closure now (once); arguments as in [`OnEnd::new`].
+    pub fn fire(&mut self, completed: bool, bytes: u64) {
         if let Some(f) = self.0.take() {
-            f(completed);
+            f(completed, bytes);
         }
     }
 }
 
 impl Drop for OnEnd {
     fn drop(&mut self) {
-        self.fire(false);
+        self.fire(false, 0);
     }
 }
 
@@ -55,14 +59,13 @@ impl std::fmt::Debug for OnEnd {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An upstream response body with its end-of-stream bookkeeping.
-    pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        on_end: Option<OnEnd>,
-        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// An upstream response body with its end-of-stream bookkeeping.
+pub struct UpstreamBody {
+    inner: Incoming,
+    on_end: Option<OnEnd>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    bytes: u64,
 }
 
 impl UpstreamBody {
@@ -77,7 +80,31 @@ impl UpstreamBody {
             inner,
             on_end,
             deadline,
+            idle: None,
+            bytes: 0,
         }
+    }
+
+    /// Fails the body when no frame arrives for `timeout` (the stream idle
+    /// timeout).
+    pub fn with_idle_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+        self.idle = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+        self
+    }
+
+    fn end(&mut self, completed: bool) {
+        if let Some(mut e) = self.on_end.take() {
+            e.fire(completed, self.bytes);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body that was already complete (empty, HEAD, 204) counts as read
+        // to the end even if nobody polled it, so its connection is reused.
+        let done = self.inner.is_end_stream();
+        self.end(done);
     }
 }
 
@@ -95,24 +122,36 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                if let Some(mut e) = this.on_end.take() {
-                    e.fire(true);
-                }
+                this.end(true);
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if let Some((t, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *t);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(Some(Err(e))) => {
-                this.on_end.take();
+                this.end(false);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
                 if let Some(d) = this.deadline.as_mut() {
                     if d.as_mut().poll(cx).is_ready() {
-                        this.on_end.take();
+                        this.end(false);
                         return Poll::Ready(Some(Err(BodyError::Timeout)));
+                    }
+                }
+                if let Some((_, sleep)) = this.idle.as_mut() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        this.end(false);
+                        return Poll::Ready(Some(Err(BodyError::IdleTimeout)));
                     }
                 }
                 Poll::Pending

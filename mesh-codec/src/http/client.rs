@@ -46,6 +46,9 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Idle connections kept at most (HTTP/1.1).
     pub max_idle: usize,
+    /// An idle HTTP/1.1 connection older than this is closed instead of
+    /// reused (checked when the pool next looks at it).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Why an upstream request failed before a response arrived.
@@ -76,7 +79,7 @@ impl UpstreamError {
 pub struct EndpointPool {
     addr: SocketAddr,
     config: PoolConfig,
-    idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant)>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
@@ -132,7 +135,16 @@ impl EndpointPool {
 
     fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(s) = idle.pop() {
+        if let Some(t) = self.config.idle_timeout {
+            // The oldest connections sit at the front.
+            let now = tokio::time::Instant::now();
+            let expired = idle
+                .iter()
+                .take_while(|(_, since)| now - *since >= t)
+                .count();
+            idle.drain(..expired);
+        }
+        while let Some((s, _)) = idle.pop() {
             if !s.is_closed() {
                 return Some(s);
             }
@@ -194,14 +206,14 @@ impl EndpointPool {
             return (resp, None);
         }
         let pool = Arc::downgrade(self);
-        let on_end = OnEnd::new(move |completed| {
+        let on_end = OnEnd::new(move |completed, _bytes| {
             if !completed {
                 return;
             }
             if let Some(pool) = pool.upgrade() {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < pool.config.max_idle {
-                    idle.push(sender);
+                    idle.push((sender, tokio::time::Instant::now()));
                 }
             }
         });

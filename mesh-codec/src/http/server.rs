@@ -31,6 +31,9 @@ pub struct ServerConfig {
     pub max_request_headers_bytes: usize,
     /// `request_headers_timeout`.
     pub request_headers_timeout: Option<Duration>,
+    /// Connection idle timeout: no byte either way for this long closes the
+    /// connection (see [`crate::idle`]).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Serves one connection until it ends or, after `drain` fires, until its
