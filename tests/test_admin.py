@@ -16,6 +16,8 @@ virtual_hosts:
   routes:
   - match: {prefix: "/b"}
     route: {cluster: b}
+  - match: {prefix: "/slow"}
+    route: {cluster: slow, timeout: 0.2s, prefix_rewrite: "/delay/1"}
   - match: {prefix: "/"}
     route: {cluster: a}
 """
@@ -27,13 +29,15 @@ N_A = 7
 def proxy(request, module_start_proxy, upstream_a, upstream_b):
     cfg = harness.simple_http_bootstrap(
         ROUTES, [harness.static_cluster("a", upstream_a.port),
-                 harness.static_cluster("b", upstream_b.port)])
+                 harness.static_cluster("b", upstream_b.port),
+                 harness.static_cluster("slow", upstream_a.port)])
     p = module_start_proxy(request.param, cfg)
     # a known amount of traffic, before any test looks at the stats
     for i in range(N_A):
         assert harness.request(p.port(), "GET", f"/x/{i}").status == 200
     assert harness.request(p.port(), "GET", "/status/503").status == 503
     assert harness.request(p.port(), "GET", "/b/status/404").status == 404
+    assert harness.request(p.port(), "GET", "/slow").status == 504
     return p
 
 
@@ -95,3 +99,31 @@ def test_listeners_json(proxy):
 def test_unknown_admin_path_404(proxy):
     status, _, _ = proxy.admin_get("/no/such/admin/path")
     assert status == 404
+
+
+def test_prometheus_standard_counters(proxy):
+    """Counters Envoy dashboards read: downstream classes, upstream totals and codes."""
+    want = {
+        ("envoy_http_downstream_rq_xx",
+         (("envoy_http_conn_manager_prefix", "ingress"), ("envoy_response_code_class", "2"))): N_A,
+        ("envoy_http_downstream_rq_xx",
+         (("envoy_http_conn_manager_prefix", "ingress"), ("envoy_response_code_class", "4"))): 1,
+        ("envoy_http_downstream_rq_xx",
+         (("envoy_http_conn_manager_prefix", "ingress"), ("envoy_response_code_class", "5"))): 2,
+        ("envoy_http_downstream_rq_total", (("envoy_http_conn_manager_prefix", "ingress"),)): N_A + 3,
+        ("envoy_cluster_upstream_rq_total", (("envoy_cluster_name", "a"),)): N_A + 1,
+        ("envoy_cluster_upstream_rq",
+         (("envoy_cluster_name", "a"), ("envoy_response_code", "503"))): 1,
+        ("envoy_cluster_upstream_rq",
+         (("envoy_cluster_name", "a"), ("envoy_response_code", "200"))): N_A,
+        ("envoy_cluster_upstream_rq_timeout", (("envoy_cluster_name", "slow"),)): 1,
+    }
+
+    def got():
+        text = proxy.admin_text("/stats/prometheus")
+        return {k: harness.prometheus_value(text, k[0], **dict(k[1])) for k in want}
+
+    try:
+        harness.wait_until(lambda: got() == want, timeout=5, what="standard counters")
+    except AssertionError:
+        assert got() == want
