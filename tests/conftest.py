@@ -5,7 +5,8 @@
   Every process started is stopped at teardown (SIGTERM, then SIGKILL).
 - `upstream_a`, `upstream_b`: HTTP/1.1 echo servers named "a" and "b"
   (session scope, per xdist worker); `make_upstream(name)` for a private one.
-- `tcp_echo`, `grpc_server`, `refused`: other upstreams.
+- `tcp_echo`, `grpc_server`, `refused`, `garbage_upstream`, `hangup_upstream`:
+  other upstreams.
 - `kind`: parametrizes a test over ["envoy", "mesh"].
 
 The mesh side is skipped only while the binary does not exist; set
@@ -85,6 +86,20 @@ def make_upstream():
 @pytest.fixture(scope="session")
 def tcp_echo():
     s = harness.TcpEcho().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def garbage_upstream():
+    s = harness.BadUpstream("garbage").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def hangup_upstream():
+    s = harness.BadUpstream("close").start()
     yield s
     s.stop()
 

@@ -856,6 +856,48 @@ class TcpEcho(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+class _BadHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.settimeout(10)
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            if self.server.mode == "garbage":
+                self.request.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            # "close": hang up without answering
+        except OSError:
+            pass
+
+
+class BadUpstream(socketserver.ThreadingTCPServer):
+    """An upstream that reads a request head, then answers garbage or hangs up.
+
+    mode: "garbage" (a non-HTTP line, then close) or "close" (close at once).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, mode: str):
+        super().__init__(("127.0.0.1", 0), _BadHandler)
+        self.mode = mode
+        self.port = self.server_address[1]
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                                        daemon=True)
+
+    def start(self) -> "BadUpstream":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
 # --------------------------------------------------------------------------
 # gRPC
 

@@ -686,6 +686,10 @@ virtual_hosts:
     route: {cluster: dead}
   - match: {prefix: "/empty"}
     route: {cluster: empty}
+  - match: {prefix: "/garbage"}
+    route: {cluster: garbage}
+  - match: {prefix: "/hangup"}
+    route: {cluster: hangup}
   - match: {prefix: "/"}
     route: {cluster: a}
 """),
@@ -694,6 +698,12 @@ virtual_hosts:
             Req("/dead", method="POST", body=b"payload", body_prefix=len(DEAD_BODY_PREFIX),
                 expect=made(503, DEAD_BODY_PREFIX)),
             Req("/empty", expect=made(503, "no healthy upstream")),
+            # the upstream answers something that is not HTTP: a protocol error, 502
+            Req("/garbage", body_prefix=len(DEAD_BODY_PREFIX),
+                expect=made(502, DEAD_BODY_PREFIX)),
+            # the upstream closes the connection without answering
+            Req("/hangup", body_prefix=len(DEAD_BODY_PREFIX),
+                expect=made(503, DEAD_BODY_PREFIX)),
             Req("/alive", expect=up("a", "/alive")),
         ],
     ),
@@ -720,8 +730,9 @@ virtual_hosts:
 
 
 @pytest.fixture(scope="module")
-def cluster_ports(upstream_a, upstream_b, refused):
-    return {"a": upstream_a.port, "b": upstream_b.port, "dead": refused}
+def cluster_ports(upstream_a, upstream_b, refused, garbage_upstream, hangup_upstream):
+    return {"a": upstream_a.port, "b": upstream_b.port, "dead": refused,
+            "garbage": garbage_upstream.port, "hangup": hangup_upstream.port}
 
 
 def case_config(case: Case, ports: dict) -> str:
@@ -730,6 +741,8 @@ def case_config(case: Case, ports: dict) -> str:
         harness.static_cluster("b", ports["b"]),
         harness.static_cluster("dead", ports["dead"]),
         harness.static_cluster("empty", []),
+        harness.static_cluster("garbage", ports["garbage"]),
+        harness.static_cluster("hangup", ports["hangup"]),
     ]
     return harness.simple_http_bootstrap(yaml.safe_load(case.route_config), clusters,
                                          case.hcm_extra)
