@@ -898,6 +898,52 @@ class BadUpstream(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+def free_port() -> int:
+    """A port that was free a moment ago (for servers that cannot bind port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nghttpd:
+    """nghttpd (nghttp2's strict HTTP/2 server) over h2c, serving `htdocs`.
+
+    With --echo-upload, a request with a body gets the body echoed back.
+    """
+
+    def __init__(self, htdocs: Path):
+        self.htdocs = Path(htdocs)
+        self.proc = None
+        self.port = 0
+
+    def start(self) -> "Nghttpd":
+        last = ""
+        for _ in range(5):
+            self.port = free_port()
+            self._log = open(self.htdocs.parent / f"nghttpd-{self.port}.log", "wb")
+            self.proc = subprocess.Popen(
+                ["nghttpd", "--no-tls", "--address=127.0.0.1", "--echo-upload",
+                 "-d", str(self.htdocs), str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            kill_process(self.proc)
+            self._log.close()
+            last = _tail(self.htdocs.parent / f"nghttpd-{self.port}.log")
+        raise RuntimeError(f"nghttpd did not start: {last}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_process(self.proc)
+            self._log.close()
+
+
 # --------------------------------------------------------------------------
 # gRPC
 
