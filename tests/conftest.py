@@ -19,6 +19,7 @@ import pytest
 
 import harness
 
+
 @pytest.fixture(params=harness.kind_params())
 def kind(request) -> str:
     return request.param
