@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -127,3 +128,39 @@ def test_content_length_and_chunked_together_400(proxy):
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert harness.status_of(raw) == 400, raw[:300]
     served_normally(proxy)
+
+
+# Raw HTTP/1.1 requests and the status Envoy answers them with.
+RAW_CASES = {
+    "missing_host": (b"GET / HTTP/1.1\r\n\r\n", 400),
+    "nul_in_header_value": (b"GET / HTTP/1.1\r\nHost: x\r\nx-a: a\x00b\r\n\r\n", 400),
+    "relative_request_target": (b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "space_before_colon": (b"GET / HTTP/1.1\r\nHost: x\r\nx-a : 1\r\n\r\n", 400),
+    "two_content_lengths": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                            b"Content-Length: 2\r\n\r\nab", 400),
+    "non_numeric_content_length": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                                   400),
+    "bad_chunk_size": (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                       400),
+    "unknown_transfer_coding": (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+                                501),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_CASES))
+def test_raw_malformed_request(proxy, name):
+    data, status = RAW_CASES[name]
+    raw = harness.raw_exchange(proxy.port(), data)
+    assert raw, "connection closed without a response"
+    assert harness.status_of(raw) == status, raw[:300]
+    served_normally(proxy)
+
+
+def test_absolute_form_request_target(proxy):
+    raw = harness.raw_exchange(
+        proxy.port(),
+        b"GET http://abs.example.com/abs?x=1 HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+    assert harness.status_of(raw) == 200, raw[:300]
+    info = json.loads(raw.partition(b"\r\n\r\n")[2])
+    assert info["path"] == "/abs?x=1"
+    assert info["headers"]["host"] == "abs.example.com"
