@@ -168,8 +168,11 @@ def _local_addresses() -> set[str]:
         out.update(socket.gethostbyname_ex(socket.gethostname())[2])
     except OSError:
         pass
-    r = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5)
-    out.update(r.stdout.split())
+    try:
+        r = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5)
+        out.update(r.stdout.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
     return out
 
 
