@@ -294,12 +294,7 @@ impl HttpProxy {
                     resp.headers_mut()
                         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 }
-                for level in m.mutation_levels() {
-                    level.response.apply(resp.headers_mut(), info);
-                }
-                resp.headers_mut()
-                    .insert(http::header::SERVER, shared.server_name.clone());
-                resp
+                self.finish_routed_local(resp, &m, info)
             }
             CompiledAction::Redirect(r) => {
                 shared.stats.rq_redirect.inc();
@@ -310,18 +305,29 @@ impl HttpProxy {
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     resp.headers_mut().insert(LOCATION, v);
                 }
-                for level in m.mutation_levels() {
-                    level.response.apply(resp.headers_mut(), info);
-                }
-                resp.headers_mut()
-                    .insert(http::header::SERVER, shared.server_name.clone());
-                resp
+                self.finish_routed_local(resp, &m, info)
             }
             CompiledAction::Route(_) => {
                 let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
                 self.forward(req, &m, info, down_upgrade, log).await
             }
         }
+    }
+
+    /// A direct response or redirect gets its route's response mutations and
+    /// the `server` header.
+    fn finish_routed_local(
+        &self,
+        mut resp: Response<ProxyBody>,
+        m: &RouteMatch<'_>,
+        info: &StreamInfo,
+    ) -> Response<ProxyBody> {
+        for level in m.mutation_levels() {
+            level.response.apply(resp.headers_mut(), info);
+        }
+        resp.headers_mut()
+            .insert(http::header::SERVER, self.shared.server_name.clone());
+        resp
     }
 
     async fn forward(
