@@ -111,6 +111,9 @@ pub struct EndpointPool {
     config: PoolConfig,
     idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant)>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Held while an HTTP/2 connection is being established, so that
+    /// concurrent first requests share one connection instead of racing.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -125,6 +128,7 @@ impl EndpointPool {
             config,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -250,14 +254,18 @@ impl EndpointPool {
         (resp, Some(on_end))
     }
 
+    fn cached_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        let guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
     async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
-        {
-            let guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = guard.as_ref() {
-                if !s.is_closed() {
-                    return Ok(s.clone());
-                }
-            }
+        if let Some(s) = self.cached_h2() {
+            return Ok(s);
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(s) = self.cached_h2() {
+            return Ok(s);
         }
         let stream = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
