@@ -20,4 +20,4 @@ pub mod http;
 pub mod proxy;
 pub mod tcp;
 
-pub use proxy::{Proxy, ProxyOptions, StartError};
+pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

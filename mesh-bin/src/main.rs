@@ -43,11 +43,21 @@ enum Command {
     },
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RuntimeArg {
+    PerCore,
+    Shared,
+}
+
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// `per-core`: one single-threaded runtime, socket and pool set per
+    /// worker (default); `shared`: one work-stealing runtime for all workers.
+    #[arg(long, value_enum, default_value_t = RuntimeArg::PerCore)]
+    runtime: RuntimeArg,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(short = 'l', long = "log-level", default_value = "info")]
     log_level: String,
@@ -174,6 +184,10 @@ fn serve(
         }
         let options = ProxyOptions {
             concurrency: run.concurrency,
+            runtime: match run.runtime {
+                RuntimeArg::PerCore => mesh_bin::RuntimeMode::PerCore,
+                RuntimeArg::Shared => mesh_bin::RuntimeMode::Shared,
+            },
             drain_time: Duration::from_secs(run.drain_time_s),
             admin_address_path: run.admin_address_path,
         };

@@ -35,6 +35,8 @@ use crate::tcp::TcpProxyShared;
 pub struct ProxyOptions {
     /// Worker threads (Envoy's `--concurrency`), at least 1.
     pub concurrency: usize,
+    /// How the worker threads are organised.
+    pub runtime: RuntimeMode,
     /// How long draining may take before the process exits anyway.
     pub drain_time: Duration,
     /// Where to write the admin address once bound (`--admin-address-path`).
@@ -45,10 +47,24 @@ impl Default for ProxyOptions {
     fn default() -> Self {
         ProxyOptions {
             concurrency: 1,
+            runtime: RuntimeMode::PerCore,
             drain_time: Duration::from_secs(5),
             admin_address_path: None,
         }
     }
+}
+
+/// How request traffic is spread over threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeMode {
+    /// `concurrency` threads, each with its own current-thread tokio runtime,
+    /// its own `SO_REUSEPORT` socket per listener and its own upstream pools
+    /// (Envoy's worker model; the default).
+    #[default]
+    PerCore,
+    /// One multi-thread tokio runtime with `concurrency` worker threads and
+    /// work stealing, one socket per listener and one set of pools.
+    Shared,
 }
 
 /// Why a proxy could not start.
@@ -153,6 +169,10 @@ impl Proxy {
                 .map_err(StartError::Config)?,
         );
         let concurrency = options.concurrency.max(1);
+        let socket_groups = match options.runtime {
+            RuntimeMode::PerCore => concurrency,
+            RuntimeMode::Shared => 1,
+        };
 
         let mut built = Vec::new();
         for (li, l) in bootstrap.listeners.iter().enumerate() {
@@ -190,7 +210,7 @@ impl Proxy {
                 source,
             })?;
             let mut sockets = vec![first];
-            for _ in 1..concurrency {
+            for _ in 1..socket_groups {
                 sockets.push(bind_tcp(addr).map_err(|source| StartError::Bind {
                     what: format!("listener {:?} (worker socket)", l.name),
                     addr,
@@ -252,7 +272,7 @@ impl Proxy {
 
         // Workers.
         let mut per_worker: Vec<Vec<(std::net::TcpListener, &BuiltListener)>> =
-            (0..concurrency).map(|_| Vec::new()).collect();
+            (0..socket_groups).map(|_| Vec::new()).collect();
         for b in &built {
             for (w, s) in b.sockets.iter().enumerate() {
                 let s = s.try_clone().map_err(StartError::Worker)?;
@@ -271,10 +291,17 @@ impl Proxy {
                 .collect();
             let cm = cm.clone();
             let drain = drain.clone();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(StartError::Worker)?;
+            let rt = match options.runtime {
+                RuntimeMode::PerCore => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                RuntimeMode::Shared => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(concurrency)
+                    .thread_name("mesh-worker")
+                    .enable_all()
+                    .build(),
+            }
+            .map_err(StartError::Worker)?;
             std::thread::Builder::new()
                 .name(format!("mesh-worker-{w}"))
                 .spawn(move || rt.block_on(run_worker(jobs, cm, drain)))
