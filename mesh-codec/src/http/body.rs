@@ -64,7 +64,7 @@ pub struct UpstreamBody {
     inner: Incoming,
     on_end: Option<OnEnd>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    idle: Option<IdleTimer>,
     bytes: u64,
 }
 
@@ -88,13 +88,45 @@ impl UpstreamBody {
     /// Fails the body when no frame arrives for `timeout` (the stream idle
     /// timeout).
     pub fn with_idle_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
-        self.idle = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+        self.idle = timeout.map(|t| IdleTimer {
+            timeout: t,
+            last: tokio::time::Instant::now(),
+            sleep: None,
+        });
         self
     }
 
     fn end(&mut self, completed: bool) {
         if let Some(mut e) = self.on_end.take() {
             e.fire(completed, self.bytes);
+        }
+    }
+}
+
+/// A stream idle timer that costs a clock read per frame: the sleep is
+/// created only when the body first waits, and moved forward only when it
+/// fires before the idle time has really passed.
+struct IdleTimer {
+    timeout: std::time::Duration,
+    last: tokio::time::Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimer {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = self.last + self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last + self.timeout;
+            if tokio::time::Instant::now() >= due {
+                return true;
+            }
+            sleep.as_mut().reset(due);
         }
     }
 }
@@ -132,8 +164,8 @@ impl Body for UpstreamBody {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
-                if let Some((t, sleep)) = this.idle.as_mut() {
-                    sleep.as_mut().reset(tokio::time::Instant::now() + *t);
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.last = tokio::time::Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -148,8 +180,8 @@ impl Body for UpstreamBody {
                         return Poll::Ready(Some(Err(BodyError::Timeout)));
                     }
                 }
-                if let Some((_, sleep)) = this.idle.as_mut() {
-                    if sleep.as_mut().poll(cx).is_ready() {
+                if let Some(idle) = this.idle.as_mut() {
+                    if idle.poll_expired(cx) {
                         this.end(false);
                         return Poll::Ready(Some(Err(BodyError::IdleTimeout)));
                     }
