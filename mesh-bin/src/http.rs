@@ -460,7 +460,14 @@ impl HttpProxy {
             }
             parts.version = http::Version::HTTP_11;
         }
-        let upstream_req = Request::from_parts(parts, ProxyBody::Incoming(body));
+        // The HCM request timeout bounds the arrival of the request body.
+        let body = match cfg.request_timeout {
+            Some(t) if !http_body::Body::is_end_stream(&body) => {
+                ProxyBody::Deadline(body, Box::pin(tokio::time::sleep(t)))
+            }
+            _ => ProxyBody::Incoming(body),
+        };
+        let upstream_req = Request::from_parts(parts, body);
 
         // Send, bounded by the route timeout.
         cstats.rq_total.inc();
@@ -475,15 +482,10 @@ impl HttpProxy {
         let deadline = action.timeout.map(|t| now + t);
         let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
         let mut wait = deadline.map(|d| (d, Expiry::Route));
-        for (t, why) in [
-            (idle, Expiry::StreamIdle),
-            (cfg.request_timeout, Expiry::Request),
-        ] {
-            if let Some(t) = t {
-                let d = now + t;
-                if wait.is_none_or(|(w, _)| d < w) {
-                    wait = Some((d, why));
-                }
+        if let Some(t) = idle {
+            let d = now + t;
+            if wait.is_none_or(|(w, _)| d < w) {
+                wait = Some((d, Expiry::StreamIdle));
             }
         }
         let sent = pool.send(upstream_req, is_upgrade);
@@ -505,14 +507,9 @@ impl HttpProxy {
                         )
                     }
                     Expiry::StreamIdle => (
-                        StatusCode::REQUEST_TIMEOUT,
+                        StatusCode::GATEWAY_TIMEOUT,
                         "stream timeout",
                         ResponseFlag::StreamIdleTimeout,
-                    ),
-                    Expiry::Request => (
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request timeout",
-                        ResponseFlag::DownstreamProtocolError,
                     ),
                 };
                 let mut resp = self.local_reply(status, body, flag);
@@ -538,6 +535,11 @@ impl HttpProxy {
                     FailureKind::DownstreamBody => (
                         StatusCode::BAD_REQUEST,
                         "",
+                        ResponseFlag::DownstreamProtocolError,
+                    ),
+                    FailureKind::RequestTimeout => (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request timeout",
                         ResponseFlag::DownstreamProtocolError,
                     ),
                     FailureKind::Reset => {
@@ -628,10 +630,9 @@ struct UpstreamHost(SocketAddr);
 enum Expiry {
     /// Route `timeout`: 504, `UT`.
     Route,
-    /// Stream idle timeout: 408, `SI`.
+    /// Stream idle timeout: 504 `stream timeout`, `SI` (as Envoy answers when
+    /// the upstream stays silent).
     StreamIdle,
-    /// HCM `request_timeout`: 408.
-    Request,
 }
 
 /// Copies bytes between the two sides of an upgraded (e.g. WebSocket)

@@ -11,7 +11,7 @@ use mesh_bin::{bootstrap, Proxy, ProxyOptions};
 
 /// A service-mesh data plane that runs Envoy v3 configuration.
 #[derive(Parser, Debug)]
-#[command(name = "mesh", version, about)]
+#[command(name = "mesh", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -26,6 +26,10 @@ pub enum BodyError {
     /// No frame arrived for the stream idle timeout.
     #[error("stream idle timeout while streaming the response")]
     IdleTimeout,
+    /// The downstream request body did not arrive within the HCM
+    /// `request_timeout`.
+    #[error("request timeout: the request body did not arrive in time")]
+    RequestTimeout,
 }
 
 /// Runs a closure when the owning body ends or is dropped, whichever is
@@ -214,6 +218,9 @@ pub enum ProxyBody {
     Incoming(Incoming),
     /// An upstream response body being forwarded downstream.
     Upstream(UpstreamBody),
+    /// A downstream request body that must arrive whole before a deadline
+    /// (the HCM `request_timeout`).
+    Deadline(Incoming, Pin<Box<tokio::time::Sleep>>),
 }
 
 impl ProxyBody {
@@ -248,6 +255,16 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Deadline(b, deadline) => match Pin::new(b).poll_frame(cx) {
+                Poll::Pending => {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(Some(Err(BodyError::RequestTimeout)))
+                    } else {
+                        Poll::Pending
+                    }
+                }
+                other => other.map_err(BodyError::from),
+            },
         }
     }
 
@@ -257,6 +274,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Deadline(b, _) => b.is_end_stream(),
         }
     }
 
@@ -266,6 +284,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Deadline(b, _) => b.size_hint(),
         }
     }
 }

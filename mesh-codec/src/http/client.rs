@@ -77,6 +77,9 @@ pub enum FailureKind {
     /// The downstream request body failed (bad chunk, reset): the client's
     /// fault (400).
     DownstreamBody,
+    /// The downstream request body did not arrive within the request
+    /// timeout (408).
+    RequestTimeout,
     /// The upstream closed or reset before the response headers (Envoy `UC`, 503).
     Reset,
 }
@@ -92,7 +95,11 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => FailureKind::Connect,
             UpstreamError::Reset(e) | UpstreamError::Handshake(e) => {
-                if e.is_user() {
+                let body_error = std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<super::body::BodyError>());
+                if matches!(body_error, Some(super::body::BodyError::RequestTimeout)) {
+                    FailureKind::RequestTimeout
+                } else if e.is_user() {
                     FailureKind::DownstreamBody
                 } else if e.is_parse() || e.is_parse_status() {
                     FailureKind::UpstreamProtocol

@@ -51,6 +51,21 @@ pub async fn serve_connection<I, S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    match config.idle_timeout {
+        Some(t) => serve(crate::idle::IdleIo::new(io, t), config, service, drain).await,
+        None => serve(io, config, service, drain).await,
+    }
+}
+
+async fn serve<I, S, B>(io: I, config: &ServerConfig, service: S, drain: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let io = TokioIo::new(io);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     {
