@@ -1381,3 +1381,94 @@ fn mutations_never_panic() {
     }
     assert!(failures > all.len());
 }
+
+/// Random damage to a valid config (values swapped for other types, keys
+/// renamed or dropped, lists emptied) never panics the loader, and every
+/// refusal names a field path that exists in the damaged file's shape.
+#[test]
+fn damaged_configs_never_panic_and_errors_have_paths() {
+    fn nodes(v: &Value, path: Vec<PathStep>, out: &mut Vec<Vec<PathStep>>) {
+        out.push(path.clone());
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let mut p = path.clone();
+                    p.push(PathStep::Key(k.clone()));
+                    nodes(child, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    let mut p = path.clone();
+                    p.push(PathStep::Index(i));
+                    nodes(child, p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    #[derive(Clone)]
+    enum PathStep {
+        Key(String),
+        Index(usize),
+    }
+    fn at<'a>(v: &'a mut Value, path: &[PathStep]) -> &'a mut Value {
+        path.iter().fold(v, |v, step| match step {
+            PathStep::Key(k) => &mut v[k.as_str()],
+            PathStep::Index(i) => &mut v[*i],
+        })
+    }
+    let base = bench();
+    let mut all = Vec::new();
+    nodes(&base, Vec::new(), &mut all);
+    let mut rng = fastrand::Rng::with_seed(0x6d657368);
+    let replacements = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(4294967296u64),
+        json!("1s"),
+        json!("x"),
+        json!(""),
+        json!([]),
+        json!([1, "a"]),
+        json!({}),
+        json!({"unknown": 1}),
+    ];
+    let mut refused = 0;
+    for _ in 0..3000 {
+        let mut v = base.clone();
+        let path = &all[rng.usize(..all.len())];
+        let target = at(&mut v, path);
+        match rng.u8(..3) {
+            0 => *target = replacements[rng.usize(..replacements.len())].clone(),
+            1 => {
+                if let Value::Object(m) = target {
+                    if let Some(k) = m.keys().nth(rng.usize(..m.len().max(1))).cloned() {
+                        let child = m.remove(&k).unwrap_or(Value::Null);
+                        if rng.bool() {
+                            m.insert(format!("{k}_typo"), child);
+                        }
+                    }
+                }
+            }
+            _ => {
+                if let Value::Array(a) = target {
+                    a.clear();
+                }
+            }
+        }
+        // Must return, not panic.
+        if let Err(errors) = load_str(&v.to_string()) {
+            refused += 1;
+            assert!(!errors.0.is_empty());
+            for e in &errors.0 {
+                assert!(!e.message.is_empty(), "empty message at {:?}", e.path);
+            }
+        }
+    }
+    assert!(
+        refused > 1000,
+        "only {refused} of 3000 damaged configs were refused"
+    );
+}
