@@ -25,8 +25,11 @@ use mesh_codec::http::client::FailureKind;
 use mesh_codec::http::{hop, ProxyBody};
 use mesh_core::config::HttpConnectionManager;
 use mesh_core::flags::ResponseFlag;
+use mesh_core::headers::CompiledMutations;
 use mesh_core::headers::StreamInfo;
-use mesh_core::router::{redirect_location, CompiledAction, RouteMatch, RouteTable};
+use mesh_core::router::{
+    redirect_location, CompiledAction, CompiledRouteAction, RouteMatch, RouteTable,
+};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, StatusClassCounters, Store};
 
 use crate::access_log::{AccessLogger, HttpLogEntry};
@@ -330,43 +333,21 @@ impl HttpProxy {
         resp
     }
 
-    async fn forward(
+    /// Turns the downstream request head into the upstream one: authority
+    /// and path (rewrites), forwarding headers, header mutations, and the
+    /// request line for HTTP/1.1 (origin form + `Host`) or HTTP/2 (absolute
+    /// URI). False when the rewritten target is not a valid URI.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_upstream_head(
         &self,
-        req: Request<Incoming>,
+        parts: &mut http::request::Parts,
         m: &RouteMatch<'_>,
+        action: &CompiledRouteAction,
+        choice_headers: Option<&CompiledMutations>,
         info: &StreamInfo,
-        down_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        log: &mut Option<HttpLogEntry>,
-    ) -> Response<ProxyBody> {
-        let CompiledAction::Route(action) = &m.route.action else {
-            return self.local_reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "",
-                ResponseFlag::NoRouteFound,
-            );
-        };
-        let choice = action.choose_cluster();
-        let Some(cluster) = self.clusters.get(choice.name) else {
-            return self.local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "",
-                ResponseFlag::NoClusterFound,
-            );
-        };
-        let cstats = &cluster.entry.stats;
-        let Some(endpoint) = cluster.entry.balancer.pick() else {
-            cstats.cx_none_healthy.inc();
-            return self.local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream",
-                ResponseFlag::NoHealthyUpstream,
-            );
-        };
-        let h2 = cluster.uses_h2(req.version());
-        let (mut parts, body) = req.into_parts();
-        let is_upgrade = down_upgrade.is_some();
-        hop::strip(&mut parts.headers, is_upgrade);
-
+        endpoint: SocketAddr,
+        h2: bool,
+    ) -> bool {
         // Authority and path as the upstream will see them.
         let authority: Option<HeaderValue> = match &action.host_rewrite {
             Some(h) => Some(h.clone()),
@@ -404,7 +385,7 @@ impl HttpProxy {
                 .headers
                 .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
-        if let Some(h) = choice.headers {
+        if let Some(h) = choice_headers {
             h.request.apply(&mut parts.headers, info);
         }
         for level in m.mutation_levels() {
@@ -417,7 +398,7 @@ impl HttpProxy {
                 .as_ref()
                 .and_then(|a| a.to_str().ok())
                 .map(str::to_owned)
-                .unwrap_or_else(|| endpoint.addr.to_string());
+                .unwrap_or_else(|| endpoint.to_string());
             parts.uri = match Uri::builder()
                 .scheme("http")
                 .authority(auth.as_str())
@@ -425,13 +406,7 @@ impl HttpProxy {
                 .build()
             {
                 Ok(u) => u,
-                Err(_) => {
-                    return self.local_reply(
-                        StatusCode::BAD_REQUEST,
-                        "",
-                        ResponseFlag::DownstreamProtocolError,
-                    )
-                }
+                Err(_) => return false,
             };
             parts.headers.remove(HOST);
             parts.version = http::Version::HTTP_2;
@@ -439,13 +414,7 @@ impl HttpProxy {
             if rewritten.is_some() || parts.uri.authority().is_some() {
                 parts.uri = match pq.parse() {
                     Ok(u) => u,
-                    Err(_) => {
-                        return self.local_reply(
-                            StatusCode::BAD_REQUEST,
-                            "",
-                            ResponseFlag::DownstreamProtocolError,
-                        )
-                    }
+                    Err(_) => return false,
                 };
             }
             match authority {
@@ -453,13 +422,145 @@ impl HttpProxy {
                     parts.headers.insert(HOST, a);
                 }
                 None => {
-                    if let Ok(v) = HeaderValue::from_str(&endpoint.addr.to_string()) {
+                    if let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
                         parts.headers.insert(HOST, v);
                     }
                 }
             }
             parts.version = http::Version::HTTP_11;
         }
+        true
+    }
+
+    /// The proxy-made response for a request that got no upstream response,
+    /// with its stats, flag and the endpoint it was about.
+    fn failure_reply(
+        &self,
+        failure: Failure,
+        cluster: &WorkerCluster,
+        endpoint: &mesh_lb::Endpoint,
+    ) -> Response<ProxyBody> {
+        let cstats = &cluster.entry.stats;
+        let (status, body, flag): (StatusCode, &'static str, ResponseFlag) = match &failure {
+            Failure::Timeout(Expiry::Route) => {
+                cstats.rq_timeout.inc();
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    ResponseFlag::UpstreamRequestTimeout,
+                )
+            }
+            Failure::Timeout(Expiry::StreamIdle) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "stream timeout",
+                ResponseFlag::StreamIdleTimeout,
+            ),
+            Failure::Upstream(e) => match e.kind() {
+                FailureKind::Connect => {
+                    cstats.cx_connect_fail.inc();
+                    endpoint.stats.cx_connect_fail.inc();
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        reset_body::CONNECTION_FAILURE,
+                        ResponseFlag::UpstreamConnectionFailure,
+                    )
+                }
+                FailureKind::UpstreamProtocol => (
+                    StatusCode::BAD_GATEWAY,
+                    reset_body::PROTOCOL_ERROR,
+                    ResponseFlag::UpstreamProtocolError,
+                ),
+                FailureKind::DownstreamBody => (
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                ),
+                FailureKind::RequestTimeout => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                    ResponseFlag::DownstreamProtocolError,
+                ),
+                FailureKind::Reset => {
+                    cstats.rq_rx_reset.inc();
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        reset_body::CONNECTION_TERMINATION,
+                        ResponseFlag::UpstreamConnectionTermination,
+                    )
+                }
+            },
+        };
+        // The downstream's own faults are not charged to the upstream.
+        let downstream_fault = flag == ResponseFlag::DownstreamProtocolError;
+        if !downstream_fault {
+            endpoint.stats.rq_error.inc();
+            cstats.record_status(status.as_u16());
+        }
+        if let Failure::Upstream(e) = &failure {
+            tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, flag = flag.as_str(), "upstream request failed");
+        }
+        let mut resp = self.local_reply(status, body, flag);
+        resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
+        if downstream_fault {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        m: &RouteMatch<'_>,
+        info: &StreamInfo,
+        down_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        log: &mut Option<HttpLogEntry>,
+    ) -> Response<ProxyBody> {
+        let CompiledAction::Route(action) = &m.route.action else {
+            return self.local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                ResponseFlag::NoRouteFound,
+            );
+        };
+        let choice = action.choose_cluster();
+        let Some(cluster) = self.clusters.get(choice.name) else {
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                ResponseFlag::NoClusterFound,
+            );
+        };
+        let cstats = &cluster.entry.stats;
+        let Some(endpoint) = cluster.entry.balancer.pick() else {
+            cstats.cx_none_healthy.inc();
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                ResponseFlag::NoHealthyUpstream,
+            );
+        };
+        let h2 = cluster.uses_h2(req.version());
+        let (mut parts, body) = req.into_parts();
+        let is_upgrade = down_upgrade.is_some();
+        hop::strip(&mut parts.headers, is_upgrade);
+
+        if !self.prepare_upstream_head(
+            &mut parts,
+            m,
+            action,
+            choice.headers,
+            info,
+            endpoint.addr,
+            h2,
+        ) {
+            return self.local_reply(
+                StatusCode::BAD_REQUEST,
+                "",
+                ResponseFlag::DownstreamProtocolError,
+            );
+        }
+        let cfg = &self.shared.config;
         // The HCM request timeout bounds the arrival of the request body.
         let body = match cfg.request_timeout {
             Some(t) if !http_body::Body::is_end_stream(&body) => {
@@ -494,76 +595,8 @@ impl HttpProxy {
             None => Ok(sent.await),
         };
         let (resp, pool_end) = match result {
-            Err(why) => {
-                endpoint.stats.rq_error.inc();
-                let (status, body, flag) = match why {
-                    Expiry::Route => {
-                        cstats.rq_timeout.inc();
-                        cstats.record_status(504);
-                        (
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "upstream request timeout",
-                            ResponseFlag::UpstreamRequestTimeout,
-                        )
-                    }
-                    Expiry::StreamIdle => (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "stream timeout",
-                        ResponseFlag::StreamIdleTimeout,
-                    ),
-                };
-                let mut resp = self.local_reply(status, body, flag);
-                resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
-                return resp;
-            }
-            Ok(Err(e)) => {
-                let (status, body, flag) = match e.kind() {
-                    FailureKind::Connect => {
-                        cstats.cx_connect_fail.inc();
-                        endpoint.stats.cx_connect_fail.inc();
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                            ResponseFlag::UpstreamConnectionFailure,
-                        )
-                    }
-                    FailureKind::UpstreamProtocol => (
-                        StatusCode::BAD_GATEWAY,
-                        "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
-                        ResponseFlag::UpstreamProtocolError,
-                    ),
-                    FailureKind::DownstreamBody => (
-                        StatusCode::BAD_REQUEST,
-                        "",
-                        ResponseFlag::DownstreamProtocolError,
-                    ),
-                    FailureKind::RequestTimeout => (
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request timeout",
-                        ResponseFlag::DownstreamProtocolError,
-                    ),
-                    FailureKind::Reset => {
-                        cstats.rq_rx_reset.inc();
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                            ResponseFlag::UpstreamConnectionTermination,
-                        )
-                    }
-                };
-                if flag != ResponseFlag::DownstreamProtocolError {
-                    endpoint.stats.rq_error.inc();
-                    cstats.record_status(status.as_u16());
-                }
-                tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, flag = flag.as_str(), "upstream request failed");
-                let mut resp = self.local_reply(status, body, flag);
-                resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
-                if flag == ResponseFlag::DownstreamProtocolError {
-                    resp.headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                return resp;
-            }
+            Err(why) => return self.failure_reply(Failure::Timeout(why), cluster, &endpoint),
+            Ok(Err(e)) => return self.failure_reply(Failure::Upstream(e), cluster, &endpoint),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
@@ -624,6 +657,24 @@ impl HttpProxy {
 /// The endpoint a proxy-made response is about (for `%UPSTREAM_HOST%`).
 #[derive(Debug, Clone, Copy)]
 struct UpstreamHost(SocketAddr);
+
+/// Why a forwarded request got no upstream response.
+enum Failure {
+    /// A timeout ended the wait for response headers.
+    Timeout(Expiry),
+    /// The upstream exchange failed.
+    Upstream(mesh_codec::http::client::UpstreamError),
+}
+
+/// Envoy's bodies for local replies after an upstream reset.
+mod reset_body {
+    pub const CONNECTION_FAILURE: &str =
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+    pub const PROTOCOL_ERROR: &str =
+        "upstream connect error or disconnect/reset before headers. reset reason: protocol error";
+    pub const CONNECTION_TERMINATION: &str =
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+}
 
 /// Which timeout ended the wait for response headers.
 #[derive(Debug, Clone, Copy)]
