@@ -228,7 +228,9 @@ impl EndpointPool {
                 },
             }
         }
-        let mut sender = self.new_h1().await?;
+        // Connecting is the cold path: boxed so its large future does not
+        // grow (and get copied with) every request's future.
+        let mut sender = Box::pin(self.new_h1()).await?;
         sender.ready().await.map_err(UpstreamError::Reset)?;
         let resp = sender
             .send_request(req)
@@ -293,7 +295,10 @@ impl EndpointPool {
     }
 
     async fn send_h2(&self, req: Request<ProxyBody>) -> Result<PooledResponse, UpstreamError> {
-        let mut sender = self.h2_sender().await?;
+        let mut sender = match self.cached_h2() {
+            Some(s) => s,
+            None => Box::pin(self.h2_sender()).await?,
+        };
         sender.ready().await.map_err(UpstreamError::Reset)?;
         let resp = sender
             .send_request(req)
