@@ -182,6 +182,8 @@ impl WorkerCluster {
     }
 
     /// The pool for `addr` speaking HTTP/2 or not, created on first use.
+    /// Creating one also drops the pools of endpoints no longer in the
+    /// cluster.
     pub fn pool(&self, addr: SocketAddr, h2: bool) -> Arc<EndpointPool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pools.get(&(addr, h2)) {
@@ -200,6 +202,10 @@ impl WorkerCluster {
                 idle_timeout: self.entry.config.idle_timeout,
             },
         );
+        // A new endpoint appeared: drop the pools of endpoints that left the
+        // cluster (DNS answers change), closing their idle connections.
+        let current = self.entry.balancer.endpoints();
+        pools.retain(|(a, _), _| current.endpoints.iter().any(|e| e.addr == *a));
         pools.insert((addr, h2), p.clone());
         p
     }
