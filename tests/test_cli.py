@@ -119,6 +119,30 @@ def test_validate_invalid_yaml(config_file):
 
 
 @needs_mesh
+def test_validate_compiles_routes_and_refuses_what_cannot_run(tmp_path):
+    """What only compiling finds (an unknown header substitution) and what
+    this build cannot run (an EDS cluster without xDS) fail `validate` with
+    their field paths, not only `run`."""
+    text = FILES["good"].replace(
+        "              routes:",
+        "              request_headers_to_add: [{header: {key: x-a, value: \"%NOPE%\"}}]\n"
+        "              routes:")
+    text = text.replace("    type: STATIC\n", "    type: EDS\n    eds_cluster_config: {eds_config: {ads: {}}}\n")
+    text = text.replace("    load_assignment:\n      cluster_name: a\n      endpoints:\n"
+                        "      - lb_endpoints:\n        - endpoint:\n"
+                        "            address: {socket_address: {address: 127.0.0.1, port_value: 9}}\n",
+                        "")
+    p = tmp_path / "compiled.yaml"
+    p.write_text(text)
+    r = mesh("validate", "-c", str(p))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = r.stderr
+    assert "static_resources.clusters[0].type: EDS" in out, out
+    assert ("virtual_hosts[0].request_headers_to_add[0].header.value: "
+            "unsupported header substitution %NOPE%") in out, out
+
+
+@needs_mesh
 def test_validate_missing_file(tmp_path):
     r = mesh("validate", "-c", str(tmp_path / "does-not-exist.yaml"))
     assert r.returncode == 1, (r.stdout, r.stderr)

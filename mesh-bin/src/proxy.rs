@@ -110,10 +110,18 @@ fn terminal_path(li: usize, l: &mesh_core::config::Listener) -> String {
 }
 
 /// Checks what the loader cannot: compiles every route table (regexes,
-/// header templates, domains) as [`Proxy::start`] would, without binding
-/// anything. Returns every error with its field path.
+/// header templates, domains) as [`Proxy::start`] would, and refuses what
+/// this build cannot run (EDS clusters), without binding anything. Returns
+/// every error with its field path.
 pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
     let mut errors = Vec::new();
+    for (i, c) in bootstrap.clusters.iter().enumerate() {
+        if matches!(c.discovery, mesh_core::config::DiscoveryType::Eds { .. }) {
+            errors.push(format!(
+                "static_resources.clusters[{i}].type: EDS needs an xDS source, which this build does not have yet (unsupported)"
+            ));
+        }
+    }
     for (li, l) in bootstrap.listeners.iter().enumerate() {
         for chain in &l.filter_chains {
             if let NetworkFilter::HttpConnectionManager(hcm) = &chain.terminal {
