@@ -9,78 +9,107 @@
 //! ```
 //!
 //! (one line). Custom `log_format`s are refused by the loader until the
-//! formatter lands with the filter work. Lines are written whole, under a
-//! lock, by the worker that finished the request.
+//! formatter lands with the filter work.
+//!
+//! Workers never write to a log themselves: they hand each finished line to
+//! a writer thread over a bounded queue and go on. The writer drains the
+//! queue in batches and flushes after each batch, so a slow disk or a
+//! blocked stdout pipe cannot stall request processing. If the queue is
+//! full (the sink cannot keep up), the line is dropped and counted in
+//! `mesh_access_log_dropped`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::time::{Instant, SystemTime};
 
 use mesh_core::config::AccessLog;
 use mesh_core::flags::ResponseFlag;
+use mesh_core::stats::{Counter, Store};
 
-enum Sink {
-    Stdout,
-    Stderr,
-    File(Mutex<std::fs::File>),
-}
+/// Lines that may wait for the writer thread.
+const QUEUE: usize = 16 * 1024;
 
 /// The configured access-log sinks of one HCM or TCP proxy.
 #[derive(Clone)]
 pub struct AccessLogger {
-    sinks: Arc<Vec<Sink>>,
+    tx: SyncSender<String>,
+    dropped: Counter,
 }
 
 impl std::fmt::Debug for AccessLogger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessLogger")
-            .field("sinks", &self.sinks.len())
-            .finish()
+        f.debug_struct("AccessLogger").finish_non_exhaustive()
+    }
+}
+
+fn open(configs: &[AccessLog]) -> Result<Vec<Box<dyn std::io::Write + Send>>, String> {
+    let mut sinks: Vec<Box<dyn std::io::Write + Send>> = Vec::new();
+    for c in configs {
+        sinks.push(match c {
+            AccessLog::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            AccessLog::Stderr => Box::new(std::io::BufWriter::new(std::io::stderr())),
+            AccessLog::File(path) => Box::new(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("access_log file {path:?}: {e}"))?,
+            )),
+        });
+    }
+    Ok(sinks)
+}
+
+fn writer(rx: Receiver<String>, mut sinks: Vec<Box<dyn std::io::Write + Send>>) {
+    let mut failed = false;
+    let mut write = |line: &str, sinks: &mut Vec<Box<dyn std::io::Write + Send>>| {
+        for s in sinks.iter_mut() {
+            if let Err(e) = s.write_all(line.as_bytes()) {
+                if !failed {
+                    tracing::warn!(error = %e, "access log write failed");
+                    failed = true;
+                }
+            }
+        }
+    };
+    // Ends when every sender (every worker's logger) is gone.
+    while let Ok(line) = rx.recv() {
+        write(&line, &mut sinks);
+        while let Ok(line) = rx.try_recv() {
+            write(&line, &mut sinks);
+        }
+        for s in sinks.iter_mut() {
+            let _ = s.flush();
+        }
     }
 }
 
 impl AccessLogger {
-    /// Opens the sinks; `None` when none is configured. A file that cannot
-    /// be opened is an error naming it.
-    pub fn new(configs: &[AccessLog]) -> Result<Option<Self>, String> {
+    /// Opens the sinks and starts their writer thread; `None` when none is
+    /// configured. A file that cannot be opened is an error naming it.
+    pub fn new(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
         if configs.is_empty() {
             return Ok(None);
         }
-        let mut sinks = Vec::new();
-        for c in configs {
-            sinks.push(match c {
-                AccessLog::Stdout => Sink::Stdout,
-                AccessLog::Stderr => Sink::Stderr,
-                AccessLog::File(path) => Sink::File(Mutex::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|e| format!("access_log file {path:?}: {e}"))?,
-                )),
-            });
-        }
+        let sinks = open(configs)?;
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("mesh-access-log".into())
+            .spawn(move || writer(rx, sinks))
+            .map_err(|e| format!("access_log: cannot start its writer thread: {e}"))?;
         Ok(Some(AccessLogger {
-            sinks: Arc::new(sinks),
+            tx,
+            dropped: store.counter("mesh_access_log_dropped", &[]),
         }))
     }
 
-    /// Writes one line to every sink.
-    pub fn write(&self, line: &str) {
-        for s in self.sinks.iter() {
-            let r = match s {
-                Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-                Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-                Sink::File(f) => f
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write_all(line.as_bytes()),
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "access log write failed");
-            }
+    /// Queues one line for every sink; never blocks.
+    pub fn write(&self, line: String) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
 }
@@ -229,6 +258,30 @@ pub fn tcp_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_reach_the_file_in_order_from_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let store = Store::new();
+        let log = AccessLogger::new(&[AccessLog::File(path.display().to_string())], &store)
+            .unwrap()
+            .unwrap();
+        for i in 0..500 {
+            log.write(format!("line {i}\n"));
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 500 || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let expected: Vec<String> = (0..500).map(|i| format!("line {i}")).collect();
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
+        assert_eq!(store.value("mesh_access_log_dropped", &[]), Some(0));
+    }
 
     #[test]
     fn start_time_is_rfc3339_utc() {

@@ -114,7 +114,7 @@ impl HcmShared {
         let server_name = HeaderValue::from_str(config.server_name.as_deref().unwrap_or("mesh"))
             .map_err(|_| "server_name: not a valid header value".to_owned())?;
         let access_log =
-            AccessLogger::new(&config.access_log).map_err(|e| format!("access_log: {e}"))?;
+            AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
         Ok(HcmShared {
             access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
@@ -180,7 +180,7 @@ impl HttpProxy {
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(&entry.format(resp.status().as_u16(), flag, sent, upstream));
+            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream));
         }
         resp
     }
@@ -641,7 +641,7 @@ impl HttpProxy {
             drop(ep_active);
             if let Some((entry, logger, status, upstream)) = log {
                 let flag = (!completed).then_some(ResponseFlag::DownstreamConnectionTermination);
-                logger.write(&entry.format(status, flag, bytes, Some(upstream)));
+                logger.write(entry.format(status, flag, bytes, Some(upstream)));
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));

@@ -62,7 +62,7 @@ impl TcpProxyShared {
         }
         let l = vec![("envoy_tcp_prefix", config.stat_prefix.clone())];
         let access_log =
-            AccessLogger::new(&config.access_log).map_err(|e| format!("access_log: {e}"))?;
+            AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
         Ok(TcpProxyShared {
             access_log,
             config: config.clone(),
@@ -97,7 +97,7 @@ impl TcpProxyShared {
         let started = std::time::Instant::now();
         let (flag, received, sent, upstream) = self.proxy(accepted).await;
         if let Some(log) = &self.access_log {
-            log.write(&tcp_line(start, started, flag, received, sent, upstream));
+            log.write(tcp_line(start, started, flag, received, sent, upstream));
         }
     }
 
