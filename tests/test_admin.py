@@ -127,3 +127,28 @@ def test_prometheus_standard_counters(proxy):
         harness.wait_until(lambda: got() == want, timeout=5, what="standard counters")
     except AssertionError:
         assert got() == want
+
+
+def test_stats_text_uses_envoys_dotted_names(proxy):
+    """`/stats` in Envoy's text form, so scripts written for Envoy read mesh."""
+    want = {
+        "cluster.a.upstream_rq_2xx": N_A,
+        "cluster.a.upstream_rq_200": N_A,
+        "cluster.a.upstream_rq_503": 1,
+        "cluster.b.upstream_rq_404": 1,
+        "cluster.slow.upstream_rq_timeout": 1,
+        "http.ingress.downstream_rq_4xx": 1,
+    }
+
+    def got():
+        values = {}
+        for line in proxy.admin_text("/stats").splitlines():
+            name, _, value = line.partition(": ")
+            if name in want:
+                values[name] = int(value)
+        return values
+
+    try:
+        harness.wait_until(lambda: got() == want, timeout=5, what="dotted stats")
+    except AssertionError:
+        assert got() == want

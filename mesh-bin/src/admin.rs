@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `/ready` | 200 `LIVE` once every listener serves; 503 `PRE_INITIALIZING` / `DRAINING` otherwise |
 //! | `/stats/prometheus` | every stat, Prometheus text format |
-//! | `/stats` | the same stats as `name{labels}: value` lines |
+//! | `/stats` | the same stats in Envoy's text form (`cluster.web.upstream_rq_2xx: 3`) |
 //! | `/listeners?format=json` | listener names and bound addresses (ports chosen for `port_value: 0` included) |
 //! | `/clusters` | each endpoint's weight, health and request counters, Envoy's text format |
 //! | `/config_dump` | the running configuration as JSON |
@@ -106,15 +106,6 @@ fn clusters_text(state: &AdminState) -> String {
     out
 }
 
-fn stats_text(store: &Store) -> String {
-    store
-        .render_prometheus()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| format!("{k}: {v}\n")))
-        .collect()
-}
-
 fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
@@ -133,7 +124,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             state.store.render_prometheus(),
             "text/plain; version=0.0.4",
         ),
-        (_, "/stats") => text(StatusCode::OK, stats_text(&state.store), "text/plain"),
+        (_, "/stats") => text(StatusCode::OK, state.store.render_envoy_text(), "text/plain"),
         (_, "/listeners") => {
             if query.contains("format=json") {
                 text(StatusCode::OK, listeners_json(state), "application/json")

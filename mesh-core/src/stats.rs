@@ -89,10 +89,13 @@ enum Metric {
 /// Labels of one series, in order.
 pub type Labels = Vec<(&'static str, String)>;
 
+/// Every series by (name, rendered labels), with its metric and labels.
+type Series = BTreeMap<(String, String), (Metric, Labels)>;
+
 /// The registry of every stat of a proxy.
 #[derive(Debug, Clone, Default)]
 pub struct Store {
-    inner: Arc<Mutex<BTreeMap<(String, String), Metric>>>,
+    inner: Arc<Mutex<Series>>,
 }
 
 fn render_labels(labels: &[(&'static str, String)]) -> String {
@@ -116,7 +119,7 @@ impl Store {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Metric>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Series> {
         // A poisoned lock only means another thread panicked while inserting;
         // the map itself is still consistent.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -128,10 +131,10 @@ impl Store {
         let key = (name.to_owned(), render_labels(labels));
         let mut map = self.lock();
         match map.get(&key) {
-            Some(Metric::Counter(c)) => c.clone(),
+            Some((Metric::Counter(c), _)) => c.clone(),
             _ => {
                 let c = Counter::default();
-                map.insert(key, Metric::Counter(c.clone()));
+                map.insert(key, (Metric::Counter(c.clone()), labels.to_vec()));
                 c
             }
         }
@@ -142,10 +145,10 @@ impl Store {
         let key = (name.to_owned(), render_labels(labels));
         let mut map = self.lock();
         match map.get(&key) {
-            Some(Metric::Gauge(g)) => g.clone(),
+            Some((Metric::Gauge(g), _)) => g.clone(),
             _ => {
                 let g = Gauge::default();
-                map.insert(key, Metric::Gauge(g.clone()));
+                map.insert(key, (Metric::Gauge(g.clone()), labels.to_vec()));
                 g
             }
         }
@@ -154,10 +157,7 @@ impl Store {
     /// The value of a counter or gauge, if it exists (for tests and admin).
     pub fn value(&self, name: &str, labels: &[(&'static str, String)]) -> Option<i64> {
         let key = (name.to_owned(), render_labels(labels));
-        self.lock().get(&key).map(|m| match m {
-            Metric::Counter(c) => c.get() as i64,
-            Metric::Gauge(g) => g.get(),
-        })
+        self.lock().get(&key).map(|(m, _)| m.value())
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -165,7 +165,7 @@ impl Store {
         let map = self.lock();
         let mut out = String::with_capacity(map.len() * 64);
         let mut last_name = "";
-        for ((name, labels), metric) in map.iter() {
+        for ((name, labels), (metric, _)) in map.iter() {
             if name != last_name {
                 let ty = match metric {
                     Metric::Counter(_) => "counter",
@@ -174,16 +174,87 @@ impl Store {
                 let _ = writeln!(out, "# TYPE {name} {ty}");
                 last_name = name;
             }
-            let value = match metric {
-                Metric::Counter(c) => c.get() as i64,
-                Metric::Gauge(g) => g.get(),
-            };
+            let value = metric.value();
             if labels.is_empty() {
                 let _ = writeln!(out, "{name} {value}");
             } else {
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
         }
+        out
+    }
+}
+
+impl Metric {
+    fn value(&self) -> i64 {
+        match self {
+            Metric::Counter(c) => c.get() as i64,
+            Metric::Gauge(g) => g.get(),
+        }
+    }
+}
+
+/// The label that names a stat's scope in Envoy's dotted names, and the
+/// scope word that starts both names (`envoy_cluster_upstream_rq_total` with
+/// `envoy_cluster_name="web"` is `cluster.web.upstream_rq_total`).
+const SCOPES: [(&str, &str); 5] = [
+    ("envoy_cluster_name", "cluster"),
+    ("envoy_http_conn_manager_prefix", "http"),
+    ("envoy_listener_address", "listener"),
+    ("envoy_tcp_prefix", "tcp"),
+    ("envoy_connection_limit_prefix", "connection_limit"),
+];
+
+/// A stat's name as Envoy's `/stats` text shows it.
+fn envoy_name(name: &str, labels: &[(&'static str, String)]) -> String {
+    let (root, rest) = match name.strip_prefix("envoy_") {
+        Some(rest) => ("", rest),
+        None => match name.strip_prefix("mesh_") {
+            Some(rest) => ("mesh.", rest),
+            None => ("", name),
+        },
+    };
+    let mut out = String::from(root);
+    let mut stat = rest.to_owned();
+    for (label, word) in SCOPES {
+        if let Some((_, v)) = labels.iter().find(|(k, _)| *k == label) {
+            if let Some(tail) = stat.strip_prefix(word).and_then(|t| t.strip_prefix('_')) {
+                let _ = write!(out, "{word}.{v}.");
+                stat = tail.to_owned();
+            }
+        }
+    }
+    for (k, v) in labels {
+        match *k {
+            "envoy_response_code_class" => {
+                if let Some(base) = stat.strip_suffix("_xx") {
+                    stat = format!("{base}_{v}xx");
+                }
+            }
+            "envoy_response_code" => stat = format!("{stat}_{v}"),
+            k if SCOPES.iter().any(|(l, _)| *l == k) => {}
+            _ => stat = format!("{stat}.{v}"),
+        }
+    }
+    out.push_str(&stat);
+    out
+}
+
+impl Store {
+    /// Envoy's `/stats` text format: `cluster.web.upstream_rq_2xx: 3`, one
+    /// stat a line, sorted by name, so scripts written against Envoy's admin
+    /// page read mesh's too.
+    pub fn render_envoy_text(&self) -> String {
+        let map = self.lock();
+        let mut lines: Vec<String> = map
+            .iter()
+            .map(|((name, _), (metric, labels))| {
+                format!("{}: {}", envoy_name(name, labels), metric.value())
+            })
+            .collect();
+        lines.sort();
+        let mut out = lines.join("\n");
+        out.push('\n');
         out
     }
 }
@@ -310,6 +381,43 @@ mod tests {
             "envoy_cluster_upstream_rq{envoy_cluster_name=\"a\",envoy_response_code=\"200\"} 1"
         ));
         assert!(!text.contains("\"42\""));
+    }
+
+    #[test]
+    fn envoy_text_names() {
+        let store = Store::new();
+        let web = vec![("envoy_cluster_name", "web".to_owned())];
+        StatusClassCounters::new(&store, "envoy_cluster_upstream_rq_xx", &web).record(204);
+        StatusCodeCounters::new(&store, "envoy_cluster_upstream_rq", &web).record(204);
+        store.counter("envoy_cluster_upstream_rq_total", &web).inc();
+        store
+            .counter(
+                "envoy_listener_downstream_cx_total",
+                &[("envoy_listener_address", "127.0.0.1_80".into())],
+            )
+            .inc();
+        store
+            .counter(
+                "mesh_http_downstream_rq_response_flag",
+                &[
+                    ("envoy_http_conn_manager_prefix", "in".into()),
+                    ("flag", "UF".into()),
+                ],
+            )
+            .inc();
+        let text = store.render_envoy_text();
+        for line in [
+            "cluster.web.upstream_rq_2xx: 1",
+            "cluster.web.upstream_rq_204: 1",
+            "cluster.web.upstream_rq_total: 1",
+            "listener.127.0.0.1_80.downstream_cx_total: 1",
+            "mesh.http.in.downstream_rq_response_flag.UF: 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
     }
 
     #[test]
