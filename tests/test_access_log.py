@@ -95,6 +95,9 @@ def test_access_log_lines_and_response_flags(logged, upstream_a, refused):
     assert ok["rid"] == "rid-ok"
     assert ok["upstream"] == f"127.0.0.1:{upstream_a.port}"
     assert int(ok["tx"]) > 0 and int(ok["rx"]) == 0
+    # %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%: a number for a proxied response,
+    # "-" for one the proxy made.
+    assert ok["ust"].isdigit(), ok
 
     dead = by_path["/dead"]
     assert (dead["code"], dead["flags"]) == ("503", "UF")
@@ -102,6 +105,7 @@ def test_access_log_lines_and_response_flags(logged, upstream_a, refused):
 
     empty = by_path["/empty"]
     assert (empty["code"], empty["flags"], empty["upstream"]) == ("503", "UH", "-")
+    assert empty["ust"] == "-", empty
 
     slow = by_path["/delay/2"]
     assert (slow["code"], slow["flags"]) == ("504", "UT")

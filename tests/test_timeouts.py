@@ -156,3 +156,22 @@ def test_mesh_runtime_modes_with_two_workers(tmp_path, upstream, runtime):
         for _ in range(20):
             r = harness.request(p.port(), "GET", "/x")
             assert r.status == 200 and r.upstream == "a"
+
+
+def test_envoy_timing_headers(start_proxy, upstream):
+    """Envoy's router tells the upstream its deadline
+    (`x-envoy-expected-rq-timeout-ms`) and the client how long the upstream
+    took (`x-envoy-upstream-service-time`); mesh does the same."""
+    got = {}
+    for kind in ("envoy", "mesh"):
+        if kind == "mesh" and not harness.mesh_available():
+            pytest.skip(harness.mesh_missing_reason())
+        p = _start(start_proxy, kind, upstream, None)
+        r = harness.request(p.port(), "GET", "/delay/0.2")
+        assert r.status == 200, (kind, r.status)
+        seen = r.json()["headers"].get("x-envoy-expected-rq-timeout-ms")
+        service = r.header("x-envoy-upstream-service-time")
+        got[kind] = (seen, service)
+    for kind, (seen, service) in got.items():
+        assert seen == "5000", (kind, seen)
+        assert service is not None and 150 <= int(service) < 2000, (kind, service)

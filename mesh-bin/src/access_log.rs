@@ -173,6 +173,7 @@ impl HttpLogEntry {
         flag: Option<ResponseFlag>,
         bytes_sent: u64,
         upstream: Option<SocketAddr>,
+        upstream_service_time_ms: Option<u64>,
     ) -> String {
         let mut s = String::with_capacity(256);
         let opt = |v: &Option<http::HeaderValue>| -> String {
@@ -189,7 +190,7 @@ impl HttpLogEntry {
         };
         let _ = writeln!(
             s,
-            "[{}] \"{} {} {}\" {} {} {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"",
+            "[{}] \"{} {} {}\" {} {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"",
             format_time(self.start),
             self.method,
             self.path,
@@ -199,6 +200,9 @@ impl HttpLogEntry {
             self.bytes_received,
             bytes_sent,
             self.started.elapsed().as_millis(),
+            upstream_service_time_ms
+                .map(|ms| ms.to_string())
+                .unwrap_or_else(|| "-".into()),
             opt(&self.xff),
             opt(&self.user_agent),
             opt(&self.request_id),
@@ -308,8 +312,10 @@ mod tests {
             Some(ResponseFlag::UpstreamConnectionFailure),
             91,
             Some("10.0.0.1:80".parse().unwrap()),
+            Some(7),
         );
         let rest = line.split_once("] ").unwrap().1;
+        assert!(rest.contains(" 7 \"-\" \"curl/8\""), "{line}");
         assert!(
             rest.starts_with("\"GET /a?b=1 HTTP/1.1\" 503 UF 0 91 "),
             "{line}"

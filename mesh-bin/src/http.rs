@@ -39,6 +39,10 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 
 /// Envoy's `http.<stat_prefix>.*` stats.
 #[derive(Debug, Clone)]
@@ -180,7 +184,7 @@ impl HttpProxy {
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream));
+            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream, None));
         }
         resp
     }
@@ -384,6 +388,13 @@ impl HttpProxy {
             parts
                 .headers
                 .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        // As Envoy's router does by default: tell the upstream its deadline.
+        if let Some(t) = action.timeout {
+            parts.headers.insert(
+                X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+                HeaderValue::from(t.as_millis() as u64),
+            );
         }
         if let Some(h) = choice_headers {
             h.request.apply(&mut parts.headers, info);
@@ -600,6 +611,7 @@ impl HttpProxy {
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
+        let service_time_ms = now.elapsed().as_millis() as u64;
         cstats.record_status(status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
@@ -627,11 +639,15 @@ impl HttpProxy {
             .headers
             .insert(http::header::SERVER, self.shared.server_name.clone());
         rparts.headers.remove(&X_ENVOY_OVERLOADED);
+        rparts.headers.insert(
+            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+            HeaderValue::from(service_time_ms),
+        );
         let log = log.take().and_then(|e| {
             self.shared
                 .access_log
                 .clone()
-                .map(|l| (e, l, status.as_u16(), endpoint.addr))
+                .map(|l| (e, l, status.as_u16(), endpoint.addr, service_time_ms))
         });
         let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
@@ -639,9 +655,9 @@ impl HttpProxy {
             }
             drop(rq_active);
             drop(ep_active);
-            if let Some((entry, logger, status, upstream)) = log {
+            if let Some((entry, logger, status, upstream, service_ms)) = log {
                 let flag = (!completed).then_some(ResponseFlag::DownstreamConnectionTermination);
-                logger.write(entry.format(status, flag, bytes, Some(upstream)));
+                logger.write(entry.format(status, flag, bytes, Some(upstream), Some(service_ms)));
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
