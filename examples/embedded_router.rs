@@ -106,11 +106,9 @@ impl Service<Request<ProxyBody>> for Gateway {
 }
 
 /// A tiny upstream that answers with its name.
-async fn upstream(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream");
-    let addr = listener.local_addr().expect("upstream address");
+async fn upstream(name: &'static str) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -125,7 +123,7 @@ async fn upstream(name: &'static str) -> SocketAddr {
             });
         }
     });
-    addr
+    Ok(addr)
 }
 
 fn route(path: PathMatch, headers: Vec<HeaderMatcher>, action: Action) -> Route {
@@ -144,9 +142,9 @@ fn route(path: PathMatch, headers: Vec<HeaderMatcher>, action: Action) -> Route 
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let a = upstream("a").await;
-    let b = upstream("b").await;
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = upstream("a").await?;
+    let b = upstream("b").await?;
 
     let routes = RouteTable::new(&RouteConfiguration {
         name: "embedded".into(),
@@ -183,8 +181,7 @@ async fn main() {
             headers: HeaderMutations::default(),
         }],
         headers: HeaderMutations::default(),
-    })
-    .expect("valid routes");
+    })?;
 
     let spec = |addr: SocketAddr, weight| EndpointSpec {
         addr,
@@ -213,14 +210,8 @@ async fn main() {
         if maintenance {
             req = req.header("x-maintenance", "1");
         }
-        let req = req.body(ProxyBody::Empty).expect("valid request");
-        let resp = gateway
-            .ready()
-            .await
-            .expect("ready")
-            .call(req)
-            .await
-            .expect("infallible");
+        let req = req.body(ProxyBody::Empty)?;
+        let resp = gateway.ready().await?.call(req).await?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -230,4 +221,5 @@ async fn main() {
             .unwrap_or_default();
         println!("{path:8} -> {status} {}", String::from_utf8_lossy(&body));
     }
+    Ok(())
 }
