@@ -92,3 +92,37 @@ def test_concurrent_unary_calls(stub, grpc_server):
     futures = [stub.Echo.future(pb2.EchoRequest(message=f"c{i}", seq=i), timeout=15)
                for i in range(50)]
     assert [f.result().seq for f in futures] == list(range(50))
+
+
+PROXY_MADE_ROUTES = """
+virtual_hosts:
+- name: grpc
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/meshtest.EchoService/"}
+    route: {cluster: dead}
+"""
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_proxy_made_errors_are_grpc_statuses(start_proxy, refused, kind):
+    """A gRPC client gets the proxy's own errors as gRPC statuses with the
+    reason in grpc-message, as Envoy sends them: no route -> UNIMPLEMENTED,
+    connect failure -> UNAVAILABLE with Envoy's reset text."""
+    cfg = harness.simple_http_bootstrap(
+        PROXY_MADE_ROUTES, [harness.static_cluster("dead", refused, http2=True)],
+        {"codec_type": "AUTO"},
+    )
+    proxy = start_proxy(kind, cfg)
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.port('ingress')}",
+                               options=CHANNEL_OPTIONS) as ch:
+        dead = ch.unary_unary("/meshtest.EchoService/Echo")
+        with pytest.raises(grpc.RpcError) as ei:
+            dead(b"", timeout=10)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, (kind, ei.value)
+        assert ei.value.details().startswith(
+            "upstream connect error or disconnect/reset before headers"), (kind, ei.value.details())
+        nowhere = ch.unary_unary("/other.Service/Call")
+        with pytest.raises(grpc.RpcError) as ei:
+            nowhere(b"", timeout=10)
+        assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED, (kind, ei.value)

@@ -177,7 +177,11 @@ impl HttpProxy {
             .access_log
             .as_ref()
             .map(|_| HttpLogEntry::capture(&req));
-        let resp = self.route_and_forward(req, &info, &mut log).await;
+        let grpc = is_grpc(req.headers());
+        let mut resp = self.route_and_forward(req, &info, &mut log).await;
+        if grpc && resp.extensions().get::<ResponseFlag>().is_some() {
+            resp = grpc_local_reply(resp);
+        }
         stats.rq_xx.record(resp.status().as_u16());
         if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
             // Not handed to a streaming upstream body: the response is complete.
@@ -670,6 +674,60 @@ impl HttpProxy {
     }
 }
 
+/// True for a gRPC request (`content-type: application/grpc*`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Envoy's mapping of a proxy-made HTTP status to a gRPC status.
+fn grpc_status_for(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// Turns a proxy-made reply to a gRPC request into a gRPC trailers-only
+/// response, as Envoy does: HTTP 200, `grpc-status` mapped from the HTTP
+/// status, and the reply's text in `grpc-message` (percent-encoded as the
+/// gRPC spec asks), so a gRPC client sees the proxy's reason.
+fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let text = match body {
+        ProxyBody::Full(Some(b)) => b,
+        _ => Bytes::new(),
+    };
+    let mut message = String::with_capacity(text.len());
+    for &b in text.iter() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            message.push(b as char);
+        } else {
+            message.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let grpc_status = grpc_status_for(parts.status);
+    parts.status = StatusCode::OK;
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    parts
+        .headers
+        .insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        if !message.is_empty() {
+            parts.headers.insert("grpc-message", v);
+        }
+    }
+    Response::from_parts(parts, ProxyBody::Empty)
+}
+
 /// The endpoint a proxy-made response is about (for `%UPSTREAM_HOST%`).
 #[derive(Debug, Clone, Copy)]
 struct UpstreamHost(SocketAddr);
@@ -791,6 +849,22 @@ impl tower::Service<Request<Incoming>> for ConnService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_made_grpc_replies_are_trailers_only() {
+        let mut resp = Response::new(ProxyBody::full(Bytes::from_static(
+            b"no healthy upstream 100%",
+        )));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let r = grpc_local_reply(resp);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "no healthy upstream 100%25");
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/grpc");
+        assert!(http_body::Body::is_end_stream(r.body()));
+        assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), 12);
+        assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), 14);
+    }
 
     #[test]
     fn request_ids_are_uuid_v4() {
