@@ -18,6 +18,9 @@
 #![warn(missing_docs)]
 
 pub mod dns;
+pub mod health;
+
+pub use health::HealthFlags;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +58,8 @@ pub struct Endpoint {
     pub locality: Locality,
     /// Live counters.
     pub stats: EndpointStats,
+    /// Health flags (active health checking, outlier detection, discovery).
+    pub health: HealthFlags,
 }
 
 /// The description of an endpoint, before it becomes an [`Endpoint`].
@@ -94,13 +99,25 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 impl EndpointSet {
     fn build(endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let Some(top) = endpoints.iter().map(|e| e.priority).min() else {
-            return EndpointSet::default();
+        // Healthy endpoints of the highest priority level that has any; when
+        // none is healthy anywhere, every endpoint (panic mode).
+        let any_healthy = endpoints.iter().any(|e| e.health.is_healthy());
+        let usable = |e: &Endpoint| !any_healthy || e.health.is_healthy();
+        let Some(top) = endpoints
+            .iter()
+            .filter(|e| usable(e))
+            .map(|e| e.priority)
+            .min()
+        else {
+            return EndpointSet {
+                endpoints,
+                schedule: Vec::new(),
+            };
         };
         let level: Vec<(usize, u64)> = endpoints
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.priority == top)
+            .filter(|(_, e)| e.priority == top && usable(e))
             .map(|(i, e)| (i, u64::from(e.weight.max(1))))
             .collect();
         let g = level.iter().fold(0, |g, (_, w)| gcd(g, *w));
@@ -188,6 +205,14 @@ impl Balancer {
         self.set.load_full()
     }
 
+    /// Recomputes the pick schedule after an endpoint's [`HealthFlags`]
+    /// changed (called by health checking and outlier detection).
+    pub fn health_changed(&self) {
+        let old = self.set.load_full();
+        self.set
+            .store(Arc::new(EndpointSet::build(old.endpoints.clone())));
+    }
+
     /// Replaces the endpoint set. Endpoints whose address and metadata stay
     /// the same keep their `Arc<Endpoint>` (and stats). Returns whether
     /// anything changed.
@@ -223,6 +248,7 @@ impl Balancer {
                         priority: s.priority,
                         locality: s.locality,
                         stats: EndpointStats::default(),
+                        health: HealthFlags::default(),
                     }),
                 }
             })
@@ -297,6 +323,14 @@ mod tests {
         assert!(Arc::ptr_eq(&set.endpoints[0], &first));
         assert_eq!(set.endpoints[0].stats.rq_total.get(), 7);
         assert!(!b.update(vec![spec(1, 1, 0), spec(3, 1, 0)]));
+        set.endpoints[0].health.set(HealthFlags::FAILED_ACTIVE_HC);
+        b.health_changed();
+        assert!((0..4).all(|_| b.pick().unwrap().addr.port() == 3));
+        set.endpoints[1]
+            .health
+            .set(HealthFlags::FAILED_OUTLIER_CHECK);
+        b.health_changed();
+        assert_eq!(b.endpoints().schedule.len(), 2, "all unhealthy: panic mode");
         assert!(b.update(vec![]));
         assert!(b.pick().is_none());
     }
