@@ -333,6 +333,12 @@ pub trait Codec: Send + Sync + 'static {
     fn max_request_id(&self) -> u64;
 }
 
+impl std::fmt::Debug for dyn Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Codec({})", self.name())
+    }
+}
+
 /// Routing reads a request as it reads an HTTP request: the method is the
 /// RPC method, the path and authority are the service, headers are the
 /// attachments, plus the pseudo keys `:service`, `:version` and `:group`.

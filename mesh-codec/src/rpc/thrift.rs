@@ -423,13 +423,12 @@ impl Thrift {
                 msg.status = 1;
             }
         }
-        match h.name.split_once(':') {
-            Some((svc, method)) => {
-                msg.meta.service = svc.to_owned();
-                msg.meta.method = method.to_owned();
-            }
-            None => msg.meta.method = h.name,
+        // As in Envoy, the method is the whole name ("Service:method" with
+        // the multiplexed protocol) and the service is its prefix.
+        if let Some((svc, _)) = h.name.split_once(':') {
+            msg.meta.service = svc.to_owned();
         }
+        msg.meta.method = h.name;
         msg
     }
 
@@ -580,20 +579,12 @@ impl Codec for Thrift {
             MessageKind::Response | MessageKind::HeartbeatReply => REPLY,
         };
         let seqid = id as u32;
-        let name_len = msg.meta.service.len()
-            + usize::from(!msg.meta.service.is_empty())
-            + msg.meta.method.len();
+        let name_len = msg.meta.method.len();
         let start = dst.len();
         if transport == Transport::Framed {
             dst.put_u32(0);
         }
-        let put_name = |dst: &mut BytesMut| {
-            if !msg.meta.service.is_empty() {
-                dst.put_slice(msg.meta.service.as_bytes());
-                dst.put_u8(b':');
-            }
-            dst.put_slice(msg.meta.method.as_bytes());
-        };
+        let put_name = |dst: &mut BytesMut| dst.put_slice(msg.meta.method.as_bytes());
         match protocol {
             Protocol::Binary => {
                 dst.put_u32(STRICT_VERSION | u32::from(t));
@@ -705,13 +696,7 @@ mod tests {
 
     fn call(protocol: Protocol, transport: Transport, name: &str, seqid: u32) -> BytesMut {
         let mut m = Message::new(u64::from(seqid), MessageKind::Request);
-        match name.split_once(':') {
-            Some((s, n)) => {
-                m.meta.service = s.into();
-                m.meta.method = n.into();
-            }
-            None => m.meta.method = name.into(),
-        }
+        m.meta.method = name.into();
         m.wire = wire_of(transport, protocol);
         // args struct: field 1 string "hello", STOP
         let mut body = BytesMut::new();
@@ -761,7 +746,7 @@ mod tests {
                 let m = codec.decode(&mut buf, 1 << 20).unwrap().unwrap();
                 assert_eq!(m.id, 300, "{p:?} {t:?}");
                 assert_eq!(m.meta.service, "Calc");
-                assert_eq!(m.meta.method, "add");
+                assert_eq!(m.meta.method, "Calc:add");
                 assert_eq!(m.kind, MessageKind::Request);
                 let mut out = BytesMut::new();
                 codec.encode(&m, 300, &mut out);
