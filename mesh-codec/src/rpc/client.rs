@@ -101,6 +101,9 @@ enum Outgoing {
 pub struct Multiplexed {
     tx: mpsc::UnboundedSender<Outgoing>,
     shared: Arc<Shared>,
+    /// Requests that have checked this connection out of an
+    /// [`EndpointClient`].
+    reserved: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Multiplexed {
@@ -139,7 +142,11 @@ impl Multiplexed {
         let (rd, wr) = stream.into_split();
         tokio::spawn(write_loop(wr, codec.clone(), rx, shared.clone()));
         tokio::spawn(read_loop(rd, codec, tx.clone(), shared.clone(), max_frame));
-        Multiplexed { tx, shared }
+        Multiplexed {
+            tx,
+            shared,
+            reserved: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// True once the connection has failed or closed.
@@ -304,14 +311,20 @@ async fn read_loop(
     }
 }
 
-/// The client for one endpoint: a multiplexed connection, replaced when it
-/// closes. Connecting is serialised, so a burst of requests to a new
-/// endpoint makes one connection, not one each.
+/// The client for one endpoint.
+///
+/// For a codec that multiplexes ([`Codec::multiplexes`]: Dubbo, Bolt) it
+/// keeps one connection and sends every request over it; connecting is
+/// serialised, so a burst of requests to a new endpoint makes one
+/// connection, not one each. For a codec whose servers answer in order, one
+/// request at a time (Thrift), each request takes an idle connection or
+/// opens one, so a slow call never delays another.
 pub struct EndpointClient {
     addr: SocketAddr,
     codec: Arc<dyn Codec>,
     config: ClientConfig,
-    conn: tokio::sync::Mutex<Option<Arc<Multiplexed>>>,
+    conns: Mutex<Vec<Arc<Multiplexed>>>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for EndpointClient {
@@ -322,6 +335,15 @@ impl std::fmt::Debug for EndpointClient {
     }
 }
 
+/// A connection reserved for one request; released on drop.
+struct Checkout(Arc<Multiplexed>);
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl EndpointClient {
     /// A client for `addr`; it connects on first use.
     pub fn new(addr: SocketAddr, codec: Arc<dyn Codec>, config: ClientConfig) -> Self {
@@ -329,7 +351,8 @@ impl EndpointClient {
             addr,
             codec,
             config,
-            conn: tokio::sync::Mutex::new(None),
+            conns: Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -338,26 +361,63 @@ impl EndpointClient {
         self.addr
     }
 
-    /// The open connection, connecting when there is none.
-    pub async fn connection(&self) -> Result<Arc<Multiplexed>, ClientError> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if !c.is_closed() {
-                return Ok(c.clone());
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.is_closed());
+        conns.len()
+    }
+
+    fn reserve(&self) -> Option<Checkout> {
+        let limit = if self.codec.multiplexes() {
+            usize::MAX
+        } else {
+            1
+        };
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.is_closed());
+        for c in conns.iter() {
+            let r = c.reserved.load(Ordering::Acquire);
+            if r < limit
+                && c.reserved
+                    .compare_exchange(r, r + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(Checkout(c.clone()));
             }
         }
+        None
+    }
+
+    async fn checkout(&self) -> Result<Checkout, ClientError> {
+        if let Some(c) = self.reserve() {
+            return Ok(c);
+        }
+        let _serial = if self.codec.multiplexes() {
+            let g = self.connecting.lock().await;
+            if let Some(c) = self.reserve() {
+                return Ok(c);
+            }
+            Some(g)
+        } else {
+            None
+        };
         let c = Arc::new(Multiplexed::connect(self.addr, self.codec.clone(), &self.config).await?);
-        *guard = Some(c.clone());
-        Ok(c)
+        c.reserved.fetch_add(1, Ordering::AcqRel);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c.clone());
+        Ok(Checkout(c))
     }
 
     /// Sends a request (or a oneway message, answered with `None`).
     pub async fn call(&self, msg: Message) -> Result<Option<Message>, ClientError> {
-        let conn = self.connection().await?;
+        let conn = self.checkout().await?;
         if msg.kind == MessageKind::Oneway {
-            conn.send(msg)?;
+            conn.0.send(msg)?;
             return Ok(None);
         }
-        conn.call(msg).await.map(Some)
+        conn.0.call(msg).await.map(Some)
     }
 }

@@ -331,6 +331,14 @@ pub trait Codec: Send + Sync + 'static {
     /// The largest request id the protocol can carry (ids on multiplexed
     /// upstream connections wrap below it).
     fn max_request_id(&self) -> u64;
+
+    /// Whether servers of this protocol answer many requests on one
+    /// connection in any order (true: one upstream connection carries
+    /// every request). When false, the proxy sends one request at a time
+    /// per upstream connection.
+    fn multiplexes(&self) -> bool {
+        true
+    }
 }
 
 impl std::fmt::Debug for dyn Codec {

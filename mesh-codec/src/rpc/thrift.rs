@@ -628,6 +628,11 @@ impl Codec for Thrift {
     fn max_request_id(&self) -> u64 {
         i32::MAX as u64
     }
+
+    /// Thrift servers answer in order, one call at a time per connection.
+    fn multiplexes(&self) -> bool {
+        false
+    }
 }
 
 /// Reads a `TApplicationException`'s message and type from an exception
