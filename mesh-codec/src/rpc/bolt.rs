@@ -102,14 +102,23 @@ pub fn write_header_map(dst: &mut BytesMut, entries: &[(String, String)]) {
     }
 }
 
-/// Reads `methodName` from a Hessian2 `SofaRequest` object.
+/// Reads `methodName` from a Hessian `SofaRequest` object: Hessian 2.0
+/// (`C` class definition, `O`/`0x60` instance, as Java SOFA RPC writes it)
+/// or the Hessian 3.x draft (`O` definition, `o` instance, as sofa-rpc-node
+/// writes it).
 fn sofa_method(content: &[u8]) -> Option<String> {
     let mut r = Reader::new(content);
-    if r.peek()? != b'C' {
-        return None;
-    }
-    r.next_byte().ok()?;
-    let class = r.read_string().ok()??;
+    let legacy = match r.next_byte().ok()? {
+        b'C' => false,
+        b'O' => true,
+        _ => return None,
+    };
+    let class = if legacy {
+        let n = usize::try_from(r.read_int().ok()?).ok()?;
+        String::from_utf8_lossy(r.read_raw(n).ok()?).into_owned()
+    } else {
+        r.read_string().ok()??
+    };
     if !class.ends_with("SofaRequest") {
         return None;
     }
@@ -118,21 +127,26 @@ fn sofa_method(content: &[u8]) -> Option<String> {
     for _ in 0..n.min(64) {
         names.push(r.read_string().ok()??);
     }
-    match r.next_byte().ok()? {
-        0x60 => {}
-        b'O' => {
+    match (legacy, r.next_byte().ok()?) {
+        (false, 0x60) => {}
+        (false, b'O') | (true, b'o') => {
             r.read_int().ok()?;
         }
         _ => return None,
     }
+    // The fields before methodName are strings or null.
     for name in &names {
+        let v = r.read_string().ok()?;
         if name == "methodName" {
-            return r.read_string().ok()?;
+            return v;
         }
-        r.skip_value(0).ok()?;
     }
     None
 }
+
+/// [`Message::wire`] bit: the request's content uses the Hessian 3.x draft
+/// object encoding, so error replies use it too.
+const WIRE_LEGACY_HESSIAN: u32 = 0x100;
 
 impl Codec for Bolt {
     fn name(&self) -> &'static str {
@@ -209,6 +223,10 @@ impl Codec for Bolt {
         };
         let mut msg = Message::new(id, kind);
         msg.wire = u32::from(codec);
+        let content_at = hlen + class_len + header_len;
+        if frame.get(content_at) == Some(&b'O') {
+            msg.wire |= WIRE_LEGACY_HESSIAN;
+        }
         if typ == TYPE_RESPONSE {
             msg.status = u32::from(u16_at(&frame, 10));
         }
@@ -312,17 +330,39 @@ impl Codec for Bolt {
     }
 }
 
-/// An error response: status, the error class, and the text as a Hessian2
-/// string (what SOFA clients show as the error message).
+/// An error response: status, the error class, and an
+/// `RpcServerException` whose `detailMessage` is the text (what SOFA
+/// clients show as the error), in the request's Hessian dialect.
 fn error_frame(req: &Message, status: u16, text: &str) -> Message {
-    let codec = if req.wire == 0 {
+    let codec = if req.wire & 0xff == 0 {
         HESSIAN2
     } else {
         req.wire as u8
     };
     let mut content = BytesMut::new();
     if codec == HESSIAN2 {
-        hessian::write_string(&mut content, text);
+        if req.wire & WIRE_LEGACY_HESSIAN != 0 {
+            content.put_u8(b'O');
+            hessian::write_int(&mut content, ERROR_CLASS.len() as i32);
+            content.put_slice(ERROR_CLASS.as_bytes());
+        } else {
+            content.put_u8(b'C');
+            hessian::write_string(&mut content, ERROR_CLASS);
+        }
+        hessian::write_int(&mut content, 3);
+        for f in ["detailMessage", "stackTrace", "cause"] {
+            hessian::write_string(&mut content, f);
+        }
+        if req.wire & WIRE_LEGACY_HESSIAN != 0 {
+            content.put_u8(b'o');
+            hessian::write_int(&mut content, 0);
+            hessian::write_string_v1(&mut content, text);
+        } else {
+            content.put_u8(0x60);
+            hessian::write_string(&mut content, text);
+        }
+        hessian::write_null(&mut content);
+        hessian::write_null(&mut content);
     }
     let mut header = BytesMut::with_capacity(RESPONSE_HEADER_LEN);
     header.put_u8(PROTOCOL_V1);
@@ -340,7 +380,7 @@ fn error_frame(req: &Message, status: u16, text: &str) -> Message {
     body.put_slice(&content);
     let mut m = Message::new(req.id, MessageKind::Error);
     m.status = u32::from(status);
-    m.wire = u32::from(codec);
+    m.wire = req.wire;
     m.header = header.freeze();
     m.body = body.freeze();
     m
@@ -374,12 +414,32 @@ pub fn request(id: u32, service: &str, method: &str, content: &[u8]) -> BytesMut
     out
 }
 
-/// Reads the error text of an error response, if it carries one.
+/// Reads the error text (`detailMessage`) of an error response made by
+/// [`Codec::error_reply`].
 pub fn error_text(msg: &Message) -> Option<String> {
-    let class_len = usize::from(u16_at(&msg.header, 12));
-    let header_len = usize::from(u16_at(&msg.header, 14));
-    let content = msg.body.get(class_len + header_len..)?;
-    Reader::new(content).read_string().ok().flatten()
+    let c = content(msg);
+    let mut r = Reader::new(&c);
+    match r.next_byte().ok()? {
+        b'C' => {
+            r.read_string().ok()??;
+        }
+        b'O' => {
+            let n = usize::try_from(r.read_int().ok()?).ok()?;
+            r.read_raw(n).ok()?;
+        }
+        _ => return None,
+    }
+    let n = r.read_int().ok()?;
+    for _ in 0..n {
+        r.read_string().ok()?;
+    }
+    match r.next_byte().ok()? {
+        0x60 => {}
+        _ => {
+            r.read_int().ok()?;
+        }
+    }
+    r.read_string().ok().flatten()
 }
 
 /// The content bytes of a message (after class name and header map).
@@ -428,6 +488,9 @@ mod tests {
         c.put_u8(0x60);
         c.put_u8(b'N');
         hessian::write_string(&mut c, "plus");
+        // The Hessian 3.x draft form sofa-rpc-node writes.
+        let legacy = b"O\xbccom.alipay.sofa.rpc.core.request.SofaRequest\x95\nmethodName\rmethodArgSigs\x17targetServiceUniqueName\rtargetAppName\x0crequestPropso\x90\x06whoamiN";
+        assert_eq!(sofa_method(legacy).as_deref(), Some("whoami"));
         let class = "com.alipay.sofa.rpc.core.request.SofaRequest";
         let mut header = BytesMut::new();
         write_header_map(&mut header, &[("service".into(), "Calc:1.0".into())]);

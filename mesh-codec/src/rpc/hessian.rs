@@ -77,6 +77,11 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    /// Consumes `n` raw bytes.
+    pub fn read_raw(&mut self, n: usize) -> HResult<&'a [u8]> {
+        self.take(n)
+    }
+
     /// Consumes one byte (a tag the caller has already looked at).
     pub fn next_byte(&mut self) -> HResult<u8> {
         self.u8()
@@ -134,7 +139,7 @@ impl<'a> Reader<'a> {
                 b'N' if out.is_empty() => return Ok(None),
                 0x00..=0x1f => (usize::from(b), true),
                 0x30..=0x33 => ((usize::from(b - 0x30) << 8) | usize::from(self.u8()?), true),
-                b'S' | b'R' => {
+                b'S' | b'R' | b's' => {
                     let s = self.take(2)?;
                     (usize::from(u16::from_be_bytes([s[0], s[1]])), b == b'S')
                 }
@@ -395,6 +400,35 @@ pub fn write_string(dst: &mut BytesMut, s: &str) {
         }
         let last = end == rest.len();
         dst.put_u8(if last { b'S' } else { b'R' });
+        dst.put_u16(units as u16);
+        dst.put_slice(&rest.as_bytes()[..end]);
+        rest = &rest[end..];
+        if last {
+            return;
+        }
+    }
+}
+
+/// Writes a string in the Hessian 3.x draft form (no `0x30`-`0x33`
+/// two-byte lengths; `s` marks a non-final chunk).
+pub fn write_string_v1(dst: &mut BytesMut, s: &str) {
+    if utf16_len(s) <= 31 {
+        write_string(dst, s);
+        return;
+    }
+    let mut rest = s;
+    loop {
+        let mut units = 0;
+        let mut end = 0;
+        for (i, c) in rest.char_indices() {
+            if units + c.len_utf16() > 32768 {
+                break;
+            }
+            units += c.len_utf16();
+            end = i + c.len_utf8();
+        }
+        let last = end == rest.len();
+        dst.put_u8(if last { b'S' } else { b's' });
         dst.put_u16(units as u16);
         dst.put_slice(&rest.as_bytes()[..end]);
         rest = &rest[end..];
