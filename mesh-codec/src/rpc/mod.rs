@@ -68,7 +68,7 @@
 //!     fn max_request_id(&self) -> u64 { u64::from(u32::MAX) }
 //! }
 //!
-//! let mut buf = BytesMut::from(&b"\x00\x00\x00\x0a\x00\x00\x00\x07\x00hi\n"[..]);
+//! let mut buf = BytesMut::from(&b"\x00\x00\x00\x08\x00\x00\x00\x07\x00hi\n"[..]);
 //! let msg = Tiny.decode(&mut buf, 1024).unwrap().unwrap();
 //! assert_eq!((msg.id, msg.meta.method.as_str()), (7, "hi"));
 //! ```
