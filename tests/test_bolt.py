@@ -135,3 +135,28 @@ def test_garbage_closes_only_that_connection(mesh, garbage):
             pass
     assert node_calls("bolt", port, [{"method": "plus", "args": [2, 2]}]) == [{"ok": 4}]
     assert mesh.alive()
+
+
+@pytest.fixture(scope="module", params=harness.kind_params(("mesh",)))
+def auto_mesh(request, module_start_proxy, servers):
+    dubbo_a = NodeServer("dubbo", "dubbo-a").start()
+    thrift_a = rpc_peers.ThriftServer("thrift-a").start()
+    routes = [
+        {"match": {"headers": [{"name": ":scheme", "exact_match": proto}]}, "route": {"cluster": proto}}
+        for proto in ("dubbo", "bolt", "thrift")
+    ]
+    listeners = [rpc_peers.generic_listener("auto", "auto", {"route_config": {"routes": routes}})]
+    clusters = [harness.static_cluster("bolt", servers["a"].port),
+                harness.static_cluster("dubbo", dubbo_a.port),
+                harness.static_cluster("thrift", thrift_a.port)]
+    yield module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
+    dubbo_a.stop()
+    thrift_a.stop()
+
+
+def test_auto_codec_tells_protocols_apart_on_one_listener(auto_mesh):
+    port = auto_mesh.port("auto")
+    assert node_calls("bolt", port, [{"method": "whoami"}]) == [{"ok": "a"}]
+    assert node_calls("dubbo", port, [{"method": "whoami"}]) == [{"ok": "dubbo-a"}]
+    assert rpc_peers.dubbo_call(port, GREETER, "whoami") == "dubbo-a"
+    assert rpc_peers.thrift_call(port, "whoami") == "thrift-a"

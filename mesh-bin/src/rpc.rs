@@ -46,8 +46,9 @@ const MAX_METHOD_STATS: usize = 1000;
 
 /// The codec an [`RpcProxy`] configuration names.
 pub fn codec_for(config: &RpcProxy) -> Arc<dyn Codec> {
-    use mesh_codec::rpc::{bolt, dubbo, thrift};
+    use mesh_codec::rpc::{auto, bolt, dubbo, thrift};
     match config.codec {
+        RpcCodec::Auto => Arc::new(auto::Auto::default()),
         RpcCodec::Dubbo => Arc::new(dubbo::Dubbo),
         RpcCodec::Bolt => Arc::new(bolt::Bolt),
         RpcCodec::Thrift { framed, protocol } => Arc::new(thrift::Thrift {

@@ -155,6 +155,8 @@ pub enum RpcCodec {
     Dubbo,
     /// SOFA Bolt v1.
     Bolt,
+    /// Dubbo, Bolt or Thrift, detected from each frame's first bytes.
+    Auto,
 }
 
 /// Envoy `thrift_proxy.v3.ProtocolType` (the supported subset).

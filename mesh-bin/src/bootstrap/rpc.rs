@@ -427,6 +427,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         cx,
         "codec",
         &[
+            ("auto", Some(RpcCodec::Auto)),
             ("bolt", Some(RpcCodec::Bolt)),
             ("dubbo", Some(RpcCodec::Dubbo)),
             (
