@@ -190,6 +190,7 @@ fn serve(
             },
             drain_time: Duration::from_secs(run.drain_time_s),
             admin_address_path: run.admin_address_path,
+            ..Default::default()
         };
         let proxy = match Proxy::start(bootstrap, options, json).await {
             Ok(p) => p,

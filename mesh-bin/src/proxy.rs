@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub drain_time: Duration,
     /// Where to write the admin address once bound (`--admin-address-path`).
     pub admin_address_path: Option<std::path::PathBuf>,
+    /// RPC codecs registered by a Rust program, for `RpcCodec::Custom`.
+    pub rpc_codecs: crate::rpc::CodecRegistry,
 }
 
 impl Default for ProxyOptions {
@@ -51,6 +53,7 @@ impl Default for ProxyOptions {
             runtime: RuntimeMode::PerCore,
             drain_time: Duration::from_secs(5),
             admin_address_path: None,
+            rpc_codecs: Default::default(),
         }
     }
 }
@@ -214,11 +217,10 @@ impl Proxy {
                     };
                     Terminal::Http(Arc::new(shared), server)
                 }
-                NetworkFilter::Rpc(r) => {
-                    Terminal::Rpc(Arc::new(RpcShared::new(r, &cm, &store).map_err(|e| {
-                        StartError::Config(format!("{}.{e}", terminal_path(li, l)))
-                    })?))
-                }
+                NetworkFilter::Rpc(r) => Terminal::Rpc(Arc::new(
+                    RpcShared::new(r, &cm, &store, &options.rpc_codecs)
+                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
+                )),
                 NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
                     TcpProxyShared::new(t, &cm, &store)
                         .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,

@@ -142,7 +142,7 @@ pub enum RpcFilter {
 }
 
 /// The protocol of an [`RpcProxy`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RpcCodec {
     /// Apache Thrift; `None` transport/protocol: detected per frame.
     Thrift {
@@ -157,6 +157,9 @@ pub enum RpcCodec {
     Bolt,
     /// Dubbo, Bolt or Thrift, detected from each frame's first bytes.
     Auto,
+    /// A codec a Rust program registers by this name
+    /// (`mesh_bin::ProxyOptions::rpc_codecs`); not reachable from YAML.
+    Custom(String),
 }
 
 /// Envoy `thrift_proxy.v3.ProtocolType` (the supported subset).
