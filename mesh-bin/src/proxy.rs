@@ -115,6 +115,9 @@ fn terminal_path(li: usize, l: &mesh_core::config::Listener) -> String {
 /// every error with its field path.
 pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
     let mut errors = Vec::new();
+    if bootstrap.dynamic_resources.is_some() {
+        errors.push("dynamic_resources: not served by this build yet (unsupported)".to_string());
+    }
     for (i, c) in bootstrap.clusters.iter().enumerate() {
         if matches!(c.discovery, mesh_core::config::DiscoveryType::Eds { .. }) {
             errors.push(format!(
@@ -168,6 +171,11 @@ impl Proxy {
         options: ProxyOptions,
         config_json: serde_json::Value,
     ) -> Result<Proxy, StartError> {
+        if bootstrap.dynamic_resources.is_some() {
+            return Err(StartError::Config(
+                "dynamic_resources: not served by this build yet (unsupported)".into(),
+            ));
+        }
         let store = Store::new();
         let stop = CancellationToken::new();
         let drain = Drain::new();
