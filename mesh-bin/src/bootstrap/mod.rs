@@ -26,6 +26,7 @@ mod headers;
 mod listener;
 mod reader;
 mod route;
+mod rpc;
 #[cfg(test)]
 mod tests;
 mod xds;
