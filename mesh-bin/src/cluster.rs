@@ -93,9 +93,21 @@ impl ClusterManager {
         store: &Store,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
+        Self::build_in_zone(clusters, "", store, stop).await
+    }
+
+    /// As [`ClusterManager::build`], for a proxy in `zone` (zone-aware
+    /// routing prefers endpoints there; empty: unknown).
+    pub async fn build_in_zone(
+        clusters: &[Cluster],
+        zone: &str,
+        store: &Store,
+        stop: &CancellationToken,
+    ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         for (i, c) in clusters.iter().enumerate() {
-            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let balancer =
+                Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
             let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {

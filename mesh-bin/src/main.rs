@@ -67,6 +67,10 @@ struct RunArgs {
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 5)]
     drain_time_s: u64,
+    /// The proxy's zone for zone-aware routing (overrides
+    /// `node.locality.zone`).
+    #[arg(long)]
+    zone: Option<String>,
 }
 
 const QUICKSTART: &str = include_str!("../../examples/configs/quickstart.yaml");
@@ -153,7 +157,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(
-    bootstrap: mesh_core::config::Bootstrap,
+    mut bootstrap: mesh_core::config::Bootstrap,
     json: serde_json::Value,
     run: RunArgs,
     demo: bool,
@@ -168,6 +172,9 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(zone) = &run.zone {
+        bootstrap.node.locality.zone = zone.clone();
+    }
     rt.block_on(async move {
         if demo {
             let upstreams = [

@@ -172,9 +172,14 @@ impl Proxy {
         let stop = CancellationToken::new();
         let drain = Drain::new();
         let cm = Arc::new(
-            ClusterManager::build(&bootstrap.clusters, &store, &stop)
-                .await
-                .map_err(StartError::Config)?,
+            ClusterManager::build_in_zone(
+                &bootstrap.clusters,
+                &bootstrap.node.locality.zone,
+                &store,
+                &stop,
+            )
+            .await
+            .map_err(StartError::Config)?,
         );
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {

@@ -31,6 +31,8 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                 weight: ep.weight,
                 priority: loc.priority,
                 locality: loc.locality.clone(),
+                locality_weight: loc.load_balancing_weight,
+                metadata: ep.metadata.clone(),
             });
         }
     }
@@ -87,6 +89,8 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     weight: ep.weight,
                     priority: loc.priority,
                     locality: loc.locality.clone(),
+                    locality_weight: loc.load_balancing_weight,
+                    metadata: ep.metadata.clone(),
                 });
             }
         }
@@ -141,6 +145,7 @@ mod tests {
                         host: h.to_string(),
                         port: 80,
                         weight: 1,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()
@@ -150,6 +155,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
+            lb: Default::default(),
         }
     }
 
