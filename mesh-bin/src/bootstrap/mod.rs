@@ -27,6 +27,7 @@ mod lb;
 mod listener;
 mod reader;
 mod route;
+mod rpc;
 #[cfg(test)]
 mod tests;
 
