@@ -637,4 +637,6 @@ pub struct LbEndpoint {
     pub weight: u32,
     /// `metadata.filter_metadata["envoy.lb"]`.
     pub metadata: LbMetadata,
+    /// `health_status`.
+    pub health_status: HealthStatus,
 }

@@ -181,3 +181,18 @@ pub enum HashPolicyKind {
     /// `query_parameter.name`.
     QueryParameter(String),
 }
+
+/// Envoy `config.core.v3.HealthStatus` of an endpoint, as given by
+/// discovery (`lb_endpoints[].health_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthStatus {
+    /// `UNKNOWN` (the default): healthy until checked.
+    #[default]
+    Unknown,
+    /// `HEALTHY`.
+    Healthy,
+    /// `UNHEALTHY`, `DRAINING` or `TIMEOUT`: not used (except in panic).
+    Unhealthy,
+    /// `DEGRADED`: used only when healthy endpoints do not suffice.
+    Degraded,
+}

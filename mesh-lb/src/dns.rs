@@ -33,6 +33,7 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                 locality: loc.locality.clone(),
                 locality_weight: loc.load_balancing_weight,
                 metadata: ep.metadata.clone(),
+                health_status: ep.health_status,
             });
         }
     }
@@ -91,6 +92,7 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     locality: loc.locality.clone(),
                     locality_weight: loc.load_balancing_weight,
                     metadata: ep.metadata.clone(),
+                    health_status: ep.health_status,
                 });
             }
         }

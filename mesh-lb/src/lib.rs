@@ -69,7 +69,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mesh_core::config::{LbConfig, LbMetadata, LbPolicy, Locality, SubsetFallback};
+use mesh_core::config::{HealthStatus, LbConfig, LbMetadata, LbPolicy, Locality, SubsetFallback};
 use mesh_core::stats::{Counter, Gauge};
 
 use priority::HostGroup;
@@ -122,7 +122,8 @@ impl Endpoint {
     }
 
     fn new(s: EndpointSpec, config: &LbConfig) -> Self {
-        Endpoint {
+        let health_status = s.health_status;
+        let e = Endpoint {
             addr: s.addr,
             hostname: s.hostname,
             weight: s.weight.max(1),
@@ -133,7 +134,30 @@ impl Endpoint {
             stats: EndpointStats::default(),
             health: HealthFlags::default(),
             rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
+        };
+        e.apply_health_status(health_status);
+        e
+    }
+
+    /// Sets the discovery-reported health flags; true when they changed.
+    fn apply_health_status(&self, h: HealthStatus) -> bool {
+        let (failed, degraded) = match h {
+            HealthStatus::Unknown | HealthStatus::Healthy => (false, false),
+            HealthStatus::Unhealthy => (true, false),
+            HealthStatus::Degraded => (false, true),
+        };
+        let mut changed = false;
+        for (flag, on) in [
+            (HealthFlags::FAILED_EDS_HEALTH, failed),
+            (HealthFlags::DEGRADED, degraded),
+        ] {
+            changed |= if on {
+                self.health.set(flag)
+            } else {
+                self.health.clear(flag)
+            };
         }
+        changed
     }
 
     fn same(&self, s: &EndpointSpec) -> bool {
@@ -164,6 +188,9 @@ pub struct EndpointSpec {
     pub locality_weight: Option<u32>,
     /// `metadata.filter_metadata["envoy.lb"]`.
     pub metadata: LbMetadata,
+    /// The health discovery reports (`health_status`): sets or clears
+    /// [`HealthFlags::FAILED_EDS_HEALTH`] and [`HealthFlags::DEGRADED`].
+    pub health_status: HealthStatus,
 }
 
 impl EndpointSpec {
@@ -177,6 +204,7 @@ impl EndpointSpec {
             locality: Locality::default(),
             locality_weight: None,
             metadata: LbMetadata::new(),
+            health_status: HealthStatus::Unknown,
         }
     }
 
@@ -201,6 +229,12 @@ impl EndpointSpec {
     /// With subset metadata `m`.
     pub fn with_metadata(mut self, m: LbMetadata) -> Self {
         self.metadata = m;
+        self
+    }
+
+    /// With the health discovery reports.
+    pub fn with_health_status(mut self, h: HealthStatus) -> Self {
+        self.health_status = h;
         self
     }
 }
@@ -374,7 +408,15 @@ impl Balancer {
         let same = old.endpoints.len() == specs.len()
             && old.endpoints.iter().zip(&specs).all(|(e, s)| e.same(s));
         if same {
-            return false;
+            // Only health reported by discovery may have changed.
+            let mut changed = false;
+            for (e, s) in old.endpoints.iter().zip(&specs) {
+                changed |= e.apply_health_status(s.health_status);
+            }
+            if changed {
+                self.health_changed();
+            }
+            return changed;
         }
         let mut by_addr: HashMap<SocketAddr, Vec<&Arc<Endpoint>>> = HashMap::new();
         for e in &old.endpoints {
@@ -388,7 +430,10 @@ impl Balancer {
                     Some(v.swap_remove(i))
                 });
                 match existing {
-                    Some(e) => e.clone(),
+                    Some(e) => {
+                        e.apply_health_status(s.health_status);
+                        e.clone()
+                    }
                     None => Arc::new(Endpoint::new(s, &self.settings.config)),
                 }
             })

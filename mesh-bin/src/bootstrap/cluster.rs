@@ -337,6 +337,7 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         Some(m) => super::lb::lb_metadata(cx, m),
         None => Default::default(),
     };
+    let health_status = super::lb::health_status(cx, &mut o);
     o.finish(cx);
     let (host, port, host_path) = endpoint?;
     if kind == Kind::Static && host.parse::<IpAddr>().is_err() {
@@ -351,6 +352,7 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         port,
         weight,
         metadata,
+        health_status,
     })
 }
 

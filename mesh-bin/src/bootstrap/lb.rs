@@ -10,8 +10,8 @@
 //! factor above 0, percentages from 0 to 100.
 
 use mesh_core::config::{
-    HashPolicy, HashPolicyKind, LbConfig, LbMetadata, LbPolicy, MetadataValue, SubsetConfig,
-    SubsetFallback, ZoneAwareConfig,
+    HashPolicy, HashPolicyKind, HealthStatus, LbConfig, LbMetadata, LbPolicy, MetadataValue,
+    SubsetConfig, SubsetFallback, ZoneAwareConfig,
 };
 use serde_json::Value;
 
@@ -610,4 +610,22 @@ pub(crate) fn metadata_match(cx: &mut Ctx, o: &mut Obj<'_>) -> LbMetadata {
         Some(m) => lb_metadata(cx, m),
         None => LbMetadata::new(),
     }
+}
+
+/// An endpoint's `health_status`.
+pub(crate) fn health_status(cx: &mut Ctx, o: &mut Obj<'_>) -> HealthStatus {
+    o.enumeration(
+        cx,
+        "health_status",
+        &[
+            ("UNKNOWN", HealthStatus::Unknown),
+            ("HEALTHY", HealthStatus::Healthy),
+            ("UNHEALTHY", HealthStatus::Unhealthy),
+            ("DRAINING", HealthStatus::Unhealthy),
+            ("TIMEOUT", HealthStatus::Unhealthy),
+            ("DEGRADED", HealthStatus::Degraded),
+        ],
+        &[],
+    )
+    .unwrap_or_default()
 }

@@ -217,6 +217,7 @@ fn bench_config_loads() {
                     port: 18080,
                     weight: 1,
                     metadata: Default::default(),
+                    health_status: Default::default(),
                 }],
             }],
             protocol: UpstreamProtocol::Http2,
@@ -1175,12 +1176,14 @@ fn cluster_options() {
                 port: 80,
                 weight: 3,
                 metadata: Default::default(),
+                health_status: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
                 port: 81,
                 weight: 1,
                 metadata: Default::default(),
+                health_status: Default::default(),
             },
         ]
     );
