@@ -10,8 +10,9 @@
 //!   (the same hashes as Envoy, so the same key reaches the same endpoint),
 //!   and peak EWMA latency (linkerd's). On top of any policy: priority
 //!   levels with Envoy's overprovisioning factor and panic threshold,
-//!   locality weights, zone-aware routing ([`priority`](crate) rules in the
-//!   `priority` module docs) and subsets by endpoint metadata.
+//!   locality weights, zone-aware routing (the rules are in the source of
+//!   the `priority` module) and subsets by endpoint metadata
+//!   (`lb_subset_config`).
 //! - [`hash`]: the request hash of a route's `hash_policy` (header, cookie,
 //!   source IP, query parameter).
 //! - [`dns`]: STRICT_DNS and LOGICAL_DNS discovery that feeds a balancer.
