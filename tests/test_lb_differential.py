@@ -99,13 +99,13 @@ def test_weighted_shares(start_proxy, ups, kind, policy):
         assert abs(share - 0.75) < 0.03, c
 
 
-def _hash_cfg(ups, policy: str, extra: dict | None = None) -> str:
+def _hash_cfg(ups, policy: str, extra: dict | None = None, hash_policy=None) -> str:
+    hash_policy = hash_policy or [{"header": {"header_name": "x-user"}}]
     routes = {
         "virtual_hosts": [{
             "name": "all", "domains": ["*"],
             "routes": [{"match": {"prefix": "/"},
-                        "route": {"cluster": "c",
-                                  "hash_policy": [{"header": {"header_name": "x-user"}}]}}],
+                        "route": {"cluster": "c", "hash_policy": hash_policy}}],
         }]
     }
     return harness.simple_http_bootstrap(
@@ -145,6 +145,53 @@ def test_ring_hash_picks_the_same_endpoint_as_envoy(start_proxy, ups, ring_choic
                 for i in range(40)
             }
     assert ring_choices[("mesh", "RING_HASH")] == ring_choices[("envoy", "RING_HASH")]
+
+
+QUERY_POLICY = [{"header": {"header_name": "x-user"}, "terminal": True},
+                {"query_parameter": {"name": "u"}}]
+
+
+def _query_choices(start_proxy, ups, kind) -> dict:
+    p = start_proxy(kind, _hash_cfg(ups, "RING_HASH", hash_policy=QUERY_POLICY))
+    choice = {}
+    fixed = sequence(p, 1, headers={"x-user": "fixed"})[0]
+    for i in range(30):
+        by_query = set(sequence(p, 2, path=f"/?u=q{i}"))
+        assert len(by_query) == 1
+        choice[f"q{i}"] = by_query.pop()
+        # The header matched and is terminal: the query no longer matters.
+        assert sequence(p, 1, headers={"x-user": "fixed"}, path=f"/?u=q{i}")[0] == fixed
+    assert len(set(choice.values())) >= 3
+    return choice
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_query_parameter_and_terminal_hash_policies(start_proxy, ups, kind):
+    """`terminal` on a header policy that matched skips the query policy;
+    without the header the query parameter decides."""
+    _query_choices(start_proxy, ups, kind)
+
+
+def test_query_parameter_hash_picks_the_same_endpoint_as_envoy(start_proxy, ups):
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    assert _query_choices(start_proxy, ups, "mesh") == _query_choices(start_proxy, ups, "envoy")
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_locality_weights(start_proxy, ups, kind):
+    c = cluster([[]], common_lb_config={"locality_weighted_lb_config": {}})
+    c["load_assignment"]["endpoints"] = [
+        {"locality": {"zone": "a"}, "load_balancing_weight": 1,
+         "lb_endpoints": [endpoint(ups[0].port)]},
+        {"locality": {"zone": "b"}, "load_balancing_weight": 3,
+         "lb_endpoints": [endpoint(ups[1].port), endpoint(ups[2].port)]},
+    ]
+    p = start_proxy(kind, harness.simple_http_bootstrap(ROUTES, [c]))
+    n = 400
+    got = collections.Counter(sequence(p, n))
+    assert abs(got["u0"] / n - 0.25) < 0.04, got
+    assert abs(got["u1"] / n - 0.375) < 0.05, got
 
 
 @pytest.mark.parametrize("kind", harness.kind_params())
