@@ -343,3 +343,25 @@ def test_subset_routing_by_header(start_proxy, ups, kind, fallback):
                 assert got == {"u0"}, got
             else:
                 assert got == {"u0", "u1", "u2"}, got
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_dead_p0_endpoint_without_health_checking_still_gets_traffic(start_proxy, ups,
+                                                                     refused, kind):
+    """Without health checks or outlier detection nothing marks a refused
+    endpoint unhealthy, so (as Envoy) it keeps its share and those requests
+    fail with 503 UF; failover then comes from `health_status` (above) or
+    from active health checking / outlier detection."""
+    cfg = harness.simple_http_bootstrap(ROUTES, [cluster([
+        [endpoint(refused), endpoint(ups[0].port)],
+        [endpoint(ups[1].port)],
+    ])])
+    p = start_proxy(kind, cfg)
+    statuses = collections.Counter()
+    upstreams = collections.Counter()
+    for _ in range(20):
+        r = harness.request(p.port(), "GET", "/")
+        statuses[r.status] += 1
+        upstreams[r.upstream] += 1
+    assert statuses == {200: 10, 503: 10}, statuses
+    assert upstreams == {"u0": 10, None: 10}, upstreams
