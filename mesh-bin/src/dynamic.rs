@@ -1177,7 +1177,7 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
             h.request_headers_timeout,
             h.idle_timeout,
         ))),
-        NetworkFilter::TcpProxy(_) => Some(None),
+        NetworkFilter::TcpProxy(_) | NetworkFilter::Rpc(_) => Some(None),
     };
     old.address == new.address
         && old.connection_limit == new.connection_limit
@@ -1232,6 +1232,10 @@ fn build_terminal(
             TcpProxyShared::new(t, cm, store)
                 .map_err(|e| format!("listener {:?}: tcp_proxy: {e}", l.name))?,
         ))),
+        NetworkFilter::Rpc(_) => Err(format!(
+            "listener {:?}: filter_chains[0]: RPC proxies (thrift_proxy, dubbo_proxy, rpc_proxy) are static-only; over LDS they are not supported yet",
+            l.name
+        )),
     }
 }
 
