@@ -201,7 +201,7 @@ def test_bad_lb_settings_are_config_errors_with_the_field_path(ups, extra, messa
     path.write_text(harness.simple_http_bootstrap(ROUTES, [cluster([[endpoint(ups[0].port)]],
                                                                    **extra)]))
     out = subprocess.run([str(harness.mesh_bin()), "validate", "-c", str(path)],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=90)
     assert out.returncode == 1, out
     assert message in out.stdout + out.stderr, out
 
@@ -224,7 +224,7 @@ def test_duplicate_endpoints_and_zero_weights_are_refused(ups, tmp_path):
     c = cluster([[endpoint(ups[0].port), endpoint(ups[0].port), endpoint(ups[1].port, 0)]])
     path.write_text(harness.simple_http_bootstrap(ROUTES, [c]))
     out = subprocess.run([str(harness.mesh_bin()), "validate", "-c", str(path)],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=90)
     assert out.returncode == 1
     la = "static_resources.clusters[0].load_assignment.endpoints[0]"
     text = out.stdout + out.stderr

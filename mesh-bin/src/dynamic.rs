@@ -748,12 +748,19 @@ impl Manager {
     fn build_cluster(&mut self, c: &Cluster, old: Option<&ClusterEntry>) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
-            Some(o) if o.config.lb_policy == c.lb_policy && o.config.discovery == c.discovery => {
+            Some(o)
+                if o.config.lb_policy == c.lb_policy
+                    && o.config.lb == c.lb
+                    && o.config.discovery == c.discovery =>
+            {
                 o.balancer.clone()
             }
             // A new policy: a new balancer, filled below (EDS: from the
             // last assignment).
-            _ => Arc::new(Balancer::new(c.lb_policy)),
+            _ => Arc::new(
+                Balancer::with_config(c.lb_policy, c.lb.clone())
+                    .with_local_zone(self.cx.node.locality.zone.as_str()),
+            ),
         };
         if let Some(s) = self.dns_stops.remove(&c.name) {
             s.cancel();
