@@ -239,3 +239,16 @@ def test_cluster_without_endpoints_answers_503_uh(start_proxy, kind):
     p = start_proxy(kind, harness.simple_http_bootstrap(ROUTES, [c]))
     r = harness.request(p.port(), "GET", "/")
     assert r.status == 503 and r.body == b"no healthy upstream"
+
+
+def test_load_balancing_example_config_is_valid_for_both():
+    """examples/configs/load_balancing.yaml runs unchanged under Envoy and mesh."""
+    path = harness.REPO / "examples" / "configs" / "load_balancing.yaml"
+    out = subprocess.run([str(harness.envoy_bin()), "--mode", "validate", "-c", str(path),
+                          "--disable-hot-restart"], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    out = subprocess.run([str(harness.mesh_bin()), "validate", "-c", str(path)],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out
