@@ -123,13 +123,18 @@ impl TcpProxyShared {
             tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");
             return (Some(ResponseFlag::NoHealthyUpstream), 0, 0, None);
         };
+        let connect_start = tokio::time::Instant::now();
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
             TcpStream::connect(endpoint.addr),
         )
         .await;
         let upstream = match connect {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                // The connect time is the latency sample for peak EWMA.
+                endpoint.observe_rtt(connect_start.elapsed());
+                s
+            }
             Ok(Err(e)) => {
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
