@@ -107,7 +107,7 @@ PEAK_EWMA = ("mesh.load_balancing_policies.peak_ewma",
 
 @MESH
 def test_peak_ewma_avoids_the_slow_endpoint(start_proxy, ups, kind):
-    slow = SlowUpstream("slow", 0.05).start()
+    slow = SlowUpstream("slow", 0.15).start()
     try:
         eps = [endpoint(ups[0].port), endpoint(ups[1].port), endpoint(slow.port)]
         ewma = cluster([eps], load_balancing_policy=typed_policy(*PEAK_EWMA,

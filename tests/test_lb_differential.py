@@ -365,3 +365,42 @@ def test_dead_p0_endpoint_without_health_checking_still_gets_traffic(start_proxy
         upstreams[r.upstream] += 1
     assert statuses == {200: 10, 503: 10}, statuses
     assert upstreams == {"u0": 10, None: 10}, upstreams
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_least_request_avoids_a_slow_endpoint_under_concurrency(start_proxy, ups, kind):
+    """Eight clients at once: the slow endpoint holds requests longer, so
+    power-of-two-choices sends it far less than its round-robin third."""
+    import threading
+
+    from test_lb import SlowUpstream
+
+    slow = SlowUpstream("slow", 0.2).start()
+    try:
+        c = cluster([[endpoint(ups[0].port), endpoint(ups[1].port), endpoint(slow.port)]],
+                    lb_policy="LEAST_REQUEST")
+        p = start_proxy(kind, harness.simple_http_bootstrap(ROUTES, [c]))
+        got = collections.Counter()
+        lock = threading.Lock()
+        errors = []
+
+        def client():
+            try:
+                for _ in range(15):
+                    r = harness.request(p.port(), "GET", "/")
+                    with lock:
+                        got[r.upstream] += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        total = sum(got.values())
+        assert total == 120, got
+        assert got["slow"] / total < 0.25, got
+    finally:
+        slow.stop()
