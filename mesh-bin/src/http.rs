@@ -505,6 +505,7 @@ impl HttpProxy {
                 }
             },
         };
+        cluster.entry.outlier_failure(endpoint, flag);
         // The downstream's own faults are not charged to the upstream.
         let downstream_fault = flag == ResponseFlag::DownstreamProtocolError;
         if !downstream_fault {
@@ -617,6 +618,7 @@ impl HttpProxy {
         let status = resp.status();
         let service_time_ms = now.elapsed().as_millis() as u64;
         cstats.record_status(status.as_u16());
+        cluster.entry.outlier_status(&endpoint, status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
         }

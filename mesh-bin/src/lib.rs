@@ -7,6 +7,7 @@
 //! - [`tcp`]: the TCP proxy filter;
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
+//! - [`health`]: health-check probes and outlier-detection hooks;
 //! - [`demo`]: demo upstreams for `mesh demo`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod proxy;
 pub mod tcp;

@@ -13,6 +13,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::health_config::{
+    GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
+};
+
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -506,6 +510,13 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// `health_checks` (Envoy runs at most one).
+    pub health_check: Option<HealthCheck>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `max_requests_per_connection`: requests an upstream connection
+    /// carries before it is closed (none: unlimited).
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

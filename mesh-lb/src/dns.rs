@@ -150,6 +150,9 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
+            health_check: None,
+            outlier_detection: None,
+            max_requests_per_connection: None,
         }
     }
 

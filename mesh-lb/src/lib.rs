@@ -19,11 +19,13 @@
 
 pub mod dns;
 pub mod health;
+pub mod health_check;
+pub mod outlier;
 
 pub use health::HealthFlags;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -60,6 +62,8 @@ pub struct Endpoint {
     pub stats: EndpointStats,
     /// Health flags (active health checking, outlier detection, discovery).
     pub health: HealthFlags,
+    /// Outlier-detection counters, updated on the request path.
+    pub outlier: outlier::EndpointOutlier,
 }
 
 /// The description of an endpoint, before it becomes an [`Endpoint`].
@@ -161,6 +165,9 @@ pub struct Balancer {
     policy: LbPolicy,
     set: ArcSwap<EndpointSet>,
     next: AtomicUsize,
+    /// [`HealthFlags`] bits that endpoints added by [`Balancer::update`]
+    /// start with (`/failed_active_hc` when the cluster is health checked).
+    new_endpoint_health: AtomicU8,
 }
 
 impl Balancer {
@@ -170,7 +177,15 @@ impl Balancer {
             policy,
             set: ArcSwap::from_pointee(EndpointSet::default()),
             next: AtomicUsize::new(0),
+            new_endpoint_health: AtomicU8::new(0),
         }
+    }
+
+    /// Sets the [`HealthFlags`] bits that endpoints added by later updates
+    /// start with (active health checking marks new endpoints
+    /// `/failed_active_hc` until their first probe, as Envoy does).
+    pub fn set_new_endpoint_health(&self, bits: u8) {
+        self.new_endpoint_health.store(bits, Ordering::Relaxed);
     }
 
     /// A balancer over `specs`.
@@ -248,7 +263,8 @@ impl Balancer {
                         priority: s.priority,
                         locality: s.locality,
                         stats: EndpointStats::default(),
-                        health: HealthFlags::default(),
+                        health: HealthFlags::new(self.new_endpoint_health.load(Ordering::Relaxed)),
+                        outlier: Default::default(),
                     }),
                 }
             })
