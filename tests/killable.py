@@ -7,6 +7,8 @@ socket closes, as when a real server dies) and restart it on the same port.
   `grpc.health.v1` health service (`grpcio-health-checking`); the serving
   status of a service is set with `set_grpc_status(service, "NOT_SERVING")`
   (the empty service is the whole server).
+- `KillableUpstream("f", kind="fail", status=500)`: answers every request
+  with `status` (`x-upstream: f`).
 - `KillableUpstream("t", kind="tcp")`: answers `+pong` to `ping`.
 """
 
@@ -41,6 +43,35 @@ if kind == "http":
     u = Upstream()
     print(u.port, flush=True)
     u.serve_forever(poll_interval=0.1)
+elif kind == "fail":
+    # Every request answers 500 (or the status in argv[5]), x-upstream: name.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    status = int(sys.argv[5]) if len(sys.argv) > 5 else 500
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _any(self):
+            n = int(self.headers.get("content-length") or 0)
+            if n:
+                self.rfile.read(n)
+            self.send_response(status)
+            self.send_header("x-upstream", name)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any
+
+    class S(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    srv = S(("127.0.0.1", port), H)
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever(poll_interval=0.1)
 elif kind == "grpc":
     from concurrent import futures
     import grpc
@@ -87,10 +118,11 @@ else:
 
 
 class KillableUpstream:
-    def __init__(self, name: str, kind: str = "http", port: int = 0):
+    def __init__(self, name: str, kind: str = "http", port: int = 0, status: int = 500):
         self.name = name
         self.kind = kind
         self.port = port
+        self.status = status
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -99,7 +131,7 @@ class KillableUpstream:
         while True:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, self.kind, self.name, str(self.port),
-                 str(harness.TESTS)],
+                 str(harness.TESTS), str(self.status)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 text=True, preexec_fn=harness._die_with_parent)
             line = self.proc.stdout.readline().strip()
