@@ -5,6 +5,7 @@
 //! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
 //! - [`http`]: the HTTP connection manager + router filter;
 //! - [`tcp`]: the TCP proxy filter;
+//! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
 //! - [`health`]: health-check probes and outlier-detection hooks;
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod health;
 pub mod http;
 pub mod proxy;
+pub mod rpc;
 pub mod tcp;
 
 pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

@@ -29,6 +29,7 @@ mod health_tests;
 mod listener;
 mod reader;
 mod route;
+mod rpc;
 #[cfg(test)]
 mod tests;
 
