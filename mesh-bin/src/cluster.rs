@@ -264,6 +264,7 @@ impl WorkerCluster {
                 connect_timeout: self.entry.config.connect_timeout,
                 max_idle: 1024,
                 idle_timeout: self.entry.config.idle_timeout,
+                max_requests_per_connection: self.entry.config.max_requests_per_connection,
             },
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
