@@ -197,3 +197,26 @@ def test_tcp_proxy_connect_failures_eject(start_proxy, kind):
     finally:
         t.stop()
         dead.stop()
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_a_passing_health_check_returns_an_ejected_endpoint(start_proxy, pair, kind):
+    a, b = pair
+    c = od_cluster("c", [a.port, b.port], consecutive_5xx=3, max_ejection_percent=50,
+                   base_ejection_time="60s")
+    c["health_checks"] = [{
+        "timeout": "0.5s", "interval": "0.3s", "no_traffic_interval": "0.3s",
+        "unhealthy_threshold": 2, "healthy_threshold": 1,
+        "http_health_check": {"path": "/healthz"},
+    }]
+    cfg = harness.simple_http_bootstrap(ROUTES, [c, od_cluster("other", [a.port])])
+    p = start_proxy(kind, cfg)
+    wait_flags(p, "c", {a.port: "healthy", b.port: "healthy"})
+    # Both endpoints answer 500 on this path; one of them is ejected (50%).
+    deadline = time.monotonic() + 10
+    while stat(p, "cluster.c.outlier_detection.ejections_enforced_total") == 0:
+        assert time.monotonic() < deadline
+        harness.request(p.port(), "GET", "/status/500")
+    # The next passing health check returns it long before the 60s ejection ends.
+    wait_flags(p, "c", {a.port: "healthy", b.port: "healthy"}, timeout=5)
+    assert stat(p, "cluster.c.outlier_detection.ejections_active") == 0
