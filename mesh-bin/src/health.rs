@@ -47,12 +47,16 @@ fn network(e: impl std::fmt::Display) -> ProbeResult {
     ProbeResult::NetworkFailure(e.to_string())
 }
 
-/// Sends one request on a fresh connection and returns the response with
-/// its whole body.
+/// The most response body a probe keeps (the rest is read and dropped).
+const MAX_PROBE_BODY: usize = 64 * 1024;
+
+/// Sends one request on a fresh connection and reads the response to its
+/// end, keeping at most `keep` bytes of the body.
 async fn exchange(
     endpoint: &Endpoint,
     h2: bool,
     req: Request<Full<Bytes>>,
+    keep: usize,
 ) -> Result<(http::response::Parts, Bytes, Option<http::HeaderMap>), ProbeResult> {
     let stream = TcpStream::connect(endpoint.addr).await.map_err(network)?;
     let _ = stream.set_nodelay(true);
@@ -68,10 +72,24 @@ async fn exchange(
         tokio::spawn(conn);
         sender.send_request(req).await.map_err(network)?
     };
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await.map_err(network)?;
-    let trailers = collected.trailers().cloned();
-    Ok((parts, collected.to_bytes(), trailers))
+    let (parts, mut body) = resp.into_parts();
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(network)?;
+        match frame.into_data() {
+            Ok(d) => {
+                let room = keep.saturating_sub(data.len());
+                data.extend_from_slice(&d[..d.len().min(room)]);
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    Ok((parts, data.freeze(), trailers))
 }
 
 /// `http_health_check`: `GET path` with `Host` = `host` or the cluster
@@ -138,7 +156,7 @@ impl Probe for HttpProbe {
             for k in &config.request_headers_to_remove {
                 h.remove(k.as_str());
             }
-            match exchange(&endpoint, config.http2, req).await {
+            match exchange(&endpoint, config.http2, req, 0).await {
                 Ok((parts, _, _)) => {
                     let s = parts.status.as_u16();
                     if config
@@ -326,7 +344,8 @@ impl Probe for GrpcProbe {
                 Ok(r) => r,
                 Err(e) => return ProbeResult::Unhealthy(format!("bad request: {e}")),
             };
-            let (parts, body, trailers) = match exchange(&endpoint, true, req).await {
+            let (parts, body, trailers) = match exchange(&endpoint, true, req, MAX_PROBE_BODY).await
+            {
                 Ok(x) => x,
                 Err(r) => return r,
             };
