@@ -389,8 +389,15 @@ impl OutlierDetector {
     /// Ejects `endpoint` if the percentage limit and the enforcement
     /// probability allow. The caller holds `decide`.
     fn eject(&self, endpoint: &Endpoint, kind: EjectionKind, now: Instant) {
-        let total = self.balancer.endpoints().endpoints.len().max(1) as f64;
-        let active = self.stats.ejections_active.get().max(0) as f64;
+        // Counted from the current set, so endpoints that discovery removed
+        // while ejected no longer count.
+        let set = self.balancer.endpoints();
+        let total = set.endpoints.len().max(1) as f64;
+        let active = set
+            .endpoints
+            .iter()
+            .filter(|e| e.health.has(HealthFlags::FAILED_OUTLIER_CHECK))
+            .count() as f64;
         let percent = 100.0 * (active + 1.0) / total;
         let allowed = percent <= f64::from(self.config.max_ejection_percent)
             || (self.config.always_eject_one_host && active == 0.0);
@@ -419,7 +426,7 @@ impl OutlierDetector {
             e.last_ejection = Some(now);
         }
         endpoint.health.set(HealthFlags::FAILED_OUTLIER_CHECK);
-        self.stats.ejections_active.inc();
+        self.stats.ejections_active.set(active as i64 + 1);
         self.stats.ejections_enforced_total.inc();
         self.stats.enforced[kind.index()].inc();
         tracing::info!(cluster = %self.cluster, endpoint = %endpoint.addr, kind = kind.name(), "outlier ejected");
@@ -429,7 +436,9 @@ impl OutlierDetector {
     /// Returns an ejected endpoint to service; the caller holds `decide`.
     fn uneject(&self, endpoint: &Endpoint, now: Instant) {
         if endpoint.health.clear(HealthFlags::FAILED_OUTLIER_CHECK) {
-            self.stats.ejections_active.dec();
+            self.stats
+                .ejections_active
+                .set((self.stats.ejections_active.get() - 1).max(0));
             endpoint.outlier.reset_consecutive();
             endpoint.outlier.lock().last_unejection = Some(now);
             tracing::info!(cluster = %self.cluster, endpoint = %endpoint.addr, "outlier returned to service");
@@ -490,6 +499,12 @@ impl OutlierDetector {
                 self.uneject(e, now);
             }
         }
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|e| e.health.has(HealthFlags::FAILED_OUTLIER_CHECK))
+            .count();
+        self.stats.ejections_active.set(ejected as i64);
         // Swap the interval's counts out.
         let counts: Vec<(&Arc<Endpoint>, u32, u32, u32, u32)> = set
             .endpoints

@@ -295,3 +295,16 @@ async fn a_passing_health_check_returns_an_ejected_endpoint() {
     assert!(e1.health.is_healthy());
     assert_eq!(d.stats().ejections_active.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ejected_endpoint_that_leaves_no_longer_counts() {
+    let (b, d) = detector(cfg(), &[1, 2, 3]);
+    let e1 = ep(&b, 1);
+    for _ in 0..5 {
+        d.report(&e1, Outcome::Status(500));
+    }
+    assert_eq!(d.stats().ejections_active.get(), 1);
+    b.update(vec![spec(2), spec(3)]);
+    d.on_interval(Instant::now());
+    assert_eq!(d.stats().ejections_active.get(), 0);
+}
