@@ -214,3 +214,37 @@ def test_clusters_json_shows_health(start_proxy, pair, kind):
     assert by_port[b.port]["health_status"].get("failed_active_health_check") is True
     assert "failed_active_health_check" not in by_port[a.port]["health_status"]
     assert by_port[a.port]["health_status"]["eds_health_status"] == "HEALTHY"
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_event_log(start_proxy, pair, tmp_path, kind):
+    a, b = pair
+    log = tmp_path / "hc-events.log"
+    http = {"http_health_check": {"path": "/healthz"}}
+    c = checked_cluster("c", [a.port, b.port], http, event_log_path=str(log))
+    cfg = harness.simple_http_bootstrap(ROUTES, [c, checked_cluster("bad", [a.port], http)])
+    p = start_proxy(kind, cfg)
+    wait_flags(p, "c", {a.port: "healthy", b.port: "healthy"})
+    b.kill()
+    wait_flags(p, "c", {b.port: "/failed_active_hc"})
+    b.restart()
+    wait_flags(p, "c", {b.port: "healthy"})
+    # Envoy flushes its event log every 10 s.
+    deadline = time.monotonic() + 15
+    while True:
+        events = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        of_b = [e for e in events
+                if e["host"]["socket_address"]["port_value"] == b.port]
+        if len(of_b) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    kinds = [next(k for k in e if k.endswith("_event")) for e in of_b]
+    assert kinds == ["add_healthy_event", "eject_unhealthy_event", "add_healthy_event"], of_b
+    assert of_b[0]["add_healthy_event"].get("first_check") is True
+    assert of_b[1]["eject_unhealthy_event"]["failure_type"] == "NETWORK"
+    assert of_b[2]["add_healthy_event"].get("first_check", False) is False
+    for e in of_b:
+        assert e["health_checker_type"] == "HTTP" and e["cluster_name"] == "c"
+        assert e["host"]["socket_address"]["address"] == "127.0.0.1"
+        assert e["timestamp"].endswith("Z")
+        assert e["locality"] == {"region": "", "zone": "", "sub_zone": ""}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
 use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
-use mesh_lb::health_check::{HealthCheckStats, HealthChecker};
+use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
 use mesh_lb::outlier::{OutlierDetector, OutlierStats};
 use mesh_lb::{dns, Balancer};
 use tokio_util::sync::CancellationToken;
@@ -135,7 +135,8 @@ impl ClusterManager {
             stats
                 .membership_total
                 .set(balancer.endpoints().endpoints.len() as i64);
-            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop);
+            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
+                .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
@@ -172,6 +173,13 @@ impl ClusterManager {
 /// The first-round future of a cluster's health checker.
 type FirstRound = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// A cluster's outlier detector, health checker and the checker's first round.
+type ClusterHealth = (
+    Option<Arc<OutlierDetector>>,
+    Option<Arc<HealthChecker>>,
+    Option<FirstRound>,
+);
+
 /// Starts a cluster's outlier detection and active health checking on the
 /// current runtime.
 fn health_for(
@@ -179,11 +187,7 @@ fn health_for(
     balancer: &Arc<Balancer>,
     store: &Store,
     stop: &CancellationToken,
-) -> (
-    Option<Arc<OutlierDetector>>,
-    Option<Arc<HealthChecker>>,
-    Option<FirstRound>,
-) {
+) -> Result<ClusterHealth, String> {
     let outlier = c.outlier_detection.as_ref().map(|od| {
         let d = Arc::new(OutlierDetector::new(
             &c.name,
@@ -195,7 +199,7 @@ fn health_for(
         d
     });
     let Some(hc) = &c.health_check else {
-        return (outlier, None, None);
+        return Ok((outlier, None, None));
     };
     let mut checker = HealthChecker::new(
         &c.name,
@@ -208,13 +212,18 @@ fn health_for(
         let d = d.clone();
         checker = checker.on_healthy(Box::new(move |e| d.health_check_passed(e)));
     }
+    if let Some(path) = &hc.event_log_path {
+        let log = EventLog::open(path)
+            .map_err(|e| format!("health_checks[0].event_log_path: cannot open {path:?}: {e}"))?;
+        checker = checker.event_log(log);
+    }
     let checker = Arc::new(checker);
     let bound = hc.timeout + hc.initial_jitter + std::time::Duration::from_secs(1);
     let first = checker.clone().start(stop.clone());
     let first: FirstRound = Box::pin(async move {
         let _ = tokio::time::timeout(bound, first).await;
     });
-    (outlier, Some(checker), Some(first))
+    Ok((outlier, Some(checker), Some(first)))
 }
 
 /// One worker's view of a cluster: the shared entry plus this worker's

@@ -117,6 +117,93 @@ impl HealthCheckStats {
     }
 }
 
+/// Envoy's health check event log (`event_log_path`): one JSON
+/// `HealthCheckEvent` a line for each transition (and, with
+/// `always_log_health_check_failures`, each failed probe).
+pub struct EventLog {
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventLog")
+    }
+}
+
+impl EventLog {
+    /// Opens (creates, appends to) the log at `path`.
+    pub fn open(path: &str) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(EventLog {
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn write(&self, kind: &str, cluster: &str, endpoint: &Endpoint, event: &str) {
+        use std::io::Write as _;
+        let line = format!(
+            "{{\"health_checker_type\":\"{kind}\",\"host\":{{\"socket_address\":{{\"protocol\":\"TCP\",\"address\":\"{}\",\"port_value\":{}}}}},\"cluster_name\":{},{event},\"timestamp\":\"{}\",\"locality\":{{\"region\":{},\"zone\":{},\"sub_zone\":{}}}}}\n",
+            endpoint.addr.ip(),
+            endpoint.addr.port(),
+            json_string(cluster),
+            rfc3339_now(),
+            json_string(&endpoint.locality.region),
+            json_string(&endpoint.locality.zone),
+            json_string(&endpoint.locality.sub_zone),
+        );
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::warn!(error = %e, "health check event log write failed");
+        }
+    }
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The current UTC time as RFC 3339 with milliseconds
+/// (`2026-11-22T09:10:00.123Z`), as protobuf JSON writes timestamps.
+fn rfc3339_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
 /// Called after every passing probe (outlier detection uses it to return
 /// an ejected endpoint, Envoy's `successful_active_health_check_uneject_host`).
 pub type OnHealthy = Box<dyn Fn(&Arc<Endpoint>) + Send + Sync>;
@@ -142,6 +229,7 @@ pub struct HealthChecker {
     stats: HealthCheckStats,
     traffic_seen: AtomicBool,
     on_healthy: Option<OnHealthy>,
+    event_log: Option<EventLog>,
 }
 
 impl std::fmt::Debug for HealthChecker {
@@ -193,6 +281,19 @@ impl HealthChecker {
             stats,
             traffic_seen: AtomicBool::new(false),
             on_healthy: None,
+            event_log: None,
+        }
+    }
+
+    /// Writes health events to `log` (Envoy's `event_log_path`).
+    pub fn event_log(mut self, log: EventLog) -> Self {
+        self.event_log = Some(log);
+        self
+    }
+
+    fn log_event(&self, endpoint: &Endpoint, event: &str) {
+        if let Some(l) = &self.event_log {
+            l.write(self.probe.kind(), &self.cluster, endpoint, event);
         }
     }
 
@@ -338,6 +439,13 @@ impl HealthChecker {
                         self.stats.healthy.inc();
                         t = Transition::Changed;
                         tracing::info!(cluster = %self.cluster, endpoint = %endpoint.addr, "health check passed; endpoint is healthy");
+                        self.log_event(
+                            endpoint,
+                            &format!(
+                                "\"add_healthy_event\":{{\"first_check\":{}}}",
+                                s.first_check
+                            ),
+                        );
                     } else {
                         t = Transition::Pending;
                     }
@@ -362,6 +470,11 @@ impl HealthChecker {
                 if failure == ProbeResult::TimedOut {
                     h.set(HealthFlags::ACTIVE_HC_TIMEOUT);
                 }
+                let failure_type = match failure {
+                    ProbeResult::Unhealthy(_) => "ACTIVE",
+                    ProbeResult::TimedOut => "NETWORK_TIMEOUT",
+                    _ => "NETWORK",
+                };
                 s.num_healthy = 0;
                 let mut t = Transition::Unchanged;
                 if !h.has(HealthFlags::FAILED_ACTIVE_HC) {
@@ -371,11 +484,26 @@ impl HealthChecker {
                         self.stats.healthy.dec();
                         t = Transition::Changed;
                         tracing::warn!(cluster = %self.cluster, endpoint = %endpoint.addr, reason = why, "health check failed; endpoint is unhealthy");
+                        self.log_event(
+                            endpoint,
+                            &format!(
+                                "\"eject_unhealthy_event\":{{\"failure_type\":\"{failure_type}\"}}"
+                            ),
+                        );
                     } else {
                         t = Transition::Pending;
                     }
                 }
                 if t != Transition::Changed {
+                    if s.first_check || self.config.always_log_health_check_failures {
+                        self.log_event(
+                            endpoint,
+                            &format!(
+                                "\"health_check_failure_event\":{{\"failure_type\":\"{failure_type}\",\"first_check\":{}}}",
+                                s.first_check
+                            ),
+                        );
+                    }
                     if self.config.always_log_health_check_failures {
                         tracing::warn!(cluster = %self.cluster, endpoint = %endpoint.addr, reason = why, "health check failed");
                     } else {
@@ -453,3 +581,21 @@ fn jittered(base: Duration, jitter: Duration, percent: u32) -> Duration {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(super::json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = super::rfc3339_now();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
+    }
+}

@@ -87,17 +87,12 @@ fn health_check(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HealthCheck> {
     let always_log_health_check_failures = o
         .bool(cx, "always_log_health_check_failures")
         .unwrap_or(false);
-    o.refuse(
-        cx,
-        "event_log_path",
-        "health check event logs are not supported yet; transitions are logged at info/warn",
-    );
+    let event_log_path = o.string(cx, "event_log_path").filter(|p| !p.is_empty());
     o.refuse(
         cx,
         "event_logger",
-        "health check event logs are not supported yet",
+        "event logger extensions are not supported; use event_log_path",
     );
-    let event_log_path = None;
     o.refuse(
         cx,
         "custom_health_check",
