@@ -75,6 +75,8 @@ pub struct ClusterEntry {
     pub balancer: Arc<Balancer>,
     /// Stats.
     pub stats: ClusterStats,
+    /// Circuit breakers and retry stats.
+    pub policy: crate::resilience::ClusterPolicy,
 }
 
 /// Every cluster by name.
@@ -135,6 +137,7 @@ impl ClusterManager {
                 Arc::new(ClusterEntry {
                     config: c.clone(),
                     balancer,
+                    policy: crate::resilience::ClusterPolicy::new(c, store, &stats.rq_active),
                     stats,
                 }),
             );

@@ -5,6 +5,7 @@
 //! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
 //! - [`http`]: the HTTP connection manager + router filter;
 //! - [`tcp`]: the TCP proxy filter;
+//! - [`resilience`]: per-cluster circuit breakers and retry stats;
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
 //! - [`demo`]: demo upstreams for `mesh demo`.
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod demo;
 pub mod http;
 pub mod proxy;
+pub mod resilience;
 pub mod tcp;
 
 pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

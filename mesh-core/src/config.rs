@@ -152,6 +152,13 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs[].upgrade_type`, lower-cased (e.g. `websocket`).
     /// Upgrade requests of other types are refused with 403, as Envoy does.
     pub upgrade_types: Vec<String>,
+    /// `internal_address_config.cidr_ranges` (address, prefix length): with
+    /// `use_remote_address`, a peer in these ranges (with no
+    /// `x-forwarded-for` of its own) sends internal requests, whose
+    /// `x-envoy-*` control headers (e.g. `x-envoy-retry-on`) are honoured.
+    pub internal_address_config: Vec<(std::net::IpAddr, u8)>,
+    /// Name and `disabled` of each entry of `http_filters` (same order).
+    pub http_filter_meta: Vec<crate::policy::HttpFilterMeta>,
 }
 
 /// One entry of `http_filters`.
@@ -266,6 +273,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Header mutations at the virtual-host level.
     pub headers: HeaderMutations,
+    /// `retry_policy`, `typed_per_filter_config` and other traffic policy.
+    pub policy: crate::policy::VhostPolicy,
 }
 
 /// Envoy `config.route.v3.Route`.
@@ -279,6 +288,9 @@ pub struct Route {
     pub action: Action,
     /// Header mutations at the route level.
     pub headers: HeaderMutations,
+    /// `route.retry_policy`, `typed_per_filter_config` and other traffic
+    /// policy.
+    pub policy: crate::policy::RoutePolicy,
 }
 
 /// Envoy `config.route.v3.RouteMatch`.
@@ -506,6 +518,8 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// `circuit_breakers`.
+    pub circuit_breakers: crate::policy::CircuitBreakers,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

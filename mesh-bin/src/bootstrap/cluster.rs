@@ -201,6 +201,10 @@ fn cluster(
     let per_connection_buffer_limit_bytes = o
         .u32(cx, "per_connection_buffer_limit_bytes")
         .unwrap_or(DEFAULT_BUFFER_LIMIT);
+    let circuit_breakers = o
+        .obj(cx, "circuit_breakers")
+        .map(|c| super::policy::circuit_breakers(cx, c))
+        .unwrap_or_default();
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -213,6 +217,7 @@ fn cluster(
         dns_lookup_family,
         idle_timeout,
         per_connection_buffer_limit_bytes,
+        circuit_breakers,
     })
 }
 

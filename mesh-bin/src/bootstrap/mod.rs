@@ -24,6 +24,7 @@ mod cluster;
 mod hcm;
 mod headers;
 mod listener;
+mod policy;
 mod reader;
 mod route;
 #[cfg(test)]

@@ -180,8 +180,10 @@ fn bench_config_loads() {
                         idle_timeout: None,
                     }),
                     headers: HeaderMutations::default(),
+                    policy: Default::default(),
                 }],
                 headers: HeaderMutations::default(),
+                policy: Default::default(),
             }],
             headers: HeaderMutations::default(),
         },
@@ -197,6 +199,11 @@ fn bench_config_loads() {
         server_name: None,
         access_log: vec![],
         upgrade_types: vec![],
+        internal_address_config: vec![],
+        http_filter_meta: vec![mesh_core::policy::HttpFilterMeta {
+            name: "envoy.filters.http.router".into(),
+            disabled: false,
+        }],
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -221,6 +228,7 @@ fn bench_config_loads() {
             dns_lookup_family: DnsLookupFamily::Auto,
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
+            circuit_breakers: Default::default(),
         }]
     );
 }
@@ -902,14 +910,14 @@ fn route_actions() {
     route_json(&mut v)["route"] = json!({
         "weighted_clusters": {"total_weight": 50, "clusters": [
             {"name": "upstream", "weight": 90}, {"name": "zzz", "weight": 10}]},
-        "retry_policy": {},
+        "internal_redirect_policy": {},
     });
     let r = format!("{ROUTE_PATH}.route");
     assert_eq!(
         errs(&v),
         vec![
             format!("{r}.weighted_clusters.total_weight: total_weight 50 is not the sum of the cluster weights (100)"),
-            format!("unsupported: {r}.retry_policy"),
+            format!("unsupported: {r}.internal_redirect_policy"),
             format!("{r}.weighted_clusters.clusters[1].name: unknown cluster \"zzz\""),
         ]
     );

@@ -20,6 +20,7 @@ fn route_to(path: PathMatch, cluster: &str) -> Route {
             idle_timeout: None,
         }),
         headers: HeaderMutations::default(),
+        policy: Default::default(),
     }
 }
 
@@ -34,6 +35,7 @@ fn table(vhosts: Vec<(&[&str], Vec<Route>)>) -> RouteTable {
                 domains: domains.iter().map(|d| d.to_string()).collect(),
                 routes,
                 headers: HeaderMutations::default(),
+                policy: Default::default(),
             })
             .collect(),
         headers: HeaderMutations::default(),
