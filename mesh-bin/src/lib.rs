@@ -6,6 +6,7 @@
 //! - [`http`]: the HTTP connection manager + router filter;
 //! - [`tcp`]: the TCP proxy filter;
 //! - [`resilience`]: per-cluster circuit breakers and retry stats;
+//! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
 //! - [`demo`]: demo upstreams for `mesh demo`.
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod http;
 pub mod proxy;
 pub mod resilience;
+pub mod rpc;
 pub mod tcp;
 
 pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
 /// How to run a proxy (the command-line knobs).
@@ -92,6 +93,7 @@ pub enum StartError {
 enum Terminal {
     Http(Arc<HcmShared>, ServerConfig),
     Tcp(Arc<TcpProxyShared>),
+    Rpc(Arc<RpcShared>),
 }
 
 struct BuiltListener {
@@ -124,6 +126,16 @@ pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
     }
     for (li, l) in bootstrap.listeners.iter().enumerate() {
         for chain in &l.filter_chains {
+            if let NetworkFilter::Rpc(rpc) = &chain.terminal {
+                if let Err(e) = mesh_core::router::RouteTable::new(&rpc.route_config) {
+                    errors.push(format!(
+                        "{}.route_config.{}: {}",
+                        terminal_path(li, l),
+                        e.path,
+                        e.message
+                    ));
+                }
+            }
             if let NetworkFilter::HttpConnectionManager(hcm) = &chain.terminal {
                 if let Err(e) = mesh_core::router::RouteTable::new(&hcm.route_config) {
                     errors.push(format!(
@@ -201,6 +213,11 @@ impl Proxy {
                         idle_timeout: hcm.idle_timeout,
                     };
                     Terminal::Http(Arc::new(shared), server)
+                }
+                NetworkFilter::Rpc(r) => {
+                    Terminal::Rpc(Arc::new(RpcShared::new(r, &cm, &store).map_err(|e| {
+                        StartError::Config(format!("{}.{e}", terminal_path(li, l)))
+                    })?))
                 }
                 NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
                     TcpProxyShared::new(t, &cm, &store)
@@ -410,6 +427,17 @@ async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: D
                             drop(a.guard);
                         }
                     },
+                ));
+            }
+            Terminal::Rpc(shared) => {
+                let worker = Arc::new(RpcWorker::new(shared.clone(), &cm));
+                let token = drain.token();
+                tokio::spawn(accept_loop(
+                    listener,
+                    job.limiter,
+                    drain.clone(),
+                    job.stats,
+                    move |a: Accepted| worker.clone().handle(a, token.clone()),
                 ));
             }
             Terminal::Tcp(shared) => {

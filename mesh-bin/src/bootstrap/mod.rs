@@ -27,6 +27,7 @@ mod listener;
 mod policy;
 mod reader;
 mod route;
+mod rpc;
 #[cfg(test)]
 mod tests;
 
