@@ -192,7 +192,7 @@ impl WorkerCluster {
         if let Some(p) = pools.get(&(addr, h2)) {
             return p.clone();
         }
-        let p = EndpointPool::new(
+        let p = EndpointPool::with_limits(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -204,6 +204,7 @@ impl WorkerCluster {
                 max_idle: 1024,
                 idle_timeout: self.entry.config.idle_timeout,
             },
+            Some(self.entry.policy.pool_limits.clone()),
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change), closing their idle connections.

@@ -463,6 +463,11 @@ impl HttpProxy {
         flag_override: Option<ResponseFlag>,
     ) -> Response<ProxyBody> {
         let cstats = &cluster.entry.stats;
+        if let Failure::Upstream(e) = &failure {
+            if e.kind() == FailureKind::Overflow {
+                return self.overflow_reply();
+            }
+        }
         let (status, body, flag): (StatusCode, &'static str, ResponseFlag) = match &failure {
             Failure::Timeout(Expiry::Route) => {
                 cstats.rq_timeout.inc();
@@ -515,6 +520,11 @@ impl HttpProxy {
                         ResponseFlag::UpstreamConnectionTermination,
                     )
                 }
+                FailureKind::Overflow => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::resilience::OVERFLOW_BODY,
+                    ResponseFlag::UpstreamOverflow,
+                ),
             },
         };
         // The downstream's own faults are not charged to the upstream.
@@ -573,7 +583,7 @@ impl HttpProxy {
         let resources = cpolicy.resources(m.route.policy.priority);
         // The `max_requests` circuit breaker.
         if !resources.requests.can_create() {
-            cpolicy.rq_pending_overflow.inc();
+            cpolicy.rq_active_overflow.inc();
             return self.overflow_reply();
         }
         let Some(mut endpoint) = cluster.entry.balancer.pick() else {
@@ -753,6 +763,7 @@ impl HttpProxy {
                 Ok(Ok((resp, _))) => Outcome::Response(resp.status(), resp.headers()),
                 Ok(Err(e)) => match e.kind() {
                     FailureKind::Connect => Outcome::ConnectFailure,
+                    FailureKind::Overflow => Outcome::Fatal,
                     FailureKind::Reset | FailureKind::UpstreamProtocol => Outcome::Reset,
                     FailureKind::DownstreamBody | FailureKind::RequestTimeout => Outcome::Fatal,
                 },

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use mesh_codec::http::client::{LimitPermit, PoolLimits};
 use mesh_core::config::Cluster;
 use mesh_core::policy::RoutingPriority;
 use mesh_core::stats::{Counter, Gauge, Store};
@@ -16,15 +17,20 @@ pub struct ClusterPolicy {
     resources: [Arc<ResourceManager>; 2],
     /// `upstream_rq_retry*`.
     pub retry_stats: RetryStats,
-    /// `upstream_rq_pending_overflow`: requests refused by `max_requests` or
+    /// `upstream_rq_pending_overflow`: requests refused by
     /// `max_pending_requests`.
     pub rq_pending_overflow: Counter,
+    /// `upstream_rq_active_overflow`: requests refused by `max_requests`.
+    pub rq_active_overflow: Counter,
     /// `upstream_cx_overflow`: connections refused by `max_connections`.
     pub cx_overflow: Counter,
     /// `upstream_rq_per_try_timeout`.
     pub rq_per_try_timeout: Counter,
     /// `upstream_rq_pending_active`.
     pub rq_pending_active: Gauge,
+    /// What the cluster's connection pools obey (`max_connections`,
+    /// `max_pending_requests` of the `DEFAULT` priority).
+    pub pool_limits: Arc<dyn PoolLimits>,
 }
 
 impl ClusterPolicy {
@@ -36,16 +42,25 @@ impl ClusterPolicy {
         let default_gauges = ResourceGauges {
             requests: rq_active.clone(),
             pending_requests: rq_pending_active.clone(),
+            connections: store.gauge("envoy_cluster_upstream_cx_active", &l),
             ..ResourceGauges::default()
         };
         let stats = Some((store, c.name.as_str()));
+        let default = Arc::new(ResourceManager::new(
+            &c.circuit_breakers.default,
+            default_gauges,
+            stats,
+        ));
+        let cx_overflow = store.counter("envoy_cluster_upstream_cx_overflow", &l);
+        let rq_pending_overflow = store.counter("envoy_cluster_upstream_rq_pending_overflow", &l);
         ClusterPolicy {
+            pool_limits: Arc::new(ClusterPoolLimits {
+                resources: default.clone(),
+                cx_overflow: cx_overflow.clone(),
+                rq_pending_overflow: rq_pending_overflow.clone(),
+            }),
             resources: [
-                Arc::new(ResourceManager::new(
-                    &c.circuit_breakers.default,
-                    default_gauges,
-                    stats,
-                )),
+                default,
                 Arc::new(ResourceManager::new(
                     &c.circuit_breakers.high,
                     ResourceGauges::default(),
@@ -53,8 +68,9 @@ impl ClusterPolicy {
                 )),
             ],
             retry_stats: RetryStats::new(store, &c.name),
-            rq_pending_overflow: store.counter("envoy_cluster_upstream_rq_pending_overflow", &l),
-            cx_overflow: store.counter("envoy_cluster_upstream_cx_overflow", &l),
+            rq_pending_overflow,
+            rq_active_overflow: store.counter("envoy_cluster_upstream_rq_active_overflow", &l),
+            cx_overflow,
             rq_per_try_timeout: store.counter("envoy_cluster_upstream_rq_per_try_timeout", &l),
             rq_pending_active,
         }
@@ -66,6 +82,37 @@ impl ClusterPolicy {
         match p {
             RoutingPriority::Default => &self.resources[0],
             RoutingPriority::High => &self.resources[1],
+        }
+    }
+}
+
+/// The `max_connections` / `max_pending_requests` breakers as the pools
+/// see them.
+#[derive(Debug)]
+struct ClusterPoolLimits {
+    resources: Arc<ResourceManager>,
+    cx_overflow: Counter,
+    rq_pending_overflow: Counter,
+}
+
+impl PoolLimits for ClusterPoolLimits {
+    fn try_connection(&self) -> Option<LimitPermit> {
+        match self.resources.connections.try_acquire() {
+            Some(p) => Some(Box::new(p)),
+            None => {
+                self.cx_overflow.inc();
+                None
+            }
+        }
+    }
+
+    fn try_pending(&self) -> Option<LimitPermit> {
+        match self.resources.pending_requests.try_acquire() {
+            Some(p) => Some(Box::new(p)),
+            None => {
+                self.rq_pending_overflow.inc();
+                None
+            }
         }
     }
 }
