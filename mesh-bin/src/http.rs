@@ -40,6 +40,7 @@ use mesh_filter::retry::{
 
 use crate::access_log::{AccessLogger, HttpLogEntry};
 use crate::cluster::{ClusterManager, WorkerCluster};
+use crate::filters::{Decision as FilterDecision, FilterChain};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -114,6 +115,8 @@ pub struct HcmShared {
     pub stats: HttpStats,
     server_name: HeaderValue,
     access_log: Option<AccessLogger>,
+    /// The HTTP filters besides the router.
+    pub filters: FilterChain,
 }
 
 impl HcmShared {
@@ -125,7 +128,9 @@ impl HcmShared {
             .map_err(|_| "server_name: not a valid header value".to_owned())?;
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let filters = FilterChain::new(config, &routes, store)?;
         Ok(HcmShared {
+            filters,
             access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
             config: config.clone(),
@@ -295,11 +300,26 @@ impl HttpProxy {
             }
         }
         let shared = self.shared.clone();
-        let Some(m) = shared.routes.route(&req) else {
+        let route = shared.routes.route(&req);
+        // The HTTP filters run before the router (also for requests with no
+        // route, as in Envoy).
+        let mut filter_headers = None;
+        if !shared.filters.is_empty() {
+            match shared.filters.on_request(route.as_ref(), info) {
+                FilterDecision::Continue => {}
+                FilterDecision::ContinueWith(h) => filter_headers = Some(h),
+                FilterDecision::Respond(r) => {
+                    let mut resp = self.local_reply(r.status, r.body, r.flag);
+                    resp.headers_mut().extend(r.headers);
+                    return resp;
+                }
+            }
+        }
+        let Some(m) = route else {
             shared.stats.no_route.inc();
             return self.local_reply(StatusCode::NOT_FOUND, "", ResponseFlag::NoRouteFound);
         };
-        match &m.route.action {
+        let mut resp = match &m.route.action {
             CompiledAction::DirectResponse { status, body } => {
                 shared.stats.rq_direct_response.inc();
                 let mut resp = Response::new(match body {
@@ -328,7 +348,11 @@ impl HttpProxy {
                 let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
                 self.forward(req, &m, info, down_upgrade, log).await
             }
+        };
+        if let Some(h) = filter_headers {
+            h.apply(resp.headers_mut());
         }
+        resp
     }
 
     /// A direct response or redirect gets its route's response mutations and

@@ -4,6 +4,7 @@
 //!   refusing every field outside the supported subset by its path;
 //! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
 //! - [`http`]: the HTTP connection manager + router filter;
+//! - [`filters`]: the HTTP filter chain (local rate limit, ...);
 //! - [`tcp`]: the TCP proxy filter;
 //! - [`resilience`]: per-cluster circuit breakers and retry stats;
 //! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+pub mod filters;
 pub mod http;
 pub mod proxy;
 pub mod resilience;

@@ -231,6 +231,8 @@ pub struct HttpConnectionManager {
 pub enum HttpFilter {
     /// `envoy.filters.http.router`: the terminal filter.
     Router,
+    /// `envoy.filters.http.local_ratelimit`.
+    LocalRateLimit(Box<crate::policy::LocalRateLimitConfig>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing

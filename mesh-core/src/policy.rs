@@ -352,6 +352,78 @@ pub enum FilterOverride {
     /// `envoy.filters.http.router` takes no per-route configuration; an
     /// empty `Router` config is accepted.
     Router,
+    /// `envoy.filters.http.local_ratelimit`: the route's own limit (its own
+    /// bucket).
+    LocalRateLimit(Box<LocalRateLimitConfig>),
+}
+
+/// Envoy `type.v3.FractionalPercent` (`numerator` out of 100, 10 000 or
+/// 1 000 000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FractionalPercent {
+    /// `numerator`.
+    pub numerator: u32,
+    /// `denominator` as a number (100 for `HUNDRED`).
+    pub denominator: u32,
+}
+
+impl FractionalPercent {
+    /// 0 %.
+    pub const ZERO: FractionalPercent = FractionalPercent {
+        numerator: 0,
+        denominator: 100,
+    };
+    /// 100 %.
+    pub const HUNDRED: FractionalPercent = FractionalPercent {
+        numerator: 100,
+        denominator: 100,
+    };
+}
+
+/// Envoy `type.v3.TokenBucket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucketConfig {
+    /// `max_tokens` (> 0): the bucket's size, and its start.
+    pub max_tokens: u32,
+    /// `tokens_per_fill` (default 1).
+    pub tokens_per_fill: u32,
+    /// `fill_interval` (> 0).
+    pub fill_interval: Duration,
+}
+
+/// Envoy `extensions.filters.http.local_ratelimit.v3.LocalRateLimit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRateLimitConfig {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `token_bucket`; without one, nothing is limited.
+    pub token_bucket: Option<TokenBucketConfig>,
+    /// `filter_enabled.default_value` (default 0 %: the filter does
+    /// nothing, as in Envoy).
+    pub filter_enabled: FractionalPercent,
+    /// `filter_enforced.default_value` (default 0 %: over-limit requests
+    /// are only counted).
+    pub filter_enforced: FractionalPercent,
+    /// `status.code` (default 429).
+    pub status: u16,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`.
+    pub x_ratelimit_headers: bool,
+    /// `response_headers_to_add`: added to limited responses.
+    pub response_headers_to_add: Vec<crate::config::HeaderValueOption>,
+}
+
+impl Default for LocalRateLimitConfig {
+    fn default() -> Self {
+        LocalRateLimitConfig {
+            stat_prefix: String::new(),
+            token_bucket: None,
+            filter_enabled: FractionalPercent::ZERO,
+            filter_enforced: FractionalPercent::ZERO,
+            status: 429,
+            x_ratelimit_headers: false,
+            response_headers_to_add: Vec::new(),
+        }
+    }
 }
 
 /// Name and switches of one entry of the HCM's `http_filters` (the entry

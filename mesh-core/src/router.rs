@@ -168,6 +168,13 @@ pub struct ClusterChoice<'a> {
     pub headers: Option<&'a CompiledMutations>,
 }
 
+impl CompiledVirtualHost {
+    /// The routes, in matching order.
+    pub fn routes(&self) -> &[Arc<CompiledRoute>] {
+        &self.routes
+    }
+}
+
 impl CompiledRouteAction {
     /// Picks the cluster for one request (weighted random for
     /// `weighted_clusters`).
@@ -671,6 +678,11 @@ impl RouteTable {
             )?,
         });
         Ok(())
+    }
+
+    /// Every virtual host, in configuration order.
+    pub fn virtual_hosts(&self) -> &[CompiledVirtualHost] {
+        &self.vhosts
     }
 
     /// The route configuration's name.

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`retry`]: `RetryLayer`, `RetryState`, `ReplayBody` | route / virtual host `retry_policy` |
 //! | [`circuit_breaker`]: `ResourceManager` (limits and the retry budget) | cluster `circuit_breakers.thresholds` |
+//! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
 //! flag (`URX`, `UO`, `RL`, `FI`, `DI`, `UT`) as a response extension
@@ -18,4 +19,5 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+pub mod local_ratelimit;
 pub mod retry;

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 
 use mesh_core::config::HttpFilter;
 use mesh_core::policy::{
-    CircuitBreakers, FilterOverride, HttpFilterMeta, PerFilterConfig, RetryBudget, RetryOn,
-    RetryPolicy, RoutingPriority, Thresholds,
+    CircuitBreakers, FilterOverride, FractionalPercent, HttpFilterMeta, LocalRateLimitConfig,
+    PerFilterConfig, RetryBudget, RetryOn, RetryPolicy, RoutingPriority, Thresholds,
+    TokenBucketConfig,
 };
 
 use super::reader::{as_int, Ctx, Obj};
@@ -22,11 +23,21 @@ const PREVIOUS_HOSTS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 
+const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
+const LOCAL_RATELIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
 /// The HTTP filters mesh knows, by canonical name and type URL.
-const HTTP_FILTERS: &[Known] = &[Known {
-    name: ROUTER,
-    type_url: ROUTER_TYPE,
-}];
+const HTTP_FILTERS: &[Known] = &[
+    Known {
+        name: ROUTER,
+        type_url: ROUTER_TYPE,
+    },
+    Known {
+        name: LOCAL_RATELIMIT,
+        type_url: LOCAL_RATELIMIT_TYPE,
+    },
+];
 
 /// A `retry_policy` (route or virtual host).
 pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
@@ -293,6 +304,11 @@ fn filter_override(cx: &mut Ctx, o: &mut Obj<'_>, ty: &str) -> Option<FilterOver
     if ty == ROUTER_TYPE {
         return Some(FilterOverride::Router);
     }
+    if ty == LOCAL_RATELIMIT_TYPE {
+        return Some(FilterOverride::LocalRateLimit(Box::new(local_ratelimit(
+            cx, o,
+        ))));
+    }
     let short = ty.strip_prefix("type.googleapis.com/").unwrap_or(ty);
     cx.unsupported(o.path(), Some(&format!("per-route configuration {short}")));
     o.take_all();
@@ -359,6 +375,17 @@ pub(crate) fn http_filters(
                         }
                         out.push(HttpFilter::Router);
                     }
+                    LOCAL_RATELIMIT => match tc {
+                        Some(mut tc) => {
+                            let c = local_ratelimit(cx, &mut tc);
+                            tc.finish(cx);
+                            out.push(HttpFilter::LocalRateLimit(Box::new(c)));
+                        }
+                        None => {
+                            cx.missing(&f.at("typed_config"));
+                            continue;
+                        }
+                    },
                     _ => {
                         if let Some(tc) = tc {
                             tc.finish(cx);
@@ -432,4 +459,174 @@ pub(crate) fn internal_address_config(cx: &mut Ctx, mut o: Obj<'_>) -> Vec<(IpAd
     }
     o.finish(cx);
     out
+}
+
+/// A `LocalRateLimit` (filter or per-route); the caller finishes `o`.
+fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
+    let mut c = LocalRateLimitConfig {
+        stat_prefix: o.req_string(cx, "stat_prefix").unwrap_or_default(),
+        ..LocalRateLimitConfig::default()
+    };
+    if let Some(mut b) = o.obj(cx, "token_bucket") {
+        let max_path = b.at("max_tokens");
+        let max_tokens = match b.u32(cx, "max_tokens") {
+            Some(0) => {
+                cx.error(&max_path, "must be greater than 0");
+                None
+            }
+            Some(n) => Some(n),
+            None => {
+                if !b.has("max_tokens") {
+                    cx.missing(&max_path);
+                }
+                None
+            }
+        };
+        let fill_path = b.at("tokens_per_fill");
+        let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+            Some(0) => {
+                cx.error(&fill_path, "must be greater than 0");
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        let interval_path = b.at("fill_interval");
+        let fill_interval = match b.duration(cx, "fill_interval") {
+            Some(d) if d.is_zero() => {
+                cx.error(&interval_path, "must be greater than 0s");
+                None
+            }
+            Some(d) => Some(d),
+            None => {
+                if !b.has("fill_interval") {
+                    cx.missing(&interval_path);
+                }
+                None
+            }
+        };
+        b.finish(cx);
+        if let (Some(max_tokens), Some(fill_interval)) = (max_tokens, fill_interval) {
+            c.token_bucket = Some(TokenBucketConfig {
+                max_tokens,
+                tokens_per_fill,
+                fill_interval,
+            });
+        }
+    }
+    if let Some(p) = o.obj(cx, "filter_enabled") {
+        c.filter_enabled = runtime_fraction(cx, p);
+    }
+    if let Some(p) = o.obj(cx, "filter_enforced") {
+        c.filter_enforced = runtime_fraction(cx, p);
+    }
+    if let Some(mut st) = o.obj(cx, "status") {
+        let path = st.at("code");
+        if let Some(v) = st.take("code") {
+            c.status = match v {
+                serde_json::Value::String(name) => match status_by_name(name) {
+                    Some(code) => code,
+                    None => {
+                        cx.error(&path, format!("unknown HTTP status {name:?}"));
+                        429
+                    }
+                },
+                v => as_int(cx, &path, v, 200, 599).map_or(429, |n| n as u16),
+            };
+        }
+        st.finish(cx);
+    }
+    c.x_ratelimit_headers = o
+        .enumeration(
+            cx,
+            "enable_x_ratelimit_headers",
+            &[("OFF", false), ("DRAFT_VERSION_03", true)],
+            &[],
+        )
+        .unwrap_or(false);
+    c.response_headers_to_add = super::headers::header_options(cx, o, "response_headers_to_add");
+    if o.bool(cx, "local_rate_limit_per_downstream_connection") == Some(true) {
+        cx.unsupported(
+            &o.at("local_rate_limit_per_downstream_connection"),
+            Some("mesh's buckets are shared by all connections"),
+        );
+    }
+    o.bool(cx, "always_consume_default_token_bucket");
+    if o.u32(cx, "stage").is_some_and(|s| s != 0) {
+        cx.unsupported(&o.at("stage"), Some("only stage 0"));
+    }
+    o.empty_list(
+        cx,
+        "descriptors",
+        "rate limit descriptors are not supported yet",
+    );
+    o.empty_list(
+        cx,
+        "request_headers_to_add_when_not_enforced",
+        "not supported yet",
+    );
+    c
+}
+
+/// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
+/// accepted; mesh has no runtime layer, so the default always applies).
+fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+    o.string(cx, "runtime_key");
+    let out = match o.obj(cx, "default_value") {
+        Some(d) => fractional_percent(cx, d),
+        None => {
+            cx.missing(&o.at("default_value"));
+            FractionalPercent::ZERO
+        }
+    };
+    o.finish(cx);
+    out
+}
+
+/// A `type.v3.FractionalPercent`; the numerator may not exceed the
+/// denominator.
+pub(crate) fn fractional_percent(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+    let num_path = o.at("numerator");
+    let numerator = o.u32(cx, "numerator").unwrap_or(0);
+    let denominator = o
+        .enumeration(
+            cx,
+            "denominator",
+            &[
+                ("HUNDRED", 100),
+                ("TEN_THOUSAND", 10_000),
+                ("MILLION", 1_000_000),
+            ],
+            &[],
+        )
+        .unwrap_or(100);
+    o.finish(cx);
+    if numerator > denominator {
+        cx.error(
+            &num_path,
+            format!("{numerator} is over the denominator {denominator} (more than 100%)"),
+        );
+        return FractionalPercent {
+            numerator: denominator,
+            denominator,
+        };
+    }
+    FractionalPercent {
+        numerator,
+        denominator,
+    }
+}
+
+/// Envoy's `type.v3.StatusCode` names for the statuses a limiter might
+/// answer with.
+fn status_by_name(name: &str) -> Option<u16> {
+    Some(match name {
+        "TooManyRequests" => 429,
+        "ServiceUnavailable" => 503,
+        "Forbidden" => 403,
+        "BadRequest" => 400,
+        "InternalServerError" => 500,
+        "OK" => 200,
+        _ => return None,
+    })
 }
