@@ -759,12 +759,17 @@ impl Manager {
             // last assignment).
             _ => Arc::new(
                 Balancer::with_config(c.lb_policy, c.lb.clone())
-                    .with_local_zone(self.cx.node.locality.zone.as_str()),
+                    .with_local_zone(self.cx.node.locality.zone.clone()),
             ),
         };
+        // One stop token per cluster for its background tasks (DNS refresh,
+        // health checking, outlier detection); a rebuilt cluster stops the
+        // old ones.
         if let Some(s) = self.dns_stops.remove(&c.name) {
             s.cancel();
         }
+        let cluster_stop = self.cx.stop.child_token();
+        self.dns_stops.insert(c.name.clone(), cluster_stop.clone());
         match &c.discovery {
             DiscoveryType::Static => match dns::static_endpoints(c) {
                 Ok(eps) => {
@@ -773,8 +778,7 @@ impl Manager {
                 Err(e) => tracing::warn!(cluster = %c.name, error = %e, "static endpoints refused"),
             },
             DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
-                let stop = self.cx.stop.child_token();
-                self.dns_stops.insert(c.name.clone(), stop.clone());
+                let stop = cluster_stop.clone();
                 let membership = stats.membership_total.clone();
                 tokio::spawn(dns::refresh_loop(
                     c.clone(),
@@ -797,10 +801,21 @@ impl Manager {
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
+        let (outlier, health_checker) =
+            match crate::cluster::health_for(c, &balancer, &self.cx.store, &cluster_stop) {
+                Ok((outlier, checker, _first_round)) => (outlier, checker),
+                Err(e) => {
+                    tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
+                    (None, None)
+                }
+            };
         ClusterEntry {
             config: c.clone(),
             balancer,
+            policy: crate::resilience::ClusterPolicy::new(c, &self.cx.store, &stats.rq_active),
             stats,
+            outlier,
+            health_checker,
         }
     }
 

@@ -133,9 +133,11 @@ impl TcpProxyShared {
             Ok(Ok(s)) => {
                 // The connect time is the latency sample for peak EWMA.
                 endpoint.observe_rtt(connect_start.elapsed());
+                cluster.outlier_connect(&endpoint, true);
                 s
             }
             Ok(Err(e)) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
@@ -147,6 +149,7 @@ impl TcpProxyShared {
                 );
             }
             Err(_) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, "tcp_proxy: upstream connect timed out (UF); closing");
