@@ -5,8 +5,8 @@ failover and panic from the endpoints' `health_status`, and subset routing
 by header -> `metadata_match`.
 
 Endpoint health comes from `lb_endpoints[].health_status` (as EDS would
-report it), which both proxies honour on static clusters; failover driven by
-active health checks and outlier detection is tested with those features.
+report it), which both proxies honour on static clusters, and from active
+health checking (an upstream killed and restarted).
 """
 
 from __future__ import annotations
@@ -404,3 +404,29 @@ def test_least_request_avoids_a_slow_endpoint_under_concurrency(start_proxy, ups
         assert got["slow"] / total < 0.25, got
     finally:
         slow.stop()
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_priority_failover_by_active_health_checking(start_proxy, kind):
+    """P0's only endpoint is killed: the health checker marks it, all traffic
+    fails over to P1, and returns to P0 when it comes back."""
+    from killable import KillableUpstream
+    from test_health import health_check, wait_flags, wait_traffic
+
+    p0 = KillableUpstream("p0")
+    p1 = KillableUpstream("p1")
+    try:
+        c = cluster([[endpoint(p0.port)], [endpoint(p1.port)]])
+        c["health_checks"] = [health_check({"http_health_check": {"path": "/healthz"}})]
+        p = start_proxy(kind, harness.simple_http_bootstrap(ROUTES, [c]))
+        wait_flags(p, "c", {p0.port: "healthy", p1.port: "healthy"})
+        wait_traffic(p, {(200, "p0")})
+        p0.kill()
+        wait_flags(p, "c", {p0.port: "/failed_active_hc"})
+        wait_traffic(p, {(200, "p1")})
+        p0.restart()
+        wait_flags(p, "c", {p0.port: "healthy"})
+        wait_traffic(p, {(200, "p0")})
+    finally:
+        p0.stop()
+        p1.stop()
