@@ -121,6 +121,8 @@ impl FilterChain {
             let meta = config.http_filter_meta.get(i).cloned().unwrap_or_default();
             let kind = match f {
                 HttpFilter::Router => continue,
+                // Fault injection is parsed and run in a later step.
+                HttpFilter::Fault(_) => continue,
                 HttpFilter::LocalRateLimit(c) => {
                     Kind::LocalRateLimit(RateLimit::new(c, store).map_err(|e| {
                         format!("http_filters[{i}].typed_config.response_headers_to_add: {e}")

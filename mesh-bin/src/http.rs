@@ -144,7 +144,7 @@ impl HcmShared {
 #[derive(Debug)]
 pub struct HttpProxy {
     shared: Arc<HcmShared>,
-    clusters: HashMap<Arc<str>, WorkerCluster>,
+    clusters: HashMap<Arc<str>, Arc<WorkerCluster>>,
 }
 
 impl HttpProxy {
@@ -156,9 +156,19 @@ impl HttpProxy {
             .into_iter()
             .filter_map(|name| {
                 cm.get(&name)
-                    .map(|e| (name.clone(), WorkerCluster::new(e.clone())))
+                    .map(|e| (name.clone(), Arc::new(WorkerCluster::new(e.clone()))))
             })
             .collect();
+        HttpProxy { shared, clusters }
+    }
+
+    /// A worker-local proxy over the given worker clusters, which other
+    /// proxies of the same worker may share: their connection pools then
+    /// survive a configuration change (xDS).
+    pub fn with_clusters(
+        shared: Arc<HcmShared>,
+        clusters: HashMap<Arc<str>, Arc<WorkerCluster>>,
+    ) -> Self {
         HttpProxy { shared, clusters }
     }
 
@@ -1220,6 +1230,9 @@ fn request_id() -> HeaderValue {
 #[derive(Debug, Clone)]
 pub struct ConnService {
     proxy: Arc<HttpProxy>,
+    /// When set, each request uses the proxy current at its start (routes
+    /// and clusters replaced at runtime by xDS).
+    current: Option<Arc<arc_swap::ArcSwap<HttpProxy>>>,
     peer: SocketAddr,
     local: SocketAddr,
 }
@@ -1227,7 +1240,27 @@ pub struct ConnService {
 impl ConnService {
     /// A service for a connection from `peer` arriving on `local`.
     pub fn new(proxy: Arc<HttpProxy>, peer: SocketAddr, local: SocketAddr) -> Self {
-        ConnService { proxy, peer, local }
+        ConnService {
+            proxy,
+            current: None,
+            peer,
+            local,
+        }
+    }
+
+    /// A service whose requests each take the proxy in `current` at the
+    /// time they start; requests in flight keep the one they started with.
+    pub fn swapping(
+        current: Arc<arc_swap::ArcSwap<HttpProxy>>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        ConnService {
+            proxy: current.load_full(),
+            current: Some(current),
+            peer,
+            local,
+        }
     }
 }
 
@@ -1245,7 +1278,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             downstream_local: self.local,
             protocol: req.version(),
         };
-        let proxy = self.proxy.clone();
+        let proxy = match &self.current {
+            Some(c) => c.load_full(),
+            None => self.proxy.clone(),
+        };
         Box::pin(async move { Ok(proxy.handle(req, info).await) })
     }
 }

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+pub mod dynamic;
 pub mod filters;
 pub mod http;
 pub mod proxy;

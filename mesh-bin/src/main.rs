@@ -67,6 +67,10 @@ struct RunArgs {
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 5)]
     drain_time_s: u64,
+    /// The largest xDS response accepted, in bytes; a larger one fails the
+    /// stream with an error naming this limit (default 64 MiB).
+    #[arg(long, default_value_t = mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE)]
+    xds_max_message_bytes: usize,
 }
 
 const QUICKSTART: &str = include_str!("../../examples/configs/quickstart.yaml");
@@ -190,6 +194,8 @@ fn serve(
             },
             drain_time: Duration::from_secs(run.drain_time_s),
             admin_address_path: run.admin_address_path,
+            xds_max_message_size: run.xds_max_message_bytes,
+            ..Default::default()
         };
         let proxy = match Proxy::start(bootstrap, options, json).await {
             Ok(p) => p,

@@ -25,6 +25,8 @@ pub struct Bootstrap {
     pub clusters: Vec<Cluster>,
     /// `admin`: the admin HTTP listener, if any.
     pub admin: Option<Admin>,
+    /// `dynamic_resources`: listeners and clusters from a control plane.
+    pub dynamic_resources: Option<DynamicResources>,
 }
 
 /// Envoy `config.core.v3.Node`.
@@ -142,7 +144,7 @@ pub enum RpcFilter {
 }
 
 /// The protocol of an [`RpcProxy`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RpcCodec {
     /// Apache Thrift; `None` transport/protocol: detected per frame.
     Thrift {
@@ -155,6 +157,11 @@ pub enum RpcCodec {
     Dubbo,
     /// SOFA Bolt v1.
     Bolt,
+    /// Dubbo, Bolt or Thrift, detected from each frame's first bytes.
+    Auto,
+    /// A codec a Rust program registers by this name
+    /// (`mesh_bin::ProxyOptions::rpc_codecs`); not reachable from YAML.
+    Custom(String),
 }
 
 /// Envoy `thrift_proxy.v3.ProtocolType` (the supported subset).
@@ -224,15 +231,20 @@ pub struct HttpConnectionManager {
     pub internal_address_config: Vec<(std::net::IpAddr, u8)>,
     /// Name and `disabled` of each entry of `http_filters` (same order).
     pub http_filter_meta: Vec<crate::policy::HttpFilterMeta>,
+    /// `rds`: the route configuration comes over xDS by this name; then
+    /// `route_config` is empty until it arrives.
+    pub rds: Option<Rds>,
 }
 
 /// One entry of `http_filters`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HttpFilter {
     /// `envoy.filters.http.router`: the terminal filter.
     Router,
     /// `envoy.filters.http.local_ratelimit`.
     LocalRateLimit(Box<crate::policy::LocalRateLimitConfig>),
+    /// `envoy.filters.http.fault`.
+    Fault(Box<crate::policy::FaultConfig>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
@@ -534,6 +546,8 @@ pub enum DiscoveryType {
     Eds {
         /// `eds_cluster_config.service_name` (defaults to the cluster name).
         service_name: String,
+        /// `eds_cluster_config.eds_config`.
+        source: ConfigSource,
     },
 }
 
@@ -628,4 +642,64 @@ pub struct LbEndpoint {
     pub port: u16,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+}
+
+/// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DynamicResources {
+    /// `ads_config`: the aggregated stream that `ads: {}` sources use.
+    pub ads_config: Option<ApiConfigSource>,
+    /// `cds_config`: where clusters come from.
+    pub cds_config: Option<ConfigSource>,
+    /// `lds_config`: where listeners come from.
+    pub lds_config: Option<ConfigSource>,
+}
+
+/// Envoy `config.core.v3.ConfigSource` (the gRPC subset).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// `ads: {}` or `api_config_source`.
+    pub kind: ConfigSourceKind,
+    /// `initial_fetch_timeout` (Envoy default 15 s; `0s` waits forever):
+    /// how long a resource being warmed (a cluster's endpoints, a
+    /// listener's routes) is waited for before going live without it.
+    pub initial_fetch_timeout: Option<Duration>,
+}
+
+impl Default for ConfigSource {
+    fn default() -> Self {
+        ConfigSource {
+            kind: ConfigSourceKind::Ads,
+            initial_fetch_timeout: Some(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// Where a [`ConfigSource`] points.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConfigSourceKind {
+    /// `ads: {}`: the bootstrap's `ads_config` stream.
+    #[default]
+    Ads,
+    /// `api_config_source`: a stream of its own.
+    Api(ApiConfigSource),
+}
+
+/// Envoy `config.core.v3.ApiConfigSource` with one `envoy_grpc` service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiConfigSource {
+    /// `api_type`: `DELTA_GRPC` (true) or `GRPC` (false).
+    pub delta: bool,
+    /// `grpc_services[0].envoy_grpc.cluster_name`: a static cluster that
+    /// reaches the management server (HTTP/2).
+    pub cluster_name: String,
+}
+
+/// Envoy `extensions.filters.network.http_connection_manager.v3.Rds`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rds {
+    /// `route_config_name`.
+    pub route_config_name: String,
+    /// `config_source`.
+    pub config_source: ConfigSource,
 }

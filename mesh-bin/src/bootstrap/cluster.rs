@@ -27,7 +27,7 @@ const HTTP_OPTIONS_TYPE: &str =
 const LB_REASON: &str = "arrives with the load-balancing work";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Static,
     StrictDns,
     LogicalDns,
@@ -83,20 +83,14 @@ fn cluster(
 
     let eds_path = o.at("eds_cluster_config");
     let mut service_name = None;
+    let mut source = None;
     if let Some(mut eds) = o.obj(cx, "eds_cluster_config") {
         if kind != Kind::Eds {
             cx.error(&eds_path, "only EDS clusters take eds_cluster_config");
         }
         service_name = eds.string(cx, "service_name").filter(|s| !s.is_empty());
-        if let Some(mut src) = eds.obj(cx, "eds_config") {
-            src.empty_obj(cx, "ads");
-            src.enumeration(
-                cx,
-                "resource_api_version",
-                &[("V3", ())],
-                &[("AUTO", "only V3"), ("V2", "only V3")],
-            );
-            src.finish(cx);
+        if let Some(src) = eds.obj(cx, "eds_config") {
+            source = Some(super::xds::config_source(cx, src));
         }
         eds.finish(cx);
     }
@@ -106,6 +100,7 @@ fn cluster(
         Kind::LogicalDns => DiscoveryType::LogicalDns,
         Kind::Eds => DiscoveryType::Eds {
             service_name: service_name.unwrap_or_else(|| name.clone().unwrap_or_default()),
+            source: source.unwrap_or_default(),
         },
     };
 
@@ -221,7 +216,11 @@ fn cluster(
     })
 }
 
-fn load_assignment(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Vec<LocalityLbEndpoints> {
+pub(crate) fn load_assignment(
+    cx: &mut Ctx,
+    mut o: Obj<'_>,
+    kind: Kind,
+) -> Vec<LocalityLbEndpoints> {
     o.req_string(cx, "cluster_name");
     let mut out = Vec::new();
     for (path, v) in o.list(cx, "endpoints") {

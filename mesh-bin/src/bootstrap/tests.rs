@@ -204,6 +204,7 @@ fn bench_config_loads() {
             name: "envoy.filters.http.router".into(),
             disabled: false,
         }],
+        rds: None,
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -264,15 +265,15 @@ fn node_and_admin() {
 #[test]
 fn unknown_top_level_fields_are_unsupported() {
     let mut v = bench();
-    v["dynamic_resources"] = json!({"ads_config": {}});
+    v["overload_manager"] = json!({});
     v["layered_runtime"] = json!({});
     v["static_resources"]["secrets"] = json!([]);
     assert_eq!(
         errs(&v),
         vec![
             "unsupported: static_resources.secrets",
-            "unsupported: dynamic_resources",
             "unsupported: layered_runtime",
+            "unsupported: overload_manager",
         ]
     );
 }
@@ -705,7 +706,6 @@ fn hcm_refusals() {
     let mut v = bench();
     let h = hcm_json(&mut v);
     h["codec_type"] = json!("HTTP3");
-    h["rds"] = json!({"route_config_name": "x"});
     h["max_request_headers_kb"] = json!(9000);
     h["http2_protocol_options"] = json!({"max_concurrent_streams": 10});
     h["access_log"] = json!([{"name": "envoy.access_loggers.stdout", "typed_config": {
@@ -717,7 +717,6 @@ fn hcm_refusals() {
         errs(&v),
         vec![
             format!("unsupported: {HCM_PATH}.codec_type (HTTP3: HTTP/3 is not supported yet)"),
-            format!("unsupported: {HCM_PATH}.rds (RDS arrives with xDS)"),
             format!("{HCM_PATH}.http_filters[0]: envoy.filters.http.router must be the last HTTP filter"),
             format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.cors)"),
             format!("{HCM_PATH}.max_request_headers_kb: must be from 1 to 8192, found 9000"),
@@ -1207,14 +1206,16 @@ fn eds_and_logical_dns_clusters() {
     assert_eq!(
         ok(&v).clusters[0].discovery,
         DiscoveryType::Eds {
-            service_name: "upstream".into()
+            service_name: "upstream".into(),
+            source: Default::default(),
         }
     );
     cluster_json(&mut v)["eds_cluster_config"]["service_name"] = json!("svc");
     assert_eq!(
         ok(&v).clusters[0].discovery,
         DiscoveryType::Eds {
-            service_name: "svc".into()
+            service_name: "svc".into(),
+            source: Default::default(),
         }
     );
     cluster_json(&mut v)["eds_cluster_config"]["eds_config"] =
@@ -1222,7 +1223,7 @@ fn eds_and_logical_dns_clusters() {
     assert_eq!(
         errs(&v),
         vec![format!(
-            "unsupported: {CLUSTER_PATH}.eds_cluster_config.eds_config.api_config_source"
+            "{CLUSTER_PATH}.eds_cluster_config.eds_config.api_config_source.grpc_services: missing required field"
         )]
     );
 
