@@ -200,7 +200,10 @@ impl HttpProxy {
             .map(|_| HttpLogEntry::capture(&req));
         let grpc = is_grpc(req.headers());
         let mut resp = self.route_and_forward(req, &info, &mut log).await;
-        if grpc && resp.extensions().get::<ResponseFlag>().is_some() {
+        if grpc
+            && resp.extensions().get::<ResponseFlag>().is_some()
+            && resp.extensions().get::<GrpcReplyDone>().is_none()
+        {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
@@ -314,14 +317,34 @@ impl HttpProxy {
         // The HTTP filters run before the router (also for requests with no
         // route, as in Envoy).
         let mut filter_headers = None;
-        if !shared.filters.is_empty() {
-            match shared.filters.on_request(route.as_ref(), info) {
-                FilterDecision::Continue => {}
-                FilterDecision::ContinueWith(h) => filter_headers = Some(h),
-                FilterDecision::Respond(r) => {
-                    let mut resp = self.local_reply(r.status, r.body, r.flag);
-                    resp.headers_mut().extend(r.headers);
-                    return resp;
+        let mut _active_fault = None;
+        let mut start = 0;
+        while !shared.filters.is_empty() {
+            match shared
+                .filters
+                .on_request(route.as_ref(), info, req.headers(), start)
+            {
+                FilterDecision::Continue => break,
+                FilterDecision::ContinueWith(h) => {
+                    filter_headers = Some(h);
+                    break;
+                }
+                FilterDecision::Respond(r) => return self.filter_reply(r),
+                FilterDecision::Fault {
+                    delay,
+                    abort,
+                    resume,
+                    active,
+                } => {
+                    _active_fault = active;
+                    if let Some(d) = delay {
+                        shared.stats.flag(ResponseFlag::DelayInjected);
+                        tokio::time::sleep(d).await;
+                    }
+                    if let Some(r) = abort {
+                        return self.filter_reply(r);
+                    }
+                    start = resume;
                 }
             }
         }
@@ -362,6 +385,28 @@ impl HttpProxy {
         if let Some(h) = filter_headers {
             h.apply(resp.headers_mut());
         }
+        resp
+    }
+
+    /// The reply made by an HTTP filter (429 of a rate limit, a fault's
+    /// abort).
+    fn filter_reply(&self, r: crate::filters::LocalReply) -> Response<ProxyBody> {
+        let mut resp = match r.grpc_status {
+            None => self.local_reply(r.status, r.body, r.flag),
+            Some(g) => {
+                // A gRPC abort: trailers-only, as Envoy's fault filter sends.
+                self.shared.stats.flag(r.flag);
+                let mut resp = Response::new(ProxyBody::Empty);
+                let h = resp.headers_mut();
+                h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                h.insert("grpc-status", HeaderValue::from(g));
+                h.insert(http::header::SERVER, self.shared.server_name.clone());
+                resp.extensions_mut().insert(GrpcReplyDone);
+                resp.extensions_mut().insert(r.flag);
+                resp
+            }
+        };
+        resp.headers_mut().extend(r.headers);
         resp
     }
 
@@ -1152,6 +1197,10 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     }
     Response::from_parts(parts, ProxyBody::Empty)
 }
+
+/// Marks a proxy-made reply that is already a gRPC trailers-only response.
+#[derive(Debug, Clone, Copy)]
+struct GrpcReplyDone;
 
 /// The endpoint a proxy-made response is about (for `%UPSTREAM_HOST%`).
 #[derive(Debug, Clone, Copy)]
