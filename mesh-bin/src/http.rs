@@ -436,6 +436,7 @@ impl HttpProxy {
         parts: &mut http::request::Parts,
         m: &RouteMatch<'_>,
         action: &CompiledRouteAction,
+        timeout: Option<std::time::Duration>,
         choice_headers: Option<&CompiledMutations>,
         info: &StreamInfo,
         endpoint: SocketAddr,
@@ -479,7 +480,7 @@ impl HttpProxy {
                 .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
         // As Envoy's router does by default: tell the upstream its deadline.
-        if let Some(t) = action.timeout {
+        if let Some(t) = timeout {
             parts.headers.insert(
                 X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
                 HeaderValue::from(t.as_millis() as u64),
@@ -704,10 +705,32 @@ impl HttpProxy {
             _ => None,
         };
 
+        // With grpc_timeout_header_max (max_grpc_timeout), a gRPC request's
+        // grpc-timeout replaces the route timeout, as in Envoy.
+        let timeout = match m.route.policy.grpc_timeout_max {
+            Some(max) if is_grpc(&parts.headers) => {
+                let asked = parts
+                    .headers
+                    .get("grpc-timeout")
+                    .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+                    .map(|t| {
+                        t.saturating_sub(m.route.policy.grpc_timeout_offset.unwrap_or_default())
+                    });
+                match (asked, max.is_zero()) {
+                    (Some(t), true) => Some(t),
+                    (Some(t), false) => Some(t.min(max)),
+                    (None, true) => None,
+                    (None, false) => Some(max),
+                }
+                .filter(|t| !t.is_zero())
+            }
+            _ => action.timeout,
+        };
         if !self.prepare_upstream_head(
             &mut parts,
             m,
             action,
+            timeout,
             choice.headers,
             info,
             endpoint.addr,
@@ -750,7 +773,7 @@ impl HttpProxy {
         // the HCM request timeout, whichever ends first; under a retry
         // policy also by `per_try_timeout`.
         let now = tokio::time::Instant::now();
-        let deadline = action.timeout.map(|t| now + t);
+        let deadline = timeout.map(|t| now + t);
         let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -1144,6 +1167,26 @@ fn in_cidr(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
     }
 }
 
+/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`).
+fn parse_grpc_timeout(v: &[u8]) -> Option<std::time::Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// True for a gRPC request (`content-type: application/grpc*`).
 fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
@@ -1367,6 +1410,22 @@ mod tests {
         assert!(http_body::Body::is_end_stream(r.body()));
         assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), 12);
         assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), 14);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_says() {
+        use std::time::Duration;
+        assert_eq!(
+            parse_grpc_timeout(b"300m"),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"-1S"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
     }
 
     #[test]

@@ -332,6 +332,11 @@ pub struct RoutePolicy {
     pub per_request_buffer_limit_bytes: Option<u32>,
     /// `typed_per_filter_config`.
     pub per_filter: Vec<PerFilterConfig>,
+    /// `max_grpc_timeout`: when set, a gRPC request's `grpc-timeout`
+    /// replaces the route timeout, capped at this (`ZERO`: no cap).
+    pub grpc_timeout_max: Option<Duration>,
+    /// `grpc_timeout_offset`: subtracted from `grpc-timeout`.
+    pub grpc_timeout_offset: Option<Duration>,
 }
 
 /// One entry of `typed_per_filter_config`: the filter name it is keyed by

@@ -725,3 +725,12 @@ fn fault(cx: &mut Ctx, o: &mut Obj<'_>) -> FaultConfig {
     o.bool(cx, "disable_downstream_cluster_stats");
     c
 }
+
+/// `max_grpc_timeout` / `grpc_timeout_offset` of a route action.
+/// (`max_stream_duration.grpc_timeout_header_max` makes Envoy answer a
+/// timed-out gRPC request with DEADLINE_EXCEEDED through its stream-duration
+/// path, which mesh does not have yet: `max_stream_duration` is refused.)
+pub(crate) fn grpc_timeouts(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut mesh_core::policy::RoutePolicy) {
+    p.grpc_timeout_max = o.duration(cx, "max_grpc_timeout");
+    p.grpc_timeout_offset = o.duration(cx, "grpc_timeout_offset");
+}
