@@ -607,6 +607,7 @@ impl HttpProxy {
                 ),
             },
         };
+        cluster.entry.outlier_failure(endpoint, flag);
         // The downstream's own faults are not charged to the upstream.
         let downstream_fault = flag == ResponseFlag::DownstreamProtocolError;
         if !downstream_fault {
@@ -666,7 +667,20 @@ impl HttpProxy {
             cpolicy.rq_active_overflow.inc();
             return self.overflow_reply();
         }
-        let Some(mut endpoint) = cluster.entry.balancer.pick() else {
+        let lb_hash = if action.hash_policy.is_empty() {
+            mesh_lb::hash::RequestHash::default()
+        } else {
+            mesh_lb::hash::request_hash(
+                &action.hash_policy,
+                &req,
+                info.downstream_remote,
+                info.downstream_local,
+            )
+        };
+        let pick = mesh_lb::PickContext::new()
+            .with_hash(lb_hash.hash)
+            .with_metadata_match(choice.metadata_match);
+        let Some(mut endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -777,6 +791,7 @@ impl HttpProxy {
         let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
+        let mut last_try_start;
         // Held from a retry's scheduling until its try ends, as in Envoy.
         let mut retry_permit = None;
         let (resp, pool_end, rq_active, ep_active, final_flag) = loop {
@@ -825,6 +840,7 @@ impl HttpProxy {
             let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
             let pool = cluster.pool(endpoint.addr, h2);
             let try_start = tokio::time::Instant::now();
+            last_try_start = try_start;
             let mut wait = deadline.map(|d| (d, Expiry::Route));
             if let Some(t) = idle {
                 let d = try_start + t;
@@ -915,7 +931,7 @@ impl HttpProxy {
                             tokio::time::sleep_until(until).await;
                         }
                         tried.push(endpoint.addr);
-                        endpoint = match self.pick_for_retry(cluster, st, &tried) {
+                        endpoint = match self.pick_for_retry(cluster, st, &tried, &pick) {
                             Some(e) => e,
                             None => {
                                 cstats.cx_none_healthy.inc();
@@ -951,7 +967,9 @@ impl HttpProxy {
         }
         let status = resp.status();
         let service_time_ms = now.elapsed().as_millis() as u64;
+        endpoint.observe_rtt(last_try_start.elapsed());
         cstats.record_status(status.as_u16());
+        cluster.entry.outlier_status(&endpoint, status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
         }
@@ -978,6 +996,13 @@ impl HttpProxy {
             .headers
             .insert(http::header::SERVER, self.shared.server_name.clone());
         rparts.headers.remove(&X_ENVOY_OVERLOADED);
+        // A generated hash-policy cookie, so the client sticks from now on.
+        if let Some(c) = lb_hash
+            .set_cookie
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            rparts.headers.append(http::header::SET_COOKIE, c);
+        }
         rparts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time_ms),
@@ -1027,15 +1052,16 @@ impl HttpProxy {
         cluster: &WorkerCluster,
         st: &RetryState<'_>,
         tried: &[SocketAddr],
+        pick: &mesh_lb::PickContext<'_>,
     ) -> Option<Arc<mesh_lb::Endpoint>> {
         let (previous_hosts, attempts) = st.host_selection();
-        let mut ep = cluster.entry.balancer.pick()?;
+        let mut ep = cluster.entry.balancer.pick_with(pick)?;
         if previous_hosts {
             for _ in 0..attempts {
                 if !tried.contains(&ep.addr) {
                     break;
                 }
-                ep = cluster.entry.balancer.pick()?;
+                ep = cluster.entry.balancer.pick_with(pick)?;
             }
         }
         Some(ep)
@@ -1053,12 +1079,23 @@ impl HttpProxy {
         match result {
             Ok(Ok((resp, _))) => {
                 cstats.record_status(resp.status().as_u16());
+                cluster
+                    .entry
+                    .outlier_status(endpoint, resp.status().as_u16());
                 if resp.status().is_server_error() {
                     endpoint.stats.rq_error.inc();
                 }
             }
             Ok(Err(e)) => {
                 endpoint.stats.rq_error.inc();
+                match e.kind() {
+                    FailureKind::Connect | FailureKind::Reset | FailureKind::UpstreamProtocol => {
+                        cluster
+                            .entry
+                            .outlier_failure(endpoint, ResponseFlag::UpstreamConnectionFailure);
+                    }
+                    _ => {}
+                }
                 match e.kind() {
                     FailureKind::Connect => {
                         cstats.cx_connect_fail.inc();
@@ -1074,6 +1111,9 @@ impl HttpProxy {
             }
             Err(_) => {
                 endpoint.stats.rq_error.inc();
+                cluster
+                    .entry
+                    .outlier_failure(endpoint, ResponseFlag::UpstreamRequestTimeout);
                 cstats.record_status(504);
             }
         }

@@ -207,6 +207,7 @@ impl Proxy {
         let cm = Arc::new(
             ClusterManager::build_with(
                 &bootstrap.clusters,
+                &bootstrap.node.locality.zone,
                 &store,
                 &stop,
                 bootstrap.dynamic_resources.is_some(),

@@ -13,6 +13,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::health_config::{
+    GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
+};
+pub use crate::lb_config::*;
+
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -270,6 +275,8 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `hash_policy` (only `source_ip`).
+    pub hash_policy: Vec<HashPolicy>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.
@@ -483,6 +490,10 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     /// `idle_timeout` per stream.
     pub idle_timeout: Option<Duration>,
+    /// `hash_policy`: how the request hash for ring hash / Maglev is made.
+    pub hash_policy: Vec<HashPolicy>,
+    /// `metadata_match.filter_metadata["envoy.lb"]`: the endpoint subset.
+    pub metadata_match: LbMetadata,
 }
 
 /// Which cluster(s) a route or TCP proxy sends to.
@@ -503,6 +514,8 @@ pub struct WeightedCluster {
     pub weight: u32,
     /// Header mutations of this choice (`request_headers_to_add`, ...).
     pub headers: HeaderMutations,
+    /// `metadata_match` (`envoy.lb`), merged over the route's.
+    pub metadata_match: LbMetadata,
 }
 
 /// Envoy `config.route.v3.RedirectAction`.
@@ -559,6 +572,16 @@ pub enum LbPolicy {
     RoundRobin,
     /// `RANDOM`: weighted random.
     Random,
+    /// `LEAST_REQUEST`: power of two (`choice_count`) choices by active
+    /// requests; weighted as Envoy when weights differ.
+    LeastRequest,
+    /// `RING_HASH`: consistent hashing on a ring (ketama).
+    RingHash,
+    /// `MAGLEV`: consistent hashing with a Maglev lookup table.
+    Maglev,
+    /// Peak EWMA of response latency (linkerd's balancer), typed extension
+    /// `mesh.load_balancing_policies.peak_ewma`.
+    PeakEwma,
 }
 
 /// The protocol used to talk to a cluster's endpoints.
@@ -599,6 +622,16 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
+    /// `lb_subset_config`, `load_assignment.policy`).
+    pub lb: LbConfig,
+    /// `health_checks` (Envoy runs at most one).
+    pub health_check: Option<HealthCheck>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `max_requests_per_connection`: requests an upstream connection
+    /// carries before it is closed (none: unlimited).
+    pub max_requests_per_connection: Option<u32>,
     /// `circuit_breakers`.
     pub circuit_breakers: crate::policy::CircuitBreakers,
 }
@@ -633,7 +666,7 @@ pub struct LocalityLbEndpoints {
 }
 
 /// Envoy `config.endpoint.v3.LbEndpoint`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbEndpoint {
     /// `endpoint.address.socket_address.address`: an IP for STATIC
     /// clusters, a host name for DNS clusters.
@@ -642,6 +675,10 @@ pub struct LbEndpoint {
     pub port: u16,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+    /// `metadata.filter_metadata["envoy.lb"]`.
+    pub metadata: LbMetadata,
+    /// `health_status`.
+    pub health_status: HealthStatus,
 }
 
 /// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.

@@ -418,6 +418,8 @@ fn route_action(
     let host_rewrite_literal = o.string(cx, "host_rewrite_literal");
     let timeout = o.timeout(cx, "timeout", Some(ROUTE_TIMEOUT));
     let idle_timeout = o.timeout(cx, "idle_timeout", None);
+    let hash_policy = super::lb::hash_policies(cx, &mut o, false);
+    let metadata_match = super::lb::metadata_match(cx, &mut o);
     route_policy.retry_policy = o
         .obj(cx, "retry_policy")
         .map(|r| policy::retry_policy(cx, r));
@@ -431,6 +433,8 @@ fn route_action(
         host_rewrite_literal,
         timeout,
         idle_timeout,
+        hash_policy,
+        metadata_match,
     }
 }
 
@@ -449,11 +453,13 @@ pub(crate) fn weighted_clusters(cx: &mut Ctx, mut o: Obj<'_>) -> ClusterSpecifie
         let weight = c.u32(cx, "weight").unwrap_or(0);
         sum += u64::from(weight);
         let headers = header_mutations(cx, &mut c);
+        let metadata_match = super::lb::metadata_match(cx, &mut c);
         c.finish(cx);
         out.push(WeightedCluster {
             name,
             weight,
             headers,
+            metadata_match,
         });
     }
     if out.is_empty() {

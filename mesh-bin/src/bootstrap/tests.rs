@@ -178,6 +178,8 @@ fn bench_config_loads() {
                         host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(15)),
                         idle_timeout: None,
+                        hash_policy: vec![],
+                        metadata_match: Default::default(),
                     }),
                     headers: HeaderMutations::default(),
                     policy: Default::default(),
@@ -222,6 +224,8 @@ fn bench_config_loads() {
                     host: "127.0.0.1".into(),
                     port: 18080,
                     weight: 1,
+                    metadata: Default::default(),
+                    health_status: Default::default(),
                 }],
             }],
             protocol: UpstreamProtocol::Http2,
@@ -229,6 +233,10 @@ fn bench_config_loads() {
             dns_lookup_family: DnsLookupFamily::Auto,
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
+            lb: Default::default(),
+            health_check: None,
+            outlier_detection: None,
+            max_requests_per_connection: None,
             circuit_breakers: Default::default(),
         }]
     );
@@ -282,19 +290,19 @@ fn unknown_top_level_fields_are_unsupported() {
 fn unknown_cluster_field_is_unsupported_with_exact_path() {
     let mut v = bench();
     add_cluster(&mut v, "second");
-    v["static_resources"]["clusters"][1]["health_checks"] = json!([]);
+    v["static_resources"]["clusters"][1]["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(
         e.0,
         vec![ConfigError::unsupported(
-            "static_resources.clusters[1].health_checks",
+            "static_resources.clusters[1].lrs_server",
             None
         )]
     );
     assert!(e.0[0].is_unsupported());
     assert_eq!(
         e.to_string(),
-        "unsupported: static_resources.clusters[1].health_checks"
+        "unsupported: static_resources.clusters[1].lrs_server"
     );
 }
 
@@ -315,7 +323,7 @@ fn all_errors_are_collected_one_per_line() {
     let mut v = bench();
     route_json(&mut v)["route"]["cluster"] = json!("foo");
     cluster_json(&mut v)["connect_timeout"] = json!("soon");
-    cluster_json(&mut v)["outlier_detection"] = json!({});
+    cluster_json(&mut v)["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(e.0.len(), 3);
     assert_eq!(e.to_string().lines().count(), 3);
@@ -627,6 +635,7 @@ fn tcp_proxy() {
             cluster: ClusterSpecifier::Cluster("upstream".into()),
             idle_timeout: None,
             access_log: vec![AccessLog::Stderr],
+            hash_policy: vec![],
         })
     );
 
@@ -1175,12 +1184,16 @@ fn cluster_options() {
             LbEndpoint {
                 host: "backend.local".into(),
                 port: 80,
-                weight: 3
+                weight: 3,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
                 port: 81,
-                weight: 1
+                weight: 1,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
         ]
     );
@@ -1234,6 +1247,7 @@ fn eds_and_logical_dns_clusters() {
     let eps = cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"].clone();
     let mut two = eps.as_array().expect("list").clone();
     two.extend(eps.as_array().expect("list").iter().cloned());
+    two[1]["endpoint"]["address"]["socket_address"]["port_value"] = json!(9999);
     cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"] = json!(two);
     assert_eq!(
         errs(&v),
@@ -1245,7 +1259,7 @@ fn eds_and_logical_dns_clusters() {
 fn cluster_errors() {
     let mut v = bench();
     let c = cluster_json(&mut v);
-    c["lb_policy"] = json!("LEAST_REQUEST");
+    c["lb_policy"] = json!("CLUSTER_PROVIDED");
     c["type"] = json!("STATIC");
     c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         ["socket_address"]["address"] = json!("backend.local");
@@ -1261,7 +1275,7 @@ fn cluster_errors() {
     assert_eq!(
         errs(&v),
         vec![
-            format!("unsupported: {CLUSTER_PATH}.lb_policy (LEAST_REQUEST: arrives with the load-balancing work)"),
+            format!("unsupported: {CLUSTER_PATH}.lb_policy (CLUSTER_PROVIDED: use load_balancing_policy or a named lb_policy)"),
             format!("{ep}.load_balancing_weight: must be at least 1"),
             format!("{ep}.endpoint.address.socket_address.address: STATIC clusters need an IP address, found \"backend.local\" (use STRICT_DNS or LOGICAL_DNS for host names)"),
             format!("{t}[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].@type: expected @type type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions for envoy.extensions.upstreams.http.v3.HttpProtocolOptions, found \"type.googleapis.com/envoy.extensions.upstreams.http.v3.Wrong\""),
@@ -1481,3 +1495,5 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
         "only {refused} of 3000 damaged configs were refused"
     );
 }
+
+mod lb;
