@@ -15,9 +15,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mesh_core::config::{HeaderMutations, HttpConnectionManager, HttpFilter};
 use mesh_core::headers::{CompiledMutations, StreamInfo};
 use mesh_core::policy::{FilterOverride, LocalRateLimitConfig, PerFilterConfig};
+use mesh_core::router::CompiledAction;
 use mesh_core::router::{RouteMatch, RouteTable};
 use mesh_core::stats::Store;
 use mesh_core::ResponseFlag;
+use mesh_filter::fault::{Abort, ActiveFault, FaultInjector, FaultStats};
 use mesh_filter::local_ratelimit::{LocalRateLimitStats, LocalRateLimiter, Verdict};
 
 /// A compiled local rate limit: the limiter and the headers of its 429s.
@@ -42,6 +44,7 @@ impl RateLimit {
 #[derive(Debug)]
 enum Kind {
     LocalRateLimit(Arc<RateLimit>),
+    Fault(Arc<FaultInjector>),
 }
 
 #[derive(Debug)]
@@ -58,6 +61,7 @@ enum Override {
     Disabled,
     Enabled,
     LocalRateLimit(Arc<RateLimit>),
+    Fault(Arc<FaultInjector>),
 }
 
 /// What the chain decided for a request.
@@ -70,6 +74,19 @@ pub enum Decision {
     ContinueWith(ResponseHeaders),
     /// Answer now.
     Respond(LocalReply),
+    /// A fault: wait `delay`, then answer `abort` if any, else run the
+    /// chain again from filter `resume`. The fault counts as active while
+    /// `active` is held.
+    Fault {
+        /// How long to wait first.
+        delay: Option<std::time::Duration>,
+        /// The reply after the wait, if the fault aborts.
+        abort: Option<LocalReply>,
+        /// Where the chain goes on.
+        resume: usize,
+        /// The active-fault count.
+        active: Option<ActiveFault>,
+    },
 }
 
 /// Headers a filter adds to the response of a request it let through.
@@ -96,6 +113,8 @@ pub struct LocalReply {
     pub flag: ResponseFlag,
     /// Extra headers.
     pub headers: HeaderMap,
+    /// A gRPC status: the reply is HTTP 200, trailers-only, with it.
+    pub grpc_status: Option<u32>,
 }
 
 /// The compiled filter chain of one HCM.
@@ -121,6 +140,10 @@ impl FilterChain {
             let meta = config.http_filter_meta.get(i).cloned().unwrap_or_default();
             let kind = match f {
                 HttpFilter::Router => continue,
+                HttpFilter::Fault(c) => Kind::Fault(
+                    FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
+                        .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,
+                ),
                 HttpFilter::LocalRateLimit(c) => {
                     Kind::LocalRateLimit(RateLimit::new(c, store).map_err(|e| {
                         format!("http_filters[{i}].typed_config.response_headers_to_add: {e}")
@@ -135,6 +158,9 @@ impl FilterChain {
                         (Some(FilterOverride::LocalRateLimit(c)), Kind::LocalRateLimit(_)) => {
                             Override::LocalRateLimit(RateLimit::new(c, store)?)
                         }
+                        (Some(FilterOverride::Fault(c)), Kind::Fault(_)) => Override::Fault(
+                            FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))?,
+                        ),
                         _ => Override::Enabled,
                     };
                     overrides.insert(key, o);
@@ -163,9 +189,15 @@ impl FilterChain {
 
     /// Runs the request side of every filter for a request that matched
     /// `m` (or no route).
-    pub fn on_request(&self, m: Option<&RouteMatch<'_>>, info: &StreamInfo) -> Decision {
+    pub fn on_request(
+        &self,
+        m: Option<&RouteMatch<'_>>,
+        info: &StreamInfo,
+        headers: &HeaderMap,
+        start: usize,
+    ) -> Decision {
         let mut decision = Decision::Continue;
-        for f in &self.filters {
+        for (i, f) in self.filters.iter().enumerate().skip(start) {
             let o = m.and_then(|m| {
                 let route = (!m.route.policy.per_filter.is_empty())
                     .then(|| f.overrides.get(&policy_key(&m.route.policy)))
@@ -176,13 +208,48 @@ impl FilterChain {
                         .flatten()
                 })
             });
-            let Kind::LocalRateLimit(default) = &f.kind;
-            let rl = match o {
-                Some(Override::Disabled) => continue,
-                Some(Override::Enabled) => default,
-                Some(Override::LocalRateLimit(r)) => r,
-                None if f.disabled => continue,
-                None => default,
+            if matches!(o, Some(Override::Disabled)) || (o.is_none() && f.disabled) {
+                continue;
+            }
+            let rl = match (&f.kind, o) {
+                (Kind::LocalRateLimit(_), Some(Override::LocalRateLimit(r))) => r,
+                (Kind::LocalRateLimit(r), _) => r,
+                (Kind::Fault(default), o) => {
+                    let injector = match o {
+                        Some(Override::Fault(x)) => x,
+                        _ => default,
+                    };
+                    let cluster = m.and_then(|m| match &m.route.action {
+                        CompiledAction::Route(a) => a.cluster_names().into_iter().next(),
+                        _ => None,
+                    });
+                    let fault = injector.decide(headers, cluster.as_deref());
+                    if fault.active.is_none() {
+                        continue;
+                    }
+                    let abort = fault.abort.map(|a| match a {
+                        Abort::Http(status) => LocalReply {
+                            status,
+                            body: "fault filter abort",
+                            flag: ResponseFlag::FaultInjected,
+                            headers: HeaderMap::new(),
+                            grpc_status: None,
+                        },
+                        Abort::Grpc(g) => LocalReply {
+                            status: StatusCode::OK,
+                            body: "fault filter abort",
+                            flag: ResponseFlag::FaultInjected,
+                            headers: HeaderMap::new(),
+                            grpc_status: Some(g),
+                        },
+                    });
+                    return Decision::Fault {
+                        delay: fault.delay,
+                        abort,
+                        resume: i + 1,
+                        active: fault.active,
+                    };
+                }
             };
             let verdict = rl.limiter.check();
             let rate_headers = rl.limiter.rate_limit_headers();
@@ -199,6 +266,7 @@ impl FilterChain {
                     body: "local_rate_limited",
                     flag: ResponseFlag::RateLimited,
                     headers,
+                    grpc_status: None,
                 });
             }
             if let (Some(h), Verdict::Allowed | Verdict::Shadowed) = (rate_headers, verdict) {

@@ -200,7 +200,10 @@ impl HttpProxy {
             .map(|_| HttpLogEntry::capture(&req));
         let grpc = is_grpc(req.headers());
         let mut resp = self.route_and_forward(req, &info, &mut log).await;
-        if grpc && resp.extensions().get::<ResponseFlag>().is_some() {
+        if grpc
+            && resp.extensions().get::<ResponseFlag>().is_some()
+            && resp.extensions().get::<GrpcReplyDone>().is_none()
+        {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
@@ -314,14 +317,34 @@ impl HttpProxy {
         // The HTTP filters run before the router (also for requests with no
         // route, as in Envoy).
         let mut filter_headers = None;
-        if !shared.filters.is_empty() {
-            match shared.filters.on_request(route.as_ref(), info) {
-                FilterDecision::Continue => {}
-                FilterDecision::ContinueWith(h) => filter_headers = Some(h),
-                FilterDecision::Respond(r) => {
-                    let mut resp = self.local_reply(r.status, r.body, r.flag);
-                    resp.headers_mut().extend(r.headers);
-                    return resp;
+        let mut _active_fault = None;
+        let mut start = 0;
+        while !shared.filters.is_empty() {
+            match shared
+                .filters
+                .on_request(route.as_ref(), info, req.headers(), start)
+            {
+                FilterDecision::Continue => break,
+                FilterDecision::ContinueWith(h) => {
+                    filter_headers = Some(h);
+                    break;
+                }
+                FilterDecision::Respond(r) => return self.filter_reply(r),
+                FilterDecision::Fault {
+                    delay,
+                    abort,
+                    resume,
+                    active,
+                } => {
+                    _active_fault = active;
+                    if let Some(d) = delay {
+                        shared.stats.flag(ResponseFlag::DelayInjected);
+                        tokio::time::sleep(d).await;
+                    }
+                    if let Some(r) = abort {
+                        return self.filter_reply(r);
+                    }
+                    start = resume;
                 }
             }
         }
@@ -365,6 +388,28 @@ impl HttpProxy {
         resp
     }
 
+    /// The reply made by an HTTP filter (429 of a rate limit, a fault's
+    /// abort).
+    fn filter_reply(&self, r: crate::filters::LocalReply) -> Response<ProxyBody> {
+        let mut resp = match r.grpc_status {
+            None => self.local_reply(r.status, r.body, r.flag),
+            Some(g) => {
+                // A gRPC abort: trailers-only, as Envoy's fault filter sends.
+                self.shared.stats.flag(r.flag);
+                let mut resp = Response::new(ProxyBody::Empty);
+                let h = resp.headers_mut();
+                h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                h.insert("grpc-status", HeaderValue::from(g));
+                h.insert(http::header::SERVER, self.shared.server_name.clone());
+                resp.extensions_mut().insert(GrpcReplyDone);
+                resp.extensions_mut().insert(r.flag);
+                resp
+            }
+        };
+        resp.headers_mut().extend(r.headers);
+        resp
+    }
+
     /// A direct response or redirect gets its route's response mutations and
     /// the `server` header.
     fn finish_routed_local(
@@ -391,6 +436,7 @@ impl HttpProxy {
         parts: &mut http::request::Parts,
         m: &RouteMatch<'_>,
         action: &CompiledRouteAction,
+        timeout: Option<std::time::Duration>,
         choice_headers: Option<&CompiledMutations>,
         info: &StreamInfo,
         endpoint: SocketAddr,
@@ -434,7 +480,7 @@ impl HttpProxy {
                 .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
         // As Envoy's router does by default: tell the upstream its deadline.
-        if let Some(t) = action.timeout {
+        if let Some(t) = timeout {
             parts.headers.insert(
                 X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
                 HeaderValue::from(t.as_millis() as u64),
@@ -673,10 +719,32 @@ impl HttpProxy {
             _ => None,
         };
 
+        // With grpc_timeout_header_max (max_grpc_timeout), a gRPC request's
+        // grpc-timeout replaces the route timeout, as in Envoy.
+        let timeout = match m.route.policy.grpc_timeout_max {
+            Some(max) if is_grpc(&parts.headers) => {
+                let asked = parts
+                    .headers
+                    .get("grpc-timeout")
+                    .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+                    .map(|t| {
+                        t.saturating_sub(m.route.policy.grpc_timeout_offset.unwrap_or_default())
+                    });
+                match (asked, max.is_zero()) {
+                    (Some(t), true) => Some(t),
+                    (Some(t), false) => Some(t.min(max)),
+                    (None, true) => None,
+                    (None, false) => Some(max),
+                }
+                .filter(|t| !t.is_zero())
+            }
+            _ => action.timeout,
+        };
         if !self.prepare_upstream_head(
             &mut parts,
             m,
             action,
+            timeout,
             choice.headers,
             info,
             endpoint.addr,
@@ -719,7 +787,7 @@ impl HttpProxy {
         // the HCM request timeout, whichever ends first; under a retry
         // policy also by `per_try_timeout`.
         let now = tokio::time::Instant::now();
-        let deadline = action.timeout.map(|t| now + t);
+        let deadline = timeout.map(|t| now + t);
         let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -1139,6 +1207,26 @@ fn in_cidr(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
     }
 }
 
+/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`).
+fn parse_grpc_timeout(v: &[u8]) -> Option<std::time::Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// True for a gRPC request (`content-type: application/grpc*`).
 fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
@@ -1192,6 +1280,10 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     }
     Response::from_parts(parts, ProxyBody::Empty)
 }
+
+/// Marks a proxy-made reply that is already a gRPC trailers-only response.
+#[derive(Debug, Clone, Copy)]
+struct GrpcReplyDone;
 
 /// The endpoint a proxy-made response is about (for `%UPSTREAM_HOST%`).
 #[derive(Debug, Clone, Copy)]
@@ -1358,6 +1450,22 @@ mod tests {
         assert!(http_body::Body::is_end_stream(r.body()));
         assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), 12);
         assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), 14);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_says() {
+        use std::time::Duration;
+        assert_eq!(
+            parse_grpc_timeout(b"300m"),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"-1S"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
     }
 
     #[test]

@@ -229,9 +229,6 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs[].upgrade_type`, lower-cased (e.g. `websocket`).
     /// Upgrade requests of other types are refused with 403, as Envoy does.
     pub upgrade_types: Vec<String>,
-    /// `rds`: the route configuration comes over xDS by this name; then
-    /// `route_config` is empty until it arrives.
-    pub rds: Option<Rds>,
     /// `internal_address_config.cidr_ranges` (address, prefix length): with
     /// `use_remote_address`, a peer in these ranges (with no
     /// `x-forwarded-for` of its own) sends internal requests, whose
@@ -239,15 +236,20 @@ pub struct HttpConnectionManager {
     pub internal_address_config: Vec<(std::net::IpAddr, u8)>,
     /// Name and `disabled` of each entry of `http_filters` (same order).
     pub http_filter_meta: Vec<crate::policy::HttpFilterMeta>,
+    /// `rds`: the route configuration comes over xDS by this name; then
+    /// `route_config` is empty until it arrives.
+    pub rds: Option<Rds>,
 }
 
 /// One entry of `http_filters`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HttpFilter {
     /// `envoy.filters.http.router`: the terminal filter.
     Router,
     /// `envoy.filters.http.local_ratelimit`.
     LocalRateLimit(Box<crate::policy::LocalRateLimitConfig>),
+    /// `envoy.filters.http.fault`.
+    Fault(Box<crate::policy::FaultConfig>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing

@@ -332,6 +332,11 @@ pub struct RoutePolicy {
     pub per_request_buffer_limit_bytes: Option<u32>,
     /// `typed_per_filter_config`.
     pub per_filter: Vec<PerFilterConfig>,
+    /// `max_grpc_timeout`: when set, a gRPC request's `grpc-timeout`
+    /// replaces the route timeout, capped at this (`ZERO`: no cap).
+    pub grpc_timeout_max: Option<Duration>,
+    /// `grpc_timeout_offset`: subtracted from `grpc-timeout`.
+    pub grpc_timeout_offset: Option<Duration>,
 }
 
 /// One entry of `typed_per_filter_config`: the filter name it is keyed by
@@ -355,6 +360,66 @@ pub enum FilterOverride {
     /// `envoy.filters.http.local_ratelimit`: the route's own limit (its own
     /// bucket).
     LocalRateLimit(Box<LocalRateLimitConfig>),
+    /// `envoy.filters.http.fault`: the route's own faults.
+    Fault(Box<FaultConfig>),
+}
+
+/// Envoy `extensions.filters.http.fault.v3.HTTPFault`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FaultConfig {
+    /// `delay`.
+    pub delay: Option<FaultDelay>,
+    /// `abort`.
+    pub abort: Option<FaultAbort>,
+    /// `response_rate_limit`.
+    pub response_rate_limit: Option<FaultRateLimit>,
+    /// `max_active_faults` (default unlimited).
+    pub max_active_faults: Option<u32>,
+    /// `headers`: faults apply only to requests matching all of these.
+    pub headers: Vec<crate::config::HeaderMatcher>,
+    /// `upstream_cluster`: faults apply only to requests routed there.
+    pub upstream_cluster: Option<String>,
+}
+
+/// `HTTPFault.delay` (`FaultDelay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultDelay {
+    /// `fixed_delay`, or `None` for `header_delay` (the delay comes from
+    /// `x-envoy-fault-delay-request`, in milliseconds).
+    pub fixed: Option<Duration>,
+    /// `percentage` (default 0 %, as Envoy's absent `FractionalPercent`).
+    pub percentage: FractionalPercent,
+}
+
+/// What an abort answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortKind {
+    /// `http_status`.
+    Http(u16),
+    /// `grpc_status`.
+    Grpc(u32),
+    /// `header_abort`: from `x-envoy-fault-abort-request` (or
+    /// `x-envoy-fault-abort-grpc-request`).
+    Header,
+}
+
+/// `HTTPFault.abort` (`FaultAbort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultAbort {
+    /// The status.
+    pub kind: AbortKind,
+    /// `percentage`.
+    pub percentage: FractionalPercent,
+}
+
+/// `HTTPFault.response_rate_limit` (`FaultRateLimit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRateLimit {
+    /// `fixed_limit.limit_kbps`, or `None` for `header_limit`
+    /// (`x-envoy-fault-throughput-response`).
+    pub limit_kbps: Option<u64>,
+    /// `percentage`.
+    pub percentage: FractionalPercent,
 }
 
 /// Envoy `type.v3.FractionalPercent` (`numerator` out of 100, 10 000 or

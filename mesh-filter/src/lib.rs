@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`retry`]: `RetryLayer`, `RetryState`, `ReplayBody` | route / virtual host `retry_policy` |
 //! | [`circuit_breaker`]: `ResourceManager` (limits and the retry budget) | cluster `circuit_breakers.thresholds` |
+//! | [`fault`]: `FaultInjector` (delay / abort, header-controlled faults, `max_active_faults`) | `envoy.filters.http.fault` |
 //! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
@@ -19,5 +20,6 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+pub mod fault;
 pub mod local_ratelimit;
 pub mod retry;

@@ -107,8 +107,8 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         server_name,
         access_log,
         upgrade_types,
-        rds,
         http_filter_meta,
         internal_address_config,
+        rds,
     }
 }

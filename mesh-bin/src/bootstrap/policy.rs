@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 
 use mesh_core::config::HttpFilter;
+use mesh_core::policy::{AbortKind, FaultAbort, FaultConfig, FaultDelay};
 use mesh_core::policy::{
     CircuitBreakers, FilterOverride, FractionalPercent, HttpFilterMeta, LocalRateLimitConfig,
     PerFilterConfig, RetryBudget, RetryOn, RetryPolicy, RoutingPriority, Thresholds,
@@ -23,6 +24,8 @@ const PREVIOUS_HOSTS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 
+const FAULT: &str = "envoy.filters.http.fault";
+const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
 const LOCAL_RATELIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
@@ -36,6 +39,10 @@ const HTTP_FILTERS: &[Known] = &[
     Known {
         name: LOCAL_RATELIMIT,
         type_url: LOCAL_RATELIMIT_TYPE,
+    },
+    Known {
+        name: FAULT,
+        type_url: FAULT_TYPE,
     },
 ];
 
@@ -304,6 +311,9 @@ fn filter_override(cx: &mut Ctx, o: &mut Obj<'_>, ty: &str) -> Option<FilterOver
     if ty == ROUTER_TYPE {
         return Some(FilterOverride::Router);
     }
+    if ty == FAULT_TYPE {
+        return Some(FilterOverride::Fault(Box::new(fault(cx, o))));
+    }
     if ty == LOCAL_RATELIMIT_TYPE {
         return Some(FilterOverride::LocalRateLimit(Box::new(local_ratelimit(
             cx, o,
@@ -374,6 +384,17 @@ pub(crate) fn http_filters(
                             );
                         }
                         out.push(HttpFilter::Router);
+                    }
+                    FAULT => {
+                        let c = match tc {
+                            Some(mut tc) => {
+                                let c = fault(cx, &mut tc);
+                                tc.finish(cx);
+                                c
+                            }
+                            None => FaultConfig::default(),
+                        };
+                        out.push(HttpFilter::Fault(Box::new(c)));
                     }
                     LOCAL_RATELIMIT => match tc {
                         Some(mut tc) => {
@@ -629,4 +650,87 @@ fn status_by_name(name: &str) -> Option<u16> {
         "OK" => 200,
         _ => return None,
     })
+}
+
+/// An `HTTPFault` (filter or per-route); the caller finishes `o`.
+fn fault(cx: &mut Ctx, o: &mut Obj<'_>) -> FaultConfig {
+    let mut c = FaultConfig::default();
+    if let Some(mut d) = o.obj(cx, "delay") {
+        let fixed = match super::reader::one_of(cx, &d, &["fixed_delay", "header_delay"], true) {
+            Some("fixed_delay") => d.duration(cx, "fixed_delay").map(Some),
+            Some(_) => {
+                d.empty_obj(cx, "header_delay");
+                Some(None)
+            }
+            None => None,
+        };
+        let percentage = d
+            .obj(cx, "percentage")
+            .map(|p| fractional_percent(cx, p))
+            .unwrap_or(FractionalPercent::ZERO);
+        d.finish(cx);
+        if let Some(fixed) = fixed {
+            c.delay = Some(FaultDelay { fixed, percentage });
+        }
+    }
+    if let Some(mut a) = o.obj(cx, "abort") {
+        let keys = ["http_status", "grpc_status", "header_abort"];
+        let kind = match super::reader::one_of(cx, &a, &keys, true) {
+            Some("http_status") => {
+                let path = a.at("http_status");
+                a.take("http_status")
+                    .and_then(|v| as_int(cx, &path, v, 200, 599))
+                    .map(|s| AbortKind::Http(s as u16))
+            }
+            Some("grpc_status") => a.u32(cx, "grpc_status").map(AbortKind::Grpc),
+            Some(_) => {
+                a.empty_obj(cx, "header_abort");
+                Some(AbortKind::Header)
+            }
+            None => None,
+        };
+        let percentage = a
+            .obj(cx, "percentage")
+            .map(|p| fractional_percent(cx, p))
+            .unwrap_or(FractionalPercent::ZERO);
+        a.finish(cx);
+        if let Some(kind) = kind {
+            c.abort = Some(FaultAbort { kind, percentage });
+        }
+    }
+    c.max_active_faults = o.u32(cx, "max_active_faults");
+    for (path, v) in o.list(cx, "headers") {
+        if let Some(h) = Obj::new(cx, path, v) {
+            c.headers.push(header_matcher(cx, h));
+        }
+    }
+    c.upstream_cluster = o.string(cx, "upstream_cluster").filter(|s| !s.is_empty());
+    o.refuse(
+        cx,
+        "response_rate_limit",
+        "response bandwidth limits are not supported yet",
+    );
+    o.empty_list(cx, "downstream_nodes", "downstream nodes are not supported");
+    for key in [
+        "delay_percent_runtime",
+        "abort_percent_runtime",
+        "delay_duration_runtime",
+        "abort_http_status_runtime",
+        "max_active_faults_runtime",
+        "response_rate_limit_percent_runtime",
+        "abort_grpc_status_runtime",
+    ] {
+        o.string(cx, key);
+    }
+    o.bool(cx, "disable_downstream_cluster_stats");
+    c
+}
+
+/// `max_grpc_timeout` / `grpc_timeout_offset` of a route action.
+/// (`max_stream_duration.grpc_timeout_header_max` makes Envoy answer a
+/// timed-out gRPC request with DEADLINE_EXCEEDED through its stream-duration
+/// path, which mesh does not have yet: `max_stream_duration` is refused.)
+pub(crate) fn grpc_timeouts(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut mesh_core::policy::RoutePolicy) {
+    p.grpc_timeout_max = o.duration(cx, "max_grpc_timeout");
+    p.grpc_timeout_offset = o.duration(cx, "grpc_timeout_offset");
 }

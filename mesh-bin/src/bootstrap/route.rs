@@ -424,6 +424,7 @@ fn route_action(
         .obj(cx, "retry_policy")
         .map(|r| policy::retry_policy(cx, r));
     route_policy.priority = policy::routing_priority(cx, &mut o);
+    policy::grpc_timeouts(cx, &mut o, route_policy);
     o.finish(cx);
     RouteAction {
         cluster,

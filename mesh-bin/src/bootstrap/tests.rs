@@ -201,12 +201,12 @@ fn bench_config_loads() {
         server_name: None,
         access_log: vec![],
         upgrade_types: vec![],
-        rds: None,
         internal_address_config: vec![],
         http_filter_meta: vec![mesh_core::policy::HttpFilterMeta {
             name: "envoy.filters.http.router".into(),
             disabled: false,
         }],
+        rds: None,
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
