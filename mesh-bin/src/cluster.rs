@@ -11,7 +11,7 @@ use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
 use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
 use mesh_lb::outlier::{OutlierDetector, OutlierStats};
-use mesh_lb::{dns, Balancer};
+use mesh_lb::{dns, Balancer, HealthFlags};
 use tokio_util::sync::CancellationToken;
 
 /// Envoy's `cluster.<name>.*` stats.
@@ -50,7 +50,8 @@ impl ClusterStats {
         self.rq_code.record(status);
     }
 
-    fn new(store: &Store, name: &str) -> Self {
+    /// The stats of cluster `name` (the same series when called again).
+    pub fn new(store: &Store, name: &str) -> Self {
         let l = vec![("envoy_cluster_name", name.to_owned())];
         ClusterStats {
             rq_total: store.counter("envoy_cluster_upstream_rq_total", &l),
@@ -84,7 +85,7 @@ pub struct ClusterEntry {
 }
 
 /// Every cluster by name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ClusterManager {
     clusters: HashMap<Arc<str>, Arc<ClusterEntry>>,
     order: Vec<Arc<str>>,
@@ -99,10 +100,24 @@ impl ClusterManager {
         store: &Store,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
+        Self::build_with(clusters, "", store, stop, false).await
+    }
+
+    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
+    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
+    /// are accepted and start empty until their endpoints arrive.
+    pub async fn build_with(
+        clusters: &[Cluster],
+        zone: &str,
+        store: &Store,
+        stop: &CancellationToken,
+        xds: bool,
+    ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         let mut first_checks = Vec::new();
         for (i, c) in clusters.iter().enumerate() {
-            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let balancer =
+                Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
             let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {
@@ -125,6 +140,9 @@ impl ClusterManager {
                         stop.clone(),
                         move |n| membership.set(n as i64),
                     ));
+                }
+                DiscoveryType::Eds { .. } if xds => {
+                    // Endpoints arrive over xDS (`dynamic.rs`).
                 }
                 DiscoveryType::Eds { .. } => {
                     return Err(format!(
@@ -159,6 +177,21 @@ impl ClusterManager {
         Ok(cm)
     }
 
+    /// Adds or replaces a cluster (xDS); a new one goes last in order.
+    pub fn insert(&mut self, entry: Arc<ClusterEntry>) {
+        let name: Arc<str> = Arc::from(entry.config.name.as_str());
+        if self.clusters.insert(name.clone(), entry).is_none() {
+            self.order.push(name);
+        }
+    }
+
+    /// Removes a cluster (xDS). Requests holding its entry finish with it.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<ClusterEntry>> {
+        let e = self.clusters.remove(name)?;
+        self.order.retain(|n| &**n != name);
+        Some(e)
+    }
+
     /// A cluster by name.
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterEntry>> {
         self.clusters.get(name)
@@ -181,13 +214,29 @@ type ClusterHealth = (
 );
 
 /// Starts a cluster's outlier detection and active health checking on the
-/// current runtime.
-fn health_for(
+/// current runtime, until `stop` fires. A balancer that is reused from a
+/// cluster that had them loses the flags they set.
+pub(crate) fn health_for(
     c: &Cluster,
     balancer: &Arc<Balancer>,
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<ClusterHealth, String> {
+    let mut stale = 0;
+    if c.health_check.is_none() {
+        balancer.set_new_endpoint_health(0);
+        stale |= HealthFlags::FAILED_ACTIVE_HC | HealthFlags::ACTIVE_HC_TIMEOUT;
+    }
+    if c.outlier_detection.is_none() {
+        stale |= HealthFlags::FAILED_OUTLIER_CHECK;
+    }
+    let mut changed = false;
+    for e in &balancer.endpoints().endpoints {
+        changed |= e.health.clear(stale);
+    }
+    if changed {
+        balancer.health_changed();
+    }
     let outlier = c.outlier_detection.as_ref().map(|od| {
         let d = Arc::new(OutlierDetector::new(
             &c.name,

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+pub mod dynamic;
 pub mod health;
 pub mod http;
 pub mod proxy;

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use mesh_core::config::{HealthChecker as Kind, LbPolicy, Locality, TcpHealthCheck};
+use mesh_core::config::{HealthChecker as Kind, LbPolicy, TcpHealthCheck};
 use tokio::time::Instant;
 
 use super::*;
@@ -50,13 +50,7 @@ impl Probe for Arc<Script> {
 }
 
 fn spec(port: u16) -> EndpointSpec {
-    EndpointSpec {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        hostname: "127.0.0.1".into(),
-        weight: 1,
-        priority: 0,
-        locality: Locality::default(),
-    }
+    EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn config() -> HealthCheck {

@@ -3,19 +3,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use mesh_core::config::{LbPolicy, Locality};
+use mesh_core::config::LbPolicy;
 
 use super::*;
 use crate::EndpointSpec;
 
 fn spec(port: u16) -> EndpointSpec {
-    EndpointSpec {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        hostname: "127.0.0.1".into(),
-        weight: 1,
-        priority: 0,
-        locality: Locality::default(),
-    }
+    EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn detector(config: OutlierDetection, ports: &[u16]) -> (Arc<Balancer>, OutlierDetector) {
@@ -280,7 +274,14 @@ async fn failure_percentage_ejects_when_enforced() {
         }
     }
     d.on_interval(Instant::now());
-    assert_eq!(picks(&b), HashSet::from([1]));
+    assert!(ep(&b, 1).health.is_healthy());
+    assert!(
+        !ep(&b, 2).health.is_healthy(),
+        "50% failures reach the threshold"
+    );
+    assert!(!ep(&b, 3).health.is_healthy());
+    // One healthy of three is under the 50% panic threshold: all serve.
+    assert_eq!(picks(&b), HashSet::from([1, 2, 3]));
 }
 
 #[tokio::test(start_paused = true)]
