@@ -157,10 +157,11 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
+            lb: Default::default(),
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
-            lb: Default::default(),
+            circuit_breakers: Default::default(),
         }
     }
 

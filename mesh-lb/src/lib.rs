@@ -127,7 +127,7 @@ impl Endpoint {
         self.rtt.observe_at(rtt, tokio::time::Instant::now());
     }
 
-    fn new(s: EndpointSpec, config: &LbConfig) -> Self {
+    fn new(s: EndpointSpec, config: &LbConfig, health_bits: u8) -> Self {
         let health_status = s.health_status;
         let e = Endpoint {
             addr: s.addr,
@@ -138,9 +138,9 @@ impl Endpoint {
             locality_weight: s.locality_weight.unwrap_or(0),
             metadata: s.metadata,
             stats: EndpointStats::default(),
-            health: HealthFlags::default(),
-            rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
+            health: HealthFlags::new(health_bits),
             outlier: Default::default(),
+            rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
         };
         e.apply_health_status(health_status);
         e
@@ -345,19 +345,19 @@ impl Balancer {
         }
     }
 
-    /// Sets the [`HealthFlags`] bits that endpoints added by later updates
-    /// start with (active health checking marks new endpoints
-    /// `/failed_active_hc` until their first probe, as Envoy does).
-    pub fn set_new_endpoint_health(&self, bits: u8) {
-        self.new_endpoint_health.store(bits, Ordering::Relaxed);
-    }
-
     /// Sets the proxy's own zone, for zone-aware routing (call before the
     /// first update).
     pub fn with_local_zone(mut self, zone: impl Into<String>) -> Self {
         let z: String = zone.into();
         self.settings.local_zone = (!z.is_empty()).then_some(z);
         self
+    }
+
+    /// Sets the [`HealthFlags`] bits that endpoints added by later updates
+    /// start with (active health checking marks new endpoints
+    /// `/failed_active_hc` until their first probe, as Envoy does).
+    pub fn set_new_endpoint_health(&self, bits: u8) {
+        self.new_endpoint_health.store(bits, Ordering::Relaxed);
     }
 
     /// A balancer over `specs`.
@@ -452,14 +452,11 @@ impl Balancer {
                         e.apply_health_status(s.health_status);
                         e.clone()
                     }
-                    None => {
-                        let e = Endpoint::new(s, &self.settings.config);
-                        let bits = self.new_endpoint_health.load(Ordering::Relaxed);
-                        if bits != 0 {
-                            e.health.set(bits);
-                        }
-                        Arc::new(e)
-                    }
+                    None => Arc::new(Endpoint::new(
+                        s,
+                        &self.settings.config,
+                        self.new_endpoint_health.load(Ordering::Relaxed),
+                    )),
                 }
             })
             .collect();

@@ -210,6 +210,10 @@ fn cluster(
     let max_requests_per_connection = max_requests_per_connection
         .or(cluster_mrpc)
         .filter(|n| *n > 0);
+    let circuit_breakers = o
+        .obj(cx, "circuit_breakers")
+        .map(|c| super::policy::circuit_breakers(cx, c))
+        .unwrap_or_default();
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -222,10 +226,11 @@ fn cluster(
         dns_lookup_family,
         idle_timeout,
         per_connection_buffer_limit_bytes,
+        lb,
         health_check,
         outlier_detection,
         max_requests_per_connection,
-        lb,
+        circuit_breakers,
     })
 }
 
