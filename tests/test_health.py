@@ -248,3 +248,21 @@ def test_event_log(start_proxy, pair, tmp_path, kind):
         assert e["host"]["socket_address"]["address"] == "127.0.0.1"
         assert e["timestamp"].endswith("Z")
         assert e["locality"] == {"region": "", "zone": "", "sub_zone": ""}
+
+
+@pytest.mark.parametrize("kind", harness.kind_params(("mesh",)))
+def test_clusters_text_has_mesh_latency_and_ejection_lines(start_proxy, upstream_a, kind):
+    c = harness.static_cluster("c", upstream_a.port)
+    c["outlier_detection"] = {}
+    cfg = harness.simple_http_bootstrap(ROUTES, [c, harness.static_cluster("bad", upstream_a.port)])
+    p = start_proxy(kind, cfg)
+    for _ in range(3):
+        assert harness.request(p.port(), "GET", "/delay/0.05").status == 200
+    lines = dict(l.rsplit("::", 1) for l in p.admin_text("/clusters").splitlines() if "::" in l)
+    ep = f"c::127.0.0.1:{upstream_a.port}"
+    # The peak EWMA saw the 50 ms responses.
+    assert float(lines[f"{ep}::mesh_ewma_rtt_ms"]) >= 40.0, lines
+    assert lines[f"{ep}::mesh_ejections"] == "0"
+    assert lines[f"{ep}::mesh_ejection_time_ms"] == "30000"
+    assert lines[f"{ep}::success_rate"] == "-1"
+    assert lines["c::outlier::success_rate_average"] == "-1"

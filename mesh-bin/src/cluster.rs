@@ -11,7 +11,7 @@ use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
 use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
 use mesh_lb::outlier::{OutlierDetector, OutlierStats};
-use mesh_lb::{dns, Balancer};
+use mesh_lb::{dns, Balancer, HealthFlags};
 use tokio_util::sync::CancellationToken;
 
 /// Envoy's `cluster.<name>.*` stats.
@@ -217,13 +217,29 @@ type ClusterHealth = (
 );
 
 /// Starts a cluster's outlier detection and active health checking on the
-/// current runtime.
+/// current runtime, until `stop` fires. A balancer that is reused from a
+/// cluster that had them loses the flags they set.
 pub(crate) fn health_for(
     c: &Cluster,
     balancer: &Arc<Balancer>,
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<ClusterHealth, String> {
+    let mut stale = 0;
+    if c.health_check.is_none() {
+        balancer.set_new_endpoint_health(0);
+        stale |= HealthFlags::FAILED_ACTIVE_HC | HealthFlags::ACTIVE_HC_TIMEOUT;
+    }
+    if c.outlier_detection.is_none() {
+        stale |= HealthFlags::FAILED_OUTLIER_CHECK;
+    }
+    let mut changed = false;
+    for e in &balancer.endpoints().endpoints {
+        changed |= e.health.clear(stale);
+    }
+    if changed {
+        balancer.health_changed();
+    }
     let outlier = c.outlier_detection.as_ref().map(|od| {
         let d = Arc::new(OutlierDetector::new(
             &c.name,

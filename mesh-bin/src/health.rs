@@ -441,10 +441,11 @@ pub(crate) fn outlier_cluster_lines(out: &mut String, name: &str, d: &OutlierDet
     );
 }
 
-/// An endpoint's outlier lines of `/clusters`: Envoy's `success_rate` and
-/// `local_origin_success_rate`, and mesh's own `mesh_ejections` (times
-/// ejected) and `mesh_ejection_time_ms` (the length of the current or next
-/// ejection).
+/// An endpoint's outlier and latency lines of `/clusters`: Envoy's
+/// `success_rate` and `local_origin_success_rate`, and mesh's own
+/// `mesh_ewma_rtt_ms` (the peak-EWMA latency estimate), `mesh_ejections`
+/// (times ejected) and `mesh_ejection_time_ms` (the length of the current or
+/// next ejection).
 pub(crate) fn outlier_endpoint_lines(
     out: &mut String,
     prefix: &str,
@@ -460,6 +461,11 @@ pub(crate) fn outlier_endpoint_lines(
         out,
         "{prefix}::local_origin_success_rate::{}",
         rate_text(e.outlier.local_origin_success_rate())
+    );
+    let _ = writeln!(
+        out,
+        "{prefix}::mesh_ewma_rtt_ms::{:.3}",
+        e.rtt.estimate_at(tokio::time::Instant::now()) / 1e6
     );
     if let Some(d) = &c.outlier {
         let _ = writeln!(

@@ -269,3 +269,34 @@ async fn jitter_stays_within_its_bounds() {
     assert!(gaps.len() > 5, "jitter varies the interval: {gaps:?}");
     assert!(first >= start_time);
 }
+
+#[tokio::test(start_paused = true)]
+async fn edge_intervals_while_a_threshold_is_counting() {
+    let script = Arc::new(Script::default());
+    script.set(1, ProbeResult::Unhealthy("503".into()));
+    let mut c = config();
+    c.healthy_threshold = 3;
+    c.unhealthy_interval = Duration::from_secs(10);
+    c.healthy_edge_interval = Duration::from_secs(2);
+    c.interval = Duration::from_secs(5);
+    let f = start(c, &[1], script).await;
+    f.balancer.pick().unwrap().stats.rq_total.inc();
+    assert_eq!(f.flags(1), "/failed_active_hc");
+    f.script.set(1, ProbeResult::Healthy);
+    // 0: fails (no traffic seen yet: no_traffic_interval, 1s) -> 1: pass 1/3
+    // -> healthy_edge_interval 2s -> 3: pass 2/3 -> 2s -> 5: pass 3/3,
+    // healthy -> interval 5s -> 10 -> 15.
+    advance(Duration::from_millis(15_500)).await;
+    f.script.set(1, ProbeResult::Unhealthy("503".into()));
+    // 20: fails, unhealthy -> unhealthy_interval 10s -> 30.
+    advance(Duration::from_secs(15)).await;
+    let t0 = f.script.calls(1)[0];
+    let at: Vec<u64> = f
+        .script
+        .calls(1)
+        .iter()
+        .map(|t| (*t - t0).as_secs())
+        .collect();
+    assert_eq!(at, vec![0, 1, 3, 5, 10, 15, 20, 30]);
+    assert_eq!(f.flags(1), "/failed_active_hc");
+}
