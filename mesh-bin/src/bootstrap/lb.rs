@@ -505,13 +505,16 @@ fn struct_values(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
 }
 
 /// `metadata` of an endpoint or `metadata_match` of a route: the
-/// `envoy.lb` namespace of `filter_metadata`.
+/// `envoy.lb` namespace of `filter_metadata`. Other namespaces (e.g.
+/// `istio`, which control planes put on every endpoint) and
+/// `typed_filter_metadata` are data for filters mesh does not run: they are
+/// accepted and ignored, as they change no load-balancing decision (Envoy's
+/// subset matching reads `envoy.lb` only, too).
 pub(crate) fn lb_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
     let mut out = LbMetadata::new();
     if let Some(mut fm) = o.obj(cx, "filter_metadata") {
         for (k, path, v) in fm.take_all() {
             if k != "envoy.lb" {
-                cx.unsupported(&path, Some("only the envoy.lb namespace is used"));
                 continue;
             }
             if let Some(s) = Obj::new(cx, path, v) {
@@ -520,7 +523,7 @@ pub(crate) fn lb_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
         }
         fm.finish(cx);
     }
-    o.refuse(cx, "typed_filter_metadata", "not supported");
+    let _ = o.take("typed_filter_metadata");
     o.finish(cx);
     out
 }
