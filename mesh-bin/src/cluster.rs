@@ -75,6 +75,8 @@ pub struct ClusterEntry {
     pub balancer: Arc<Balancer>,
     /// Stats.
     pub stats: ClusterStats,
+    /// Upstream TLS (`transport_socket`), if configured.
+    pub tls: Option<Arc<mesh_tls::ClientTls>>,
 }
 
 /// Every cluster by name.
@@ -92,6 +94,16 @@ impl ClusterManager {
         clusters: &[Cluster],
         store: &Store,
         stop: &CancellationToken,
+    ) -> Result<Self, String> {
+        Self::build_with_secrets(clusters, store, stop, &mesh_tls::SecretStore::new(None)).await
+    }
+
+    /// [`ClusterManager::build`], resolving upstream TLS secrets in `secrets`.
+    pub async fn build_with_secrets(
+        clusters: &[Cluster],
+        store: &Store,
+        stop: &CancellationToken,
+        secrets: &Arc<mesh_tls::SecretStore>,
     ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         for (i, c) in clusters.iter().enumerate() {
@@ -128,6 +140,23 @@ impl ClusterManager {
             stats
                 .membership_total
                 .set(balancer.endpoints().endpoints.len() as i64);
+            let tls = match &c.tls {
+                None => None,
+                Some(t) => Some(Arc::new(
+                    mesh_tls::ClientTls::new(
+                        t,
+                        Some(secrets.clone()),
+                        mesh_tls::TlsStats::new(
+                            store,
+                            "cluster",
+                            &[("envoy_cluster_name", c.name.clone())],
+                        ),
+                    )
+                    .map_err(|e| {
+                        format!("static_resources.clusters[{i}].transport_socket.typed_config.{e}")
+                    })?,
+                )),
+            };
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -136,6 +165,7 @@ impl ClusterManager {
                     config: c.clone(),
                     balancer,
                     stats,
+                    tls,
                 }),
             );
         }
@@ -189,7 +219,10 @@ impl WorkerCluster {
         if let Some(p) = pools.get(&(addr, h2)) {
             return p.clone();
         }
-        let p = EndpointPool::new(
+        let connector = self.entry.tls.clone().map(|t| {
+            Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
+        });
+        let p = EndpointPool::with_connector(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -201,6 +234,7 @@ impl WorkerCluster {
                 max_idle: 1024,
                 idle_timeout: self.entry.config.idle_timeout,
             },
+            connector,
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change), closing their idle connections.

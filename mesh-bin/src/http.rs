@@ -389,9 +389,14 @@ impl HttpProxy {
             }
         }
         if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
-            parts
-                .headers
-                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            let tls = parts
+                .extensions
+                .get::<Arc<mesh_core::identity::PeerIdentity>>()
+                .is_some();
+            parts.headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if tls { "https" } else { "http" }),
+            );
         }
         // As Envoy's router does by default: tell the upstream its deadline.
         if let Some(t) = action.timeout {
@@ -804,12 +809,25 @@ pub struct ConnService {
     proxy: Arc<HttpProxy>,
     peer: SocketAddr,
     local: SocketAddr,
+    tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
 }
 
 impl ConnService {
     /// A service for a connection from `peer` arriving on `local`.
     pub fn new(proxy: Arc<HttpProxy>, peer: SocketAddr, local: SocketAddr) -> Self {
-        ConnService { proxy, peer, local }
+        ConnService {
+            proxy,
+            peer,
+            local,
+            tls: None,
+        }
+    }
+
+    /// Marks the connection as TLS: every request carries `identity` as an
+    /// extension (`Arc<PeerIdentity>`), for RBAC and the access log.
+    pub fn with_tls(mut self, identity: Arc<mesh_core::identity::PeerIdentity>) -> Self {
+        self.tls = Some(identity);
+        self
     }
 }
 
@@ -821,7 +839,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Error = Infallible;
     type Future = ConnFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(id) = &self.tls {
+            req.extensions_mut().insert(id.clone());
+        }
         let info = StreamInfo {
             downstream_remote: self.peer,
             downstream_local: self.local,

@@ -5,6 +5,7 @@
 //! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
 //! - [`http`]: the HTTP connection manager + router filter;
 //! - [`tcp`]: the TCP proxy filter;
+//! - [`tls`]: secrets (static and watched SDS files), upstream TLS, `/certs`;
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
 //! - [`demo`]: demo upstreams for `mesh demo`.
@@ -16,8 +17,10 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+mod downstream;
 pub mod http;
 pub mod proxy;
 pub mod tcp;
+pub mod tls;
 
 pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

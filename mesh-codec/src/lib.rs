@@ -5,7 +5,8 @@
 //!   upstream client with per-endpoint connection pools ([`http::client`]),
 //!   the body type the proxy streams ([`http::body`]) and hop-by-hop header
 //!   handling ([`http::hop`]);
-//! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`.
+//! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`;
+//! - [`transport`]: the hook that wraps new upstream connections (TLS).
 //!
 //! The meta-protocol framework (Dubbo, Thrift, SOFA Bolt behind one `Codec`
 //! trait) arrives with the multi-protocol work and lives here too.
@@ -15,3 +16,4 @@
 pub mod http;
 pub mod idle;
 pub mod tcp;
+pub mod transport;

@@ -13,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod tls;
+
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -25,6 +27,8 @@ pub struct Bootstrap {
     pub clusters: Vec<Cluster>,
     /// `admin`: the admin HTTP listener, if any.
     pub admin: Option<Admin>,
+    /// `static_resources.secrets`.
+    pub secrets: Vec<tls::Secret>,
 }
 
 /// Envoy `config.core.v3.Node`.
@@ -72,6 +76,13 @@ pub struct Listener {
     pub connection_limit: Option<ConnectionLimit>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB as in Envoy).
     pub per_connection_buffer_limit_bytes: u32,
+    /// `listener_filters` has `envoy.filters.listener.tls_inspector`: the
+    /// ClientHello is peeked (not consumed) for SNI and ALPN before a filter
+    /// chain is chosen.
+    pub tls_inspector: bool,
+    /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
+    /// long the TLS inspector waits for a ClientHello.
+    pub listener_filters_timeout: Option<Duration>,
 }
 
 /// Envoy `extensions.filters.network.connection_limit.v3.ConnectionLimit`.
@@ -92,6 +103,13 @@ pub struct FilterChain {
     pub name: String,
     /// The terminal network filter of the chain.
     pub terminal: NetworkFilter,
+    /// `filter_chain_match`.
+    pub filter_chain_match: tls::FilterChainMatch,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS termination.
+    pub tls: Option<tls::DownstreamTlsContext>,
+    /// `transport_socket_connect_timeout`: how long the TLS handshake may
+    /// take (mesh's default 10 s).
+    pub handshake_timeout: Option<Duration>,
 }
 
 /// The terminal network filter of a filter chain.
@@ -506,6 +524,8 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the endpoints.
+    pub tls: Option<tls::UpstreamTlsContext>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

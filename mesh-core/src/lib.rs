@@ -8,13 +8,15 @@
 //! - [`headers`]: compiled header mutations;
 //! - [`listener`]: binding, the accept loop, connection limits and drain;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
-//! - [`flags`]: Envoy response flags for proxy-made responses.
+//! - [`flags`]: Envoy response flags for proxy-made responses;
+//! - [`identity`]: the TLS peer identity attached to requests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod flags;
 pub mod headers;
+pub mod identity;
 pub mod listener;
 pub mod router;
 pub mod stats;

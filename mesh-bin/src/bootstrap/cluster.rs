@@ -201,6 +201,9 @@ fn cluster(
     let per_connection_buffer_limit_bytes = o
         .u32(cx, "per_connection_buffer_limit_bytes")
         .unwrap_or(DEFAULT_BUFFER_LIMIT);
+    let tls = o
+        .obj(cx, "transport_socket")
+        .and_then(|t| super::tls::upstream_socket(cx, t));
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -213,6 +216,7 @@ fn cluster(
         dns_lookup_family,
         idle_timeout,
         per_connection_buffer_limit_bytes,
+        tls,
     })
 }
 

@@ -28,8 +28,10 @@ mod reader;
 mod route;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use reader::{Ctx, Obj};
+pub use tls::parse_sds_file;
 
 /// One problem found in a configuration.
 ///
@@ -183,6 +185,7 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
     if let Some(mut sr) = top.obj(cx, "static_resources") {
         out.listeners = listener::listeners(cx, &mut sr);
         out.clusters = cluster::clusters(cx, &mut sr);
+        out.secrets = tls::static_secrets(cx, &mut sr);
         sr.finish(cx);
     }
     if let Some(o) = top.obj(cx, "admin") {
@@ -194,6 +197,17 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
     for (path, name) in refs {
         if !out.clusters.iter().any(|c| c.name == name) {
             cx.error(&path, format!("unknown cluster {name:?}"));
+        }
+    }
+    let refs = std::mem::take(&mut cx.secret_refs);
+    for (path, name) in refs {
+        if !out.secrets.iter().any(|s| s.name == name) {
+            cx.error(
+                &path,
+                format!(
+                    "unknown secret {name:?} (no sds_config, and not in static_resources.secrets)"
+                ),
+            );
         }
     }
     out

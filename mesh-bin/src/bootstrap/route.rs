@@ -295,7 +295,7 @@ fn range(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HeaderMatchKind> {
 }
 
 /// A `type.matcher.v3.StringMatcher`.
-fn string_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HeaderMatchKind> {
+pub(crate) fn string_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HeaderMatchKind> {
     let ignore_case = o.bool(cx, "ignore_case").unwrap_or(false);
     let keys = ["exact", "prefix", "suffix", "contains", "safe_regex"];
     let given = one_of(cx, &o, &keys, !o.has("custom"));

@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::{OnEnd, ProxyBody};
+use crate::transport::{Carried, Connector};
 
 /// Which HTTP version a pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +122,8 @@ pub struct EndpointPool {
     /// Held while an HTTP/2 connection is being established, so that
     /// concurrent first requests share one connection instead of racing.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Wraps each new connection (TLS); plain text when `None`.
+    connector: Option<Arc<dyn Connector>>,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -130,12 +133,23 @@ pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
 impl EndpointPool {
     /// A pool for `addr`.
     pub fn new(addr: SocketAddr, config: PoolConfig) -> Arc<Self> {
+        Self::with_connector(addr, config, None)
+    }
+
+    /// A pool for `addr` whose new connections are wrapped by `connector`
+    /// (TLS origination) when one is given.
+    pub fn with_connector(
+        addr: SocketAddr,
+        config: PoolConfig,
+        connector: Option<Arc<dyn Connector>>,
+    ) -> Arc<Self> {
         Arc::new(EndpointPool {
             addr,
             config,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            connector,
         })
     }
 
@@ -195,16 +209,34 @@ impl EndpointPool {
 
     async fn new_h1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let stream = self.connect().await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        match &self.connector {
+            None => h1_handshake(stream).await,
+            Some(c) => {
+                let io = self.wrap(c, stream, Carried::Http1).await?;
+                h1_handshake(io).await
             }
-        });
-        Ok(sender)
+        }
+    }
+
+    /// Runs the connector on a new connection, under the connect timeout.
+    async fn wrap(
+        &self,
+        connector: &Arc<dyn Connector>,
+        stream: TcpStream,
+        carried: Carried,
+    ) -> Result<crate::transport::BoxIo, UpstreamError> {
+        tokio::time::timeout(
+            self.config.connect_timeout,
+            connector.connect(stream, self.addr, carried),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "transport handshake timeout",
+            ))
+        })?
+        .map_err(UpstreamError::Connect)
     }
 
     async fn send_h1(
@@ -277,19 +309,13 @@ impl EndpointPool {
             return Ok(s);
         }
         let stream = self.connect().await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(16 << 20)
-            .adaptive_window(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        let sender = match &self.connector {
+            None => h2_handshake(stream).await?,
+            Some(c) => {
+                let io = self.wrap(c, stream, Carried::Http2).await?;
+                h2_handshake(io).await?
             }
-        });
+        };
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
         Ok(sender)
     }
@@ -306,4 +332,40 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         Ok((resp, None))
     }
+}
+
+async fn h1_handshake<I>(io: I) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+async fn h2_handshake<I>(io: I) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
