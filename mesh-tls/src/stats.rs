@@ -10,7 +10,8 @@ use crate::HandshakeFailure;
 pub struct TlsStats {
     /// `ssl.handshake`: completed handshakes.
     pub handshake: Counter,
-    /// `ssl.connection_error`: failed handshakes (any reason).
+    /// `ssl.connection_error`: failed handshakes other than certificate
+    /// verification failures (Envoy counts those separately).
     pub connection_error: Counter,
     /// `ssl.fail_verify_no_cert`: a required peer certificate was missing.
     pub fail_verify_no_cert: Counter,
@@ -74,9 +75,12 @@ impl TlsStats {
     }
 
     pub(crate) fn failure(&self, reason: HandshakeFailure) {
-        self.connection_error.inc();
-        if reason == HandshakeFailure::NoCertificate {
-            self.fail_verify_no_cert.inc();
+        // As Envoy: verification failures have their own counters and are
+        // not connection errors.
+        match reason {
+            HandshakeFailure::NoCertificate => self.fail_verify_no_cert.inc(),
+            HandshakeFailure::VerifyError | HandshakeFailure::VerifySan => {}
+            _ => self.connection_error.inc(),
         }
         if let Some(i) = REASONS.iter().position(|r| *r == reason) {
             self.reasons[i].inc();

@@ -232,7 +232,7 @@ async fn missing_client_certificate_is_refused() {
     let e = h.await.unwrap().unwrap_err();
     assert_eq!(e.reason, HandshakeFailure::NoCertificate);
     assert_eq!(sstats.fail_verify_no_cert.get(), 1);
-    assert_eq!(sstats.connection_error.get(), 1);
+    assert_eq!(sstats.connection_error.get(), 0);
 }
 
 #[tokio::test]
