@@ -451,3 +451,139 @@ def test_incomplete_handshakes_time_out_and_others_are_served(strict_proxy, pki,
                     reason="timeout") >= 1
         harness.wait_until(lambda: "downstream TLS handshake failed" in strict_proxy.stderr_text(),
                            what="a log line for the failed handshake")
+
+
+# --------------------------------------------------------------------------
+# rotation without restarts (SDS from a watched file, Kubernetes-style
+# symlink swaps) under load
+
+
+SDS_FILE = """
+resources:
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: server_cert
+  tls_certificate:
+    certificate_chain: {{filename: "{dir}/cert.pem"}}
+    private_key: {{filename: "{dir}/key.pem"}}
+"""
+
+
+class SecretDir:
+    """A Kubernetes-style secret volume: `cert.pem` and `key.pem` are
+    symlinks into `..data`, itself a symlink to a timestamped directory that
+    each update replaces atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+
+    def publish(self, cert: bytes, key: bytes) -> None:
+        import os
+        self.n += 1
+        ts = self.root / f"..{self.n:04d}"
+        ts.mkdir()
+        (ts / "cert.pem").write_bytes(cert)
+        (ts / "key.pem").write_bytes(key)
+        tmp = self.root / "..data_tmp"
+        os.symlink(ts.name, tmp)
+        os.replace(tmp, self.root / "..data")
+        for name in ("cert.pem", "key.pem"):
+            link = self.root / name
+            if not link.is_symlink():
+                os.symlink(f"..data/{name}", link)
+
+
+def _get(port: int, ctx: ssl.SSLContext, conn=None):
+    import http.client
+    own = conn is None
+    if own:
+        conn = http.client.HTTPSConnection("server.local", port, context=ctx, timeout=10)
+        conn._create_connection = lambda *a, **k: socket.create_connection(("127.0.0.1", port), 10)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    body = r.read()
+    serial = conn.sock.getpeercert()["serialNumber"].lower().lstrip("0")
+    if own:
+        conn.close()
+    return r.status, body, serial
+
+
+def test_rotation_under_load_keeps_serving(start_proxy, pki, tmp_path):
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    import threading
+    secrets_dir = SecretDir(tmp_path / "secret")
+    leaves = [pki.leaf(f"rot{i}", dns=["server.local"]) for i in range(4)]
+    secrets_dir.publish(leaves[0].cert.read_bytes(), leaves[0].key.read_bytes())
+    sds = tmp_path / "sds.yaml"
+    sds.write_text(SDS_FILE.format(dir=secrets_dir.root))
+    ts = down_tls(pki, leaves[0], require=False)
+    common = ts["typed_config"]["common_tls_context"]
+    del common["tls_certificates"]
+    common["tls_certificate_sds_secret_configs"] = [{
+        "name": "server_cert",
+        "sds_config": {"path_config_source": {"path": str(sds)}, "resource_api_version": "V3"},
+    }]
+    proxy = start_proxy("mesh", harness.bootstrap([tls_listener("tls", direct("ok"), ts)], []))
+    port = proxy.port("tls")
+    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+
+    # A connection established before any rotation.
+    import http.client
+    kept = http.client.HTTPSConnection("server.local", port, context=ctx, timeout=10)
+    kept._create_connection = lambda *a, **k: socket.create_connection(("127.0.0.1", port), 10)
+    assert _get(port, ctx, kept)[2] == leaves[0].serial()
+
+    failures, seen, done = [], [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            try:
+                status, body, serial = _get(port, ctx)
+                if status != 200 or body != b"ok":
+                    failures.append((status, body))
+                elif not seen or seen[-1] != serial:
+                    seen.append(serial)
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                failures.append(repr(e))
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    started = time.monotonic()
+    try:
+        for leaf in leaves[1:]:
+            time.sleep(4)
+            secrets_dir.publish(leaf.cert.read_bytes(), leaf.key.read_bytes())
+            harness.wait_until(lambda: _get(port, ctx)[2] == leaf.serial(), timeout=5,
+                               what=f"new handshakes present serial {leaf.serial()}")
+        # A bad update (a key that does not match, then garbage) is refused:
+        # the last good certificate keeps serving.
+        secrets_dir.publish(leaves[1].cert.read_bytes(), leaves[3].key.read_bytes())
+        harness.wait_until(lambda: stat(proxy, "mesh_sds_update_rejected",
+                                        secret="server_cert") >= 1, timeout=5,
+                           what="the mismatched key refused")
+        secrets_dir.publish(b"not a certificate", leaves[3].key.read_bytes())
+        harness.wait_until(lambda: stat(proxy, "mesh_sds_update_rejected",
+                                        secret="server_cert") >= 2, timeout=5,
+                           what="the garbage certificate refused")
+        while time.monotonic() - started < 20:
+            time.sleep(0.5)
+    finally:
+        done.set()
+        for w in workers:
+            w.join(15)
+    assert failures == [], failures[:5]
+    assert seen == [l.serial() for l in leaves], seen
+    assert _get(port, ctx)[2] == leaves[3].serial()
+    # The connection made before the rotations still works, with its
+    # original certificate.
+    status, body, serial = _get(port, ctx, kept)
+    assert (status, body, serial) == (200, b"ok", leaves[0].serial())
+    kept.close()
+    assert stat(proxy, "mesh_sds_update_success", secret="server_cert") >= 4
+    assert "secret update rejected" in proxy.stderr_text()
+    doc = json.loads(proxy.admin_text("/certs"))
+    serials = [c["serial_number"] for e in doc["certificates"] for c in e["cert_chain"]]
+    assert serials == [leaves[3].serial()]
