@@ -556,17 +556,17 @@ def test_rotation_under_load_keeps_serving(start_proxy, pki, tmp_path):
         for leaf in leaves[1:]:
             time.sleep(4)
             secrets_dir.publish(leaf.cert.read_bytes(), leaf.key.read_bytes())
-            harness.wait_until(lambda: _get(port, ctx)[2] == leaf.serial(), timeout=5,
+            harness.wait_until(lambda: _get(port, ctx)[2] == leaf.serial(), timeout=10,
                                what=f"new handshakes present serial {leaf.serial()}")
         # A bad update (a key that does not match, then garbage) is refused:
         # the last good certificate keeps serving.
         secrets_dir.publish(leaves[1].cert.read_bytes(), leaves[3].key.read_bytes())
         harness.wait_until(lambda: stat(proxy, "mesh_sds_update_rejected",
-                                        secret="server_cert") >= 1, timeout=5,
+                                        secret="server_cert") >= 1, timeout=10,
                            what="the mismatched key refused")
         secrets_dir.publish(b"not a certificate", leaves[3].key.read_bytes())
         harness.wait_until(lambda: stat(proxy, "mesh_sds_update_rejected",
-                                        secret="server_cert") >= 2, timeout=5,
+                                        secret="server_cert") >= 2, timeout=10,
                            what="the garbage certificate refused")
         while time.monotonic() - started < 20:
             time.sleep(0.5)
@@ -575,7 +575,9 @@ def test_rotation_under_load_keeps_serving(start_proxy, pki, tmp_path):
         for w in workers:
             w.join(15)
     assert failures == [], failures[:5]
-    assert seen == [l.serial() for l in leaves], seen
+    # Handshakes racing a swap may finish in either order, so compare the
+    # order in which each serial first appeared.
+    assert list(dict.fromkeys(seen)) == [l.serial() for l in leaves], seen
     assert _get(port, ctx)[2] == leaves[3].serial()
     # The connection made before the rotations still works, with its
     # original certificate.

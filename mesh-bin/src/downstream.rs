@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
 /// The terminal network filter of a chain, shared by every worker.
@@ -35,6 +36,8 @@ pub(crate) enum Terminal {
     Http(Arc<HcmShared>, ServerConfig),
     /// `tcp_proxy`.
     Tcp(Arc<TcpProxyShared>),
+    /// The L7 RPC proxy (Dubbo, Thrift, SOFA Bolt).
+    Rpc(Arc<RpcShared>),
 }
 
 /// One filter chain, shared by every worker.
@@ -43,6 +46,8 @@ pub(crate) struct Chain {
     pub(crate) terminal: Terminal,
     pub(crate) tls: Option<Arc<ServerTls>>,
     pub(crate) handshake_timeout: Option<Duration>,
+    /// `envoy.filters.network.rbac`.
+    pub(crate) rbac: Option<mesh_filter::rbac::RbacFilter>,
 }
 
 /// A listener's filter chains and how one is chosen.
@@ -90,6 +95,7 @@ enum WorkerTerminal {
         server: Arc<ServerConfig>,
     },
     Tcp(Arc<TcpProxyShared>),
+    Rpc(Arc<RpcWorker>),
 }
 
 /// One worker's view of a listener's chains (its own HTTP proxies and
@@ -111,6 +117,7 @@ impl WorkerChains {
                     server: Arc::new(server.clone()),
                 },
                 Terminal::Tcp(t) => WorkerTerminal::Tcp(t.clone()),
+                Terminal::Rpc(r) => WorkerTerminal::Rpc(Arc::new(RpcWorker::new(r.clone(), cm))),
             })
             .collect();
         WorkerChains {
@@ -164,6 +171,16 @@ impl WorkerChains {
             return;
         };
         let chain = &shared.chains[index];
+        if let (WorkerTerminal::Rpc(worker), None) = (&self.terminals[index], &chain.rbac) {
+            // RPC chains are plain text (TLS on them is refused at start).
+            let a = Accepted {
+                stream,
+                peer,
+                local,
+                guard,
+            };
+            return worker.clone().handle(a, self.drain.clone()).await;
+        }
         match &chain.tls {
             None => self.run(index, stream, peer, local, guard, None).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
@@ -190,6 +207,17 @@ impl WorkerChains {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if let Some(rbac) = &self.shared.chains[index].rbac {
+            let facts = mesh_filter::rbac::ConnectionFacts {
+                peer,
+                local,
+                identity: tls.as_deref(),
+            };
+            if !rbac.check(None::<&http::Request<()>>, &facts) {
+                tracing::debug!(%peer, "rbac: connection denied; closing");
+                return;
+            }
+        }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
                 let mut svc = ConnService::new(proxy.clone(), peer, local);
@@ -203,6 +231,9 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::Tcp(t) => t.clone().handle_stream(stream, peer, guard).await,
+            WorkerTerminal::Rpc(_) => {
+                tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")
+            }
         }
     }
 }

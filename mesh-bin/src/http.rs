@@ -108,6 +108,8 @@ pub struct HcmShared {
     pub stats: HttpStats,
     server_name: HeaderValue,
     access_log: Option<AccessLogger>,
+    /// `envoy.filters.http.rbac`, checked before routing.
+    rbac: Option<mesh_filter::rbac::RbacFilter>,
 }
 
 impl HcmShared {
@@ -119,7 +121,9 @@ impl HcmShared {
             .map_err(|_| "server_name: not a valid header value".to_owned())?;
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
+            rbac,
             access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
             config: config.clone(),
@@ -178,7 +182,13 @@ impl HttpProxy {
             .as_ref()
             .map(|_| HttpLogEntry::capture(&req));
         let grpc = is_grpc(req.headers());
-        let mut resp = self.route_and_forward(req, &info, &mut log).await;
+        let denied = self.shared.rbac.as_ref().and_then(|rbac| {
+            crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
+        });
+        let mut resp = match denied {
+            Some(resp) => resp,
+            None => self.route_and_forward(req, &info, &mut log).await,
+        };
         if grpc && resp.extensions().get::<ResponseFlag>().is_some() {
             resp = grpc_local_reply(resp);
         }
@@ -702,7 +712,7 @@ fn grpc_status_for(status: StatusCode) -> u8 {
 /// response, as Envoy does: HTTP 200, `grpc-status` mapped from the HTTP
 /// status, and the reply's text in `grpc-message` (percent-encoded as the
 /// gRPC spec asks), so a gRPC client sees the proxy's reason.
-fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+pub(crate) fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let text = match body {
         ProxyBody::Full(Some(b)) => b,

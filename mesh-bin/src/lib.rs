@@ -6,6 +6,7 @@
 //! - [`http`]: the HTTP connection manager + router filter;
 //! - [`tcp`]: the TCP proxy filter;
 //! - [`tls`]: secrets (static and watched SDS files), upstream TLS, `/certs`;
+//! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
 //! - [`demo`]: demo upstreams for `mesh demo`.
@@ -20,6 +21,8 @@ pub mod demo;
 mod downstream;
 pub mod http;
 pub mod proxy;
+mod rbac;
+pub mod rpc;
 pub mod tcp;
 pub mod tls;
 

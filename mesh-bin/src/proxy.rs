@@ -29,6 +29,7 @@ use crate::admin::{self, AdminState};
 use crate::cluster::ClusterManager;
 use crate::downstream::{Chain, Chains, Terminal, WorkerChains};
 use crate::http::HcmShared;
+use crate::rpc::RpcShared;
 use crate::tcp::TcpProxyShared;
 
 /// How to run a proxy (the command-line knobs).
@@ -101,7 +102,8 @@ struct BuiltListener {
 
 /// The field path of the terminal filter config of chain `ci` of listener `li`.
 fn terminal_path(li: usize, ci: usize, l: &mesh_core::config::Listener) -> String {
-    let index = usize::from(ci == 0 && l.connection_limit.is_some());
+    let index = usize::from(ci == 0 && l.connection_limit.is_some())
+        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()));
     format!("static_resources.listeners[{li}].filter_chains[{ci}].filters[{index}].typed_config")
 }
 
@@ -121,6 +123,16 @@ pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
     for (li, l) in bootstrap.listeners.iter().enumerate() {
         for (ci, chain) in l.filter_chains.iter().enumerate() {
             let terminal_path = |li, l| terminal_path(li, ci, l);
+            if let NetworkFilter::Rpc(rpc) = &chain.terminal {
+                if let Err(e) = mesh_core::router::RouteTable::new(&rpc.route_config) {
+                    errors.push(format!(
+                        "{}.route_config.{}: {}",
+                        terminal_path(li, l),
+                        e.path,
+                        e.message
+                    ));
+                }
+            }
             if let NetworkFilter::HttpConnectionManager(hcm) = &chain.terminal {
                 if let Err(e) = mesh_core::router::RouteTable::new(&hcm.route_config) {
                     errors.push(format!(
@@ -210,6 +222,11 @@ impl Proxy {
                         };
                         Terminal::Http(Arc::new(shared), server)
                     }
+                    NetworkFilter::Rpc(r) => {
+                        Terminal::Rpc(Arc::new(RpcShared::new(r, &cm, &store).map_err(|e| {
+                            StartError::Config(format!("{}.{e}", terminal_path(li, ci, l)))
+                        })?))
+                    }
                     NetworkFilter::TcpProxy(t) => {
                         Terminal::Tcp(Arc::new(TcpProxyShared::new(t, &cm, &store).map_err(
                             |e| StartError::Config(format!("{}.{e}", terminal_path(li, ci, l))),
@@ -244,6 +261,11 @@ impl Proxy {
             for (ci, (chain, terminal)) in l.filter_chains.iter().zip(terminals).enumerate() {
                 let tls = match &chain.tls {
                     None => None,
+                    Some(_) if matches!(terminal, Terminal::Rpc(_)) => {
+                        return Err(StartError::Config(format!(
+                            "{path}.filter_chains[{ci}].transport_socket: TLS on an RPC proxy chain is not supported yet (unsupported)"
+                        )));
+                    }
                     Some(ctx) => {
                         let t = mesh_tls::ServerTls::new(
                             ctx,
@@ -260,10 +282,24 @@ impl Proxy {
                         Some(t)
                     }
                 };
+                let rbac = match &chain.rbac {
+                    None => None,
+                    Some(r) => Some(crate::rbac::network_rbac(r, &store).map_err(|e| {
+                        StartError::Config(format!(
+                            "{path}.filter_chains[{ci}].filters[0].typed_config.{e}"
+                        ))
+                    })?),
+                };
+                if rbac.is_some() && matches!(terminal, Terminal::Rpc(_)) {
+                    return Err(StartError::Config(format!(
+                        "{path}.filter_chains[{ci}].filters[0]: envoy.filters.network.rbac before an RPC proxy is not supported yet (unsupported)"
+                    )));
+                }
                 chains.push(Chain {
                     terminal,
                     tls,
                     handshake_timeout: chain.handshake_timeout,
+                    rbac,
                 });
             }
             let selector = mesh_tls::chain_match::FilterChainSelector::new(

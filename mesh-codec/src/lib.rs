@@ -5,15 +5,16 @@
 //!   upstream client with per-endpoint connection pools ([`http::client`]),
 //!   the body type the proxy streams ([`http::body`]) and hop-by-hop header
 //!   handling ([`http::hop`]);
+//! - [`rpc`]: the RPC codec framework (one [`rpc::Codec`] per protocol,
+//!   shared framing, pipelining and multiplexing) with the Dubbo, Thrift and
+//!   SOFA Bolt codecs;
 //! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`;
 //! - [`transport`]: the hook that wraps new upstream connections (TLS).
-//!
-//! The meta-protocol framework (Dubbo, Thrift, SOFA Bolt behind one `Codec`
-//! trait) arrives with the multi-protocol work and lives here too.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod http;
 pub mod idle;
+pub mod rpc;
 pub mod tcp;
 pub mod transport;

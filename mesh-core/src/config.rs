@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod rbac;
 pub mod tls;
 
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
@@ -110,6 +111,9 @@ pub struct FilterChain {
     /// `transport_socket_connect_timeout`: how long the TLS handshake may
     /// take (mesh's default 10 s).
     pub handshake_timeout: Option<Duration>,
+    /// `envoy.filters.network.rbac`, checked once per connection (after the
+    /// TLS handshake) before the terminal filter.
+    pub rbac: Option<rbac::Rbac>,
 }
 
 /// The terminal network filter of a filter chain.
@@ -119,6 +123,71 @@ pub enum NetworkFilter {
     HttpConnectionManager(Box<HttpConnectionManager>),
     /// `envoy.filters.network.tcp_proxy`.
     TcpProxy(TcpProxy),
+    /// An L7 RPC proxy: `envoy.filters.network.thrift_proxy`,
+    /// `envoy.filters.network.dubbo_proxy` or mesh's generic
+    /// `mesh.filters.network.rpc_proxy`.
+    Rpc(Box<RpcProxy>),
+}
+
+/// An L7 RPC proxy (Envoy `ThriftProxy`, `DubboProxy`, or mesh's generic
+/// `RpcProxy` for any codec). Its routes are expressed in the same
+/// [`RouteConfiguration`] HTTP uses: the request's service is its path and
+/// authority, its method is `:method`, attachments are headers, and the
+/// pseudo keys `:service`, `:version` and `:group` are matchable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcProxy {
+    /// Which filter the configuration came from (for names in logs).
+    pub filter: RpcFilter,
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// The protocol.
+    pub codec: RpcCodec,
+    /// The routes, translated into a route configuration.
+    pub route_config: RouteConfiguration,
+    /// The largest frame accepted in either direction (default 8 MiB).
+    pub max_frame_size: u32,
+    /// Close a downstream connection idle this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// `access_log`.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// The configuration an [`RpcProxy`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcFilter {
+    /// `envoy.filters.network.thrift_proxy`.
+    Thrift,
+    /// `envoy.filters.network.dubbo_proxy`.
+    Dubbo,
+    /// `mesh.filters.network.rpc_proxy`.
+    Generic,
+}
+
+/// The protocol of an [`RpcProxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcCodec {
+    /// Apache Thrift; `None` transport/protocol: detected per frame.
+    Thrift {
+        /// `transport`: `Some(true)` framed, `Some(false)` unframed.
+        framed: Option<bool>,
+        /// `protocol`.
+        protocol: Option<ThriftProtocol>,
+    },
+    /// Apache Dubbo (dubbo2, Hessian2).
+    Dubbo,
+    /// SOFA Bolt v1.
+    Bolt,
+}
+
+/// Envoy `thrift_proxy.v3.ProtocolType` (the supported subset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThriftProtocol {
+    /// `BINARY`.
+    Binary,
+    /// `LAX_BINARY`.
+    LaxBinary,
+    /// `COMPACT`.
+    Compact,
 }
 
 /// Envoy `HttpConnectionManager.CodecType`.
@@ -173,10 +242,12 @@ pub struct HttpConnectionManager {
 }
 
 /// One entry of `http_filters`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HttpFilter {
     /// `envoy.filters.http.router`: the terminal filter.
     Router,
+    /// `envoy.filters.http.rbac`.
+    Rbac(Box<rbac::Rbac>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing

@@ -93,8 +93,9 @@ enum StringMatch {
     Range(i64, i64),
 }
 
+/// A compiled [`HeaderMatcher`] (also used by RBAC's `header` rules).
 #[derive(Debug)]
-struct CompiledHeaderMatcher {
+pub struct CompiledHeaderMatcher {
     name: String,
     kind: StringMatch,
     ignore_case: bool,
@@ -330,7 +331,8 @@ impl StringMatch {
 }
 
 impl CompiledHeaderMatcher {
-    fn compile(m: &HeaderMatcher, path: &str) -> Result<Self, RouteError> {
+    /// Compiles `m` (`path` names it in errors).
+    pub fn compile(m: &HeaderMatcher, path: &str) -> Result<Self, RouteError> {
         let (kind, ignore_case) = compile_string_match(&m.kind, path)?;
         Ok(CompiledHeaderMatcher {
             name: m.name.to_ascii_lowercase(),
@@ -341,7 +343,9 @@ impl CompiledHeaderMatcher {
         })
     }
 
-    fn matches(&self, req: &impl RequestView) -> bool {
+    /// Whether `req` satisfies the matcher (Envoy's rules for absent and
+    /// repeated headers and `invert_match`).
+    pub fn matches(&self, req: &impl RequestView) -> bool {
         let value = req.pseudo_or_header(&self.name);
         let value = match value {
             Some(v) => v,

@@ -30,3 +30,5 @@
 //! (`mesh_core::ResponseFlag`), which the access log and stats read.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod rbac;

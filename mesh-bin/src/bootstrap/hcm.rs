@@ -9,10 +9,18 @@ use super::listener::{access_logs, ONE_HOUR};
 use super::reader::{Ctx, Obj};
 use super::{route, select_extension, Known};
 
-const HTTP_FILTERS: &[Known] = &[Known {
-    name: "envoy.filters.http.router",
-    type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-}];
+const HTTP_FILTERS: &[Known] = &[
+    Known {
+        name: "envoy.filters.http.router",
+        type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    },
+    Known {
+        name: "envoy.filters.http.rbac",
+        type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+    },
+];
+
+const RBAC_FILTER: usize = 1;
 
 /// Envoy's default `stream_idle_timeout` (5 minutes).
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -120,6 +128,20 @@ fn http_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<HttpFilter> {
         };
         let before = cx.errors.len();
         match select_extension(cx, &mut f, "HTTP filter", HTTP_FILTERS) {
+            Some((RBAC_FILTER, tc)) => {
+                if i + 1 == count {
+                    cx.error(
+                        f.path(),
+                        "envoy.filters.http.router must be the last HTTP filter",
+                    );
+                }
+                match tc {
+                    Some(tc) => {
+                        out.push(HttpFilter::Rbac(Box::new(super::rbac::rbac(cx, tc, false))))
+                    }
+                    None => cx.missing(&f.at("typed_config")),
+                }
+            }
             Some((_, tc)) => {
                 if let Some(tc) = tc {
                     // The router's options (suppress_envoy_headers, ...) are

@@ -11,7 +11,7 @@ use mesh_core::config::{
 };
 
 use super::reader::{is_empty_list, Ctx, Obj};
-use super::{hcm, ip_address, select_extension, Known};
+use super::{hcm, ip_address, rpc, select_extension, Known};
 
 /// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB).
 pub(crate) const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
@@ -51,6 +51,11 @@ fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> bool {
 const CONNECTION_LIMIT: usize = 0;
 const HTTP_CONNECTION_MANAGER: usize = 1;
 const TCP_PROXY: usize = 2;
+const THRIFT_PROXY: usize = 3;
+const DUBBO_PROXY: usize = 4;
+const RPC_PROXY: usize = 5;
+const META_PROTOCOL: usize = 6;
+const NETWORK_RBAC: usize = 7;
 
 const NETWORK_FILTERS: &[Known] = &[
     Known {
@@ -66,10 +71,30 @@ const NETWORK_FILTERS: &[Known] = &[
         name: "envoy.filters.network.tcp_proxy",
         type_url: "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     },
+    Known {
+        name: "envoy.filters.network.thrift_proxy",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+    },
+    Known {
+        name: "envoy.filters.network.dubbo_proxy",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy",
+    },
+    Known {
+        name: "mesh.filters.network.rpc_proxy",
+        type_url: "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+    },
+    Known {
+        name: "mesh.filters.network.meta_protocol",
+        type_url: "type.googleapis.com/mesh.filters.network.meta_protocol.v1.MetaProtocol",
+    },
+    Known {
+        name: "envoy.filters.network.rbac",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+    },
 ];
 
 const TERMINAL_NAMES: &str =
-    "envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy";
+    "envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy, envoy.filters.network.thrift_proxy, envoy.filters.network.dubbo_proxy or mesh.filters.network.rpc_proxy";
 
 const ACCESS_LOGGERS: &[Known] = &[
     Known {
@@ -212,6 +237,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let count = filters.len();
     let mut terminal = None;
     let mut limit = None;
+    let mut rbac = None;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -230,6 +256,17 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             }
         };
         match which {
+            NETWORK_RBAC => {
+                if last || rbac.is_some() || terminal.is_some() {
+                    cx.error(
+                        f.path(),
+                        "one envoy.filters.network.rbac is supported, before the terminal filter",
+                    );
+                }
+                if let Some(tc) = tc {
+                    rbac = Some(super::rbac::rbac(cx, tc, true));
+                }
+            }
             CONNECTION_LIMIT => {
                 if last {
                     cx.error(
@@ -248,7 +285,12 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
                     limit = Some(cl);
                 }
             }
-            HTTP_CONNECTION_MANAGER | TCP_PROXY => {
+            HTTP_CONNECTION_MANAGER
+            | TCP_PROXY
+            | THRIFT_PROXY
+            | DUBBO_PROXY
+            | RPC_PROXY
+            | META_PROTOCOL => {
                 if !last {
                     cx.error(
                         f.path(),
@@ -259,10 +301,14 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
                     );
                 }
                 if let Some(tc) = tc {
-                    terminal = Some(if which == TCP_PROXY {
-                        NetworkFilter::TcpProxy(tcp_proxy(cx, tc))
-                    } else {
-                        NetworkFilter::HttpConnectionManager(Box::new(hcm::hcm(cx, tc)))
+                    terminal = Some(match which {
+                        TCP_PROXY => NetworkFilter::TcpProxy(tcp_proxy(cx, tc)),
+                        THRIFT_PROXY => NetworkFilter::Rpc(Box::new(rpc::thrift_proxy(cx, tc))),
+                        DUBBO_PROXY => NetworkFilter::Rpc(Box::new(rpc::dubbo_proxy(cx, tc))),
+                        RPC_PROXY | META_PROTOCOL => {
+                            NetworkFilter::Rpc(Box::new(rpc::generic_proxy(cx, tc)))
+                        }
+                        _ => NetworkFilter::HttpConnectionManager(Box::new(hcm::hcm(cx, tc))),
                     });
                 }
             }
@@ -286,6 +332,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             filter_chain_match,
             tls,
             handshake_timeout,
+            rbac,
         }),
         limit,
     )

@@ -24,8 +24,10 @@ mod cluster;
 mod hcm;
 mod headers;
 mod listener;
+mod rbac;
 mod reader;
 mod route;
+mod rpc;
 #[cfg(test)]
 mod tests;
 mod tls;

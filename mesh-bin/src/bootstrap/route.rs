@@ -225,7 +225,7 @@ fn non_empty(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Option<String> {
     o.req_string(cx, key)
 }
 
-fn header_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> HeaderMatcher {
+pub(crate) fn header_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> HeaderMatcher {
     let name = o
         .req_string(cx, "name")
         .unwrap_or_default()
@@ -418,7 +418,7 @@ fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
     }
 }
 
-fn weighted_clusters(cx: &mut Ctx, mut o: Obj<'_>) -> ClusterSpecifier {
+pub(crate) fn weighted_clusters(cx: &mut Ctx, mut o: Obj<'_>) -> ClusterSpecifier {
     let clusters_path = o.at("clusters");
     let mut out = Vec::new();
     let mut sum: u64 = 0;

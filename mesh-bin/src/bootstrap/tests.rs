@@ -592,7 +592,7 @@ fn network_filter_order_and_type_checks() {
     v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"] = json!([]);
     assert_eq!(
         errs(&v),
-        vec![format!("{base}: the last filter must be envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy")]
+        vec![format!("{base}: the last filter must be envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy, envoy.filters.network.thrift_proxy, envoy.filters.network.dubbo_proxy or mesh.filters.network.rpc_proxy")]
     );
 }
 

@@ -1,0 +1,531 @@
+//! RPC proxy network filters: Envoy's `envoy.filters.network.thrift_proxy`
+//! and `envoy.filters.network.dubbo_proxy`, and mesh's generic
+//! `mesh.filters.network.rpc_proxy` (any codec: `bolt`, `dubbo`, `thrift`).
+//!
+//! Each is translated into one [`RpcProxy`] whose routes are an ordinary
+//! [`RouteConfiguration`], so the HTTP router matches RPC requests too:
+//!
+//! - Thrift: one virtual host `*`; `method_name` is an exact match on
+//!   `:method` (the whole method name, `Service:method` when multiplexed),
+//!   `service_name` a prefix match on `:method` with `Service:`; `invert`
+//!   inverts that matcher; `headers` match Thrift headers.
+//! - Dubbo: one virtual host per `interface` (its domain, wildcards
+//!   allowed); `group` and `version` become exact matchers on `:group` and
+//!   `:version`; `method.name` is a string matcher on `:method`; `headers`
+//!   match attachments.
+//! - Generic: `match` has `service` and `method` string matchers and
+//!   `headers` (names are attachment keys or `:service`, `:method`,
+//!   `:version`, `:group`); `route` may set a `timeout`.
+
+use std::time::Duration;
+
+use mesh_core::config::{
+    Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, Route, RouteAction,
+    RouteConfiguration, RouteMatch, RpcCodec, RpcFilter, RpcProxy, ThriftProtocol, VirtualHost,
+};
+
+use super::listener::access_logs;
+use super::reader::{one_of, Ctx, Obj};
+use super::route::{header_matcher, string_matcher, weighted_clusters};
+
+/// The default largest frame (8 MiB).
+pub(crate) const DEFAULT_MAX_FRAME: u32 = 8 * 1024 * 1024;
+
+fn matcher(name: &str, kind: HeaderMatchKind, invert: bool) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.to_owned(),
+        kind,
+        invert,
+        treat_missing_as_empty: false,
+    }
+}
+
+fn route(matchers: Vec<HeaderMatcher>, action: RouteAction) -> Route {
+    Route {
+        name: String::new(),
+        matcher: RouteMatch {
+            path: PathMatch::Prefix(String::new()),
+            case_sensitive: true,
+            headers: matchers,
+            query_parameters: Vec::new(),
+            grpc: false,
+        },
+        action: Action::Route(action),
+        headers: Default::default(),
+    }
+}
+
+fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
+    RouteAction {
+        cluster,
+        prefix_rewrite: None,
+        regex_rewrite: None,
+        host_rewrite_literal: None,
+        timeout,
+        idle_timeout: None,
+    }
+}
+
+/// `cluster` or `weighted_clusters` of a route action.
+fn cluster_specifier(cx: &mut Ctx, o: &mut Obj<'_>) -> ClusterSpecifier {
+    match one_of(cx, o, &["cluster", "weighted_clusters"], true) {
+        Some("cluster") => {
+            let path = o.at("cluster");
+            let name = o.req_string(cx, "cluster").unwrap_or_default();
+            if !name.is_empty() {
+                cx.cluster_ref(path, name.clone());
+            }
+            ClusterSpecifier::Cluster(name)
+        }
+        Some(_) => match o.obj(cx, "weighted_clusters") {
+            Some(w) => weighted_clusters(cx, w),
+            None => ClusterSpecifier::Weighted(Vec::new()),
+        },
+        None => {
+            o.take("cluster");
+            o.take("weighted_clusters");
+            ClusterSpecifier::Cluster(String::new())
+        }
+    }
+}
+
+fn headers(cx: &mut Ctx, o: &mut Obj<'_>, out: &mut Vec<HeaderMatcher>) {
+    for (path, v) in o.list(cx, "headers") {
+        if let Some(h) = Obj::new(cx, path, v) {
+            out.push(header_matcher(cx, h));
+        }
+    }
+}
+
+/// A filter list that may only hold the router (`thrift_filters`,
+/// `dubbo_filters`).
+fn router_only(cx: &mut Ctx, o: &mut Obj<'_>, key: &str, router: &str, type_url: &str) {
+    let list = o.list(cx, key);
+    let n = list.len();
+    for (i, (path, v)) in list.into_iter().enumerate() {
+        let Some(mut f) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let name = f.string(cx, "name");
+        let mut ok = name.as_deref() == Some(router);
+        if let Some(mut tc) = f.obj(cx, "typed_config") {
+            let ty = tc.string(cx, "@type");
+            ok = ok || ty.as_deref() == Some(type_url);
+            tc.finish(cx);
+        }
+        if !ok || i + 1 != n {
+            cx.unsupported(
+                f.path(),
+                Some(&format!("only {router} is supported, as the last filter")),
+            );
+        }
+        f.finish(cx);
+    }
+}
+
+/// `envoy.filters.network.thrift_proxy`'s typed config.
+pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let framed = o
+        .enumeration(
+            cx,
+            "transport",
+            &[
+                ("AUTO_TRANSPORT", None),
+                ("FRAMED", Some(true)),
+                ("UNFRAMED", Some(false)),
+            ],
+            &[("HEADER", "the header transport is not supported")],
+        )
+        .flatten();
+    let protocol = o
+        .enumeration(
+            cx,
+            "protocol",
+            &[
+                ("AUTO_PROTOCOL", None),
+                ("BINARY", Some(ThriftProtocol::Binary)),
+                ("LAX_BINARY", Some(ThriftProtocol::LaxBinary)),
+                ("COMPACT", Some(ThriftProtocol::Compact)),
+            ],
+            &[("TWITTER", "the Twitter protocol is not supported")],
+        )
+        .flatten();
+    o.refuse(cx, "trds", "TRDS arrives with xDS");
+    router_only(
+        cx,
+        &mut o,
+        "thrift_filters",
+        "envoy.filters.thrift.router",
+        "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.router.v3.Router",
+    );
+    // mesh always passes the payload through untouched.
+    o.bool(cx, "payload_passthrough");
+    o.refuse(cx, "max_requests_per_connection", "not supported yet");
+    if o.bool(cx, "header_keys_preserve_case") == Some(true) {
+        cx.unsupported(&o.at("header_keys_preserve_case"), Some("header transport"));
+    }
+    let access_log = access_logs(cx, &mut o);
+    let mut routes = Vec::new();
+    let rc_name;
+    match o.obj(cx, "route_config") {
+        Some(mut rc) => {
+            rc_name = rc.string(cx, "name").unwrap_or_default();
+            rc.bool(cx, "validate_clusters");
+            for (path, v) in rc.list(cx, "routes") {
+                if let Some(r) = Obj::new(cx, path, v) {
+                    if let Some(r) = thrift_route(cx, r) {
+                        routes.push(r);
+                    }
+                }
+            }
+            rc.finish(cx);
+        }
+        None => {
+            rc_name = String::new();
+            if !o.has("route_config") {
+                cx.missing(&o.at("route_config"));
+            }
+        }
+    }
+    o.finish(cx);
+    RpcProxy {
+        filter: RpcFilter::Thrift,
+        stat_prefix,
+        codec: RpcCodec::Thrift { framed, protocol },
+        route_config: RouteConfiguration {
+            name: rc_name,
+            virtual_hosts: vec![VirtualHost {
+                name: "thrift".into(),
+                domains: vec!["*".into()],
+                routes,
+                headers: Default::default(),
+            }],
+            headers: Default::default(),
+        },
+        max_frame_size: DEFAULT_MAX_FRAME,
+        idle_timeout: None,
+        access_log,
+    }
+}
+
+fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
+    let mut matchers = Vec::new();
+    let mut m = o.obj(cx, "match");
+    if m.is_none() && !o.has("match") {
+        cx.missing(&o.at("match"));
+    }
+    if let Some(m) = m.as_mut() {
+        let invert = m.bool(cx, "invert").unwrap_or(false);
+        match one_of(cx, m, &["method_name", "service_name"], true) {
+            Some("method_name") => {
+                let name = m.string(cx, "method_name").unwrap_or_default();
+                if name.is_empty() {
+                    if invert {
+                        cx.error(
+                            m.path(),
+                            "invert cannot be combined with an empty method_name",
+                        );
+                    }
+                } else {
+                    matchers.push(matcher(":method", HeaderMatchKind::Exact(name), invert));
+                }
+            }
+            Some(_) => {
+                let mut name = m.string(cx, "service_name").unwrap_or_default();
+                if name.is_empty() {
+                    if invert {
+                        cx.error(
+                            m.path(),
+                            "invert cannot be combined with an empty service_name",
+                        );
+                    }
+                } else {
+                    if !name.ends_with(':') {
+                        name.push(':');
+                    }
+                    matchers.push(matcher(":method", HeaderMatchKind::Prefix(name), invert));
+                }
+            }
+            None => {}
+        }
+        headers(cx, m, &mut matchers);
+    }
+    if let Some(m) = m {
+        m.finish(cx);
+    }
+    let a = match o.obj(cx, "route") {
+        Some(mut r) => {
+            let cluster = cluster_specifier(cx, &mut r);
+            r.refuse(cx, "cluster_header", "not supported yet");
+            r.refuse(
+                cx,
+                "metadata_match",
+                "subset load balancing is not supported yet",
+            );
+            r.refuse(cx, "rate_limits", "not supported yet");
+            r.refuse(cx, "strip_service_name", "not supported yet");
+            r.refuse(cx, "request_mirror_policies", "not supported yet");
+            r.finish(cx);
+            Some(action(cluster, None))
+        }
+        None => {
+            if !o.has("route") {
+                cx.missing(&o.at("route"));
+            }
+            None
+        }
+    };
+    o.finish(cx);
+    Some(route(matchers, a?))
+}
+
+/// `envoy.filters.network.dubbo_proxy`'s typed config.
+pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    o.enumeration(cx, "protocol_type", &[("Dubbo", ())], &[]);
+    o.enumeration(cx, "serialization_type", &[("Hessian2", ())], &[]);
+    o.refuse(cx, "drds", "DRDS arrives with xDS");
+    router_only(
+        cx,
+        &mut o,
+        "dubbo_filters",
+        "envoy.filters.dubbo.router",
+        "type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.router.v3.Router",
+    );
+    let mut configs = Vec::new();
+    let mut name = String::new();
+    if o.has("route_config") && o.has("multiple_route_config") {
+        cx.error(
+            o.path(),
+            "only one of route_config and multiple_route_config may be set",
+        );
+    }
+    for (path, v) in o.list(cx, "route_config") {
+        if let Some(rc) = Obj::new(cx, path, v) {
+            configs.push(rc);
+        }
+    }
+    if let Some(mut m) = o.obj(cx, "multiple_route_config") {
+        name = m.string(cx, "name").unwrap_or_default();
+        for (path, v) in m.list(cx, "route_config") {
+            if let Some(rc) = Obj::new(cx, path, v) {
+                configs.push(rc);
+            }
+        }
+        m.finish(cx);
+    }
+    // One virtual host per interface; route configurations that share an
+    // interface (different group/version) append to it in order.
+    let mut vhosts: Vec<VirtualHost> = Vec::new();
+    for mut rc in configs {
+        let rc_name = rc.string(cx, "name").unwrap_or_default();
+        let interface = rc.string(cx, "interface").unwrap_or_default();
+        let domain = if interface.is_empty() {
+            "*".to_owned()
+        } else {
+            interface
+        };
+        let mut level = Vec::new();
+        if let Some(g) = rc.string(cx, "group").filter(|g| !g.is_empty()) {
+            level.push(matcher(":group", HeaderMatchKind::Exact(g), false));
+        }
+        if let Some(v) = rc.string(cx, "version").filter(|v| !v.is_empty()) {
+            level.push(matcher(":version", HeaderMatchKind::Exact(v), false));
+        }
+        let mut routes = Vec::new();
+        for (path, v) in rc.list(cx, "routes") {
+            if let Some(r) = Obj::new(cx, path, v) {
+                if let Some(r) = dubbo_route(cx, r, &level) {
+                    routes.push(r);
+                }
+            }
+        }
+        rc.finish(cx);
+        match vhosts
+            .iter_mut()
+            .find(|v| v.domains[0].eq_ignore_ascii_case(&domain))
+        {
+            Some(v) => v.routes.extend(routes),
+            None => vhosts.push(VirtualHost {
+                name: if rc_name.is_empty() {
+                    domain.clone()
+                } else {
+                    rc_name
+                },
+                domains: vec![domain],
+                routes,
+                headers: Default::default(),
+            }),
+        }
+    }
+    let access_log = access_logs(cx, &mut o);
+    o.finish(cx);
+    RpcProxy {
+        filter: RpcFilter::Dubbo,
+        stat_prefix,
+        codec: RpcCodec::Dubbo,
+        route_config: RouteConfiguration {
+            name,
+            virtual_hosts: vhosts,
+            headers: Default::default(),
+        },
+        max_frame_size: DEFAULT_MAX_FRAME,
+        idle_timeout: None,
+        access_log,
+    }
+}
+
+fn dubbo_route(cx: &mut Ctx, mut o: Obj<'_>, level: &[HeaderMatcher]) -> Option<Route> {
+    let mut matchers = level.to_vec();
+    match o.obj(cx, "match") {
+        Some(mut m) => {
+            if let Some(mut method) = m.obj(cx, "method") {
+                if let Some(n) = method.obj(cx, "name") {
+                    if let Some(k) = string_matcher(cx, n) {
+                        matchers.push(matcher(":method", k, false));
+                    }
+                }
+                method.refuse(cx, "params_match", "matching on arguments is not supported");
+                method.finish(cx);
+            }
+            headers(cx, &mut m, &mut matchers);
+            m.finish(cx);
+        }
+        None => {
+            if !o.has("match") {
+                cx.missing(&o.at("match"));
+            }
+        }
+    }
+    let a = match o.obj(cx, "route") {
+        Some(mut r) => {
+            let cluster = cluster_specifier(cx, &mut r);
+            r.refuse(
+                cx,
+                "metadata_match",
+                "subset load balancing is not supported yet",
+            );
+            r.finish(cx);
+            Some(action(cluster, None))
+        }
+        None => {
+            if !o.has("route") {
+                cx.missing(&o.at("route"));
+            }
+            None
+        }
+    };
+    o.finish(cx);
+    Some(route(matchers, a?))
+}
+
+/// `mesh.filters.network.rpc_proxy`'s typed config.
+pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let codec = match o.enumeration(
+        cx,
+        "codec",
+        &[
+            ("bolt", Some(RpcCodec::Bolt)),
+            ("dubbo", Some(RpcCodec::Dubbo)),
+            (
+                "thrift",
+                Some(RpcCodec::Thrift {
+                    framed: None,
+                    protocol: None,
+                }),
+            ),
+        ],
+        &[],
+    ) {
+        Some(c) => c,
+        None => {
+            if !o.has("codec") {
+                cx.missing(&o.at("codec"));
+            }
+            None
+        }
+    };
+    let max_path = o.at("max_frame_size");
+    let max_frame_size = match o.u32(cx, "max_frame_size") {
+        Some(n) if n < 64 => {
+            cx.error(&max_path, "must be at least 64");
+            DEFAULT_MAX_FRAME
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_FRAME,
+    };
+    let idle_timeout = o.timeout(cx, "idle_timeout", None);
+    let access_log = access_logs(cx, &mut o);
+    let mut routes = Vec::new();
+    let mut rc_name = String::new();
+    match o.obj(cx, "route_config") {
+        Some(mut rc) => {
+            rc_name = rc.string(cx, "name").unwrap_or_default();
+            for (path, v) in rc.list(cx, "routes") {
+                if let Some(r) = Obj::new(cx, path, v) {
+                    if let Some(r) = generic_route(cx, r) {
+                        routes.push(r);
+                    }
+                }
+            }
+            rc.finish(cx);
+        }
+        None => {
+            if !o.has("route_config") {
+                cx.missing(&o.at("route_config"));
+            }
+        }
+    }
+    o.finish(cx);
+    RpcProxy {
+        filter: RpcFilter::Generic,
+        stat_prefix,
+        codec: codec.unwrap_or(RpcCodec::Bolt),
+        route_config: RouteConfiguration {
+            name: rc_name,
+            virtual_hosts: vec![VirtualHost {
+                name: "rpc".into(),
+                domains: vec!["*".into()],
+                routes,
+                headers: Default::default(),
+            }],
+            headers: Default::default(),
+        },
+        max_frame_size,
+        idle_timeout,
+        access_log,
+    }
+}
+
+fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
+    let mut matchers = Vec::new();
+    if let Some(mut m) = o.obj(cx, "match") {
+        for (key, pseudo) in [("service", ":service"), ("method", ":method")] {
+            if let Some(s) = m.obj(cx, key) {
+                if let Some(k) = string_matcher(cx, s) {
+                    matchers.push(matcher(pseudo, k, false));
+                }
+            }
+        }
+        headers(cx, &mut m, &mut matchers);
+        m.finish(cx);
+    }
+    let a = match o.obj(cx, "route") {
+        Some(mut r) => {
+            let cluster = cluster_specifier(cx, &mut r);
+            let timeout = r.timeout(cx, "timeout", None);
+            r.finish(cx);
+            Some(action(cluster, timeout))
+        }
+        None => {
+            if !o.has("route") {
+                cx.missing(&o.at("route"));
+            }
+            None
+        }
+    };
+    o.finish(cx);
+    Some(route(matchers, a?))
+}

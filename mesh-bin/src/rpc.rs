@@ -1,0 +1,552 @@
+//! The L7 RPC proxy: `envoy.filters.network.thrift_proxy`,
+//! `envoy.filters.network.dubbo_proxy` and `mesh.filters.network.rpc_proxy`.
+//!
+//! Every protocol runs the same path; only the [`Codec`] differs:
+//!
+//! 1. [`mesh_codec::rpc::server::serve`] frames requests off the downstream
+//!    connection (many in flight per connection) and answers heartbeats;
+//! 2. each request goes through [`RpcService`], a `tower::Service` per
+//!    request: the HTTP [`RouteTable`] matches it through the
+//!    protocol-neutral request view (service, method, attachments), the
+//!    route picks a cluster (weighted), the cluster's balancer an endpoint;
+//! 3. [`EndpointClient`] sends it over the worker's multiplexed connection
+//!    to that endpoint under the route's timeout, and the response (or the
+//!    protocol's own error reply for a proxy error) goes back.
+//!
+//! Stats: `mesh_rpc_*{mesh_rpc_prefix, mesh_rpc_codec}` per filter,
+//! `mesh_rpc_method_*` per service and method, and the cluster and
+//! endpoint stats HTTP uses (an RPC success counts as a 2xx, an error
+//! response as a 5xx).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use mesh_codec::rpc::client::{ClientConfig, ClientError, EndpointClient};
+use mesh_codec::rpc::server::{serve, Closed, ServerConfig};
+use mesh_codec::rpc::{Codec, Message, MessageKind, ProxyError};
+use mesh_core::config::{RpcCodec, RpcFilter, RpcProxy, ThriftProtocol};
+use mesh_core::flags::ResponseFlag;
+use mesh_core::listener::Accepted;
+use mesh_core::router::{CompiledAction, RouteTable};
+use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::{format_time, AccessLogger};
+use crate::cluster::{ClusterEntry, ClusterManager};
+
+/// Distinct (service, method) pairs that get their own stats; the rest are
+/// counted under service and method `other`.
+const MAX_METHOD_STATS: usize = 1000;
+
+/// The codec an [`RpcProxy`] configuration names.
+pub fn codec_for(config: &RpcProxy) -> Arc<dyn Codec> {
+    use mesh_codec::rpc::{bolt, dubbo, thrift};
+    match config.codec {
+        RpcCodec::Dubbo => Arc::new(dubbo::Dubbo),
+        RpcCodec::Bolt => Arc::new(bolt::Bolt),
+        RpcCodec::Thrift { framed, protocol } => Arc::new(thrift::Thrift {
+            transport: framed.map(|f| {
+                if f {
+                    thrift::Transport::Framed
+                } else {
+                    thrift::Transport::Unframed
+                }
+            }),
+            protocol: protocol.map(|p| match p {
+                ThriftProtocol::Binary => thrift::Protocol::Binary,
+                ThriftProtocol::LaxBinary => thrift::Protocol::LaxBinary,
+                ThriftProtocol::Compact => thrift::Protocol::Compact,
+            }),
+        }),
+    }
+}
+
+/// Stats of one RPC proxy filter.
+#[derive(Debug, Clone)]
+pub struct RpcStats {
+    /// `mesh_rpc_downstream_cx_total`.
+    pub cx_total: Counter,
+    /// `mesh_rpc_downstream_cx_active`.
+    pub cx_active: Gauge,
+    /// `mesh_rpc_downstream_cx_protocol_error`: connections closed for an
+    /// undecodable frame.
+    pub cx_protocol_error: Counter,
+    /// `mesh_rpc_request_total` (requests and oneways).
+    pub rq_total: Counter,
+    /// `mesh_rpc_request_oneway`.
+    pub rq_oneway: Counter,
+    /// `mesh_rpc_request_active`.
+    pub rq_active: Gauge,
+    /// `mesh_rpc_heartbeat`: heartbeats answered locally.
+    pub heartbeat: Counter,
+    /// `mesh_rpc_response_success`.
+    pub response_success: Counter,
+    /// `mesh_rpc_response_error`: error responses from upstreams.
+    pub response_error: Counter,
+    /// `mesh_rpc_local_reply{flag}`: errors the proxy answered itself.
+    pub local_reply: Vec<(ResponseFlag, Counter)>,
+}
+
+impl RpcStats {
+    fn new(store: &Store, labels: &[(&'static str, String)]) -> Self {
+        let flags = [
+            ResponseFlag::NoRouteFound,
+            ResponseFlag::NoClusterFound,
+            ResponseFlag::NoHealthyUpstream,
+            ResponseFlag::UpstreamConnectionFailure,
+            ResponseFlag::UpstreamConnectionTermination,
+            ResponseFlag::UpstreamRequestTimeout,
+            ResponseFlag::UpstreamProtocolError,
+            ResponseFlag::UpstreamOverflow,
+        ];
+        RpcStats {
+            cx_total: store.counter("mesh_rpc_downstream_cx_total", labels),
+            cx_active: store.gauge("mesh_rpc_downstream_cx_active", labels),
+            cx_protocol_error: store.counter("mesh_rpc_downstream_cx_protocol_error", labels),
+            rq_total: store.counter("mesh_rpc_request_total", labels),
+            rq_oneway: store.counter("mesh_rpc_request_oneway", labels),
+            rq_active: store.gauge("mesh_rpc_request_active", labels),
+            heartbeat: store.counter("mesh_rpc_heartbeat", labels),
+            response_success: store.counter("mesh_rpc_response_success", labels),
+            response_error: store.counter("mesh_rpc_response_error", labels),
+            local_reply: flags
+                .iter()
+                .map(|f| {
+                    let mut l = labels.to_vec();
+                    l.push(("flag", f.as_str().to_owned()));
+                    (*f, store.counter("mesh_rpc_local_reply", &l))
+                })
+                .collect(),
+        }
+    }
+
+    fn local(&self, flag: ResponseFlag) {
+        if let Some((_, c)) = self.local_reply.iter().find(|(f, _)| *f == flag) {
+            c.inc();
+        }
+    }
+}
+
+/// Stats of one service method.
+#[derive(Debug, Clone)]
+pub struct MethodStats {
+    /// `mesh_rpc_method_request_total`.
+    pub rq_total: Counter,
+    /// `mesh_rpc_method_response_success`.
+    pub success: Counter,
+    /// `mesh_rpc_method_response_error` (upstream errors and local replies).
+    pub error: Counter,
+}
+
+/// One RPC proxy filter compiled for every worker.
+#[derive(Debug)]
+pub struct RpcShared {
+    config: RpcProxy,
+    codec: Arc<dyn Codec>,
+    table: RouteTable,
+    /// Stats.
+    pub stats: RpcStats,
+    labels: Vec<(&'static str, String)>,
+    store: Store,
+    methods: Mutex<HashMap<(String, String), MethodStats>>,
+    access_log: Option<AccessLogger>,
+    server: ServerConfig,
+}
+
+impl RpcShared {
+    /// Compiles the routes and checks every cluster exists.
+    pub fn new(config: &RpcProxy, cm: &ClusterManager, store: &Store) -> Result<Self, String> {
+        let table = RouteTable::new(&config.route_config)
+            .map_err(|e| format!("route_config.{}: {}", e.path, e.message))?;
+        for c in table.referenced_clusters() {
+            if cm.get(&c).is_none() {
+                return Err(format!("route_config: unknown cluster {c:?}"));
+            }
+        }
+        let codec = codec_for(config);
+        let labels = vec![
+            ("mesh_rpc_prefix", config.stat_prefix.clone()),
+            ("mesh_rpc_codec", codec.name().to_owned()),
+        ];
+        let access_log =
+            AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        Ok(RpcShared {
+            stats: RpcStats::new(store, &labels),
+            server: ServerConfig {
+                max_frame: config.max_frame_size as usize,
+                idle_timeout: config.idle_timeout,
+                ..ServerConfig::default()
+            },
+            config: config.clone(),
+            codec,
+            table,
+            labels,
+            store: store.clone(),
+            methods: Mutex::new(HashMap::new()),
+            access_log,
+        })
+    }
+
+    /// The filter's name, for logs.
+    pub fn filter_name(&self) -> &'static str {
+        match self.config.filter {
+            RpcFilter::Thrift => "thrift_proxy",
+            RpcFilter::Dubbo => "dubbo_proxy",
+            RpcFilter::Generic => "rpc_proxy",
+        }
+    }
+
+    fn method_stats(&self, service: &str, method: &str) -> MethodStats {
+        let mut m = self.methods.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.get(&(service.to_owned(), method.to_owned())) {
+            return s.clone();
+        }
+        let (service, method) = if m.len() >= MAX_METHOD_STATS {
+            ("other", "other")
+        } else {
+            (service, method)
+        };
+        m.entry((service.to_owned(), method.to_owned()))
+            .or_insert_with(|| {
+                let mut l = self.labels.clone();
+                l.push(("service", service.to_owned()));
+                l.push(("method", method.to_owned()));
+                MethodStats {
+                    rq_total: self.store.counter("mesh_rpc_method_request_total", &l),
+                    success: self.store.counter("mesh_rpc_method_response_success", &l),
+                    error: self.store.counter("mesh_rpc_method_response_error", &l),
+                }
+            })
+            .clone()
+    }
+}
+
+/// One worker's clients to one cluster's endpoints.
+#[derive(Debug)]
+struct RpcCluster {
+    entry: Arc<ClusterEntry>,
+    clients: Mutex<HashMap<SocketAddr, Arc<EndpointClient>>>,
+    codec: Arc<dyn Codec>,
+    max_frame: usize,
+}
+
+impl RpcCluster {
+    fn client(&self, addr: SocketAddr) -> Arc<EndpointClient> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&addr) {
+            return c.clone();
+        }
+        let c = Arc::new(EndpointClient::new(
+            addr,
+            self.codec.clone(),
+            ClientConfig {
+                connect_timeout: self.entry.config.connect_timeout,
+                max_frame: self.max_frame,
+            },
+        ));
+        // A new endpoint: forget clients of endpoints that left the cluster.
+        let current = self.entry.balancer.endpoints();
+        clients.retain(|a, _| current.endpoints.iter().any(|e| e.addr == *a));
+        clients.insert(addr, c.clone());
+        c
+    }
+}
+
+/// One worker's RPC proxy: the shared filter plus this worker's upstream
+/// connections.
+#[derive(Debug)]
+pub struct RpcWorker {
+    shared: Arc<RpcShared>,
+    clusters: HashMap<Arc<str>, RpcCluster>,
+}
+
+impl RpcWorker {
+    /// A worker-local proxy.
+    pub fn new(shared: Arc<RpcShared>, cm: &ClusterManager) -> Self {
+        let clusters = shared
+            .table
+            .referenced_clusters()
+            .into_iter()
+            .filter_map(|name| {
+                let entry = cm.get(&name)?.clone();
+                Some((
+                    name,
+                    RpcCluster {
+                        entry,
+                        clients: Mutex::new(HashMap::new()),
+                        codec: shared.codec.clone(),
+                        max_frame: shared.server.max_frame,
+                    },
+                ))
+            })
+            .collect();
+        RpcWorker { shared, clusters }
+    }
+
+    /// Serves one accepted downstream connection to its end.
+    pub async fn handle(self: Arc<Self>, accepted: Accepted, stop: CancellationToken) {
+        let Accepted {
+            stream,
+            peer,
+            guard,
+            ..
+        } = accepted;
+        let stats = &self.shared.stats;
+        stats.cx_total.inc();
+        let _cx = GaugeGuard::new(&stats.cx_active);
+        let svc = RpcService {
+            worker: self.clone(),
+            peer,
+        };
+        let (closed, totals) = serve(
+            stream,
+            self.shared.codec.clone(),
+            &self.shared.server,
+            svc,
+            stop,
+        )
+        .await;
+        stats.heartbeat.add(totals.heartbeats);
+        match &closed {
+            Closed::Decode(reason) => {
+                stats.cx_protocol_error.inc();
+                tracing::info!(%peer, filter = self.shared.filter_name(), %reason, "closed a downstream connection: protocol error");
+            }
+            other => {
+                tracing::debug!(%peer, filter = self.shared.filter_name(), closed = ?other, "downstream connection closed")
+            }
+        }
+        drop(guard);
+    }
+
+    /// Handles one request: route, pick, send, answer.
+    pub async fn call(&self, msg: Message, peer: SocketAddr) -> Option<Message> {
+        let shared = &self.shared;
+        let start = SystemTime::now();
+        let started = Instant::now();
+        shared.stats.rq_total.inc();
+        if msg.kind == MessageKind::Oneway {
+            shared.stats.rq_oneway.inc();
+        }
+        let _active = GaugeGuard::new(&shared.stats.rq_active);
+        let mstats = shared.method_stats(&msg.meta.service, &msg.meta.method);
+        mstats.rq_total.inc();
+        let received = msg.wire_len() as u64;
+        // What an error reply and the log line need once `msg` is sent.
+        let mut ctx = Message::new(msg.id, msg.kind);
+        ctx.wire = msg.wire;
+        ctx.header = msg.header.clone();
+        ctx.meta.method = msg.meta.method.clone();
+        ctx.meta.service = msg.meta.service.clone();
+        let (result, upstream) = self.forward(msg).await;
+        let (reply, flag) = match result {
+            Ok(Some(resp)) => {
+                if resp.kind == MessageKind::Error {
+                    shared.stats.response_error.inc();
+                    mstats.error.inc();
+                } else {
+                    shared.stats.response_success.inc();
+                    mstats.success.inc();
+                }
+                (Some(resp), None)
+            }
+            Ok(None) => (None, None),
+            Err((err, flag, detail)) => {
+                shared.stats.local(flag);
+                mstats.error.inc();
+                tracing::debug!(%peer, filter = shared.filter_name(), service = %ctx.meta.service, method = %ctx.meta.method, flag = flag.as_str(), %detail, "local RPC reply");
+                (shared.codec.error_reply(&ctx, err, &detail), Some(flag))
+            }
+        };
+        if let Some(log) = &shared.access_log {
+            let status = match &reply {
+                Some(r) if r.kind == MessageKind::Error => "error",
+                Some(_) => "ok",
+                None => "-",
+            };
+            log.write(format!(
+                "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\"\n",
+                format_time(start),
+                if ctx.meta.method.is_empty() {
+                    "-"
+                } else {
+                    &ctx.meta.method
+                },
+                if ctx.meta.service.is_empty() {
+                    "-"
+                } else {
+                    &ctx.meta.service
+                },
+                shared.codec.name(),
+                status,
+                flag.map(ResponseFlag::as_str).unwrap_or("-"),
+                received,
+                reply.as_ref().map(|r| r.wire_len()).unwrap_or(0),
+                started.elapsed().as_millis(),
+                peer,
+                upstream
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ));
+        }
+        reply.map(|mut r| {
+            r.id = ctx.id;
+            r
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn forward(
+        &self,
+        msg: Message,
+    ) -> (
+        Result<Option<Message>, (ProxyError, ResponseFlag, String)>,
+        Option<SocketAddr>,
+    ) {
+        let shared = &self.shared;
+        let Some(m) = shared.table.route(&msg) else {
+            return (
+                Err((
+                    ProxyError::NoRoute,
+                    ResponseFlag::NoRouteFound,
+                    format!(
+                        "no route for method {:?} of service {:?}",
+                        msg.meta.method, msg.meta.service
+                    ),
+                )),
+                None,
+            );
+        };
+        let CompiledAction::Route(action) = &m.route.action else {
+            return (
+                Err((
+                    ProxyError::NoRoute,
+                    ResponseFlag::NoRouteFound,
+                    "the route has no cluster".into(),
+                )),
+                None,
+            );
+        };
+        let choice = action.choose_cluster();
+        let Some(cluster) = self.clusters.get(choice.name) else {
+            return (
+                Err((
+                    ProxyError::UpstreamUnavailable,
+                    ResponseFlag::NoClusterFound,
+                    format!("unknown cluster {:?}", choice.name),
+                )),
+                None,
+            );
+        };
+        let stats = &cluster.entry.stats;
+        let Some(endpoint) = cluster.entry.balancer.pick() else {
+            stats.cx_none_healthy.inc();
+            return (
+                Err((
+                    ProxyError::NoHealthyUpstream,
+                    ResponseFlag::NoHealthyUpstream,
+                    "no healthy upstream".into(),
+                )),
+                None,
+            );
+        };
+        let addr = endpoint.addr;
+        stats.rq_total.inc();
+        endpoint.stats.rq_total.inc();
+        let _a = GaugeGuard::new(&stats.rq_active);
+        let _b = GaugeGuard::new(&endpoint.stats.rq_active);
+        let client = cluster.client(addr);
+        let call = client.call(msg);
+        let result = match action.timeout {
+            Some(t) => match tokio::time::timeout(t, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    stats.rq_timeout.inc();
+                    stats.record_status(504);
+                    return (
+                        Err((
+                            ProxyError::Timeout,
+                            ResponseFlag::UpstreamRequestTimeout,
+                            "upstream request timeout".into(),
+                        )),
+                        Some(addr),
+                    );
+                }
+            },
+            None => call.await,
+        };
+        let out = match result {
+            Ok(Some(resp)) => {
+                if resp.kind == MessageKind::Error {
+                    stats.record_status(500);
+                    endpoint.stats.rq_error.inc();
+                } else {
+                    stats.record_status(200);
+                }
+                Ok(Some(resp))
+            }
+            Ok(None) => Ok(None),
+            Err(ClientError::Connect(e)) => {
+                stats.cx_connect_fail.inc();
+                endpoint.stats.cx_connect_fail.inc();
+                stats.record_status(503);
+                Err((
+                    ProxyError::UpstreamUnavailable,
+                    ResponseFlag::UpstreamConnectionFailure,
+                    format!("upstream connect error: {e}"),
+                ))
+            }
+            Err(ClientError::Reset) => {
+                stats.rq_rx_reset.inc();
+                stats.record_status(503);
+                endpoint.stats.rq_error.inc();
+                Err((
+                    ProxyError::UpstreamReset,
+                    ResponseFlag::UpstreamConnectionTermination,
+                    "upstream connection closed before the response".into(),
+                ))
+            }
+            Err(ClientError::Protocol(e)) => {
+                stats.record_status(502);
+                endpoint.stats.rq_error.inc();
+                Err((
+                    ProxyError::UpstreamProtocol,
+                    ResponseFlag::UpstreamProtocolError,
+                    format!("upstream protocol error: {e}"),
+                ))
+            }
+        };
+        (out, Some(addr))
+    }
+}
+
+/// The per-request `tower::Service` of an RPC proxy: one request in, its
+/// answer (or `None` for oneway requests) out. Never fails: proxy errors
+/// become the protocol's error reply.
+#[derive(Debug, Clone)]
+pub struct RpcService {
+    worker: Arc<RpcWorker>,
+    peer: SocketAddr,
+}
+
+impl tower::Service<Message> for RpcService {
+    type Response = Option<Message>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Option<Message>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let worker = self.worker.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(worker.call(msg, peer).await) })
+    }
+}

@@ -1,0 +1,423 @@
+//! The upstream side: one connection to an endpoint carries many requests
+//! at once. Each request gets a fresh request id on that connection (the
+//! client's id is restored on the response), so requests from many
+//! downstream connections share one upstream connection without their ids
+//! colliding.
+//!
+//! State of a [`Multiplexed`] connection:
+//!
+//! ```text
+//! open ──(read/write error, EOF, undecodable response)──► closed
+//! ```
+//!
+//! When it closes, every request waiting on it fails with
+//! [`ClientError::Reset`] and [`EndpointClient`] connects anew for the next
+//! request. Heartbeats from the upstream are answered.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Codec, Message, MessageKind, DEFAULT_MAX_FRAME};
+
+/// Why an upstream request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The connection could not be made (refused, unreachable, timed out).
+    /// Safe to retry elsewhere: nothing was sent.
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    /// The connection closed before the response arrived. The request may
+    /// have been processed.
+    #[error("upstream connection closed before the response")]
+    Reset,
+    /// The upstream sent bytes that are not a valid frame.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Settings of upstream connections.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// The largest response frame accepted.
+    pub max_frame: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Message, ClientError>>;
+
+struct Pending {
+    client_id: u64,
+    reply: Reply,
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    closed: AtomicBool,
+    error: Mutex<Option<ClientError>>,
+}
+
+impl Shared {
+    fn close(&self, why: ClientError) {
+        self.closed.store(true, Ordering::Release);
+        let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_none() {
+            *e = Some(why.clone());
+        }
+        drop(e);
+        let drained: Vec<Pending> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.drain().map(|(_, v)| v).collect()
+        };
+        for p in drained {
+            let _ = p.reply.send(Err(why.clone()));
+        }
+    }
+}
+
+enum Outgoing {
+    Call(Message, Option<Reply>),
+    Raw(Message),
+}
+
+/// One multiplexed connection to an endpoint.
+pub struct Multiplexed {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    shared: Arc<Shared>,
+    /// Requests that have checked this connection out of an
+    /// [`EndpointClient`].
+    reserved: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Multiplexed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Multiplexed")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Multiplexed {
+    /// Connects to `addr` and starts the connection's reader and writer.
+    pub async fn connect(
+        addr: SocketAddr,
+        codec: Arc<dyn Codec>,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let stream =
+            match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(ClientError::Connect(e.to_string())),
+                Err(_) => return Err(ClientError::Connect("connect timeout".into())),
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(Self::start(stream, codec, config.max_frame))
+    }
+
+    /// Runs the multiplexing over an already connected stream.
+    pub fn start(stream: TcpStream, codec: Arc<dyn Codec>, max_frame: usize) -> Self {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            error: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (rd, wr) = stream.into_split();
+        tokio::spawn(write_loop(wr, codec.clone(), rx, shared.clone()));
+        tokio::spawn(read_loop(rd, codec, tx.clone(), shared.clone(), max_frame));
+        Multiplexed {
+            tx,
+            shared,
+            reserved: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// True once the connection has failed or closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for their response.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Sends a request and waits for its response (whose id is the
+    /// request's original id). Dropping the future abandons the request;
+    /// a late response is discarded.
+    pub async fn call(&self, msg: Message) -> Result<Message, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Outgoing::Call(msg, Some(reply))).is_err() {
+            return Err(self.error());
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.error()),
+        }
+    }
+
+    /// Sends a message that gets no response (oneway).
+    pub fn send(&self, msg: Message) -> Result<(), ClientError> {
+        self.tx
+            .send(Outgoing::Call(msg, None))
+            .map_err(|_| self.error())
+    }
+
+    fn error(&self) -> ClientError {
+        self.shared
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or(ClientError::Reset)
+    }
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    codec: Arc<dyn Codec>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: Arc<Shared>,
+) {
+    let max_id = codec.max_request_id().max(1);
+    let mut next_id: u64 = 0;
+    let mut out = BytesMut::with_capacity(8 * 1024);
+    let mut since_sweep = 0usize;
+    while let Some(first) = rx.recv().await {
+        let mut item = Some(first);
+        while let Some(o) = item.take() {
+            match o {
+                Outgoing::Raw(m) => codec.encode(&m, m.id, &mut out),
+                Outgoing::Call(m, reply) => {
+                    let id = {
+                        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                        since_sweep += 1;
+                        if since_sweep >= 4096 {
+                            // Drop entries whose caller gave up (timeouts).
+                            pending.retain(|_, p| !p.reply.is_closed());
+                            since_sweep = 0;
+                        }
+                        let mut id;
+                        loop {
+                            next_id = next_id % max_id + 1;
+                            id = next_id;
+                            if !pending.contains_key(&id) {
+                                break;
+                            }
+                        }
+                        if let Some(reply) = reply {
+                            pending.insert(
+                                id,
+                                Pending {
+                                    client_id: m.id,
+                                    reply,
+                                },
+                            );
+                        }
+                        id
+                    };
+                    codec.encode(&m, id, &mut out);
+                }
+            }
+            if out.len() < 64 * 1024 {
+                item = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            tracing::debug!(error = %e, "writing to an RPC upstream failed");
+            shared.close(ClientError::Reset);
+            return;
+        }
+        out.clear();
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    codec: Arc<dyn Codec>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    shared: Arc<Shared>,
+    max_frame: usize,
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    loop {
+        loop {
+            match codec.decode(&mut buf, max_frame) {
+                Ok(Some(mut msg)) => match msg.kind {
+                    MessageKind::Response | MessageKind::Error => {
+                        let p = shared
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&msg.id);
+                        if let Some(p) = p {
+                            msg.id = p.client_id;
+                            let _ = p.reply.send(Ok(msg));
+                        }
+                    }
+                    MessageKind::Heartbeat => {
+                        if let Some(r) = codec.heartbeat_reply(&msg) {
+                            let _ = tx.send(Outgoing::Raw(r));
+                        }
+                    }
+                    MessageKind::HeartbeatReply => {}
+                    kind => {
+                        tracing::debug!(
+                            codec = codec.name(),
+                            ?kind,
+                            "ignoring a request sent by an upstream"
+                        );
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(codec = codec.name(), reason = %e.reason, "closing an RPC upstream connection: undecodable frame");
+                    shared.close(ClientError::Protocol(e.reason.into_owned()));
+                    return;
+                }
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                shared.close(ClientError::Reset);
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The client for one endpoint.
+///
+/// For a codec that multiplexes ([`Codec::multiplexes`]: Dubbo, Bolt) it
+/// keeps one connection and sends every request over it; connecting is
+/// serialised, so a burst of requests to a new endpoint makes one
+/// connection, not one each. For a codec whose servers answer in order, one
+/// request at a time (Thrift), each request takes an idle connection or
+/// opens one, so a slow call never delays another.
+pub struct EndpointClient {
+    addr: SocketAddr,
+    codec: Arc<dyn Codec>,
+    config: ClientConfig,
+    conns: Mutex<Vec<Arc<Multiplexed>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for EndpointClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointClient")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// A connection reserved for one request; released on drop.
+struct Checkout(Arc<Multiplexed>);
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl EndpointClient {
+    /// A client for `addr`; it connects on first use.
+    pub fn new(addr: SocketAddr, codec: Arc<dyn Codec>, config: ClientConfig) -> Self {
+        EndpointClient {
+            addr,
+            codec,
+            config,
+            conns: Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.is_closed());
+        conns.len()
+    }
+
+    fn reserve(&self) -> Option<Checkout> {
+        let limit = if self.codec.multiplexes() {
+            usize::MAX
+        } else {
+            1
+        };
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.is_closed());
+        for c in conns.iter() {
+            let r = c.reserved.load(Ordering::Acquire);
+            if r < limit
+                && c.reserved
+                    .compare_exchange(r, r + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(Checkout(c.clone()));
+            }
+        }
+        None
+    }
+
+    async fn checkout(&self) -> Result<Checkout, ClientError> {
+        if let Some(c) = self.reserve() {
+            return Ok(c);
+        }
+        let _serial = if self.codec.multiplexes() {
+            let g = self.connecting.lock().await;
+            if let Some(c) = self.reserve() {
+                return Ok(c);
+            }
+            Some(g)
+        } else {
+            None
+        };
+        let c = Arc::new(Multiplexed::connect(self.addr, self.codec.clone(), &self.config).await?);
+        c.reserved.fetch_add(1, Ordering::AcqRel);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c.clone());
+        Ok(Checkout(c))
+    }
+
+    /// Sends a request (or a oneway message, answered with `None`).
+    pub async fn call(&self, msg: Message) -> Result<Option<Message>, ClientError> {
+        let conn = self.checkout().await?;
+        if msg.kind == MessageKind::Oneway {
+            conn.0.send(msg)?;
+            return Ok(None);
+        }
+        conn.0.call(msg).await.map(Some)
+    }
+}
