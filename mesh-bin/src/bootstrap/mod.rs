@@ -31,6 +31,8 @@ mod rpc;
 #[cfg(test)]
 mod tests;
 mod tls;
+#[cfg(test)]
+mod tls_tests;
 
 use reader::{Ctx, Obj};
 pub use tls::parse_sds_file;
