@@ -21,6 +21,83 @@
 //!   ClientHello without consuming it. [`chain_match`]: Envoy's
 //!   `filter_chain_match` selection.
 //!
+//! Used alone, mTLS for any tokio service takes a few lines (the
+//! certificates here are made with `rcgen`; a service would name PEM files
+//! with `DataSource::Filename`, or SDS secrets in a [`SecretStore`] that
+//! [`watch::SecretFile`] keeps current):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use mesh_core::config::tls::*;
+//! use mesh_tls::{ClientTls, ServerTls, TlsStats, UpstreamAlpn};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! // A CA, a server certificate and a client certificate with a SPIFFE ID.
+//! let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+//! ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+//! let ca_key = rcgen::KeyPair::generate().unwrap();
+//! let ca = ca_params.self_signed(&ca_key).unwrap();
+//! let issue = |dns: &str, uri: Option<&str>| {
+//!     let mut p = rcgen::CertificateParams::new(vec![dns.to_string()]).unwrap();
+//!     if let Some(u) = uri {
+//!         p.subject_alt_names.push(rcgen::SanType::URI(u.try_into().unwrap()));
+//!     }
+//!     let key = rcgen::KeyPair::generate().unwrap();
+//!     let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+//!     TlsCertificate {
+//!         certificate_chain: DataSource::Inline(cert.pem().into_bytes()),
+//!         private_key: DataSource::Inline(key.serialize_pem().into_bytes()),
+//!     }
+//! };
+//! let trust = |sans: Vec<SanMatcher>| Some(ValidationSource::Static(ValidationContext {
+//!     trusted_ca: Some(DataSource::Inline(ca.pem().into_bytes())),
+//!     match_typed_subject_alt_names: sans,
+//! }));
+//! let web = "spiffe://cluster.local/ns/default/sa/web";
+//!
+//! let server = ServerTls::new(&DownstreamTlsContext {
+//!     common: CommonTlsContext {
+//!         tls_certificates: vec![issue("api.local", None)],
+//!         validation: trust(vec![SanMatcher {
+//!             san_type: SanType::Uri,
+//!             matcher: StringMatcher { kind: StringMatch::Exact(web.into()), ignore_case: false },
+//!         }]),
+//!         ..Default::default()
+//!     },
+//!     require_client_certificate: true,
+//! }, None, TlsStats::detached()).unwrap();
+//! let client = ClientTls::new(&UpstreamTlsContext {
+//!     common: CommonTlsContext {
+//!         tls_certificates: vec![issue("web.local", Some(web))],
+//!         validation: trust(vec![]),
+//!         ..Default::default()
+//!     },
+//!     sni: Some("api.local".into()),
+//! }, None, TlsStats::detached()).unwrap();
+//!
+//! let (a, b) = tokio::io::duplex(16 * 1024);
+//! let serve = async {
+//!     let (mut tls, peer) = server.accept(a, None).await.unwrap();
+//!     assert_eq!(peer.principal(), Some(web));
+//!     let mut buf = [0u8; 5];
+//!     tls.read_exact(&mut buf).await.unwrap();
+//!     tls.write_all(&buf).await.unwrap();
+//!     tls.flush().await.unwrap();
+//! };
+//! let call = async {
+//!     let peer_ip = "127.0.0.1".parse().unwrap();
+//!     let (mut tls, _) = client.connect(b, UpstreamAlpn::Raw, peer_ip, None).await.unwrap();
+//!     tls.write_all(b"hello").await.unwrap();
+//!     tls.flush().await.unwrap();
+//!     let mut buf = [0u8; 5];
+//!     tls.read_exact(&mut buf).await.unwrap();
+//!     assert_eq!(&buf, b"hello");
+//! };
+//! tokio::join!(serve, call);
+//! # }
+//! ```
+//!
 //! One crypto provider is used for the whole tree: `ring` (aws-lc-rs needs
 //! cmake and lengthens a cold build; ring offers every suite mesh exposes).
 #![forbid(unsafe_code)]
