@@ -48,6 +48,7 @@ impl Gateway {
                         connect_timeout: Duration::from_secs(1),
                         max_idle: 64,
                         idle_timeout: Some(Duration::from_secs(60)),
+                        max_requests_per_connection: None,
                     },
                 )
             })
@@ -175,6 +176,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(5)),
                         idle_timeout: None,
+                        hash_policy: Vec::new(),
+                        metadata_match: Default::default(),
                     }),
                 ),
             ],
@@ -183,13 +186,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         headers: HeaderMutations::default(),
     })?;
 
-    let spec = |addr: SocketAddr, weight| EndpointSpec {
-        addr,
-        hostname: addr.ip().to_string(),
-        weight,
-        priority: 0,
-        locality: Default::default(),
-    };
+    let spec = |addr: SocketAddr, weight| EndpointSpec::new(addr).with_weight(weight);
     let backends = Balancer::with_endpoints(LbPolicy::RoundRobin, vec![spec(a, 3), spec(b, 1)]);
 
     let mut gateway = Gateway {

@@ -438,10 +438,12 @@ def test_plain_text_on_a_tls_port_is_closed(strict_proxy, pki):
 @pytest.mark.parametrize("what", ["truncated", "stalled"])
 def test_incomplete_handshakes_time_out_and_others_are_served(strict_proxy, pki, what):
     port = strict_proxy.port("tls")
+    # Made before connecting: the handshake timer starts at accept.
+    hello = client_hello_bytes()[:40]
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        if what == "truncated":
-            s.sendall(client_hello_bytes()[:40])
         started = time.monotonic()
+        if what == "truncated":
+            s.sendall(hello)
         # Meanwhile another client is served.
         assert curl(port, "/", pki=pki)[1] == "200 2"
         assert closed_within(s, 6), "the stalled connection must be closed by the timeout"

@@ -8,7 +8,7 @@
 //! | `/stats/prometheus` | every stat, Prometheus text format |
 //! | `/stats` | the same stats in Envoy's text form (`cluster.web.upstream_rq_2xx: 3`) |
 //! | `/listeners?format=json` | listener names and bound addresses (ports chosen for `port_value: 0` included) |
-//! | `/clusters` | each endpoint's weight, health and request counters, Envoy's text format |
+//! | `/clusters` | each endpoint's weight, health flags, request counters and outlier state, Envoy's text format (`?format=json`: Envoy's JSON) |
 //! | `/certs` | loaded certificates (SANs, serial, validity) per TLS context, Envoy's JSON |
 //! | `/config_dump` | the running configuration as JSON |
 //! | `/quitquitquit` (POST) | drain and exit |
@@ -47,6 +47,41 @@ pub struct AdminState {
     pub drain: Drain,
     /// TLS contexts, for `/certs`.
     pub tls: Arc<crate::tls::TlsRegistry>,
+    /// The dynamic configuration, when `dynamic_resources` is used: its
+    /// listeners join `/listeners`, its resources `/config_dump`.
+    pub xds: std::sync::OnceLock<Arc<crate::dynamic::XdsRuntime>>,
+}
+
+impl AdminState {
+    /// Static and dynamic listeners with their bound addresses.
+    fn all_listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut out = self.listeners.clone();
+        if let Some(x) = self.xds.get() {
+            out.extend(x.listeners());
+        }
+        out
+    }
+
+    /// `/config_dump`: the file; with xDS, Envoy's `configs` list with the
+    /// file as the bootstrap and the dynamic resources of each type.
+    fn config_dump(&self) -> serde_json::Value {
+        match self.xds.get() {
+            None => self.config_json.clone(),
+            Some(x) => {
+                let mut dump = x.config_dump();
+                if let Some(configs) = dump.get_mut("configs").and_then(|c| c.as_array_mut()) {
+                    configs.insert(
+                        0,
+                        serde_json::json!({
+                            "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                            "bootstrap": self.config_json,
+                        }),
+                    );
+                }
+                dump
+            }
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
@@ -61,7 +96,7 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 
 fn listeners_json(state: &AdminState) -> String {
     let statuses: Vec<serde_json::Value> = state
-        .listeners
+        .all_listeners()
         .iter()
         .map(|(name, addr)| {
             serde_json::json!({
@@ -75,9 +110,16 @@ fn listeners_json(state: &AdminState) -> String {
 
 fn clusters_text(state: &AdminState) -> String {
     let mut out = String::new();
-    for c in state.clusters.iter() {
+    let clusters = match state.xds.get() {
+        Some(x) => x.clusters(),
+        None => state.clusters.clone(),
+    };
+    for c in clusters.iter() {
         let name = &c.config.name;
         let _ = writeln!(out, "{name}::observability_name::{name}");
+        if let Some(d) = &c.outlier {
+            crate::health::outlier_cluster_lines(&mut out, name, d);
+        }
         let _ = writeln!(out, "{name}::added_via_api::false");
         for e in &c.balancer.endpoints().endpoints {
             let p = format!("{name}::{}", e.addr);
@@ -103,7 +145,8 @@ fn clusters_text(state: &AdminState) -> String {
             let _ = writeln!(out, "{p}::zone::{}", e.locality.zone);
             let _ = writeln!(out, "{p}::sub_zone::{}", e.locality.sub_zone);
             let _ = writeln!(out, "{p}::priority::{}", e.priority);
-            let _ = writeln!(out, "{p}::health_flags::healthy");
+            let _ = writeln!(out, "{p}::health_flags::{}", e.health.render());
+            crate::health::outlier_endpoint_lines(&mut out, &p, c, e);
         }
     }
     out
@@ -133,18 +176,23 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::OK, listeners_json(state), "application/json")
             } else {
                 let body = state
-                    .listeners
+                    .all_listeners()
                     .iter()
                     .map(|(n, a)| format!("{n}::{a}\n"))
                     .collect();
                 text(StatusCode::OK, body, "text/plain")
             }
         }
+        (_, "/clusters") if query.contains("format=json") => text(
+            StatusCode::OK,
+            crate::health::clusters_json(&state.clusters).to_string(),
+            "application/json",
+        ),
         (_, "/clusters") => text(StatusCode::OK, clusters_text(state), "text/plain"),
         (_, "/certs") => text(StatusCode::OK, state.tls.certs_json(), "application/json"),
         (_, "/config_dump") => text(
             StatusCode::OK,
-            serde_json::to_string_pretty(&state.config_json).unwrap_or_default(),
+            serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default(),
             "application/json",
         ),
         (&Method::POST, "/quitquitquit") => {

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
 use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
+use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
+use mesh_lb::outlier::{OutlierDetector, OutlierStats};
 use mesh_lb::{dns, Balancer};
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +50,8 @@ impl ClusterStats {
         self.rq_code.record(status);
     }
 
-    fn new(store: &Store, name: &str) -> Self {
+    /// The stats of cluster `name` (the same series when called again).
+    pub fn new(store: &Store, name: &str) -> Self {
         let l = vec![("envoy_cluster_name", name.to_owned())];
         ClusterStats {
             rq_total: store.counter("envoy_cluster_upstream_rq_total", &l),
@@ -77,10 +80,14 @@ pub struct ClusterEntry {
     pub stats: ClusterStats,
     /// Upstream TLS (`transport_socket`), if configured.
     pub tls: Option<Arc<mesh_tls::ClientTls>>,
+    /// Outlier detection, when configured.
+    pub outlier: Option<Arc<OutlierDetector>>,
+    /// Active health checking, when configured.
+    pub health_checker: Option<Arc<HealthChecker>>,
 }
 
 /// Every cluster by name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ClusterManager {
     clusters: HashMap<Arc<str>, Arc<ClusterEntry>>,
     order: Vec<Arc<str>>,
@@ -95,19 +102,40 @@ impl ClusterManager {
         store: &Store,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
-        Self::build_with_secrets(clusters, store, stop, &mesh_tls::SecretStore::new(None)).await
+        Self::build_with(clusters, "", store, stop, false).await
     }
 
-    /// [`ClusterManager::build`], resolving upstream TLS secrets in `secrets`.
-    pub async fn build_with_secrets(
+    /// [`ClusterManager::build_with_secrets`] with a fresh secret store
+    /// (clusters whose TLS names SDS secrets then fail to handshake until
+    /// the secrets are published).
+    pub async fn build_with(
         clusters: &[Cluster],
+        zone: &str,
         store: &Store,
         stop: &CancellationToken,
+        xds: bool,
+    ) -> Result<Self, String> {
+        let secrets = mesh_tls::SecretStore::new(None);
+        Self::build_with_secrets(clusters, zone, store, stop, xds, &secrets).await
+    }
+
+    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
+    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
+    /// are accepted and start empty until their endpoints arrive. Upstream
+    /// TLS secrets are resolved in `secrets`.
+    pub async fn build_with_secrets(
+        clusters: &[Cluster],
+        zone: &str,
+        store: &Store,
+        stop: &CancellationToken,
+        xds: bool,
         secrets: &Arc<mesh_tls::SecretStore>,
     ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
+        let mut first_checks = Vec::new();
         for (i, c) in clusters.iter().enumerate() {
-            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let balancer =
+                Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
             let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {
@@ -130,6 +158,9 @@ impl ClusterManager {
                         stop.clone(),
                         move |n| membership.set(n as i64),
                     ));
+                }
+                DiscoveryType::Eds { .. } if xds => {
+                    // Endpoints arrive over xDS (`dynamic.rs`).
                 }
                 DiscoveryType::Eds { .. } => {
                     return Err(format!(
@@ -157,6 +188,9 @@ impl ClusterManager {
                     })?,
                 )),
             };
+            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
+                .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
+            first_checks.extend(first);
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -166,10 +200,32 @@ impl ClusterManager {
                     balancer,
                     stats,
                     tls,
+                    outlier,
+                    health_checker,
                 }),
             );
         }
+        // As Envoy, a health-checked cluster is ready once each endpoint has
+        // had its first probe (each bounded by the probe timeout).
+        for f in first_checks {
+            f.await;
+        }
         Ok(cm)
+    }
+
+    /// Adds or replaces a cluster (xDS); a new one goes last in order.
+    pub fn insert(&mut self, entry: Arc<ClusterEntry>) {
+        let name: Arc<str> = Arc::from(entry.config.name.as_str());
+        if self.clusters.insert(name.clone(), entry).is_none() {
+            self.order.push(name);
+        }
+    }
+
+    /// Removes a cluster (xDS). Requests holding its entry finish with it.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<ClusterEntry>> {
+        let e = self.clusters.remove(name)?;
+        self.order.retain(|n| &**n != name);
+        Some(e)
     }
 
     /// A cluster by name.
@@ -181,6 +237,62 @@ impl ClusterManager {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ClusterEntry>> {
         self.order.iter().filter_map(|n| self.clusters.get(n))
     }
+}
+
+/// The first-round future of a cluster's health checker.
+type FirstRound = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A cluster's outlier detector, health checker and the checker's first round.
+type ClusterHealth = (
+    Option<Arc<OutlierDetector>>,
+    Option<Arc<HealthChecker>>,
+    Option<FirstRound>,
+);
+
+/// Starts a cluster's outlier detection and active health checking on the
+/// current runtime.
+pub(crate) fn health_for(
+    c: &Cluster,
+    balancer: &Arc<Balancer>,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<ClusterHealth, String> {
+    let outlier = c.outlier_detection.as_ref().map(|od| {
+        let d = Arc::new(OutlierDetector::new(
+            &c.name,
+            od.clone(),
+            balancer.clone(),
+            OutlierStats::new(store, &c.name),
+        ));
+        tokio::spawn(d.clone().run(stop.clone()));
+        d
+    });
+    let Some(hc) = &c.health_check else {
+        return Ok((outlier, None, None));
+    };
+    let mut checker = HealthChecker::new(
+        &c.name,
+        hc.clone(),
+        balancer.clone(),
+        crate::health::probe(&c.name, &hc.checker),
+        HealthCheckStats::new(store, &c.name),
+    );
+    if let Some(d) = &outlier {
+        let d = d.clone();
+        checker = checker.on_healthy(Box::new(move |e| d.health_check_passed(e)));
+    }
+    if let Some(path) = &hc.event_log_path {
+        let log = EventLog::open(path)
+            .map_err(|e| format!("health_checks[0].event_log_path: cannot open {path:?}: {e}"))?;
+        checker = checker.event_log(log);
+    }
+    let checker = Arc::new(checker);
+    let bound = hc.timeout + hc.initial_jitter + std::time::Duration::from_secs(1);
+    let first = checker.clone().start(stop.clone());
+    let first: FirstRound = Box::pin(async move {
+        let _ = tokio::time::timeout(bound, first).await;
+    });
+    Ok((outlier, Some(checker), Some(first)))
 }
 
 /// One worker's view of a cluster: the shared entry plus this worker's
@@ -233,6 +345,7 @@ impl WorkerCluster {
                 connect_timeout: self.entry.config.connect_timeout,
                 max_idle: 1024,
                 idle_timeout: self.entry.config.idle_timeout,
+                max_requests_per_connection: self.entry.config.max_requests_per_connection,
             },
             connector,
         );

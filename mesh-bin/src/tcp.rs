@@ -132,7 +132,11 @@ impl TcpProxyShared {
     {
         self.stats.cx_total.inc();
         let cluster = self.choose();
-        let Some(endpoint) = cluster.balancer.pick() else {
+        // tcp_proxy's hash_policy: only source_ip.
+        let hash =
+            (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
+        let pick = mesh_lb::PickContext::new().with_hash(hash);
+        let Some(endpoint) = cluster.balancer.pick_with(&pick) else {
             cluster.stats.cx_none_healthy.inc();
             self.stats.cx_no_route.inc();
             tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");
@@ -144,8 +148,12 @@ impl TcpProxyShared {
         )
         .await;
         let upstream = match connect {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                cluster.outlier_connect(&endpoint, true);
+                s
+            }
             Ok(Err(e)) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
@@ -157,6 +165,7 @@ impl TcpProxyShared {
                 );
             }
             Err(_) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, "tcp_proxy: upstream connect timed out (UF); closing");

@@ -16,7 +16,9 @@
 pub mod config;
 pub mod flags;
 pub mod headers;
+pub mod health_config;
 pub mod identity;
+mod lb_config;
 pub mod listener;
 pub mod router;
 pub mod stats;
