@@ -9,6 +9,7 @@
 //! | `/stats` | the same stats in Envoy's text form (`cluster.web.upstream_rq_2xx: 3`) |
 //! | `/listeners?format=json` | listener names and bound addresses (ports chosen for `port_value: 0` included) |
 //! | `/clusters` | each endpoint's weight, health flags, request counters and outlier state, Envoy's text format (`?format=json`: Envoy's JSON) |
+//! | `/certs` | loaded certificates (SANs, serial, validity) per TLS context, Envoy's JSON |
 //! | `/config_dump` | the running configuration as JSON |
 //! | `/quitquitquit` (POST) | drain and exit |
 
@@ -44,6 +45,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Drain coordination (for `/ready` and `/quitquitquit`).
     pub drain: Drain,
+    /// TLS contexts, for `/certs`.
+    pub tls: Arc<crate::tls::TlsRegistry>,
     /// The dynamic configuration, when `dynamic_resources` is used: its
     /// listeners join `/listeners`, its resources `/config_dump`.
     pub xds: std::sync::OnceLock<Arc<crate::dynamic::XdsRuntime>>,
@@ -186,6 +189,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             "application/json",
         ),
         (_, "/clusters") => text(StatusCode::OK, clusters_text(state), "text/plain"),
+        (_, "/certs") => text(StatusCode::OK, state.tls.certs_json(), "application/json"),
         (_, "/config_dump") => text(
             StatusCode::OK,
             serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default(),
@@ -197,7 +201,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         (_, "/") => text(
             StatusCode::OK,
-            "/ready\n/stats\n/stats/prometheus\n/listeners\n/clusters\n/config_dump\n/quitquitquit (POST)\n".into(),
+            "/ready\n/stats\n/stats/prometheus\n/listeners\n/clusters\n/certs\n/config_dump\n/quitquitquit (POST)\n".into(),
             "text/plain",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),

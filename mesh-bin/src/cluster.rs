@@ -78,6 +78,8 @@ pub struct ClusterEntry {
     pub balancer: Arc<Balancer>,
     /// Stats.
     pub stats: ClusterStats,
+    /// Upstream TLS (`transport_socket`), if configured.
+    pub tls: Option<Arc<mesh_tls::ClientTls>>,
     /// Outlier detection, when configured.
     pub outlier: Option<Arc<OutlierDetector>>,
     /// Active health checking, when configured.
@@ -105,15 +107,31 @@ impl ClusterManager {
         Self::build_with(clusters, "", store, stop, false).await
     }
 
-    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
-    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
-    /// are accepted and start empty until their endpoints arrive.
+    /// [`ClusterManager::build_with_secrets`] with a fresh secret store
+    /// (clusters whose TLS names SDS secrets then fail to handshake until
+    /// the secrets are published).
     pub async fn build_with(
         clusters: &[Cluster],
         zone: &str,
         store: &Store,
         stop: &CancellationToken,
         xds: bool,
+    ) -> Result<Self, String> {
+        let secrets = mesh_tls::SecretStore::new(None);
+        Self::build_with_secrets(clusters, zone, store, stop, xds, &secrets).await
+    }
+
+    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
+    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
+    /// are accepted and start empty until their endpoints arrive. Upstream
+    /// TLS secrets are resolved in `secrets`.
+    pub async fn build_with_secrets(
+        clusters: &[Cluster],
+        zone: &str,
+        store: &Store,
+        stop: &CancellationToken,
+        xds: bool,
+        secrets: &Arc<mesh_tls::SecretStore>,
     ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         let mut first_checks = Vec::new();
@@ -155,6 +173,23 @@ impl ClusterManager {
             stats
                 .membership_total
                 .set(balancer.endpoints().endpoints.len() as i64);
+            let tls = match &c.tls {
+                None => None,
+                Some(t) => Some(Arc::new(
+                    mesh_tls::ClientTls::new(
+                        t,
+                        Some(secrets.clone()),
+                        mesh_tls::TlsStats::new(
+                            store,
+                            "cluster",
+                            &[("envoy_cluster_name", c.name.clone())],
+                        ),
+                    )
+                    .map_err(|e| {
+                        format!("static_resources.clusters[{i}].transport_socket.typed_config.{e}")
+                    })?,
+                )),
+            };
             let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
                 .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
@@ -167,6 +202,7 @@ impl ClusterManager {
                     balancer,
                     policy: crate::resilience::ClusterPolicy::new(c, store, &stats.rq_active),
                     stats,
+                    tls,
                     outlier,
                     health_checker,
                 }),
@@ -314,7 +350,10 @@ impl WorkerCluster {
         if let Some(p) = pools.get(&(addr, h2)) {
             return p.clone();
         }
-        let p = EndpointPool::with_limits(
+        let connector = self.entry.tls.clone().map(|t| {
+            Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
+        });
+        let p = EndpointPool::with_options(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -328,6 +367,7 @@ impl WorkerCluster {
                 max_requests_per_connection: self.entry.config.max_requests_per_connection,
             },
             Some(self.entry.policy.pool_limits.clone()),
+            connector,
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change), closing their idle connections.

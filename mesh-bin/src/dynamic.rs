@@ -697,6 +697,10 @@ impl Manager {
                     "cluster {:?}: a static cluster cannot be replaced over CDS",
                     c.name
                 )),
+                Ok(c) if c.tls.is_some() => errors.push(format!(
+                    "cluster {:?}: transport_socket (TLS) is static-only; over CDS it is not supported yet",
+                    c.name
+                )),
                 Ok(c) => loaded.push((c, json)),
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
@@ -816,6 +820,8 @@ impl Manager {
             stats,
             outlier,
             health_checker,
+            // CDS clusters with TLS are refused in apply_clusters.
+            tls: None,
         }
     }
 
@@ -1213,6 +1219,17 @@ fn build_terminal(
     store: &Store,
     worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
 ) -> Result<Built, String> {
+    if l.filter_chains.len() > 1
+        || l.tls_inspector
+        || l.filter_chains
+            .iter()
+            .any(|c| c.tls.is_some() || c.rbac.is_some())
+    {
+        return Err(format!(
+            "listener {:?}: TLS transport sockets, several filter chains, the TLS inspector and network RBAC are static-only; over LDS they are not supported yet",
+            l.name
+        ));
+    }
     let chain = l
         .filter_chains
         .first()

@@ -117,6 +117,8 @@ pub struct HcmShared {
     access_log: Option<AccessLogger>,
     /// The HTTP filters besides the router.
     pub filters: FilterChain,
+    /// `envoy.filters.http.rbac`, checked before routing.
+    rbac: Option<mesh_filter::rbac::RbacFilter>,
 }
 
 impl HcmShared {
@@ -129,8 +131,10 @@ impl HcmShared {
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
         let filters = FilterChain::new(config, &routes, store)?;
+        let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
             filters,
+            rbac,
             access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
             config: config.clone(),
@@ -199,7 +203,13 @@ impl HttpProxy {
             .as_ref()
             .map(|_| HttpLogEntry::capture(&req));
         let grpc = is_grpc(req.headers());
-        let mut resp = self.route_and_forward(req, &info, &mut log).await;
+        let denied = self.shared.rbac.as_ref().and_then(|rbac| {
+            crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
+        });
+        let mut resp = match denied {
+            Some(resp) => resp,
+            None => self.route_and_forward(req, &info, &mut log).await,
+        };
         if grpc
             && resp.extensions().get::<ResponseFlag>().is_some()
             && resp.extensions().get::<GrpcReplyDone>().is_none()
@@ -475,9 +485,14 @@ impl HttpProxy {
             }
         }
         if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
-            parts
-                .headers
-                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            let tls = parts
+                .extensions
+                .get::<Arc<mesh_core::identity::PeerIdentity>>()
+                .is_some();
+            parts.headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if tls { "https" } else { "http" }),
+            );
         }
         // As Envoy's router does by default: tell the upstream its deadline.
         if let Some(t) = timeout {
@@ -1250,7 +1265,7 @@ fn grpc_status_for(status: StatusCode) -> u8 {
 /// response, as Envoy does: HTTP 200, `grpc-status` mapped from the HTTP
 /// status, and the reply's text in `grpc-message` (percent-encoded as the
 /// gRPC spec asks), so a gRPC client sees the proxy's reason.
-fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+pub(crate) fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let text = match body {
         ProxyBody::Full(Some(b)) => b,
@@ -1367,6 +1382,7 @@ pub struct ConnService {
     current: Option<Arc<arc_swap::ArcSwap<HttpProxy>>>,
     peer: SocketAddr,
     local: SocketAddr,
+    tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
 }
 
 impl ConnService {
@@ -1377,6 +1393,7 @@ impl ConnService {
             current: None,
             peer,
             local,
+            tls: None,
         }
     }
 
@@ -1392,7 +1409,15 @@ impl ConnService {
             current: Some(current),
             peer,
             local,
+            tls: None,
         }
+    }
+
+    /// Marks the connection as TLS: every request carries `identity` as an
+    /// extension (`Arc<PeerIdentity>`), for RBAC and the access log.
+    pub fn with_tls(mut self, identity: Arc<mesh_core::identity::PeerIdentity>) -> Self {
+        self.tls = Some(identity);
+        self
     }
 }
 
@@ -1404,7 +1429,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Error = Infallible;
     type Future = ConnFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(id) = &self.tls {
+            req.extensions_mut().insert(id.clone());
+        }
         let info = StreamInfo {
             downstream_remote: self.peer,
             downstream_local: self.local,

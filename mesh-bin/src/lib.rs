@@ -7,6 +7,7 @@
 //! - [`filters`]: the HTTP filter chain (local rate limit, ...);
 //! - [`tcp`]: the TCP proxy filter;
 //! - [`resilience`]: per-cluster circuit breakers and retry stats;
+//! - [`tls`]: secrets (static and watched SDS files), upstream TLS, `/certs`;
 //! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
@@ -20,13 +21,16 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+mod downstream;
 pub mod dynamic;
 pub mod filters;
 pub mod health;
 pub mod http;
 pub mod proxy;
+mod rbac;
 pub mod resilience;
 pub mod rpc;
 pub mod tcp;
+pub mod tls;
 
 pub use proxy::{Proxy, ProxyOptions, RuntimeMode, StartError};

@@ -17,18 +17,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_codec::http::server::ServerConfig;
 use mesh_core::config::{Bootstrap, NetworkFilter};
 use mesh_core::listener::{
     accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
 };
-use mesh_core::stats::{GaugeGuard, Store};
+use mesh_core::stats::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cluster::ClusterManager;
-use crate::http::{ConnService, HcmShared, HttpProxy};
-use crate::rpc::{RpcShared, RpcWorker};
+use crate::downstream::{Chain, Chains, Terminal, WorkerChains};
+use crate::http::HcmShared;
+use crate::rpc::RpcShared;
 use crate::tcp::TcpProxyShared;
 
 /// How to run a proxy (the command-line knobs).
@@ -97,25 +98,20 @@ pub enum StartError {
     Worker(std::io::Error),
 }
 
-enum Terminal {
-    Http(Arc<HcmShared>, ServerConfig),
-    Tcp(Arc<TcpProxyShared>),
-    Rpc(Arc<RpcShared>),
-}
-
 struct BuiltListener {
     name: String,
     addr: SocketAddr,
     sockets: Vec<std::net::TcpListener>,
     limiter: Option<ConnectionLimiter>,
     stats: ListenerStats,
-    terminal: Arc<Terminal>,
+    chains: Arc<Chains>,
 }
 
-/// The field path of listener `li`'s terminal filter config.
-fn terminal_path(li: usize, l: &mesh_core::config::Listener) -> String {
-    let index = usize::from(l.connection_limit.is_some());
-    format!("static_resources.listeners[{li}].filter_chains[0].filters[{index}].typed_config")
+/// The field path of the terminal filter config of chain `ci` of listener `li`.
+fn terminal_path(li: usize, ci: usize, l: &mesh_core::config::Listener) -> String {
+    let index = usize::from(ci == 0 && l.connection_limit.is_some())
+        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()));
+    format!("static_resources.listeners[{li}].filter_chains[{ci}].filters[{index}].typed_config")
 }
 
 /// Checks what the loader cannot: compiles every route table (regexes,
@@ -137,7 +133,8 @@ pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
         }
     }
     for (li, l) in bootstrap.listeners.iter().enumerate() {
-        for chain in &l.filter_chains {
+        for (ci, chain) in l.filter_chains.iter().enumerate() {
+            let terminal_path = |li, l| terminal_path(li, ci, l);
             if let NetworkFilter::Rpc(rpc) = &chain.terminal {
                 if let Err(e) = mesh_core::router::RouteTable::new(&rpc.route_config) {
                     errors.push(format!(
@@ -204,17 +201,26 @@ impl Proxy {
         let store = Store::new();
         let stop = CancellationToken::new();
         let drain = Drain::new();
+        let secrets =
+            crate::tls::secret_store(&bootstrap, &store, &stop).map_err(StartError::Config)?;
+        let tls_registry = Arc::new(crate::tls::TlsRegistry::default());
         let cm = Arc::new(
-            ClusterManager::build_with(
+            ClusterManager::build_with_secrets(
                 &bootstrap.clusters,
                 &bootstrap.node.locality.zone,
                 &store,
                 &stop,
                 bootstrap.dynamic_resources.is_some(),
+                &secrets,
             )
             .await
             .map_err(StartError::Config)?,
         );
+        for c in cm.iter() {
+            if let Some(t) = &c.tls {
+                tls_registry.add_client(t.clone());
+            }
+        }
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {
             RuntimeMode::PerCore => concurrency,
@@ -224,32 +230,39 @@ impl Proxy {
         let mut built = Vec::new();
         for (li, l) in bootstrap.listeners.iter().enumerate() {
             let path = format!("static_resources.listeners[{li}]");
-            let chain = l.filter_chains.first().ok_or_else(|| {
-                StartError::Config(format!(
+            if l.filter_chains.is_empty() {
+                return Err(StartError::Config(format!(
                     "{path}.filter_chains: at least one filter chain is required"
-                ))
-            })?;
-            let terminal = match &chain.terminal {
-                NetworkFilter::HttpConnectionManager(hcm) => {
-                    let shared = HcmShared::new(hcm, &store)
-                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?;
-                    let server = ServerConfig {
-                        codec: hcm.codec_type,
-                        max_request_headers_bytes: hcm.max_request_headers_kb as usize * 1024,
-                        request_headers_timeout: hcm.request_headers_timeout,
-                        idle_timeout: hcm.idle_timeout,
-                    };
-                    Terminal::Http(Arc::new(shared), server)
-                }
-                NetworkFilter::Rpc(r) => Terminal::Rpc(Arc::new(
-                    RpcShared::new(r, &cm, &store, &options.rpc_codecs)
-                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
-                )),
-                NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
-                    TcpProxyShared::new(t, &cm, &store)
-                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
-                )),
-            };
+                )));
+            }
+            let mut terminals = Vec::new();
+            for (ci, chain) in l.filter_chains.iter().enumerate() {
+                let terminal = match &chain.terminal {
+                    NetworkFilter::HttpConnectionManager(hcm) => {
+                        let shared = HcmShared::new(hcm, &store).map_err(|e| {
+                            StartError::Config(format!("{}.{e}", terminal_path(li, ci, l)))
+                        })?;
+                        let server = ServerConfig {
+                            codec: hcm.codec_type,
+                            max_request_headers_bytes: hcm.max_request_headers_kb as usize * 1024,
+                            request_headers_timeout: hcm.request_headers_timeout,
+                            idle_timeout: hcm.idle_timeout,
+                        };
+                        Terminal::Http(Arc::new(shared), server)
+                    }
+                    NetworkFilter::Rpc(r) => Terminal::Rpc(Arc::new(
+                        RpcShared::new(r, &cm, &store, &options.rpc_codecs).map_err(|e| {
+                            StartError::Config(format!("{}.{e}", terminal_path(li, ci, l)))
+                        })?,
+                    )),
+                    NetworkFilter::TcpProxy(t) => {
+                        Terminal::Tcp(Arc::new(TcpProxyShared::new(t, &cm, &store).map_err(
+                            |e| StartError::Config(format!("{}.{e}", terminal_path(li, ci, l))),
+                        )?))
+                    }
+                };
+                terminals.push(terminal);
+            }
             let first = bind_tcp(l.address).map_err(|source| StartError::Bind {
                 what: format!("listener {:?}", l.name),
                 addr: l.address,
@@ -268,6 +281,69 @@ impl Proxy {
                     source,
                 })?);
             }
+            let label = vec![(
+                "envoy_listener_address",
+                format!("{}_{}", addr.ip(), addr.port()),
+            )];
+            let mut chains = Vec::new();
+            for (ci, (chain, terminal)) in l.filter_chains.iter().zip(terminals).enumerate() {
+                let tls = match &chain.tls {
+                    None => None,
+                    Some(_) if matches!(terminal, Terminal::Rpc(_)) => {
+                        return Err(StartError::Config(format!(
+                            "{path}.filter_chains[{ci}].transport_socket: TLS on an RPC proxy chain is not supported yet (unsupported)"
+                        )));
+                    }
+                    Some(ctx) => {
+                        let t = mesh_tls::ServerTls::new(
+                            ctx,
+                            Some(secrets.clone()),
+                            mesh_tls::TlsStats::new(&store, "listener", &label),
+                        )
+                        .map_err(|e| {
+                            StartError::Config(format!(
+                                "{path}.filter_chains[{ci}].transport_socket.typed_config.{e}"
+                            ))
+                        })?;
+                        let t = Arc::new(t);
+                        tls_registry.add_server(t.clone());
+                        Some(t)
+                    }
+                };
+                let rbac = match &chain.rbac {
+                    None => None,
+                    Some(r) => Some(crate::rbac::network_rbac(r, &store).map_err(|e| {
+                        StartError::Config(format!(
+                            "{path}.filter_chains[{ci}].filters[0].typed_config.{e}"
+                        ))
+                    })?),
+                };
+                if rbac.is_some() && matches!(terminal, Terminal::Rpc(_)) {
+                    return Err(StartError::Config(format!(
+                        "{path}.filter_chains[{ci}].filters[0]: envoy.filters.network.rbac before an RPC proxy is not supported yet (unsupported)"
+                    )));
+                }
+                chains.push(Chain {
+                    terminal,
+                    tls,
+                    handshake_timeout: chain.handshake_timeout,
+                    rbac,
+                });
+            }
+            let selector = mesh_tls::chain_match::FilterChainSelector::new(
+                l.filter_chains
+                    .iter()
+                    .map(|c| c.filter_chain_match.clone())
+                    .collect(),
+            );
+            let chains = Chains::new(
+                chains,
+                selector,
+                l.tls_inspector,
+                l.listener_filters_timeout,
+                &store,
+                addr,
+            );
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,
@@ -277,7 +353,7 @@ impl Proxy {
                     .as_ref()
                     .map(|c| ConnectionLimiter::new(c.max_connections as usize, c.delay)),
                 stats: ListenerStats::new(&store, addr),
-                terminal: Arc::new(terminal),
+                chains: Arc::new(chains),
             });
         }
         let listeners: Vec<(String, SocketAddr)> =
@@ -310,6 +386,7 @@ impl Proxy {
                 config_json,
                 ready: Default::default(),
                 drain: drain.clone(),
+                tls: tls_registry.clone(),
                 xds: Default::default(),
             });
             tokio::spawn(admin::serve(listener, state.clone()));
@@ -339,7 +416,7 @@ impl Proxy {
                     socket: s,
                     limiter: b.limiter.clone(),
                     stats: b.stats.clone(),
-                    terminal: b.terminal.clone(),
+                    chains: b.chains.clone(),
                 })
                 .collect();
             let cm = cm.clone();
@@ -458,7 +535,7 @@ struct WorkerListener {
     socket: std::net::TcpListener,
     limiter: Option<ConnectionLimiter>,
     stats: ListenerStats,
-    terminal: Arc<Terminal>,
+    chains: Arc<Chains>,
 }
 
 async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: Drain) {
@@ -470,52 +547,14 @@ async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: D
                 continue;
             }
         };
-        match &*job.terminal {
-            Terminal::Http(shared, server) => {
-                let proxy = Arc::new(HttpProxy::new(shared.clone(), &cm));
-                let server = Arc::new(server.clone());
-                let token = drain.token();
-                tokio::spawn(accept_loop(
-                    listener,
-                    job.limiter,
-                    drain.clone(),
-                    job.stats,
-                    move |a: Accepted| {
-                        let svc = ConnService::new(proxy.clone(), a.peer, a.local);
-                        let server = server.clone();
-                        let token = token.clone();
-                        let hstats = proxy.shared().stats.clone();
-                        async move {
-                            hstats.cx_total.inc();
-                            let _cx = GaugeGuard::new(&hstats.cx_active);
-                            serve_connection(a.stream, &server, svc, token).await;
-                            drop(a.guard);
-                        }
-                    },
-                ));
-            }
-            Terminal::Rpc(shared) => {
-                let worker = Arc::new(RpcWorker::new(shared.clone(), &cm));
-                let token = drain.token();
-                tokio::spawn(accept_loop(
-                    listener,
-                    job.limiter,
-                    drain.clone(),
-                    job.stats,
-                    move |a: Accepted| worker.clone().handle(a, token.clone()),
-                ));
-            }
-            Terminal::Tcp(shared) => {
-                let shared = shared.clone();
-                tokio::spawn(accept_loop(
-                    listener,
-                    job.limiter,
-                    drain.clone(),
-                    job.stats,
-                    move |a: Accepted| shared.clone().handle(a),
-                ));
-            }
-        }
+        let chains = Arc::new(WorkerChains::new(job.chains.clone(), &cm, drain.token()));
+        tokio::spawn(accept_loop(
+            listener,
+            job.limiter,
+            drain.clone(),
+            job.stats,
+            move |a: Accepted| chains.clone().serve(a),
+        ));
     }
     drain.wait().await;
 }

@@ -93,24 +93,43 @@ impl TcpProxyShared {
 
     /// Proxies one accepted connection to completion.
     pub async fn handle(self: Arc<Self>, accepted: Accepted) {
-        let start = std::time::SystemTime::now();
-        let started = std::time::Instant::now();
-        let (flag, received, sent, upstream) = self.proxy(accepted).await;
-        if let Some(log) = &self.access_log {
-            log.write(tcp_line(start, started, flag, received, sent, upstream));
-        }
-    }
-
-    async fn proxy(
-        &self,
-        accepted: Accepted,
-    ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>) {
         let Accepted {
             stream,
             peer,
             guard,
             ..
         } = accepted;
+        self.handle_stream(stream, peer, guard).await
+    }
+
+    /// Proxies one downstream byte stream (a TCP connection, or the
+    /// decrypted side of a TLS one) from `peer` to completion; `guard`
+    /// keeps the connection counted until then.
+    pub async fn handle_stream<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: std::net::SocketAddr,
+        guard: mesh_core::listener::ConnectionGuard,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let start = std::time::SystemTime::now();
+        let started = std::time::Instant::now();
+        let (flag, received, sent, upstream) = self.proxy(stream, peer, guard).await;
+        if let Some(log) = &self.access_log {
+            log.write(tcp_line(start, started, flag, received, sent, upstream));
+        }
+    }
+
+    async fn proxy<S>(
+        &self,
+        stream: S,
+        peer: std::net::SocketAddr,
+        guard: mesh_core::listener::ConnectionGuard,
+    ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         self.stats.cx_total.inc();
         let cluster = self.choose();
         // tcp_proxy's hash_policy: only source_ip.
@@ -166,7 +185,34 @@ impl TcpProxyShared {
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();
         cluster.stats.rq_total.inc();
-        let result = mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await;
+        let result = match &cluster.tls {
+            None => mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await,
+            Some(tls) => {
+                let handshake = tls.connect(
+                    upstream,
+                    mesh_tls::UpstreamAlpn::Raw,
+                    endpoint.addr.ip(),
+                    Some(cluster.config.connect_timeout),
+                );
+                match handshake.await {
+                    Ok((upstream, _)) => {
+                        mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await
+                    }
+                    Err(e) => {
+                        cluster.stats.cx_connect_fail.inc();
+                        endpoint.stats.cx_connect_fail.inc();
+                        tracing::debug!(%peer, endpoint = %endpoint.addr, reason = e.reason.as_str(), error = %e.message,
+                            "tcp_proxy: upstream TLS handshake failed (UF); closing");
+                        return (
+                            Some(ResponseFlag::UpstreamConnectionFailure),
+                            0,
+                            0,
+                            Some(endpoint.addr),
+                        );
+                    }
+                }
+            }
+        };
         drop(guard);
         match result {
             Ok(t) => {

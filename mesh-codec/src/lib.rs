@@ -8,7 +8,8 @@
 //! - [`rpc`]: the RPC codec framework (one [`rpc::Codec`] per protocol,
 //!   shared framing, pipelining and multiplexing) with the Dubbo, Thrift and
 //!   SOFA Bolt codecs;
-//! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`.
+//! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`;
+//! - [`transport`]: the hook that wraps new upstream connections (TLS).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,3 +17,4 @@ pub mod http;
 pub mod idle;
 pub mod rpc;
 pub mod tcp;
+pub mod transport;

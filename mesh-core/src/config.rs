@@ -13,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod rbac;
+pub mod tls;
 pub use crate::health_config::{
     GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
 };
@@ -30,6 +32,8 @@ pub struct Bootstrap {
     pub clusters: Vec<Cluster>,
     /// `admin`: the admin HTTP listener, if any.
     pub admin: Option<Admin>,
+    /// `static_resources.secrets`.
+    pub secrets: Vec<tls::Secret>,
     /// `dynamic_resources`: listeners and clusters from a control plane.
     pub dynamic_resources: Option<DynamicResources>,
 }
@@ -79,6 +83,13 @@ pub struct Listener {
     pub connection_limit: Option<ConnectionLimit>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB as in Envoy).
     pub per_connection_buffer_limit_bytes: u32,
+    /// `listener_filters` has `envoy.filters.listener.tls_inspector`: the
+    /// ClientHello is peeked (not consumed) for SNI and ALPN before a filter
+    /// chain is chosen.
+    pub tls_inspector: bool,
+    /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
+    /// long the TLS inspector waits for a ClientHello.
+    pub listener_filters_timeout: Option<Duration>,
 }
 
 /// Envoy `extensions.filters.network.connection_limit.v3.ConnectionLimit`.
@@ -99,6 +110,16 @@ pub struct FilterChain {
     pub name: String,
     /// The terminal network filter of the chain.
     pub terminal: NetworkFilter,
+    /// `filter_chain_match`.
+    pub filter_chain_match: tls::FilterChainMatch,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS termination.
+    pub tls: Option<tls::DownstreamTlsContext>,
+    /// `transport_socket_connect_timeout`: how long the TLS handshake may
+    /// take (mesh's default 10 s).
+    pub handshake_timeout: Option<Duration>,
+    /// `envoy.filters.network.rbac`, checked once per connection (after the
+    /// TLS handshake) before the terminal filter.
+    pub rbac: Option<rbac::Rbac>,
 }
 
 /// The terminal network filter of a filter chain.
@@ -250,6 +271,8 @@ pub enum HttpFilter {
     LocalRateLimit(Box<crate::policy::LocalRateLimitConfig>),
     /// `envoy.filters.http.fault`.
     Fault(Box<crate::policy::FaultConfig>),
+    /// `envoy.filters.http.rbac`.
+    Rbac(Box<rbac::Rbac>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
@@ -622,6 +645,8 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the endpoints.
+    pub tls: Option<tls::UpstreamTlsContext>,
     /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
     /// `lb_subset_config`, `load_assignment.policy`).
     pub lb: LbConfig,

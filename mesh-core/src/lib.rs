@@ -10,7 +10,8 @@
 //! - [`headers`]: compiled header mutations;
 //! - [`listener`]: binding, the accept loop, connection limits and drain;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
-//! - [`flags`]: Envoy response flags for proxy-made responses.
+//! - [`flags`]: Envoy response flags for proxy-made responses;
+//! - [`identity`]: the TLS peer identity attached to requests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod flags;
 pub mod headers;
 pub mod health_config;
+pub mod identity;
 mod lb_config;
 pub mod listener;
 pub mod policy;

@@ -101,8 +101,7 @@ enum StringMatch {
     Range(i64, i64),
 }
 
-/// A compiled `HeaderMatcher` (also used by retry policies on response
-/// headers).
+/// A compiled [`HeaderMatcher`] (also used by RBAC's `header` rules).
 #[derive(Debug)]
 pub struct CompiledHeaderMatcher {
     name: String,

@@ -22,4 +22,5 @@
 pub mod circuit_breaker;
 pub mod fault;
 pub mod local_ratelimit;
+pub mod rbac;
 pub mod retry;

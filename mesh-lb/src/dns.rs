@@ -157,6 +157,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
+            tls: None,
             lb: Default::default(),
             health_check: None,
             outlier_detection: None,

@@ -195,6 +195,9 @@ fn cluster(
     let per_connection_buffer_limit_bytes = o
         .u32(cx, "per_connection_buffer_limit_bytes")
         .unwrap_or(DEFAULT_BUFFER_LIMIT);
+    let tls = o
+        .obj(cx, "transport_socket")
+        .and_then(|t| super::tls::upstream_socket(cx, t));
     let health_check = super::health::health_checks(cx, &mut o);
     let outlier_detection = o
         .obj(cx, "outlier_detection")
@@ -226,6 +229,7 @@ fn cluster(
         dns_lookup_family,
         idle_timeout,
         per_connection_buffer_limit_bytes,
+        tls,
         lb,
         health_check,
         outlier_detection,

@@ -19,7 +19,34 @@ pub(crate) const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
 /// Envoy's default connection idle timeout (1 hour).
 pub(crate) const ONE_HOUR: Duration = Duration::from_secs(3600);
 
-const FCM_REASON: &str = "filter chain matching arrives with TLS";
+/// Envoy's default `listener_filters_timeout` (15 s).
+const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
+
+const LISTENER_FILTERS: &[Known] = &[Known {
+    name: "envoy.filters.listener.tls_inspector",
+    type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+}];
+
+/// `listener_filters`: whether the TLS inspector is present.
+fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> bool {
+    let mut inspector = false;
+    for (path, v) in o.list(cx, "listener_filters") {
+        let Some(mut f) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        if let Some((_, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS) {
+            if let Some(tc) = tc {
+                tc.finish(cx);
+            }
+            if inspector {
+                cx.error(f.path(), "the TLS inspector is listed twice");
+            }
+            inspector = true;
+        }
+        f.finish(cx);
+    }
+    inspector
+}
 
 const CONNECTION_LIMIT: usize = 0;
 const HTTP_CONNECTION_MANAGER: usize = 1;
@@ -28,6 +55,7 @@ const THRIFT_PROXY: usize = 3;
 const DUBBO_PROXY: usize = 4;
 const RPC_PROXY: usize = 5;
 const META_PROTOCOL: usize = 6;
+const NETWORK_RBAC: usize = 7;
 
 const NETWORK_FILTERS: &[Known] = &[
     Known {
@@ -58,6 +86,10 @@ const NETWORK_FILTERS: &[Known] = &[
     Known {
         name: "mesh.filters.network.meta_protocol",
         type_url: "type.googleapis.com/mesh.filters.network.meta_protocol.v1.MetaProtocol",
+    },
+    Known {
+        name: "envoy.filters.network.rbac",
+        type_url: "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
     },
 ];
 
@@ -123,10 +155,11 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
         let limit = o
             .u32(cx, "per_connection_buffer_limit_bytes")
             .unwrap_or(DEFAULT_BUFFER_LIMIT);
-        o.empty_list(
+        let tls_inspector = listener_filters(cx, &mut o);
+        let listener_filters_timeout = o.timeout(
             cx,
-            "listener_filters",
-            "listener filters are not supported yet",
+            "listener_filters_timeout",
+            Some(LISTENER_FILTERS_TIMEOUT),
         );
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
@@ -135,14 +168,29 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
         let mut filter_chains = Vec::new();
         let mut connection_limit = None;
         for (j, (cpath, cv)) in chains.into_iter().enumerate() {
-            if j > 0 {
-                cx.unsupported(&cpath, Some(FCM_REASON));
-                continue;
-            }
-            if let Some(c) = Obj::new(cx, cpath, cv) {
+            if let Some(c) = Obj::new(cx, cpath.clone(), cv) {
                 let (chain, cl) = filter_chain(cx, c);
-                connection_limit = cl;
-                filter_chains.extend(chain);
+                if j == 0 {
+                    connection_limit = cl;
+                } else if cl.is_some() {
+                    cx.unsupported(
+                        &cpath,
+                        Some(
+                            "a connection_limit filter is supported on the first filter chain only",
+                        ),
+                    );
+                }
+                if let Some(chain) = chain {
+                    if let Some(k) = filter_chains.iter().position(|c: &FilterChain| {
+                        c.filter_chain_match == chain.filter_chain_match
+                    }) {
+                        cx.error(
+                            &cpath,
+                            format!("filter_chain_match is the same as filter_chains[{k}]'s"),
+                        );
+                    }
+                    filter_chains.push(chain);
+                }
             }
         }
         if !present {
@@ -158,6 +206,8 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 filter_chains,
                 connection_limit,
                 per_connection_buffer_limit_bytes: limit,
+                tls_inspector,
+                listener_filters_timeout,
             });
         }
     }
@@ -168,7 +218,18 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
 /// non-terminal filters.
 fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<ConnectionLimit>) {
     let name = o.string(cx, "name").unwrap_or_default();
-    o.refuse(cx, "filter_chain_match", FCM_REASON);
+    let filter_chain_match = o
+        .obj(cx, "filter_chain_match")
+        .map(|m| super::tls::filter_chain_match(cx, m))
+        .unwrap_or_default();
+    let tls = o
+        .obj(cx, "transport_socket")
+        .and_then(|t| super::tls::downstream_socket(cx, t));
+    let handshake_timeout = o.timeout(
+        cx,
+        "transport_socket_connect_timeout",
+        Some(mesh_core::config::tls::DEFAULT_HANDSHAKE_TIMEOUT),
+    );
     let filters_path = o.at("filters");
     let present = o.has("filters");
     let empty = o.peek("filters").is_some_and(is_empty_list);
@@ -176,6 +237,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let count = filters.len();
     let mut terminal = None;
     let mut limit = None;
+    let mut rbac = None;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -194,6 +256,17 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             }
         };
         match which {
+            NETWORK_RBAC => {
+                if last || rbac.is_some() || terminal.is_some() {
+                    cx.error(
+                        f.path(),
+                        "one envoy.filters.network.rbac is supported, before the terminal filter",
+                    );
+                }
+                if let Some(tc) = tc {
+                    rbac = Some(super::rbac::rbac(cx, tc, true));
+                }
+            }
             CONNECTION_LIMIT => {
                 if last {
                     cx.error(
@@ -253,7 +326,14 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     }
     o.finish(cx);
     (
-        terminal.map(|terminal| FilterChain { name, terminal }),
+        terminal.map(|terminal| FilterChain {
+            name,
+            terminal,
+            filter_chain_match,
+            tls,
+            handshake_timeout,
+            rbac,
+        }),
         limit,
     )
 }

@@ -29,16 +29,21 @@ mod health_tests;
 mod lb;
 mod listener;
 mod policy;
+mod rbac;
 mod reader;
 mod route;
 mod rpc;
 #[cfg(test)]
 mod tests;
+mod tls;
+#[cfg(test)]
+mod tls_tests;
 mod xds;
 
 pub use xds::{cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json};
 
 use reader::{Ctx, Obj};
+pub use tls::parse_sds_file;
 
 /// One problem found in a configuration.
 ///
@@ -192,6 +197,7 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
     if let Some(mut sr) = top.obj(cx, "static_resources") {
         out.listeners = listener::listeners(cx, &mut sr);
         out.clusters = cluster::clusters(cx, &mut sr);
+        out.secrets = tls::static_secrets(cx, &mut sr);
         sr.finish(cx);
     }
     if let Some(o) = top.obj(cx, "admin") {
@@ -215,6 +221,17 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
         }
         if !out.clusters.iter().any(|c| c.name == name) {
             cx.error(&path, format!("unknown cluster {name:?}"));
+        }
+    }
+    let refs = std::mem::take(&mut cx.secret_refs);
+    for (path, name) in refs {
+        if !out.secrets.iter().any(|s| s.name == name) {
+            cx.error(
+                &path,
+                format!(
+                    "unknown secret {name:?} (no sds_config, and not in static_resources.secrets)"
+                ),
+            );
         }
     }
     out

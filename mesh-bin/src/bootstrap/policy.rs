@@ -30,8 +30,15 @@ const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
 const LOCAL_RATELIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
+const RBAC: &str = "envoy.filters.http.rbac";
+const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+
 /// The HTTP filters mesh knows, by canonical name and type URL.
 const HTTP_FILTERS: &[Known] = &[
+    Known {
+        name: RBAC,
+        type_url: RBAC_TYPE,
+    },
     Known {
         name: ROUTER,
         type_url: ROUTER_TYPE,
@@ -396,6 +403,15 @@ pub(crate) fn http_filters(
                         };
                         out.push(HttpFilter::Fault(Box::new(c)));
                     }
+                    RBAC => match tc {
+                        Some(tc) => {
+                            out.push(HttpFilter::Rbac(Box::new(super::rbac::rbac(cx, tc, false))))
+                        }
+                        None => {
+                            cx.missing(&f.at("typed_config"));
+                            continue;
+                        }
+                    },
                     LOCAL_RATELIMIT => match tc {
                         Some(mut tc) => {
                             let c = local_ratelimit(cx, &mut tc);

@@ -26,6 +26,8 @@ pub(crate) struct Ctx {
     pub(crate) errors: Vec<ConfigError>,
     /// `(path, cluster name)` of every cluster a route or TCP proxy names.
     pub(crate) cluster_refs: Vec<(String, String)>,
+    /// `(path, secret name)` of every static secret an SDS config names.
+    pub(crate) secret_refs: Vec<(String, String)>,
 }
 
 impl Ctx {

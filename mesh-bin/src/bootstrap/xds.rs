@@ -428,7 +428,7 @@ static_resources:
             .collect();
         assert!(
             errs.contains(
-                &"unsupported: listener_filters (listener filters are not supported yet)"
+                &"unsupported: listener_filters[0] (listener filter envoy.filters.listener.original_dst)"
                     .to_string()
             ),
             "{errs:?}"

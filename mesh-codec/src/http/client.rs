@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::{OnEnd, ProxyBody};
+use crate::transport::{Carried, Connector};
 
 /// Which HTTP version a pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +162,8 @@ pub struct EndpointPool {
     /// Signalled when an HTTP/1.1 connection goes back idle (only with
     /// limits, for requests waiting for a connection).
     returned: tokio::sync::Notify,
+    /// Wraps each new connection (TLS); plain text when `None`.
+    connector: Option<Arc<dyn Connector>>,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -170,7 +173,7 @@ pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
 impl EndpointPool {
     /// A pool for `addr`.
     pub fn new(addr: SocketAddr, config: PoolConfig) -> Arc<Self> {
-        Self::with_limits(addr, config, None)
+        Self::with_options(addr, config, None, None)
     }
 
     /// A pool for `addr` obeying cluster-wide `limits`.
@@ -178,6 +181,27 @@ impl EndpointPool {
         addr: SocketAddr,
         config: PoolConfig,
         limits: Option<Arc<dyn PoolLimits>>,
+    ) -> Arc<Self> {
+        Self::with_options(addr, config, limits, None)
+    }
+
+    /// A pool for `addr` whose new connections are wrapped by `connector`
+    /// (TLS origination) when one is given.
+    pub fn with_connector(
+        addr: SocketAddr,
+        config: PoolConfig,
+        connector: Option<Arc<dyn Connector>>,
+    ) -> Arc<Self> {
+        Self::with_options(addr, config, None, connector)
+    }
+
+    /// A pool for `addr` obeying cluster-wide `limits`, whose new
+    /// connections are wrapped by `connector` when one is given.
+    pub fn with_options(
+        addr: SocketAddr,
+        config: PoolConfig,
+        limits: Option<Arc<dyn PoolLimits>>,
+        connector: Option<Arc<dyn Connector>>,
     ) -> Arc<Self> {
         Arc::new(EndpointPool {
             addr,
@@ -188,6 +212,7 @@ impl EndpointPool {
             h2_connecting: tokio::sync::Mutex::new(()),
             limits,
             returned: tokio::sync::Notify::new(),
+            connector,
         })
     }
 
@@ -278,18 +303,34 @@ impl EndpointPool {
         permit: Option<LimitPermit>,
     ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let stream = self.connect().await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            // The connection's permit lives as long as the connection.
-            let _permit = permit;
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        match &self.connector {
+            None => h1_handshake(stream, permit).await,
+            Some(c) => {
+                let io = self.wrap(c, stream, Carried::Http1).await?;
+                h1_handshake(io, permit).await
             }
-        });
-        Ok(sender)
+        }
+    }
+
+    /// Runs the connector on a new connection, under the connect timeout.
+    async fn wrap(
+        &self,
+        connector: &Arc<dyn Connector>,
+        stream: TcpStream,
+        carried: Carried,
+    ) -> Result<crate::transport::BoxIo, UpstreamError> {
+        tokio::time::timeout(
+            self.config.connect_timeout,
+            connector.connect(stream, self.addr, carried),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "transport handshake timeout",
+            ))
+        })?
+        .map_err(UpstreamError::Connect)
     }
 
     async fn send_h1(
@@ -398,20 +439,13 @@ impl EndpointPool {
         // Without waiting, no idle HTTP/1.1 connection comes back.
         let permit = self.connection_permit(false).await?.unwrap_or_default();
         let stream = self.connect().await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(16 << 20)
-            .adaptive_window(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        let sender = match &self.connector {
+            None => h2_handshake(stream, permit).await?,
+            Some(c) => {
+                let io = self.wrap(c, stream, Carried::Http2).await?;
+                h2_handshake(io, permit).await?
             }
-        });
+        };
         let mut current = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         *current = Some(sender.clone());
         self.h2_used.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -431,4 +465,50 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         Ok((resp, None))
     }
+}
+
+/// The connection's permit (cluster connection limits) lives as long as the
+/// connection task.
+async fn h1_handshake<I>(
+    io: I,
+    permit: Option<LimitPermit>,
+) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+async fn h2_handshake<I>(
+    io: I,
+    permit: Option<LimitPermit>,
+) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }

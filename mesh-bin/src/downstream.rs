@@ -1,0 +1,239 @@
+//! A listener's filter chains and what happens to each accepted connection
+//! before its terminal filter runs: the TLS inspector (SNI, ALPN and
+//! transport protocol peeked from the ClientHello), filter chain selection
+//! (`filter_chain_match`), and TLS termination under the chain's handshake
+//! timeout (`transport_socket_connect_timeout`).
+//!
+//! A connection that matches no chain, stalls before its ClientHello, or
+//! fails its handshake is closed with a `debug` log line naming the peer and
+//! the reason, and counted (`envoy_listener_no_filter_chain_match`, the
+//! `ssl.*` handshake stats, `mesh_listener_tls_inspector_timeout`). Other
+//! connections are not affected: each runs on its own task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_core::identity::PeerIdentity;
+use mesh_core::listener::{Accepted, ConnectionGuard};
+use mesh_core::stats::{Counter, GaugeGuard, Store};
+use mesh_tls::chain_match::{ConnectionInfo, FilterChainSelector};
+use mesh_tls::inspect::{peek_client_hello, Inspection};
+use mesh_tls::ServerTls;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::ClusterManager;
+use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::rpc::{RpcShared, RpcWorker};
+use crate::tcp::TcpProxyShared;
+
+/// The terminal network filter of a chain, shared by every worker.
+#[derive(Debug)]
+pub(crate) enum Terminal {
+    /// `http_connection_manager`.
+    Http(Arc<HcmShared>, ServerConfig),
+    /// `tcp_proxy`.
+    Tcp(Arc<TcpProxyShared>),
+    /// The L7 RPC proxy (Dubbo, Thrift, SOFA Bolt).
+    Rpc(Arc<RpcShared>),
+}
+
+/// One filter chain, shared by every worker.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    pub(crate) terminal: Terminal,
+    pub(crate) tls: Option<Arc<ServerTls>>,
+    pub(crate) handshake_timeout: Option<Duration>,
+    /// `envoy.filters.network.rbac`.
+    pub(crate) rbac: Option<mesh_filter::rbac::RbacFilter>,
+}
+
+/// A listener's filter chains and how one is chosen.
+#[derive(Debug)]
+pub(crate) struct Chains {
+    pub(crate) chains: Vec<Chain>,
+    pub(crate) selector: FilterChainSelector,
+    /// Peek at the ClientHello (configured `tls_inspector`, or needed by a
+    /// chain's match, as Envoy adds it by itself).
+    pub(crate) inspect: bool,
+    pub(crate) inspect_timeout: Option<Duration>,
+    pub(crate) no_match: Counter,
+    pub(crate) inspect_timeouts: Counter,
+}
+
+impl Chains {
+    /// Registers the listener-level stats of the listener bound to `addr`.
+    pub(crate) fn new(
+        chains: Vec<Chain>,
+        selector: FilterChainSelector,
+        inspector: bool,
+        inspect_timeout: Option<Duration>,
+        store: &Store,
+        addr: SocketAddr,
+    ) -> Self {
+        let label = vec![(
+            "envoy_listener_address",
+            format!("{}_{}", addr.ip(), addr.port()),
+        )];
+        let inspect = inspector || selector.needs_inspection();
+        Chains {
+            chains,
+            selector,
+            inspect,
+            inspect_timeout,
+            no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
+            inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
+        }
+    }
+}
+
+enum WorkerTerminal {
+    Http {
+        proxy: Arc<HttpProxy>,
+        server: Arc<ServerConfig>,
+    },
+    Tcp(Arc<TcpProxyShared>),
+    Rpc(Arc<RpcWorker>),
+}
+
+/// One worker's view of a listener's chains (its own HTTP proxies and
+/// pools).
+pub(crate) struct WorkerChains {
+    shared: Arc<Chains>,
+    terminals: Vec<WorkerTerminal>,
+    drain: CancellationToken,
+}
+
+impl WorkerChains {
+    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
+        let terminals = shared
+            .chains
+            .iter()
+            .map(|c| match &c.terminal {
+                Terminal::Http(hcm, server) => WorkerTerminal::Http {
+                    proxy: Arc::new(HttpProxy::new(hcm.clone(), cm)),
+                    server: Arc::new(server.clone()),
+                },
+                Terminal::Tcp(t) => WorkerTerminal::Tcp(t.clone()),
+                Terminal::Rpc(r) => WorkerTerminal::Rpc(Arc::new(RpcWorker::new(r.clone(), cm))),
+            })
+            .collect();
+        WorkerChains {
+            shared,
+            terminals,
+            drain,
+        }
+    }
+
+    /// Serves one accepted connection to its end.
+    pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            local,
+            guard,
+        } = a;
+        let shared = &self.shared;
+        let (transport, hello) = if shared.inspect {
+            let peek = async {
+                match shared.inspect_timeout {
+                    Some(t) => peek_client_hello(&stream, t).await,
+                    None => peek_client_hello(&stream, Duration::from_secs(u32::MAX as u64)).await,
+                }
+            };
+            match peek.await {
+                Ok(Inspection::Tls(h)) => ("tls", Some(h)),
+                Ok(Inspection::NotTls) => ("raw_buffer", None),
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        shared.inspect_timeouts.inc();
+                    }
+                    tracing::debug!(%peer, error = %e, "tls_inspector: no ClientHello; closing");
+                    return;
+                }
+            }
+        } else {
+            ("raw_buffer", None)
+        };
+        let no_alpn = Vec::new();
+        let info = ConnectionInfo {
+            local,
+            peer,
+            transport_protocol: transport,
+            sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
+            alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&no_alpn),
+        };
+        let Some(index) = shared.selector.select(&info) else {
+            shared.no_match.inc();
+            tracing::debug!(%peer, %local, sni = ?info.sni, transport, "no filter chain matches; closing");
+            return;
+        };
+        let chain = &shared.chains[index];
+        if let (WorkerTerminal::Rpc(worker), None) = (&self.terminals[index], &chain.rbac) {
+            // RPC chains are plain text (TLS on them is refused at start).
+            let a = Accepted {
+                stream,
+                peer,
+                local,
+                guard,
+            };
+            return worker.clone().handle(a, self.drain.clone()).await;
+        }
+        match &chain.tls {
+            None => self.run(index, stream, peer, local, guard, None).await,
+            Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
+                Ok((stream, id)) => {
+                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                        .await
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
+                        "downstream TLS handshake failed; closing");
+                }
+            },
+        }
+    }
+
+    async fn run<S>(
+        &self,
+        index: usize,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        guard: ConnectionGuard,
+        tls: Option<Arc<PeerIdentity>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(rbac) = &self.shared.chains[index].rbac {
+            let facts = mesh_filter::rbac::ConnectionFacts {
+                peer,
+                local,
+                identity: tls.as_deref(),
+            };
+            if !rbac.check(None::<&http::Request<()>>, &facts) {
+                tracing::debug!(%peer, "rbac: connection denied; closing");
+                return;
+            }
+        }
+        match &self.terminals[index] {
+            WorkerTerminal::Http { proxy, server } => {
+                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                if let Some(id) = tls {
+                    svc = svc.with_tls(id);
+                }
+                let hstats = proxy.shared().stats.clone();
+                hstats.cx_total.inc();
+                let _cx = GaugeGuard::new(&hstats.cx_active);
+                serve_connection(stream, server, svc, self.drain.clone()).await;
+                drop(guard);
+            }
+            WorkerTerminal::Tcp(t) => t.clone().handle_stream(stream, peer, guard).await,
+            WorkerTerminal::Rpc(_) => {
+                tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")
+            }
+        }
+    }
+}

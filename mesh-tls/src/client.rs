@@ -1,0 +1,229 @@
+//! TLS origination: [`ClientTls`] wraps a new upstream connection in TLS,
+//! with SNI, ALPN, an optional client certificate (mTLS) and Envoy's
+//! validation rules.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mesh_core::config::tls::UpstreamTlsContext;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::material::provider_for;
+use crate::secret::Sources;
+use crate::stats::{classify, TlsStats};
+use crate::verify::UpstreamVerifier;
+use crate::{HandshakeError, HandshakeFailure, PeerIdentity, SecretStore, TlsError};
+
+/// Which ALPN list a connection offers when the context configures none
+/// (configured `alpn_protocols` always win).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamAlpn {
+    /// No ALPN unless configured (TCP proxying).
+    Raw,
+    /// `http/1.1` (an HTTP/1.1 pool).
+    Http1,
+    /// `h2` (an HTTP/2 pool).
+    Http2,
+}
+
+#[derive(Debug)]
+struct Built {
+    generation: u64,
+    configs: Result<[Arc<ClientConfig>; 3], TlsError>,
+}
+
+/// An upstream TLS context (Envoy `UpstreamTlsContext`), shared by every
+/// connection to a cluster.
+#[derive(Debug)]
+pub struct ClientTls {
+    ctx: UpstreamTlsContext,
+    sni: Option<ServerName<'static>>,
+    sources: Sources,
+    stats: TlsStats,
+    built: ArcSwap<Built>,
+    rebuilding: Mutex<()>,
+}
+
+impl ClientTls {
+    /// Builds the context (see [`crate::ServerTls::new`] for how secrets
+    /// are resolved).
+    pub fn new(
+        ctx: &UpstreamTlsContext,
+        secrets: Option<Arc<SecretStore>>,
+        stats: TlsStats,
+    ) -> Result<Self, TlsError> {
+        let sni = match &ctx.sni {
+            None => None,
+            Some(s) => Some(
+                ServerName::try_from(s.clone())
+                    .map_err(|e| TlsError::Invalid(format!("sni: {e}")))?,
+            ),
+        };
+        let sources = Sources::new(&ctx.common, secrets)?;
+        let tls = ClientTls {
+            ctx: ctx.clone(),
+            sni,
+            sources,
+            stats,
+            built: ArcSwap::from_pointee(Built {
+                generation: u64::MAX,
+                configs: Err(TlsError::Invalid("not built".into())),
+            }),
+            rebuilding: Mutex::new(()),
+        };
+        let generation = tls.sources.generation();
+        let configs = tls.build();
+        if let Err(e @ TlsError::Invalid(_)) = &configs {
+            return Err(e.clone());
+        }
+        tls.built.store(Arc::new(Built {
+            generation,
+            configs,
+        }));
+        Ok(tls)
+    }
+
+    /// The handshake stats.
+    pub fn stats(&self) -> &TlsStats {
+        &self.stats
+    }
+
+    /// The certificate and trust bundle currently in use (for `/certs`);
+    /// `None` where none is configured or its secret is missing.
+    pub fn loaded(
+        &self,
+    ) -> (
+        Option<Arc<crate::LoadedCert>>,
+        Option<Arc<crate::LoadedValidation>>,
+    ) {
+        (
+            self.sources.cert().ok().flatten(),
+            self.sources.validation().ok().flatten(),
+        )
+    }
+
+    fn build(&self) -> Result<[Arc<ClientConfig>; 3], TlsError> {
+        let common = &self.ctx.common;
+        let cert = self.sources.cert()?;
+        let validation = self.sources.validation()?;
+        let (provider, versions) = provider_for(&common.tls_params)?;
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| TlsError::Invalid(format!("tls_params: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UpstreamVerifier {
+                validation,
+                provider,
+                stats: self.stats.clone(),
+            }));
+        let base = match cert {
+            Some(c) => builder.with_client_cert_resolver(Arc::new(
+                rustls::sign::SingleCertAndKey::from(c.key.clone()),
+            )),
+            None => builder.with_no_client_auth(),
+        };
+        let with_alpn = |fallback: &[&str]| {
+            let mut c = base.clone();
+            c.alpn_protocols = if common.alpn_protocols.is_empty() {
+                fallback.iter().map(|p| p.as_bytes().to_vec()).collect()
+            } else {
+                common
+                    .alpn_protocols
+                    .iter()
+                    .map(|p| p.as_bytes().to_vec())
+                    .collect()
+            };
+            Arc::new(c)
+        };
+        Ok([with_alpn(&[]), with_alpn(&["http/1.1"]), with_alpn(&["h2"])])
+    }
+
+    fn config(&self, alpn: UpstreamAlpn) -> Result<Arc<ClientConfig>, TlsError> {
+        let i = match alpn {
+            UpstreamAlpn::Raw => 0,
+            UpstreamAlpn::Http1 => 1,
+            UpstreamAlpn::Http2 => 2,
+        };
+        let built = self.built.load();
+        let generation = self.sources.generation();
+        if built.generation == generation {
+            return built
+                .configs
+                .as_ref()
+                .map(|c| c[i].clone())
+                .map_err(Clone::clone);
+        }
+        let _guard = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
+        let built = self.built.load();
+        if built.generation != generation {
+            let configs = match (self.build(), &built.configs) {
+                (Ok(c), _) => Ok(c),
+                (Err(e), Ok(old)) => {
+                    tracing::error!(error = %e, "upstream TLS context could not be rebuilt; the previous certificate keeps serving");
+                    Ok(old.clone())
+                }
+                (Err(e), Err(_)) => Err(e),
+            };
+            self.built.store(Arc::new(Built {
+                generation,
+                configs,
+            }));
+        }
+        let built = self.built.load();
+        built
+            .configs
+            .as_ref()
+            .map(|c| c[i].clone())
+            .map_err(Clone::clone)
+    }
+
+    /// Runs the client handshake on `io` (a connection to `peer`), failing
+    /// after `timeout`. Without a configured `sni`, no SNI is sent.
+    pub async fn connect<IO>(
+        &self,
+        io: IO,
+        alpn: UpstreamAlpn,
+        peer: IpAddr,
+        timeout: Option<Duration>,
+    ) -> Result<(crate::ClientTlsStream<IO>, PeerIdentity), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let fail = |reason: HandshakeFailure, message: String| {
+            self.stats.failure(reason);
+            HandshakeError { reason, message }
+        };
+        let config = self
+            .config(alpn)
+            .map_err(|e| fail(HandshakeFailure::NoLocalCertificate, e.to_string()))?;
+        let name = self
+            .sni
+            .clone()
+            .unwrap_or(ServerName::IpAddress(peer.into()));
+        let connect = tokio_rustls::TlsConnector::from(config).connect(name, io);
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, connect).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(fail(
+                        HandshakeFailure::Timeout,
+                        format!("no handshake within {t:?}"),
+                    ))
+                }
+            },
+            None => connect.await,
+        };
+        match result {
+            Ok(stream) => {
+                let id = crate::identity_of(stream.get_ref().1, None);
+                self.stats.success(id.tls_version);
+                Ok((stream, id))
+            }
+            Err(e) => Err(fail(classify(&e), e.to_string())),
+        }
+    }
+}
