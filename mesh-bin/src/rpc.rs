@@ -287,6 +287,7 @@ impl RpcCluster {
             ClientConfig {
                 connect_timeout: self.entry.config.connect_timeout,
                 max_frame: self.max_frame,
+                ..ClientConfig::default()
             },
         ));
         // A new endpoint: forget clients of endpoints that left the cluster.
