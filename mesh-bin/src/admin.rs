@@ -44,6 +44,41 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Drain coordination (for `/ready` and `/quitquitquit`).
     pub drain: Drain,
+    /// The dynamic configuration, when `dynamic_resources` is used: its
+    /// listeners join `/listeners`, its resources `/config_dump`.
+    pub xds: std::sync::OnceLock<Arc<crate::dynamic::XdsRuntime>>,
+}
+
+impl AdminState {
+    /// Static and dynamic listeners with their bound addresses.
+    fn all_listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut out = self.listeners.clone();
+        if let Some(x) = self.xds.get() {
+            out.extend(x.listeners());
+        }
+        out
+    }
+
+    /// `/config_dump`: the file; with xDS, Envoy's `configs` list with the
+    /// file as the bootstrap and the dynamic resources of each type.
+    fn config_dump(&self) -> serde_json::Value {
+        match self.xds.get() {
+            None => self.config_json.clone(),
+            Some(x) => {
+                let mut dump = x.config_dump();
+                if let Some(configs) = dump.get_mut("configs").and_then(|c| c.as_array_mut()) {
+                    configs.insert(
+                        0,
+                        serde_json::json!({
+                            "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                            "bootstrap": self.config_json,
+                        }),
+                    );
+                }
+                dump
+            }
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
@@ -58,7 +93,7 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 
 fn listeners_json(state: &AdminState) -> String {
     let statuses: Vec<serde_json::Value> = state
-        .listeners
+        .all_listeners()
         .iter()
         .map(|(name, addr)| {
             serde_json::json!({
@@ -72,7 +107,11 @@ fn listeners_json(state: &AdminState) -> String {
 
 fn clusters_text(state: &AdminState) -> String {
     let mut out = String::new();
-    for c in state.clusters.iter() {
+    let clusters = match state.xds.get() {
+        Some(x) => x.clusters(),
+        None => state.clusters.clone(),
+    };
+    for c in clusters.iter() {
         let name = &c.config.name;
         let _ = writeln!(out, "{name}::observability_name::{name}");
         let _ = writeln!(out, "{name}::added_via_api::false");
@@ -130,7 +169,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::OK, listeners_json(state), "application/json")
             } else {
                 let body = state
-                    .listeners
+                    .all_listeners()
                     .iter()
                     .map(|(n, a)| format!("{n}::{a}\n"))
                     .collect();
@@ -140,7 +179,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         (_, "/clusters") => text(StatusCode::OK, clusters_text(state), "text/plain"),
         (_, "/config_dump") => text(
             StatusCode::OK,
-            serde_json::to_string_pretty(&state.config_json).unwrap_or_default(),
+            serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default(),
             "application/json",
         ),
         (&Method::POST, "/quitquitquit") => {

@@ -48,7 +48,8 @@ impl ClusterStats {
         self.rq_code.record(status);
     }
 
-    fn new(store: &Store, name: &str) -> Self {
+    /// The stats of cluster `name` (the same series when called again).
+    pub fn new(store: &Store, name: &str) -> Self {
         let l = vec![("envoy_cluster_name", name.to_owned())];
         ClusterStats {
             rq_total: store.counter("envoy_cluster_upstream_rq_total", &l),
@@ -78,7 +79,7 @@ pub struct ClusterEntry {
 }
 
 /// Every cluster by name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ClusterManager {
     clusters: HashMap<Arc<str>, Arc<ClusterEntry>>,
     order: Vec<Arc<str>>,
@@ -93,9 +94,23 @@ impl ClusterManager {
         store: &Store,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
+        Self::build_with(clusters, "", store, stop, false).await
+    }
+
+    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
+    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
+    /// are accepted and start empty until their endpoints arrive.
+    pub async fn build_with(
+        clusters: &[Cluster],
+        zone: &str,
+        store: &Store,
+        stop: &CancellationToken,
+        xds: bool,
+    ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         for (i, c) in clusters.iter().enumerate() {
-            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let balancer =
+                Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
             let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {
@@ -119,6 +134,9 @@ impl ClusterManager {
                         move |n| membership.set(n as i64),
                     ));
                 }
+                DiscoveryType::Eds { .. } if xds => {
+                    // Endpoints arrive over xDS (`dynamic.rs`).
+                }
                 DiscoveryType::Eds { .. } => {
                     return Err(format!(
                         "static_resources.clusters[{i}].type: EDS needs an xDS source, which this build does not have yet (unsupported)"
@@ -140,6 +158,21 @@ impl ClusterManager {
             );
         }
         Ok(cm)
+    }
+
+    /// Adds or replaces a cluster (xDS); a new one goes last in order.
+    pub fn insert(&mut self, entry: Arc<ClusterEntry>) {
+        let name: Arc<str> = Arc::from(entry.config.name.as_str());
+        if self.clusters.insert(name.clone(), entry).is_none() {
+            self.order.push(name);
+        }
+    }
+
+    /// Removes a cluster (xDS). Requests holding its entry finish with it.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<ClusterEntry>> {
+        let e = self.clusters.remove(name)?;
+        self.order.retain(|n| &**n != name);
+        Some(e)
     }
 
     /// A cluster by name.

@@ -133,7 +133,7 @@ impl HcmShared {
 #[derive(Debug)]
 pub struct HttpProxy {
     shared: Arc<HcmShared>,
-    clusters: HashMap<Arc<str>, WorkerCluster>,
+    clusters: HashMap<Arc<str>, Arc<WorkerCluster>>,
 }
 
 impl HttpProxy {
@@ -145,9 +145,19 @@ impl HttpProxy {
             .into_iter()
             .filter_map(|name| {
                 cm.get(&name)
-                    .map(|e| (name.clone(), WorkerCluster::new(e.clone())))
+                    .map(|e| (name.clone(), Arc::new(WorkerCluster::new(e.clone()))))
             })
             .collect();
+        HttpProxy { shared, clusters }
+    }
+
+    /// A worker-local proxy over the given worker clusters, which other
+    /// proxies of the same worker may share: their connection pools then
+    /// survive a configuration change (xDS).
+    pub fn with_clusters(
+        shared: Arc<HcmShared>,
+        clusters: HashMap<Arc<str>, Arc<WorkerCluster>>,
+    ) -> Self {
         HttpProxy { shared, clusters }
     }
 
@@ -547,7 +557,20 @@ impl HttpProxy {
             );
         };
         let cstats = &cluster.entry.stats;
-        let Some(endpoint) = cluster.entry.balancer.pick() else {
+        let lb_hash = if action.hash_policy.is_empty() {
+            mesh_lb::hash::RequestHash::default()
+        } else {
+            mesh_lb::hash::request_hash(
+                &action.hash_policy,
+                &req,
+                info.downstream_remote,
+                info.downstream_local,
+            )
+        };
+        let pick = mesh_lb::PickContext::new()
+            .with_hash(lb_hash.hash)
+            .with_metadata_match(choice.metadata_match);
+        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -616,6 +639,7 @@ impl HttpProxy {
         };
         let status = resp.status();
         let service_time_ms = now.elapsed().as_millis() as u64;
+        endpoint.observe_rtt(now.elapsed());
         cstats.record_status(status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
@@ -643,6 +667,13 @@ impl HttpProxy {
             .headers
             .insert(http::header::SERVER, self.shared.server_name.clone());
         rparts.headers.remove(&X_ENVOY_OVERLOADED);
+        // A generated hash-policy cookie, so the client sticks from now on.
+        if let Some(c) = lb_hash
+            .set_cookie
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            rparts.headers.append(http::header::SET_COOKIE, c);
+        }
         rparts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time_ms),
@@ -802,6 +833,9 @@ fn request_id() -> HeaderValue {
 #[derive(Debug, Clone)]
 pub struct ConnService {
     proxy: Arc<HttpProxy>,
+    /// When set, each request uses the proxy current at its start (routes
+    /// and clusters replaced at runtime by xDS).
+    current: Option<Arc<arc_swap::ArcSwap<HttpProxy>>>,
     peer: SocketAddr,
     local: SocketAddr,
 }
@@ -809,7 +843,27 @@ pub struct ConnService {
 impl ConnService {
     /// A service for a connection from `peer` arriving on `local`.
     pub fn new(proxy: Arc<HttpProxy>, peer: SocketAddr, local: SocketAddr) -> Self {
-        ConnService { proxy, peer, local }
+        ConnService {
+            proxy,
+            current: None,
+            peer,
+            local,
+        }
+    }
+
+    /// A service whose requests each take the proxy in `current` at the
+    /// time they start; requests in flight keep the one they started with.
+    pub fn swapping(
+        current: Arc<arc_swap::ArcSwap<HttpProxy>>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        ConnService {
+            proxy: current.load_full(),
+            current: Some(current),
+            peer,
+            local,
+        }
     }
 }
 
@@ -827,7 +881,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             downstream_local: self.local,
             protocol: req.version(),
         };
-        let proxy = self.proxy.clone();
+        let proxy = match &self.current {
+            Some(c) => c.load_full(),
+            None => self.proxy.clone(),
+        };
         Box::pin(async move { Ok(proxy.handle(req, info).await) })
     }
 }

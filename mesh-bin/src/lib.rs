@@ -17,6 +17,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
+pub mod dynamic;
 pub mod http;
 pub mod proxy;
 pub mod rpc;

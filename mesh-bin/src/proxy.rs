@@ -44,6 +44,9 @@ pub struct ProxyOptions {
     pub admin_address_path: Option<std::path::PathBuf>,
     /// RPC codecs registered by a Rust program, for `RpcCodec::Custom`.
     pub rpc_codecs: crate::rpc::CodecRegistry,
+    /// The largest xDS response accepted (`--xds-max-message-bytes`);
+    /// larger ones fail the stream with a clear error.
+    pub xds_max_message_size: usize,
 }
 
 impl Default for ProxyOptions {
@@ -54,6 +57,7 @@ impl Default for ProxyOptions {
             drain_time: Duration::from_secs(5),
             admin_address_path: None,
             rpc_codecs: Default::default(),
+            xds_max_message_size: mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -120,8 +124,13 @@ fn terminal_path(li: usize, l: &mesh_core::config::Listener) -> String {
 /// every error with its field path.
 pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
     let mut errors = Vec::new();
+    if let Some(d) = &bootstrap.dynamic_resources {
+        errors.extend(crate::dynamic::check(d, &bootstrap.clusters));
+    }
     for (i, c) in bootstrap.clusters.iter().enumerate() {
-        if matches!(c.discovery, mesh_core::config::DiscoveryType::Eds { .. }) {
+        if bootstrap.dynamic_resources.is_none()
+            && matches!(c.discovery, mesh_core::config::DiscoveryType::Eds { .. })
+        {
             errors.push(format!(
                 "static_resources.clusters[{i}].type: EDS needs an xDS source, which this build does not have yet (unsupported)"
             ));
@@ -166,6 +175,7 @@ pub fn check(bootstrap: &Bootstrap) -> Vec<String> {
 #[derive(Debug)]
 pub struct Proxy {
     admin_addr: Option<SocketAddr>,
+    xds: Option<Arc<crate::dynamic::XdsRuntime>>,
     listeners: Vec<(String, SocketAddr)>,
     drain: Drain,
     store: Store,
@@ -183,13 +193,27 @@ impl Proxy {
         options: ProxyOptions,
         config_json: serde_json::Value,
     ) -> Result<Proxy, StartError> {
+        if let Some(d) = &bootstrap.dynamic_resources {
+            if let Some(e) = crate::dynamic::check(d, &bootstrap.clusters)
+                .into_iter()
+                .next()
+            {
+                return Err(StartError::Config(e));
+            }
+        }
         let store = Store::new();
         let stop = CancellationToken::new();
         let drain = Drain::new();
         let cm = Arc::new(
-            ClusterManager::build(&bootstrap.clusters, &store, &stop)
-                .await
-                .map_err(StartError::Config)?,
+            ClusterManager::build_with(
+                &bootstrap.clusters,
+                &bootstrap.node.locality.zone,
+                &store,
+                &stop,
+                bootstrap.dynamic_resources.is_some(),
+            )
+            .await
+            .map_err(StartError::Config)?,
         );
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {
@@ -286,6 +310,7 @@ impl Proxy {
                 config_json,
                 ready: Default::default(),
                 drain: drain.clone(),
+                xds: Default::default(),
             });
             tokio::spawn(admin::serve(listener, state.clone()));
             if let Some(p) = &options.admin_address_path {
@@ -306,6 +331,7 @@ impl Proxy {
                 per_worker[w].push((s, b));
             }
         }
+        let mut worker_handles = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
             let jobs: Vec<WorkerListener> = sockets
                 .into_iter()
@@ -329,18 +355,48 @@ impl Proxy {
                     .build(),
             }
             .map_err(StartError::Worker)?;
+            worker_handles.push(rt.handle().clone());
             std::thread::Builder::new()
                 .name(format!("mesh-worker-{w}"))
                 .spawn(move || rt.block_on(run_worker(jobs, cm, drain)))
                 .map_err(StartError::Worker)?;
         }
         drop(built);
+        let xds = match bootstrap.dynamic_resources.clone() {
+            None => None,
+            Some(config) => Some(
+                crate::dynamic::start(crate::dynamic::Context {
+                    config,
+                    node: bootstrap.node.clone(),
+                    store: store.clone(),
+                    static_clusters: cm.clone(),
+                    workers: worker_handles,
+                    drain: drain.clone(),
+                    stop: stop.clone(),
+                    max_message_size: options.xds_max_message_size,
+                })
+                .map_err(StartError::Config)?,
+            ),
+        };
         if let Some(state) = &admin_state {
-            state.ready.store(true, Ordering::Release);
+            match &xds {
+                None => state.ready.store(true, Ordering::Release),
+                Some(x) => {
+                    // Envoy's init manager: LIVE once the first xDS
+                    // configuration is applied (or timed out).
+                    let _ = state.xds.set(x.clone());
+                    let (state, x) = (state.clone(), x.clone());
+                    tokio::spawn(async move {
+                        x.wait_initialized().await;
+                        state.ready.store(true, Ordering::Release);
+                    });
+                }
+            }
         }
         tracing::info!(listeners = ?listeners, admin = ?admin_addr, workers = concurrency, "mesh is ready");
         Ok(Proxy {
             admin_addr,
+            xds,
             listeners,
             drain,
             store,
@@ -354,12 +410,19 @@ impl Proxy {
         self.admin_addr
     }
 
-    /// A listener's bound address by name.
+    /// A listener's bound address by name (static, or from LDS).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+            .or_else(|| self.xds.as_ref()?.listeners().get(name).copied())
+    }
+
+    /// The dynamic configuration, when the bootstrap has
+    /// `dynamic_resources`.
+    pub fn xds(&self) -> Option<&Arc<crate::dynamic::XdsRuntime>> {
+        self.xds.as_ref()
     }
 
     /// Every stat.

@@ -13,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::lb_config::*;
+
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -25,6 +27,8 @@ pub struct Bootstrap {
     pub clusters: Vec<Cluster>,
     /// `admin`: the admin HTTP listener, if any.
     pub admin: Option<Admin>,
+    /// `dynamic_resources`: listeners and clusters from a control plane.
+    pub dynamic_resources: Option<DynamicResources>,
 }
 
 /// Envoy `config.core.v3.Node`.
@@ -222,6 +226,9 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs[].upgrade_type`, lower-cased (e.g. `websocket`).
     /// Upgrade requests of other types are refused with 403, as Envoy does.
     pub upgrade_types: Vec<String>,
+    /// `rds`: the route configuration comes over xDS by this name; then
+    /// `route_config` is empty until it arrives.
+    pub rds: Option<Rds>,
 }
 
 /// One entry of `http_filters`.
@@ -254,6 +261,8 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `hash_policy` (only `source_ip`).
+    pub hash_policy: Vec<HashPolicy>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.
@@ -462,6 +471,10 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     /// `idle_timeout` per stream.
     pub idle_timeout: Option<Duration>,
+    /// `hash_policy`: how the request hash for ring hash / Maglev is made.
+    pub hash_policy: Vec<HashPolicy>,
+    /// `metadata_match.filter_metadata["envoy.lb"]`: the endpoint subset.
+    pub metadata_match: LbMetadata,
 }
 
 /// Which cluster(s) a route or TCP proxy sends to.
@@ -482,6 +495,8 @@ pub struct WeightedCluster {
     pub weight: u32,
     /// Header mutations of this choice (`request_headers_to_add`, ...).
     pub headers: HeaderMutations,
+    /// `metadata_match` (`envoy.lb`), merged over the route's.
+    pub metadata_match: LbMetadata,
 }
 
 /// Envoy `config.route.v3.RedirectAction`.
@@ -525,6 +540,8 @@ pub enum DiscoveryType {
     Eds {
         /// `eds_cluster_config.service_name` (defaults to the cluster name).
         service_name: String,
+        /// `eds_cluster_config.eds_config`.
+        source: ConfigSource,
     },
 }
 
@@ -536,6 +553,16 @@ pub enum LbPolicy {
     RoundRobin,
     /// `RANDOM`: weighted random.
     Random,
+    /// `LEAST_REQUEST`: power of two (`choice_count`) choices by active
+    /// requests; weighted as Envoy when weights differ.
+    LeastRequest,
+    /// `RING_HASH`: consistent hashing on a ring (ketama).
+    RingHash,
+    /// `MAGLEV`: consistent hashing with a Maglev lookup table.
+    Maglev,
+    /// Peak EWMA of response latency (linkerd's balancer), typed extension
+    /// `mesh.load_balancing_policies.peak_ewma`.
+    PeakEwma,
 }
 
 /// The protocol used to talk to a cluster's endpoints.
@@ -576,6 +603,9 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
+    /// `lb_subset_config`, `load_assignment.policy`).
+    pub lb: LbConfig,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.
@@ -608,7 +638,7 @@ pub struct LocalityLbEndpoints {
 }
 
 /// Envoy `config.endpoint.v3.LbEndpoint`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbEndpoint {
     /// `endpoint.address.socket_address.address`: an IP for STATIC
     /// clusters, a host name for DNS clusters.
@@ -617,4 +647,68 @@ pub struct LbEndpoint {
     pub port: u16,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+    /// `metadata.filter_metadata["envoy.lb"]`.
+    pub metadata: LbMetadata,
+    /// `health_status`.
+    pub health_status: HealthStatus,
+}
+
+/// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DynamicResources {
+    /// `ads_config`: the aggregated stream that `ads: {}` sources use.
+    pub ads_config: Option<ApiConfigSource>,
+    /// `cds_config`: where clusters come from.
+    pub cds_config: Option<ConfigSource>,
+    /// `lds_config`: where listeners come from.
+    pub lds_config: Option<ConfigSource>,
+}
+
+/// Envoy `config.core.v3.ConfigSource` (the gRPC subset).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// `ads: {}` or `api_config_source`.
+    pub kind: ConfigSourceKind,
+    /// `initial_fetch_timeout` (Envoy default 15 s; `0s` waits forever):
+    /// how long a resource being warmed (a cluster's endpoints, a
+    /// listener's routes) is waited for before going live without it.
+    pub initial_fetch_timeout: Option<Duration>,
+}
+
+impl Default for ConfigSource {
+    fn default() -> Self {
+        ConfigSource {
+            kind: ConfigSourceKind::Ads,
+            initial_fetch_timeout: Some(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// Where a [`ConfigSource`] points.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConfigSourceKind {
+    /// `ads: {}`: the bootstrap's `ads_config` stream.
+    #[default]
+    Ads,
+    /// `api_config_source`: a stream of its own.
+    Api(ApiConfigSource),
+}
+
+/// Envoy `config.core.v3.ApiConfigSource` with one `envoy_grpc` service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiConfigSource {
+    /// `api_type`: `DELTA_GRPC` (true) or `GRPC` (false).
+    pub delta: bool,
+    /// `grpc_services[0].envoy_grpc.cluster_name`: a static cluster that
+    /// reaches the management server (HTTP/2).
+    pub cluster_name: String,
+}
+
+/// Envoy `extensions.filters.network.http_connection_manager.v3.Rds`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rds {
+    /// `route_config_name`.
+    pub route_config_name: String,
+    /// `config_source`.
+    pub config_source: ConfigSource,
 }

@@ -33,8 +33,12 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         )
         .unwrap_or_default();
 
-    o.refuse(cx, "rds", "RDS arrives with xDS");
-    o.refuse(cx, "scoped_routes", "scoped routes arrive with xDS");
+    let rds_path = o.at("rds");
+    let rds = o.obj(cx, "rds").map(|r| super::xds::rds(cx, r));
+    if rds.is_some() && o.has("route_config") {
+        cx.error(&rds_path, "only one of rds and route_config may be set");
+    }
+    o.refuse(cx, "scoped_routes", "scoped routes are not supported");
     let route_config = match o.obj(cx, "route_config") {
         Some(rc) => route::route_config(cx, rc),
         None => {
@@ -103,6 +107,7 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         server_name,
         access_log,
         upgrade_types,
+        rds,
     }
 }
 

@@ -23,12 +23,16 @@ use serde_json::Value;
 mod cluster;
 mod hcm;
 mod headers;
+mod lb;
 mod listener;
 mod reader;
 mod route;
 mod rpc;
 #[cfg(test)]
 mod tests;
+mod xds;
+
+pub use xds::{cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json};
 
 use reader::{Ctx, Obj};
 
@@ -189,10 +193,22 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
     if let Some(o) = top.obj(cx, "admin") {
         out.admin = admin(cx, o);
     }
+    if let Some(o) = top.obj(cx, "dynamic_resources") {
+        out.dynamic_resources = Some(xds::dynamic_resources(cx, o));
+    }
     top.finish(cx);
 
+    // Clusters from CDS are not known yet: only the clusters that reach the
+    // management server (`envoy_grpc.cluster_name`) must be static then.
+    let cds = out
+        .dynamic_resources
+        .as_ref()
+        .is_some_and(|d| d.cds_config.is_some());
     let refs = std::mem::take(&mut cx.cluster_refs);
     for (path, name) in refs {
+        if cds && !path.ends_with("envoy_grpc.cluster_name") {
+            continue;
+        }
         if !out.clusters.iter().any(|c| c.name == name) {
             cx.error(&path, format!("unknown cluster {name:?}"));
         }

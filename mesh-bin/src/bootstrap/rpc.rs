@@ -63,6 +63,8 @@ fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
         host_rewrite_literal: None,
         timeout,
         idle_timeout: None,
+        hash_policy: Vec::new(),
+        metadata_match: Default::default(),
     }
 }
 

@@ -178,6 +178,8 @@ fn bench_config_loads() {
                         host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(15)),
                         idle_timeout: None,
+                        hash_policy: vec![],
+                        metadata_match: Default::default(),
                     }),
                     headers: HeaderMutations::default(),
                 }],
@@ -197,6 +199,7 @@ fn bench_config_loads() {
         server_name: None,
         access_log: vec![],
         upgrade_types: vec![],
+        rds: None,
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -214,6 +217,8 @@ fn bench_config_loads() {
                     host: "127.0.0.1".into(),
                     port: 18080,
                     weight: 1,
+                    metadata: Default::default(),
+                    health_status: Default::default(),
                 }],
             }],
             protocol: UpstreamProtocol::Http2,
@@ -221,6 +226,7 @@ fn bench_config_loads() {
             dns_lookup_family: DnsLookupFamily::Auto,
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
+            lb: Default::default(),
         }]
     );
 }
@@ -256,15 +262,15 @@ fn node_and_admin() {
 #[test]
 fn unknown_top_level_fields_are_unsupported() {
     let mut v = bench();
-    v["dynamic_resources"] = json!({"ads_config": {}});
+    v["overload_manager"] = json!({});
     v["layered_runtime"] = json!({});
     v["static_resources"]["secrets"] = json!([]);
     assert_eq!(
         errs(&v),
         vec![
             "unsupported: static_resources.secrets",
-            "unsupported: dynamic_resources",
             "unsupported: layered_runtime",
+            "unsupported: overload_manager",
         ]
     );
 }
@@ -618,6 +624,7 @@ fn tcp_proxy() {
             cluster: ClusterSpecifier::Cluster("upstream".into()),
             idle_timeout: None,
             access_log: vec![AccessLog::Stderr],
+            hash_policy: vec![],
         })
     );
 
@@ -697,7 +704,6 @@ fn hcm_refusals() {
     let mut v = bench();
     let h = hcm_json(&mut v);
     h["codec_type"] = json!("HTTP3");
-    h["rds"] = json!({"route_config_name": "x"});
     h["max_request_headers_kb"] = json!(9000);
     h["http2_protocol_options"] = json!({"max_concurrent_streams": 10});
     h["access_log"] = json!([{"name": "envoy.access_loggers.stdout", "typed_config": {
@@ -709,7 +715,6 @@ fn hcm_refusals() {
         errs(&v),
         vec![
             format!("unsupported: {HCM_PATH}.codec_type (HTTP3: HTTP/3 is not supported yet)"),
-            format!("unsupported: {HCM_PATH}.rds (RDS arrives with xDS)"),
             format!("{HCM_PATH}.http_filters[0]: envoy.filters.http.router must be the last HTTP filter"),
             format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.cors)"),
             format!("{HCM_PATH}.max_request_headers_kb: must be from 1 to 8192, found 9000"),
@@ -1168,12 +1173,16 @@ fn cluster_options() {
             LbEndpoint {
                 host: "backend.local".into(),
                 port: 80,
-                weight: 3
+                weight: 3,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
                 port: 81,
-                weight: 1
+                weight: 1,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
         ]
     );
@@ -1199,14 +1208,16 @@ fn eds_and_logical_dns_clusters() {
     assert_eq!(
         ok(&v).clusters[0].discovery,
         DiscoveryType::Eds {
-            service_name: "upstream".into()
+            service_name: "upstream".into(),
+            source: Default::default(),
         }
     );
     cluster_json(&mut v)["eds_cluster_config"]["service_name"] = json!("svc");
     assert_eq!(
         ok(&v).clusters[0].discovery,
         DiscoveryType::Eds {
-            service_name: "svc".into()
+            service_name: "svc".into(),
+            source: Default::default(),
         }
     );
     cluster_json(&mut v)["eds_cluster_config"]["eds_config"] =
@@ -1214,7 +1225,7 @@ fn eds_and_logical_dns_clusters() {
     assert_eq!(
         errs(&v),
         vec![format!(
-            "unsupported: {CLUSTER_PATH}.eds_cluster_config.eds_config.api_config_source"
+            "{CLUSTER_PATH}.eds_cluster_config.eds_config.api_config_source.grpc_services: missing required field"
         )]
     );
 
@@ -1225,6 +1236,7 @@ fn eds_and_logical_dns_clusters() {
     let eps = cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"].clone();
     let mut two = eps.as_array().expect("list").clone();
     two.extend(eps.as_array().expect("list").iter().cloned());
+    two[1]["endpoint"]["address"]["socket_address"]["port_value"] = json!(9999);
     cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"] = json!(two);
     assert_eq!(
         errs(&v),
@@ -1236,7 +1248,7 @@ fn eds_and_logical_dns_clusters() {
 fn cluster_errors() {
     let mut v = bench();
     let c = cluster_json(&mut v);
-    c["lb_policy"] = json!("LEAST_REQUEST");
+    c["lb_policy"] = json!("CLUSTER_PROVIDED");
     c["type"] = json!("STATIC");
     c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         ["socket_address"]["address"] = json!("backend.local");
@@ -1252,7 +1264,7 @@ fn cluster_errors() {
     assert_eq!(
         errs(&v),
         vec![
-            format!("unsupported: {CLUSTER_PATH}.lb_policy (LEAST_REQUEST: arrives with the load-balancing work)"),
+            format!("unsupported: {CLUSTER_PATH}.lb_policy (CLUSTER_PROVIDED: use load_balancing_policy or a named lb_policy)"),
             format!("{ep}.load_balancing_weight: must be at least 1"),
             format!("{ep}.endpoint.address.socket_address.address: STATIC clusters need an IP address, found \"backend.local\" (use STRICT_DNS or LOGICAL_DNS for host names)"),
             format!("{t}[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].@type: expected @type type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions for envoy.extensions.upstreams.http.v3.HttpProtocolOptions, found \"type.googleapis.com/envoy.extensions.upstreams.http.v3.Wrong\""),
@@ -1472,3 +1484,5 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
         "only {refused} of 3000 damaged configs were refused"
     );
 }
+
+mod lb;
