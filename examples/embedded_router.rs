@@ -48,6 +48,7 @@ impl Gateway {
                         connect_timeout: Duration::from_secs(1),
                         max_idle: 64,
                         idle_timeout: Some(Duration::from_secs(60)),
+                        max_requests_per_connection: None,
                     },
                 )
             })

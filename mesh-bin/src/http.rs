@@ -515,6 +515,7 @@ impl HttpProxy {
                 }
             },
         };
+        cluster.entry.outlier_failure(endpoint, flag);
         // The downstream's own faults are not charged to the upstream.
         let downstream_fault = flag == ResponseFlag::DownstreamProtocolError;
         if !downstream_fault {
@@ -641,6 +642,7 @@ impl HttpProxy {
         let service_time_ms = now.elapsed().as_millis() as u64;
         endpoint.observe_rtt(now.elapsed());
         cstats.record_status(status.as_u16());
+        cluster.entry.outlier_status(&endpoint, status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
         }

@@ -8,6 +8,7 @@
 //! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
+//! - [`health`]: health-check probes and outlier-detection hooks;
 //! - [`demo`]: demo upstreams for `mesh demo`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
 pub mod dynamic;
+pub mod health;
 pub mod http;
 pub mod proxy;
 pub mod rpc;

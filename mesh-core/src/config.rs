@@ -13,6 +13,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::health_config::{
+    GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
+};
 pub use crate::lb_config::*;
 
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
@@ -606,6 +609,13 @@ pub struct Cluster {
     /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
     /// `lb_subset_config`, `load_assignment.policy`).
     pub lb: LbConfig,
+    /// `health_checks` (Envoy runs at most one).
+    pub health_check: Option<HealthCheck>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `max_requests_per_connection`: requests an upstream connection
+    /// carries before it is closed (none: unlimited).
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

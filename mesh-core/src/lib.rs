@@ -15,6 +15,7 @@
 pub mod config;
 pub mod flags;
 pub mod headers;
+pub mod health_config;
 mod lb_config;
 pub mod listener;
 pub mod router;

@@ -23,6 +23,9 @@ use serde_json::Value;
 mod cluster;
 mod hcm;
 mod headers;
+mod health;
+#[cfg(test)]
+mod health_tests;
 mod lb;
 mod listener;
 mod reader;

@@ -227,6 +227,9 @@ fn bench_config_loads() {
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
             lb: Default::default(),
+            health_check: None,
+            outlier_detection: None,
+            max_requests_per_connection: None,
         }]
     );
 }
@@ -279,19 +282,19 @@ fn unknown_top_level_fields_are_unsupported() {
 fn unknown_cluster_field_is_unsupported_with_exact_path() {
     let mut v = bench();
     add_cluster(&mut v, "second");
-    v["static_resources"]["clusters"][1]["health_checks"] = json!([]);
+    v["static_resources"]["clusters"][1]["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(
         e.0,
         vec![ConfigError::unsupported(
-            "static_resources.clusters[1].health_checks",
+            "static_resources.clusters[1].lrs_server",
             None
         )]
     );
     assert!(e.0[0].is_unsupported());
     assert_eq!(
         e.to_string(),
-        "unsupported: static_resources.clusters[1].health_checks"
+        "unsupported: static_resources.clusters[1].lrs_server"
     );
 }
 
@@ -312,7 +315,7 @@ fn all_errors_are_collected_one_per_line() {
     let mut v = bench();
     route_json(&mut v)["route"]["cluster"] = json!("foo");
     cluster_json(&mut v)["connect_timeout"] = json!("soon");
-    cluster_json(&mut v)["outlier_detection"] = json!({});
+    cluster_json(&mut v)["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(e.0.len(), 3);
     assert_eq!(e.to_string().lines().count(), 3);

@@ -49,6 +49,10 @@ pub struct PoolConfig {
     /// An idle HTTP/1.1 connection older than this is closed instead of
     /// reused (checked when the pool next looks at it).
     pub idle_timeout: Option<Duration>,
+    /// Requests one connection carries before it is closed (HTTP/1.1) or
+    /// no longer given new streams (HTTP/2); `None`: unlimited. Envoy's
+    /// `max_requests_per_connection`.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Why an upstream request failed before a response arrived.
@@ -116,8 +120,12 @@ impl UpstreamError {
 pub struct EndpointPool {
     addr: SocketAddr,
     config: PoolConfig,
-    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant)>>,
+    /// Idle HTTP/1.1 connections: sender, idle since, requests carried.
+    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant, u32)>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Streams opened on the current HTTP/2 connection (changed under the
+    /// `h2` lock).
+    h2_used: std::sync::atomic::AtomicU32,
     /// Held while an HTTP/2 connection is being established, so that
     /// concurrent first requests share one connection instead of racing.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -135,6 +143,7 @@ impl EndpointPool {
             config,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_used: std::sync::atomic::AtomicU32::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
         })
     }
@@ -174,20 +183,20 @@ impl EndpointPool {
         }
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = self.config.idle_timeout {
             // The oldest connections sit at the front.
             let now = tokio::time::Instant::now();
             let expired = idle
                 .iter()
-                .take_while(|(_, since)| now - *since >= t)
+                .take_while(|(_, since, _)| now - *since >= t)
                 .count();
             idle.drain(..expired);
         }
-        while let Some((s, _)) = idle.pop() {
+        while let Some((s, _, used)) = idle.pop() {
             if !s.is_closed() {
-                return Some(s);
+                return Some((s, used));
             }
         }
         None
@@ -213,12 +222,12 @@ impl EndpointPool {
         upgrade: bool,
     ) -> Result<PooledResponse, UpstreamError> {
         // Try idle connections first; a stale one hands the request back.
-        while let Some(mut sender) = self.take_idle() {
+        while let Some((mut sender, used)) = self.take_idle() {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade)),
+                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade, used + 1)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => {
                         req = r;
@@ -236,7 +245,7 @@ impl EndpointPool {
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
-        Ok(self.finish_h1(resp, sender, upgrade))
+        Ok(self.finish_h1(resp, sender, upgrade, 1))
     }
 
     fn finish_h1(
@@ -244,8 +253,18 @@ impl EndpointPool {
         resp: Response<Incoming>,
         sender: http1::SendRequest<ProxyBody>,
         upgrade: bool,
+        used: u32,
     ) -> PooledResponse {
         if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return (resp, None);
+        }
+        if self
+            .config
+            .max_requests_per_connection
+            .is_some_and(|max| used >= max)
+        {
+            // The connection's last request: it closes once the response
+            // (and the sender) is dropped.
             return (resp, None);
         }
         let pool = Arc::downgrade(self);
@@ -256,7 +275,7 @@ impl EndpointPool {
             if let Some(pool) = pool.upgrade() {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < pool.config.max_idle {
-                    idle.push((sender, tokio::time::Instant::now()));
+                    idle.push((sender, tokio::time::Instant::now(), used));
                 }
             }
         });
@@ -264,8 +283,25 @@ impl EndpointPool {
     }
 
     fn cached_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
-        let guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+        let mut guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let s = guard.as_ref().filter(|s| !s.is_closed()).cloned()?;
+        self.count_h2_stream(&mut guard);
+        Some(s)
+    }
+
+    /// Counts a stream on the current HTTP/2 connection; at
+    /// `max_requests_per_connection` the connection gets no new streams
+    /// (it closes once its streams end and its senders are dropped).
+    fn count_h2_stream(&self, current: &mut Option<http2::SendRequest<ProxyBody>>) {
+        use std::sync::atomic::Ordering;
+        let used = self.h2_used.fetch_add(1, Ordering::Relaxed) + 1;
+        if self
+            .config
+            .max_requests_per_connection
+            .is_some_and(|max| used >= max)
+        {
+            *current = None;
+        }
     }
 
     async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
@@ -290,7 +326,10 @@ impl EndpointPool {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        let mut current = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        *current = Some(sender.clone());
+        self.h2_used.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.count_h2_stream(&mut current);
         Ok(sender)
     }
 
