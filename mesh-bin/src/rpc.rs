@@ -524,6 +524,9 @@ impl RpcWorker {
                 Err(_) => {
                     stats.rq_timeout.inc();
                     stats.record_status(504);
+                    cluster
+                        .entry
+                        .outlier_failure(&endpoint, ResponseFlag::UpstreamRequestTimeout);
                     return (
                         Err((
                             ProxyError::Timeout,
@@ -538,11 +541,15 @@ impl RpcWorker {
         };
         let out = match result {
             Ok(Some(resp)) => {
+                // Outlier detection sees an RPC error as a 5xx, as Envoy's
+                // Thrift and Dubbo routers report them.
                 if resp.kind == MessageKind::Error {
                     stats.record_status(500);
                     endpoint.stats.rq_error.inc();
+                    cluster.entry.outlier_status(&endpoint, 500);
                 } else {
                     stats.record_status(200);
+                    cluster.entry.outlier_status(&endpoint, 200);
                 }
                 Ok(Some(resp))
             }
@@ -577,6 +584,9 @@ impl RpcWorker {
                 ))
             }
         };
+        if let Err((_, flag, _)) = &out {
+            cluster.entry.outlier_failure(&endpoint, *flag);
+        }
         (out, Some(addr))
     }
 }
