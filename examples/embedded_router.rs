@@ -139,6 +139,7 @@ fn route(path: PathMatch, headers: Vec<HeaderMatcher>, action: Action) -> Route 
         },
         action,
         headers: HeaderMutations::default(),
+        policy: Default::default(),
     }
 }
 
@@ -182,6 +183,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ),
             ],
             headers: HeaderMutations::default(),
+            policy: Default::default(),
         }],
         headers: HeaderMutations::default(),
     })?;

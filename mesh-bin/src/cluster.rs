@@ -82,6 +82,8 @@ pub struct ClusterEntry {
     pub outlier: Option<Arc<OutlierDetector>>,
     /// Active health checking, when configured.
     pub health_checker: Option<Arc<HealthChecker>>,
+    /// Circuit breakers and retry stats.
+    pub policy: crate::resilience::ClusterPolicy,
 }
 
 /// Every cluster by name.
@@ -163,6 +165,7 @@ impl ClusterManager {
                 Arc::new(ClusterEntry {
                     config: c.clone(),
                     balancer,
+                    policy: crate::resilience::ClusterPolicy::new(c, store, &stats.rq_active),
                     stats,
                     outlier,
                     health_checker,
@@ -295,7 +298,7 @@ impl WorkerCluster {
         if let Some(p) = pools.get(&(addr, h2)) {
             return p.clone();
         }
-        let p = EndpointPool::new(
+        let p = EndpointPool::with_limits(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -308,6 +311,7 @@ impl WorkerCluster {
                 idle_timeout: self.entry.config.idle_timeout,
                 max_requests_per_connection: self.entry.config.max_requests_per_connection,
             },
+            Some(self.entry.policy.pool_limits.clone()),
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change), closing their idle connections.

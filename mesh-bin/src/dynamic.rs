@@ -812,6 +812,7 @@ impl Manager {
         ClusterEntry {
             config: c.clone(),
             balancer,
+            policy: crate::resilience::ClusterPolicy::new(c, &self.cx.store, &stats.rq_active),
             stats,
             outlier,
             health_checker,

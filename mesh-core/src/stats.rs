@@ -60,6 +60,11 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Adds `d` and returns the new value.
+    #[inline]
+    pub fn add_get(&self, d: i64) -> i64 {
+        self.0.fetch_add(d, Ordering::Relaxed) + d
+    }
 }
 
 /// A gauge that counts one while alive: `inc` on creation, `dec` on drop.

@@ -161,6 +161,7 @@ mod tests {
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
+            circuit_breakers: Default::default(),
         }
     }
 

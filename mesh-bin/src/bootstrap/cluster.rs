@@ -210,6 +210,10 @@ fn cluster(
     let max_requests_per_connection = max_requests_per_connection
         .or(cluster_mrpc)
         .filter(|n| *n > 0);
+    let circuit_breakers = o
+        .obj(cx, "circuit_breakers")
+        .map(|c| super::policy::circuit_breakers(cx, c))
+        .unwrap_or_default();
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -226,6 +230,7 @@ fn cluster(
         health_check,
         outlier_detection,
         max_requests_per_connection,
+        circuit_breakers,
     })
 }
 

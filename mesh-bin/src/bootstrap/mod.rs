@@ -28,6 +28,7 @@ mod health;
 mod health_tests;
 mod lb;
 mod listener;
+mod policy;
 mod reader;
 mod route;
 mod rpc;

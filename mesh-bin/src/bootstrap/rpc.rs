@@ -53,6 +53,7 @@ fn route(matchers: Vec<HeaderMatcher>, action: RouteAction) -> Route {
         },
         action: Action::Route(action),
         headers: Default::default(),
+        policy: Default::default(),
     }
 }
 
@@ -203,6 +204,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec!["*".into()],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }],
             headers: Default::default(),
         },
@@ -357,6 +359,7 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec![domain],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }),
         }
     }
@@ -485,6 +488,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec!["*".into()],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }],
             headers: Default::default(),
         },

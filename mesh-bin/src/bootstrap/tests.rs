@@ -182,8 +182,10 @@ fn bench_config_loads() {
                         metadata_match: Default::default(),
                     }),
                     headers: HeaderMutations::default(),
+                    policy: Default::default(),
                 }],
                 headers: HeaderMutations::default(),
+                policy: Default::default(),
             }],
             headers: HeaderMutations::default(),
         },
@@ -200,6 +202,11 @@ fn bench_config_loads() {
         access_log: vec![],
         upgrade_types: vec![],
         rds: None,
+        internal_address_config: vec![],
+        http_filter_meta: vec![mesh_core::policy::HttpFilterMeta {
+            name: "envoy.filters.http.router".into(),
+            disabled: false,
+        }],
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -230,6 +237,7 @@ fn bench_config_loads() {
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
+            circuit_breakers: Default::default(),
         }]
     );
 }
@@ -910,14 +918,14 @@ fn route_actions() {
     route_json(&mut v)["route"] = json!({
         "weighted_clusters": {"total_weight": 50, "clusters": [
             {"name": "upstream", "weight": 90}, {"name": "zzz", "weight": 10}]},
-        "retry_policy": {},
+        "internal_redirect_policy": {},
     });
     let r = format!("{ROUTE_PATH}.route");
     assert_eq!(
         errs(&v),
         vec![
             format!("{r}.weighted_clusters.total_weight: total_weight 50 is not the sum of the cluster weights (100)"),
-            format!("unsupported: {r}.retry_policy"),
+            format!("unsupported: {r}.internal_redirect_policy"),
             format!("{r}.weighted_clusters.clusters[1].name: unknown cluster \"zzz\""),
         ]
     );

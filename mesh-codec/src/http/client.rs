@@ -69,7 +69,32 @@ pub enum UpstreamError {
     /// The HTTP handshake (HTTP/2 preface) failed.
     #[error("protocol handshake failed: {0}")]
     Handshake(hyper::Error),
+    /// A cluster limit ([`PoolLimits`]: `max_connections` with
+    /// `max_pending_requests` full) refused the request before anything
+    /// was sent. Never retried.
+    #[error("overflow: connection and pending-request limits reached")]
+    Overflow,
 }
+
+/// Limits a cluster's pools obey together (Envoy's `max_connections` and
+/// `max_pending_requests` circuit breakers), shared by every worker's
+/// pools of the cluster.
+///
+/// A request that needs a new connection is *pending* until it has one:
+/// it takes a pending permit (refused: [`UpstreamError::Overflow`]) and a
+/// connection permit, which the connection holds until it closes. When no
+/// connection permit is left, an HTTP/1.1 request waits, still pending,
+/// for a connection of its pool to come back idle or for a permit.
+pub trait PoolLimits: Send + Sync + std::fmt::Debug {
+    /// A permit to open one connection, or `None` at the limit.
+    fn try_connection(&self) -> Option<LimitPermit>;
+    /// A permit for one request waiting for a connection, or `None` at the
+    /// limit.
+    fn try_pending(&self) -> Option<LimitPermit>;
+}
+
+/// A permit of [`PoolLimits`], given back when dropped.
+pub type LimitPermit = Box<dyn std::any::Any + Send + Sync>;
 
 /// Which side an [`UpstreamError`] should be blamed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +111,8 @@ pub enum FailureKind {
     RequestTimeout,
     /// The upstream closed or reset before the response headers (Envoy `UC`, 503).
     Reset,
+    /// A circuit breaker refused the request (Envoy `UO`, 503).
+    Overflow,
 }
 
 impl UpstreamError {
@@ -98,6 +125,7 @@ impl UpstreamError {
     pub fn kind(&self) -> FailureKind {
         match self {
             UpstreamError::Connect(_) => FailureKind::Connect,
+            UpstreamError::Overflow => FailureKind::Overflow,
             UpstreamError::Reset(e) | UpstreamError::Handshake(e) => {
                 let body_error = std::error::Error::source(e)
                     .and_then(|s| s.downcast_ref::<super::body::BodyError>());
@@ -129,6 +157,10 @@ pub struct EndpointPool {
     /// Held while an HTTP/2 connection is being established, so that
     /// concurrent first requests share one connection instead of racing.
     h2_connecting: tokio::sync::Mutex<()>,
+    limits: Option<Arc<dyn PoolLimits>>,
+    /// Signalled when an HTTP/1.1 connection goes back idle (only with
+    /// limits, for requests waiting for a connection).
+    returned: tokio::sync::Notify,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -138,6 +170,15 @@ pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
 impl EndpointPool {
     /// A pool for `addr`.
     pub fn new(addr: SocketAddr, config: PoolConfig) -> Arc<Self> {
+        Self::with_limits(addr, config, None)
+    }
+
+    /// A pool for `addr` obeying cluster-wide `limits`.
+    pub fn with_limits(
+        addr: SocketAddr,
+        config: PoolConfig,
+        limits: Option<Arc<dyn PoolLimits>>,
+    ) -> Arc<Self> {
         Arc::new(EndpointPool {
             addr,
             config,
@@ -145,7 +186,37 @@ impl EndpointPool {
             h2: Mutex::new(None),
             h2_used: std::sync::atomic::AtomicU32::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
+            limits,
+            returned: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The permits a new connection needs: pending while it waits, then a
+    /// connection permit. `Ok(None)` without limits; with `wait`, an idle
+    /// connection that came back meanwhile is returned instead.
+    async fn connection_permit(
+        &self,
+        wait: bool,
+    ) -> Result<Result<Option<LimitPermit>, (http1::SendRequest<ProxyBody>, u32)>, UpstreamError>
+    {
+        let Some(limits) = &self.limits else {
+            return Ok(Ok(None));
+        };
+        let _pending = limits.try_pending().ok_or(UpstreamError::Overflow)?;
+        loop {
+            if let Some(p) = limits.try_connection() {
+                return Ok(Ok(Some(p)));
+            }
+            if !wait {
+                return Err(UpstreamError::Overflow);
+            }
+            // A connection of this pool coming back, or (another worker's
+            // connection closing) a permit freed: look again.
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.returned.notified()).await;
+            if let Some(s) = self.take_idle() {
+                return Ok(Err(s));
+            }
+        }
     }
 
     /// The endpoint address.
@@ -202,13 +273,18 @@ impl EndpointPool {
         None
     }
 
-    async fn new_h1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+    async fn new_h1(
+        &self,
+        permit: Option<LimitPermit>,
+    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
+            // The connection's permit lives as long as the connection.
+            let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
             }
@@ -239,13 +315,16 @@ impl EndpointPool {
         }
         // Connecting is the cold path: boxed so its large future does not
         // grow (and get copied with) every request's future.
-        let mut sender = Box::pin(self.new_h1()).await?;
+        let (mut sender, used) = match Box::pin(self.connection_permit(true)).await? {
+            Ok(permit) => (Box::pin(self.new_h1(permit)).await?, 0),
+            Err(idle) => idle,
+        };
         sender.ready().await.map_err(UpstreamError::Reset)?;
         let resp = sender
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
-        Ok(self.finish_h1(resp, sender, upgrade, 1))
+        Ok(self.finish_h1(resp, sender, upgrade, used + 1))
     }
 
     fn finish_h1(
@@ -276,6 +355,10 @@ impl EndpointPool {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < pool.config.max_idle {
                     idle.push((sender, tokio::time::Instant::now(), used));
+                }
+                drop(idle);
+                if pool.limits.is_some() {
+                    pool.returned.notify_one();
                 }
             }
         });
@@ -312,6 +395,8 @@ impl EndpointPool {
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
+        // Without waiting, no idle HTTP/1.1 connection comes back.
+        let permit = self.connection_permit(false).await?.unwrap_or_default();
         let stream = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -322,6 +407,7 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
