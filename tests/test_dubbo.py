@@ -141,9 +141,27 @@ def mesh(request, module_start_proxy, servers):
             {"match": {"service": {"exact": GREETER}}, "route": {"cluster": "a"}},
         ]}}),
         rpc_peers.dubbo_listener("dubbo", dubbo_routes()),
+        rpc_peers.generic_listener("hashed", "dubbo", {"route_config": {"routes": [
+            {"match": {}, "route": {"cluster": "ring", "hash_policy": [
+                {"header": {"header_name": "x-user"}}]}}]}}),
     ]
     clusters = [harness.static_cluster(n, s.port) for n, s in servers.items()]
+    ring = harness.static_cluster("ring", [servers["a"].port, servers["b"].port])
+    ring["lb_policy"] = "RING_HASH"
+    clusters.append(ring)
     return module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
+
+
+def test_ring_hash_on_an_attachment_keeps_each_user_on_one_server(mesh):
+    port = mesh.port("hashed")
+    seen = {}
+    for user in [f"user-{i}" for i in range(12)]:
+        answers = {dubbo_call(port, GREETER, "whoami", attachments={"x-user": user})
+                   for _ in range(4)}
+        assert len(answers) == 1, (user, answers)
+        seen[user] = answers.pop()
+    # The ring spreads users over both servers.
+    assert set(seen.values()) == {"a", "b"}, seen
 
 
 def test_route_timeout_is_a_server_timeout_response(mesh):

@@ -253,3 +253,34 @@ def test_garbage_closes_only_that_connection(mesh, garbage):
                 got += chunk
         assert healthy.add(2, 2) == 4
     assert mesh.alive()
+
+
+# ---------------------------------------------------------------- outlier detection
+
+
+@pytest.fixture(scope="module", params=harness.kind_params())
+def outlier_proxy(request, module_start_proxy, framed_servers):
+    a, _ = framed_servers
+    refused_sock, refused_port = harness.refused_port()
+    pool = harness.static_cluster("pool", [a.port, refused_port])
+    pool["outlier_detection"] = {"consecutive_5xx": 2, "interval": "1s",
+                                 "base_ejection_time": "60s", "max_ejection_percent": 100}
+    listeners = [rpc_peers.thrift_listener("thrift", {"route_config": {"routes": [
+        {"match": {"method_name": ""}, "route": {"cluster": "pool"}}]}})]
+    yield module_start_proxy(request.param, harness.bootstrap(listeners, [pool]))
+    refused_sock.close()
+
+
+def test_outlier_detection_ejects_an_unreachable_endpoint(outlier_proxy):
+    from thrift.Thrift import TApplicationException
+
+    results = []
+    for _ in range(30):
+        try:
+            results.append(thrift_call(outlier_proxy.port("thrift"), "whoami"))
+        except TApplicationException:
+            results.append("error")
+    # Some calls fail before the refused endpoint is ejected; after that
+    # every call reaches the live server.
+    assert "error" in results[:10], results
+    assert results[-15:] == ["a"] * 15, results

@@ -287,6 +287,7 @@ impl RpcCluster {
             ClientConfig {
                 connect_timeout: self.entry.config.connect_timeout,
                 max_frame: self.max_frame,
+                ..ClientConfig::default()
             },
         ));
         // A new endpoint: forget clients of endpoints that left the cluster.
@@ -333,6 +334,7 @@ impl RpcWorker {
         let Accepted {
             stream,
             peer,
+            local,
             guard,
             ..
         } = accepted;
@@ -342,6 +344,7 @@ impl RpcWorker {
         let svc = RpcService {
             worker: self.clone(),
             peer,
+            local,
         };
         let (closed, totals) = serve(
             stream,
@@ -365,7 +368,7 @@ impl RpcWorker {
     }
 
     /// Handles one request: route, pick, send, answer.
-    pub async fn call(&self, msg: Message, peer: SocketAddr) -> Option<Message> {
+    pub async fn call(&self, msg: Message, peer: SocketAddr, local: SocketAddr) -> Option<Message> {
         let shared = &self.shared;
         let start = SystemTime::now();
         let started = Instant::now();
@@ -383,7 +386,7 @@ impl RpcWorker {
         ctx.header = msg.header.clone();
         ctx.meta.method = msg.meta.method.clone();
         ctx.meta.service = msg.meta.service.clone();
-        let (result, upstream) = self.forward(msg).await;
+        let (result, upstream) = self.forward(msg, peer, local).await;
         let (reply, flag) = match result {
             Ok(Some(resp)) => {
                 if resp.kind == MessageKind::Error {
@@ -444,6 +447,8 @@ impl RpcWorker {
     async fn forward(
         &self,
         msg: Message,
+        peer: SocketAddr,
+        local: SocketAddr,
     ) -> (
         Result<Option<Message>, (ProxyError, ResponseFlag, String)>,
         Option<SocketAddr>,
@@ -484,7 +489,18 @@ impl RpcWorker {
             );
         };
         let stats = &cluster.entry.stats;
-        let Some(endpoint) = cluster.entry.balancer.pick() else {
+        // Ring hash / Maglev read the route's hash_policy from the message
+        // metadata (a `header` policy names an attachment or `:service`,
+        // `:method`, ...); subsets come from metadata_match.
+        let hash = if action.hash_policy.is_empty() {
+            None
+        } else {
+            mesh_lb::hash::request_hash(&action.hash_policy, &msg, peer, local).hash
+        };
+        let pick = mesh_lb::PickContext::new()
+            .with_hash(hash)
+            .with_metadata_match(choice.metadata_match);
+        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             stats.cx_none_healthy.inc();
             return (
                 Err((
@@ -508,6 +524,9 @@ impl RpcWorker {
                 Err(_) => {
                     stats.rq_timeout.inc();
                     stats.record_status(504);
+                    cluster
+                        .entry
+                        .outlier_failure(&endpoint, ResponseFlag::UpstreamRequestTimeout);
                     return (
                         Err((
                             ProxyError::Timeout,
@@ -522,11 +541,15 @@ impl RpcWorker {
         };
         let out = match result {
             Ok(Some(resp)) => {
+                // Outlier detection sees an RPC error as a 5xx, as Envoy's
+                // Thrift and Dubbo routers report them.
                 if resp.kind == MessageKind::Error {
                     stats.record_status(500);
                     endpoint.stats.rq_error.inc();
+                    cluster.entry.outlier_status(&endpoint, 500);
                 } else {
                     stats.record_status(200);
+                    cluster.entry.outlier_status(&endpoint, 200);
                 }
                 Ok(Some(resp))
             }
@@ -561,6 +584,9 @@ impl RpcWorker {
                 ))
             }
         };
+        if let Err((_, flag, _)) = &out {
+            cluster.entry.outlier_failure(&endpoint, *flag);
+        }
         (out, Some(addr))
     }
 }
@@ -572,6 +598,7 @@ impl RpcWorker {
 pub struct RpcService {
     worker: Arc<RpcWorker>,
     peer: SocketAddr,
+    local: SocketAddr,
 }
 
 impl tower::Service<Message> for RpcService {
@@ -585,7 +612,7 @@ impl tower::Service<Message> for RpcService {
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let worker = self.worker.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(worker.call(msg, peer).await) })
+        let (peer, local) = (self.peer, self.local);
+        Box::pin(async move { Ok(worker.call(msg, peer, local).await) })
     }
 }

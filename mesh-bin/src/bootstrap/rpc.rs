@@ -15,7 +15,8 @@
 //!   match attachments.
 //! - Generic: `match` has `service` and `method` string matchers and
 //!   `headers` (names are attachment keys or `:service`, `:method`,
-//!   `:version`, `:group`); `route` may set a `timeout`.
+//!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
+//!   (`header` names read the same keys) and a `metadata_match`.
 
 use std::time::Duration;
 
@@ -262,16 +263,14 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
             r.refuse(cx, "cluster_header", "not supported yet");
-            r.refuse(
-                cx,
-                "metadata_match",
-                "subset load balancing is not supported yet",
-            );
+            let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.refuse(cx, "rate_limits", "not supported yet");
             r.refuse(cx, "strip_service_name", "not supported yet");
             r.refuse(cx, "request_mirror_policies", "not supported yet");
             r.finish(cx);
-            Some(action(cluster, None))
+            let mut a = action(cluster, None);
+            a.metadata_match = metadata_match;
+            Some(a)
         }
         None => {
             if !o.has("route") {
@@ -406,13 +405,11 @@ fn dubbo_route(cx: &mut Ctx, mut o: Obj<'_>, level: &[HeaderMatcher]) -> Option<
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
-            r.refuse(
-                cx,
-                "metadata_match",
-                "subset load balancing is not supported yet",
-            );
+            let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.finish(cx);
-            Some(action(cluster, None))
+            let mut a = action(cluster, None);
+            a.metadata_match = metadata_match;
+            Some(a)
         }
         None => {
             if !o.has("route") {
@@ -518,8 +515,13 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
             let timeout = r.timeout(cx, "timeout", None);
+            let hash_policy = super::lb::hash_policies(cx, &mut r, false);
+            let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.finish(cx);
-            Some(action(cluster, timeout))
+            let mut a = action(cluster, timeout);
+            a.hash_policy = hash_policy;
+            a.metadata_match = metadata_match;
+            Some(a)
         }
         None => {
             if !o.has("route") {

@@ -50,6 +50,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// The largest response frame accepted.
     pub max_frame: usize,
+    /// Send the protocol's heartbeat on a connection that has sent nothing
+    /// for this long (Dubbo and Bolt servers close connections that stay
+    /// silent), when the protocol has one. Default 60 s.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -57,6 +61,7 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
+            heartbeat_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -128,11 +133,21 @@ impl Multiplexed {
                 Err(_) => return Err(ClientError::Connect("connect timeout".into())),
             };
         let _ = stream.set_nodelay(true);
-        Ok(Self::start(stream, codec, config.max_frame))
+        Ok(Self::start(
+            stream,
+            codec,
+            config.max_frame,
+            config.heartbeat_interval,
+        ))
     }
 
     /// Runs the multiplexing over an already connected stream.
-    pub fn start(stream: TcpStream, codec: Arc<dyn Codec>, max_frame: usize) -> Self {
+    pub fn start(
+        stream: TcpStream,
+        codec: Arc<dyn Codec>,
+        max_frame: usize,
+        heartbeat_interval: Option<Duration>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -140,7 +155,13 @@ impl Multiplexed {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (rd, wr) = stream.into_split();
-        tokio::spawn(write_loop(wr, codec.clone(), rx, shared.clone()));
+        tokio::spawn(write_loop(
+            wr,
+            codec.clone(),
+            rx,
+            shared.clone(),
+            heartbeat_interval,
+        ));
         tokio::spawn(read_loop(rd, codec, tx.clone(), shared.clone(), max_frame));
         Multiplexed {
             tx,
@@ -199,12 +220,32 @@ async fn write_loop(
     codec: Arc<dyn Codec>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
+    heartbeat_interval: Option<Duration>,
 ) {
     let max_id = codec.max_request_id().max(1);
     let mut next_id: u64 = 0;
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut since_sweep = 0usize;
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = match heartbeat_interval {
+            Some(t) => match tokio::time::timeout(t, rx.recv()).await {
+                Ok(Some(o)) => o,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: keep the connection alive with a heartbeat (its
+                    // reply is ignored by the reader).
+                    next_id = next_id % max_id + 1;
+                    match codec.heartbeat(next_id) {
+                        Some(hb) => Outgoing::Raw(hb),
+                        None => continue,
+                    }
+                }
+            },
+            None => match rx.recv().await {
+                Some(o) => o,
+                None => return,
+            },
+        };
         let mut item = Some(first);
         while let Some(o) = item.take() {
             match o {
@@ -419,5 +460,67 @@ impl EndpointClient {
             return Ok(None);
         }
         conn.0.call(msg).await.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::dubbo::Dubbo;
+
+    /// An upstream that answers every Dubbo request out of order (the
+    /// second before the first) and records heartbeats.
+    #[tokio::test]
+    async fn responses_are_matched_by_id_and_idle_connections_send_heartbeats() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hb_tx, mut hb_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let mut held: Vec<Message> = Vec::new();
+            loop {
+                while let Ok(Some(m)) = Dubbo.decode(&mut buf, 1 << 20) {
+                    if m.kind == MessageKind::Heartbeat {
+                        let _ = hb_tx.send(m.id);
+                        continue;
+                    }
+                    held.push(m);
+                    if held.len() == 2 {
+                        let mut out = BytesMut::new();
+                        for req in held.drain(..).rev() {
+                            let mut r = Message::new(req.id, MessageKind::Response);
+                            r.body = bytes::Bytes::from(req.meta.service.clone());
+                            Dubbo.encode(&r, req.id, &mut out);
+                        }
+                        s.write_all(&out).await.unwrap();
+                    }
+                }
+                if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+        });
+        let config = ClientConfig {
+            heartbeat_interval: Some(Duration::from_millis(100)),
+            ..ClientConfig::default()
+        };
+        let c = Arc::new(EndpointClient::new(addr, Arc::new(Dubbo), config));
+        let req = |id: u64, who: &str| {
+            let mut b = crate::rpc::dubbo::request(id, who, "", "m", &[], &[]);
+            Dubbo.decode(&mut b, 1 << 20).unwrap().unwrap()
+        };
+        // Both clients use id 1: the connection rewrites them.
+        let (a, b) = tokio::join!(c.call(req(1, "aaaa")), c.call(req(1, "bbbb")));
+        let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+        assert_eq!(a.id, 1);
+        assert_eq!(b.id, 1);
+        assert_eq!((&a.body[..], &b.body[..]), (&b"aaaa"[..], &b"bbbb"[..]));
+        assert_eq!(c.connections(), 1);
+        let hb = tokio::time::timeout(Duration::from_secs(5), hb_rx.recv()).await;
+        assert!(
+            matches!(hb, Ok(Some(_))),
+            "no heartbeat on an idle connection"
+        );
     }
 }

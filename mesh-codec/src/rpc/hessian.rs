@@ -130,6 +130,32 @@ impl<'a> Reader<'a> {
         Ok(&self.buf[start..self.pos])
     }
 
+    /// Skips a string without copying it.
+    fn skip_string(&mut self) -> HResult<()> {
+        loop {
+            let b = self.u8()?;
+            let (len, last) = match b {
+                0x00..=0x1f => (usize::from(b), true),
+                0x30..=0x33 => ((usize::from(b - 0x30) << 8) | usize::from(self.u8()?), true),
+                b'S' | b'R' | b's' => {
+                    let s = self.take(2)?;
+                    (usize::from(u16::from_be_bytes([s[0], s[1]])), b == b'S')
+                }
+                _ => return err(format!("expected a string, found tag {b:#04x}")),
+            };
+            // ASCII fast path: `len` units are `len` bytes when all ASCII.
+            let rest = &self.buf[self.pos..];
+            if rest.len() >= len && rest[..len].is_ascii() {
+                self.pos += len;
+            } else {
+                self.skip_chars(len)?;
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
     /// Reads a string; `None` for null.
     pub fn read_string(&mut self) -> HResult<Option<String>> {
         let mut out = String::new();
@@ -150,7 +176,13 @@ impl<'a> Reader<'a> {
                     "string of {len} characters is longer than its body"
                 ));
             }
-            let s = self.skip_chars(len)?;
+            let rest = &self.buf[self.pos..];
+            let s = if rest.len() >= len && rest[..len].is_ascii() {
+                self.pos += len;
+                &rest[..len]
+            } else {
+                self.skip_chars(len)?
+            };
             out.push_str(&String::from_utf8_lossy(s));
             if last {
                 return Ok(Some(out));
@@ -260,7 +292,7 @@ impl<'a> Reader<'a> {
             }
             0x00..=0x1f | 0x30..=0x33 | b'S' | b'R' => {
                 self.pos -= 1;
-                self.read_string()?;
+                self.skip_string()?;
             }
             0x20..=0x2f => {
                 self.take(usize::from(b - 0x20))?;

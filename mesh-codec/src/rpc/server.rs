@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
@@ -86,7 +86,10 @@ where
     S::Future: Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(io);
-    let (tx, rx) = mpsc::unbounded_channel::<Message>();
+    // A permit travels with each response until it is written, so a client
+    // that stops reading stops being read: at most `max_in_flight`
+    // requests and responses are held per connection.
+    let (tx, rx) = mpsc::unbounded_channel::<(Message, Option<OwnedSemaphorePermit>)>();
     let writer = tokio::spawn(write_loop(wr, codec.clone(), rx));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let mut totals = ConnectionTotals::default();
@@ -111,15 +114,14 @@ where
                         tokio::spawn(async move {
                             let Ok(resp) = svc.oneshot(msg).await;
                             if let Some(resp) = resp {
-                                let _ = tx.send(resp);
+                                let _ = tx.send((resp, Some(permit)));
                             }
-                            drop(permit);
                         });
                     }
                     MessageKind::Heartbeat => {
                         totals.heartbeats += 1;
                         if let Some(r) = codec.heartbeat_reply(&msg) {
-                            let _ = tx.send(r);
+                            let _ = tx.send((r, None));
                         }
                     }
                     kind => {
@@ -191,31 +193,35 @@ where
 async fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
     mut wr: W,
     codec: Arc<dyn Codec>,
-    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut rx: mpsc::UnboundedReceiver<(Message, Option<OwnedSemaphorePermit>)>,
 ) -> (W, u64) {
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut sent = 0u64;
     let mut failed = false;
-    while let Some(msg) = rx.recv().await {
+    let mut permits = Vec::new();
+    while let Some((msg, permit)) = rx.recv().await {
         codec.encode(&msg, msg.id, &mut out);
+        permits.extend(permit);
         // Batch whatever else is ready into the same write.
         while out.len() < 64 * 1024 {
             match rx.try_recv() {
-                Ok(m) => codec.encode(&m, m.id, &mut out),
+                Ok((m, p)) => {
+                    codec.encode(&m, m.id, &mut out);
+                    permits.extend(p);
+                }
                 Err(_) => break,
             }
         }
-        if failed {
-            out.clear();
-            continue;
-        }
-        if let Err(e) = wr.write_all(&out).await {
-            tracing::debug!(error = %e, "writing RPC responses failed");
-            failed = true;
-        } else {
-            sent += out.len() as u64;
+        if !failed {
+            if let Err(e) = wr.write_all(&out).await {
+                tracing::debug!(error = %e, "writing RPC responses failed");
+                failed = true;
+            } else {
+                sent += out.len() as u64;
+            }
         }
         out.clear();
+        permits.clear();
     }
     (wr, sent)
 }
