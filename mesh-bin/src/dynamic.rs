@@ -63,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bootstrap;
 use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
 /// What the manager needs from the proxy that starts it.
@@ -332,6 +333,8 @@ enum ActiveTerminal {
     /// One slot per worker.
     Http(Vec<Arc<ArcSwap<HttpProxy>>>),
     Tcp(Arc<ArcSwap<TcpProxyShared>>),
+    /// One slot per worker.
+    Rpc(Vec<Arc<ArcSwap<RpcWorker>>>),
 }
 
 struct Manager {
@@ -981,14 +984,8 @@ impl Manager {
                     &self.cx.store,
                     &mut self.worker_clusters,
                 )?;
-                match (&old.terminal, terminal) {
-                    (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-                        for (s, p) in slots.iter().zip(proxies) {
-                            s.store(p);
-                        }
-                    }
-                    (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-                    _ => return Err(format!("listener {:?}: terminal filter changed", l.name)),
+                if !store_terminal(&old.terminal, terminal) {
+                    return Err(format!("listener {:?}: terminal filter changed", l.name));
                 }
                 old.config = l;
                 return Ok(());
@@ -1100,6 +1097,29 @@ impl Manager {
                 }
                 ActiveTerminal::Tcp(slot)
             }
+            Built::Rpc(workers) => {
+                let mut slots = Vec::new();
+                for (w, (sock, worker)) in sockets.into_iter().zip(workers).enumerate() {
+                    let slot = Arc::new(ArcSwap::new(worker));
+                    slots.push(slot.clone());
+                    let drain = drain.clone();
+                    let global = self.cx.drain.clone();
+                    let limiter = limiter.clone();
+                    let stats = stats.clone();
+                    self.cx.workers[w].spawn(async move {
+                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
+                            tracing::error!("worker could not register a listener");
+                            return;
+                        };
+                        let token = drain.token();
+                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
+                            global.track(slot.load_full().handle(a, token.clone()))
+                        })
+                        .await;
+                    });
+                }
+                ActiveTerminal::Rpc(slots)
+            }
         };
         Ok(ActiveListener {
             config: l.clone(),
@@ -1133,15 +1153,7 @@ impl Manager {
                     let Some(l) = self.listeners.get(&name) else {
                         continue;
                     };
-                    match (&l.terminal, built) {
-                        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-                            for (s, p) in slots.iter().zip(proxies) {
-                                s.store(p);
-                            }
-                        }
-                        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-                        _ => {}
-                    }
+                    store_terminal(&l.terminal, built);
                 }
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "listener keeps its previous configuration")
@@ -1154,6 +1166,26 @@ impl Manager {
 enum Built {
     Http(Vec<Arc<HttpProxy>>, ServerConfig),
     Tcp(Arc<TcpProxyShared>),
+    Rpc(Vec<Arc<RpcWorker>>),
+}
+
+/// Publishes a rebuilt terminal into a running listener's slots.
+fn store_terminal(active: &ActiveTerminal, built: Built) -> bool {
+    match (active, built) {
+        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
+            for (s, p) in slots.iter().zip(proxies) {
+                s.store(p);
+            }
+        }
+        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
+        (ActiveTerminal::Rpc(slots), Built::Rpc(workers)) => {
+            for (s, w) in slots.iter().zip(workers) {
+                s.store(w);
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 fn rds_of(l: &Listener) -> Option<&mesh_core::config::Rds> {
@@ -1171,13 +1203,17 @@ fn rds_name(l: &Listener) -> Option<&str> {
 /// limit, terminal kind and downstream connection settings.
 fn same_socket(old: &Listener, new: &Listener) -> bool {
     let server = |l: &Listener| match &l.filter_chains.first()?.terminal {
-        NetworkFilter::HttpConnectionManager(h) => Some(Some((
-            h.codec_type,
-            h.max_request_headers_kb,
-            h.request_headers_timeout,
-            h.idle_timeout,
-        ))),
-        NetworkFilter::TcpProxy(_) => Some(None),
+        NetworkFilter::HttpConnectionManager(h) => Some((
+            0,
+            Some((
+                h.codec_type,
+                h.max_request_headers_kb,
+                h.request_headers_timeout,
+                h.idle_timeout,
+            )),
+        )),
+        NetworkFilter::TcpProxy(_) => Some((1, None)),
+        NetworkFilter::Rpc(_) => Some((2, None)),
     };
     old.address == new.address
         && old.connection_limit == new.connection_limit
@@ -1232,6 +1268,17 @@ fn build_terminal(
             TcpProxyShared::new(t, cm, store)
                 .map_err(|e| format!("listener {:?}: tcp_proxy: {e}", l.name))?,
         ))),
+        NetworkFilter::Rpc(r) => {
+            let shared = Arc::new(
+                RpcShared::new(r, cm, store).map_err(|e| format!("listener {:?}: {e}", l.name))?,
+            );
+            Ok(Built::Rpc(
+                worker_clusters
+                    .iter()
+                    .map(|_| Arc::new(RpcWorker::new(shared.clone(), cm)))
+                    .collect(),
+            ))
+        }
     }
 }
 
