@@ -175,6 +175,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(5)),
                         idle_timeout: None,
+                        hash_policy: Vec::new(),
+                        metadata_match: Default::default(),
                     }),
                 ),
             ],
@@ -183,13 +185,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         headers: HeaderMutations::default(),
     })?;
 
-    let spec = |addr: SocketAddr, weight| EndpointSpec {
-        addr,
-        hostname: addr.ip().to_string(),
-        weight,
-        priority: 0,
-        locality: Default::default(),
-    };
+    let spec = |addr: SocketAddr, weight| EndpointSpec::new(addr).with_weight(weight);
     let backends = Balancer::with_endpoints(LbPolicy::RoundRobin, vec![spec(a, 3), spec(b, 1)]);
 
     let mut gateway = Gateway {

@@ -212,3 +212,71 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# Node peers (sofa-rpc-node): Dubbo and SOFA Bolt
+
+
+def node_available() -> str | None:
+    """Why the Node peers cannot run (None: they can). Under scripts/test
+    (MESH_REQUIRE=1) they must run, so a missing install fails the tests."""
+    if os.environ.get("MESH_REQUIRE") == "1":
+        return None
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE / "node_modules" / "sofa-rpc-node").is_dir():
+        return "tests/node/node_modules is missing (run scripts/test, which runs npm ci)"
+    return None
+
+
+class NodeServer:
+    """`node tests/node/server.js`: a sofa-rpc-node server (bolt or dubbo)
+    whose `whoami` answers its name."""
+
+    def __init__(self, protocol: str, name: str):
+        self.protocol = protocol
+        self.name = name
+        self.proc = None
+        self.port = 0
+
+    def start(self) -> "NodeServer":
+        harness.WORK.mkdir(parents=True, exist_ok=True)
+        self.err = open(harness.WORK / f"node-{self.protocol}-{self.name}-{os.getpid()}.log", "wb")
+        self.proc = subprocess.Popen(
+            ["node", str(NODE / "server.js"), "--protocol", self.protocol, "--name", self.name],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err, cwd=NODE,
+            preexec_fn=harness._die_with_parent)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError(f"node server {self.name} did not start")
+        self.port = json.loads(line)["port"]
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            harness.kill_process(self.proc)
+            self.proc = None
+
+
+def node_calls(protocol: str, port: int, calls: list[dict], concurrency: int = 1,
+               timeout: float = 60.0) -> list[dict]:
+    """Runs `node tests/node/client.js`: each call is {interface?, method,
+    args?, timeout?}; returns [{"ok": value} | {"error": text}] in order."""
+    out = subprocess.run(
+        ["node", str(NODE / "client.js"), "--protocol", protocol, "--port", str(port),
+         "--calls", json.dumps(calls), "--concurrency", str(concurrency)],
+        stdin=subprocess.DEVNULL, capture_output=True, cwd=NODE, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"node client failed ({out.returncode}): {out.stderr.decode()[-2000:]}")
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def dubbo_call(port: int, interface: str, method: str, args=(), attachments=None,
+               version: str = "1.0.0", group=None, timeout: float = 5.0):
+    """One call with the Python Dubbo client (dubbo-ssl-python)."""
+    from dubbo_ssl.client import DubboClient
+
+    c = DubboClient(interface, group, version=version, host=f"127.0.0.1:{port}")
+    return c.call(method, list(args), context=attachments, timeout=timeout)

@@ -94,20 +94,23 @@ impl ClusterManager {
         store: &Store,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
-        Self::build_with(clusters, store, stop, false).await
+        Self::build_with(clusters, "", store, stop, false).await
     }
 
-    /// [`ClusterManager::build`]; with `xds`, EDS clusters are accepted and
-    /// start empty until their endpoints arrive.
+    /// [`ClusterManager::build`] for a proxy in `zone` (zone-aware routing
+    /// prefers endpoints there; empty: unknown). With `xds`, EDS clusters
+    /// are accepted and start empty until their endpoints arrive.
     pub async fn build_with(
         clusters: &[Cluster],
+        zone: &str,
         store: &Store,
         stop: &CancellationToken,
         xds: bool,
     ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
         for (i, c) in clusters.iter().enumerate() {
-            let balancer = Arc::new(Balancer::new(c.lb_policy));
+            let balancer =
+                Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
             let stats = ClusterStats::new(store, &c.name);
             match &c.discovery {
                 DiscoveryType::Static => {

@@ -78,6 +78,8 @@ pub(crate) struct Context {
     pub(crate) drain: Drain,
     pub(crate) stop: CancellationToken,
     pub(crate) max_message_size: usize,
+    /// RPC codecs registered by a Rust program.
+    pub(crate) rpc_codecs: crate::rpc::CodecRegistry,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -982,6 +984,7 @@ impl Manager {
                     &self.cm,
                     &self.routes,
                     &self.cx.store,
+                    &self.cx.rpc_codecs,
                     &mut self.worker_clusters,
                 )?;
                 if !store_terminal(&old.terminal, terminal) {
@@ -1010,6 +1013,7 @@ impl Manager {
             &self.cm,
             &self.routes,
             &self.cx.store,
+            &self.cx.rpc_codecs,
             &mut self.worker_clusters,
         )?;
         let bind = |addr: SocketAddr| {
@@ -1147,6 +1151,7 @@ impl Manager {
                 &self.cm,
                 &self.routes,
                 &self.cx.store,
+                &self.cx.rpc_codecs,
                 &mut self.worker_clusters,
             ) {
                 Ok(built) => {
@@ -1225,6 +1230,7 @@ fn build_terminal(
     cm: &ClusterManager,
     routes: &HashMap<String, RouteConfiguration>,
     store: &Store,
+    codecs: &crate::rpc::CodecRegistry,
     worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
 ) -> Result<Built, String> {
     let chain = l
@@ -1270,7 +1276,8 @@ fn build_terminal(
         ))),
         NetworkFilter::Rpc(r) => {
             let shared = Arc::new(
-                RpcShared::new(r, cm, store).map_err(|e| format!("listener {:?}: {e}", l.name))?,
+                RpcShared::new(r, cm, store, codecs)
+                    .map_err(|e| format!("listener {:?}: {e}", l.name))?,
             );
             Ok(Built::Rpc(
                 worker_clusters

@@ -557,7 +557,20 @@ impl HttpProxy {
             );
         };
         let cstats = &cluster.entry.stats;
-        let Some(endpoint) = cluster.entry.balancer.pick() else {
+        let lb_hash = if action.hash_policy.is_empty() {
+            mesh_lb::hash::RequestHash::default()
+        } else {
+            mesh_lb::hash::request_hash(
+                &action.hash_policy,
+                &req,
+                info.downstream_remote,
+                info.downstream_local,
+            )
+        };
+        let pick = mesh_lb::PickContext::new()
+            .with_hash(lb_hash.hash)
+            .with_metadata_match(choice.metadata_match);
+        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -626,6 +639,7 @@ impl HttpProxy {
         };
         let status = resp.status();
         let service_time_ms = now.elapsed().as_millis() as u64;
+        endpoint.observe_rtt(now.elapsed());
         cstats.record_status(status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
@@ -653,6 +667,13 @@ impl HttpProxy {
             .headers
             .insert(http::header::SERVER, self.shared.server_name.clone());
         rparts.headers.remove(&X_ENVOY_OVERLOADED);
+        // A generated hash-policy cookie, so the client sticks from now on.
+        if let Some(c) = lb_hash
+            .set_cookie
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            rparts.headers.append(http::header::SET_COOKIE, c);
+        }
         rparts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time_ms),

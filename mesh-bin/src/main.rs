@@ -71,6 +71,10 @@ struct RunArgs {
     /// stream with an error naming this limit (default 64 MiB).
     #[arg(long, default_value_t = mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE)]
     xds_max_message_bytes: usize,
+    /// The proxy's zone for zone-aware routing (overrides
+    /// `node.locality.zone`).
+    #[arg(long)]
+    zone: Option<String>,
 }
 
 const QUICKSTART: &str = include_str!("../../examples/configs/quickstart.yaml");
@@ -157,7 +161,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(
-    bootstrap: mesh_core::config::Bootstrap,
+    mut bootstrap: mesh_core::config::Bootstrap,
     json: serde_json::Value,
     run: RunArgs,
     demo: bool,
@@ -172,6 +176,9 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(zone) = &run.zone {
+        bootstrap.node.locality.zone = zone.clone();
+    }
     rt.block_on(async move {
         if demo {
             let upstreams = [
@@ -195,6 +202,7 @@ fn serve(
             drain_time: Duration::from_secs(run.drain_time_s),
             admin_address_path: run.admin_address_path,
             xds_max_message_size: run.xds_max_message_bytes,
+            ..Default::default()
         };
         let proxy = match Proxy::start(bootstrap, options, json).await {
             Ok(p) => p,

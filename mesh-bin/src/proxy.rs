@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub drain_time: Duration,
     /// Where to write the admin address once bound (`--admin-address-path`).
     pub admin_address_path: Option<std::path::PathBuf>,
+    /// RPC codecs registered by a Rust program, for `RpcCodec::Custom`.
+    pub rpc_codecs: crate::rpc::CodecRegistry,
     /// The largest xDS response accepted (`--xds-max-message-bytes`);
     /// larger ones fail the stream with a clear error.
     pub xds_max_message_size: usize,
@@ -54,6 +56,7 @@ impl Default for ProxyOptions {
             runtime: RuntimeMode::PerCore,
             drain_time: Duration::from_secs(5),
             admin_address_path: None,
+            rpc_codecs: Default::default(),
             xds_max_message_size: mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
@@ -204,6 +207,7 @@ impl Proxy {
         let cm = Arc::new(
             ClusterManager::build_with(
                 &bootstrap.clusters,
+                &bootstrap.node.locality.zone,
                 &store,
                 &stop,
                 bootstrap.dynamic_resources.is_some(),
@@ -237,11 +241,10 @@ impl Proxy {
                     };
                     Terminal::Http(Arc::new(shared), server)
                 }
-                NetworkFilter::Rpc(r) => {
-                    Terminal::Rpc(Arc::new(RpcShared::new(r, &cm, &store).map_err(|e| {
-                        StartError::Config(format!("{}.{e}", terminal_path(li, l)))
-                    })?))
-                }
+                NetworkFilter::Rpc(r) => Terminal::Rpc(Arc::new(
+                    RpcShared::new(r, &cm, &store, &options.rpc_codecs)
+                        .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
+                )),
                 NetworkFilter::TcpProxy(t) => Terminal::Tcp(Arc::new(
                     TcpProxyShared::new(t, &cm, &store)
                         .map_err(|e| StartError::Config(format!("{}.{e}", terminal_path(li, l))))?,
@@ -371,6 +374,7 @@ impl Proxy {
                     drain: drain.clone(),
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
+                    rpc_codecs: options.rpc_codecs.clone(),
                 })
                 .map_err(StartError::Config)?,
             ),

@@ -44,13 +44,44 @@ use crate::cluster::{ClusterEntry, ClusterManager};
 /// counted under service and method `other`.
 const MAX_METHOD_STATS: usize = 1000;
 
-/// The codec an [`RpcProxy`] configuration names.
-pub fn codec_for(config: &RpcProxy) -> Arc<dyn Codec> {
-    use mesh_codec::rpc::{bolt, dubbo, thrift};
-    match config.codec {
+/// RPC codecs a Rust program adds by name (see
+/// [`RpcCodec::Custom`]): register them here and pass the registry in
+/// [`ProxyOptions::rpc_codecs`](crate::ProxyOptions::rpc_codecs). No global
+/// registration: each proxy sees exactly the codecs it was given.
+#[derive(Clone, Default)]
+pub struct CodecRegistry {
+    codecs: HashMap<String, Arc<dyn Codec>>,
+}
+
+impl std::fmt::Debug for CodecRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.codecs.keys()).finish()
+    }
+}
+
+impl CodecRegistry {
+    /// Adds (or replaces) a codec under `name`.
+    pub fn register(&mut self, name: impl Into<String>, codec: Arc<dyn Codec>) -> &mut Self {
+        self.codecs.insert(name.into(), codec);
+        self
+    }
+
+    /// The codec registered as `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Codec>> {
+        self.codecs.get(name).cloned()
+    }
+}
+
+/// The codec an [`RpcProxy`] configuration names (`None`: a custom codec
+/// that is not in `registry`).
+pub fn codec_for(config: &RpcProxy, registry: &CodecRegistry) -> Option<Arc<dyn Codec>> {
+    use mesh_codec::rpc::{auto, bolt, dubbo, thrift};
+    Some(match &config.codec {
+        RpcCodec::Custom(name) => return registry.get(name),
+        RpcCodec::Auto => Arc::new(auto::Auto::default()),
         RpcCodec::Dubbo => Arc::new(dubbo::Dubbo),
         RpcCodec::Bolt => Arc::new(bolt::Bolt),
-        RpcCodec::Thrift { framed, protocol } => Arc::new(thrift::Thrift {
+        &RpcCodec::Thrift { framed, protocol } => Arc::new(thrift::Thrift {
             transport: framed.map(|f| {
                 if f {
                     thrift::Transport::Framed
@@ -64,7 +95,7 @@ pub fn codec_for(config: &RpcProxy) -> Arc<dyn Codec> {
                 ThriftProtocol::Compact => thrift::Protocol::Compact,
             }),
         }),
-    }
+    })
 }
 
 /// Stats of one RPC proxy filter.
@@ -161,7 +192,12 @@ pub struct RpcShared {
 
 impl RpcShared {
     /// Compiles the routes and checks every cluster exists.
-    pub fn new(config: &RpcProxy, cm: &ClusterManager, store: &Store) -> Result<Self, String> {
+    pub fn new(
+        config: &RpcProxy,
+        cm: &ClusterManager,
+        store: &Store,
+        codecs: &CodecRegistry,
+    ) -> Result<Self, String> {
         let table = RouteTable::new(&config.route_config)
             .map_err(|e| format!("route_config.{}: {}", e.path, e.message))?;
         for c in table.referenced_clusters() {
@@ -169,7 +205,10 @@ impl RpcShared {
                 return Err(format!("route_config: unknown cluster {c:?}"));
             }
         }
-        let codec = codec_for(config);
+        let codec = codec_for(config, codecs).ok_or_else(|| match &config.codec {
+            RpcCodec::Custom(n) => format!("codec: {n:?} is not a registered RPC codec"),
+            other => format!("codec: {other:?} has no codec"),
+        })?;
         let labels = vec![
             ("mesh_rpc_prefix", config.stat_prefix.clone()),
             ("mesh_rpc_codec", codec.name().to_owned()),

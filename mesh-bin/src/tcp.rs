@@ -113,7 +113,11 @@ impl TcpProxyShared {
         } = accepted;
         self.stats.cx_total.inc();
         let cluster = self.choose();
-        let Some(endpoint) = cluster.balancer.pick() else {
+        // tcp_proxy's hash_policy: only source_ip.
+        let hash =
+            (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
+        let pick = mesh_lb::PickContext::new().with_hash(hash);
+        let Some(endpoint) = cluster.balancer.pick_with(&pick) else {
             cluster.stats.cx_none_healthy.inc();
             self.stats.cx_no_route.inc();
             tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");

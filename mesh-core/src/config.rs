@@ -13,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::lb_config::*;
+
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -144,7 +146,7 @@ pub enum RpcFilter {
 }
 
 /// The protocol of an [`RpcProxy`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RpcCodec {
     /// Apache Thrift; `None` transport/protocol: detected per frame.
     Thrift {
@@ -157,6 +159,11 @@ pub enum RpcCodec {
     Dubbo,
     /// SOFA Bolt v1.
     Bolt,
+    /// Dubbo, Bolt or Thrift, detected from each frame's first bytes.
+    Auto,
+    /// A codec a Rust program registers by this name
+    /// (`mesh_bin::ProxyOptions::rpc_codecs`); not reachable from YAML.
+    Custom(String),
 }
 
 /// Envoy `thrift_proxy.v3.ProtocolType` (the supported subset).
@@ -254,6 +261,8 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `hash_policy` (only `source_ip`).
+    pub hash_policy: Vec<HashPolicy>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.
@@ -462,6 +471,10 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     /// `idle_timeout` per stream.
     pub idle_timeout: Option<Duration>,
+    /// `hash_policy`: how the request hash for ring hash / Maglev is made.
+    pub hash_policy: Vec<HashPolicy>,
+    /// `metadata_match.filter_metadata["envoy.lb"]`: the endpoint subset.
+    pub metadata_match: LbMetadata,
 }
 
 /// Which cluster(s) a route or TCP proxy sends to.
@@ -482,6 +495,8 @@ pub struct WeightedCluster {
     pub weight: u32,
     /// Header mutations of this choice (`request_headers_to_add`, ...).
     pub headers: HeaderMutations,
+    /// `metadata_match` (`envoy.lb`), merged over the route's.
+    pub metadata_match: LbMetadata,
 }
 
 /// Envoy `config.route.v3.RedirectAction`.
@@ -538,6 +553,16 @@ pub enum LbPolicy {
     RoundRobin,
     /// `RANDOM`: weighted random.
     Random,
+    /// `LEAST_REQUEST`: power of two (`choice_count`) choices by active
+    /// requests; weighted as Envoy when weights differ.
+    LeastRequest,
+    /// `RING_HASH`: consistent hashing on a ring (ketama).
+    RingHash,
+    /// `MAGLEV`: consistent hashing with a Maglev lookup table.
+    Maglev,
+    /// Peak EWMA of response latency (linkerd's balancer), typed extension
+    /// `mesh.load_balancing_policies.peak_ewma`.
+    PeakEwma,
 }
 
 /// The protocol used to talk to a cluster's endpoints.
@@ -578,6 +603,9 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: u32,
+    /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
+    /// `lb_subset_config`, `load_assignment.policy`).
+    pub lb: LbConfig,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.
@@ -610,7 +638,7 @@ pub struct LocalityLbEndpoints {
 }
 
 /// Envoy `config.endpoint.v3.LbEndpoint`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbEndpoint {
     /// `endpoint.address.socket_address.address`: an IP for STATIC
     /// clusters, a host name for DNS clusters.
@@ -619,6 +647,10 @@ pub struct LbEndpoint {
     pub port: u16,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+    /// `metadata.filter_metadata["envoy.lb"]`.
+    pub metadata: LbMetadata,
+    /// `health_status`.
+    pub health_status: HealthStatus,
 }
 
 /// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.

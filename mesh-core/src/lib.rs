@@ -15,6 +15,7 @@
 pub mod config;
 pub mod flags;
 pub mod headers;
+mod lb_config;
 pub mod listener;
 pub mod router;
 pub mod stats;

@@ -23,8 +23,8 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::config::{
-    Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, QueryParameterMatcher,
-    RedirectAction, RedirectPath, Route, RouteConfiguration, VirtualHost,
+    Action, ClusterSpecifier, HashPolicy, HeaderMatchKind, HeaderMatcher, LbMetadata, PathMatch,
+    QueryParameterMatcher, RedirectAction, RedirectPath, Route, RouteConfiguration, VirtualHost,
 };
 use crate::headers::CompiledMutations;
 use crate::view::RequestView;
@@ -138,6 +138,9 @@ pub struct CompiledRouteAction {
     pub timeout: Option<Duration>,
     /// `idle_timeout`.
     pub idle_timeout: Option<Duration>,
+    /// `hash_policy`.
+    pub hash_policy: Vec<HashPolicy>,
+    metadata_match: LbMetadata,
 }
 
 #[derive(Debug)]
@@ -145,7 +148,7 @@ enum Clusters {
     One(Arc<str>),
     Weighted {
         total: u64,
-        choices: Vec<(Arc<str>, u64, CompiledMutations)>,
+        choices: Vec<(Arc<str>, u64, CompiledMutations, LbMetadata)>,
     },
 }
 
@@ -156,6 +159,9 @@ pub struct ClusterChoice<'a> {
     pub name: &'a Arc<str>,
     /// Header mutations of a weighted-cluster choice (applied first).
     pub headers: Option<&'a CompiledMutations>,
+    /// The endpoint subset wanted (`metadata_match`, `envoy.lb`): the
+    /// route's, with a weighted-cluster choice's keys over it.
+    pub metadata_match: &'a LbMetadata,
 }
 
 impl CompiledRouteAction {
@@ -166,23 +172,26 @@ impl CompiledRouteAction {
             Clusters::One(name) => ClusterChoice {
                 name,
                 headers: None,
+                metadata_match: &self.metadata_match,
             },
             Clusters::Weighted { total, choices } => {
                 let mut pick = fastrand::u64(0..*total);
-                for (name, weight, headers) in choices {
+                for (name, weight, headers, metadata_match) in choices {
                     if pick < *weight {
                         return ClusterChoice {
                             name,
                             headers: Some(headers),
+                            metadata_match,
                         };
                     }
                     pick -= weight;
                 }
                 // Unreachable when weights sum to `total`; fall back to the last.
-                let (name, _, headers) = &choices[choices.len() - 1];
+                let (name, _, headers, metadata_match) = &choices[choices.len() - 1];
                 ClusterChoice {
                     name,
                     headers: Some(headers),
+                    metadata_match,
                 }
             }
         }
@@ -519,7 +528,14 @@ fn compile_route(r: &Route, path: &str) -> Result<CompiledRoute, RouteError> {
                         })?;
                         if w.weight > 0 {
                             total += u64::from(w.weight);
-                            choices.push((Arc::from(w.name.as_str()), u64::from(w.weight), h));
+                            let mut metadata = a.metadata_match.clone();
+                            metadata.extend(w.metadata_match.clone());
+                            choices.push((
+                                Arc::from(w.name.as_str()),
+                                u64::from(w.weight),
+                                h,
+                                metadata,
+                            ));
                         }
                     }
                     if total == 0 {
@@ -557,6 +573,8 @@ fn compile_route(r: &Route, path: &str) -> Result<CompiledRoute, RouteError> {
                 host_rewrite,
                 timeout: a.timeout,
                 idle_timeout: a.idle_timeout,
+                hash_policy: a.hash_policy.clone(),
+                metadata_match: a.metadata_match.clone(),
             })
         }
         Action::DirectResponse { status, body } => CompiledAction::DirectResponse {

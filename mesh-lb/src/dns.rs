@@ -31,6 +31,9 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                 weight: ep.weight,
                 priority: loc.priority,
                 locality: loc.locality.clone(),
+                locality_weight: loc.load_balancing_weight,
+                metadata: ep.metadata.clone(),
+                health_status: ep.health_status,
             });
         }
     }
@@ -87,6 +90,9 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     weight: ep.weight,
                     priority: loc.priority,
                     locality: loc.locality.clone(),
+                    locality_weight: loc.load_balancing_weight,
+                    metadata: ep.metadata.clone(),
+                    health_status: ep.health_status,
                 });
             }
         }
@@ -141,6 +147,7 @@ mod tests {
                         host: h.to_string(),
                         port: 80,
                         weight: 1,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()
@@ -150,6 +157,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
+            lb: Default::default(),
         }
     }
 

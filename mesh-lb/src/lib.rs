@@ -1,34 +1,80 @@
 //! mesh-lb: from a changing set of endpoints to one endpoint per request.
 //!
-//! - [`Endpoint`]: one upstream address with its weight, locality, priority
-//!   and live stats (active requests, totals, connect failures); the same
-//!   `Arc<Endpoint>` survives endpoint-set updates that keep its address, so
-//!   its stats (and, later, its health and latency state) are not reset.
-//! - [`Balancer`]: picks an endpoint. Round robin is *smooth* weighted round
-//!   robin (nginx's algorithm, precomputed into a schedule), so uneven
-//!   weights interleave instead of bursting to one endpoint; picking is one
-//!   atomic increment. Random is weighted random over the same schedule.
-//!   Only the highest priority level that has endpoints is used (priority
-//!   spill-over by health arrives with health checking).
+//! - [`Endpoint`]: one upstream address with its weight, locality, priority,
+//!   metadata and live state (active requests, totals, health flags, peak
+//!   EWMA latency); the same `Arc<Endpoint>` survives endpoint-set updates
+//!   that keep it, so its state is not reset.
+//! - [`Balancer`]: picks an endpoint for a request, by Envoy's policies
+//!   ([`LbPolicy`]): smooth weighted round robin, weighted random, least
+//!   request (power of two choices, Envoy's weighting), ring hash and Maglev
+//!   (the same hashes as Envoy, so the same key reaches the same endpoint),
+//!   and peak EWMA latency (linkerd's). On top of any policy: priority
+//!   levels with Envoy's overprovisioning factor and panic threshold,
+//!   locality weights, zone-aware routing (the rules are in the source of
+//!   the `priority` module) and subsets by endpoint metadata
+//!   (`lb_subset_config`).
+//! - [`hash`]: the request hash of a route's `hash_policy` (header, cookie,
+//!   source IP, query parameter).
 //! - [`dns`]: STRICT_DNS and LOGICAL_DNS discovery that feeds a balancer.
+//! - [`HealthFlags`]: per-endpoint health written by health checking and
+//!   outlier detection, read by the balancer.
 //!
 //! The balancer is read-copy-update: an update builds a new endpoint set and
-//! swaps it in; picks in flight keep the set they started with.
+//! swaps it in; picks in flight keep the set they started with. No pick is
+//! linear in the number of endpoints (see the table in the `picker` module).
+//!
+//! # Using mesh-lb on its own
+//!
+//! A Rust service can balance its own outbound calls:
+//!
+//! ```
+//! use std::time::Duration;
+//! use mesh_lb::{Balancer, EndpointSpec, PickContext};
+//! use mesh_core::config::{LbConfig, LbPolicy};
+//!
+//! let backends = Balancer::with_config(LbPolicy::RingHash, LbConfig::default());
+//! backends.update(vec![
+//!     EndpointSpec::new("10.0.0.1:8080".parse().unwrap()),
+//!     EndpointSpec::new("10.0.0.2:8080".parse().unwrap()).with_weight(2),
+//! ]);
+//! // The same user always reaches the same backend.
+//! let key = mesh_lb::hash::xxhash64(b"user-42");
+//! let ctx = PickContext::new().with_hash(Some(key));
+//! let first = backends.pick_with(&ctx).unwrap();
+//! assert_eq!(backends.pick_with(&ctx).unwrap().addr, first.addr);
+//!
+//! // Report latency and load so least-request / peak EWMA can use them.
+//! let _in_flight = first.stats.rq_active.get();
+//! first.observe_rtt(Duration::from_millis(3));
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod dns;
+pub mod ewma;
+pub mod hash;
 pub mod health;
+mod maglev;
+mod picker;
+mod priority;
+mod ring_hash;
+mod subset;
 
+pub use ewma::RttEstimate;
 pub use health::HealthFlags;
+pub use maglev::is_prime;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mesh_core::config::{LbPolicy, Locality};
+use mesh_core::config::{HealthStatus, LbConfig, LbMetadata, LbPolicy, Locality, SubsetFallback};
 use mesh_core::stats::{Counter, Gauge};
+
+use priority::HostGroup;
+use subset::Subsets;
 
 /// Live per-endpoint counters, shown on the admin `/clusters` page.
 #[derive(Debug, Default)]
@@ -56,10 +102,74 @@ pub struct Endpoint {
     pub priority: u32,
     /// Locality.
     pub locality: Locality,
+    /// The locality's `load_balancing_weight` (0 when not set).
+    pub locality_weight: u32,
+    /// `metadata.filter_metadata["envoy.lb"]`, for subsets.
+    pub metadata: LbMetadata,
     /// Live counters.
     pub stats: EndpointStats,
     /// Health flags (active health checking, outlier detection, discovery).
     pub health: HealthFlags,
+    /// Peak EWMA of the time to response headers.
+    pub rtt: RttEstimate,
+}
+
+impl Endpoint {
+    /// Records the time from sending a request to its response headers,
+    /// for the peak EWMA balancer. Call it when the response headers
+    /// arrive.
+    pub fn observe_rtt(&self, rtt: Duration) {
+        self.rtt.observe_at(rtt, tokio::time::Instant::now());
+    }
+
+    fn new(s: EndpointSpec, config: &LbConfig) -> Self {
+        let health_status = s.health_status;
+        let e = Endpoint {
+            addr: s.addr,
+            hostname: s.hostname,
+            weight: s.weight.max(1),
+            priority: s.priority,
+            locality: s.locality,
+            locality_weight: s.locality_weight.unwrap_or(0),
+            metadata: s.metadata,
+            stats: EndpointStats::default(),
+            health: HealthFlags::default(),
+            rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
+        };
+        e.apply_health_status(health_status);
+        e
+    }
+
+    /// Sets the discovery-reported health flags; true when they changed.
+    fn apply_health_status(&self, h: HealthStatus) -> bool {
+        let (failed, degraded) = match h {
+            HealthStatus::Unknown | HealthStatus::Healthy => (false, false),
+            HealthStatus::Unhealthy => (true, false),
+            HealthStatus::Degraded => (false, true),
+        };
+        let mut changed = false;
+        for (flag, on) in [
+            (HealthFlags::FAILED_EDS_HEALTH, failed),
+            (HealthFlags::DEGRADED, degraded),
+        ] {
+            changed |= if on {
+                self.health.set(flag)
+            } else {
+                self.health.clear(flag)
+            };
+        }
+        changed
+    }
+
+    fn same(&self, s: &EndpointSpec) -> bool {
+        self.addr == s.addr
+            && self.weight == s.weight.max(1)
+            && self.priority == s.priority
+            && self.locality == s.locality
+            && self.hostname == s.hostname
+            && self.locality_weight == s.locality_weight.unwrap_or(0)
+            && self.metadata == s.metadata
+    }
 }
 
 /// The description of an endpoint, before it becomes an [`Endpoint`].
@@ -75,102 +185,162 @@ pub struct EndpointSpec {
     pub priority: u32,
     /// Locality.
     pub locality: Locality,
+    /// The locality's `load_balancing_weight`.
+    pub locality_weight: Option<u32>,
+    /// `metadata.filter_metadata["envoy.lb"]`.
+    pub metadata: LbMetadata,
+    /// The health discovery reports (`health_status`): sets or clears
+    /// [`HealthFlags::FAILED_EDS_HEALTH`] and [`HealthFlags::DEGRADED`].
+    pub health_status: HealthStatus,
 }
 
-/// An immutable set of endpoints with its pick schedule.
-#[derive(Debug, Default)]
+impl EndpointSpec {
+    /// An endpoint at `addr` with weight 1, priority 0, no locality.
+    pub fn new(addr: SocketAddr) -> Self {
+        EndpointSpec {
+            addr,
+            hostname: addr.ip().to_string(),
+            weight: 1,
+            priority: 0,
+            locality: Locality::default(),
+            locality_weight: None,
+            metadata: LbMetadata::new(),
+            health_status: HealthStatus::Unknown,
+        }
+    }
+
+    /// With load-balancing weight `w`.
+    pub fn with_weight(mut self, w: u32) -> Self {
+        self.weight = w;
+        self
+    }
+
+    /// At priority level `p`.
+    pub fn with_priority(mut self, p: u32) -> Self {
+        self.priority = p;
+        self
+    }
+
+    /// In locality `l`.
+    pub fn with_locality(mut self, l: Locality) -> Self {
+        self.locality = l;
+        self
+    }
+
+    /// With subset metadata `m`.
+    pub fn with_metadata(mut self, m: LbMetadata) -> Self {
+        self.metadata = m;
+        self
+    }
+
+    /// With the health discovery reports.
+    pub fn with_health_status(mut self, h: HealthStatus) -> Self {
+        self.health_status = h;
+        self
+    }
+}
+
+/// What a request brings to a pick besides itself.
+#[derive(Debug, Default, Clone, Copy)]
+#[non_exhaustive]
+pub struct PickContext<'a> {
+    /// The request hash (route `hash_policy`) for ring hash and Maglev;
+    /// also chooses the priority level. `None` picks at random.
+    pub hash: Option<u64>,
+    /// The subset wanted (route `metadata_match`, `envoy.lb`).
+    pub metadata_match: Option<&'a LbMetadata>,
+}
+
+impl<'a> PickContext<'a> {
+    /// An empty context.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With a request hash.
+    pub fn with_hash(mut self, hash: Option<u64>) -> Self {
+        self.hash = hash;
+        self
+    }
+
+    /// With a subset to pick from.
+    pub fn with_metadata_match(mut self, m: &'a LbMetadata) -> Self {
+        self.metadata_match = Some(m);
+        self
+    }
+}
+
+/// The balancer's fixed settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) policy: LbPolicy,
+    pub(crate) config: LbConfig,
+    pub(crate) local_zone: Option<String>,
+}
+
+/// An immutable set of endpoints with its pick structures.
+#[derive(Debug)]
 pub struct EndpointSet {
     /// Every endpoint, all priorities.
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// Indices into `endpoints`, in smooth-WRR order, for the priority level in use.
-    schedule: Vec<u32>,
-}
-
-/// The longest schedule we precompute; larger weight sums are scaled down.
-const MAX_SCHEDULE: u64 = 1 << 14;
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
+    root: HostGroup,
+    subsets: Option<Subsets>,
 }
 
 impl EndpointSet {
-    fn build(endpoints: Vec<Arc<Endpoint>>) -> Self {
-        // Healthy endpoints of the highest priority level that has any; when
-        // none is healthy anywhere, every endpoint (panic mode).
-        let any_healthy = endpoints.iter().any(|e| e.health.is_healthy());
-        let usable = |e: &Endpoint| !any_healthy || e.health.is_healthy();
-        let Some(top) = endpoints
-            .iter()
-            .filter(|e| usable(e))
-            .map(|e| e.priority)
-            .min()
-        else {
-            return EndpointSet {
-                endpoints,
-                schedule: Vec::new(),
-            };
-        };
-        let level: Vec<(usize, u64)> = endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.priority == top && usable(e))
-            .map(|(i, e)| (i, u64::from(e.weight.max(1))))
-            .collect();
-        let g = level.iter().fold(0, |g, (_, w)| gcd(g, *w));
-        let mut weights: Vec<u64> = level.iter().map(|(_, w)| w / g.max(1)).collect();
-        let sum: u64 = weights.iter().sum();
-        if sum > MAX_SCHEDULE {
-            let scale = sum as f64 / MAX_SCHEDULE as f64;
-            for w in &mut weights {
-                *w = ((*w as f64 / scale).round() as u64).max(1);
-            }
-        }
-        let total: i64 = weights.iter().sum::<u64>() as i64;
-        let mut current = vec![0i64; weights.len()];
-        let mut schedule = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            let mut best = 0;
-            for (j, w) in weights.iter().enumerate() {
-                current[j] += *w as i64;
-                if current[j] > current[best] {
-                    best = j;
-                }
-            }
-            current[best] -= total;
-            schedule.push(level[best].0 as u32);
-        }
+    fn build(endpoints: Vec<Arc<Endpoint>>, s: &Settings) -> Self {
+        let root = HostGroup::build(&endpoints, s);
+        let subsets = s
+            .config
+            .subset
+            .as_ref()
+            .map(|c| Subsets::build(&endpoints, c, s));
         EndpointSet {
             endpoints,
-            schedule,
+            root,
+            subsets,
         }
     }
 
-    /// True when no endpoint can be picked.
+    /// True when no endpoint can be picked (without a subset).
     pub fn is_empty(&self) -> bool {
-        self.schedule.is_empty()
+        self.root.is_empty()
     }
 }
 
 /// Picks endpoints by a policy over a swappable endpoint set.
 #[derive(Debug)]
 pub struct Balancer {
-    policy: LbPolicy,
+    settings: Settings,
     set: ArcSwap<EndpointSet>,
-    next: AtomicUsize,
 }
 
 impl Balancer {
-    /// A balancer with no endpoints yet.
+    /// A balancer with no endpoints yet and default settings.
     pub fn new(policy: LbPolicy) -> Self {
-        Balancer {
+        Self::with_config(policy, LbConfig::default())
+    }
+
+    /// A balancer with no endpoints yet.
+    pub fn with_config(policy: LbPolicy, config: LbConfig) -> Self {
+        let settings = Settings {
             policy,
-            set: ArcSwap::from_pointee(EndpointSet::default()),
-            next: AtomicUsize::new(0),
+            config,
+            local_zone: None,
+        };
+        let set = EndpointSet::build(Vec::new(), &settings);
+        Balancer {
+            settings,
+            set: ArcSwap::from_pointee(set),
         }
+    }
+
+    /// Sets the proxy's own zone, for zone-aware routing (call before the
+    /// first update).
+    pub fn with_local_zone(mut self, zone: impl Into<String>) -> Self {
+        let z: String = zone.into();
+        self.settings.local_zone = (!z.is_empty()).then_some(z);
+        self
     }
 
     /// A balancer over `specs`.
@@ -182,22 +352,37 @@ impl Balancer {
 
     /// The load-balancing policy.
     pub fn policy(&self) -> LbPolicy {
-        self.policy
+        self.settings.policy
     }
 
-    /// Picks one endpoint, or `None` when there is none.
+    /// The settings the balancer was made with.
+    pub fn config(&self) -> &LbConfig {
+        &self.settings.config
+    }
+
+    /// Picks one endpoint for a request that brings nothing (no hash, no
+    /// subset), or `None` when there is none.
     #[inline]
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        self.pick_with(&PickContext::default())
+    }
+
+    /// Picks one endpoint for a request with a hash and/or subset.
+    pub fn pick_with(&self, ctx: &PickContext<'_>) -> Option<Arc<Endpoint>> {
         let set = self.set.load();
-        let len = set.schedule.len();
-        if len == 0 {
-            return None;
-        }
-        let slot = match self.policy {
-            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % len,
-            LbPolicy::Random => fastrand::usize(0..len),
+        let s = &self.settings;
+        let group = match &set.subsets {
+            None => &set.root,
+            Some(subsets) => match subsets.find(ctx.metadata_match) {
+                Some(g) => g,
+                None => match s.config.subset.as_ref().map(|c| c.fallback_policy) {
+                    Some(SubsetFallback::AnyEndpoint) | None => &set.root,
+                    Some(SubsetFallback::DefaultSubset) => subsets.default_group()?,
+                    Some(SubsetFallback::NoFallback) => return None,
+                },
+            },
         };
-        Some(set.endpoints[set.schedule[slot] as usize].clone())
+        group.pick(s, ctx.hash).cloned()
     }
 
     /// The current endpoint set.
@@ -205,55 +390,57 @@ impl Balancer {
         self.set.load_full()
     }
 
-    /// Recomputes the pick schedule after an endpoint's [`HealthFlags`]
-    /// changed (called by health checking and outlier detection).
+    /// Recomputes priority loads, panic state and pick structures after an
+    /// endpoint's [`HealthFlags`] changed (called by health checking and
+    /// outlier detection).
     pub fn health_changed(&self) {
         let old = self.set.load_full();
-        self.set
-            .store(Arc::new(EndpointSet::build(old.endpoints.clone())));
+        self.set.store(Arc::new(EndpointSet::build(
+            old.endpoints.clone(),
+            &self.settings,
+        )));
     }
 
-    /// Replaces the endpoint set. Endpoints whose address and metadata stay
-    /// the same keep their `Arc<Endpoint>` (and stats). Returns whether
-    /// anything changed.
+    /// Replaces the endpoint set. Endpoints whose address and attributes
+    /// stay the same keep their `Arc<Endpoint>` (stats, health, latency).
+    /// Returns whether anything changed.
     pub fn update(&self, specs: Vec<EndpointSpec>) -> bool {
         let old = self.set.load_full();
         let same = old.endpoints.len() == specs.len()
-            && old.endpoints.iter().zip(&specs).all(|(e, s)| {
-                e.addr == s.addr
-                    && e.weight == s.weight.max(1)
-                    && e.priority == s.priority
-                    && e.locality == s.locality
-                    && e.hostname == s.hostname
-            });
+            && old.endpoints.iter().zip(&specs).all(|(e, s)| e.same(s));
         if same {
-            return false;
+            // Only health reported by discovery may have changed.
+            let mut changed = false;
+            for (e, s) in old.endpoints.iter().zip(&specs) {
+                changed |= e.apply_health_status(s.health_status);
+            }
+            if changed {
+                self.health_changed();
+            }
+            return changed;
+        }
+        let mut by_addr: HashMap<SocketAddr, Vec<&Arc<Endpoint>>> = HashMap::new();
+        for e in &old.endpoints {
+            by_addr.entry(e.addr).or_default().push(e);
         }
         let endpoints = specs
             .into_iter()
             .map(|s| {
-                let existing = old.endpoints.iter().find(|e| {
-                    e.addr == s.addr
-                        && e.weight == s.weight.max(1)
-                        && e.priority == s.priority
-                        && e.locality == s.locality
-                        && e.hostname == s.hostname
+                let existing = by_addr.get_mut(&s.addr).and_then(|v| {
+                    let i = v.iter().position(|e| e.same(&s))?;
+                    Some(v.swap_remove(i))
                 });
                 match existing {
-                    Some(e) => e.clone(),
-                    None => Arc::new(Endpoint {
-                        addr: s.addr,
-                        hostname: s.hostname,
-                        weight: s.weight.max(1),
-                        priority: s.priority,
-                        locality: s.locality,
-                        stats: EndpointStats::default(),
-                        health: HealthFlags::default(),
-                    }),
+                    Some(e) => {
+                        e.apply_health_status(s.health_status);
+                        e.clone()
+                    }
+                    None => Arc::new(Endpoint::new(s, &self.settings.config)),
                 }
             })
             .collect();
-        self.set.store(Arc::new(EndpointSet::build(endpoints)));
+        self.set
+            .store(Arc::new(EndpointSet::build(endpoints, &self.settings)));
         true
     }
 }
@@ -263,13 +450,9 @@ mod tests {
     use super::*;
 
     fn spec(port: u16, weight: u32, priority: u32) -> EndpointSpec {
-        EndpointSpec {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            hostname: "127.0.0.1".into(),
-            weight,
-            priority,
-            locality: Locality::default(),
-        }
+        EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
+            .with_weight(weight)
+            .with_priority(priority)
     }
 
     #[test]
@@ -279,7 +462,11 @@ mod tests {
             vec![spec(1, 1, 0), spec(2, 1, 0), spec(3, 1, 0)],
         );
         let ports: Vec<u16> = (0..6).map(|_| b.pick().unwrap().addr.port()).collect();
-        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3]);
+        // Starts anywhere (so that workers do not all start on the first
+        // endpoint), then cycles.
+        let start = ports[0];
+        let expected: Vec<u16> = (0..6).map(|i| (start - 1 + i) % 3 + 1).collect();
+        assert_eq!(ports, expected);
     }
 
     #[test]
@@ -330,7 +517,9 @@ mod tests {
             .health
             .set(HealthFlags::FAILED_OUTLIER_CHECK);
         b.health_changed();
-        assert_eq!(b.endpoints().schedule.len(), 2, "all unhealthy: panic mode");
+        let picked: std::collections::HashSet<u16> =
+            (0..20).map(|_| b.pick().unwrap().addr.port()).collect();
+        assert_eq!(picked.len(), 2, "all unhealthy: panic mode serves both");
         assert!(b.update(vec![]));
         assert!(b.pick().is_none());
     }

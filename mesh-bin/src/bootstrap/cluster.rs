@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use mesh_core::config::{
-    Cluster, DiscoveryType, DnsLookupFamily, LbEndpoint, LbPolicy, LocalityLbEndpoints,
+    Cluster, DiscoveryType, DnsLookupFamily, LbConfig, LbEndpoint, LbPolicy, LocalityLbEndpoints,
     UpstreamProtocol,
 };
 
@@ -24,7 +24,7 @@ const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolO
 const HTTP_OPTIONS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-const LB_REASON: &str = "arrives with the load-balancing work";
+const LB_REASON: &str = "use load_balancing_policy or a named lb_policy";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -109,16 +109,10 @@ fn cluster(
     if connect_timeout.is_zero() {
         cx.error(&ct_path, "must be greater than 0s");
     }
-    let refused: Vec<(&str, &str)> = [
-        "LEAST_REQUEST",
-        "RING_HASH",
-        "MAGLEV",
-        "CLUSTER_PROVIDED",
-        "LOAD_BALANCING_POLICY_CONFIG",
-    ]
-    .iter()
-    .map(|p| (*p, LB_REASON))
-    .collect();
+    let refused: Vec<(&str, &str)> = ["CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"]
+        .iter()
+        .map(|p| (*p, LB_REASON))
+        .collect();
     let lb_policy = o
         .enumeration(
             cx,
@@ -126,10 +120,14 @@ fn cluster(
             &[
                 ("ROUND_ROBIN", LbPolicy::RoundRobin),
                 ("RANDOM", LbPolicy::Random),
+                ("LEAST_REQUEST", LbPolicy::LeastRequest),
+                ("RING_HASH", LbPolicy::RingHash),
+                ("MAGLEV", LbPolicy::Maglev),
             ],
             &refused,
         )
         .unwrap_or_default();
+    let (lb_policy, mut lb) = super::lb::cluster_lb(cx, &mut o, lb_policy);
 
     let la_path = o.at("load_assignment");
     let localities = if kind == Kind::Eds {
@@ -141,7 +139,7 @@ fn cluster(
         Vec::new()
     } else {
         match o.obj(cx, "load_assignment") {
-            Some(la) => load_assignment(cx, la, kind),
+            Some(la) => load_assignment(cx, la, kind, &mut lb),
             None => Vec::new(),
         }
     };
@@ -208,6 +206,7 @@ fn cluster(
         dns_lookup_family,
         idle_timeout,
         per_connection_buffer_limit_bytes,
+        lb,
     })
 }
 
@@ -215,8 +214,33 @@ pub(crate) fn load_assignment(
     cx: &mut Ctx,
     mut o: Obj<'_>,
     kind: Kind,
+    lb: &mut LbConfig,
 ) -> Vec<LocalityLbEndpoints> {
     o.req_string(cx, "cluster_name");
+    if let Some(mut p) = o.obj(cx, "policy") {
+        let path = p.at("overprovisioning_factor");
+        let factor = match p.peek("overprovisioning_factor") {
+            Some(serde_json::Value::Object(_)) => {
+                p.obj(cx, "overprovisioning_factor").and_then(|mut w| {
+                    let v = w.u32(cx, "value");
+                    w.finish(cx);
+                    v
+                })
+            }
+            _ => p.u32(cx, "overprovisioning_factor"),
+        };
+        match factor {
+            Some(0) => cx.error(&path, "must be greater than 0"),
+            Some(f) => lb.overprovisioning_factor = f,
+            None => {}
+        }
+        if let Some(b) = p.bool(cx, "weighted_priority_health") {
+            lb.weighted_priority_health = b;
+        }
+        p.empty_list(cx, "drop_overloads", "drop_overloads is not supported");
+        p.finish(cx);
+    }
+    let mut seen: HashMap<(String, u16), String> = HashMap::new();
     let mut out = Vec::new();
     for (path, v) in o.list(cx, "endpoints") {
         let Some(mut l) = Obj::new(cx, path, v) else {
@@ -238,8 +262,21 @@ pub(crate) fn load_assignment(
         }
         let mut lb_endpoints = Vec::new();
         for (epath, ev) in l.list(cx, "lb_endpoints") {
-            if let Some(e) = Obj::new(cx, epath, ev) {
-                lb_endpoints.extend(lb_endpoint(cx, e, kind));
+            if let Some(e) = Obj::new(cx, epath.clone(), ev) {
+                if let Some(ep) = lb_endpoint(cx, e, kind) {
+                    // The same address twice would double its share and
+                    // split its state; Envoy keeps one host per address.
+                    let key = (ep.host.clone(), ep.port);
+                    if let Some(first) = seen.get(&key) {
+                        cx.error(
+                            &epath,
+                            format!("duplicate endpoint {}:{} (also {first})", ep.host, ep.port),
+                        );
+                        continue;
+                    }
+                    seen.insert(key, epath);
+                    lb_endpoints.push(ep);
+                }
             }
         }
         l.finish(cx);
@@ -291,6 +328,11 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
     if weight == 0 {
         cx.error(&weight_path, "must be at least 1");
     }
+    let metadata = match o.obj(cx, "metadata") {
+        Some(m) => super::lb::lb_metadata(cx, m),
+        None => Default::default(),
+    };
+    let health_status = super::lb::health_status(cx, &mut o);
     o.finish(cx);
     let (host, port, host_path) = endpoint?;
     if kind == Kind::Static && host.parse::<IpAddr>().is_err() {
@@ -300,7 +342,13 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         );
         return None;
     }
-    Some(LbEndpoint { host, port, weight })
+    Some(LbEndpoint {
+        host,
+        port,
+        weight,
+        metadata,
+        health_status,
+    })
 }
 
 /// `typed_extension_protocol_options`: the upstream protocol and idle

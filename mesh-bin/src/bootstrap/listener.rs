@@ -321,6 +321,7 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
                     name: name.unwrap_or_default(),
                     weight: weight.unwrap_or(0),
                     headers: Default::default(),
+                    metadata_match: Default::default(),
                 });
             }
         }
@@ -341,12 +342,14 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
     };
     let idle_timeout = o.timeout(cx, "idle_timeout", Some(ONE_HOUR));
     let access_log = access_logs(cx, &mut o);
+    let hash_policy = super::lb::hash_policies(cx, &mut o, true);
     o.finish(cx);
     TcpProxy {
         stat_prefix,
         cluster,
         idle_timeout,
         access_log,
+        hash_policy,
     }
 }
 

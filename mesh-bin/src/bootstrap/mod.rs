@@ -23,6 +23,7 @@ use serde_json::Value;
 mod cluster;
 mod hcm;
 mod headers;
+mod lb;
 mod listener;
 mod reader;
 mod route;

@@ -407,6 +407,8 @@ fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
     let host_rewrite_literal = o.string(cx, "host_rewrite_literal");
     let timeout = o.timeout(cx, "timeout", Some(ROUTE_TIMEOUT));
     let idle_timeout = o.timeout(cx, "idle_timeout", None);
+    let hash_policy = super::lb::hash_policies(cx, &mut o, false);
+    let metadata_match = super::lb::metadata_match(cx, &mut o);
     o.finish(cx);
     RouteAction {
         cluster,
@@ -415,6 +417,8 @@ fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
         host_rewrite_literal,
         timeout,
         idle_timeout,
+        hash_policy,
+        metadata_match,
     }
 }
 
@@ -433,11 +437,13 @@ pub(crate) fn weighted_clusters(cx: &mut Ctx, mut o: Obj<'_>) -> ClusterSpecifie
         let weight = c.u32(cx, "weight").unwrap_or(0);
         sum += u64::from(weight);
         let headers = header_mutations(cx, &mut c);
+        let metadata_match = super::lb::metadata_match(cx, &mut c);
         c.finish(cx);
         out.push(WeightedCluster {
             name,
             weight,
             headers,
+            metadata_match,
         });
     }
     if out.is_empty() {

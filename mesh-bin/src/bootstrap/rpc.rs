@@ -63,6 +63,8 @@ fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
         host_rewrite_literal: None,
         timeout,
         idle_timeout: None,
+        hash_policy: Vec::new(),
+        metadata_match: Default::default(),
     }
 }
 
@@ -426,20 +428,16 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     let codec = match o.enumeration(
         cx,
         "codec",
-        &[
-            ("bolt", Some(RpcCodec::Bolt)),
-            ("dubbo", Some(RpcCodec::Dubbo)),
-            (
-                "thrift",
-                Some(RpcCodec::Thrift {
-                    framed: None,
-                    protocol: None,
-                }),
-            ),
-        ],
+        &[("auto", 0u8), ("bolt", 1), ("dubbo", 2), ("thrift", 3)],
         &[],
     ) {
-        Some(c) => c,
+        Some(0) => Some(RpcCodec::Auto),
+        Some(1) => Some(RpcCodec::Bolt),
+        Some(2) => Some(RpcCodec::Dubbo),
+        Some(_) => Some(RpcCodec::Thrift {
+            framed: None,
+            protocol: None,
+        }),
         None => {
             if !o.has("codec") {
                 cx.missing(&o.at("codec"));

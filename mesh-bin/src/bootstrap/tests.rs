@@ -178,6 +178,8 @@ fn bench_config_loads() {
                         host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(15)),
                         idle_timeout: None,
+                        hash_policy: vec![],
+                        metadata_match: Default::default(),
                     }),
                     headers: HeaderMutations::default(),
                 }],
@@ -215,6 +217,8 @@ fn bench_config_loads() {
                     host: "127.0.0.1".into(),
                     port: 18080,
                     weight: 1,
+                    metadata: Default::default(),
+                    health_status: Default::default(),
                 }],
             }],
             protocol: UpstreamProtocol::Http2,
@@ -222,6 +226,7 @@ fn bench_config_loads() {
             dns_lookup_family: DnsLookupFamily::Auto,
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
+            lb: Default::default(),
         }]
     );
 }
@@ -619,6 +624,7 @@ fn tcp_proxy() {
             cluster: ClusterSpecifier::Cluster("upstream".into()),
             idle_timeout: None,
             access_log: vec![AccessLog::Stderr],
+            hash_policy: vec![],
         })
     );
 
@@ -1167,12 +1173,16 @@ fn cluster_options() {
             LbEndpoint {
                 host: "backend.local".into(),
                 port: 80,
-                weight: 3
+                weight: 3,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
                 port: 81,
-                weight: 1
+                weight: 1,
+                metadata: Default::default(),
+                health_status: Default::default(),
             },
         ]
     );
@@ -1226,6 +1236,7 @@ fn eds_and_logical_dns_clusters() {
     let eps = cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"].clone();
     let mut two = eps.as_array().expect("list").clone();
     two.extend(eps.as_array().expect("list").iter().cloned());
+    two[1]["endpoint"]["address"]["socket_address"]["port_value"] = json!(9999);
     cluster_json(&mut v)["load_assignment"]["endpoints"][0]["lb_endpoints"] = json!(two);
     assert_eq!(
         errs(&v),
@@ -1237,7 +1248,7 @@ fn eds_and_logical_dns_clusters() {
 fn cluster_errors() {
     let mut v = bench();
     let c = cluster_json(&mut v);
-    c["lb_policy"] = json!("LEAST_REQUEST");
+    c["lb_policy"] = json!("CLUSTER_PROVIDED");
     c["type"] = json!("STATIC");
     c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         ["socket_address"]["address"] = json!("backend.local");
@@ -1253,7 +1264,7 @@ fn cluster_errors() {
     assert_eq!(
         errs(&v),
         vec![
-            format!("unsupported: {CLUSTER_PATH}.lb_policy (LEAST_REQUEST: arrives with the load-balancing work)"),
+            format!("unsupported: {CLUSTER_PATH}.lb_policy (CLUSTER_PROVIDED: use load_balancing_policy or a named lb_policy)"),
             format!("{ep}.load_balancing_weight: must be at least 1"),
             format!("{ep}.endpoint.address.socket_address.address: STATIC clusters need an IP address, found \"backend.local\" (use STRICT_DNS or LOGICAL_DNS for host names)"),
             format!("{t}[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].@type: expected @type type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions for envoy.extensions.upstreams.http.v3.HttpProtocolOptions, found \"type.googleapis.com/envoy.extensions.upstreams.http.v3.Wrong\""),
@@ -1473,3 +1484,5 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
         "only {refused} of 3000 damaged configs were refused"
     );
 }
+
+mod lb;

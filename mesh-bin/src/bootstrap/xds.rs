@@ -278,7 +278,12 @@ pub fn endpoints_from_json(
         .unwrap_or_default()
         .to_string();
     let localities = match Obj::new(&mut cx, String::new(), value) {
-        Some(o) => cluster::load_assignment(&mut cx, o, cluster::Kind::Static),
+        Some(o) => cluster::load_assignment(
+            &mut cx,
+            o,
+            cluster::Kind::Static,
+            &mut mesh_core::config::LbConfig::default(),
+        ),
         None => Vec::new(),
     };
     finish(cx, (name, localities))

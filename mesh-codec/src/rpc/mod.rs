@@ -15,7 +15,7 @@
 //!
 //! Codecs: [`thrift`] (framed/unframed, binary/compact), [`dubbo`] (dubbo2
 //! with Hessian2 header fields and attachments, see [`hessian`]) and
-//! [`bolt`] (SOFA Bolt v1).
+//! [`bolt`] (SOFA Bolt v1); [`auto`] tells them apart per frame.
 //!
 //! # Writing a codec
 //!
@@ -68,11 +68,12 @@
 //!     fn max_request_id(&self) -> u64 { u64::from(u32::MAX) }
 //! }
 //!
-//! let mut buf = BytesMut::from(&b"\x00\x00\x00\x0a\x00\x00\x00\x07\x00hi\n"[..]);
+//! let mut buf = BytesMut::from(&b"\x00\x00\x00\x08\x00\x00\x00\x07\x00hi\n"[..]);
 //! let msg = Tiny.decode(&mut buf, 1024).unwrap().unwrap();
 //! assert_eq!((msg.id, msg.meta.method.as_str()), (7, "hi"));
 //! ```
 
+pub mod auto;
 pub mod bolt;
 pub mod client;
 pub mod dubbo;
@@ -363,8 +364,11 @@ impl mesh_core::view::RequestView for Message {
     fn authority(&self) -> Option<&str> {
         Some(&self.meta.service)
     }
+    /// The protocol the `auto` codec detected (`dubbo`, `bolt`, `thrift`),
+    /// so one listener can route each protocol to its own cluster with a
+    /// `:scheme` header matcher.
     fn scheme(&self) -> Option<&str> {
-        None
+        auto::detected(self)
     }
     fn header(&self, name: &str) -> Option<&str> {
         self.meta.value(name)
@@ -385,17 +389,20 @@ impl mesh_core::view::RequestView for Message {
             ":path" => Some(Cow::Borrowed(&self.meta.service)),
             ":authority" => Some(Cow::Borrowed(&self.meta.service)),
             ":method" => Some(Cow::Borrowed(&self.meta.method)),
+            ":scheme" => self.scheme().map(Cow::Borrowed),
             _ => self.meta.value(name).map(Cow::Borrowed),
         }
     }
 }
 
-/// Builds a codec by its configuration name (`dubbo`, `thrift`, `bolt`).
+/// Builds a codec by its configuration name (`dubbo`, `thrift`, `bolt`,
+/// `auto`).
 pub fn codec_by_name(name: &str) -> Option<std::sync::Arc<dyn Codec>> {
     match name {
         "dubbo" => Some(std::sync::Arc::new(dubbo::Dubbo)),
         "thrift" => Some(std::sync::Arc::new(thrift::Thrift::default())),
         "bolt" => Some(std::sync::Arc::new(bolt::Bolt)),
+        "auto" => Some(std::sync::Arc::new(auto::Auto::default())),
         _ => None,
     }
 }

@@ -18,6 +18,8 @@ fn route_to(path: PathMatch, cluster: &str) -> Route {
             host_rewrite_literal: None,
             timeout: Some(Duration::from_secs(15)),
             idle_timeout: None,
+            hash_policy: vec![],
+            metadata_match: Default::default(),
         }),
         headers: HeaderMutations::default(),
     }
@@ -181,11 +183,13 @@ fn weighted_clusters_split_by_weight() {
                 name: "a".into(),
                 weight: 80,
                 headers: Default::default(),
+                metadata_match: Default::default(),
             },
             WeightedCluster {
                 name: "b".into(),
                 weight: 20,
                 headers: Default::default(),
+                metadata_match: Default::default(),
             },
         ]);
     }

@@ -1,0 +1,177 @@
+//! The RPC proxy filters in the bootstrap loader: Envoy's thrift_proxy and
+//! dubbo_proxy and mesh's rpc_proxy become route configurations the HTTP
+//! router matches; unsupported fields are refused by their path.
+
+use mesh_bin::bootstrap::load_str;
+use mesh_core::config::{HeaderMatchKind, NetworkFilter, RpcCodec, RpcProxy, ThriftProtocol};
+use serde_json::{json, Value};
+
+fn doc(filter: Value) -> String {
+    json!({
+        "static_resources": {
+            "listeners": [{
+                "name": "l",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [filter]}]
+            }],
+            "clusters": [
+                {"name": "a", "load_assignment": {"cluster_name": "a", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}},
+                {"name": "b", "load_assignment": {"cluster_name": "b", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 2}}}}]}]}}
+            ]
+        }
+    })
+    .to_string()
+}
+
+fn rpc(filter: Value) -> RpcProxy {
+    let b = load_str(&doc(filter)).unwrap_or_else(|e| panic!("{e}"));
+    match &b.listeners[0].filter_chains[0].terminal {
+        NetworkFilter::Rpc(r) => (**r).clone(),
+        other => panic!("not an RPC filter: {other:?}"),
+    }
+}
+
+fn errors(filter: Value) -> Vec<String> {
+    match load_str(&doc(filter)) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const BASE: &str = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
+
+#[test]
+fn thrift_proxy_routes_become_method_matchers() {
+    let r = rpc(json!({
+        "name": "envoy.filters.network.thrift_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+            "stat_prefix": "t",
+            "transport": "FRAMED",
+            "protocol": "COMPACT",
+            "route_config": {"name": "r", "routes": [
+                {"match": {"method_name": "add", "invert": true}, "route": {"cluster": "a"}},
+                {"match": {"service_name": "Calc"}, "route": {"weighted_clusters": {"clusters": [
+                    {"name": "a", "weight": 1}, {"name": "b", "weight": 3}]}}}
+            ]}
+        }
+    }));
+    assert_eq!(
+        r.codec,
+        RpcCodec::Thrift {
+            framed: Some(true),
+            protocol: Some(ThriftProtocol::Compact)
+        }
+    );
+    let routes = &r.route_config.virtual_hosts[0].routes;
+    let m0 = &routes[0].matcher.headers[0];
+    assert_eq!((m0.name.as_str(), m0.invert), (":method", true));
+    assert_eq!(m0.kind, HeaderMatchKind::Exact("add".into()));
+    assert_eq!(
+        routes[1].matcher.headers[0].kind,
+        HeaderMatchKind::Prefix("Calc:".into())
+    );
+}
+
+#[test]
+fn dubbo_interfaces_are_virtual_hosts_with_group_and_version() {
+    let r = rpc(json!({
+        "name": "envoy.filters.network.dubbo_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy",
+            "stat_prefix": "d",
+            "route_config": [
+                {"name": "x", "interface": "com.example.*", "group": "g", "version": "1.0",
+                 "routes": [{"match": {"method": {"name": {"exact": "m"}},
+                                       "headers": [{"name": "k", "exact_match": "v"}]},
+                             "route": {"cluster": "a"}}]}
+            ]
+        }
+    }));
+    assert_eq!(r.codec, RpcCodec::Dubbo);
+    let vh = &r.route_config.virtual_hosts[0];
+    assert_eq!(vh.domains, vec!["com.example.*".to_string()]);
+    let names: Vec<&str> = vh.routes[0]
+        .matcher
+        .headers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, vec![":group", ":version", ":method", "k"]);
+}
+
+#[test]
+fn unsupported_fields_are_refused_by_path() {
+    let e = errors(json!({
+        "name": "envoy.filters.network.thrift_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+            "stat_prefix": "t",
+            "transport": "HEADER",
+            "route_config": {"routes": [
+                {"match": {"method_name": "x"}, "route": {"cluster": "a", "strip_service_name": true}}
+            ]}
+        }
+    }));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with(&format!("unsupported: {BASE}.transport"))),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!(
+            "unsupported: {BASE}.route_config.routes[0].route.strip_service_name"
+        ))),
+        "{e:?}"
+    );
+    let e = errors(json!({
+        "name": "envoy.filters.network.dubbo_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy",
+            "stat_prefix": "d",
+            "route_config": [{"interface": "x", "routes": [
+                {"match": {"method": {"name": {"exact": "m"}, "params_match": {"0": {"exact_match": "1"}}}},
+                 "route": {"cluster": "nope"}}]}]
+        }
+    }));
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!(
+            "unsupported: {BASE}.route_config[0].routes[0].match.method.params_match"
+        ))),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.contains("nope")), "{e:?}");
+}
+
+#[test]
+fn generic_proxy_needs_a_known_codec() {
+    let r = rpc(json!({
+        "name": "mesh.filters.network.rpc_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+            "stat_prefix": "g",
+            "codec": "bolt",
+            "max_frame_size": 1024,
+            "route_config": {"routes": [
+                {"match": {"service": {"exact": "s"}, "method": {"prefix": "say"}},
+                 "route": {"cluster": "a", "timeout": "1.5s"}}]}
+        }
+    }));
+    assert_eq!(r.codec, RpcCodec::Bolt);
+    assert_eq!(r.max_frame_size, 1024);
+    let e = errors(json!({
+        "name": "mesh.filters.network.rpc_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+            "stat_prefix": "g",
+            "codec": "grpc",
+            "route_config": {"routes": []}
+        }
+    }));
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!("{BASE}.codec"))),
+        "{e:?}"
+    );
+}
