@@ -87,7 +87,9 @@ pub(crate) struct Context {
 struct DumpEntry {
     version: String,
     last_updated: SystemTime,
-    resource: Value,
+    /// Kept encoded (a fraction of the JSON's size) and converted when
+    /// `/config_dump` asks.
+    resource: mesh_xds::pb::google::protobuf::Any,
 }
 
 /// What admin shows about dynamic configuration.
@@ -182,7 +184,7 @@ impl XdsRuntime {
                                 "name": name,
                                 "version_info": e.version,
                                 "last_updated": rfc3339(e.last_updated),
-                                "resource": e.resource,
+                                "resource": mesh_xds::convert::any_to_json(&e.resource).unwrap_or(Value::Null),
                             })
                         })
                         .collect()
@@ -657,7 +659,13 @@ impl Manager {
         Ok(())
     }
 
-    fn remember(&self, type_url: &'static str, name: &str, version: &str, resource: Value) {
+    fn remember(
+        &self,
+        type_url: &'static str,
+        name: &str,
+        version: &str,
+        resource: mesh_xds::pb::google::protobuf::Any,
+    ) {
         self.runtime
             .lock()
             .resources
@@ -702,7 +710,7 @@ impl Manager {
                     "cluster {:?}: a static cluster cannot be replaced over CDS",
                     c.name
                 )),
-                Ok(c) => loaded.push((c, json)),
+                Ok(c) => loaded.push((c, r.body.clone())),
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -814,7 +822,7 @@ impl Manager {
                 }
             };
             match bootstrap::endpoints_from_json(&json) {
-                Ok((name, l)) => loaded.push((name, l, json)),
+                Ok((name, l)) => loaded.push((name, l, r.body.clone())),
                 Err(e) => errors.push(format!("endpoints {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -832,15 +840,21 @@ impl Manager {
             self.forget(types::ENDPOINT, name);
             changed.push((name.clone(), Vec::new()));
         }
-        for (service, localities) in changed {
-            for e in self.cm.iter() {
-                if let DiscoveryType::Eds { service_name, .. } = &e.config.discovery {
-                    if *service_name == service {
-                        set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
-                        self.warming.remove(&e.config.name);
-                    }
-                }
+        let mut by_service: HashMap<&str, Vec<&Arc<ClusterEntry>>> = HashMap::new();
+        for e in self.cm.iter() {
+            if let DiscoveryType::Eds { service_name, .. } = &e.config.discovery {
+                by_service.entry(service_name).or_default().push(e);
             }
+        }
+        let mut warmed = Vec::new();
+        for (service, localities) in changed {
+            for e in by_service.get(service.as_str()).into_iter().flatten() {
+                set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
+                warmed.push(e.config.name.clone());
+            }
+        }
+        for n in warmed {
+            self.warming.remove(&n);
         }
         Ok(())
     }
@@ -860,7 +874,7 @@ impl Manager {
             };
             match bootstrap::route_config_from_json(&json) {
                 Ok(rc) => match mesh_core::router::RouteTable::new(&rc) {
-                    Ok(_) => loaded.push((rc, json)),
+                    Ok(_) => loaded.push((rc, r.body.clone())),
                     Err(e) => errors.push(format!(
                         "route configuration {:?}: {}: {}",
                         r.name, e.path, e.message
@@ -928,7 +942,7 @@ impl Manager {
                             }
                         }
                     }
-                    loaded.push((l, json))
+                    loaded.push((l, r.body.clone()))
                 }
                 Err(e) => errors.push(format!("listener {:?}: {}", r.name, short_errors(&e))),
             }
