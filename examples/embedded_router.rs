@@ -48,6 +48,7 @@ impl Gateway {
                         connect_timeout: Duration::from_secs(1),
                         max_idle: 64,
                         idle_timeout: Some(Duration::from_secs(60)),
+                        max_requests_per_connection: None,
                     },
                 )
             })
@@ -138,6 +139,7 @@ fn route(path: PathMatch, headers: Vec<HeaderMatcher>, action: Action) -> Route 
         },
         action,
         headers: HeaderMutations::default(),
+        policy: Default::default(),
     }
 }
 
@@ -181,6 +183,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ),
             ],
             headers: HeaderMutations::default(),
+            policy: Default::default(),
         }],
         headers: HeaderMutations::default(),
     })?;

@@ -273,7 +273,7 @@ class Proxy:
     """A running proxy process (mesh or Envoy)."""
 
     def __init__(self, kind: str, config_text: str, workdir: Path | None = None,
-                 extra_args: tuple = (), wait_ready: bool = True):
+                 extra_args: tuple = (), wait_ready: bool = True, concurrency: int = 1):
         self.kind = kind
         WORK.mkdir(parents=True, exist_ok=True)
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"{kind}-", dir=WORK))
@@ -290,9 +290,9 @@ class Proxy:
             if not mesh_available():
                 raise ProxyStartError(f"mesh binary not found at {mesh_bin()}")
             argv = [str(mesh_bin()), "run", "-c", str(self.config_path),
-                    "--concurrency", "1", "--admin-address-path", str(self.addr_path)]
+                    "--concurrency", str(concurrency), "--admin-address-path", str(self.addr_path)]
         elif kind == "envoy":
-            argv = [str(envoy_bin()), "-c", str(self.config_path), "--concurrency", "1",
+            argv = [str(envoy_bin()), "-c", str(self.config_path), "--concurrency", str(concurrency),
                     "--disable-hot-restart", "--admin-address-path", str(self.addr_path),
                     "-l", "warn"]
         else:

@@ -262,7 +262,14 @@ def wait_until(pred, since: float, what: str, limit: float = OBSERVE):
         time.sleep(0.02)
 
 
+def settle():
+    """Lets the control plane load every file just written, so a proxy's
+    first snapshot is the whole set (the files are written one by one)."""
+    time.sleep(5 * POLL_MS / 1000)
+
+
 def start_driven(kind: str, start_proxy, cp: ControlPlane, node: str, api_type: str):
+    settle()
     return start_proxy(kind, xds_bootstrap(node, cp.port, api_type))
 
 
@@ -398,6 +405,7 @@ def test_per_type_config_sources(kind, api_type, start_proxy, control_plane, ups
     del dyn["ads_config"]
     dyn["cds_config"] = src
     dyn["lds_config"] = src
+    settle()
     proxy = start_proxy(kind, yaml.safe_dump(doc))
     port = proxy.port("ingress")
     assert harness.request(port, "GET", "/x").upstream == "a"

@@ -8,7 +8,7 @@
 //! | `/stats/prometheus` | every stat, Prometheus text format |
 //! | `/stats` | the same stats in Envoy's text form (`cluster.web.upstream_rq_2xx: 3`) |
 //! | `/listeners?format=json` | listener names and bound addresses (ports chosen for `port_value: 0` included) |
-//! | `/clusters` | each endpoint's weight, health and request counters, Envoy's text format |
+//! | `/clusters` | each endpoint's weight, health flags, request counters and outlier state, Envoy's text format (`?format=json`: Envoy's JSON) |
 //! | `/config_dump` | the running configuration as JSON |
 //! | `/quitquitquit` (POST) | drain and exit |
 
@@ -114,6 +114,9 @@ fn clusters_text(state: &AdminState) -> String {
     for c in clusters.iter() {
         let name = &c.config.name;
         let _ = writeln!(out, "{name}::observability_name::{name}");
+        if let Some(d) = &c.outlier {
+            crate::health::outlier_cluster_lines(&mut out, name, d);
+        }
         let _ = writeln!(out, "{name}::added_via_api::false");
         for e in &c.balancer.endpoints().endpoints {
             let p = format!("{name}::{}", e.addr);
@@ -139,7 +142,8 @@ fn clusters_text(state: &AdminState) -> String {
             let _ = writeln!(out, "{p}::zone::{}", e.locality.zone);
             let _ = writeln!(out, "{p}::sub_zone::{}", e.locality.sub_zone);
             let _ = writeln!(out, "{p}::priority::{}", e.priority);
-            let _ = writeln!(out, "{p}::health_flags::healthy");
+            let _ = writeln!(out, "{p}::health_flags::{}", e.health.render());
+            crate::health::outlier_endpoint_lines(&mut out, &p, c, e);
         }
     }
     out
@@ -176,6 +180,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::OK, body, "text/plain")
             }
         }
+        (_, "/clusters") if query.contains("format=json") => text(
+            StatusCode::OK,
+            crate::health::clusters_json(&state.clusters).to_string(),
+            "application/json",
+        ),
         (_, "/clusters") => text(StatusCode::OK, clusters_text(state), "text/plain"),
         (_, "/config_dump") => text(
             StatusCode::OK,

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
 use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
+use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
+use mesh_lb::outlier::{OutlierDetector, OutlierStats};
 use mesh_lb::{dns, Balancer};
 use tokio_util::sync::CancellationToken;
 
@@ -76,6 +78,12 @@ pub struct ClusterEntry {
     pub balancer: Arc<Balancer>,
     /// Stats.
     pub stats: ClusterStats,
+    /// Outlier detection, when configured.
+    pub outlier: Option<Arc<OutlierDetector>>,
+    /// Active health checking, when configured.
+    pub health_checker: Option<Arc<HealthChecker>>,
+    /// Circuit breakers and retry stats.
+    pub policy: crate::resilience::ClusterPolicy,
 }
 
 /// Every cluster by name.
@@ -108,6 +116,7 @@ impl ClusterManager {
         xds: bool,
     ) -> Result<Self, String> {
         let mut cm = ClusterManager::default();
+        let mut first_checks = Vec::new();
         for (i, c) in clusters.iter().enumerate() {
             let balancer =
                 Arc::new(Balancer::with_config(c.lb_policy, c.lb.clone()).with_local_zone(zone));
@@ -146,6 +155,9 @@ impl ClusterManager {
             stats
                 .membership_total
                 .set(balancer.endpoints().endpoints.len() as i64);
+            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
+                .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
+            first_checks.extend(first);
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -153,9 +165,17 @@ impl ClusterManager {
                 Arc::new(ClusterEntry {
                     config: c.clone(),
                     balancer,
+                    policy: crate::resilience::ClusterPolicy::new(c, store, &stats.rq_active),
                     stats,
+                    outlier,
+                    health_checker,
                 }),
             );
+        }
+        // As Envoy, a health-checked cluster is ready once each endpoint has
+        // had its first probe (each bounded by the probe timeout).
+        for f in first_checks {
+            f.await;
         }
         Ok(cm)
     }
@@ -184,6 +204,62 @@ impl ClusterManager {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ClusterEntry>> {
         self.order.iter().filter_map(|n| self.clusters.get(n))
     }
+}
+
+/// The first-round future of a cluster's health checker.
+type FirstRound = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A cluster's outlier detector, health checker and the checker's first round.
+type ClusterHealth = (
+    Option<Arc<OutlierDetector>>,
+    Option<Arc<HealthChecker>>,
+    Option<FirstRound>,
+);
+
+/// Starts a cluster's outlier detection and active health checking on the
+/// current runtime.
+pub(crate) fn health_for(
+    c: &Cluster,
+    balancer: &Arc<Balancer>,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<ClusterHealth, String> {
+    let outlier = c.outlier_detection.as_ref().map(|od| {
+        let d = Arc::new(OutlierDetector::new(
+            &c.name,
+            od.clone(),
+            balancer.clone(),
+            OutlierStats::new(store, &c.name),
+        ));
+        tokio::spawn(d.clone().run(stop.clone()));
+        d
+    });
+    let Some(hc) = &c.health_check else {
+        return Ok((outlier, None, None));
+    };
+    let mut checker = HealthChecker::new(
+        &c.name,
+        hc.clone(),
+        balancer.clone(),
+        crate::health::probe(&c.name, &hc.checker),
+        HealthCheckStats::new(store, &c.name),
+    );
+    if let Some(d) = &outlier {
+        let d = d.clone();
+        checker = checker.on_healthy(Box::new(move |e| d.health_check_passed(e)));
+    }
+    if let Some(path) = &hc.event_log_path {
+        let log = EventLog::open(path)
+            .map_err(|e| format!("health_checks[0].event_log_path: cannot open {path:?}: {e}"))?;
+        checker = checker.event_log(log);
+    }
+    let checker = Arc::new(checker);
+    let bound = hc.timeout + hc.initial_jitter + std::time::Duration::from_secs(1);
+    let first = checker.clone().start(stop.clone());
+    let first: FirstRound = Box::pin(async move {
+        let _ = tokio::time::timeout(bound, first).await;
+    });
+    Ok((outlier, Some(checker), Some(first)))
 }
 
 /// One worker's view of a cluster: the shared entry plus this worker's
@@ -222,7 +298,7 @@ impl WorkerCluster {
         if let Some(p) = pools.get(&(addr, h2)) {
             return p.clone();
         }
-        let p = EndpointPool::new(
+        let p = EndpointPool::with_limits(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -233,7 +309,9 @@ impl WorkerCluster {
                 connect_timeout: self.entry.config.connect_timeout,
                 max_idle: 1024,
                 idle_timeout: self.entry.config.idle_timeout,
+                max_requests_per_connection: self.entry.config.max_requests_per_connection,
             },
+            Some(self.entry.policy.pool_limits.clone()),
         );
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change), closing their idle connections.

@@ -761,16 +761,28 @@ impl Manager {
     fn build_cluster(&mut self, c: &Cluster, old: Option<&ClusterEntry>) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
-            Some(o) if o.config.lb_policy == c.lb_policy && o.config.discovery == c.discovery => {
+            Some(o)
+                if o.config.lb_policy == c.lb_policy
+                    && o.config.lb == c.lb
+                    && o.config.discovery == c.discovery =>
+            {
                 o.balancer.clone()
             }
             // A new policy: a new balancer, filled below (EDS: from the
             // last assignment).
-            _ => Arc::new(Balancer::new(c.lb_policy)),
+            _ => Arc::new(
+                Balancer::with_config(c.lb_policy, c.lb.clone())
+                    .with_local_zone(self.cx.node.locality.zone.clone()),
+            ),
         };
+        // One stop token per cluster for its background tasks (DNS refresh,
+        // health checking, outlier detection); a rebuilt cluster stops the
+        // old ones.
         if let Some(s) = self.dns_stops.remove(&c.name) {
             s.cancel();
         }
+        let cluster_stop = self.cx.stop.child_token();
+        self.dns_stops.insert(c.name.clone(), cluster_stop.clone());
         match &c.discovery {
             DiscoveryType::Static => match dns::static_endpoints(c) {
                 Ok(eps) => {
@@ -779,8 +791,7 @@ impl Manager {
                 Err(e) => tracing::warn!(cluster = %c.name, error = %e, "static endpoints refused"),
             },
             DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
-                let stop = self.cx.stop.child_token();
-                self.dns_stops.insert(c.name.clone(), stop.clone());
+                let stop = cluster_stop.clone();
                 let membership = stats.membership_total.clone();
                 tokio::spawn(dns::refresh_loop(
                     c.clone(),
@@ -803,10 +814,21 @@ impl Manager {
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
+        let (outlier, health_checker) =
+            match crate::cluster::health_for(c, &balancer, &self.cx.store, &cluster_stop) {
+                Ok((outlier, checker, _first_round)) => (outlier, checker),
+                Err(e) => {
+                    tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
+                    (None, None)
+                }
+            };
         ClusterEntry {
             config: c.clone(),
             balancer,
+            policy: crate::resilience::ClusterPolicy::new(c, &self.cx.store, &stats.rq_active),
             stats,
+            outlier,
+            health_checker,
         }
     }
 

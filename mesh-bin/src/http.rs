@@ -32,8 +32,15 @@ use mesh_core::router::{
 };
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, StatusClassCounters, Store};
 
+use mesh_core::policy::RetryOn;
+use mesh_filter::retry::{
+    CompiledRetryPolicy, Decision, Outcome, ReplayError, ReplaySource, RetryState,
+    X_ENVOY_ATTEMPT_COUNT, X_ENVOY_RETRY_GRPC_ON, X_ENVOY_RETRY_ON,
+};
+
 use crate::access_log::{AccessLogger, HttpLogEntry};
 use crate::cluster::{ClusterManager, WorkerCluster};
+use crate::filters::{Decision as FilterDecision, FilterChain};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -108,6 +115,8 @@ pub struct HcmShared {
     pub stats: HttpStats,
     server_name: HeaderValue,
     access_log: Option<AccessLogger>,
+    /// The HTTP filters besides the router.
+    pub filters: FilterChain,
 }
 
 impl HcmShared {
@@ -119,7 +128,9 @@ impl HcmShared {
             .map_err(|_| "server_name: not a valid header value".to_owned())?;
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let filters = FilterChain::new(config, &routes, store)?;
         Ok(HcmShared {
+            filters,
             access_log,
             stats: HttpStats::new(store, &config.stat_prefix),
             config: config.clone(),
@@ -299,11 +310,26 @@ impl HttpProxy {
             }
         }
         let shared = self.shared.clone();
-        let Some(m) = shared.routes.route(&req) else {
+        let route = shared.routes.route(&req);
+        // The HTTP filters run before the router (also for requests with no
+        // route, as in Envoy).
+        let mut filter_headers = None;
+        if !shared.filters.is_empty() {
+            match shared.filters.on_request(route.as_ref(), info) {
+                FilterDecision::Continue => {}
+                FilterDecision::ContinueWith(h) => filter_headers = Some(h),
+                FilterDecision::Respond(r) => {
+                    let mut resp = self.local_reply(r.status, r.body, r.flag);
+                    resp.headers_mut().extend(r.headers);
+                    return resp;
+                }
+            }
+        }
+        let Some(m) = route else {
             shared.stats.no_route.inc();
             return self.local_reply(StatusCode::NOT_FOUND, "", ResponseFlag::NoRouteFound);
         };
-        match &m.route.action {
+        let mut resp = match &m.route.action {
             CompiledAction::DirectResponse { status, body } => {
                 shared.stats.rq_direct_response.inc();
                 let mut resp = Response::new(match body {
@@ -332,7 +358,11 @@ impl HttpProxy {
                 let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
                 self.forward(req, &m, info, down_upgrade, log).await
             }
+        };
+        if let Some(h) = filter_headers {
+            h.apply(resp.headers_mut());
         }
+        resp
     }
 
     /// A direct response or redirect gets its route's response mutations and
@@ -464,8 +494,14 @@ impl HttpProxy {
         failure: Failure,
         cluster: &WorkerCluster,
         endpoint: &mesh_lb::Endpoint,
+        flag_override: Option<ResponseFlag>,
     ) -> Response<ProxyBody> {
         let cstats = &cluster.entry.stats;
+        if let Failure::Upstream(e) = &failure {
+            if e.kind() == FailureKind::Overflow {
+                return self.overflow_reply();
+            }
+        }
         let (status, body, flag): (StatusCode, &'static str, ResponseFlag) = match &failure {
             Failure::Timeout(Expiry::Route) => {
                 cstats.rq_timeout.inc();
@@ -475,6 +511,11 @@ impl HttpProxy {
                     ResponseFlag::UpstreamRequestTimeout,
                 )
             }
+            Failure::Timeout(Expiry::PerTry) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+                ResponseFlag::UpstreamRequestTimeout,
+            ),
             Failure::Timeout(Expiry::StreamIdle) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "stream timeout",
@@ -513,8 +554,14 @@ impl HttpProxy {
                         ResponseFlag::UpstreamConnectionTermination,
                     )
                 }
+                FailureKind::Overflow => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::resilience::OVERFLOW_BODY,
+                    ResponseFlag::UpstreamOverflow,
+                ),
             },
         };
+        cluster.entry.outlier_failure(endpoint, flag);
         // The downstream's own faults are not charged to the upstream.
         let downstream_fault = flag == ResponseFlag::DownstreamProtocolError;
         if !downstream_fault {
@@ -524,7 +571,7 @@ impl HttpProxy {
         if let Failure::Upstream(e) = &failure {
             tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, flag = flag.as_str(), "upstream request failed");
         }
-        let mut resp = self.local_reply(status, body, flag);
+        let mut resp = self.local_reply(status, body, flag_override.unwrap_or(flag));
         resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
         if downstream_fault {
             resp.headers_mut()
@@ -533,6 +580,16 @@ impl HttpProxy {
         resp
     }
 
+    /// Forwards a routed request: circuit breaker check, endpoint pick,
+    /// then tries (one, or more under a retry policy) until a response is
+    /// final, and streams that response back.
+    ///
+    /// A try ends with response headers or a failure; under a retry policy
+    /// the outcome is judged by `mesh_filter::retry::RetryState` and a
+    /// retry waits for a permit of the cluster's retry limit or budget and a
+    /// jittered back-off. The route timeout bounds all tries together,
+    /// `per_try_timeout` each one. Requests without a retry policy take the
+    /// same loop once, with no copy of the request head or body.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -557,6 +614,13 @@ impl HttpProxy {
             );
         };
         let cstats = &cluster.entry.stats;
+        let cpolicy = &cluster.entry.policy;
+        let resources = cpolicy.resources(m.route.policy.priority);
+        // The `max_requests` circuit breaker.
+        if !resources.requests.can_create() {
+            cpolicy.rq_active_overflow.inc();
+            return self.overflow_reply();
+        }
         let lb_hash = if action.hash_policy.is_empty() {
             mesh_lb::hash::RequestHash::default()
         } else {
@@ -570,7 +634,7 @@ impl HttpProxy {
         let pick = mesh_lb::PickContext::new()
             .with_hash(lb_hash.hash)
             .with_metadata_match(choice.metadata_match);
-        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
+        let Some(mut endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -582,6 +646,32 @@ impl HttpProxy {
         let (mut parts, body) = req.into_parts();
         let is_upgrade = down_upgrade.is_some();
         hop::strip(&mut parts.headers, is_upgrade);
+
+        // The retry policy: the route's, else the virtual host's; the
+        // `x-envoy-retry-*` request headers are honoured from trusted
+        // downstreams only, and removed in any case.
+        let cfg = &self.shared.config;
+        let policy = match m.route.retry.as_deref().or(m.vhost.retry.as_deref()) {
+            Some(p) => Some(p),
+            // No policy: the request headers alone may ask for retries.
+            None if parts.headers.contains_key(&X_ENVOY_RETRY_ON)
+                || parts.headers.contains_key(&X_ENVOY_RETRY_GRPC_ON) =>
+            {
+                Some(&*NO_RETRY_POLICY)
+            }
+            None => None,
+        };
+        let mut retry = match policy {
+            Some(p) if !is_upgrade => {
+                let trusted = is_internal_request(
+                    cfg,
+                    info.downstream_remote.ip(),
+                    parts.headers.contains_key(&X_FORWARDED_FOR),
+                );
+                RetryState::new(p, &mut parts.headers, trusted)
+            }
+            _ => None,
+        };
 
         if !self.prepare_upstream_head(
             &mut parts,
@@ -598,49 +688,220 @@ impl HttpProxy {
                 ResponseFlag::DownstreamProtocolError,
             );
         }
-        let cfg = &self.shared.config;
         // The HCM request timeout bounds the arrival of the request body.
         let body = match cfg.request_timeout {
             Some(t) if !http_body::Body::is_end_stream(&body) => {
                 ProxyBody::Deadline(body, Box::pin(tokio::time::sleep(t)))
             }
+            _ if http_body::Body::is_end_stream(&body) && retry.is_some() => ProxyBody::Empty,
             _ => ProxyBody::Incoming(body),
         };
-        let upstream_req = Request::from_parts(parts, body);
+        // Under a retry policy a request body is kept for replay, up to the
+        // buffer limit.
+        let mut body = match (&retry, body) {
+            (Some(_), ProxyBody::Empty) => TryBody::Empty,
+            (Some(_), b) => {
+                let limit = m
+                    .route
+                    .policy
+                    .per_request_buffer_limit_bytes
+                    .or(m.vhost.policy.per_request_buffer_limit_bytes)
+                    .unwrap_or(DEFAULT_BUFFER_LIMIT);
+                TryBody::Replay(ReplaySource::new(b, limit as usize))
+            }
+            (None, b) => TryBody::Once(Some(b)),
+        };
+        let attempt_header = m.vhost.policy.include_request_attempt_count;
+        let mut parts = Some(parts);
 
-        // Send, bounded by the route timeout.
-        cstats.rq_total.inc();
-        endpoint.stats.rq_total.inc();
-        let rq_active = GaugeGuard::new(&cstats.rq_active);
-        let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
-        let pool = cluster.pool(endpoint.addr, h2);
         // Waiting for response headers is bounded by the route timeout, the
         // stream idle timeout (route `idle_timeout` overrides the HCM's) and
-        // the HCM request timeout, whichever ends first.
+        // the HCM request timeout, whichever ends first; under a retry
+        // policy also by `per_try_timeout`.
         let now = tokio::time::Instant::now();
         let deadline = action.timeout.map(|t| now + t);
         let idle = action.idle_timeout.or(cfg.stream_idle_timeout);
-        let mut wait = deadline.map(|d| (d, Expiry::Route));
-        if let Some(t) = idle {
-            let d = now + t;
-            if wait.is_none_or(|(w, _)| d < w) {
-                wait = Some((d, Expiry::StreamIdle));
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt: u32 = 0;
+        let mut last_try_start;
+        // Held from a retry's scheduling until its try ends, as in Envoy.
+        let mut retry_permit = None;
+        let (resp, pool_end, rq_active, ep_active, final_flag) = loop {
+            attempt += 1;
+            let try_body = match &mut body {
+                TryBody::Once(b) => b.take().unwrap_or_default(),
+                TryBody::Empty => ProxyBody::Empty,
+                TryBody::Replay(src) => match src.body() {
+                    Some(b) => ProxyBody::Boxed(Box::pin(http_body_util::BodyExt::map_err(
+                        b,
+                        |e| match e {
+                            ReplayError::Source(e) => e,
+                            ReplayError::Superseded => {
+                                mesh_codec::http::body::BodyError::Superseded
+                            }
+                        },
+                    ))),
+                    None => ProxyBody::Empty,
+                },
+            };
+            let mut head = match (&retry, parts.take()) {
+                (Some(_), Some(p)) => {
+                    let head = p.clone();
+                    parts = Some(p);
+                    head
+                }
+                (_, Some(p)) => p,
+                // Unreachable: without a retry policy there is one try.
+                (_, None) => {
+                    return self.local_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "",
+                        ResponseFlag::NoRouteFound,
+                    )
+                }
+            };
+            if attempt_header {
+                head.headers
+                    .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
             }
+            let upstream_req = Request::from_parts(head, try_body);
+
+            cstats.rq_total.inc();
+            endpoint.stats.rq_total.inc();
+            let rq_active = resources.requests.acquire();
+            let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+            let pool = cluster.pool(endpoint.addr, h2);
+            let try_start = tokio::time::Instant::now();
+            last_try_start = try_start;
+            let mut wait = deadline.map(|d| (d, Expiry::Route));
+            if let Some(t) = idle {
+                let d = try_start + t;
+                if wait.is_none_or(|(w, _)| d < w) {
+                    wait = Some((d, Expiry::StreamIdle));
+                }
+            }
+            if let Some(st) = &retry {
+                for t in [st.per_try_timeout(), st.per_try_idle_timeout()]
+                    .into_iter()
+                    .flatten()
+                {
+                    let d = try_start + t;
+                    if wait.is_none_or(|(w, _)| d < w) {
+                        wait = Some((d, Expiry::PerTry));
+                    }
+                }
+            }
+            let sent = pool.send(upstream_req, is_upgrade);
+            let result = match wait {
+                Some((d, why)) => tokio::time::timeout_at(d, sent).await.map_err(|_| why),
+                None => Ok(sent.await),
+            };
+            let Some(st) = retry.as_mut() else {
+                // No retry policy: the one try is final.
+                match result {
+                    Err(why) => {
+                        return self.failure_reply(Failure::Timeout(why), cluster, &endpoint, None)
+                    }
+                    Ok(Err(e)) => {
+                        return self.failure_reply(Failure::Upstream(e), cluster, &endpoint, None)
+                    }
+                    Ok(Ok((resp, pool_end))) => break (resp, pool_end, rq_active, ep_active, None),
+                }
+            };
+            drop(retry_permit.take());
+            let outcome = match &result {
+                Ok(Ok((resp, _))) => Outcome::Response(resp.status(), resp.headers()),
+                Ok(Err(e)) => match e.kind() {
+                    FailureKind::Connect => Outcome::ConnectFailure,
+                    FailureKind::Overflow => Outcome::Fatal,
+                    FailureKind::Reset | FailureKind::UpstreamProtocol => Outcome::Reset,
+                    FailureKind::DownstreamBody | FailureKind::RequestTimeout => Outcome::Fatal,
+                },
+                Err(Expiry::PerTry) => Outcome::PerTryTimeout,
+                Err(Expiry::Route | Expiry::StreamIdle) => Outcome::Fatal,
+            };
+            let mut flag = None;
+            match st.decide(outcome) {
+                Decision::No => {
+                    if st.retried() {
+                        cpolicy.retry_stats.retry_success.inc();
+                    }
+                }
+                Decision::LimitExceeded => {
+                    cpolicy.retry_stats.retry_limit_exceeded.inc();
+                    flag = Some(ResponseFlag::UpstreamRetryLimitExceeded);
+                }
+                Decision::Retry => {
+                    if !body.can_replay() {
+                        // The body went past the buffer limit: the try
+                        // stands.
+                    } else if let Some(permit) = resources.try_retry() {
+                        retry_permit = Some(permit);
+                        cpolicy.retry_stats.retry.inc();
+                        if matches!(result, Err(Expiry::PerTry)) {
+                            cpolicy.rq_per_try_timeout.inc();
+                        }
+                        self.count_try_failure(&result, cluster, &endpoint);
+                        drop(result);
+                        drop(rq_active);
+                        drop(ep_active);
+                        let wait = st.start_retry();
+                        if !wait.is_zero() {
+                            cpolicy.retry_stats.retry_backoff_exponential.inc();
+                            let until = tokio::time::Instant::now() + wait;
+                            if deadline.is_some_and(|d| d <= until) {
+                                if let Some(d) = deadline {
+                                    tokio::time::sleep_until(d).await;
+                                }
+                                return self.failure_reply(
+                                    Failure::Timeout(Expiry::Route),
+                                    cluster,
+                                    &endpoint,
+                                    None,
+                                );
+                            }
+                            tokio::time::sleep_until(until).await;
+                        }
+                        tried.push(endpoint.addr);
+                        endpoint = match self.pick_for_retry(cluster, st, &tried, &pick) {
+                            Some(e) => e,
+                            None => {
+                                cstats.cx_none_healthy.inc();
+                                return self.local_reply(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "no healthy upstream",
+                                    ResponseFlag::NoHealthyUpstream,
+                                );
+                            }
+                        };
+                        continue;
+                    } else {
+                        cpolicy.retry_stats.retry_overflow.inc();
+                        flag = Some(ResponseFlag::UpstreamOverflow);
+                    }
+                }
+            }
+            match result {
+                Err(why) => {
+                    if matches!(why, Expiry::PerTry) {
+                        cpolicy.rq_per_try_timeout.inc();
+                    }
+                    return self.failure_reply(Failure::Timeout(why), cluster, &endpoint, flag);
+                }
+                Ok(Err(e)) => {
+                    return self.failure_reply(Failure::Upstream(e), cluster, &endpoint, flag)
+                }
+                Ok(Ok((resp, pool_end))) => break (resp, pool_end, rq_active, ep_active, flag),
+            }
+        };
+        if let Some(f) = final_flag {
+            self.shared.stats.flag(f);
         }
-        let sent = pool.send(upstream_req, is_upgrade);
-        let result = match wait {
-            Some((d, why)) => tokio::time::timeout_at(d, sent).await.map_err(|_| why),
-            None => Ok(sent.await),
-        };
-        let (resp, pool_end) = match result {
-            Err(why) => return self.failure_reply(Failure::Timeout(why), cluster, &endpoint),
-            Ok(Err(e)) => return self.failure_reply(Failure::Upstream(e), cluster, &endpoint),
-            Ok(Ok(r)) => r,
-        };
         let status = resp.status();
         let service_time_ms = now.elapsed().as_millis() as u64;
-        endpoint.observe_rtt(now.elapsed());
+        endpoint.observe_rtt(last_try_start.elapsed());
         cstats.record_status(status.as_u16());
+        cluster.entry.outlier_status(&endpoint, status.as_u16());
         if status.is_server_error() {
             endpoint.stats.rq_error.inc();
         }
@@ -678,6 +939,11 @@ impl HttpProxy {
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time_ms),
         );
+        if m.vhost.policy.include_attempt_count_in_response {
+            rparts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
         let log = log.take().and_then(|e| {
             self.shared
                 .access_log
@@ -691,17 +957,185 @@ impl HttpProxy {
             drop(rq_active);
             drop(ep_active);
             if let Some((entry, logger, status, upstream, service_ms)) = log {
-                let flag = (!completed).then_some(ResponseFlag::DownstreamConnectionTermination);
+                let flag = (!completed)
+                    .then_some(ResponseFlag::DownstreamConnectionTermination)
+                    .or(final_flag);
                 logger.write(entry.format(status, flag, bytes, Some(upstream), Some(service_ms)));
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        let body_idle = match retry.as_ref().and_then(|r| r.per_try_idle_timeout()) {
+            Some(t) => Some(idle.map_or(t, |i| i.min(t))),
+            None => idle,
+        };
         Response::from_parts(
             rparts,
             ProxyBody::Upstream(
-                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(idle),
+                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle),
             ),
         )
+    }
+
+    /// Picks the endpoint of a retry: with the previous-hosts predicate,
+    /// up to `host_selection_retry_max_attempts` more picks avoid the
+    /// endpoints already tried, then the last pick is used (as Envoy does).
+    fn pick_for_retry(
+        &self,
+        cluster: &WorkerCluster,
+        st: &RetryState<'_>,
+        tried: &[SocketAddr],
+        pick: &mesh_lb::PickContext<'_>,
+    ) -> Option<Arc<mesh_lb::Endpoint>> {
+        let (previous_hosts, attempts) = st.host_selection();
+        let mut ep = cluster.entry.balancer.pick_with(pick)?;
+        if previous_hosts {
+            for _ in 0..attempts {
+                if !tried.contains(&ep.addr) {
+                    break;
+                }
+                ep = cluster.entry.balancer.pick_with(pick)?;
+            }
+        }
+        Some(ep)
+    }
+
+    /// Counts a try that is about to be retried as the failure it was
+    /// (the downstream never sees it).
+    fn count_try_failure(
+        &self,
+        result: &TryResult,
+        cluster: &WorkerCluster,
+        endpoint: &mesh_lb::Endpoint,
+    ) {
+        let cstats = &cluster.entry.stats;
+        match result {
+            Ok(Ok((resp, _))) => {
+                cstats.record_status(resp.status().as_u16());
+                cluster
+                    .entry
+                    .outlier_status(endpoint, resp.status().as_u16());
+                if resp.status().is_server_error() {
+                    endpoint.stats.rq_error.inc();
+                }
+            }
+            Ok(Err(e)) => {
+                endpoint.stats.rq_error.inc();
+                match e.kind() {
+                    FailureKind::Connect | FailureKind::Reset | FailureKind::UpstreamProtocol => {
+                        cluster
+                            .entry
+                            .outlier_failure(endpoint, ResponseFlag::UpstreamConnectionFailure);
+                    }
+                    _ => {}
+                }
+                match e.kind() {
+                    FailureKind::Connect => {
+                        cstats.cx_connect_fail.inc();
+                        endpoint.stats.cx_connect_fail.inc();
+                        cstats.record_status(503);
+                    }
+                    FailureKind::Reset => {
+                        cstats.rq_rx_reset.inc();
+                        cstats.record_status(503);
+                    }
+                    _ => cstats.record_status(502),
+                }
+            }
+            Err(_) => {
+                endpoint.stats.rq_error.inc();
+                cluster
+                    .entry
+                    .outlier_failure(endpoint, ResponseFlag::UpstreamRequestTimeout);
+                cstats.record_status(504);
+            }
+        }
+    }
+
+    /// The reply to a request refused by a circuit breaker: 503, `UO`,
+    /// `x-envoy-overloaded: true`.
+    fn overflow_reply(&self) -> Response<ProxyBody> {
+        let mut r = self.local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            crate::resilience::OVERFLOW_BODY,
+            ResponseFlag::UpstreamOverflow,
+        );
+        r.headers_mut()
+            .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+        r
+    }
+}
+
+/// The result of one try: response headers, a failure, or a timeout.
+type TryResult = Result<
+    Result<mesh_codec::http::client::PooledResponse, mesh_codec::http::client::UpstreamError>,
+    Expiry,
+>;
+
+/// The request body as the tries see it.
+enum TryBody {
+    /// No retry policy: the body goes to the one try.
+    Once(Option<ProxyBody>),
+    /// No body: every try sends none.
+    Empty,
+    /// A body kept for replay.
+    Replay(ReplaySource<ProxyBody>),
+}
+
+impl TryBody {
+    fn can_replay(&self) -> bool {
+        match self {
+            TryBody::Once(_) => false,
+            TryBody::Empty => true,
+            TryBody::Replay(s) => s.can_replay(),
+        }
+    }
+}
+
+/// The policy of a route without `retry_policy`: no condition, one retry;
+/// `x-envoy-retry-on` / `x-envoy-retry-grpc-on` add conditions.
+static NO_RETRY_POLICY: std::sync::LazyLock<CompiledRetryPolicy> =
+    std::sync::LazyLock::new(|| CompiledRetryPolicy::simple(RetryOn::NONE, 1));
+
+/// Envoy's default listener `per_connection_buffer_limit_bytes` (1 MiB),
+/// the retry buffer limit when no `per_request_buffer_limit_bytes` is set.
+const DEFAULT_BUFFER_LIMIT: u32 = 1 << 20;
+
+/// Whether a request from `peer` is internal, as Envoy decides it: the HCM
+/// uses the remote address, the peer is in `internal_address_config`, and
+/// the request came with no `x-forwarded-for` of its own. Only internal
+/// requests may steer the proxy with `x-envoy-*` headers.
+fn is_internal_request(cfg: &HttpConnectionManager, peer: std::net::IpAddr, xff: bool) -> bool {
+    cfg.use_remote_address
+        && !xff
+        && cfg
+            .internal_address_config
+            .iter()
+            .any(|(net, len)| in_cidr(peer, *net, *len))
+}
+
+fn in_cidr(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
+    use std::net::IpAddr;
+    let ip = match (ip, net) {
+        (IpAddr::V6(v6), IpAddr::V4(_)) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => return false,
+        },
+        _ => ip,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
     }
 }
 
@@ -789,6 +1223,9 @@ enum Expiry {
     /// Stream idle timeout: 504 `stream timeout`, `SI` (as Envoy answers when
     /// the upstream stays silent).
     StreamIdle,
+    /// The retry policy's `per_try_timeout` (or `per_try_idle_timeout`):
+    /// retriable; when final, 504, `UT`.
+    PerTry,
 }
 
 /// Copies bytes between the two sides of an upgraded (e.g. WebSocket)

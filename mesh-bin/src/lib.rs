@@ -4,10 +4,13 @@
 //!   refusing every field outside the supported subset by its path;
 //! - [`proxy`]: [`Proxy`] — configuration to running listeners, clusters and admin;
 //! - [`http`]: the HTTP connection manager + router filter;
+//! - [`filters`]: the HTTP filter chain (local rate limit, ...);
 //! - [`tcp`]: the TCP proxy filter;
+//! - [`resilience`]: per-cluster circuit breakers and retry stats;
 //! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
 //! - [`admin`]: the admin API;
+//! - [`health`]: health-check probes and outlier-detection hooks;
 //! - [`demo`]: demo upstreams for `mesh demo`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -18,8 +21,11 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod demo;
 pub mod dynamic;
+pub mod filters;
+pub mod health;
 pub mod http;
 pub mod proxy;
+pub mod resilience;
 pub mod rpc;
 pub mod tcp;
 

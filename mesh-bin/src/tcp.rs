@@ -129,8 +129,12 @@ impl TcpProxyShared {
         )
         .await;
         let upstream = match connect {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                cluster.outlier_connect(&endpoint, true);
+                s
+            }
             Ok(Err(e)) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
@@ -142,6 +146,7 @@ impl TcpProxyShared {
                 );
             }
             Err(_) => {
+                cluster.outlier_connect(&endpoint, false);
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, "tcp_proxy: upstream connect timed out (UF); closing");

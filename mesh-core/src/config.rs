@@ -13,6 +13,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::health_config::{
+    GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
+};
 pub use crate::lb_config::*;
 
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
@@ -229,6 +232,13 @@ pub struct HttpConnectionManager {
     /// `rds`: the route configuration comes over xDS by this name; then
     /// `route_config` is empty until it arrives.
     pub rds: Option<Rds>,
+    /// `internal_address_config.cidr_ranges` (address, prefix length): with
+    /// `use_remote_address`, a peer in these ranges (with no
+    /// `x-forwarded-for` of its own) sends internal requests, whose
+    /// `x-envoy-*` control headers (e.g. `x-envoy-retry-on`) are honoured.
+    pub internal_address_config: Vec<(std::net::IpAddr, u8)>,
+    /// Name and `disabled` of each entry of `http_filters` (same order).
+    pub http_filter_meta: Vec<crate::policy::HttpFilterMeta>,
 }
 
 /// One entry of `http_filters`.
@@ -236,6 +246,8 @@ pub struct HttpConnectionManager {
 pub enum HttpFilter {
     /// `envoy.filters.http.router`: the terminal filter.
     Router,
+    /// `envoy.filters.http.local_ratelimit`.
+    LocalRateLimit(Box<crate::policy::LocalRateLimitConfig>),
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
@@ -345,6 +357,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Header mutations at the virtual-host level.
     pub headers: HeaderMutations,
+    /// `retry_policy`, `typed_per_filter_config` and other traffic policy.
+    pub policy: crate::policy::VhostPolicy,
 }
 
 /// Envoy `config.route.v3.Route`.
@@ -358,6 +372,9 @@ pub struct Route {
     pub action: Action,
     /// Header mutations at the route level.
     pub headers: HeaderMutations,
+    /// `route.retry_policy`, `typed_per_filter_config` and other traffic
+    /// policy.
+    pub policy: crate::policy::RoutePolicy,
 }
 
 /// Envoy `config.route.v3.RouteMatch`.
@@ -606,6 +623,15 @@ pub struct Cluster {
     /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
     /// `lb_subset_config`, `load_assignment.policy`).
     pub lb: LbConfig,
+    /// `health_checks` (Envoy runs at most one).
+    pub health_check: Option<HealthCheck>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `max_requests_per_connection`: requests an upstream connection
+    /// carries before it is closed (none: unlimited).
+    pub max_requests_per_connection: Option<u32>,
+    /// `circuit_breakers`.
+    pub circuit_breakers: crate::policy::CircuitBreakers,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

@@ -30,6 +30,15 @@ pub enum ResponseFlag {
     DownstreamProtocolError,
     /// `UPE`: the upstream response had an HTTP protocol error.
     UpstreamProtocolError,
+    /// `URX`: the retry limit was reached (the last try's response or
+    /// failure is what the downstream got).
+    UpstreamRetryLimitExceeded,
+    /// `RL`: rate limited locally (429).
+    RateLimited,
+    /// `FI`: a fault was injected (abort).
+    FaultInjected,
+    /// `DI`: a delay was injected.
+    DelayInjected,
 }
 
 impl ResponseFlag {
@@ -48,11 +57,15 @@ impl ResponseFlag {
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::UpstreamProtocolError => "UPE",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::RateLimited => "RL",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::DelayInjected => "DI",
         }
     }
 
     /// Every flag, for pre-creating per-flag stats.
-    pub const ALL: [ResponseFlag; 12] = [
+    pub const ALL: [ResponseFlag; 16] = [
         ResponseFlag::NoRouteFound,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
@@ -65,6 +78,10 @@ impl ResponseFlag {
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::UpstreamProtocolError,
+        ResponseFlag::UpstreamRetryLimitExceeded,
+        ResponseFlag::RateLimited,
+        ResponseFlag::FaultInjected,
+        ResponseFlag::DelayInjected,
     ];
 
     /// Position in [`ResponseFlag::ALL`].

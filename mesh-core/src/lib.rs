@@ -3,6 +3,8 @@
 //! - [`config`]: the typed configuration model (Envoy v3 field names, plain
 //!   Rust types), produced by the YAML loader and the xDS converter alike;
 //! - [`view`]: the protocol-neutral request view the router and filters read;
+//! - [`policy`]: retry policies, circuit breakers and HTTP filter
+//!   configuration;
 //! - [`router`]: virtual host and route matching, weighted clusters,
 //!   rewrites, redirects;
 //! - [`headers`]: compiled header mutations;
@@ -15,8 +17,10 @@
 pub mod config;
 pub mod flags;
 pub mod headers;
+pub mod health_config;
 mod lb_config;
 pub mod listener;
+pub mod policy;
 pub mod router;
 pub mod stats;
 pub mod view;

@@ -51,6 +51,10 @@ pub struct CompiledVirtualHost {
     routes: Vec<Arc<CompiledRoute>>,
     /// Virtual-host-level header mutations.
     pub headers: CompiledMutations,
+    /// Retry policy, per-filter configuration and other traffic policy.
+    pub policy: Arc<crate::policy::VhostPolicy>,
+    /// The compiled `retry_policy`.
+    pub retry: Option<Arc<crate::policy::CompiledRetryPolicy>>,
 }
 
 /// A compiled route.
@@ -63,6 +67,10 @@ pub struct CompiledRoute {
     pub action: CompiledAction,
     /// Route-level header mutations.
     pub headers: CompiledMutations,
+    /// Retry policy, per-filter configuration and other traffic policy.
+    pub policy: Arc<crate::policy::RoutePolicy>,
+    /// The compiled `route.retry_policy`.
+    pub retry: Option<Arc<crate::policy::CompiledRetryPolicy>>,
 }
 
 #[derive(Debug)]
@@ -93,8 +101,10 @@ enum StringMatch {
     Range(i64, i64),
 }
 
+/// A compiled `HeaderMatcher` (also used by retry policies on response
+/// headers).
 #[derive(Debug)]
-struct CompiledHeaderMatcher {
+pub struct CompiledHeaderMatcher {
     name: String,
     kind: StringMatch,
     ignore_case: bool,
@@ -162,6 +172,13 @@ pub struct ClusterChoice<'a> {
     /// The endpoint subset wanted (`metadata_match`, `envoy.lb`): the
     /// route's, with a weighted-cluster choice's keys over it.
     pub metadata_match: &'a LbMetadata,
+}
+
+impl CompiledVirtualHost {
+    /// The routes, in matching order.
+    pub fn routes(&self) -> &[Arc<CompiledRoute>] {
+        &self.routes
+    }
 }
 
 impl CompiledRouteAction {
@@ -339,7 +356,8 @@ impl StringMatch {
 }
 
 impl CompiledHeaderMatcher {
-    fn compile(m: &HeaderMatcher, path: &str) -> Result<Self, RouteError> {
+    /// Compiles `m`; `path` names it in errors.
+    pub fn compile(m: &HeaderMatcher, path: &str) -> Result<Self, RouteError> {
         let (kind, ignore_case) = compile_string_match(&m.kind, path)?;
         Ok(CompiledHeaderMatcher {
             name: m.name.to_ascii_lowercase(),
@@ -350,7 +368,8 @@ impl CompiledHeaderMatcher {
         })
     }
 
-    fn matches(&self, req: &impl RequestView) -> bool {
+    /// Whether the headers of `req` satisfy the matcher.
+    pub fn matches(&self, req: &impl RequestView) -> bool {
         let value = req.pseudo_or_header(&self.name);
         let value = match value {
             Some(v) => v,
@@ -593,7 +612,24 @@ fn compile_route(r: &Route, path: &str) -> Result<CompiledRoute, RouteError> {
         matcher,
         action,
         headers: CompiledMutations::compile(&r.headers).map_err(|m| mutation_err(path, m))?,
+        policy: Arc::new(r.policy.clone()),
+        retry: compile_retry(
+            r.policy.retry_policy.as_ref(),
+            &format!("{path}.route.retry_policy"),
+        )?,
     })
+}
+
+fn compile_retry(
+    p: Option<&crate::policy::RetryPolicy>,
+    path: &str,
+) -> Result<Option<Arc<crate::policy::CompiledRetryPolicy>>, RouteError> {
+    p.map(|p| {
+        crate::policy::CompiledRetryPolicy::new(p)
+            .map(Arc::new)
+            .map_err(|e| err(path.to_owned(), e))
+    })
+    .transpose()
 }
 
 impl RouteTable {
@@ -653,8 +689,18 @@ impl RouteTable {
             name: vh.name.clone(),
             routes,
             headers: CompiledMutations::compile(&vh.headers).map_err(|m| mutation_err(vpath, m))?,
+            policy: Arc::new(vh.policy.clone()),
+            retry: compile_retry(
+                vh.policy.retry_policy.as_ref(),
+                &format!("{vpath}.retry_policy"),
+            )?,
         });
         Ok(())
+    }
+
+    /// Every virtual host, in configuration order.
+    pub fn virtual_hosts(&self) -> &[CompiledVirtualHost] {
+        &self.vhosts
     }
 
     /// The route configuration's name.

@@ -60,6 +60,11 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Adds `d` and returns the new value.
+    #[inline]
+    pub fn add_get(&self, d: i64) -> i64 {
+        self.0.fetch_add(d, Ordering::Relaxed) + d
+    }
 }
 
 /// A gauge that counts one while alive: `inc` on creation, `dec` on drop.
@@ -222,6 +227,12 @@ fn envoy_name(name: &str, labels: &[(&'static str, String)]) -> String {
                 let _ = write!(out, "{word}.{v}.");
                 stat = tail.to_owned();
             }
+        }
+    }
+    // Sub-scopes Envoy writes with a dot: `cluster.web.health_check.attempt`.
+    for sub in ["health_check_", "outlier_detection_"] {
+        if let Some(tail) = stat.strip_prefix(sub) {
+            stat = format!("{}.{tail}", &sub[..sub.len() - 1]);
         }
     }
     for (k, v) in labels {
@@ -391,6 +402,12 @@ mod tests {
         StatusCodeCounters::new(&store, "envoy_cluster_upstream_rq", &web).record(204);
         store.counter("envoy_cluster_upstream_rq_total", &web).inc();
         store
+            .counter("envoy_cluster_health_check_attempt", &web)
+            .inc();
+        store
+            .gauge("envoy_cluster_outlier_detection_ejections_active", &web)
+            .inc();
+        store
             .counter(
                 "envoy_listener_downstream_cx_total",
                 &[("envoy_listener_address", "127.0.0.1_80".into())],
@@ -410,6 +427,8 @@ mod tests {
             "cluster.web.upstream_rq_2xx: 1",
             "cluster.web.upstream_rq_204: 1",
             "cluster.web.upstream_rq_total: 1",
+            "cluster.web.health_check.attempt: 1",
+            "cluster.web.outlier_detection.ejections_active: 1",
             "listener.127.0.0.1_80.downstream_cx_total: 1",
             "mesh.http.in.downstream_rq_response_flag.UF: 1",
         ] {

@@ -158,6 +158,10 @@ mod tests {
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
             lb: Default::default(),
+            health_check: None,
+            outlier_detection: None,
+            max_requests_per_connection: None,
+            circuit_breakers: Default::default(),
         }
     }
 

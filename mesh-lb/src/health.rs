@@ -24,10 +24,18 @@ impl HealthFlags {
     pub const FAILED_EDS_HEALTH: u8 = 1 << 3;
     /// Degraded (EDS `DEGRADED` or active check `x-envoy-degraded`).
     pub const DEGRADED: u8 = 1 << 4;
+    /// The last active health check timed out (`/active_hc_timeout`);
+    /// informational, cleared by the next passing check.
+    pub const ACTIVE_HC_TIMEOUT: u8 = 1 << 5;
 
     /// The flags that make an endpoint unhealthy.
     pub const UNHEALTHY_MASK: u8 =
         Self::FAILED_ACTIVE_HC | Self::FAILED_OUTLIER_CHECK | Self::FAILED_EDS_HEALTH;
+
+    /// Flags with `bits` set.
+    pub fn new(bits: u8) -> Self {
+        HealthFlags(AtomicU8::new(bits))
+    }
 
     /// Sets `flag`; returns whether it was newly set.
     pub fn set(&self, flag: u8) -> bool {
@@ -54,7 +62,7 @@ impl HealthFlags {
         self.bits() & Self::UNHEALTHY_MASK == 0
     }
 
-    /// Envoy's `/clusters` rendering, e.g. `healthy` or
+    /// Envoy's `/clusters` rendering (in Envoy's order), e.g. `healthy` or
     /// `/failed_active_hc/failed_outlier_check`.
     pub fn render(&self) -> String {
         let bits = self.bits();
@@ -65,9 +73,10 @@ impl HealthFlags {
         for (flag, name) in [
             (Self::FAILED_ACTIVE_HC, "/failed_active_hc"),
             (Self::FAILED_OUTLIER_CHECK, "/failed_outlier_check"),
-            (Self::PENDING_ACTIVE_HC, "/pending_active_hc"),
             (Self::FAILED_EDS_HEALTH, "/failed_eds_health"),
             (Self::DEGRADED, "/degraded_eds_health"),
+            (Self::PENDING_ACTIVE_HC, "/pending_active_hc"),
+            (Self::ACTIVE_HC_TIMEOUT, "/active_hc_timeout"),
         ] {
             if bits & flag != 0 {
                 s.push_str(name);

@@ -54,7 +54,9 @@ pub mod dns;
 pub mod ewma;
 pub mod hash;
 pub mod health;
+pub mod health_check;
 mod maglev;
+pub mod outlier;
 mod picker;
 mod priority;
 mod ring_hash;
@@ -66,6 +68,7 @@ pub use maglev::is_prime;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,6 +115,8 @@ pub struct Endpoint {
     pub health: HealthFlags,
     /// Peak EWMA of the time to response headers.
     pub rtt: RttEstimate,
+    /// Outlier-detection counters, updated on the request path.
+    pub outlier: outlier::EndpointOutlier,
 }
 
 impl Endpoint {
@@ -122,7 +127,7 @@ impl Endpoint {
         self.rtt.observe_at(rtt, tokio::time::Instant::now());
     }
 
-    fn new(s: EndpointSpec, config: &LbConfig) -> Self {
+    fn new(s: EndpointSpec, config: &LbConfig, health_bits: u8) -> Self {
         let health_status = s.health_status;
         let e = Endpoint {
             addr: s.addr,
@@ -133,7 +138,8 @@ impl Endpoint {
             locality_weight: s.locality_weight.unwrap_or(0),
             metadata: s.metadata,
             stats: EndpointStats::default(),
-            health: HealthFlags::default(),
+            health: HealthFlags::new(health_bits),
+            outlier: Default::default(),
             rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
         };
         e.apply_health_status(health_status);
@@ -313,6 +319,9 @@ impl EndpointSet {
 pub struct Balancer {
     settings: Settings,
     set: ArcSwap<EndpointSet>,
+    /// [`HealthFlags`] bits that endpoints added by [`Balancer::update`]
+    /// start with (`/failed_active_hc` when the cluster is health checked).
+    new_endpoint_health: AtomicU8,
 }
 
 impl Balancer {
@@ -332,6 +341,7 @@ impl Balancer {
         Balancer {
             settings,
             set: ArcSwap::from_pointee(set),
+            new_endpoint_health: AtomicU8::new(0),
         }
     }
 
@@ -341,6 +351,13 @@ impl Balancer {
         let z: String = zone.into();
         self.settings.local_zone = (!z.is_empty()).then_some(z);
         self
+    }
+
+    /// Sets the [`HealthFlags`] bits that endpoints added by later updates
+    /// start with (active health checking marks new endpoints
+    /// `/failed_active_hc` until their first probe, as Envoy does).
+    pub fn set_new_endpoint_health(&self, bits: u8) {
+        self.new_endpoint_health.store(bits, Ordering::Relaxed);
     }
 
     /// A balancer over `specs`.
@@ -435,7 +452,11 @@ impl Balancer {
                         e.apply_health_status(s.health_status);
                         e.clone()
                     }
-                    None => Arc::new(Endpoint::new(s, &self.settings.config)),
+                    None => Arc::new(Endpoint::new(
+                        s,
+                        &self.settings.config,
+                        self.new_endpoint_health.load(Ordering::Relaxed),
+                    )),
                 }
             })
             .collect();

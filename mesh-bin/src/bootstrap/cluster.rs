@@ -159,7 +159,8 @@ fn cluster(
         .map(|t| protocol_options(cx, t));
     let h2_path = o.at("http2_protocol_options");
     let legacy_h2 = o.empty_obj(cx, "http2_protocol_options");
-    let (mut protocol, idle_timeout) = typed.unwrap_or((None, Some(ONE_HOUR)));
+    let (mut protocol, idle_timeout, max_requests_per_connection) =
+        typed.unwrap_or((None, Some(ONE_HOUR), None));
     if legacy_h2 {
         if protocol.is_some() {
             cx.error(
@@ -194,6 +195,25 @@ fn cluster(
     let per_connection_buffer_limit_bytes = o
         .u32(cx, "per_connection_buffer_limit_bytes")
         .unwrap_or(DEFAULT_BUFFER_LIMIT);
+    let health_check = super::health::health_checks(cx, &mut o);
+    let outlier_detection = o
+        .obj(cx, "outlier_detection")
+        .map(|od| super::health::outlier_detection(cx, od));
+    let mrpc_path = o.at("max_requests_per_connection");
+    let cluster_mrpc = o.u32(cx, "max_requests_per_connection");
+    if cluster_mrpc.is_some() && max_requests_per_connection.is_some() {
+        cx.error(
+            &mrpc_path,
+            "only one of max_requests_per_connection and common_http_protocol_options.max_requests_per_connection may be set",
+        );
+    }
+    let max_requests_per_connection = max_requests_per_connection
+        .or(cluster_mrpc)
+        .filter(|n| *n > 0);
+    let circuit_breakers = o
+        .obj(cx, "circuit_breakers")
+        .map(|c| super::policy::circuit_breakers(cx, c))
+        .unwrap_or_default();
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -207,6 +227,10 @@ fn cluster(
         idle_timeout,
         per_connection_buffer_limit_bytes,
         lb,
+        health_check,
+        outlier_detection,
+        max_requests_per_connection,
+        circuit_breakers,
     })
 }
 
@@ -353,9 +377,13 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
 
 /// `typed_extension_protocol_options`: the upstream protocol and idle
 /// timeout from `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
-fn protocol_options(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<UpstreamProtocol>, Option<Duration>) {
+fn protocol_options(
+    cx: &mut Ctx,
+    mut o: Obj<'_>,
+) -> (Option<UpstreamProtocol>, Option<Duration>, Option<u32>) {
     let mut protocol = None;
     let mut idle_timeout = Some(ONE_HOUR);
+    let mut max_requests = None;
     for (key, path, v) in o.take_all() {
         if key != HTTP_OPTIONS_KEY {
             cx.unsupported(&path, None);
@@ -424,10 +452,11 @@ fn protocol_options(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<UpstreamProtocol>, 
         };
         if let Some(mut c) = h.obj(cx, "common_http_protocol_options") {
             idle_timeout = c.timeout(cx, "idle_timeout", Some(ONE_HOUR));
+            max_requests = c.u32(cx, "max_requests_per_connection");
             c.finish(cx);
         }
         h.finish(cx);
     }
     o.finish(cx);
-    (protocol, idle_timeout)
+    (protocol, idle_timeout, max_requests)
 }

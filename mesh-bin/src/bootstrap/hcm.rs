@@ -3,16 +3,12 @@
 
 use std::time::Duration;
 
-use mesh_core::config::{CodecType, HttpConnectionManager, HttpFilter, RouteConfiguration};
+use mesh_core::config::{CodecType, HttpConnectionManager, RouteConfiguration};
 
 use super::listener::{access_logs, ONE_HOUR};
+use super::policy::http_filters;
 use super::reader::{Ctx, Obj};
-use super::{route, select_extension, Known};
-
-const HTTP_FILTERS: &[Known] = &[Known {
-    name: "envoy.filters.http.router",
-    type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-}];
+use super::route;
 
 /// Envoy's default `stream_idle_timeout` (5 minutes).
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -49,7 +45,7 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         }
     };
 
-    let http_filters = http_filters(cx, &mut o);
+    let (http_filters, http_filter_meta) = http_filters(cx, &mut o);
 
     let stream_idle_timeout = o.timeout(cx, "stream_idle_timeout", Some(STREAM_IDLE_TIMEOUT));
     let request_timeout = o.timeout(cx, "request_timeout", None);
@@ -72,6 +68,10 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         None => 60,
     };
     let use_remote_address = o.bool(cx, "use_remote_address").unwrap_or(false);
+    let internal_address_config = o
+        .obj(cx, "internal_address_config")
+        .map(|c| super::policy::internal_address_config(cx, c))
+        .unwrap_or_default();
     let skip_xff_append = o.bool(cx, "skip_xff_append").unwrap_or(false);
     let generate_request_id = o.bool(cx, "generate_request_id").unwrap_or(true);
     let server_name = o.string(cx, "server_name");
@@ -108,48 +108,7 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         access_log,
         upgrade_types,
         rds,
+        http_filter_meta,
+        internal_address_config,
     }
-}
-
-/// `http_filters`: only the router, which must be present and last.
-fn http_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<HttpFilter> {
-    let path = o.at("http_filters");
-    let entries = o.list(cx, "http_filters");
-    let count = entries.len();
-    let mut out = Vec::new();
-    let mut last_is_router = false;
-    let mut last_unsupported = false;
-    for (i, (fpath, v)) in entries.into_iter().enumerate() {
-        let Some(mut f) = Obj::new(cx, fpath, v) else {
-            continue;
-        };
-        let before = cx.errors.len();
-        match select_extension(cx, &mut f, "HTTP filter", HTTP_FILTERS) {
-            Some((_, tc)) => {
-                if let Some(tc) = tc {
-                    // The router's options (suppress_envoy_headers, ...) are
-                    // not supported: each is reported by `finish`.
-                    tc.finish(cx);
-                }
-                if i + 1 == count {
-                    last_is_router = true;
-                } else {
-                    cx.error(
-                        f.path(),
-                        "envoy.filters.http.router must be the last HTTP filter",
-                    );
-                }
-                out.push(HttpFilter::Router);
-            }
-            None => last_unsupported = i + 1 == count && cx.errors.len() > before,
-        }
-        f.finish(cx);
-    }
-    if !last_is_router && !last_unsupported {
-        cx.error(
-            &path,
-            "envoy.filters.http.router is required as the last HTTP filter",
-        );
-    }
-    out
 }

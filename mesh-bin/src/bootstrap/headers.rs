@@ -44,7 +44,7 @@ fn header_removals(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<String> {
         .collect()
 }
 
-fn header_options(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<HeaderValueOption> {
+pub(crate) fn header_options(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<HeaderValueOption> {
     let mut out = Vec::new();
     for (path, v) in o.list(cx, key) {
         let Some(mut h) = Obj::new(cx, path, v) else {

@@ -23,8 +23,12 @@ use serde_json::Value;
 mod cluster;
 mod hcm;
 mod headers;
+mod health;
+#[cfg(test)]
+mod health_tests;
 mod lb;
 mod listener;
+mod policy;
 mod reader;
 mod route;
 mod rpc;

@@ -11,6 +11,7 @@ use mesh_core::config::{
 };
 
 use super::headers::header_mutations;
+use super::policy;
 use super::reader::{as_int, is_empty_list, one_of, Ctx, Obj};
 
 /// Envoy's default route `timeout` (15 s).
@@ -72,12 +73,14 @@ fn virtual_host(cx: &mut Ctx, mut o: Obj<'_>, seen: &mut HashMap<String, String>
         }
     }
     let headers = header_mutations(cx, &mut o);
+    let vh_policy = vhost_policy(cx, &mut o);
     o.finish(cx);
     VirtualHost {
         name,
         domains,
         routes,
         headers,
+        policy: vh_policy,
     }
 }
 
@@ -92,6 +95,7 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             None
         }
     };
+    let mut route_policy = mesh_core::policy::RoutePolicy::default();
     let kinds = ["route", "redirect", "direct_response"];
     let given = kinds.iter().filter(|k| o.has(k)).count();
     let action = if given > 1 {
@@ -104,7 +108,7 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
         None
     } else if let Some(a) = o.obj(cx, "route") {
-        Some(Action::Route(route_action(cx, a)))
+        Some(Action::Route(route_action(cx, a, &mut route_policy)))
     } else if let Some(r) = o.obj(cx, "redirect") {
         Some(Action::Redirect(redirect(cx, r)))
     } else if let Some(d) = o.obj(cx, "direct_response") {
@@ -120,12 +124,15 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         None
     };
     let headers = header_mutations(cx, &mut o);
+    route_policy.per_filter = policy::per_filter_configs(cx, &mut o);
+    route_policy.per_request_buffer_limit_bytes = policy::buffer_limit(cx, &mut o);
     o.finish(cx);
     Some(Route {
         name,
         matcher: matcher?,
         action: action?,
         headers,
+        policy: route_policy,
     })
 }
 
@@ -351,7 +358,11 @@ fn query_matcher(cx: &mut Ctx, mut o: Obj<'_>) -> QueryParameterMatcher {
     }
 }
 
-fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
+fn route_action(
+    cx: &mut Ctx,
+    mut o: Obj<'_>,
+    route_policy: &mut mesh_core::policy::RoutePolicy,
+) -> RouteAction {
     let other = [
         "cluster_header",
         "cluster_specifier_plugin",
@@ -409,6 +420,10 @@ fn route_action(cx: &mut Ctx, mut o: Obj<'_>) -> RouteAction {
     let idle_timeout = o.timeout(cx, "idle_timeout", None);
     let hash_policy = super::lb::hash_policies(cx, &mut o, false);
     let metadata_match = super::lb::metadata_match(cx, &mut o);
+    route_policy.retry_policy = o
+        .obj(cx, "retry_policy")
+        .map(|r| policy::retry_policy(cx, r));
+    route_policy.priority = policy::routing_priority(cx, &mut o);
     o.finish(cx);
     RouteAction {
         cluster,
@@ -619,4 +634,19 @@ pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     Some(out)
+}
+
+/// The traffic policy fields of a virtual host.
+fn vhost_policy(cx: &mut Ctx, o: &mut Obj<'_>) -> mesh_core::policy::VhostPolicy {
+    mesh_core::policy::VhostPolicy {
+        retry_policy: o
+            .obj(cx, "retry_policy")
+            .map(|r| policy::retry_policy(cx, r)),
+        include_request_attempt_count: o.bool(cx, "include_request_attempt_count").unwrap_or(false),
+        include_attempt_count_in_response: o
+            .bool(cx, "include_attempt_count_in_response")
+            .unwrap_or(false),
+        per_request_buffer_limit_bytes: policy::buffer_limit(cx, o),
+        per_filter: policy::per_filter_configs(cx, o),
+    }
 }

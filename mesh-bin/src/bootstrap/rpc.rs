@@ -52,6 +52,7 @@ fn route(matchers: Vec<HeaderMatcher>, action: RouteAction) -> Route {
         },
         action: Action::Route(action),
         headers: Default::default(),
+        policy: Default::default(),
     }
 }
 
@@ -202,6 +203,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec!["*".into()],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }],
             headers: Default::default(),
         },
@@ -358,6 +360,7 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec![domain],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }),
         }
     }
@@ -488,6 +491,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
                 domains: vec!["*".into()],
                 routes,
                 headers: Default::default(),
+                policy: Default::default(),
             }],
             headers: Default::default(),
         },

@@ -182,8 +182,10 @@ fn bench_config_loads() {
                         metadata_match: Default::default(),
                     }),
                     headers: HeaderMutations::default(),
+                    policy: Default::default(),
                 }],
                 headers: HeaderMutations::default(),
+                policy: Default::default(),
             }],
             headers: HeaderMutations::default(),
         },
@@ -200,6 +202,11 @@ fn bench_config_loads() {
         access_log: vec![],
         upgrade_types: vec![],
         rds: None,
+        internal_address_config: vec![],
+        http_filter_meta: vec![mesh_core::policy::HttpFilterMeta {
+            name: "envoy.filters.http.router".into(),
+            disabled: false,
+        }],
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -227,6 +234,10 @@ fn bench_config_loads() {
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
             lb: Default::default(),
+            health_check: None,
+            outlier_detection: None,
+            max_requests_per_connection: None,
+            circuit_breakers: Default::default(),
         }]
     );
 }
@@ -279,19 +290,19 @@ fn unknown_top_level_fields_are_unsupported() {
 fn unknown_cluster_field_is_unsupported_with_exact_path() {
     let mut v = bench();
     add_cluster(&mut v, "second");
-    v["static_resources"]["clusters"][1]["health_checks"] = json!([]);
+    v["static_resources"]["clusters"][1]["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(
         e.0,
         vec![ConfigError::unsupported(
-            "static_resources.clusters[1].health_checks",
+            "static_resources.clusters[1].lrs_server",
             None
         )]
     );
     assert!(e.0[0].is_unsupported());
     assert_eq!(
         e.to_string(),
-        "unsupported: static_resources.clusters[1].health_checks"
+        "unsupported: static_resources.clusters[1].lrs_server"
     );
 }
 
@@ -312,7 +323,7 @@ fn all_errors_are_collected_one_per_line() {
     let mut v = bench();
     route_json(&mut v)["route"]["cluster"] = json!("foo");
     cluster_json(&mut v)["connect_timeout"] = json!("soon");
-    cluster_json(&mut v)["outlier_detection"] = json!({});
+    cluster_json(&mut v)["lrs_server"] = json!({});
     let e = load_value(&v).expect_err("must fail");
     assert_eq!(e.0.len(), 3);
     assert_eq!(e.to_string().lines().count(), 3);
@@ -907,14 +918,14 @@ fn route_actions() {
     route_json(&mut v)["route"] = json!({
         "weighted_clusters": {"total_weight": 50, "clusters": [
             {"name": "upstream", "weight": 90}, {"name": "zzz", "weight": 10}]},
-        "retry_policy": {},
+        "internal_redirect_policy": {},
     });
     let r = format!("{ROUTE_PATH}.route");
     assert_eq!(
         errs(&v),
         vec![
             format!("{r}.weighted_clusters.total_weight: total_weight 50 is not the sum of the cluster weights (100)"),
-            format!("unsupported: {r}.retry_policy"),
+            format!("unsupported: {r}.internal_redirect_policy"),
             format!("{r}.weighted_clusters.clusters[1].name: unknown cluster \"zzz\""),
         ]
     );

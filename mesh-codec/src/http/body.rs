@@ -30,6 +30,9 @@ pub enum BodyError {
     /// `request_timeout`.
     #[error("request timeout: the request body did not arrive in time")]
     RequestTimeout,
+    /// A retry took over the request body from this try.
+    #[error("request body taken over by a retry")]
+    Superseded,
 }
 
 /// Runs a closure when the owning body ends or is dropped, whichever is
@@ -207,7 +210,7 @@ impl Body for UpstreamBody {
 use std::future::Future as _;
 
 /// A body the proxy sends: forwarded, proxy-made, or empty.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub enum ProxyBody {
     /// No body.
     #[default]
@@ -221,6 +224,21 @@ pub enum ProxyBody {
     /// A downstream request body that must arrive whole before a deadline
     /// (the HCM `request_timeout`).
     Deadline(Incoming, Pin<Box<tokio::time::Sleep>>),
+    /// Any other body (a request body replayed for a retry).
+    Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>),
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyBody::Empty => f.write_str("Empty"),
+            ProxyBody::Full(b) => f.debug_tuple("Full").field(b).finish(),
+            ProxyBody::Incoming(b) => f.debug_tuple("Incoming").field(b).finish(),
+            ProxyBody::Upstream(b) => f.debug_tuple("Upstream").field(b).finish(),
+            ProxyBody::Deadline(b, _) => f.debug_tuple("Deadline").field(b).finish(),
+            ProxyBody::Boxed(_) => f.write_str("Boxed"),
+        }
+    }
 }
 
 impl ProxyBody {
@@ -255,6 +273,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Boxed(b) => b.as_mut().poll_frame(cx),
             ProxyBody::Deadline(b, deadline) => match Pin::new(b).poll_frame(cx) {
                 Poll::Pending => {
                     if deadline.as_mut().poll(cx).is_ready() {
@@ -275,6 +294,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Deadline(b, _) => b.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
         }
     }
 
@@ -285,6 +305,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Deadline(b, _) => b.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct PoolConfig {
     /// An idle HTTP/1.1 connection older than this is closed instead of
     /// reused (checked when the pool next looks at it).
     pub idle_timeout: Option<Duration>,
+    /// Requests one connection carries before it is closed (HTTP/1.1) or
+    /// no longer given new streams (HTTP/2); `None`: unlimited. Envoy's
+    /// `max_requests_per_connection`.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Why an upstream request failed before a response arrived.
@@ -65,7 +69,32 @@ pub enum UpstreamError {
     /// The HTTP handshake (HTTP/2 preface) failed.
     #[error("protocol handshake failed: {0}")]
     Handshake(hyper::Error),
+    /// A cluster limit ([`PoolLimits`]: `max_connections` with
+    /// `max_pending_requests` full) refused the request before anything
+    /// was sent. Never retried.
+    #[error("overflow: connection and pending-request limits reached")]
+    Overflow,
 }
+
+/// Limits a cluster's pools obey together (Envoy's `max_connections` and
+/// `max_pending_requests` circuit breakers), shared by every worker's
+/// pools of the cluster.
+///
+/// A request that needs a new connection is *pending* until it has one:
+/// it takes a pending permit (refused: [`UpstreamError::Overflow`]) and a
+/// connection permit, which the connection holds until it closes. When no
+/// connection permit is left, an HTTP/1.1 request waits, still pending,
+/// for a connection of its pool to come back idle or for a permit.
+pub trait PoolLimits: Send + Sync + std::fmt::Debug {
+    /// A permit to open one connection, or `None` at the limit.
+    fn try_connection(&self) -> Option<LimitPermit>;
+    /// A permit for one request waiting for a connection, or `None` at the
+    /// limit.
+    fn try_pending(&self) -> Option<LimitPermit>;
+}
+
+/// A permit of [`PoolLimits`], given back when dropped.
+pub type LimitPermit = Box<dyn std::any::Any + Send + Sync>;
 
 /// Which side an [`UpstreamError`] should be blamed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +111,8 @@ pub enum FailureKind {
     RequestTimeout,
     /// The upstream closed or reset before the response headers (Envoy `UC`, 503).
     Reset,
+    /// A circuit breaker refused the request (Envoy `UO`, 503).
+    Overflow,
 }
 
 impl UpstreamError {
@@ -94,6 +125,7 @@ impl UpstreamError {
     pub fn kind(&self) -> FailureKind {
         match self {
             UpstreamError::Connect(_) => FailureKind::Connect,
+            UpstreamError::Overflow => FailureKind::Overflow,
             UpstreamError::Reset(e) | UpstreamError::Handshake(e) => {
                 let body_error = std::error::Error::source(e)
                     .and_then(|s| s.downcast_ref::<super::body::BodyError>());
@@ -116,11 +148,19 @@ impl UpstreamError {
 pub struct EndpointPool {
     addr: SocketAddr,
     config: PoolConfig,
-    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant)>>,
+    /// Idle HTTP/1.1 connections: sender, idle since, requests carried.
+    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant, u32)>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Streams opened on the current HTTP/2 connection (changed under the
+    /// `h2` lock).
+    h2_used: std::sync::atomic::AtomicU32,
     /// Held while an HTTP/2 connection is being established, so that
     /// concurrent first requests share one connection instead of racing.
     h2_connecting: tokio::sync::Mutex<()>,
+    limits: Option<Arc<dyn PoolLimits>>,
+    /// Signalled when an HTTP/1.1 connection goes back idle (only with
+    /// limits, for requests waiting for a connection).
+    returned: tokio::sync::Notify,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -130,13 +170,53 @@ pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
 impl EndpointPool {
     /// A pool for `addr`.
     pub fn new(addr: SocketAddr, config: PoolConfig) -> Arc<Self> {
+        Self::with_limits(addr, config, None)
+    }
+
+    /// A pool for `addr` obeying cluster-wide `limits`.
+    pub fn with_limits(
+        addr: SocketAddr,
+        config: PoolConfig,
+        limits: Option<Arc<dyn PoolLimits>>,
+    ) -> Arc<Self> {
         Arc::new(EndpointPool {
             addr,
             config,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_used: std::sync::atomic::AtomicU32::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
+            limits,
+            returned: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The permits a new connection needs: pending while it waits, then a
+    /// connection permit. `Ok(None)` without limits; with `wait`, an idle
+    /// connection that came back meanwhile is returned instead.
+    async fn connection_permit(
+        &self,
+        wait: bool,
+    ) -> Result<Result<Option<LimitPermit>, (http1::SendRequest<ProxyBody>, u32)>, UpstreamError>
+    {
+        let Some(limits) = &self.limits else {
+            return Ok(Ok(None));
+        };
+        let _pending = limits.try_pending().ok_or(UpstreamError::Overflow)?;
+        loop {
+            if let Some(p) = limits.try_connection() {
+                return Ok(Ok(Some(p)));
+            }
+            if !wait {
+                return Err(UpstreamError::Overflow);
+            }
+            // A connection of this pool coming back, or (another worker's
+            // connection closing) a permit freed: look again.
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.returned.notified()).await;
+            if let Some(s) = self.take_idle() {
+                return Ok(Err(s));
+            }
+        }
     }
 
     /// The endpoint address.
@@ -174,32 +254,37 @@ impl EndpointPool {
         }
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = self.config.idle_timeout {
             // The oldest connections sit at the front.
             let now = tokio::time::Instant::now();
             let expired = idle
                 .iter()
-                .take_while(|(_, since)| now - *since >= t)
+                .take_while(|(_, since, _)| now - *since >= t)
                 .count();
             idle.drain(..expired);
         }
-        while let Some((s, _)) = idle.pop() {
+        while let Some((s, _, used)) = idle.pop() {
             if !s.is_closed() {
-                return Some(s);
+                return Some((s, used));
             }
         }
         None
     }
 
-    async fn new_h1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+    async fn new_h1(
+        &self,
+        permit: Option<LimitPermit>,
+    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
+            // The connection's permit lives as long as the connection.
+            let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
             }
@@ -213,12 +298,12 @@ impl EndpointPool {
         upgrade: bool,
     ) -> Result<PooledResponse, UpstreamError> {
         // Try idle connections first; a stale one hands the request back.
-        while let Some(mut sender) = self.take_idle() {
+        while let Some((mut sender, used)) = self.take_idle() {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade)),
+                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade, used + 1)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => {
                         req = r;
@@ -230,13 +315,16 @@ impl EndpointPool {
         }
         // Connecting is the cold path: boxed so its large future does not
         // grow (and get copied with) every request's future.
-        let mut sender = Box::pin(self.new_h1()).await?;
+        let (mut sender, used) = match Box::pin(self.connection_permit(true)).await? {
+            Ok(permit) => (Box::pin(self.new_h1(permit)).await?, 0),
+            Err(idle) => idle,
+        };
         sender.ready().await.map_err(UpstreamError::Reset)?;
         let resp = sender
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
-        Ok(self.finish_h1(resp, sender, upgrade))
+        Ok(self.finish_h1(resp, sender, upgrade, used + 1))
     }
 
     fn finish_h1(
@@ -244,8 +332,18 @@ impl EndpointPool {
         resp: Response<Incoming>,
         sender: http1::SendRequest<ProxyBody>,
         upgrade: bool,
+        used: u32,
     ) -> PooledResponse {
         if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return (resp, None);
+        }
+        if self
+            .config
+            .max_requests_per_connection
+            .is_some_and(|max| used >= max)
+        {
+            // The connection's last request: it closes once the response
+            // (and the sender) is dropped.
             return (resp, None);
         }
         let pool = Arc::downgrade(self);
@@ -256,7 +354,11 @@ impl EndpointPool {
             if let Some(pool) = pool.upgrade() {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < pool.config.max_idle {
-                    idle.push((sender, tokio::time::Instant::now()));
+                    idle.push((sender, tokio::time::Instant::now(), used));
+                }
+                drop(idle);
+                if pool.limits.is_some() {
+                    pool.returned.notify_one();
                 }
             }
         });
@@ -264,8 +366,25 @@ impl EndpointPool {
     }
 
     fn cached_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
-        let guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+        let mut guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let s = guard.as_ref().filter(|s| !s.is_closed()).cloned()?;
+        self.count_h2_stream(&mut guard);
+        Some(s)
+    }
+
+    /// Counts a stream on the current HTTP/2 connection; at
+    /// `max_requests_per_connection` the connection gets no new streams
+    /// (it closes once its streams end and its senders are dropped).
+    fn count_h2_stream(&self, current: &mut Option<http2::SendRequest<ProxyBody>>) {
+        use std::sync::atomic::Ordering;
+        let used = self.h2_used.fetch_add(1, Ordering::Relaxed) + 1;
+        if self
+            .config
+            .max_requests_per_connection
+            .is_some_and(|max| used >= max)
+        {
+            *current = None;
+        }
     }
 
     async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
@@ -276,6 +395,8 @@ impl EndpointPool {
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
+        // Without waiting, no idle HTTP/1.1 connection comes back.
+        let permit = self.connection_permit(false).await?.unwrap_or_default();
         let stream = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -286,11 +407,15 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        let mut current = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        *current = Some(sender.clone());
+        self.h2_used.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.count_h2_stream(&mut current);
         Ok(sender)
     }
 

@@ -22,6 +22,7 @@ fn route_to(path: PathMatch, cluster: &str) -> Route {
             metadata_match: Default::default(),
         }),
         headers: HeaderMutations::default(),
+        policy: Default::default(),
     }
 }
 
@@ -36,6 +37,7 @@ fn table(vhosts: Vec<(&[&str], Vec<Route>)>) -> RouteTable {
                 domains: domains.iter().map(|d| d.to_string()).collect(),
                 routes,
                 headers: HeaderMutations::default(),
+                policy: Default::default(),
             })
             .collect(),
         headers: HeaderMutations::default(),

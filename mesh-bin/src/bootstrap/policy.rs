@@ -1,0 +1,632 @@
+//! Traffic policy fields: route and virtual-host `retry_policy`, cluster
+//! `circuit_breakers`, `typed_per_filter_config`, and the HCM's
+//! `http_filters` chain (Envoy `config.route.v3.RetryPolicy`,
+//! `config.cluster.v3.CircuitBreakers`, `HttpFilter`).
+
+use std::net::IpAddr;
+
+use mesh_core::config::HttpFilter;
+use mesh_core::policy::{
+    CircuitBreakers, FilterOverride, FractionalPercent, HttpFilterMeta, LocalRateLimitConfig,
+    PerFilterConfig, RetryBudget, RetryOn, RetryPolicy, RoutingPriority, Thresholds,
+    TokenBucketConfig,
+};
+
+use super::reader::{as_int, Ctx, Obj};
+use super::route::header_matcher;
+use super::{select_extension, Known};
+
+const ROUTER: &str = "envoy.filters.http.router";
+const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
+const PREVIOUS_HOSTS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
+
+const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
+const LOCAL_RATELIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+/// The HTTP filters mesh knows, by canonical name and type URL.
+const HTTP_FILTERS: &[Known] = &[
+    Known {
+        name: ROUTER,
+        type_url: ROUTER_TYPE,
+    },
+    Known {
+        name: LOCAL_RATELIMIT,
+        type_url: LOCAL_RATELIMIT_TYPE,
+    },
+];
+
+/// A `retry_policy` (route or virtual host).
+pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
+    let mut p = RetryPolicy::default();
+    let on_path = o.at("retry_on");
+    if let Some(list) = o.string(cx, "retry_on") {
+        let (on, unknown) = RetryOn::parse(&list, false);
+        // Envoy logs unknown tokens and ignores them; mesh refuses them so a
+        // typo never silently disables retries.
+        if !unknown.is_empty() {
+            cx.error(
+                &on_path,
+                format!(
+                    "unknown retry_on condition(s) {}; known: {}",
+                    unknown.join(", "),
+                    RetryOn::HTTP_TOKENS
+                        .iter()
+                        .chain(RetryOn::GRPC_TOKENS.iter())
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        p.retry_on = on;
+    }
+    if let Some(n) = o.u32(cx, "num_retries") {
+        p.num_retries = n;
+    }
+    p.per_try_timeout = o.duration(cx, "per_try_timeout").filter(|d| !d.is_zero());
+    p.per_try_idle_timeout = o
+        .duration(cx, "per_try_idle_timeout")
+        .filter(|d| !d.is_zero());
+    for (path, v) in o.list(cx, "retriable_status_codes") {
+        if let Some(c) = as_int(cx, &path, v, 100, 599) {
+            p.retriable_status_codes.push(c as u16);
+        }
+    }
+    for (path, v) in o.list(cx, "retriable_headers") {
+        if let Some(h) = Obj::new(cx, path, v) {
+            p.retriable_headers.push(header_matcher(cx, h));
+        }
+    }
+    for (path, v) in o.list(cx, "retriable_request_headers") {
+        if let Some(h) = Obj::new(cx, path, v) {
+            p.retriable_request_headers.push(header_matcher(cx, h));
+        }
+    }
+    if let Some(mut b) = o.obj(cx, "retry_back_off") {
+        let base_path = b.at("base_interval");
+        match b.duration(cx, "base_interval") {
+            Some(d) if d.is_zero() => cx.error(&base_path, "must be greater than 0s"),
+            Some(d) => {
+                p.base_interval = d;
+                p.max_interval = d * 10;
+            }
+            None => {
+                if !b.has("base_interval") {
+                    cx.missing(&base_path);
+                }
+            }
+        }
+        let max_path = b.at("max_interval");
+        match b.duration(cx, "max_interval") {
+            Some(d) if d.is_zero() => cx.error(&max_path, "must be greater than 0s"),
+            Some(d) if d < p.base_interval => {
+                cx.error(&max_path, "must be greater than or equal to base_interval")
+            }
+            Some(d) => p.max_interval = d,
+            None => {}
+        }
+        b.finish(cx);
+    }
+    for (path, v) in o.list(cx, "retry_host_predicate") {
+        let Some(mut pred) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let known = [Known {
+            name: PREVIOUS_HOSTS,
+            type_url: PREVIOUS_HOSTS_TYPE,
+        }];
+        if let Some((_, tc)) = select_extension(cx, &mut pred, "retry host predicate", &known) {
+            if let Some(tc) = tc {
+                tc.finish(cx);
+            }
+            p.previous_hosts = true;
+        }
+        pred.finish(cx);
+    }
+    let attempts_path = o.at("host_selection_retry_max_attempts");
+    if let Some(v) = o.take("host_selection_retry_max_attempts") {
+        if let Some(n) = as_int(cx, &attempts_path, v, i64::MIN.into(), i64::MAX.into()) {
+            // Envoy treats anything below 1 as 1.
+            p.host_selection_retry_max_attempts = n.clamp(1, 100) as u32;
+        }
+    }
+    o.refuse(cx, "retry_priority", "retry priorities are not supported");
+    o.refuse(
+        cx,
+        "rate_limited_retry_back_off",
+        "rate-limited back-off is not supported",
+    );
+    o.refuse(
+        cx,
+        "retry_options_predicates",
+        "retry options predicates are not supported",
+    );
+    o.finish(cx);
+    p
+}
+
+/// A route's `priority` (`DEFAULT` or `HIGH`).
+pub(crate) fn routing_priority(cx: &mut Ctx, o: &mut Obj<'_>) -> RoutingPriority {
+    o.enumeration(
+        cx,
+        "priority",
+        &[
+            ("DEFAULT", RoutingPriority::Default),
+            ("HIGH", RoutingPriority::High),
+        ],
+        &[],
+    )
+    .unwrap_or_default()
+}
+
+/// A cluster's `circuit_breakers`.
+pub(crate) fn circuit_breakers(cx: &mut Ctx, mut o: Obj<'_>) -> CircuitBreakers {
+    let mut out = CircuitBreakers::default();
+    out.high.priority = RoutingPriority::High;
+    let mut seen = [false; 2];
+    for (path, v) in o.list(cx, "thresholds") {
+        let Some(t) = Obj::new(cx, path.clone(), v) else {
+            continue;
+        };
+        let t = thresholds(cx, t);
+        let slot = match t.priority {
+            RoutingPriority::Default => 0,
+            RoutingPriority::High => 1,
+        };
+        if seen[slot] {
+            cx.error(
+                &path,
+                format!(
+                    "a second thresholds entry for priority {}",
+                    t.priority.as_str().to_ascii_uppercase()
+                ),
+            );
+        }
+        seen[slot] = true;
+        match t.priority {
+            RoutingPriority::Default => out.default = t,
+            RoutingPriority::High => out.high = t,
+        }
+    }
+    o.refuse(
+        cx,
+        "per_host_thresholds",
+        "per-host thresholds are not supported",
+    );
+    o.finish(cx);
+    out
+}
+
+fn thresholds(cx: &mut Ctx, mut o: Obj<'_>) -> Thresholds {
+    let mut t = Thresholds {
+        priority: routing_priority(cx, &mut o),
+        ..Thresholds::default()
+    };
+    if let Some(n) = o.u32(cx, "max_connections") {
+        t.max_connections = n.into();
+    }
+    if let Some(n) = o.u32(cx, "max_pending_requests") {
+        t.max_pending_requests = n.into();
+    }
+    if let Some(n) = o.u32(cx, "max_requests") {
+        t.max_requests = n.into();
+    }
+    if let Some(n) = o.u32(cx, "max_retries") {
+        t.max_retries = n.into();
+    }
+    t.max_connection_pools = o.u32(cx, "max_connection_pools").map(u64::from);
+    t.track_remaining = o.bool(cx, "track_remaining").unwrap_or(false);
+    if let Some(mut b) = o.obj(cx, "retry_budget") {
+        let mut budget = RetryBudget::default();
+        if let Some(mut p) = b.obj(cx, "budget_percent") {
+            let path = p.at("value");
+            match p.take("value") {
+                Some(v) => match v.as_f64() {
+                    Some(f) if (0.0..=100.0).contains(&f) => budget.budget_percent = f,
+                    Some(f) => cx.error(&path, format!("must be from 0 to 100, found {f}")),
+                    None => cx.error(&path, "expected a number"),
+                },
+                None => budget.budget_percent = 0.0,
+            }
+            p.finish(cx);
+        }
+        // A `UInt32Value`: a plain number in JSON.
+        if let Some(n) = b.u32(cx, "min_retry_concurrency") {
+            budget.min_retry_concurrency = n;
+        }
+        b.finish(cx);
+        t.retry_budget = Some(budget);
+    }
+    o.finish(cx);
+    t
+}
+
+/// `typed_per_filter_config` of a virtual host or route.
+pub(crate) fn per_filter_configs(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<PerFilterConfig> {
+    let mut out = Vec::new();
+    let Some(mut m) = o.obj(cx, "typed_per_filter_config") else {
+        return out;
+    };
+    for (name, path, v) in m.take_all() {
+        let Some(mut any) = Obj::new(cx, path.clone(), v) else {
+            continue;
+        };
+        let ty_path = any.at("@type");
+        let Some(ty) = any.string(cx, "@type") else {
+            if !any.has("@type") {
+                cx.missing(&ty_path);
+            }
+            continue;
+        };
+        let mut entry = PerFilterConfig {
+            filter: name.to_owned(),
+            disabled: false,
+            config: None,
+        };
+        if ty == FILTER_CONFIG_TYPE {
+            // `FilterConfig {config, is_optional, disabled}`.
+            entry.disabled = any.bool(cx, "disabled").unwrap_or(false);
+            let optional = any.bool(cx, "is_optional").unwrap_or(false);
+            if let Some(mut inner) = any.obj(cx, "config") {
+                let before = cx.errors.len();
+                let ipath = inner.at("@type");
+                match inner.string(cx, "@type") {
+                    Some(t) => {
+                        entry.config = filter_override(cx, &mut inner, &t);
+                        if entry.config.is_none() && optional {
+                            // Envoy skips an optional per-route config it
+                            // does not know.
+                            cx.errors.truncate(before);
+                            inner.take_all();
+                        }
+                    }
+                    None => cx.missing(&ipath),
+                }
+                inner.finish(cx);
+            }
+        } else {
+            entry.config = filter_override(cx, &mut any, &ty);
+        }
+        any.finish(cx);
+        out.push(entry);
+    }
+    m.finish(cx);
+    out
+}
+
+/// A per-route filter configuration by its `@type`; unknown types are
+/// unsupported.
+fn filter_override(cx: &mut Ctx, o: &mut Obj<'_>, ty: &str) -> Option<FilterOverride> {
+    if ty == ROUTER_TYPE {
+        return Some(FilterOverride::Router);
+    }
+    if ty == LOCAL_RATELIMIT_TYPE {
+        return Some(FilterOverride::LocalRateLimit(Box::new(local_ratelimit(
+            cx, o,
+        ))));
+    }
+    let short = ty.strip_prefix("type.googleapis.com/").unwrap_or(ty);
+    cx.unsupported(o.path(), Some(&format!("per-route configuration {short}")));
+    o.take_all();
+    None
+}
+
+/// The HCM's `http_filters`: every filter mesh knows, in order, with the
+/// router last. A filter mesh does not know is unsupported unless it is
+/// `is_optional` (then skipped, as Envoy skips an optional filter it does
+/// not have).
+pub(crate) fn http_filters(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> (Vec<HttpFilter>, Vec<HttpFilterMeta>) {
+    let path = o.at("http_filters");
+    let entries = o.list(cx, "http_filters");
+    let count = entries.len();
+    let mut out = Vec::new();
+    let mut meta = Vec::new();
+    let mut last_is_router = false;
+    let mut last_unsupported = false;
+    for (i, (fpath, v)) in entries.into_iter().enumerate() {
+        let Some(mut f) = Obj::new(cx, fpath, v) else {
+            continue;
+        };
+        let optional = f.bool(cx, "is_optional").unwrap_or(false);
+        let disabled = f.bool(cx, "disabled").unwrap_or(false);
+        let name = f
+            .peek("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let before = cx.errors.len();
+        let selected = select_extension(cx, &mut f, "HTTP filter", HTTP_FILTERS);
+        let unknown = selected.is_none()
+            && cx.errors[before..].iter().all(|e| e.is_unsupported())
+            && cx.errors.len() == before + 1
+            && cx.errors[before].path == f.path();
+        match selected {
+            Some((idx, tc)) => {
+                let name = if name.is_empty() {
+                    HTTP_FILTERS[idx].name.to_owned()
+                } else {
+                    name
+                };
+                match HTTP_FILTERS[idx].name {
+                    ROUTER => {
+                        if let Some(tc) = tc {
+                            // The router's options (suppress_envoy_headers,
+                            // ...) are not supported: each is reported by
+                            // `finish`.
+                            tc.finish(cx);
+                        }
+                        if disabled {
+                            cx.error(f.path(), "the router cannot be disabled");
+                        }
+                        if i + 1 == count {
+                            last_is_router = true;
+                        } else {
+                            cx.error(
+                                f.path(),
+                                "envoy.filters.http.router must be the last HTTP filter",
+                            );
+                        }
+                        out.push(HttpFilter::Router);
+                    }
+                    LOCAL_RATELIMIT => match tc {
+                        Some(mut tc) => {
+                            let c = local_ratelimit(cx, &mut tc);
+                            tc.finish(cx);
+                            out.push(HttpFilter::LocalRateLimit(Box::new(c)));
+                        }
+                        None => {
+                            cx.missing(&f.at("typed_config"));
+                            continue;
+                        }
+                    },
+                    _ => {
+                        if let Some(tc) = tc {
+                            tc.finish(cx);
+                        }
+                        continue;
+                    }
+                }
+                meta.push(HttpFilterMeta { name, disabled });
+            }
+            None => {
+                if unknown && optional {
+                    // Envoy: an optional filter it does not know is skipped.
+                    cx.errors.truncate(before);
+                    f.take_all();
+                    tracing::debug!(filter = %name, "optional HTTP filter skipped: not supported");
+                } else {
+                    last_unsupported = i + 1 == count && cx.errors.len() > before;
+                }
+            }
+        }
+        f.finish(cx);
+    }
+    if !last_is_router && !last_unsupported {
+        cx.error(
+            &path,
+            "envoy.filters.http.router is required as the last HTTP filter",
+        );
+    }
+    (out, meta)
+}
+
+/// `per_request_buffer_limit_bytes` of a route or virtual host.
+pub(crate) fn buffer_limit(cx: &mut Ctx, o: &mut Obj<'_>) -> Option<u32> {
+    o.u32(cx, "per_request_buffer_limit_bytes")
+}
+
+/// The HCM's `internal_address_config`: `cidr_ranges` only.
+pub(crate) fn internal_address_config(cx: &mut Ctx, mut o: Obj<'_>) -> Vec<(IpAddr, u8)> {
+    let mut out = Vec::new();
+    if o.bool(cx, "unix_sockets") == Some(true) {
+        cx.unsupported(
+            &o.at("unix_sockets"),
+            Some("mesh has no Unix socket listeners"),
+        );
+    }
+    for (path, v) in o.list(cx, "cidr_ranges") {
+        let Some(mut r) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let apath = r.at("address_prefix");
+        let addr = r
+            .req_string(cx, "address_prefix")
+            .and_then(|a| match a.parse::<IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    cx.error(&apath, format!("expected an IP address, found {a:?}"));
+                    None
+                }
+            });
+        let lpath = r.at("prefix_len");
+        let len = r.u32(cx, "prefix_len").unwrap_or(0);
+        r.finish(cx);
+        if let Some(ip) = addr {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if len > max {
+                cx.error(&lpath, format!("must be at most {max}"));
+            } else {
+                out.push((ip, len as u8));
+            }
+        }
+    }
+    o.finish(cx);
+    out
+}
+
+/// A `LocalRateLimit` (filter or per-route); the caller finishes `o`.
+fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
+    let mut c = LocalRateLimitConfig {
+        stat_prefix: o.req_string(cx, "stat_prefix").unwrap_or_default(),
+        ..LocalRateLimitConfig::default()
+    };
+    if let Some(mut b) = o.obj(cx, "token_bucket") {
+        let max_path = b.at("max_tokens");
+        let max_tokens = match b.u32(cx, "max_tokens") {
+            Some(0) => {
+                cx.error(&max_path, "must be greater than 0");
+                None
+            }
+            Some(n) => Some(n),
+            None => {
+                if !b.has("max_tokens") {
+                    cx.missing(&max_path);
+                }
+                None
+            }
+        };
+        let fill_path = b.at("tokens_per_fill");
+        let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+            Some(0) => {
+                cx.error(&fill_path, "must be greater than 0");
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        let interval_path = b.at("fill_interval");
+        let fill_interval = match b.duration(cx, "fill_interval") {
+            Some(d) if d.is_zero() => {
+                cx.error(&interval_path, "must be greater than 0s");
+                None
+            }
+            Some(d) => Some(d),
+            None => {
+                if !b.has("fill_interval") {
+                    cx.missing(&interval_path);
+                }
+                None
+            }
+        };
+        b.finish(cx);
+        if let (Some(max_tokens), Some(fill_interval)) = (max_tokens, fill_interval) {
+            c.token_bucket = Some(TokenBucketConfig {
+                max_tokens,
+                tokens_per_fill,
+                fill_interval,
+            });
+        }
+    }
+    if let Some(p) = o.obj(cx, "filter_enabled") {
+        c.filter_enabled = runtime_fraction(cx, p);
+    }
+    if let Some(p) = o.obj(cx, "filter_enforced") {
+        c.filter_enforced = runtime_fraction(cx, p);
+    }
+    if let Some(mut st) = o.obj(cx, "status") {
+        let path = st.at("code");
+        if let Some(v) = st.take("code") {
+            c.status = match v {
+                serde_json::Value::String(name) => match status_by_name(name) {
+                    Some(code) => code,
+                    None => {
+                        cx.error(&path, format!("unknown HTTP status {name:?}"));
+                        429
+                    }
+                },
+                v => as_int(cx, &path, v, 200, 599).map_or(429, |n| n as u16),
+            };
+        }
+        st.finish(cx);
+    }
+    c.x_ratelimit_headers = o
+        .enumeration(
+            cx,
+            "enable_x_ratelimit_headers",
+            &[("OFF", false), ("DRAFT_VERSION_03", true)],
+            &[],
+        )
+        .unwrap_or(false);
+    c.response_headers_to_add = super::headers::header_options(cx, o, "response_headers_to_add");
+    if o.bool(cx, "local_rate_limit_per_downstream_connection") == Some(true) {
+        cx.unsupported(
+            &o.at("local_rate_limit_per_downstream_connection"),
+            Some("mesh's buckets are shared by all connections"),
+        );
+    }
+    o.bool(cx, "always_consume_default_token_bucket");
+    if o.u32(cx, "stage").is_some_and(|s| s != 0) {
+        cx.unsupported(&o.at("stage"), Some("only stage 0"));
+    }
+    o.empty_list(
+        cx,
+        "descriptors",
+        "rate limit descriptors are not supported yet",
+    );
+    o.empty_list(
+        cx,
+        "request_headers_to_add_when_not_enforced",
+        "not supported yet",
+    );
+    c
+}
+
+/// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
+/// accepted; mesh has no runtime layer, so the default always applies).
+fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+    o.string(cx, "runtime_key");
+    let out = match o.obj(cx, "default_value") {
+        Some(d) => fractional_percent(cx, d),
+        None => {
+            cx.missing(&o.at("default_value"));
+            FractionalPercent::ZERO
+        }
+    };
+    o.finish(cx);
+    out
+}
+
+/// A `type.v3.FractionalPercent`; the numerator may not exceed the
+/// denominator.
+pub(crate) fn fractional_percent(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+    let num_path = o.at("numerator");
+    let numerator = o.u32(cx, "numerator").unwrap_or(0);
+    let denominator = o
+        .enumeration(
+            cx,
+            "denominator",
+            &[
+                ("HUNDRED", 100),
+                ("TEN_THOUSAND", 10_000),
+                ("MILLION", 1_000_000),
+            ],
+            &[],
+        )
+        .unwrap_or(100);
+    o.finish(cx);
+    if numerator > denominator {
+        cx.error(
+            &num_path,
+            format!("{numerator} is over the denominator {denominator} (more than 100%)"),
+        );
+        return FractionalPercent {
+            numerator: denominator,
+            denominator,
+        };
+    }
+    FractionalPercent {
+        numerator,
+        denominator,
+    }
+}
+
+/// Envoy's `type.v3.StatusCode` names for the statuses a limiter might
+/// answer with.
+fn status_by_name(name: &str) -> Option<u16> {
+    Some(match name {
+        "TooManyRequests" => 429,
+        "ServiceUnavailable" => 503,
+        "Forbidden" => 403,
+        "BadRequest" => 400,
+        "InternalServerError" => 500,
+        "OK" => 200,
+        _ => return None,
+    })
+}

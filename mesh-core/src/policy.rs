@@ -1,0 +1,439 @@
+//! Traffic policy configuration: retries, circuit breakers, per-filter
+//! configuration of routes and virtual hosts, and the HTTP filters mesh
+//! runs besides the router.
+//!
+//! These are plain typed values (Envoy v3 field names, [`Duration`]s,
+//! enums), produced by the bootstrap loader and xDS alike, and turned into
+//! running layers by `mesh-filter`. They sit apart from [`crate::config`] so
+//! that the model of listeners, routes and clusters stays readable; the
+//! route, virtual-host and cluster types there carry one field of these.
+
+use std::time::Duration;
+
+use crate::config::HeaderMatcher;
+use crate::router::CompiledHeaderMatcher;
+
+/// `retry_on` conditions as a bit set (Envoy's `x-envoy-retry-on` and
+/// `x-envoy-retry-grpc-on` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct RetryOn(pub u32);
+
+impl RetryOn {
+    /// `5xx`: any 5xx response, a reset, a connect failure or a per-try
+    /// timeout.
+    pub const FIVE_XX: RetryOn = RetryOn(1);
+    /// `gateway-error`: 502, 503, 504, a reset, a connect failure or a
+    /// per-try timeout.
+    pub const GATEWAY_ERROR: RetryOn = RetryOn(1 << 1);
+    /// `connect-failure`.
+    pub const CONNECT_FAILURE: RetryOn = RetryOn(1 << 2);
+    /// `retriable-4xx`: 409.
+    pub const RETRIABLE_4XX: RetryOn = RetryOn(1 << 3);
+    /// `refused-stream`: the HTTP/2 stream was refused (REFUSED_STREAM).
+    pub const REFUSED_STREAM: RetryOn = RetryOn(1 << 4);
+    /// `retriable-status-codes`: a status in `retriable_status_codes` (or
+    /// the `x-envoy-retriable-status-codes` request header).
+    pub const RETRIABLE_STATUS_CODES: RetryOn = RetryOn(1 << 5);
+    /// `reset`: the upstream reset or closed before the response headers
+    /// (or a per-try timeout).
+    pub const RESET: RetryOn = RetryOn(1 << 6);
+    /// `retriable-headers`: the response has a header matching
+    /// `retriable_headers`.
+    pub const RETRIABLE_HEADERS: RetryOn = RetryOn(1 << 7);
+    /// `reset-before-request`: a reset before any request byte was sent.
+    pub const RESET_BEFORE_REQUEST: RetryOn = RetryOn(1 << 8);
+    /// `envoy-ratelimited`: the response has `x-envoy-ratelimited`.
+    pub const ENVOY_RATELIMITED: RetryOn = RetryOn(1 << 9);
+    /// gRPC `cancelled` (status 1).
+    pub const GRPC_CANCELLED: RetryOn = RetryOn(1 << 16);
+    /// gRPC `deadline-exceeded` (status 4).
+    pub const GRPC_DEADLINE_EXCEEDED: RetryOn = RetryOn(1 << 17);
+    /// gRPC `resource-exhausted` (status 8).
+    pub const GRPC_RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 18);
+    /// gRPC `unavailable` (status 14).
+    pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 19);
+    /// gRPC `internal` (status 13).
+    pub const GRPC_INTERNAL: RetryOn = RetryOn(1 << 20);
+
+    /// Every HTTP token with its bit.
+    pub const HTTP_TOKENS: [(&'static str, RetryOn); 10] = [
+        ("5xx", RetryOn::FIVE_XX),
+        ("gateway-error", RetryOn::GATEWAY_ERROR),
+        ("connect-failure", RetryOn::CONNECT_FAILURE),
+        ("retriable-4xx", RetryOn::RETRIABLE_4XX),
+        ("refused-stream", RetryOn::REFUSED_STREAM),
+        ("retriable-status-codes", RetryOn::RETRIABLE_STATUS_CODES),
+        ("reset", RetryOn::RESET),
+        ("retriable-headers", RetryOn::RETRIABLE_HEADERS),
+        ("reset-before-request", RetryOn::RESET_BEFORE_REQUEST),
+        ("envoy-ratelimited", RetryOn::ENVOY_RATELIMITED),
+    ];
+
+    /// Every gRPC token with its bit.
+    pub const GRPC_TOKENS: [(&'static str, RetryOn); 5] = [
+        ("cancelled", RetryOn::GRPC_CANCELLED),
+        ("deadline-exceeded", RetryOn::GRPC_DEADLINE_EXCEEDED),
+        ("resource-exhausted", RetryOn::GRPC_RESOURCE_EXHAUSTED),
+        ("unavailable", RetryOn::GRPC_UNAVAILABLE),
+        ("internal", RetryOn::GRPC_INTERNAL),
+    ];
+
+    /// No condition.
+    pub const NONE: RetryOn = RetryOn(0);
+
+    /// Whether any bit of `other` is set.
+    #[inline]
+    pub fn any(self, other: RetryOn) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether no condition is set.
+    #[inline]
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Parses a comma-separated list of tokens (HTTP and gRPC tokens both
+    /// count, as in a route's `retry_on`). Returns the set and the tokens
+    /// that are not known.
+    pub fn parse(list: &str, grpc_only: bool) -> (RetryOn, Vec<&str>) {
+        let mut out = RetryOn::NONE;
+        let mut unknown = Vec::new();
+        for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let http = (!grpc_only)
+                .then(|| RetryOn::HTTP_TOKENS.iter().find(|(n, _)| *n == token))
+                .flatten();
+            let grpc = RetryOn::GRPC_TOKENS.iter().find(|(n, _)| *n == token);
+            match http.or(grpc) {
+                Some((_, bit)) => out = out | *bit,
+                None => unknown.push(token),
+            }
+        }
+        (out, unknown)
+    }
+}
+
+impl std::ops::BitOr for RetryOn {
+    type Output = RetryOn;
+    fn bitor(self, rhs: RetryOn) -> RetryOn {
+        RetryOn(self.0 | rhs.0)
+    }
+}
+
+/// Envoy `config.route.v3.RetryPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// `retry_on`.
+    pub retry_on: RetryOn,
+    /// `num_retries` (default 1).
+    pub num_retries: u32,
+    /// `per_try_timeout` (default: none, the route timeout bounds every
+    /// try).
+    pub per_try_timeout: Option<Duration>,
+    /// `per_try_idle_timeout`.
+    pub per_try_idle_timeout: Option<Duration>,
+    /// `retriable_status_codes`.
+    pub retriable_status_codes: Vec<u16>,
+    /// `retriable_headers`: a response header matching any of these makes
+    /// the response retriable (with `retriable-headers`).
+    pub retriable_headers: Vec<HeaderMatcher>,
+    /// `retriable_request_headers`: when non-empty, only a request matching
+    /// one of these is retried.
+    pub retriable_request_headers: Vec<HeaderMatcher>,
+    /// `retry_back_off.base_interval` (default 25 ms).
+    pub base_interval: Duration,
+    /// `retry_back_off.max_interval` (default 10 × the base interval).
+    pub max_interval: Duration,
+    /// `retry_host_predicate` has `envoy.retry_host_predicates.previous_hosts`:
+    /// a retry avoids the endpoints already tried.
+    pub previous_hosts: bool,
+    /// `host_selection_retry_max_attempts` (default 1): how many times the
+    /// balancer is asked for an endpoint that passes the host predicate.
+    pub host_selection_retry_max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retry_on: RetryOn::NONE,
+            num_retries: 1,
+            per_try_timeout: None,
+            per_try_idle_timeout: None,
+            retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+            previous_hosts: false,
+            host_selection_retry_max_attempts: 1,
+        }
+    }
+}
+
+/// A route's retry policy, compiled (header matchers built).
+#[derive(Debug)]
+pub struct CompiledRetryPolicy {
+    /// The configuration.
+    pub config: RetryPolicy,
+    /// `retriable_headers`, compiled.
+    pub retriable_headers: Vec<CompiledHeaderMatcher>,
+    /// `retriable_request_headers`, compiled.
+    pub retriable_request_headers: Vec<CompiledHeaderMatcher>,
+}
+
+impl CompiledRetryPolicy {
+    /// Compiles `config`; errors name the field.
+    pub fn new(config: &RetryPolicy) -> Result<Self, String> {
+        let compile = |list: &[HeaderMatcher], field: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    CompiledHeaderMatcher::compile(m, &format!("{field}[{i}]"))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(CompiledRetryPolicy {
+            retriable_headers: compile(&config.retriable_headers, "retriable_headers")?,
+            retriable_request_headers: compile(
+                &config.retriable_request_headers,
+                "retriable_request_headers",
+            )?,
+            config: config.clone(),
+        })
+    }
+
+    /// A policy retrying on `retry_on` up to `num_retries` times.
+    pub fn simple(retry_on: RetryOn, num_retries: u32) -> Self {
+        CompiledRetryPolicy {
+            config: RetryPolicy {
+                retry_on,
+                num_retries,
+                ..RetryPolicy::default()
+            },
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
+        }
+    }
+}
+
+/// Envoy `config.core.v3.RoutingPriority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum RoutingPriority {
+    /// `DEFAULT`.
+    #[default]
+    Default,
+    /// `HIGH`.
+    High,
+}
+
+impl RoutingPriority {
+    /// Envoy's lower-case name in stats (`default`, `high`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingPriority::Default => "default",
+            RoutingPriority::High => "high",
+        }
+    }
+}
+
+/// Envoy `config.cluster.v3.CircuitBreakers.Thresholds` for one priority.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    /// `priority`.
+    pub priority: RoutingPriority,
+    /// `max_connections` (default 1024).
+    pub max_connections: u64,
+    /// `max_pending_requests` (default 1024).
+    pub max_pending_requests: u64,
+    /// `max_requests` (default 1024).
+    pub max_requests: u64,
+    /// `max_retries` (default 3).
+    pub max_retries: u64,
+    /// `max_connection_pools` (default unlimited).
+    pub max_connection_pools: Option<u64>,
+    /// `retry_budget`: when set, it replaces `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
+    /// `track_remaining`: publish `remaining_*` gauges.
+    pub track_remaining: bool,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            priority: RoutingPriority::Default,
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            max_connection_pools: None,
+            retry_budget: None,
+            track_remaining: false,
+        }
+    }
+}
+
+/// Envoy `CircuitBreakers.Thresholds.RetryBudget`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// `budget_percent` (default 20 %): concurrent retries allowed as a
+    /// percentage of active plus pending requests.
+    pub budget_percent: f64,
+    /// `min_retry_concurrency` (default 3): retries always allowed
+    /// concurrently, whatever the budget.
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            budget_percent: 20.0,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+/// Envoy `config.cluster.v3.CircuitBreakers`: thresholds for the `DEFAULT`
+/// and `HIGH` priorities (Envoy's defaults when not configured).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CircuitBreakers {
+    /// The `DEFAULT` priority's thresholds.
+    pub default: Thresholds,
+    /// The `HIGH` priority's thresholds.
+    pub high: Thresholds,
+}
+
+/// Policy of a virtual host: what applies to every route under it unless
+/// the route says otherwise.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VhostPolicy {
+    /// `retry_policy` (a route's own policy replaces it).
+    pub retry_policy: Option<RetryPolicy>,
+    /// `include_request_attempt_count`: send `x-envoy-attempt-count`
+    /// upstream.
+    pub include_request_attempt_count: bool,
+    /// `include_attempt_count_in_response`: send `x-envoy-attempt-count`
+    /// downstream.
+    pub include_attempt_count_in_response: bool,
+    /// `per_request_buffer_limit_bytes`.
+    pub per_request_buffer_limit_bytes: Option<u32>,
+    /// `typed_per_filter_config`.
+    pub per_filter: Vec<PerFilterConfig>,
+}
+
+/// Policy of a route (besides what [`crate::config::RouteAction`] holds).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoutePolicy {
+    /// `route.retry_policy`.
+    pub retry_policy: Option<RetryPolicy>,
+    /// `route.priority`.
+    pub priority: RoutingPriority,
+    /// `per_request_buffer_limit_bytes`.
+    pub per_request_buffer_limit_bytes: Option<u32>,
+    /// `typed_per_filter_config`.
+    pub per_filter: Vec<PerFilterConfig>,
+}
+
+/// One entry of `typed_per_filter_config`: the filter name it is keyed by
+/// and the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerFilterConfig {
+    /// The key: the `name` of an HTTP filter of the chain.
+    pub filter: String,
+    /// `FilterConfig.disabled`: the filter does not run for this route.
+    pub disabled: bool,
+    /// The configuration, when not just disabling.
+    pub config: Option<FilterOverride>,
+}
+
+/// A route-level configuration for an HTTP filter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterOverride {
+    /// `envoy.filters.http.router` takes no per-route configuration; an
+    /// empty `Router` config is accepted.
+    Router,
+    /// `envoy.filters.http.local_ratelimit`: the route's own limit (its own
+    /// bucket).
+    LocalRateLimit(Box<LocalRateLimitConfig>),
+}
+
+/// Envoy `type.v3.FractionalPercent` (`numerator` out of 100, 10 000 or
+/// 1 000 000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FractionalPercent {
+    /// `numerator`.
+    pub numerator: u32,
+    /// `denominator` as a number (100 for `HUNDRED`).
+    pub denominator: u32,
+}
+
+impl FractionalPercent {
+    /// 0 %.
+    pub const ZERO: FractionalPercent = FractionalPercent {
+        numerator: 0,
+        denominator: 100,
+    };
+    /// 100 %.
+    pub const HUNDRED: FractionalPercent = FractionalPercent {
+        numerator: 100,
+        denominator: 100,
+    };
+}
+
+/// Envoy `type.v3.TokenBucket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucketConfig {
+    /// `max_tokens` (> 0): the bucket's size, and its start.
+    pub max_tokens: u32,
+    /// `tokens_per_fill` (default 1).
+    pub tokens_per_fill: u32,
+    /// `fill_interval` (> 0).
+    pub fill_interval: Duration,
+}
+
+/// Envoy `extensions.filters.http.local_ratelimit.v3.LocalRateLimit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRateLimitConfig {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `token_bucket`; without one, nothing is limited.
+    pub token_bucket: Option<TokenBucketConfig>,
+    /// `filter_enabled.default_value` (default 0 %: the filter does
+    /// nothing, as in Envoy).
+    pub filter_enabled: FractionalPercent,
+    /// `filter_enforced.default_value` (default 0 %: over-limit requests
+    /// are only counted).
+    pub filter_enforced: FractionalPercent,
+    /// `status.code` (default 429).
+    pub status: u16,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`.
+    pub x_ratelimit_headers: bool,
+    /// `response_headers_to_add`: added to limited responses.
+    pub response_headers_to_add: Vec<crate::config::HeaderValueOption>,
+}
+
+impl Default for LocalRateLimitConfig {
+    fn default() -> Self {
+        LocalRateLimitConfig {
+            stat_prefix: String::new(),
+            token_bucket: None,
+            filter_enabled: FractionalPercent::ZERO,
+            filter_enforced: FractionalPercent::ZERO,
+            status: 429,
+            x_ratelimit_headers: false,
+            response_headers_to_add: Vec::new(),
+        }
+    }
+}
+
+/// Name and switches of one entry of the HCM's `http_filters` (the entry
+/// at the same index of `HttpConnectionManager::http_filters` says what the
+/// filter is).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpFilterMeta {
+    /// `name`: the key `typed_per_filter_config` uses.
+    pub name: String,
+    /// `disabled`: the filter runs only on routes that enable it through
+    /// `typed_per_filter_config`.
+    pub disabled: bool,
+}
