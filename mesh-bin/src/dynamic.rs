@@ -63,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bootstrap;
 use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
 /// What the manager needs from the proxy that starts it.
@@ -77,6 +78,8 @@ pub(crate) struct Context {
     pub(crate) drain: Drain,
     pub(crate) stop: CancellationToken,
     pub(crate) max_message_size: usize,
+    /// RPC codecs registered by a Rust program.
+    pub(crate) rpc_codecs: crate::rpc::CodecRegistry,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -84,7 +87,9 @@ pub(crate) struct Context {
 struct DumpEntry {
     version: String,
     last_updated: SystemTime,
-    resource: Value,
+    /// Kept encoded (a fraction of the JSON's size) and converted when
+    /// `/config_dump` asks.
+    resource: mesh_xds::pb::google::protobuf::Any,
 }
 
 /// What admin shows about dynamic configuration.
@@ -179,7 +184,7 @@ impl XdsRuntime {
                                 "name": name,
                                 "version_info": e.version,
                                 "last_updated": rfc3339(e.last_updated),
-                                "resource": e.resource,
+                                "resource": mesh_xds::convert::any_to_json(&e.resource).unwrap_or(Value::Null),
                             })
                         })
                         .collect()
@@ -332,6 +337,8 @@ enum ActiveTerminal {
     /// One slot per worker.
     Http(Vec<Arc<ArcSwap<HttpProxy>>>),
     Tcp(Arc<ArcSwap<TcpProxyShared>>),
+    /// One slot per worker.
+    Rpc(Vec<Arc<ArcSwap<RpcWorker>>>),
 }
 
 struct Manager {
@@ -652,7 +659,13 @@ impl Manager {
         Ok(())
     }
 
-    fn remember(&self, type_url: &'static str, name: &str, version: &str, resource: Value) {
+    fn remember(
+        &self,
+        type_url: &'static str,
+        name: &str,
+        version: &str,
+        resource: mesh_xds::pb::google::protobuf::Any,
+    ) {
         self.runtime
             .lock()
             .resources
@@ -701,7 +714,7 @@ impl Manager {
                     "cluster {:?}: transport_socket (TLS) is static-only; over CDS it is not supported yet",
                     c.name
                 )),
-                Ok(c) => loaded.push((c, json)),
+                Ok(c) => loaded.push((c, r.body.clone())),
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -837,7 +850,7 @@ impl Manager {
                 }
             };
             match bootstrap::endpoints_from_json(&json) {
-                Ok((name, l)) => loaded.push((name, l, json)),
+                Ok((name, l)) => loaded.push((name, l, r.body.clone())),
                 Err(e) => errors.push(format!("endpoints {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -855,15 +868,21 @@ impl Manager {
             self.forget(types::ENDPOINT, name);
             changed.push((name.clone(), Vec::new()));
         }
-        for (service, localities) in changed {
-            for e in self.cm.iter() {
-                if let DiscoveryType::Eds { service_name, .. } = &e.config.discovery {
-                    if *service_name == service {
-                        set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
-                        self.warming.remove(&e.config.name);
-                    }
-                }
+        let mut by_service: HashMap<&str, Vec<&Arc<ClusterEntry>>> = HashMap::new();
+        for e in self.cm.iter() {
+            if let DiscoveryType::Eds { service_name, .. } = &e.config.discovery {
+                by_service.entry(service_name).or_default().push(e);
             }
+        }
+        let mut warmed = Vec::new();
+        for (service, localities) in changed {
+            for e in by_service.get(service.as_str()).into_iter().flatten() {
+                set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
+                warmed.push(e.config.name.clone());
+            }
+        }
+        for n in warmed {
+            self.warming.remove(&n);
         }
         Ok(())
     }
@@ -883,7 +902,7 @@ impl Manager {
             };
             match bootstrap::route_config_from_json(&json) {
                 Ok(rc) => match mesh_core::router::RouteTable::new(&rc) {
-                    Ok(_) => loaded.push((rc, json)),
+                    Ok(_) => loaded.push((rc, r.body.clone())),
                     Err(e) => errors.push(format!(
                         "route configuration {:?}: {}: {}",
                         r.name, e.path, e.message
@@ -951,7 +970,7 @@ impl Manager {
                             }
                         }
                     }
-                    loaded.push((l, json))
+                    loaded.push((l, r.body.clone()))
                 }
                 Err(e) => errors.push(format!("listener {:?}: {}", r.name, short_errors(&e))),
             }
@@ -1007,16 +1026,11 @@ impl Manager {
                     &self.cm,
                     &self.routes,
                     &self.cx.store,
+                    &self.cx.rpc_codecs,
                     &mut self.worker_clusters,
                 )?;
-                match (&old.terminal, terminal) {
-                    (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-                        for (s, p) in slots.iter().zip(proxies) {
-                            s.store(p);
-                        }
-                    }
-                    (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-                    _ => return Err(format!("listener {:?}: terminal filter changed", l.name)),
+                if !store_terminal(&old.terminal, terminal) {
+                    return Err(format!("listener {:?}: terminal filter changed", l.name));
                 }
                 old.config = l;
                 return Ok(());
@@ -1041,6 +1055,7 @@ impl Manager {
             &self.cm,
             &self.routes,
             &self.cx.store,
+            &self.cx.rpc_codecs,
             &mut self.worker_clusters,
         )?;
         let bind = |addr: SocketAddr| {
@@ -1128,6 +1143,29 @@ impl Manager {
                 }
                 ActiveTerminal::Tcp(slot)
             }
+            Built::Rpc(workers) => {
+                let mut slots = Vec::new();
+                for (w, (sock, worker)) in sockets.into_iter().zip(workers).enumerate() {
+                    let slot = Arc::new(ArcSwap::new(worker));
+                    slots.push(slot.clone());
+                    let drain = drain.clone();
+                    let global = self.cx.drain.clone();
+                    let limiter = limiter.clone();
+                    let stats = stats.clone();
+                    self.cx.workers[w].spawn(async move {
+                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
+                            tracing::error!("worker could not register a listener");
+                            return;
+                        };
+                        let token = drain.token();
+                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
+                            global.track(slot.load_full().handle(a, token.clone()))
+                        })
+                        .await;
+                    });
+                }
+                ActiveTerminal::Rpc(slots)
+            }
         };
         Ok(ActiveListener {
             config: l.clone(),
@@ -1155,21 +1193,14 @@ impl Manager {
                 &self.cm,
                 &self.routes,
                 &self.cx.store,
+                &self.cx.rpc_codecs,
                 &mut self.worker_clusters,
             ) {
                 Ok(built) => {
                     let Some(l) = self.listeners.get(&name) else {
                         continue;
                     };
-                    match (&l.terminal, built) {
-                        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-                            for (s, p) in slots.iter().zip(proxies) {
-                                s.store(p);
-                            }
-                        }
-                        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-                        _ => {}
-                    }
+                    store_terminal(&l.terminal, built);
                 }
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "listener keeps its previous configuration")
@@ -1182,6 +1213,26 @@ impl Manager {
 enum Built {
     Http(Vec<Arc<HttpProxy>>, ServerConfig),
     Tcp(Arc<TcpProxyShared>),
+    Rpc(Vec<Arc<RpcWorker>>),
+}
+
+/// Publishes a rebuilt terminal into a running listener's slots.
+fn store_terminal(active: &ActiveTerminal, built: Built) -> bool {
+    match (active, built) {
+        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
+            for (s, p) in slots.iter().zip(proxies) {
+                s.store(p);
+            }
+        }
+        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
+        (ActiveTerminal::Rpc(slots), Built::Rpc(workers)) => {
+            for (s, w) in slots.iter().zip(workers) {
+                s.store(w);
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 fn rds_of(l: &Listener) -> Option<&mesh_core::config::Rds> {
@@ -1199,13 +1250,17 @@ fn rds_name(l: &Listener) -> Option<&str> {
 /// limit, terminal kind and downstream connection settings.
 fn same_socket(old: &Listener, new: &Listener) -> bool {
     let server = |l: &Listener| match &l.filter_chains.first()?.terminal {
-        NetworkFilter::HttpConnectionManager(h) => Some(Some((
-            h.codec_type,
-            h.max_request_headers_kb,
-            h.request_headers_timeout,
-            h.idle_timeout,
-        ))),
-        NetworkFilter::TcpProxy(_) | NetworkFilter::Rpc(_) => Some(None),
+        NetworkFilter::HttpConnectionManager(h) => Some((
+            0,
+            Some((
+                h.codec_type,
+                h.max_request_headers_kb,
+                h.request_headers_timeout,
+                h.idle_timeout,
+            )),
+        )),
+        NetworkFilter::TcpProxy(_) => Some((1, None)),
+        NetworkFilter::Rpc(_) => Some((2, None)),
     };
     old.address == new.address
         && old.connection_limit == new.connection_limit
@@ -1217,6 +1272,7 @@ fn build_terminal(
     cm: &ClusterManager,
     routes: &HashMap<String, RouteConfiguration>,
     store: &Store,
+    codecs: &crate::rpc::CodecRegistry,
     worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
 ) -> Result<Built, String> {
     if l.filter_chains.len() > 1
@@ -1271,10 +1327,18 @@ fn build_terminal(
             TcpProxyShared::new(t, cm, store)
                 .map_err(|e| format!("listener {:?}: tcp_proxy: {e}", l.name))?,
         ))),
-        NetworkFilter::Rpc(_) => Err(format!(
-            "listener {:?}: filter_chains[0]: RPC proxies (thrift_proxy, dubbo_proxy, rpc_proxy) are static-only; over LDS they are not supported yet",
-            l.name
-        )),
+        NetworkFilter::Rpc(r) => {
+            let shared = Arc::new(
+                RpcShared::new(r, cm, store, codecs)
+                    .map_err(|e| format!("listener {:?}: {e}", l.name))?,
+            );
+            Ok(Built::Rpc(
+                worker_clusters
+                    .iter()
+                    .map(|_| Arc::new(RpcWorker::new(shared.clone(), cm)))
+                    .collect(),
+            ))
+        }
     }
 }
 

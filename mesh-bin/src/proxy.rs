@@ -451,6 +451,7 @@ impl Proxy {
                     drain: drain.clone(),
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
+                    rpc_codecs: options.rpc_codecs.clone(),
                 })
                 .map_err(StartError::Config)?,
             ),

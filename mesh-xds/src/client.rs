@@ -396,6 +396,13 @@ impl Client {
         (t, old)
     }
 
+    /// Takes in the subscription changes already waiting.
+    fn drain_commands(&mut self) {
+        while let Ok(c) = self.commands.try_recv() {
+            self.absorb(c);
+        }
+    }
+
     /// The types this client has subscriptions for, in Envoy's order.
     fn ordered_types(&self) -> Vec<String> {
         let mut out: Vec<String> = types::ORDER
@@ -564,6 +571,7 @@ impl Client {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+        self.drain_commands();
         for st in self.types.values_mut() {
             st.nonce.clear();
         }
@@ -577,13 +585,29 @@ impl Client {
             };
         }
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let response = grpc
-            .streaming(
-                tonic::Request::new(stream),
-                self.path(),
-                tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default(),
-            )
-            .await;
+        let path = self.path();
+        let call = grpc.streaming(
+            tonic::Request::new(stream),
+            path,
+            tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default(),
+        );
+        tokio::pin!(call);
+        // Some servers answer with headers only once they have a request to
+        // answer: keep sending subscriptions while the call opens.
+        let response = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                cmd = self.commands.recv(), if !self.handles_gone => match cmd {
+                    Some(c) => {
+                        let (t, _) = self.absorb(c);
+                        if types::is_wildcard(&t) || self.types.get(&t).is_some_and(|s| !s.names.is_empty()) {
+                            let _ = tx.send(self.sotw_request(&t, None));
+                        }
+                    }
+                    None => self.handles_gone = true,
+                },
+            }
+        };
         let mut inbound = match response {
             Ok(r) => r.into_inner(),
             Err(s) => {
@@ -713,6 +737,7 @@ impl Client {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+        self.drain_commands();
         for st in self.types.values_mut() {
             st.started = false;
             st.sent_names.clear();
@@ -728,13 +753,27 @@ impl Client {
             };
         }
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let response = grpc
-            .streaming(
-                tonic::Request::new(stream),
-                self.path(),
-                tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>::default(),
-            )
-            .await;
+        let path = self.path();
+        let call = grpc.streaming(
+            tonic::Request::new(stream),
+            path,
+            tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>::default(),
+        );
+        tokio::pin!(call);
+        let response = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                cmd = self.commands.recv(), if !self.handles_gone => match cmd {
+                    Some(c) => {
+                        let (t, old) = self.absorb(c);
+                        let first = !self.types.get(&t).is_some_and(|s| s.started);
+                        let req = self.delta_request(&t, if first { None } else { Some(&old) });
+                        let _ = tx.send(req);
+                    }
+                    None => self.handles_gone = true,
+                },
+            }
+        };
         let mut inbound = match response {
             Ok(r) => r.into_inner(),
             Err(s) => {

@@ -254,8 +254,8 @@ impl AdsServer {
             .max_encoding_message_size(usize::MAX)
     }
 
-    /// Serves ADS on `listener` until `shutdown` completes; open streams end
-    /// then too.
+    /// Serves ADS and the per-type discovery services (CDS, LDS, RDS, EDS)
+    /// on `listener` until `shutdown` completes; open streams end then too.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -263,8 +263,32 @@ impl AdsServer {
     ) -> Result<(), tonic::transport::Error> {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let stop = self.stop.clone();
+        use envoy_types::pb::envoy::service as svc;
+        let max = self.max_message_size;
+        macro_rules! sized {
+            ($s:expr) => {
+                $s.max_decoding_message_size(max)
+                    .max_encoding_message_size(usize::MAX)
+            };
+        }
+        let cds = sized!(
+            svc::cluster::v3::cluster_discovery_service_server::ClusterDiscoveryServiceServer::new(
+                self.clone()
+            )
+        );
+        let lds = sized!(svc::listener::v3::listener_discovery_service_server::ListenerDiscoveryServiceServer::new(self.clone()));
+        let rds = sized!(
+            svc::route::v3::route_discovery_service_server::RouteDiscoveryServiceServer::new(
+                self.clone()
+            )
+        );
+        let eds = sized!(svc::endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer::new(self.clone()));
         tonic::transport::Server::builder()
             .add_service(self.into_service())
+            .add_service(cds)
+            .add_service(lds)
+            .add_service(rds)
+            .add_service(eds)
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 stop.cancel();
@@ -306,6 +330,34 @@ impl Drop for ServerHandle {
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
+impl AdsServer {
+    fn open_sotw(&self, inbound: Streaming<DiscoveryRequest>) -> SotwStream {
+        let (tx, rx) = mpsc::channel(16);
+        let stop = self.stop.clone();
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = sotw_stream(cache, inbound, tx) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    fn open_delta(&self, inbound: Streaming<DeltaDiscoveryRequest>) -> DeltaStream {
+        let (tx, rx) = mpsc::channel(16);
+        let stop = self.stop.clone();
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = delta_stream(cache, inbound, tx) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = SotwStream;
@@ -315,35 +367,83 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let stop = self.stop.clone();
-        let cache = self.cache.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = sotw_stream(cache, request.into_inner(), tx) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.open_sotw(request.into_inner())))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let stop = self.stop.clone();
-        let cache = self.cache.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = delta_stream(cache, request.into_inner(), tx) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.open_delta(request.into_inner())))
     }
 }
 
+/// The per-type discovery services (`ClusterDiscoveryService`, ...) over the
+/// same cache: each stream carries one type, answered by the same rules as
+/// ADS. The unary `Fetch*` methods (REST-style polling) are not served.
+macro_rules! per_type_service {
+    ($service:path, $stream_ty:ident, $delta_ty:ident, $stream:ident, $delta:ident, $fetch:ident) => {
+        #[tonic::async_trait]
+        impl $service for AdsServer {
+            type $stream_ty = SotwStream;
+            type $delta_ty = DeltaStream;
+
+            async fn $stream(
+                &self,
+                request: Request<Streaming<DiscoveryRequest>>,
+            ) -> Result<Response<SotwStream>, Status> {
+                Ok(Response::new(self.open_sotw(request.into_inner())))
+            }
+
+            async fn $delta(
+                &self,
+                request: Request<Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<Response<DeltaStream>, Status> {
+                Ok(Response::new(self.open_delta(request.into_inner())))
+            }
+
+            async fn $fetch(
+                &self,
+                _request: Request<DiscoveryRequest>,
+            ) -> Result<Response<DiscoveryResponse>, Status> {
+                Err(Status::unimplemented("only streaming xDS is served"))
+            }
+        }
+    };
+}
+
+per_type_service!(
+    envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::ClusterDiscoveryService,
+    StreamClustersStream,
+    DeltaClustersStream,
+    stream_clusters,
+    delta_clusters,
+    fetch_clusters
+);
+per_type_service!(
+    envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_server::ListenerDiscoveryService,
+    StreamListenersStream,
+    DeltaListenersStream,
+    stream_listeners,
+    delta_listeners,
+    fetch_listeners
+);
+per_type_service!(
+    envoy_types::pb::envoy::service::route::v3::route_discovery_service_server::RouteDiscoveryService,
+    StreamRoutesStream,
+    DeltaRoutesStream,
+    stream_routes,
+    delta_routes,
+    fetch_routes
+);
+per_type_service!(
+    envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryService,
+    StreamEndpointsStream,
+    DeltaEndpointsStream,
+    stream_endpoints,
+    delta_endpoints,
+    fetch_endpoints
+);
 /// Counts an open stream of a node for as long as it lives.
 struct StreamGuard {
     cache: Arc<SnapshotCache>,

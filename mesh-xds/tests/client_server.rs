@@ -220,3 +220,27 @@ async fn oversized_response_is_a_clear_error() {
     let err = handle.last_stream_error().expect("the stream failed");
     assert!(err.contains("maximum xDS message size of 16384"), "{err}");
 }
+
+#[tokio::test]
+async fn per_type_streams_use_the_type_services() {
+    let cache = SnapshotCache::new();
+    cache.set_snapshot(NODE, snapshot("v1", &["a", "b"], 1001));
+    let (addr, _srv) = server(&cache, "127.0.0.1:0".parse().unwrap()).await;
+    let mut clients = Vec::new();
+    for protocol in [Protocol::StateOfTheWorld, Protocol::Delta] {
+        let mut cfg = config(addr, protocol);
+        cfg.service = types::Service::PerType(ENDPOINT);
+        let (handle, mut rx) = client::start(cfg);
+        handle.subscribe(ENDPOINT, ["b".to_string()].into());
+        let d = next(&mut rx).await;
+        assert_eq!(d.update.type_url, ENDPOINT);
+        assert_eq!(names(&d), ["b"]);
+        d.reply(Ok(()));
+        assert!(
+            cache
+                .wait_for(NODE, WAIT, |s| s.acked.contains_key(ENDPOINT))
+                .await
+        );
+        clients.push((handle, rx));
+    }
+}
