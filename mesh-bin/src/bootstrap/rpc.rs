@@ -16,7 +16,8 @@
 //! - Generic: `match` has `service` and `method` string matchers and
 //!   `headers` (names are attachment keys or `:service`, `:method`,
 //!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
-//!   (`header` names read the same keys) and a `metadata_match`.
+//!   (`header` names read the same keys), a `metadata_match` and a
+//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`).
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use mesh_core::config::{
     Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, Route, RouteAction,
     RouteConfiguration, RouteMatch, RpcCodec, RpcFilter, RpcProxy, ThriftProtocol, VirtualHost,
 };
+use mesh_core::policy::{RetryOn, RetryPolicy};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -511,12 +513,14 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         headers(cx, &mut m, &mut matchers);
         m.finish(cx);
     }
+    let mut retry = None;
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
             let timeout = r.timeout(cx, "timeout", None);
             let hash_policy = super::lb::hash_policies(cx, &mut r, false);
             let metadata_match = super::lb::metadata_match(cx, &mut r);
+            retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
             r.finish(cx);
             let mut a = action(cluster, timeout);
             a.hash_policy = hash_policy;
@@ -531,5 +535,46 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
     };
     o.finish(cx);
-    Some(route(matchers, a?))
+    let mut r = route(matchers, a?);
+    r.policy.retry_policy = retry;
+    Some(r)
+}
+
+/// The `retry_policy` of an `rpc_proxy` route: `num_retries` (default 1),
+/// `retry_on` (comma-separated: `connect-failure`, `reset`) and
+/// `idempotent`. A connect failure is retried safely: the request was
+/// never written. `reset` (the upstream connection closed before the
+/// response) resends a request the upstream may have run, so it needs the
+/// route to declare its methods `idempotent: true`.
+fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
+    let num_retries = o.u32(cx, "num_retries").unwrap_or(1);
+    let idempotent = o.bool(cx, "idempotent").unwrap_or(false);
+    let on_path = o.at("retry_on");
+    let mut retry_on = RetryOn::NONE;
+    match o.string(cx, "retry_on") {
+        Some(list) => {
+            for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                match token {
+                    "connect-failure" => retry_on = retry_on | RetryOn::CONNECT_FAILURE,
+                    "reset" if idempotent => retry_on = retry_on | RetryOn::RESET,
+                    "reset" => cx.error(
+                        &on_path,
+                        "`reset` resends requests the upstream may have received: \
+                         set `idempotent: true` if the route's methods are idempotent",
+                    ),
+                    other => cx.error(
+                        &on_path,
+                        format!("unknown RPC retry condition {other:?} (connect-failure, reset)"),
+                    ),
+                }
+            }
+        }
+        None => cx.missing(&on_path),
+    }
+    o.finish(cx);
+    RetryPolicy {
+        retry_on,
+        num_retries,
+        ..RetryPolicy::default()
+    }
 }

@@ -1,0 +1,90 @@
+"""Cluster policies on the RPC proxy, with real SOFA Bolt and Dubbo peers
+(sofa-rpc-node clients and servers): the `max_requests` circuit breaker
+refuses what is over the limit with the protocol's own "overloaded" error
+(flag UO, `upstream_rq_active_overflow`) and lets exactly the limit through
+under concurrency, then frees its permits when the calls end; a route's
+`retry_policy` retries connect failures on another endpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+import harness
+import rpc_peers
+from rpc_peers import NodeServer, node_calls
+
+pytestmark = pytest.mark.skipif(rpc_peers.node_available() is not None,
+                                reason=str(rpc_peers.node_available()))
+
+MAX_REQUESTS = 2
+CALLS = 5
+
+
+@pytest.fixture(scope="module", params=["bolt", "dubbo"])
+def setup(request, module_start_proxy):
+    protocol = request.param
+    server = NodeServer(protocol, "a").start()
+    cluster = harness.static_cluster("limited", server.port)
+    cluster["circuit_breakers"] = {"thresholds": [{"max_requests": MAX_REQUESTS}]}
+    # Round robin over a port nobody listens on and the live server.
+    half_dead = harness.static_cluster("half_dead", [rpc_peers.free_port(), server.port])
+    listeners = [
+        rpc_peers.generic_listener("rpc", protocol, {"route_config": {"routes": [
+            {"match": {}, "route": {"cluster": "limited"}}]}}),
+        rpc_peers.generic_listener("retry", protocol, {"route_config": {"routes": [
+            {"match": {}, "route": {"cluster": "half_dead", "retry_policy": {
+                "retry_on": "connect-failure", "num_retries": 2}}}]}}),
+        rpc_peers.generic_listener("noretry", protocol, {"route_config": {"routes": [
+            {"match": {}, "route": {"cluster": "half_dead"}}]}}),
+    ]
+    mesh = module_start_proxy("mesh", harness.bootstrap(listeners, [cluster, half_dead]))
+    yield protocol, mesh
+    server.stop()
+
+
+def test_max_requests_lets_exactly_the_limit_through(setup):
+    protocol, mesh = setup
+    before = harness.prometheus_value(mesh.admin_text("/stats/prometheus"),
+                                      "envoy_cluster_upstream_rq_active_overflow",
+                                      envoy_cluster_name="limited") or 0
+    res = node_calls(protocol, mesh.port("rpc"),
+                     [{"method": "sleep", "args": [1500], "timeout": 10000}] * CALLS,
+                     concurrency=CALLS)
+    ok = [r for r in res if r.get("ok") == "slept"]
+    refused = [r for r in res if "error" in r]
+    assert len(ok) == MAX_REQUESTS, res
+    assert len(refused) == CALLS - MAX_REQUESTS, res
+    for r in refused:
+        assert "overflow" in r["error"] or "overloaded" in r["error"].lower(), res
+    text = mesh.admin_text("/stats/prometheus")
+    assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_active_overflow",
+                                    envoy_cluster_name="limited") == before + CALLS - MAX_REQUESTS
+    assert harness.prometheus_value(text, "mesh_rpc_local_reply", mesh_rpc_prefix="rpc",
+                                    flag="UO") >= CALLS - MAX_REQUESTS
+    # The permits were given back: nothing is active, and the limit admits again.
+    assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_active",
+                                    envoy_cluster_name="limited") == 0
+    res = node_calls(protocol, mesh.port("rpc"),
+                     [{"method": "plus", "args": [i, 1]} for i in range(6)],
+                     concurrency=MAX_REQUESTS)
+    assert res == [{"ok": i + 1} for i in range(6)], res
+
+
+def test_connect_failures_are_retried_on_another_endpoint(setup):
+    protocol, mesh = setup
+    calls = [{"method": "plus", "args": [i, 2]} for i in range(10)]
+    # Without a retry policy, the calls sent to the dead endpoint fail.
+    res = node_calls(protocol, mesh.port("noretry"), calls)
+    assert sum("error" in r for r in res) >= 3, res
+    assert all(r == {"ok": i + 2} for i, r in enumerate(res) if "ok" in r), res
+    before = harness.prometheus_value(mesh.admin_text("/stats/prometheus"),
+                                      "envoy_cluster_upstream_rq_retry",
+                                      envoy_cluster_name="half_dead") or 0
+    res = node_calls(protocol, mesh.port("retry"), calls)
+    assert res == [{"ok": i + 2} for i in range(10)], res
+    text = mesh.admin_text("/stats/prometheus")
+    retried = harness.prometheus_value(text, "envoy_cluster_upstream_rq_retry",
+                                       envoy_cluster_name="half_dead") - before
+    assert retried >= 3, retried
+    assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_retry_success",
+                                    envoy_cluster_name="half_dead") >= 3
