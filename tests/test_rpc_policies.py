@@ -3,7 +3,9 @@
 refuses what is over the limit with the protocol's own "overloaded" error
 (flag UO, `upstream_rq_active_overflow`) and lets exactly the limit through
 under concurrency, then frees its permits when the calls end; a route's
-`retry_policy` retries connect failures on another endpoint."""
+`retry_policy` retries connect failures on another endpoint; a listener's
+`local_rate_limit` answers requests over its rate with the protocol's
+error (flag RL)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.skipif(rpc_peers.node_available() is not None,
                                 reason=str(rpc_peers.node_available()))
 
 MAX_REQUESTS = 2
+RATE_TOKENS = 3
 CALLS = 5
 
 
@@ -36,6 +39,10 @@ def setup(request, module_start_proxy):
                 "retry_on": "connect-failure", "num_retries": 2}}}]}}),
         rpc_peers.generic_listener("noretry", protocol, {"route_config": {"routes": [
             {"match": {}, "route": {"cluster": "half_dead"}}]}}),
+        rpc_peers.generic_listener("limited_rate", protocol, {
+            "local_rate_limit": {"token_bucket": {
+                "max_tokens": RATE_TOKENS, "tokens_per_fill": 1, "fill_interval": "3600s"}},
+            "route_config": {"routes": [{"match": {}, "route": {"cluster": "limited"}}]}}),
     ]
     mesh = module_start_proxy("mesh", harness.bootstrap(listeners, [cluster, half_dead]))
     yield protocol, mesh
@@ -88,3 +95,14 @@ def test_connect_failures_are_retried_on_another_endpoint(setup):
     assert retried >= 3, retried
     assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_retry_success",
                                     envoy_cluster_name="half_dead") >= 3
+
+
+def test_local_rate_limit_answers_with_the_protocol_error(setup):
+    protocol, mesh = setup
+    res = node_calls(protocol, mesh.port("limited_rate"),
+                     [{"method": "plus", "args": [i, 1]} for i in range(RATE_TOKENS + 3)])
+    assert res[:RATE_TOKENS] == [{"ok": i + 1} for i in range(RATE_TOKENS)], res
+    assert all("error" in r for r in res[RATE_TOKENS:]), res
+    text = mesh.admin_text("/stats/prometheus")
+    assert harness.prometheus_value(text, "mesh_rpc_local_reply", mesh_rpc_prefix="limited_rate",
+                                    flag="RL") == 3

@@ -37,6 +37,7 @@ use mesh_core::policy::{RetryOn, RetryPolicy};
 use mesh_core::router::{CompiledAction, RouteTable};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use mesh_filter::circuit_breaker::ResourceManager;
+use mesh_filter::local_ratelimit::TokenBucket;
 use mesh_lb::Endpoint;
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +139,7 @@ impl RpcStats {
             ResponseFlag::UpstreamRequestTimeout,
             ResponseFlag::UpstreamProtocolError,
             ResponseFlag::UpstreamOverflow,
+            ResponseFlag::RateLimited,
         ];
         RpcStats {
             cx_total: store.counter("mesh_rpc_downstream_cx_total", labels),
@@ -191,6 +193,8 @@ pub struct RpcShared {
     methods: Mutex<HashMap<(String, String), MethodStats>>,
     access_log: Option<AccessLogger>,
     server: ServerConfig,
+    /// `local_rate_limit`: one bucket for every worker.
+    rate_limit: Option<TokenBucket>,
 }
 
 impl RpcShared {
@@ -232,6 +236,9 @@ impl RpcShared {
             store: store.clone(),
             methods: Mutex::new(HashMap::new()),
             access_log,
+            rate_limit: config
+                .local_rate_limit
+                .map(|b| TokenBucket::new(b.max_tokens, b.tokens_per_fill, b.fill_interval)),
         })
     }
 
@@ -457,6 +464,18 @@ impl RpcWorker {
         Option<SocketAddr>,
     ) {
         let shared = &self.shared;
+        if let Some(bucket) = &shared.rate_limit {
+            if !bucket.try_consume() {
+                return (
+                    Err((
+                        ProxyError::Overloaded,
+                        ResponseFlag::RateLimited,
+                        "local rate limit".into(),
+                    )),
+                    None,
+                );
+            }
+        }
         let Some(m) = shared.table.route(&msg) else {
             return (
                 Err((

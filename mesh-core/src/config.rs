@@ -156,6 +156,9 @@ pub struct RpcProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `local_rate_limit.token_bucket` (`rpc_proxy` only): requests over
+    /// the rate get the protocol's overloaded error (`None`: no limit).
+    pub local_rate_limit: Option<crate::policy::TokenBucketConfig>,
 }
 
 /// The configuration an [`RpcProxy`] came from.

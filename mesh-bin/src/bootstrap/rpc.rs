@@ -25,7 +25,7 @@ use mesh_core::config::{
     Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, Route, RouteAction,
     RouteConfiguration, RouteMatch, RpcCodec, RpcFilter, RpcProxy, ThriftProtocol, VirtualHost,
 };
-use mesh_core::policy::{RetryOn, RetryPolicy};
+use mesh_core::policy::{RetryOn, RetryPolicy, TokenBucketConfig};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -213,6 +213,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size: DEFAULT_MAX_FRAME,
         idle_timeout: None,
         access_log,
+        local_rate_limit: None,
     }
 }
 
@@ -379,6 +380,7 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size: DEFAULT_MAX_FRAME,
         idle_timeout: None,
         access_log,
+        local_rate_limit: None,
     }
 }
 
@@ -458,6 +460,9 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     };
     let idle_timeout = o.timeout(cx, "idle_timeout", None);
     let access_log = access_logs(cx, &mut o);
+    let local_rate_limit = o
+        .obj(cx, "local_rate_limit")
+        .and_then(|r| local_rate_limit(cx, r));
     let mut routes = Vec::new();
     let mut rc_name = String::new();
     match o.obj(cx, "route_config") {
@@ -497,6 +502,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size,
         idle_timeout,
         access_log,
+        local_rate_limit,
     }
 }
 
@@ -538,6 +544,63 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
     Some(r)
+}
+
+/// `local_rate_limit` of an `rpc_proxy`: {`token_bucket` {`max_tokens`
+/// (> 0), `tokens_per_fill` (default 1), `fill_interval` (> 0)}}, one
+/// bucket for every connection and worker of the listener.
+fn local_rate_limit(cx: &mut Ctx, mut o: Obj<'_>) -> Option<TokenBucketConfig> {
+    let out = match o.obj(cx, "token_bucket") {
+        Some(mut b) => {
+            let max_path = b.at("max_tokens");
+            let max_tokens = match b.u32(cx, "max_tokens") {
+                Some(0) => {
+                    cx.error(&max_path, "must be greater than 0");
+                    None
+                }
+                None if !b.has("max_tokens") => {
+                    cx.missing(&max_path);
+                    None
+                }
+                n => n,
+            };
+            let fill_path = b.at("tokens_per_fill");
+            let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+                Some(0) => {
+                    cx.error(&fill_path, "must be greater than 0");
+                    1
+                }
+                Some(n) => n,
+                None => 1,
+            };
+            let interval_path = b.at("fill_interval");
+            let fill_interval = match b.duration(cx, "fill_interval") {
+                Some(d) if d.is_zero() => {
+                    cx.error(&interval_path, "must be greater than 0s");
+                    None
+                }
+                None if !b.has("fill_interval") => {
+                    cx.missing(&interval_path);
+                    None
+                }
+                d => d,
+            };
+            b.finish(cx);
+            Some(TokenBucketConfig {
+                max_tokens: max_tokens?,
+                tokens_per_fill,
+                fill_interval: fill_interval?,
+            })
+        }
+        None => {
+            if !o.has("token_bucket") {
+                cx.missing(&o.at("token_bucket"));
+            }
+            None
+        }
+    };
+    o.finish(cx);
+    out
 }
 
 /// The `retry_policy` of an `rpc_proxy` route: `num_retries` (default 1),

@@ -1,6 +1,7 @@
-//! `retry_policy` on `mesh.filters.network.rpc_proxy` routes: connect
-//! failures are retried by default-safe config; resending after a reset
-//! needs the route to declare its methods idempotent.
+//! Policies of `mesh.filters.network.rpc_proxy`: a route's `retry_policy`
+//! (connect failures are always safe to retry; resending after a reset
+//! needs the route to declare its methods idempotent) and the filter's
+//! `local_rate_limit`.
 
 use mesh_bin::bootstrap::load_str;
 use mesh_core::config::{NetworkFilter, RpcProxy};
@@ -10,7 +11,11 @@ use serde_json::{json, Value};
 const BASE: &str = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
 
 fn doc(retry_policy: Value) -> String {
-    json!({
+    doc_with(retry_policy, json!(null))
+}
+
+fn doc_with(retry_policy: Value, local_rate_limit: Value) -> String {
+    let mut d = json!({
         "static_resources": {
             "listeners": [{
                 "name": "l",
@@ -31,8 +36,12 @@ fn doc(retry_policy: Value) -> String {
                     {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}}
             ]
         }
-    })
-    .to_string()
+    });
+    if !local_rate_limit.is_null() {
+        d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["local_rate_limit"] = local_rate_limit;
+    }
+    d.to_string()
 }
 
 fn rpc(retry_policy: Value) -> RpcProxy {
@@ -92,4 +101,32 @@ fn reset_needs_idempotent_and_unknown_conditions_are_refused() {
             .any(|m| m.starts_with(&format!("unsupported: {path}.per_try_timeout"))),
         "{e:?}"
     );
+}
+
+#[test]
+fn local_rate_limit_needs_a_valid_token_bucket() {
+    let b = load_str(&doc_with(
+        json!({"retry_on": "connect-failure"}),
+        json!({"token_bucket": {"max_tokens": 5, "fill_interval": "2s"}}),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let NetworkFilter::Rpc(r) = &b.listeners[0].filter_chains[0].terminal else {
+        panic!("not an RPC filter");
+    };
+    let t = r.local_rate_limit.expect("a token bucket");
+    assert_eq!(
+        (t.max_tokens, t.tokens_per_fill, t.fill_interval.as_secs()),
+        (5, 1, 2)
+    );
+    let e = match load_str(&doc_with(
+        json!({"retry_on": "connect-failure"}),
+        json!({"token_bucket": {"max_tokens": 0, "fill_interval": "0s"}}),
+    )) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    };
+    for key in ["max_tokens", "fill_interval"] {
+        let path = format!("{BASE}.local_rate_limit.token_bucket.{key}");
+        assert!(e.iter().any(|m| m.starts_with(&path)), "{key}: {e:?}");
+    }
 }
