@@ -382,8 +382,11 @@ def test_control_plane_restart_under_load(kind, start_proxy, control_plane, upst
         cp.wait_status(kind, lambda s: s.get("streams") == 1 and s.get("requests", 0) >= 2,
                        timeout=30)
         t = cp.write("routes", [routes(to("/b", "a"))])
+        # What is asserted here is the resync, not its latency (the 1 s
+        # bound is checked by the update tests): the new control-plane
+        # process may still be starting its file watcher under load.
         wait_until(lambda: harness.request(port, "GET", "/b").upstream == "a", t,
-                   "update after resync", OBSERVE + 1)
+                   "update after resync", OBSERVE + 9)
     assert load.ok > 100, load.ok
     assert load.failures == [], load.failures[:5]
 
