@@ -5,7 +5,7 @@ refuses what is over the limit with the protocol's own "overloaded" error
 under concurrency, then frees its permits when the calls end; a route's
 `retry_policy` retries connect failures on another endpoint; a listener's
 `local_rate_limit` answers requests over its rate with the protocol's
-error (flag RL)."""
+error (flag RL); its `fault` aborts (flag FI) or delays requests."""
 
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def setup(request, module_start_proxy):
         rpc_peers.generic_listener("limited_rate", protocol, {
             "local_rate_limit": {"token_bucket": {
                 "max_tokens": RATE_TOKENS, "tokens_per_fill": 1, "fill_interval": "3600s"}},
+            "route_config": {"routes": [{"match": {}, "route": {"cluster": "limited"}}]}}),
+        rpc_peers.generic_listener("fault_abort", protocol, {
+            "fault": {"abort": {"percentage": 100}},
+            "route_config": {"routes": [{"match": {}, "route": {"cluster": "limited"}}]}}),
+        rpc_peers.generic_listener("fault_delay", protocol, {
+            "fault": {"delay": {"fixed_delay": "3s", "percentage": 100}},
             "route_config": {"routes": [{"match": {}, "route": {"cluster": "limited"}}]}}),
     ]
     mesh = module_start_proxy("mesh", harness.bootstrap(listeners, [cluster, half_dead]))
@@ -106,3 +112,27 @@ def test_local_rate_limit_answers_with_the_protocol_error(setup):
     text = mesh.admin_text("/stats/prometheus")
     assert harness.prometheus_value(text, "mesh_rpc_local_reply", mesh_rpc_prefix="limited_rate",
                                     flag="RL") == 3
+
+
+def test_fault_abort_answers_every_call_with_the_protocol_error(setup):
+    protocol, mesh = setup
+    res = node_calls(protocol, mesh.port("fault_abort"), [{"method": "plus", "args": [1, 2]}] * 3)
+    assert all("fault filter abort" in r.get("error", "") for r in res), res
+    text = mesh.admin_text("/stats/prometheus")
+    assert harness.prometheus_value(text, "mesh_rpc_local_reply", mesh_rpc_prefix="fault_abort",
+                                    flag="FI") == 3
+
+
+def test_fault_delay_holds_calls_past_the_client_timeout(setup):
+    protocol, mesh = setup
+    # The client gives up after 0.5 s; the proxy holds the call for 3 s.
+    res = node_calls(protocol, mesh.port("fault_delay"),
+                     [{"method": "plus", "args": [1, 2], "timeout": 500}])
+    err = res[0].get("error", "").lower()
+    assert "timeout" in err or "no response in" in err, res
+    # The same call answers at once on a listener without the fault.
+    assert node_calls(protocol, mesh.port("rpc"),
+                      [{"method": "plus", "args": [1, 2], "timeout": 500}]) == [{"ok": 3}]
+    text = mesh.admin_text("/stats/prometheus")
+    assert harness.prometheus_value(text, "mesh_rpc_fault_delays_injected",
+                                    mesh_rpc_prefix="fault_delay") == 1

@@ -126,6 +126,8 @@ pub struct RpcStats {
     pub response_error: Counter,
     /// `mesh_rpc_local_reply{flag}`: errors the proxy answered itself.
     pub local_reply: Vec<(ResponseFlag, Counter)>,
+    /// `mesh_rpc_fault_delays_injected`.
+    pub fault_delays: Counter,
 }
 
 impl RpcStats {
@@ -140,6 +142,7 @@ impl RpcStats {
             ResponseFlag::UpstreamProtocolError,
             ResponseFlag::UpstreamOverflow,
             ResponseFlag::RateLimited,
+            ResponseFlag::FaultInjected,
         ];
         RpcStats {
             cx_total: store.counter("mesh_rpc_downstream_cx_total", labels),
@@ -151,6 +154,7 @@ impl RpcStats {
             heartbeat: store.counter("mesh_rpc_heartbeat", labels),
             response_success: store.counter("mesh_rpc_response_success", labels),
             response_error: store.counter("mesh_rpc_response_error", labels),
+            fault_delays: store.counter("mesh_rpc_fault_delays_injected", labels),
             local_reply: flags
                 .iter()
                 .map(|f| {
@@ -476,6 +480,21 @@ impl RpcWorker {
                 );
             }
         }
+        let fault = shared.config.fault;
+        if let Some(delay) = fault.delay.filter(|_| roll(fault.delay_percent)) {
+            shared.stats.fault_delays.inc();
+            tokio::time::sleep(delay).await;
+        }
+        if roll(fault.abort_percent) {
+            return (
+                Err((
+                    ProxyError::UpstreamUnavailable,
+                    ResponseFlag::FaultInjected,
+                    "fault filter abort".into(),
+                )),
+                None,
+            );
+        }
         let Some(m) = shared.table.route(&msg) else {
             return (
                 Err((
@@ -721,6 +740,11 @@ impl RpcWorker {
         }
         out
     }
+}
+
+/// Whether a request falls in `percent` % (0-100).
+fn roll(percent: u32) -> bool {
+    percent >= 100 || (percent > 0 && fastrand::u32(0..100) < percent)
 }
 
 /// A reply (`None` for a oneway request) or a proxy error with its flag

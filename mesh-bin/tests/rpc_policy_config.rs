@@ -130,3 +130,35 @@ fn local_rate_limit_needs_a_valid_token_bucket() {
         assert!(e.iter().any(|m| m.starts_with(&path)), "{key}: {e:?}");
     }
 }
+
+#[test]
+fn fault_percentages_are_checked() {
+    let with_fault = |fault: Value| {
+        let mut d: Value = serde_json::from_str(&doc(json!({"retry_on": "connect-failure"})))
+            .unwrap_or_else(|e| panic!("{e}"));
+        d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["fault"] = fault;
+        load_str(&d.to_string())
+    };
+    let b = with_fault(json!({"delay": {"fixed_delay": "0.2s", "percentage": 30}, "abort": {}}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let NetworkFilter::Rpc(r) = &b.listeners[0].filter_chains[0].terminal else {
+        panic!("not an RPC filter");
+    };
+    assert_eq!(
+        (
+            r.fault.delay.map(|d| d.as_millis()),
+            r.fault.delay_percent,
+            r.fault.abort_percent
+        ),
+        (Some(200), 30, 100)
+    );
+    let e = match with_fault(json!({"delay": {"percentage": 10}, "abort": {"percentage": 101}})) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    };
+    for key in ["delay.fixed_delay", "abort.percentage"] {
+        let path = format!("{BASE}.fault.{key}");
+        assert!(e.iter().any(|m| m.contains(&path)), "{key}: {e:?}");
+    }
+}

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use mesh_core::config::{
     Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, Route, RouteAction,
-    RouteConfiguration, RouteMatch, RpcCodec, RpcFilter, RpcProxy, ThriftProtocol, VirtualHost,
+    RouteConfiguration, RouteMatch, RpcCodec, RpcFault, RpcFilter, RpcProxy, ThriftProtocol,
+    VirtualHost,
 };
 use mesh_core::policy::{RetryOn, RetryPolicy, TokenBucketConfig};
 
@@ -214,6 +215,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         idle_timeout: None,
         access_log,
         local_rate_limit: None,
+        fault: RpcFault::default(),
     }
 }
 
@@ -381,6 +383,7 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         idle_timeout: None,
         access_log,
         local_rate_limit: None,
+        fault: RpcFault::default(),
     }
 }
 
@@ -463,6 +466,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     let local_rate_limit = o
         .obj(cx, "local_rate_limit")
         .and_then(|r| local_rate_limit(cx, r));
+    let fault = o.obj(cx, "fault").map(|f| fault(cx, f)).unwrap_or_default();
     let mut routes = Vec::new();
     let mut rc_name = String::new();
     match o.obj(cx, "route_config") {
@@ -503,6 +507,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         idle_timeout,
         access_log,
         local_rate_limit,
+        fault,
     }
 }
 
@@ -544,6 +549,39 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
     Some(r)
+}
+
+/// `fault` of an `rpc_proxy`: {`delay` {`fixed_delay`, `percentage`},
+/// `abort` {`percentage`}}; percentages are whole numbers 0-100
+/// (default 100).
+fn fault(cx: &mut Ctx, mut o: Obj<'_>) -> RpcFault {
+    fn percent(cx: &mut Ctx, o: &mut Obj<'_>) -> u32 {
+        let path = o.at("percentage");
+        match o.u32(cx, "percentage") {
+            Some(p) if p > 100 => {
+                cx.error(&path, "must be at most 100");
+                0
+            }
+            Some(p) => p,
+            None => 100,
+        }
+    }
+    let mut f = RpcFault::default();
+    if let Some(mut d) = o.obj(cx, "delay") {
+        let path = d.at("fixed_delay");
+        f.delay = d.duration(cx, "fixed_delay");
+        if f.delay.is_none() && !d.has("fixed_delay") {
+            cx.missing(&path);
+        }
+        f.delay_percent = percent(cx, &mut d);
+        d.finish(cx);
+    }
+    if let Some(mut a) = o.obj(cx, "abort") {
+        f.abort_percent = percent(cx, &mut a);
+        a.finish(cx);
+    }
+    o.finish(cx);
+    f
 }
 
 /// `local_rate_limit` of an `rpc_proxy`: {`token_bucket` {`max_tokens`
