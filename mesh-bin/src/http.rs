@@ -704,6 +704,7 @@ impl HttpProxy {
             );
         };
         let h2 = cluster.uses_h2(req.version());
+        let down_version = req.version();
         let (mut parts, body) = req.into_parts();
         let is_upgrade = down_upgrade.is_some();
         hop::strip(&mut parts.headers, is_upgrade);
@@ -779,19 +780,24 @@ impl HttpProxy {
             _ if http_body::Body::is_end_stream(&body) && retry.is_some() => ProxyBody::Empty,
             _ => ProxyBody::Incoming(body),
         };
+        let buffer_limit = m
+            .route
+            .policy
+            .per_request_buffer_limit_bytes
+            .or(m.vhost.policy.per_request_buffer_limit_bytes)
+            .unwrap_or(DEFAULT_BUFFER_LIMIT);
+        // Request mirroring: the shadows get the head as sent upstream and
+        // a copy of the body, taken while the primary reads it.
+        let body = if m.route.policy.request_mirror_policies.is_empty() || is_upgrade {
+            body
+        } else {
+            self.start_mirrors(m, &parts, body, down_version, buffer_limit, timeout)
+        };
         // Under a retry policy a request body is kept for replay, up to the
         // buffer limit.
         let mut body = match (&retry, body) {
             (Some(_), ProxyBody::Empty) => TryBody::Empty,
-            (Some(_), b) => {
-                let limit = m
-                    .route
-                    .policy
-                    .per_request_buffer_limit_bytes
-                    .or(m.vhost.policy.per_request_buffer_limit_bytes)
-                    .unwrap_or(DEFAULT_BUFFER_LIMIT);
-                TryBody::Replay(ReplaySource::new(b, limit as usize))
-            }
+            (Some(_), b) => TryBody::Replay(ReplaySource::new(b, buffer_limit as usize)),
             (None, b) => TryBody::Once(Some(b)),
         };
         let attempt_header = m.vhost.policy.include_request_attempt_count;
@@ -1057,6 +1063,55 @@ impl HttpProxy {
                 UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle),
             ),
         )
+    }
+
+    /// Starts the shadows of the route's sampled mirror policies and
+    /// returns the body the primary reads (a tee when there is a body).
+    fn start_mirrors(
+        &self,
+        m: &RouteMatch<'_>,
+        head: &http::request::Parts,
+        body: ProxyBody,
+        down_version: http::Version,
+        buffer_limit: u32,
+        timeout: Option<std::time::Duration>,
+    ) -> ProxyBody {
+        let shadows: Vec<crate::mirror::Shadow> = m
+            .route
+            .policy
+            .request_mirror_policies
+            .iter()
+            .filter(|p| mesh_filter::mirror::sampled(p.fraction))
+            .filter_map(|p| {
+                self.clusters
+                    .get(p.cluster.as_str())
+                    .map(|c| crate::mirror::Shadow {
+                        cluster: c.clone(),
+                        suffix: !p.disable_shadow_host_suffix_append,
+                    })
+            })
+            .collect();
+        if shadows.is_empty() {
+            return body;
+        }
+        let (body, shadow_body) = if http_body::Body::is_end_stream(&body) {
+            (body, crate::mirror::ShadowBody::Ready(Bytes::new()))
+        } else {
+            let (tee, rx) = mesh_filter::mirror::TeeBody::new(body, buffer_limit as usize);
+            (
+                ProxyBody::Boxed(Box::pin(tee)),
+                crate::mirror::ShadowBody::Tee(rx),
+            )
+        };
+        crate::mirror::spawn(
+            shadows,
+            head.clone(),
+            shadow_body,
+            down_version,
+            m.route.policy.priority,
+            timeout,
+        );
+        body
     }
 
     /// Picks the endpoint of a retry: with the previous-hosts predicate,

@@ -26,6 +26,7 @@ pub mod dynamic;
 pub mod filters;
 pub mod health;
 pub mod http;
+mod mirror;
 pub mod proxy;
 mod rbac;
 pub mod resilience;

@@ -337,6 +337,21 @@ pub struct RoutePolicy {
     pub grpc_timeout_max: Option<Duration>,
     /// `grpc_timeout_offset`: subtracted from `grpc-timeout`.
     pub grpc_timeout_offset: Option<Duration>,
+    /// `route.request_mirror_policies`.
+    pub request_mirror_policies: Vec<RequestMirrorPolicy>,
+}
+
+/// Envoy `RouteAction.RequestMirrorPolicy`: a fraction of the route's
+/// requests is copied to another cluster, fire-and-forget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMirrorPolicy {
+    /// `cluster`: where the shadow copies go.
+    pub cluster: String,
+    /// `runtime_fraction.default_value` (default 100 %).
+    pub fraction: FractionalPercent,
+    /// `disable_shadow_host_suffix_append`: keep the authority as is
+    /// instead of appending `-shadow`.
+    pub disable_shadow_host_suffix_append: bool,
 }
 
 /// One entry of `typed_per_filter_config`: the filter name it is keyed by

@@ -750,7 +750,14 @@ impl RouteTable {
             .iter()
             .flat_map(|v| v.routes.iter())
             .filter_map(|r| match &r.action {
-                CompiledAction::Route(a) => Some(a.cluster_names()),
+                CompiledAction::Route(a) => Some(
+                    a.cluster_names().into_iter().chain(
+                        r.policy
+                            .request_mirror_policies
+                            .iter()
+                            .map(|p| Arc::from(p.cluster.as_str())),
+                    ),
+                ),
                 _ => None,
             })
             .flatten()

@@ -12,6 +12,7 @@
 //! | [`circuit_breaker`]: `ResourceManager` (limits and the retry budget) | cluster `circuit_breakers.thresholds` |
 //! | [`fault`]: `FaultInjector` (delay / abort, header-controlled faults, `max_active_faults`) | `envoy.filters.http.fault` |
 //! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
+//! | [`mirror`]: `TeeBody`, `sampled`, `shadow_authority` | route `request_mirror_policies` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
 //! flag (`URX`, `UO`, `RL`, `FI`, `DI`, `UT`) as a response extension
@@ -22,5 +23,6 @@
 pub mod circuit_breaker;
 pub mod fault;
 pub mod local_ratelimit;
+pub mod mirror;
 pub mod rbac;
 pub mod retry;

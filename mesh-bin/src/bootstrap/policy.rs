@@ -750,3 +750,38 @@ pub(crate) fn grpc_timeouts(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut mesh_core::po
     p.grpc_timeout_max = o.duration(cx, "max_grpc_timeout");
     p.grpc_timeout_offset = o.duration(cx, "grpc_timeout_offset");
 }
+
+/// `RouteAction.request_mirror_policies`.
+pub(crate) fn mirror_policies(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
+    let mut out = Vec::new();
+    for (path, v) in o.list(cx, "request_mirror_policies") {
+        let Some(mut m) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let cluster_path = m.at("cluster");
+        let cluster = m.req_string(cx, "cluster").unwrap_or_default();
+        if !cluster.is_empty() {
+            cx.cluster_ref(cluster_path, cluster.clone());
+        }
+        // Envoy mirrors every request when no fraction is given.
+        let fraction = m
+            .obj(cx, "runtime_fraction")
+            .map(|f| runtime_fraction(cx, f))
+            .unwrap_or(FractionalPercent::HUNDRED);
+        let disable_shadow_host_suffix_append = m
+            .bool(cx, "disable_shadow_host_suffix_append")
+            .unwrap_or(false);
+        m.finish(cx);
+        if !cluster.is_empty() {
+            out.push(mesh_core::policy::RequestMirrorPolicy {
+                cluster,
+                fraction,
+                disable_shadow_host_suffix_append,
+            });
+        }
+    }
+    out
+}

@@ -425,6 +425,7 @@ fn route_action(
         .map(|r| policy::retry_policy(cx, r));
     route_policy.priority = policy::routing_priority(cx, &mut o);
     policy::grpc_timeouts(cx, &mut o, route_policy);
+    route_policy.request_mirror_policies = policy::mirror_policies(cx, &mut o);
     o.finish(cx);
     RouteAction {
         cluster,
