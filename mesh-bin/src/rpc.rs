@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use mesh_codec::rpc::client::{ClientConfig, ClientError, EndpointClient};
 use mesh_codec::rpc::server::{serve, Closed, ServerConfig};
@@ -33,8 +33,12 @@ use mesh_codec::rpc::{Codec, Message, MessageKind, ProxyError};
 use mesh_core::config::{RpcCodec, RpcFilter, RpcProxy, ThriftProtocol};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
+use mesh_core::policy::{RetryOn, RetryPolicy};
 use mesh_core::router::{CompiledAction, RouteTable};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
+use mesh_filter::circuit_breaker::ResourceManager;
+use mesh_filter::local_ratelimit::TokenBucket;
+use mesh_lb::Endpoint;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{format_time, AccessLogger};
@@ -122,6 +126,8 @@ pub struct RpcStats {
     pub response_error: Counter,
     /// `mesh_rpc_local_reply{flag}`: errors the proxy answered itself.
     pub local_reply: Vec<(ResponseFlag, Counter)>,
+    /// `mesh_rpc_fault_delays_injected`.
+    pub fault_delays: Counter,
 }
 
 impl RpcStats {
@@ -135,6 +141,8 @@ impl RpcStats {
             ResponseFlag::UpstreamRequestTimeout,
             ResponseFlag::UpstreamProtocolError,
             ResponseFlag::UpstreamOverflow,
+            ResponseFlag::RateLimited,
+            ResponseFlag::FaultInjected,
         ];
         RpcStats {
             cx_total: store.counter("mesh_rpc_downstream_cx_total", labels),
@@ -146,6 +154,7 @@ impl RpcStats {
             heartbeat: store.counter("mesh_rpc_heartbeat", labels),
             response_success: store.counter("mesh_rpc_response_success", labels),
             response_error: store.counter("mesh_rpc_response_error", labels),
+            fault_delays: store.counter("mesh_rpc_fault_delays_injected", labels),
             local_reply: flags
                 .iter()
                 .map(|f| {
@@ -188,6 +197,8 @@ pub struct RpcShared {
     methods: Mutex<HashMap<(String, String), MethodStats>>,
     access_log: Option<AccessLogger>,
     server: ServerConfig,
+    /// `local_rate_limit`: one bucket for every worker.
+    rate_limit: Option<TokenBucket>,
 }
 
 impl RpcShared {
@@ -229,6 +240,9 @@ impl RpcShared {
             store: store.clone(),
             methods: Mutex::new(HashMap::new()),
             access_log,
+            rate_limit: config
+                .local_rate_limit
+                .map(|b| TokenBucket::new(b.max_tokens, b.tokens_per_fill, b.fill_interval)),
         })
     }
 
@@ -454,6 +468,33 @@ impl RpcWorker {
         Option<SocketAddr>,
     ) {
         let shared = &self.shared;
+        if let Some(bucket) = &shared.rate_limit {
+            if !bucket.try_consume() {
+                return (
+                    Err((
+                        ProxyError::Overloaded,
+                        ResponseFlag::RateLimited,
+                        "local rate limit".into(),
+                    )),
+                    None,
+                );
+            }
+        }
+        let fault = shared.config.fault;
+        if let Some(delay) = fault.delay.filter(|_| roll(fault.delay_percent)) {
+            shared.stats.fault_delays.inc();
+            tokio::time::sleep(delay).await;
+        }
+        if roll(fault.abort_percent) {
+            return (
+                Err((
+                    ProxyError::UpstreamUnavailable,
+                    ResponseFlag::FaultInjected,
+                    "fault filter abort".into(),
+                )),
+                None,
+            );
+        }
         let Some(m) = shared.table.route(&msg) else {
             return (
                 Err((
@@ -489,6 +530,22 @@ impl RpcWorker {
             );
         };
         let stats = &cluster.entry.stats;
+        let cpolicy = &cluster.entry.policy;
+        let resources = cpolicy.resources(m.route.policy.priority);
+        // The `max_requests` circuit breaker. The `DEFAULT` priority's
+        // request count is the cluster's `upstream_rq_active` gauge, so the
+        // permit taken below is the only thing that moves that gauge.
+        if !resources.requests.can_create() {
+            cpolicy.rq_active_overflow.inc();
+            return (
+                Err((
+                    ProxyError::Overloaded,
+                    ResponseFlag::UpstreamOverflow,
+                    "upstream overflow: max_requests circuit breaker".into(),
+                )),
+                None,
+            );
+        }
         // Ring hash / Maglev read the route's hash_policy from the message
         // metadata (a `header` policy names an attachment or `:service`,
         // `:method`, ...); subsets come from metadata_match.
@@ -511,34 +568,128 @@ impl RpcWorker {
                 None,
             );
         };
-        let addr = endpoint.addr;
-        stats.rq_total.inc();
-        endpoint.stats.rq_total.inc();
-        let _a = GaugeGuard::new(&stats.rq_active);
-        let _b = GaugeGuard::new(&endpoint.stats.rq_active);
-        let client = cluster.client(addr);
-        let call = client.call(msg);
-        let result = match action.timeout {
-            Some(t) => match tokio::time::timeout(t, call).await {
-                Ok(r) => r,
+        let retry = m.route.retry.as_deref().map(|p| &p.config);
+        // The route timeout bounds every try together; `current` is the
+        // endpoint of the try in progress when it passes.
+        let mut current = None;
+        let tries = self.tries(
+            cluster,
+            resources,
+            retry,
+            msg,
+            endpoint,
+            &pick,
+            &mut current,
+        );
+        let out = match action.timeout {
+            Some(t) => match tokio::time::timeout(t, tries).await {
+                Ok(out) => out,
                 Err(_) => {
                     stats.rq_timeout.inc();
                     stats.record_status(504);
-                    cluster
-                        .entry
-                        .outlier_failure(&endpoint, ResponseFlag::UpstreamRequestTimeout);
-                    return (
-                        Err((
-                            ProxyError::Timeout,
-                            ResponseFlag::UpstreamRequestTimeout,
-                            "upstream request timeout".into(),
-                        )),
-                        Some(addr),
-                    );
+                    if let Some(e) = &current {
+                        cluster
+                            .entry
+                            .outlier_failure(e, ResponseFlag::UpstreamRequestTimeout);
+                    }
+                    Err((
+                        ProxyError::Timeout,
+                        ResponseFlag::UpstreamRequestTimeout,
+                        "upstream request timeout".into(),
+                    ))
                 }
             },
-            None => call.await,
+            None => tries.await,
         };
+        (out, current.map(|e| e.addr))
+    }
+
+    /// Sends `msg` to `endpoint`, and under a retry policy again to newly
+    /// picked endpoints while the failure is one the policy retries, the
+    /// policy's `num_retries` is not used up and the cluster's
+    /// `max_retries` (or retry budget) has room. Each try holds a
+    /// `max_requests` permit (the cluster's `upstream_rq_active`); a retry
+    /// holds a retry permit from its backoff until its try ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn tries(
+        &self,
+        cluster: &RpcCluster,
+        resources: &ResourceManager,
+        retry: Option<&RetryPolicy>,
+        mut msg: Message,
+        mut endpoint: Arc<Endpoint>,
+        pick: &mesh_lb::PickContext<'_>,
+        current: &mut Option<Arc<Endpoint>>,
+    ) -> RpcResult {
+        let stats = &cluster.entry.stats;
+        let cpolicy = &cluster.entry.policy;
+        let mut retries = 0u32;
+        let mut _retry_permit = None;
+        loop {
+            *current = Some(endpoint.clone());
+            stats.rq_total.inc();
+            endpoint.stats.rq_total.inc();
+            // Without a retry policy the message is sent as is; with one, a
+            // copy (the body is shared `Bytes`) stays for the next try.
+            let send = match retry {
+                Some(_) => msg.clone(),
+                None => std::mem::replace(&mut msg, Message::new(0, MessageKind::Request)),
+            };
+            let result = {
+                let _a = resources.requests.acquire();
+                let _b = GaugeGuard::new(&endpoint.stats.rq_active);
+                cluster.client(endpoint.addr).call(send).await
+            };
+            _retry_permit = None;
+            let retriable = match (&result, retry) {
+                (Err(ClientError::Connect(_)), Some(p)) => p.retry_on.any(RetryOn::CONNECT_FAILURE),
+                (Err(ClientError::Reset), Some(p)) => p.retry_on.any(RetryOn::RESET),
+                _ => false,
+            };
+            let out = Self::outcome(cluster, &endpoint, result);
+            let Some(policy) = retry.filter(|_| retriable) else {
+                if retries > 0 && matches!(&out, Ok(Some(r)) if r.kind != MessageKind::Error) {
+                    cpolicy.retry_stats.retry_success.inc();
+                }
+                return out;
+            };
+            if retries >= policy.num_retries {
+                cpolicy.retry_stats.retry_limit_exceeded.inc();
+                return out;
+            }
+            let Some(permit) = resources.try_retry() else {
+                cpolicy.retry_stats.retry_overflow.inc();
+                return out;
+            };
+            _retry_permit = Some(permit);
+            cpolicy.retry_stats.retry.inc();
+            retries += 1;
+            // Envoy's jittered exponential backoff: a random wait up to
+            // `base × (2^n − 1)`, capped at the maximum interval.
+            let cap = policy
+                .base_interval
+                .saturating_mul((1u32 << retries.min(16)) - 1)
+                .min(policy.max_interval);
+            let cap_ms = cap.as_millis() as u64;
+            if cap_ms > 0 {
+                cpolicy.retry_stats.retry_backoff_exponential.inc();
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap_ms))).await;
+            }
+            endpoint = match cluster.entry.balancer.pick_with(pick) {
+                Some(e) => e,
+                None => return out,
+            };
+        }
+    }
+
+    /// Maps one try's result to the reply or proxy error, with the
+    /// cluster, endpoint and outlier-detection accounting.
+    fn outcome(
+        cluster: &RpcCluster,
+        endpoint: &Endpoint,
+        result: Result<Option<Message>, ClientError>,
+    ) -> RpcResult {
+        let stats = &cluster.entry.stats;
         let out = match result {
             Ok(Some(resp)) => {
                 // Outlier detection sees an RPC error as a 5xx, as Envoy's
@@ -546,10 +697,10 @@ impl RpcWorker {
                 if resp.kind == MessageKind::Error {
                     stats.record_status(500);
                     endpoint.stats.rq_error.inc();
-                    cluster.entry.outlier_status(&endpoint, 500);
+                    cluster.entry.outlier_status(endpoint, 500);
                 } else {
                     stats.record_status(200);
-                    cluster.entry.outlier_status(&endpoint, 200);
+                    cluster.entry.outlier_status(endpoint, 200);
                 }
                 Ok(Some(resp))
             }
@@ -585,11 +736,20 @@ impl RpcWorker {
             }
         };
         if let Err((_, flag, _)) = &out {
-            cluster.entry.outlier_failure(&endpoint, *flag);
+            cluster.entry.outlier_failure(endpoint, *flag);
         }
-        (out, Some(addr))
+        out
     }
 }
+
+/// Whether a request falls in `percent` % (0-100).
+fn roll(percent: u32) -> bool {
+    percent >= 100 || (percent > 0 && fastrand::u32(0..100) < percent)
+}
+
+/// A reply (`None` for a oneway request) or a proxy error with its flag
+/// and detail.
+type RpcResult = Result<Option<Message>, (ProxyError, ResponseFlag, String)>;
 
 /// The per-request `tower::Service` of an RPC proxy: one request in, its
 /// answer (or `None` for oneway requests) out. Never fails: proxy errors

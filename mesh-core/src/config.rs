@@ -156,6 +156,23 @@ pub struct RpcProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`.
     pub access_log: Vec<AccessLog>,
+    /// `local_rate_limit.token_bucket` (`rpc_proxy` only): requests over
+    /// the rate get the protocol's overloaded error (`None`: no limit).
+    pub local_rate_limit: Option<crate::policy::TokenBucketConfig>,
+    /// `fault` (`rpc_proxy` only): injected delays and aborts.
+    pub fault: RpcFault,
+}
+
+/// Fault injection on an [`RpcProxy`]: a share of requests waits
+/// `delay` before routing, a share is answered with the protocol's error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RpcFault {
+    /// `delay.fixed_delay` (`None`: no delay).
+    pub delay: Option<Duration>,
+    /// `delay.percentage` (0-100).
+    pub delay_percent: u32,
+    /// `abort.percentage` (0-100; 0: no abort).
+    pub abort_percent: u32,
 }
 
 /// The configuration an [`RpcProxy`] came from.

@@ -16,14 +16,17 @@
 //! - Generic: `match` has `service` and `method` string matchers and
 //!   `headers` (names are attachment keys or `:service`, `:method`,
 //!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
-//!   (`header` names read the same keys) and a `metadata_match`.
+//!   (`header` names read the same keys), a `metadata_match` and a
+//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`).
 
 use std::time::Duration;
 
 use mesh_core::config::{
     Action, ClusterSpecifier, HeaderMatchKind, HeaderMatcher, PathMatch, Route, RouteAction,
-    RouteConfiguration, RouteMatch, RpcCodec, RpcFilter, RpcProxy, ThriftProtocol, VirtualHost,
+    RouteConfiguration, RouteMatch, RpcCodec, RpcFault, RpcFilter, RpcProxy, ThriftProtocol,
+    VirtualHost,
 };
+use mesh_core::policy::{RetryOn, RetryPolicy, TokenBucketConfig};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -211,6 +214,8 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size: DEFAULT_MAX_FRAME,
         idle_timeout: None,
         access_log,
+        local_rate_limit: None,
+        fault: RpcFault::default(),
     }
 }
 
@@ -377,6 +382,8 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size: DEFAULT_MAX_FRAME,
         idle_timeout: None,
         access_log,
+        local_rate_limit: None,
+        fault: RpcFault::default(),
     }
 }
 
@@ -456,6 +463,10 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     };
     let idle_timeout = o.timeout(cx, "idle_timeout", None);
     let access_log = access_logs(cx, &mut o);
+    let local_rate_limit = o
+        .obj(cx, "local_rate_limit")
+        .and_then(|r| local_rate_limit(cx, r));
+    let fault = o.obj(cx, "fault").map(|f| fault(cx, f)).unwrap_or_default();
     let mut routes = Vec::new();
     let mut rc_name = String::new();
     match o.obj(cx, "route_config") {
@@ -495,6 +506,8 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         max_frame_size,
         idle_timeout,
         access_log,
+        local_rate_limit,
+        fault,
     }
 }
 
@@ -511,12 +524,14 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         headers(cx, &mut m, &mut matchers);
         m.finish(cx);
     }
+    let mut retry = None;
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
             let timeout = r.timeout(cx, "timeout", None);
             let hash_policy = super::lb::hash_policies(cx, &mut r, false);
             let metadata_match = super::lb::metadata_match(cx, &mut r);
+            retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
             r.finish(cx);
             let mut a = action(cluster, timeout);
             a.hash_policy = hash_policy;
@@ -531,5 +546,136 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
     };
     o.finish(cx);
-    Some(route(matchers, a?))
+    let mut r = route(matchers, a?);
+    r.policy.retry_policy = retry;
+    Some(r)
+}
+
+/// `fault` of an `rpc_proxy`: {`delay` {`fixed_delay`, `percentage`},
+/// `abort` {`percentage`}}; percentages are whole numbers 0-100
+/// (default 100).
+fn fault(cx: &mut Ctx, mut o: Obj<'_>) -> RpcFault {
+    fn percent(cx: &mut Ctx, o: &mut Obj<'_>) -> u32 {
+        let path = o.at("percentage");
+        match o.u32(cx, "percentage") {
+            Some(p) if p > 100 => {
+                cx.error(&path, "must be at most 100");
+                0
+            }
+            Some(p) => p,
+            None => 100,
+        }
+    }
+    let mut f = RpcFault::default();
+    if let Some(mut d) = o.obj(cx, "delay") {
+        let path = d.at("fixed_delay");
+        f.delay = d.duration(cx, "fixed_delay");
+        if f.delay.is_none() && !d.has("fixed_delay") {
+            cx.missing(&path);
+        }
+        f.delay_percent = percent(cx, &mut d);
+        d.finish(cx);
+    }
+    if let Some(mut a) = o.obj(cx, "abort") {
+        f.abort_percent = percent(cx, &mut a);
+        a.finish(cx);
+    }
+    o.finish(cx);
+    f
+}
+
+/// `local_rate_limit` of an `rpc_proxy`: {`token_bucket` {`max_tokens`
+/// (> 0), `tokens_per_fill` (default 1), `fill_interval` (> 0)}}, one
+/// bucket for every connection and worker of the listener.
+fn local_rate_limit(cx: &mut Ctx, mut o: Obj<'_>) -> Option<TokenBucketConfig> {
+    let out = match o.obj(cx, "token_bucket") {
+        Some(mut b) => {
+            let max_path = b.at("max_tokens");
+            let max_tokens = match b.u32(cx, "max_tokens") {
+                Some(0) => {
+                    cx.error(&max_path, "must be greater than 0");
+                    None
+                }
+                None if !b.has("max_tokens") => {
+                    cx.missing(&max_path);
+                    None
+                }
+                n => n,
+            };
+            let fill_path = b.at("tokens_per_fill");
+            let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+                Some(0) => {
+                    cx.error(&fill_path, "must be greater than 0");
+                    1
+                }
+                Some(n) => n,
+                None => 1,
+            };
+            let interval_path = b.at("fill_interval");
+            let fill_interval = match b.duration(cx, "fill_interval") {
+                Some(d) if d.is_zero() => {
+                    cx.error(&interval_path, "must be greater than 0s");
+                    None
+                }
+                None if !b.has("fill_interval") => {
+                    cx.missing(&interval_path);
+                    None
+                }
+                d => d,
+            };
+            b.finish(cx);
+            Some(TokenBucketConfig {
+                max_tokens: max_tokens?,
+                tokens_per_fill,
+                fill_interval: fill_interval?,
+            })
+        }
+        None => {
+            if !o.has("token_bucket") {
+                cx.missing(&o.at("token_bucket"));
+            }
+            None
+        }
+    };
+    o.finish(cx);
+    out
+}
+
+/// The `retry_policy` of an `rpc_proxy` route: `num_retries` (default 1),
+/// `retry_on` (comma-separated: `connect-failure`, `reset`) and
+/// `idempotent`. A connect failure is retried safely: the request was
+/// never written. `reset` (the upstream connection closed before the
+/// response) resends a request the upstream may have run, so it needs the
+/// route to declare its methods `idempotent: true`.
+fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
+    let num_retries = o.u32(cx, "num_retries").unwrap_or(1);
+    let idempotent = o.bool(cx, "idempotent").unwrap_or(false);
+    let on_path = o.at("retry_on");
+    let mut retry_on = RetryOn::NONE;
+    match o.string(cx, "retry_on") {
+        Some(list) => {
+            for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                match token {
+                    "connect-failure" => retry_on = retry_on | RetryOn::CONNECT_FAILURE,
+                    "reset" if idempotent => retry_on = retry_on | RetryOn::RESET,
+                    "reset" => cx.error(
+                        &on_path,
+                        "`reset` resends requests the upstream may have received: \
+                         set `idempotent: true` if the route's methods are idempotent",
+                    ),
+                    other => cx.error(
+                        &on_path,
+                        format!("unknown RPC retry condition {other:?} (connect-failure, reset)"),
+                    ),
+                }
+            }
+        }
+        None => cx.missing(&on_path),
+    }
+    o.finish(cx);
+    RetryPolicy {
+        retry_on,
+        num_retries,
+        ..RetryPolicy::default()
+    }
 }
