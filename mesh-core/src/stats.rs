@@ -300,7 +300,10 @@ pub struct StatusCodeCounters {
     store: Store,
     name: Arc<str>,
     labels: Arc<Labels>,
-    slots: Arc<[std::sync::OnceLock<Counter>]>,
+    /// One slot per code in 100..=599, allocated on the first response
+    /// (8 KB): a cluster that never sees traffic costs a pointer, which
+    /// matters with thousands of clusters from xDS.
+    slots: Arc<std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>>,
 }
 
 impl StatusCodeCounters {
@@ -310,7 +313,7 @@ impl StatusCodeCounters {
             store: store.clone(),
             name: Arc::from(name),
             labels: Arc::new(labels.to_vec()),
-            slots: (100..600).map(|_| std::sync::OnceLock::new()).collect(),
+            slots: Arc::default(),
         }
     }
 
@@ -318,10 +321,11 @@ impl StatusCodeCounters {
     /// not counted).
     #[inline]
     pub fn record(&self, status: u16) {
-        let Some(slot) = status
-            .checked_sub(100)
-            .and_then(|i| self.slots.get(i as usize))
-        else {
+        let Some(slot) = status.checked_sub(100).filter(|i| *i < 500).and_then(|i| {
+            self.slots
+                .get_or_init(|| (100..600).map(|_| std::sync::OnceLock::new()).collect())
+                .get(i as usize)
+        }) else {
             return;
         };
         slot.get_or_init(|| {
