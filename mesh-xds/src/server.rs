@@ -733,7 +733,11 @@ fn delta_response(
         .filter(|n| !have.contains_key(*n))
         .cloned()
         .collect();
-    if resources.is_empty() && removed.is_empty() {
+    // A wildcard subscription is answered even when it has nothing, so the
+    // client knows the set is empty (its initial fetch is done) instead of
+    // waiting for its `initial_fetch_timeout`.
+    let first_wildcard = sub.wildcard && sub.nonce.is_empty();
+    if resources.is_empty() && removed.is_empty() && !first_wildcard {
         return None;
     }
     for r in &resources {
