@@ -230,7 +230,11 @@ impl WorkerChains {
                 serve_connection(stream, server, svc, self.drain.clone()).await;
                 drop(guard);
             }
-            WorkerTerminal::Tcp(t) => t.clone().handle_stream(stream, peer, guard).await,
+            WorkerTerminal::Tcp(t) => {
+                t.clone()
+                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .await
+            }
             WorkerTerminal::Rpc(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")
             }

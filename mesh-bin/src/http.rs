@@ -201,7 +201,7 @@ impl HttpProxy {
             .shared
             .access_log
             .as_ref()
-            .map(|_| HttpLogEntry::capture(&req));
+            .map(|l| l.capture(&req, &info));
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
@@ -217,12 +217,23 @@ impl HttpProxy {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
-        if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
+        if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream, None));
+            logger.capture_response(&mut entry, resp.headers());
+            logger.log_http(
+                &entry,
+                &crate::access_log::HttpEnd {
+                    status: resp.status().as_u16(),
+                    details: crate::access_log::response_code_details(flag, false),
+                    flag,
+                    bytes_sent: sent,
+                    upstream,
+                    trailers: &[],
+                },
+            );
         }
         resp
     }
@@ -674,6 +685,9 @@ impl HttpProxy {
                 ResponseFlag::NoClusterFound,
             );
         };
+        if let Some(e) = log.as_mut() {
+            e.routed(m.route, choice.name);
+        }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);
@@ -817,6 +831,9 @@ impl HttpProxy {
         let mut retry_permit = None;
         let (resp, pool_end, rq_active, ep_active, final_flag) = loop {
             attempt += 1;
+            if let Some(e) = log.as_mut() {
+                e.attempts = Some(attempt);
+            }
             let try_body = match &mut body {
                 TryBody::Once(b) => b.take().unwrap_or_default(),
                 TryBody::Empty => ProxyBody::Empty,
@@ -1033,11 +1050,11 @@ impl HttpProxy {
                 .headers
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
-        let log = log.take().and_then(|e| {
-            self.shared
-                .access_log
-                .clone()
-                .map(|l| (e, l, status.as_u16(), endpoint.addr, service_time_ms))
+        let log = log.take().and_then(|mut e| {
+            let l = self.shared.access_log.clone()?;
+            l.capture_response(&mut e, &rparts.headers);
+            e.response_duration = Some(std::time::Duration::from_millis(service_time_ms));
+            Some((e, l, status.as_u16(), endpoint.addr))
         });
         let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
@@ -1045,11 +1062,21 @@ impl HttpProxy {
             }
             drop(rq_active);
             drop(ep_active);
-            if let Some((entry, logger, status, upstream, service_ms)) = log {
+            if let Some((entry, logger, status, upstream)) = log {
                 let flag = (!completed)
                     .then_some(ResponseFlag::DownstreamConnectionTermination)
                     .or(final_flag);
-                logger.write(entry.format(status, flag, bytes, Some(upstream), Some(service_ms)));
+                logger.log_http(
+                    &entry,
+                    &crate::access_log::HttpEnd {
+                        status,
+                        details: crate::access_log::response_code_details(flag, true),
+                        flag,
+                        bytes_sent: bytes,
+                        upstream: Some(upstream),
+                        trailers: &[],
+                    },
+                );
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
@@ -1438,6 +1465,7 @@ pub struct ConnService {
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
+    id: u64,
 }
 
 impl ConnService {
@@ -1449,6 +1477,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1465,6 +1494,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1492,6 +1522,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             downstream_remote: self.peer,
             downstream_local: self.local,
             protocol: req.version(),
+            connection_id: self.id,
         };
         let proxy = match &self.current {
             Some(c) => c.load_full(),

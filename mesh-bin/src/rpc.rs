@@ -224,8 +224,8 @@ impl RpcShared {
             ("mesh_rpc_prefix", config.stat_prefix.clone()),
             ("mesh_rpc_codec", codec.name().to_owned()),
         ];
-        let access_log =
-            AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let access_log = AccessLogger::new_fixed_format(&config.access_log, store)
+            .map_err(|e| format!("access_log: {e}"))?;
         Ok(RpcShared {
             stats: RpcStats::new(store, &labels),
             server: ServerConfig {

@@ -630,7 +630,7 @@ fn tcp_proxy() {
             stat_prefix: "tcp".into(),
             cluster: ClusterSpecifier::Cluster("upstream".into()),
             idle_timeout: None,
-            access_log: vec![AccessLog::Stderr],
+            access_log: vec![AccessLogSink::Stderr.into()],
             hash_policy: vec![],
         })
     );
@@ -700,8 +700,8 @@ fn hcm_options() {
     assert_eq!(
         h.access_log,
         vec![
-            AccessLog::Stdout,
-            AccessLog::File("/var/log/access.log".into())
+            AccessLogSink::Stdout.into(),
+            AccessLogSink::File("/var/log/access.log".into()).into()
         ]
     );
 }
@@ -715,7 +715,7 @@ fn hcm_refusals() {
     h["http2_protocol_options"] = json!({"max_concurrent_streams": 10});
     h["access_log"] = json!([{"name": "envoy.access_loggers.stdout", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-        "log_format": {"text_format": "%START_TIME%"}}}]);
+        "log_format": {"text_format": "%START_TIME% %BOGUS%"}}}]);
     let router = h["http_filters"][0].clone();
     h["http_filters"] = json!([router, {"name": "envoy.filters.http.cors"}]);
     assert_eq!(
@@ -725,7 +725,7 @@ fn hcm_refusals() {
             format!("{HCM_PATH}.http_filters[0]: envoy.filters.http.router must be the last HTTP filter"),
             format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.cors)"),
             format!("{HCM_PATH}.max_request_headers_kb: must be from 1 to 8192, found 9000"),
-            format!("unsupported: {HCM_PATH}.access_log[0].typed_config.log_format (custom access log formats are not supported yet)"),
+            format!("{HCM_PATH}.access_log[0].typed_config.log_format.text_format: unsupported command operator %BOGUS%"),
             format!("unsupported: {HCM_PATH}.http2_protocol_options.max_concurrent_streams"),
         ]
     );
