@@ -251,6 +251,7 @@ impl AccessLogger {
             upstream_host: upstream,
             upstream_cluster: cluster,
             downstream_remote: Some(conn.peer),
+            downstream_direct_remote: Some(conn.peer),
             downstream_local: conn.local,
             connection_id: Some(conn.id),
             tls: conn.tls,
@@ -260,8 +261,16 @@ impl AccessLogger {
     }
 
     /// Captures what the formats and filters read from a request, before
-    /// the request is consumed.
-    pub fn capture<B>(&self, req: &http::Request<B>, info: &StreamInfo) -> HttpLogEntry {
+    /// the request is consumed. With `trust_xff` (the HCM's
+    /// `use_remote_address: false`, Envoy's default) the downstream remote
+    /// address is the last `x-forwarded-for` entry when there is one, as in
+    /// Envoy; the socket peer stays the direct remote address.
+    pub fn capture<B>(
+        &self,
+        req: &http::Request<B>,
+        info: &StreamInfo,
+        trust_xff: bool,
+    ) -> HttpLogEntry {
         let n = &self.inner.needs;
         let h = req.headers();
         let mut header_bits = 0u64;
@@ -270,7 +279,12 @@ impl AccessLogger {
                 header_bits |= 1 << i;
             }
         }
+        let remote = trust_xff
+            .then(|| last_xff(h))
+            .flatten()
+            .unwrap_or(info.downstream_remote);
         HttpLogEntry {
+            remote,
             start: SystemTime::now(),
             started: Instant::now(),
             method: req.method().clone(),
@@ -333,7 +347,8 @@ impl AccessLogger {
             response_duration: entry.response_duration,
             upstream_host: end.upstream,
             upstream_cluster: entry.cluster.as_deref(),
-            downstream_remote: Some(entry.info.downstream_remote),
+            downstream_remote: Some(entry.remote),
+            downstream_direct_remote: Some(entry.info.downstream_remote),
             downstream_local: Some(entry.info.downstream_local),
             route_name: entry.route.as_ref().map(|r| r.name.as_str()),
             connection_id: Some(entry.info.connection_id),
@@ -417,6 +432,8 @@ pub struct HttpLogEntry {
     pub bytes_received: u64,
     /// The connection's addresses and id.
     pub info: StreamInfo,
+    /// The downstream remote address (see [`AccessLogger::capture`]).
+    pub remote: SocketAddr,
     /// The TLS session, for requests over TLS.
     pub tls: Option<Arc<PeerIdentity>>,
     /// The matched route.
@@ -477,6 +494,8 @@ pub struct LogRecord<'a> {
     pub upstream_failure: Option<&'a str>,
     /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
     pub downstream_remote: Option<SocketAddr>,
+    /// `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%`.
+    pub downstream_direct_remote: Option<SocketAddr>,
     /// `%DOWNSTREAM_LOCAL_ADDRESS%`.
     pub downstream_local: Option<SocketAddr>,
     /// `%ROUTE_NAME%`.
@@ -518,6 +537,7 @@ impl<'a> LogRecord<'a> {
             upstream_local: None,
             upstream_failure: None,
             downstream_remote: None,
+            downstream_direct_remote: None,
             downstream_local: None,
             route_name: None,
             hostname,
@@ -529,6 +549,13 @@ impl<'a> LogRecord<'a> {
             grpc_status_trailer: None,
         }
     }
+}
+
+/// The last address of `x-forwarded-for` (port 0), as Envoy reads it.
+fn last_xff(h: &HeaderMap) -> Option<SocketAddr> {
+    let v = h.get_all("x-forwarded-for").iter().next_back()?.to_str().ok()?;
+    let ip: std::net::IpAddr = v.rsplit(',').next()?.trim().parse().ok()?;
+    Some(SocketAddr::new(ip, 0))
 }
 
 /// `%START_TIME%`'s default form: `2026-11-22T06:26:22.566Z`.

@@ -201,7 +201,7 @@ impl HttpProxy {
             .shared
             .access_log
             .as_ref()
-            .map(|l| l.capture(&req, &info));
+            .map(|l| l.capture(&req, &info, !self.shared.config.use_remote_address));
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)

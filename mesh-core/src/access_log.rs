@@ -40,8 +40,12 @@ pub enum Operator {
     ResponseDuration,
     /// `%UPSTREAM_HOST%`: `ip:port` of the upstream endpoint.
     UpstreamHost,
-    /// `%UPSTREAM_CLUSTER%`.
+    /// `%UPSTREAM_CLUSTER%` and `%UPSTREAM_CLUSTER_RAW%` (mesh has no
+    /// `alt_stat_name`, so both are the cluster's name).
     UpstreamCluster,
+    /// `%CONNECTION_TERMINATION_DETAILS%`: why mesh closed the connection
+    /// (`-` while mesh records no such reason).
+    ConnectionTerminationDetails,
     /// `%UPSTREAM_LOCAL_ADDRESS%`.
     UpstreamLocalAddress,
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
@@ -52,9 +56,8 @@ pub enum Operator {
     DownstreamRemoteAddressWithoutPort,
     /// `%DOWNSTREAM_REMOTE_PORT%`.
     DownstreamRemotePort,
-    /// `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%` (the socket peer; mesh does not
-    /// rewrite the remote address from `x-forwarded-for`, so it equals the
-    /// remote address).
+    /// `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%`: the socket peer (the remote
+    /// address may come from `x-forwarded-for`).
     DownstreamDirectRemoteAddress,
     /// `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%`.
     DownstreamDirectRemoteAddressWithoutPort,
@@ -401,7 +404,8 @@ fn operator<'a>(
         "REQUEST_DURATION" => Operator::RequestDuration,
         "RESPONSE_DURATION" => Operator::ResponseDuration,
         "UPSTREAM_HOST" => Operator::UpstreamHost,
-        "UPSTREAM_CLUSTER" => Operator::UpstreamCluster,
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Operator::UpstreamCluster,
+        "CONNECTION_TERMINATION_DETAILS" => Operator::ConnectionTerminationDetails,
         "UPSTREAM_LOCAL_ADDRESS" => Operator::UpstreamLocalAddress,
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Operator::UpstreamTransportFailureReason,
         "DOWNSTREAM_REMOTE_ADDRESS" => Operator::DownstreamRemoteAddress,

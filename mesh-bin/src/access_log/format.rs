@@ -351,7 +351,8 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         },
         Operator::ResponseCode => Val::Num(u64::from(rec.status)),
         Operator::ResponseCodeDetails => opt(rec.details, Val::Str),
-        Operator::ResponseFlags => opt(rec.flag, |f| Val::Str(f.as_str())),
+        // Envoy writes `-` for no flags, also in JSON (a string, not null).
+        Operator::ResponseFlags => Val::Str(rec.flag.map(|f| f.as_str()).unwrap_or("-")),
         Operator::BytesReceived => Val::Num(rec.bytes_received),
         Operator::BytesSent => Val::Num(rec.bytes_sent),
         Operator::Duration => Val::Ms(rec.duration),
@@ -363,12 +364,13 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::UpstreamTransportFailureReason => {
             rec.upstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
-        Operator::DownstreamRemoteAddress | Operator::DownstreamDirectRemoteAddress => {
-            opt(rec.downstream_remote, Val::Addr)
-        }
-        Operator::DownstreamRemoteAddressWithoutPort
-        | Operator::DownstreamDirectRemoteAddressWithoutPort => {
+        Operator::DownstreamRemoteAddress => opt(rec.downstream_remote, Val::Addr),
+        Operator::DownstreamDirectRemoteAddress => opt(rec.downstream_direct_remote, Val::Addr),
+        Operator::DownstreamRemoteAddressWithoutPort => {
             opt(rec.downstream_remote.map(|a| a.ip()), Val::Ip)
+        }
+        Operator::DownstreamDirectRemoteAddressWithoutPort => {
+            opt(rec.downstream_direct_remote.map(|a| a.ip()), Val::Ip)
         }
         Operator::DownstreamRemotePort => {
             opt(rec.downstream_remote, |a| Val::Num(u64::from(a.port())))
@@ -387,7 +389,8 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::RouteName => rec.route_name.map(non_empty).unwrap_or(Val::Missing),
         Operator::Hostname => non_empty(rec.hostname),
         Operator::ConnectionId => opt(rec.connection_id, Val::Num),
-        Operator::UpstreamRequestAttemptCount => opt(rec.attempts, |n| Val::Num(u64::from(n))),
+        // Envoy: 0 when no upstream request was made.
+        Operator::UpstreamRequestAttemptCount => Val::Num(u64::from(rec.attempts.unwrap_or(0))),
         Operator::DownstreamPeerUriSan => match tls {
             Some(t) if !t.uri_sans.is_empty() => Val::List(&t.uri_sans),
             _ => Val::Missing,
@@ -410,7 +413,10 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::DownstreamTlsCipher => tls
             .map(|t| non_empty(openssl_cipher_name(&t.cipher)))
             .unwrap_or(Val::Missing),
-        Operator::Req(_) | Operator::Resp(_) | Operator::Trailer(_) => Val::Missing,
+        Operator::ConnectionTerminationDetails
+        | Operator::Req(_)
+        | Operator::Resp(_)
+        | Operator::Trailer(_) => Val::Missing,
     }
 }
 

@@ -138,7 +138,7 @@ fn start_time_strftime_formats() {
 fn default_line_has_envoys_shape() {
     let dir = tempfile::tempdir().unwrap();
     let (log, path) = logger(&dir, vec![AccessLogSink::Stdout.into()]);
-    let mut e = log.capture(&request(), &info());
+    let mut e = log.capture(&request(), &info(), true);
     let mut h = HeaderMap::new();
     h.insert("x-envoy-upstream-service-time", HeaderValue::from(7));
     log.capture_response(&mut e, &h);
@@ -163,7 +163,7 @@ fn text_format_operators() {
              %UPSTREAM_REQUEST_ATTEMPT_COUNT% %DOWNSTREAM_PEER_URI_SAN% %ROUTE_NAME% %PROTOCOL%\n",
         )],
     );
-    let mut e = log.capture(&request(), &info());
+    let mut e = log.capture(&request(), &info(), true);
     e.cluster = Some("backend".into());
     e.attempts = Some(2);
     let mut h = HeaderMap::new();
@@ -183,7 +183,7 @@ fn text_format_operators() {
 fn only_the_headers_formats_read_are_captured() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = logger(&dir, vec![text("%REQ(USER-AGENT)% %RESP(X-A)%\n")]);
-    let mut e = log.capture(&request(), &info());
+    let mut e = log.capture(&request(), &info(), true);
     assert_eq!(e.headers.len(), 1);
     let mut h = HeaderMap::new();
     h.insert("x-a", HeaderValue::from_static("1"));
@@ -219,7 +219,7 @@ fn tls_operators_read_the_peer_identity() {
         sni: Some("web.example".into()),
         ..Default::default()
     }));
-    let e = log.capture(&req, &info());
+    let e = log.capture(&req, &info(), true);
     log.log_http(&e, &end(200, None));
     assert_eq!(
         lines(&path, 1)[0],
@@ -252,7 +252,7 @@ fn json_values_keep_envoys_types() {
     let mut req = request();
     req.headers_mut()
         .insert("user-agent", HeaderValue::from_static("a\"b\\c"));
-    let e = log.capture(&req, &info());
+    let e = log.capture(&req, &info(), true);
     log.log_http(&e, &end(201, None));
     let v: serde_json::Value = serde_json::from_str(&lines(&path, 1)[0]).unwrap();
     assert_eq!(
@@ -285,7 +285,7 @@ fn omit_empty_values_drops_missing_fields() {
             },
         ],
     );
-    let e = log.capture(&request(), &info());
+    let e = log.capture(&request(), &info(), true);
     log.log_http(&e, &end(200, None));
     let mut got = lines(&path, 2);
     got.sort();
@@ -329,14 +329,14 @@ fn filters_choose_the_lines() {
             ),
         ],
     );
-    let e = log.capture(&request(), &info());
+    let e = log.capture(&request(), &info(), true);
     log.log_http(&e, &end(200, None));
     let mut dbg = request();
     dbg.headers_mut()
         .insert("x-debug", HeaderValue::from_static("1"));
-    let e = log.capture(&dbg, &info());
+    let e = log.capture(&dbg, &info(), true);
     log.log_http(&e, &end(503, Some(ResponseFlag::UpstreamConnectionFailure)));
-    let e = log.capture(&request(), &info());
+    let e = log.capture(&request(), &info(), true);
     log.log_http(&e, &end(504, Some(ResponseFlag::UpstreamRequestTimeout)));
     let mut got = lines(&path, 9);
     got.sort();
@@ -382,5 +382,27 @@ fn tcp_lines_show_dashes_for_http_fields() {
     assert!(
         rest.ends_with(" - \"-\" \"-\" \"-\" \"-\" \"10.0.0.1:80\""),
         "{line}"
+    );
+}
+
+#[test]
+fn remote_address_comes_from_xff_unless_use_remote_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, path) = logger(
+        &dir,
+        vec![text(
+            "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%\n",
+        )],
+    );
+    let mut req = request();
+    req.headers_mut().insert(
+        "x-forwarded-for",
+        HeaderValue::from_static("1.1.1.1, 10.9.9.9"),
+    );
+    log.log_http(&log.capture(&req, &info(), true), &end(200, None));
+    log.log_http(&log.capture(&req, &info(), false), &end(200, None));
+    assert_eq!(
+        lines(&path, 2),
+        vec!["10.9.9.9:0 10.1.2.3", "10.1.2.3:5555 10.1.2.3"]
     );
 }
