@@ -553,7 +553,12 @@ impl<'a> LogRecord<'a> {
 
 /// The last address of `x-forwarded-for` (port 0), as Envoy reads it.
 fn last_xff(h: &HeaderMap) -> Option<SocketAddr> {
-    let v = h.get_all("x-forwarded-for").iter().next_back()?.to_str().ok()?;
+    let v = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()?
+        .to_str()
+        .ok()?;
     let ip: std::net::IpAddr = v.rsplit(',').next()?.trim().parse().ok()?;
     Some(SocketAddr::new(ip, 0))
 }

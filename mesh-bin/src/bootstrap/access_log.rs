@@ -82,6 +82,12 @@ fn log_format(cx: &mut Ctx, mut o: Obj<'_>) -> Option<LogFormat> {
         &["text_format", "text_format_source", "json_format"],
         true,
     );
+    if which.is_none() {
+        // Already reported; not unsupported on top of that.
+        for k in ["text_format", "text_format_source", "json_format"] {
+            o.take(k);
+        }
+    }
     let omit_empty_values = o.bool(cx, "omit_empty_values").unwrap_or(false);
     o.refuse(cx, "formatters", "formatter extensions are not supported");
     if let Some(mut opts) = o.obj(cx, "json_format_options") {
