@@ -359,3 +359,56 @@ def test_unsupported_filters_are_refused(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0
     assert "access_log[0].filter.runtime_filter (access log filter runtime_filter)" in p.stderr + p.stdout
+
+
+# --------------------------------------------------------------------------
+# gRPC: trailers in the format, grpc_status_filter
+
+
+GRPC_ROUTES = """
+virtual_hosts:
+- name: grpc
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/meshtest.EchoService/"}
+    route: {cluster: grpc, timeout: 30s}
+"""
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_grpc_status_from_trailers_and_the_grpc_status_filter(kind, start_proxy, tmp_path,
+                                                              grpc_server):
+    import grpc
+
+    all_log, failed_log, nf_log = (tmp_path / n for n in ("all.log", "failed.log", "nf.log"))
+    fmt = {"text_format": "%REQ(:PATH)% %RESPONSE_CODE% h=%RESP(GRPC-STATUS)% "
+                          "t=%TRAILER(GRPC-STATUS)% %TRAILER(GRPC-MESSAGE):8%\n"}
+    logs = [
+        file_log(all_log, fmt),
+        file_log(failed_log, fmt, {"grpc_status_filter": {"statuses": ["OK"], "exclude": True}}),
+        file_log(nf_log, fmt, {"grpc_status_filter": {"statuses": ["NOT_FOUND", "UNIMPLEMENTED"]}}),
+    ]
+    cfg = harness.simple_http_bootstrap(
+        GRPC_ROUTES, [harness.static_cluster("grpc", grpc_server.port, http2=True)],
+        {"codec_type": "AUTO", "access_log": logs})
+    proxy = start_proxy(kind, cfg)
+    pb2 = grpc_server.pb2
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.port()}",
+                               options=[("grpc.enable_http_proxy", 0)]) as ch:
+        stub = grpc_server.pb2_grpc.EchoServiceStub(ch)
+        assert stub.Echo(pb2.EchoRequest(message="hi", seq=1), timeout=10).message == "hi"
+        with pytest.raises(grpc.RpcError):
+            stub.Missing(pb2.EchoRequest(message="widget-7"), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            ch.unary_unary("/meshtest.EchoService/NoSuchMethod")(b"", timeout=10)
+    flush(proxy)
+    got = {name: sorted(read_lines(p, n)) for name, p, n in
+           (("all", all_log, 3), ("failed", failed_log, 2), ("nf", nf_log, 2))}
+    assert len(got["all"]) == 3, got
+    echo = [l for l in got["all"] if l.startswith("/meshtest.EchoService/Echo ")]
+    # grpc-status in the trailers (with an empty grpc-message: "", not "-").
+    assert echo == ["/meshtest.EchoService/Echo 200 h=- t=0 "], got
+    # Errors come trailers-only: grpc-status in the headers.
+    assert got["failed"] == ["/meshtest.EchoService/Missing 200 h=5 t=- -",
+                             "/meshtest.EchoService/NoSuchMethod 200 h=12 t=- -"], got
+    assert got["nf"] == got["failed"], got

@@ -1056,6 +1056,12 @@ impl HttpProxy {
             e.response_duration = Some(std::time::Duration::from_millis(service_time_ms));
             Some((e, l, status.as_u16(), endpoint.addr))
         });
+        // Trailers are captured only when a format or filter reads them.
+        let trailer_slot = log
+            .as_ref()
+            .filter(|l| l.1.wants_trailers())
+            .map(|_| Arc::new(std::sync::OnceLock::new()));
+        let trailer_capture = log.as_ref().map(|l| l.1.clone()).zip(trailer_slot.clone());
         let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
                 p.fire(completed, bytes);
@@ -1074,7 +1080,11 @@ impl HttpProxy {
                         flag,
                         bytes_sent: bytes,
                         upstream: Some(upstream),
-                        trailers: &[],
+                        trailers: trailer_slot
+                            .as_ref()
+                            .and_then(|s| s.get())
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
                     },
                 );
             }
@@ -1084,12 +1094,14 @@ impl HttpProxy {
             Some(t) => Some(idle.map_or(t, |i| i.min(t))),
             None => idle,
         };
-        Response::from_parts(
-            rparts,
-            ProxyBody::Upstream(
-                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle),
-            ),
-        )
+        let mut body =
+            UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle);
+        if let Some((logger, slot)) = trailer_capture {
+            body = body.with_trailers(move |t| {
+                let _ = slot.set(logger.capture_trailers(t));
+            });
+        }
+        Response::from_parts(rparts, ProxyBody::Upstream(body))
     }
 
     /// Starts the shadows of the route's sampled mirror policies and
