@@ -412,3 +412,57 @@ def test_grpc_status_from_trailers_and_the_grpc_status_filter(kind, start_proxy,
     assert got["failed"] == ["/meshtest.EchoService/Missing 200 h=5 t=- -",
                              "/meshtest.EchoService/NoSuchMethod 200 h=12 t=- -"], got
     assert got["nf"] == got["failed"], got
+
+
+# --------------------------------------------------------------------------
+# tcp_proxy
+
+
+TCP_JSON = {
+    "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "rx": "%BYTES_RECEIVED%",
+    "tx": "%BYTES_SENT%", "upstream": "%UPSTREAM_HOST%", "cluster": "%UPSTREAM_CLUSTER%",
+    "method": "%REQ(:METHOD)%", "protocol": "%PROTOCOL%",
+    "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+}
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_tcp_proxy_json_format_and_filter(kind, start_proxy, tmp_path, tcp_echo, refused):
+    import socket
+
+    log, failed = tmp_path / "tcp.log", tmp_path / "failed.log"
+    listeners = []
+    for name, cluster in (("tcp", "echo"), ("tcp_dead", "dead")):
+        l = harness.tcp_listener(name, cluster)
+        l["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [
+            file_log(log, {"json_format": TCP_JSON}),
+            file_log(failed, {"text_format": "%UPSTREAM_CLUSTER% %RESPONSE_FLAGS%\n"},
+                     {"response_flag_filter": {"flags": ["UF"]}}),
+        ]
+        listeners.append(l)
+    cfg = harness.bootstrap(listeners, [harness.static_cluster("echo", tcp_echo.port),
+                                        harness.static_cluster("dead", refused)])
+    proxy = start_proxy(kind, cfg)
+    with socket.create_connection(("127.0.0.1", proxy.port("tcp")), timeout=10) as s:
+        s.sendall(b"x" * 1000)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got == b"x" * 1000
+    with socket.create_connection(("127.0.0.1", proxy.port("tcp_dead")), timeout=10) as s:
+        s.settimeout(10)
+        assert s.recv(10) == b""
+    time.sleep(0.5)
+    flush(proxy)
+    rows = sorted((json.loads(l) for l in read_lines(log, 2)), key=lambda r: r["cluster"])
+    # Envoy's tcp_proxy adds URX once its connect attempts are used up;
+    # mesh reports the one flag (UF).
+    assert "UF" in rows[0].pop("flags").split(","), rows
+    assert rows == [
+        {"code": 0, "rx": 0, "tx": 0, "upstream": f"127.0.0.1:{refused}",
+         "cluster": "dead", "method": None, "protocol": None, "peer": "127.0.0.1"},
+        {"code": 0, "flags": "-", "rx": 1000, "tx": 1000, "upstream": f"127.0.0.1:{tcp_echo.port}",
+         "cluster": "echo", "method": None, "protocol": None, "peer": "127.0.0.1"},
+    ]
+    assert [l.split(",")[0] for l in read_lines(failed, 1)] == ["dead UF"]
