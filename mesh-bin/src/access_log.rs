@@ -305,6 +305,7 @@ impl AccessLogger {
             attempts: None,
             resp_headers: Vec::new(),
             response_duration: None,
+            request_duration: None,
         }
     }
 
@@ -341,9 +342,7 @@ impl AccessLogger {
             flag: end.flag,
             bytes_received: entry.bytes_received,
             bytes_sent: end.bytes_sent,
-            // The request is read before the response starts (mesh does
-            // not stream a response before the request has ended).
-            request_duration: entry.response_duration,
+            request_duration: entry.request_duration,
             response_duration: entry.response_duration,
             upstream_host: end.upstream,
             upstream_cluster: entry.cluster.as_deref(),
@@ -446,6 +445,9 @@ pub struct HttpLogEntry {
     pub resp_headers: Vec<Option<HeaderValue>>,
     /// Start to the upstream response's headers.
     pub response_duration: Option<Duration>,
+    /// Start to the request's end, when known (a request without a body
+    /// ends with its headers).
+    pub request_duration: Option<Duration>,
 }
 
 impl HttpLogEntry {

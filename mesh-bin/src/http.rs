@@ -197,11 +197,13 @@ impl HttpProxy {
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
-        let mut log = self
-            .shared
-            .access_log
-            .as_ref()
-            .map(|l| l.capture(&req, &info, !self.shared.config.use_remote_address));
+        let mut log = self.shared.access_log.as_ref().map(|l| {
+            let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
+            if http_body::Body::is_end_stream(req.body()) {
+                e.request_duration = Some(e.started.elapsed());
+            }
+            e
+        });
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
