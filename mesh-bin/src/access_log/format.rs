@@ -257,17 +257,7 @@ impl Val<'_> {
 }
 
 fn header_str(v: &http::HeaderValue, max_len: Option<usize>) -> &str {
-    let s = std::str::from_utf8(v.as_bytes()).unwrap_or("");
-    match max_len {
-        Some(n) if s.len() > n => {
-            let mut end = n;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            &s[..end]
-        }
-        _ => s,
-    }
+    truncate(std::str::from_utf8(v.as_bytes()).unwrap_or(""), max_len)
 }
 
 fn pick<'a>(
@@ -294,6 +284,7 @@ fn req_val<'a>(slot: ReqSlot, rec: &'a LogRecord<'a>) -> Option<&'a str> {
     }
 }
 
+/// `s` cut to at most `max_len` bytes (at a character boundary).
 fn truncate(s: &str, max_len: Option<usize>) -> &str {
     match max_len {
         Some(n) if s.len() > n => {
