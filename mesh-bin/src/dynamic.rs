@@ -44,8 +44,9 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_core::config::tls::CommonTlsContext;
 use mesh_core::config::{
-    ApiConfigSource, Cluster, ConfigSourceKind, DiscoveryType, DynamicResources,
+    ApiConfigSource, Cluster, ConfigSource, ConfigSourceKind, DiscoveryType, DynamicResources,
     HttpConnectionManager, Listener, LocalityLbEndpoints, NetworkFilter, Node, RouteConfiguration,
 };
 use mesh_core::listener::{
@@ -53,6 +54,7 @@ use mesh_core::listener::{
 };
 use mesh_core::stats::{GaugeGuard, Store};
 use mesh_lb::{dns, Balancer};
+use mesh_tls::{ClientTls, SecretStore, ServerTls, TlsStats};
 use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::types::{self, Protocol, Service};
 use serde_json::{json, Value};
@@ -65,6 +67,7 @@ use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
 use crate::http::{ConnService, HcmShared, HttpProxy};
 use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
+use crate::tls::{xds_secrets, TlsRegistry};
 
 /// What the manager needs from the proxy that starts it.
 pub(crate) struct Context {
@@ -80,6 +83,13 @@ pub(crate) struct Context {
     pub(crate) max_message_size: usize,
     /// RPC codecs registered by a Rust program.
     pub(crate) rpc_codecs: crate::rpc::CodecRegistry,
+    /// The proxy's one secret store: SDS secrets received over xDS are
+    /// published here, where every TLS context finds them.
+    pub(crate) secrets: Arc<SecretStore>,
+    /// TLS contexts shown by `/certs`.
+    pub(crate) tls: Arc<TlsRegistry>,
+    /// SDS secrets over xDS named by static listeners and clusters.
+    pub(crate) static_secrets: Vec<(String, ConfigSource)>,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -172,6 +182,7 @@ impl XdsRuntime {
             ),
             (types::LISTENER, "ListenersConfigDump", "dynamic_listeners"),
             (types::ROUTE, "RoutesConfigDump", "dynamic_route_configs"),
+            (types::SECRET, "SecretsConfigDump", "dynamic_active_secrets"),
         ] {
             let st = status.get(t).cloned().unwrap_or_default();
             let items: Vec<Value> = shown
@@ -300,6 +311,7 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
         worker_clusters: (0..workers).map(|_| HashMap::new()).collect(),
         first: HashMap::new(),
         subscribed: HashMap::new(),
+        secret_bodies: HashMap::new(),
     };
     let started = Instant::now();
     if let Some(c) = m.cx.config.cds_config.clone() {
@@ -320,6 +332,17 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
         }
     }
     m.subscribe_endpoints()?;
+    // Static listeners and clusters naming SDS secrets: the proxy is ready
+    // once they arrived (or their initial fetch timeout passed).
+    if !m.cx.static_secrets.is_empty() {
+        let t = longest(
+            m.cx.static_secrets
+                .iter()
+                .map(|(_, s)| s.initial_fetch_timeout),
+        );
+        m.first.insert(types::SECRET, t.map(|t| started + t));
+    }
+    m.subscribe_secrets()?;
     m.check_initialized();
     tokio::spawn(m.run(rx));
     Ok(runtime)
@@ -365,6 +388,9 @@ struct Manager {
     first: HashMap<&'static str, Option<Instant>>,
     /// Names subscribed per (source key, type).
     subscribed: HashMap<(String, &'static str), BTreeSet<String>>,
+    /// The last applied body of each SDS secret (an unchanged secret is
+    /// not reloaded).
+    secret_bodies: HashMap<String, mesh_xds::pb::google::protobuf::Any>,
 }
 
 fn short_errors(errors: &bootstrap::ConfigErrors) -> String {
@@ -416,7 +442,7 @@ impl Manager {
             .map(|(n, _)| n.clone())
             .collect();
         for n in expired {
-            tracing::warn!(cluster = %n, "initial fetch timeout: the cluster's endpoints did not arrive; it goes live without them");
+            tracing::warn!(cluster = %n, "initial fetch timeout: the cluster's endpoints or secrets did not arrive; it goes live without them");
             self.warming.remove(&n);
         }
         let expired: Vec<String> = self
@@ -427,7 +453,7 @@ impl Manager {
             .collect();
         for n in expired {
             if let Some((l, _)) = self.warming_listeners.remove(&n) {
-                tracing::warn!(listener = %n, "initial fetch timeout: the route configuration did not arrive; the listener goes live without it");
+                tracing::warn!(listener = %n, "initial fetch timeout: the route configuration or a secret did not arrive; the listener goes live without it");
                 if let Err(e) = self.activate(l) {
                     tracing::warn!(listener = %n, error = %e, "listener failed to start");
                 }
@@ -475,6 +501,7 @@ impl Manager {
             types::CLUSTER => self.apply_clusters(&d.update),
             types::ENDPOINT => self.apply_endpoints(&d.update),
             types::ROUTE => self.apply_routes(&d.update),
+            types::SECRET => self.apply_secrets(&d.update),
             types::LISTENER => {
                 if !self.warming.is_empty() {
                     // Clusters first: listeners go live once they are warm.
@@ -613,25 +640,62 @@ impl Manager {
                     .insert(service_name.clone());
             }
         }
-        // Sources that no longer have names get an empty set.
+        self.subscribe_by_source(types::ENDPOINT, by_source)
+    }
+
+    /// Subscribes to `names` per source of a named (not wildcard) type;
+    /// sources that no longer have names get an empty set.
+    fn subscribe_by_source(
+        &mut self,
+        type_url: &'static str,
+        by_source: BTreeMap<String, (ConfigSourceKind, BTreeSet<String>)>,
+    ) -> Result<(), String> {
         let known: Vec<String> = self
             .subscribed
             .keys()
-            .filter(|(_, t)| *t == types::ENDPOINT)
+            .filter(|(_, t)| *t == type_url)
             .map(|(k, _)| k.clone())
             .collect();
         for k in known {
             if !by_source.contains_key(&k) {
                 if let Some(h) = self.clients.get(&k) {
-                    h.subscribe(types::ENDPOINT, BTreeSet::new());
+                    h.subscribe(type_url, BTreeSet::new());
                 }
-                self.subscribed.remove(&(k, types::ENDPOINT));
+                self.subscribed.remove(&(k, type_url));
             }
         }
         for (_, (kind, names)) in by_source {
-            self.subscribe(types::ENDPOINT, &kind, names)?;
+            self.subscribe(type_url, &kind, names)?;
         }
         Ok(())
+    }
+
+    /// Subscribes to the SDS secrets that static and dynamic listeners and
+    /// clusters name, per source.
+    fn subscribe_secrets(&mut self) -> Result<(), String> {
+        let mut wanted = self.cx.static_secrets.clone();
+        let listeners = self
+            .listeners
+            .values()
+            .map(|l| &l.config)
+            .chain(self.warming_listeners.values().map(|(l, _)| l));
+        for l in listeners {
+            wanted.extend(listener_tls(l).flat_map(xds_secrets));
+        }
+        for n in &self.dynamic_clusters {
+            if let Some(t) = self.cm.get(n).and_then(|e| e.config.tls.as_ref()) {
+                wanted.extend(xds_secrets(&t.common));
+            }
+        }
+        let mut by_source: BTreeMap<String, (ConfigSourceKind, BTreeSet<String>)> = BTreeMap::new();
+        for (name, source) in wanted {
+            by_source
+                .entry(Self::source_key(&source.kind, types::SECRET))
+                .or_insert_with(|| (source.kind.clone(), BTreeSet::new()))
+                .1
+                .insert(name);
+        }
+        self.subscribe_by_source(types::SECRET, by_source)
     }
 
     /// Subscribes to the route configurations every listener names.
@@ -710,11 +774,13 @@ impl Manager {
                     "cluster {:?}: a static cluster cannot be replaced over CDS",
                     c.name
                 )),
-                Ok(c) if c.tls.is_some() => errors.push(format!(
-                    "cluster {:?}: transport_socket (TLS) is static-only; over CDS it is not supported yet",
-                    c.name
-                )),
-                Ok(c) => loaded.push((c, r.body.clone())),
+                Ok(c) => match self.client_tls(&c) {
+                    Ok(tls) => loaded.push((c, tls, r.body.clone())),
+                    Err(e) => errors.push(format!(
+                        "cluster {:?}: transport_socket.typed_config.{e}",
+                        c.name
+                    )),
+                },
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -723,7 +789,7 @@ impl Manager {
         }
         let mut removed: BTreeSet<String> = u.removed.iter().cloned().collect();
         if u.state_of_the_world {
-            let present: BTreeSet<&str> = loaded.iter().map(|(c, _)| c.name.as_str()).collect();
+            let present: BTreeSet<&str> = loaded.iter().map(|(c, _, _)| c.name.as_str()).collect();
             removed.extend(
                 self.dynamic_clusters
                     .iter()
@@ -743,26 +809,97 @@ impl Manager {
                 tracing::info!(cluster = %name, "cluster removed");
             }
         }
-        for (c, json) in loaded {
+        for (c, tls, json) in loaded {
             self.remember(types::CLUSTER, &c.name, &u.version, json);
             let old = cm.get(&c.name).cloned();
             if old.as_ref().is_some_and(|o| o.config == c) {
                 continue;
             }
-            let entry = self.build_cluster(&c, old.as_deref());
+            let entry = self.build_cluster(&c, old.as_deref(), tls);
             self.dynamic_clusters.insert(c.name.clone());
             cm.insert(Arc::new(entry));
         }
         self.cm = cm;
         self.runtime.clusters.store(Arc::new(self.cm.clone()));
         self.subscribe_endpoints()?;
+        self.subscribe_secrets()?;
         self.refresh_terminals();
         Ok(())
     }
 
+    /// The upstream TLS context of a cluster from CDS (refused with the
+    /// field path when its certificates are not usable; SDS secrets may
+    /// arrive later).
+    fn client_tls(&self, c: &Cluster) -> Result<Option<Arc<ClientTls>>, String> {
+        let Some(t) = &c.tls else { return Ok(None) };
+        let stats = TlsStats::new(
+            &self.cx.store,
+            "cluster",
+            &[("envoy_cluster_name", c.name.clone())],
+        );
+        let tls = Arc::new(
+            ClientTls::new(t, Some(self.cx.secrets.clone()), stats).map_err(|e| e.to_string())?,
+        );
+        Ok(Some(tls))
+    }
+
+    /// Whether a cluster has what it waits for: its endpoints (EDS) and
+    /// its SDS secrets.
+    fn cluster_warm(&self, c: &Cluster) -> bool {
+        let endpoints = match &c.discovery {
+            DiscoveryType::Eds { service_name, .. } => self.assignments.contains_key(service_name),
+            _ => true,
+        };
+        endpoints
+            && c.tls
+                .as_ref()
+                .is_none_or(|t| secrets_ready(&self.cx.secrets, &t.common))
+    }
+
+    /// How long a cluster that is not warm waits (`None`: forever): the
+    /// longest `initial_fetch_timeout` of what it is missing.
+    fn cluster_warm_timeout(&self, c: &Cluster) -> Option<Duration> {
+        let mut pending = Vec::new();
+        if let DiscoveryType::Eds {
+            service_name,
+            source,
+        } = &c.discovery
+        {
+            if !self.assignments.contains_key(service_name) {
+                pending.push(source.initial_fetch_timeout);
+            }
+        }
+        if let Some(t) = &c.tls {
+            pending.extend(missing_secrets(&self.cx.secrets, &t.common));
+        }
+        longest(pending)
+    }
+
+    /// Clusters that became warm leave the warming set.
+    fn rewarm(&mut self) {
+        let warm: Vec<String> = self
+            .warming
+            .keys()
+            .filter(|n| {
+                self.cm
+                    .get(n.as_str())
+                    .is_none_or(|e| self.cluster_warm(&e.config))
+            })
+            .cloned()
+            .collect();
+        for n in warm {
+            self.warming.remove(&n);
+        }
+    }
+
     /// A cluster entry for `c`; an `old` entry of the same name gives its
     /// balancer (endpoints and their state) when the policy is unchanged.
-    fn build_cluster(&mut self, c: &Cluster, old: Option<&ClusterEntry>) -> ClusterEntry {
+    fn build_cluster(
+        &mut self,
+        c: &Cluster,
+        old: Option<&ClusterEntry>,
+        tls: Option<Arc<ClientTls>>,
+    ) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
             Some(o)
@@ -804,16 +941,17 @@ impl Manager {
                     move |n| membership.set(n as i64),
                 ));
             }
-            DiscoveryType::Eds {
-                service_name,
-                source,
-            } => {
+            DiscoveryType::Eds { service_name, .. } => {
                 if let Some(l) = self.assignments.get(service_name).cloned() {
                     set_endpoints(c, &balancer, &stats, l);
-                } else if old.is_none() {
-                    self.warm(&c.name, source.initial_fetch_timeout);
                 }
             }
+        }
+        if old.is_none() && !self.cluster_warm(c) {
+            self.warm(&c.name, self.cluster_warm_timeout(c));
+        }
+        if let Some(t) = &tls {
+            self.cx.tls.add_client(t.clone());
         }
         stats
             .membership_total
@@ -833,8 +971,7 @@ impl Manager {
             stats,
             outlier,
             health_checker,
-            // CDS clusters with TLS are refused in apply_clusters.
-            tls: None,
+            tls,
         }
     }
 
@@ -874,16 +1011,12 @@ impl Manager {
                 by_service.entry(service_name).or_default().push(e);
             }
         }
-        let mut warmed = Vec::new();
         for (service, localities) in changed {
             for e in by_service.get(service.as_str()).into_iter().flatten() {
                 set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
-                warmed.push(e.config.name.clone());
             }
         }
-        for n in warmed {
-            self.warming.remove(&n);
-        }
+        self.rewarm();
         Ok(())
     }
 
@@ -927,10 +1060,17 @@ impl Manager {
             self.forget(types::ROUTE, name);
         }
         // Listeners that waited for these routes go live.
+        self.activate_ready_listeners()?;
+        self.refresh_terminals();
+        Ok(())
+    }
+
+    /// Starts the warming listeners that now have their routes and secrets.
+    fn activate_ready_listeners(&mut self) -> Result<(), String> {
         let ready: Vec<String> = self
             .warming_listeners
             .iter()
-            .filter(|(_, (l, _))| rds_name(l).is_none_or(|n| self.routes.contains_key(n)))
+            .filter(|(_, (l, _))| self.listener_ready(l))
             .map(|(n, _)| n.clone())
             .collect();
         for n in ready {
@@ -938,8 +1078,80 @@ impl Manager {
                 self.activate(l)?;
             }
         }
-        self.refresh_terminals();
         Ok(())
+    }
+
+    /// Whether a listener has its route configuration (RDS) and SDS
+    /// secrets.
+    fn listener_ready(&self, l: &Listener) -> bool {
+        rds_name(l).is_none_or(|n| self.routes.contains_key(n))
+            && listener_tls(l).all(|c| secrets_ready(&self.cx.secrets, c))
+    }
+
+    /// How long a listener that is not ready warms (`None`: forever).
+    fn listener_warm_timeout(&self, l: &Listener) -> Option<Duration> {
+        let mut pending = Vec::new();
+        if let Some(r) = rds_of(l) {
+            if !self.routes.contains_key(&r.route_config_name) {
+                pending.push(r.config_source.initial_fetch_timeout);
+            }
+        }
+        for c in listener_tls(l) {
+            pending.extend(missing_secrets(&self.cx.secrets, c));
+        }
+        longest(pending)
+    }
+
+    // ---- secrets ----
+
+    /// SDS: each secret is checked and published in the secret store, so
+    /// new handshakes use it at once; a refused one leaves the previous
+    /// version serving. Listeners and clusters waiting for secrets warm.
+    /// A secret the server removes keeps serving (as in Envoy).
+    fn apply_secrets(&mut self, u: &client::Update) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for r in &u.resources {
+            if self.secret_bodies.get(&r.name) == Some(&r.body) {
+                continue;
+            }
+            let json = match mesh_xds::convert::any_to_json(&r.body) {
+                Ok(j) => j,
+                Err(e) => {
+                    errors.push(format!("secret {:?}: {e}", r.name));
+                    continue;
+                }
+            };
+            let secret = match bootstrap::secret_from_json(&json) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(format!("secret {:?}: {}", r.name, short_errors(&e)));
+                    continue;
+                }
+            };
+            if let Err(e) = self.cx.secrets.update(&secret) {
+                errors.push(format!("secret {:?}: {e}", secret.name));
+                continue;
+            }
+            self.secret_bodies.insert(r.name.clone(), r.body.clone());
+            self.remember(types::SECRET, &secret.name, &u.version, redacted(json));
+        }
+        for name in &u.removed {
+            tracing::warn!(secret = %name, "the server removed an SDS secret; its last version keeps serving");
+        }
+        self.rewarm();
+        self.activate_ready_listeners()?;
+        let statics = &self.cx.static_secrets;
+        if statics
+            .iter()
+            .all(|(n, _)| self.cx.secrets.get(n).is_some())
+        {
+            self.first.remove(types::SECRET);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     // ---- listeners ----
@@ -969,6 +1181,10 @@ impl Manager {
                                 continue;
                             }
                         }
+                    }
+                    if let Err(e) = self.check_listener_tls(&l) {
+                        errors.push(format!("listener {:?}: {e}", l.name));
+                        continue;
                     }
                     loaded.push((l, r.body.clone()))
                 }
@@ -1003,8 +1219,8 @@ impl Manager {
             if self.listeners.get(&l.name).is_some_and(|a| a.config == l) {
                 continue;
             }
-            let deadline = rds_of(&l).and_then(|r| r.config_source.initial_fetch_timeout);
-            if rds_name(&l).is_some_and(|n| !self.routes.contains_key(n)) {
+            if !self.listener_ready(&l) {
+                let deadline = self.listener_warm_timeout(&l);
                 self.warming_listeners
                     .insert(l.name.clone(), (l, deadline.map(|d| Instant::now() + d)));
                 continue;
@@ -1012,6 +1228,20 @@ impl Manager {
             self.activate(l)?;
         }
         self.subscribe_routes()?;
+        self.subscribe_secrets()?;
+        Ok(())
+    }
+
+    /// Refuses a listener whose TLS contexts cannot be built (the error
+    /// names the field; SDS secrets may arrive later).
+    fn check_listener_tls(&self, l: &Listener) -> Result<(), String> {
+        for (ci, c) in l.filter_chains.iter().enumerate() {
+            if let Some(t) = &c.tls {
+                ServerTls::new(t, Some(self.cx.secrets.clone()), TlsStats::detached()).map_err(
+                    |e| format!("filter_chains[{ci}].transport_socket.typed_config.{e}"),
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -1083,6 +1313,30 @@ impl Manager {
             });
         }
         let stats = ListenerStats::new(&self.cx.store, addr);
+        let tls = match l.filter_chains.first().and_then(|c| c.tls.as_ref()) {
+            None => None,
+            Some(t) => {
+                let label = [(
+                    "envoy_listener_address",
+                    format!("{}_{}", addr.ip(), addr.port()),
+                )];
+                let tls = ServerTls::new(
+                    t,
+                    Some(self.cx.secrets.clone()),
+                    TlsStats::new(&self.cx.store, "listener", &label),
+                )
+                .map_err(|e| {
+                    format!(
+                        "listener {:?}: filter_chains[0].transport_socket.typed_config.{e}",
+                        l.name
+                    )
+                })?;
+                let tls = Arc::new(tls);
+                self.cx.tls.add_server(tls.clone());
+                Some(tls)
+            }
+        };
+        let handshake_timeout = l.filter_chains.first().and_then(|c| c.handshake_timeout);
         let limiter = l
             .connection_limit
             .as_ref()
@@ -1099,6 +1353,7 @@ impl Manager {
                     let global = self.cx.drain.clone();
                     let limiter = limiter.clone();
                     let stats = stats.clone();
+                    let tls = tls.clone();
                     self.cx.workers[w].spawn(async move {
                         let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
                             tracing::error!("worker could not register a listener");
@@ -1110,11 +1365,33 @@ impl Manager {
                             let server = server.clone();
                             let token = token.clone();
                             let hstats = slot.load().shared().stats.clone();
+                            let tls = tls.clone();
                             global.track(async move {
-                                hstats.cx_total.inc();
-                                let _cx = GaugeGuard::new(&hstats.cx_active);
-                                serve_connection(a.stream, &server, svc, token).await;
-                                drop(a.guard);
+                                let Accepted {
+                                    stream,
+                                    peer,
+                                    guard,
+                                    ..
+                                } = a;
+                                match tls {
+                                    None => {
+                                        hstats.cx_total.inc();
+                                        let _cx = GaugeGuard::new(&hstats.cx_active);
+                                        serve_connection(stream, &server, svc, token).await;
+                                    }
+                                    Some(tls) => {
+                                        let Some((stream, id)) =
+                                            handshake(&tls, stream, peer, handshake_timeout).await
+                                        else {
+                                            return;
+                                        };
+                                        hstats.cx_total.inc();
+                                        let _cx = GaugeGuard::new(&hstats.cx_active);
+                                        let svc = svc.with_tls(Arc::new(id));
+                                        serve_connection(stream, &server, svc, token).await;
+                                    }
+                                }
+                                drop(guard);
                             })
                         })
                         .await;
@@ -1130,13 +1407,31 @@ impl Manager {
                     let global = self.cx.drain.clone();
                     let limiter = limiter.clone();
                     let stats = stats.clone();
+                    let tls = tls.clone();
                     self.cx.workers[w].spawn(async move {
                         let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
                             tracing::error!("worker could not register a listener");
                             return;
                         };
                         accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a))
+                            let shared = slot.load_full();
+                            let tls = tls.clone();
+                            global.track(async move {
+                                let Some(tls) = tls else {
+                                    return shared.handle(a).await;
+                                };
+                                let Accepted {
+                                    stream,
+                                    peer,
+                                    guard,
+                                    ..
+                                } = a;
+                                if let Some((stream, _)) =
+                                    handshake(&tls, stream, peer, handshake_timeout).await
+                                {
+                                    shared.handle_stream(stream, peer, guard).await;
+                                }
+                            })
                         })
                         .await;
                     });
@@ -1235,6 +1530,73 @@ fn store_terminal(active: &ActiveTerminal, built: Built) -> bool {
     true
 }
 
+/// A downstream TLS handshake; a failure is logged (and counted by the
+/// context's stats) and closes the connection.
+async fn handshake(
+    tls: &ServerTls,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    timeout: Option<Duration>,
+) -> Option<(
+    mesh_tls::ServerTlsStream<tokio::net::TcpStream>,
+    mesh_core::identity::PeerIdentity,
+)> {
+    match tls.accept(stream, timeout).await {
+        Ok(ok) => Some(ok),
+        Err(e) => {
+            tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
+                "downstream TLS handshake failed; closing");
+            None
+        }
+    }
+}
+
+/// The TLS contexts of a listener's filter chains.
+fn listener_tls(l: &Listener) -> impl Iterator<Item = &CommonTlsContext> {
+    l.filter_chains
+        .iter()
+        .filter_map(|c| c.tls.as_ref().map(|t| &t.common))
+}
+
+/// Whether every SDS secret over xDS that `common` names is in the store.
+fn secrets_ready(store: &SecretStore, common: &CommonTlsContext) -> bool {
+    xds_secrets(common)
+        .iter()
+        .all(|(n, _)| store.get(n).is_some())
+}
+
+/// The `initial_fetch_timeout` of each xDS secret `common` names that has
+/// not arrived.
+fn missing_secrets(store: &SecretStore, common: &CommonTlsContext) -> Vec<Option<Duration>> {
+    xds_secrets(common)
+        .into_iter()
+        .filter(|(n, _)| store.get(n).is_none())
+        .map(|(_, s)| s.initial_fetch_timeout)
+        .collect()
+}
+
+/// The longest of some warming timeouts, `None` (forever) if any is.
+fn longest(timeouts: impl IntoIterator<Item = Option<Duration>>) -> Option<Duration> {
+    timeouts
+        .into_iter()
+        .try_fold(Duration::ZERO, |a, t| t.map(|t| a.max(t)))
+}
+
+/// An SDS secret as `/config_dump` shows it: inline private keys replaced
+/// by `[redacted]`, as Envoy does.
+fn redacted(mut json: Value) -> mesh_xds::pb::google::protobuf::Any {
+    if let Some(Value::Object(key)) = json.pointer_mut("/tls_certificate/private_key") {
+        if key.contains_key("inline_bytes") {
+            // base64 of "[redacted]".
+            key.insert("inline_bytes".into(), json!("W3JlZGFjdGVkXQ=="));
+        }
+        if key.contains_key("inline_string") {
+            key.insert("inline_string".into(), json!("[redacted]"));
+        }
+    }
+    mesh_xds::convert::json_to_any(types::SECRET, &json).unwrap_or_default()
+}
+
 fn rds_of(l: &Listener) -> Option<&mesh_core::config::Rds> {
     match &l.filter_chains.first()?.terminal {
         NetworkFilter::HttpConnectionManager(h) => h.rds.as_ref(),
@@ -1262,9 +1624,15 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         NetworkFilter::TcpProxy(_) => Some((1, None)),
         NetworkFilter::Rpc(_) => Some((2, None)),
     };
+    let tls = |l: &Listener| {
+        l.filter_chains
+            .first()
+            .map(|c| (c.tls.clone(), c.handshake_timeout))
+    };
     old.address == new.address
         && old.connection_limit == new.connection_limit
         && server(old) == server(new)
+        && tls(old) == tls(new)
 }
 
 fn build_terminal(
@@ -1277,12 +1645,10 @@ fn build_terminal(
 ) -> Result<Built, String> {
     if l.filter_chains.len() > 1
         || l.tls_inspector
-        || l.filter_chains
-            .iter()
-            .any(|c| c.tls.is_some() || c.rbac.is_some())
+        || l.filter_chains.iter().any(|c| c.rbac.is_some())
     {
         return Err(format!(
-            "listener {:?}: TLS transport sockets, several filter chains, the TLS inspector and network RBAC are static-only; over LDS they are not supported yet",
+            "listener {:?}: several filter chains, the TLS inspector and network RBAC are static-only; over LDS they are not supported yet",
             l.name
         ));
     }
@@ -1290,6 +1656,12 @@ fn build_terminal(
         .filter_chains
         .first()
         .ok_or_else(|| format!("listener {:?}: no filter chain", l.name))?;
+    if chain.tls.is_some() && matches!(chain.terminal, NetworkFilter::Rpc(_)) {
+        return Err(format!(
+            "listener {:?}: filter_chains[0].transport_socket: TLS on an RPC proxy chain is not supported yet",
+            l.name
+        ));
+    }
     match &chain.terminal {
         NetworkFilter::HttpConnectionManager(h) => {
             let shared = Arc::new(

@@ -265,6 +265,20 @@ pub fn route_config_from_json(value: &Value) -> Result<RouteConfiguration, Confi
     finish(cx, rc)
 }
 
+/// Loads one Envoy `extensions.transport_sockets.tls.v3.Secret` (proto3
+/// JSON) received over SDS: a `tls_certificate` or a `validation_context`.
+/// Error paths are relative to the secret. The certificate itself is
+/// checked when the secret store loads it.
+pub fn secret_from_json(value: &Value) -> Result<mesh_core::config::tls::Secret, ConfigErrors> {
+    let mut cx = Ctx::default();
+    let s = Obj::new(&mut cx, String::new(), value).and_then(|o| super::tls::secret(&mut cx, o));
+    match finish(cx, s) {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(not_a("secret")),
+        Err(e) => Err(e),
+    }
+}
+
 /// Loads one Envoy `config.endpoint.v3.ClusterLoadAssignment` (proto3
 /// JSON): its `cluster_name` and endpoints (IP addresses). Error paths are
 /// relative to the assignment.
@@ -486,6 +500,67 @@ static_resources:
             err.starts_with("endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_with_sds_over_xds_in_a_listener_and_secrets() {
+        let mut l = listener(json!({"route_config_name": "r1", "config_source": {"ads": {}}}));
+        l["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": {
+                    "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {
+                        "api_config_source": {"api_type": "DELTA_GRPC", "transport_api_version": "V3",
+                            "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]},
+                        "initial_fetch_timeout": "0s", "resource_api_version": "V3"}}],
+                    "combined_validation_context": {
+                        "default_validation_context": {},
+                        "validation_context_sds_secret_config": {"name": "ROOTCA",
+                            "sds_config": {"ads": {}, "initial_fetch_timeout": "3s"}}}
+                }
+            }
+        });
+        let l = listener_from_json(&over_xds(types::LISTENER, l)).unwrap();
+        let tls = l.filter_chains[0].tls.as_ref().unwrap();
+        use mesh_core::config::tls::{SdsSource, ValidationSource};
+        let cert = &tls.common.tls_certificate_sds[0];
+        assert_eq!(cert.name, "default");
+        assert_eq!(
+            cert.source,
+            SdsSource::Xds(ConfigSource {
+                kind: ConfigSourceKind::Api(ApiConfigSource {
+                    delta: true,
+                    cluster_name: "sds-grpc".into()
+                }),
+                initial_fetch_timeout: None,
+            })
+        );
+        let Some(ValidationSource::Combined { sds, .. }) = &tls.common.validation else {
+            panic!("combined validation");
+        };
+        assert_eq!(
+            sds.source,
+            SdsSource::Xds(ConfigSource {
+                kind: ConfigSourceKind::Ads,
+                initial_fetch_timeout: Some(Duration::from_secs(3)),
+            })
+        );
+
+        let secret = over_xds(
+            types::SECRET,
+            json!({"name": "default", "tls_certificate": {
+                "certificate_chain": {"inline_string": "x"}, "private_key": {"inline_string": "y"}}}),
+        );
+        assert_eq!(secret_from_json(&secret).unwrap().name, "default");
+        let bad = over_xds(
+            types::SECRET,
+            json!({"name": "default", "tls_certificate": {"certificate_chain": {"inline_string": "x"},
+                "password": {"inline_string": "p"}}}),
+        );
+        let errs = secret_from_json(&bad).unwrap_err().to_string();
+        assert!(errs.contains("tls_certificate.password"), "{errs}");
     }
 
     /// An outbound cluster as `istioctl proxy-config cluster -o json` prints
