@@ -1,0 +1,355 @@
+"""SDS over xDS and TLS inside LDS/CDS resources, mesh and Envoy side by side.
+
+Both proxies are driven by mesh-xds's snapshot server (the example control
+plane, as in test_xds.py) over ADS, with the same resources:
+
+- an mTLS listener delivered by LDS whose certificate and trust bundle come
+  from SDS; the certificate is rotated twice while a load generator runs:
+  zero failed requests, new handshakes (openssl s_client) present the new
+  serial, and a connection made before the rotations keeps working;
+- a bad certificate (a key that does not match) is NACKed (mesh names the
+  secret and the field) and the old certificate keeps serving; the next
+  good one is ACKed;
+- an upstream mTLS cluster delivered by CDS whose client certificate comes
+  from SDS (the upstream checks it and echoes its serial); rotating the
+  secret changes the certificate new upstream connections present.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+import test_xds as xds
+import tls_certs
+
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+DOWN_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UP_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+ADS = {"ads": {}, "resource_api_version": "V3"}
+
+pytestmark = xds.pytestmark
+
+
+@pytest.fixture
+def control_plane():
+    planes = []
+
+    def make(nodes, port: int = 0) -> xds.ControlPlane:
+        cp = xds.ControlPlane(nodes, port).start()
+        planes.append(cp)
+        return cp
+
+    yield make
+    for cp in planes:
+        cp.kill()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> tls_certs.Pki:
+    return tls_certs.Pki(tmp_path_factory.mktemp("sds-pki"))
+
+
+# ---------------------------------------------------------------- resources
+
+
+def cert_secret(name: str, leaf: tls_certs.Leaf, key: tls_certs.Leaf | None = None) -> dict:
+    return {"@type": SECRET, "name": name, "tls_certificate": {
+        "certificate_chain": {"inline_string": leaf.cert.read_text()},
+        "private_key": {"inline_string": (key or leaf).key.read_text()}}}
+
+
+def trust_secret(name: str, pki: tls_certs.Pki) -> dict:
+    return {"@type": SECRET, "name": name,
+            "validation_context": {"trusted_ca": {"inline_string": pki.ca.cert.read_text()}}}
+
+
+def sds(name: str) -> dict:
+    return {"name": name, "sds_config": ADS}
+
+
+def mtls_listener() -> dict:
+    """The LDS listener of test_xds.py with a DownstreamTlsContext whose
+    certificate and trust bundle are SDS secrets."""
+    l = xds.listener()
+    l["filter_chains"][0]["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": DOWN_TLS,
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [sds("server_cert")],
+                "validation_context_sds_secret_config": sds("trust"),
+            },
+        },
+    }
+    return l
+
+
+def client_context(pki: tls_certs.Pki, client: tls_certs.Leaf) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+    ctx.load_cert_chain(str(client.cert), str(client.key))
+    return ctx
+
+
+def https(port: int, ctx: ssl.SSLContext) -> http.client.HTTPSConnection:
+    conn = http.client.HTTPSConnection("server.local", port, context=ctx, timeout=10)
+    conn._create_connection = lambda *a, **k: socket.create_connection(("127.0.0.1", port), 10)
+    return conn
+
+
+def get(conn: http.client.HTTPSConnection) -> tuple[int, str]:
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    r.read()
+    serial = conn.sock.getpeercert()["serialNumber"].lower().lstrip("0")
+    return r.status, serial
+
+
+def s_client_serial(port: int, pki: tls_certs.Pki, client: tls_certs.Leaf) -> str:
+    """The serial of the certificate a new handshake presents, read by
+    openssl s_client."""
+    p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                        "-servername", "server.local", "-CAfile", str(pki.ca.cert),
+                        "-cert", str(client.cert), "-key", str(client.key)],
+                       input=b"", capture_output=True, timeout=20)
+    m = re.search(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", p.stdout, re.S)
+    assert m, (p.stdout + p.stderr).decode(errors="replace")[-2000:]
+    return tls_certs.serial_of(m.group(0))
+
+
+class TlsLoad:
+    """HTTPS requests (client certificate, CA-verified) on fresh connections
+    and on one keep-alive connection, in threads, until stopped."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext):
+        self.port, self.ctx = port, ctx
+        self.stop_flag = threading.Event()
+        self.ok = 0
+        self.failures: list = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(keep,), daemon=True)
+                        for keep in (True, False, False)]
+
+    def _run(self, keep_alive: bool):
+        conn = None
+        deadline = time.monotonic() + 120
+        while not self.stop_flag.is_set() and time.monotonic() < deadline:
+            try:
+                if conn is None:
+                    conn = https(self.port, self.ctx)
+                status, _ = get(conn)
+                with self.lock:
+                    if status == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(status)
+            except Exception as e:  # noqa: BLE001 - every error is a failure
+                with self.lock:
+                    self.failures.append(repr(e))
+                keep_alive = False
+            if not keep_alive and conn is not None:
+                conn.close()
+                conn = None
+            time.sleep(0.005)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=15)
+
+
+def listener_port(proxy: harness.Proxy, name: str = "ingress", timeout: float = 10) -> int:
+    """The port of a listener from LDS. Under load the control plane may
+    serve a first snapshot without every file, so the listener may come
+    after the proxy is ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ports = proxy._read_listeners()
+        if name in ports:
+            return ports[name]
+        assert time.monotonic() < deadline, f"{proxy.kind}: no listener {name!r}: {ports}"
+        time.sleep(0.05)
+
+
+def start_mtls(kind, start_proxy, control_plane, pki, upstream_a, api_type, server_leaf):
+    cp = control_plane([kind])
+    cp.write("clusters", [xds.eds_cluster("a")])
+    cp.write("endpoints", [xds.assignment("a", [upstream_a.port])])
+    cp.write("routes", [xds.routes()])
+    cp.write("secrets", [cert_secret("server_cert", server_leaf), trust_secret("trust", pki)])
+    cp.write("listeners", [mtls_listener()])
+    proxy = xds.start_driven(kind, start_proxy, cp, kind, api_type)
+    cp.wait_status(kind, lambda s: {"CDS", "EDS", "LDS", "RDS", "SDS"} <= set(s.get("acked", {})))
+    return cp, proxy
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("api_type", xds.API_TYPES)
+def test_certificate_rotated_over_sds_under_load(kind, api_type, start_proxy, control_plane,
+                                                 pki, upstream_a):
+    leaves = [pki.leaf(f"sds-rot{i}", dns=["server.local"]) for i in range(3)]
+    client = pki.leaf("sds-client", uris=["spiffe://cluster.local/ns/default/sa/web"])
+    cp, proxy = start_mtls(kind, start_proxy, control_plane, pki, upstream_a, api_type,
+                           leaves[0])
+    port = listener_port(proxy)
+    ctx = client_context(pki, client)
+    kept = https(port, ctx)
+    assert get(kept) == (200, leaves[0].serial())
+    assert s_client_serial(port, pki, client) == leaves[0].serial()
+    # Without a client certificate the handshake is refused.
+    plain = ssl.create_default_context(cafile=str(pki.ca.cert))
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        get(https(port, plain))
+
+    with TlsLoad(port, ctx) as load:
+        for leaf in leaves[1:]:
+            time.sleep(1)
+            t = cp.write("secrets", [cert_secret("server_cert", leaf), trust_secret("trust", pki)])
+            # The load generator competes for the CPU with both proxies, so
+            # the bound is looser than test_xds.py's; Envoy is held to it too.
+            xds.wait_until(lambda: get(https(port, ctx))[1] == leaf.serial(), t,
+                           f"new handshakes present serial {leaf.serial()}", xds.OBSERVE + 2)
+            assert s_client_serial(port, pki, client) == leaf.serial()
+        time.sleep(1)
+    assert load.ok > 50, load.ok
+    assert load.failures == [], load.failures[:5]
+    # The connection made before the rotations still works, with its
+    # original certificate.
+    assert get(kept) == (200, leaves[0].serial())
+    kept.close()
+    if kind == "mesh":
+        dump = json.loads(proxy.admin_text("/config_dump"))
+        sds_dump = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]
+        secrets = {s["name"]: s for s in sds_dump["dynamic_active_secrets"]}
+        assert set(secrets) == {"server_cert", "trust"}
+        key = secrets["server_cert"]["resource"]["tls_certificate"]["private_key"]
+        assert key == {"inline_string": "[redacted]"}, key
+        assert "BEGIN CERTIFICATE" in json.dumps(secrets["server_cert"])
+        certs = json.loads(proxy.admin_text("/certs"))
+        serials = [c["serial_number"].lstrip("0") for e in certs["certificates"]
+                   for c in e["cert_chain"]]
+        assert serials == [leaves[2].serial()], serials
+
+
+def test_bad_secret_is_nacked_and_the_old_certificate_keeps_serving(
+        kind, start_proxy, control_plane, pki, upstream_a):
+    leaves = [pki.leaf(f"sds-nack{i}", dns=["server.local"]) for i in range(3)]
+    client = pki.leaf("sds-nack-client")
+    cp, proxy = start_mtls(kind, start_proxy, control_plane, pki, upstream_a, "GRPC", leaves[0])
+    port = listener_port(proxy)
+    good = cp.status(kind)["acked"]["SDS"]
+    # A certificate with somebody else's key.
+    cp.write("secrets", [cert_secret("server_cert", leaves[1], key=leaves[2]),
+                         trust_secret("trust", pki)])
+    s = cp.wait_status(kind, lambda s: "SDS" in s.get("nacked", {}))
+    if kind == "mesh":
+        err = s["nacked"]["SDS"]["error"]
+        assert 'secret "server_cert"' in err and "private_key" in err, err
+    assert s["acked"]["SDS"] == good
+    assert s_client_serial(port, pki, client) == leaves[0].serial()
+    ctx = client_context(pki, client)
+    assert get(https(port, ctx)) == (200, leaves[0].serial())
+    if kind == "mesh":
+        dump = json.loads(proxy.admin_text("/config_dump"))
+        sds_dump = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]
+        assert "private_key" in sds_dump["error_state"]["details"]
+        assert harness.prometheus_value(proxy.admin_text("/stats/prometheus"),
+                                        "mesh_sds_update_rejected", secret="server_cert") >= 1
+    # The next good secret is ACKed and served.
+    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    cp.wait_status(kind, lambda s: s.get("acked", {}).get("SDS") not in (None, good))
+    xds.wait_until(lambda: s_client_serial(port, pki, client) == leaves[1].serial(), t,
+                   "the good certificate", xds.OBSERVE + 2)
+
+
+class MtlsUpstream:
+    """An HTTPS server requiring a client certificate from the test CA; it
+    answers with the serial of the client certificate and closes the
+    connection, so each request shows the certificate of a new handshake."""
+
+    def __init__(self, pki: tls_certs.Pki, leaf: tls_certs.Leaf):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+        ctx.load_verify_locations(str(pki.ca.cert))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                der = self.connection.getpeercert(binary_form=True)
+                body = tls_certs.der_serial(der).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("api_type", xds.API_TYPES)
+def test_upstream_mtls_cluster_from_cds_with_sds_client_certificate(
+        kind, api_type, start_proxy, control_plane, pki):
+    server = pki.leaf("sds-upstream", dns=["backend.local"])
+    clients = [pki.leaf(f"sds-up-client{i}", uris=["spiffe://cluster.local/ns/default/sa/web"])
+               for i in range(2)]
+    upstream = MtlsUpstream(pki, server)
+    try:
+        cp = control_plane([kind])
+        secure = xds.eds_cluster("a")
+        secure["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": UP_TLS, "sni": "backend.local",
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [sds("client_cert")],
+                "validation_context": {
+                    "trusted_ca": {"inline_string": pki.ca.cert.read_text()},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": "backend.local"}}]},
+            }}}
+        cp.write("clusters", [secure])
+        cp.write("endpoints", [xds.assignment("a", [upstream.port])])
+        cp.write("routes", [xds.routes()])
+        cp.write("secrets", [cert_secret("client_cert", clients[0])])
+        cp.write("listeners", [xds.listener()])
+        proxy = xds.start_driven(kind, start_proxy, cp, kind, api_type)
+        port = listener_port(proxy)
+        cp.wait_status(kind, lambda s: {"CDS", "SDS"} <= set(s.get("acked", {})))
+        r = harness.request(port, "GET", "/")
+        assert (r.status, r.body.decode()) == (200, clients[0].serial())
+        t = cp.write("secrets", [cert_secret("client_cert", clients[1])])
+        xds.wait_until(lambda: harness.request(port, "GET", "/").body.decode()
+                       == clients[1].serial(), t, "the rotated client certificate",
+                       xds.OBSERVE + 2)
+    finally:
+        upstream.stop()
