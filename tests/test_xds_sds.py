@@ -28,6 +28,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 import harness
 import test_xds as xds
@@ -74,25 +75,30 @@ def trust_secret(name: str, pki: tls_certs.Pki) -> dict:
             "validation_context": {"trusted_ca": {"inline_string": pki.ca.cert.read_text()}}}
 
 
-def sds(name: str) -> dict:
-    return {"name": name, "sds_config": ADS}
+def sds(name: str, source: dict = ADS) -> dict:
+    return {"name": name, "sds_config": source}
 
 
-def mtls_listener() -> dict:
-    """The LDS listener of test_xds.py with a DownstreamTlsContext whose
-    certificate and trust bundle are SDS secrets."""
-    l = xds.listener()
-    l["filter_chains"][0]["transport_socket"] = {
+def down_tls(source: dict = ADS) -> dict:
+    """A DownstreamTlsContext requiring client certificates, with its
+    certificate and trust bundle from SDS."""
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": DOWN_TLS,
             "require_client_certificate": True,
             "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [sds("server_cert")],
-                "validation_context_sds_secret_config": sds("trust"),
+                "tls_certificate_sds_secret_configs": [sds("server_cert", source)],
+                "validation_context_sds_secret_config": sds("trust", source),
             },
         },
     }
+
+
+def mtls_listener(source: dict = ADS) -> dict:
+    """The LDS listener of test_xds.py with an mTLS transport socket."""
+    l = xds.listener()
+    l["filter_chains"][0]["transport_socket"] = down_tls(source)
     return l
 
 
@@ -114,6 +120,14 @@ def get(conn: http.client.HTTPSConnection) -> tuple[int, str]:
     r.read()
     serial = conn.sock.getpeercert()["serialNumber"].lower().lstrip("0")
     return r.status, serial
+
+
+def served_serial(port: int, ctx: ssl.SSLContext) -> str | None:
+    """The serial a new connection sees, or None if the handshake fails."""
+    try:
+        return get(https(port, ctx))[1]
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def s_client_serial(port: int, pki: tls_certs.Pki, client: tls_certs.Leaf) -> str:
@@ -187,13 +201,14 @@ def listener_port(proxy: harness.Proxy, name: str = "ingress", timeout: float = 
         time.sleep(0.05)
 
 
-def start_mtls(kind, start_proxy, control_plane, pki, upstream_a, api_type, server_leaf):
+def start_mtls(kind, start_proxy, control_plane, pki, upstream_a, api_type, server_leaf,
+               source: dict = ADS):
     cp = control_plane([kind])
     cp.write("clusters", [xds.eds_cluster("a")])
     cp.write("endpoints", [xds.assignment("a", [upstream_a.port])])
     cp.write("routes", [xds.routes()])
     cp.write("secrets", [cert_secret("server_cert", server_leaf), trust_secret("trust", pki)])
-    cp.write("listeners", [mtls_listener()])
+    cp.write("listeners", [mtls_listener(source)])
     proxy = xds.start_driven(kind, start_proxy, cp, kind, api_type)
     cp.wait_status(kind, lambda s: {"CDS", "EDS", "LDS", "RDS", "SDS"} <= set(s.get("acked", {})))
     return cp, proxy
@@ -278,6 +293,61 @@ def test_bad_secret_is_nacked_and_the_old_certificate_keeps_serving(
     cp.wait_status(kind, lambda s: s.get("acked", {}).get("SDS") not in (None, good))
     xds.wait_until(lambda: s_client_serial(port, pki, client) == leaves[1].serial(), t,
                    "the good certificate", xds.OBSERVE + 2)
+
+
+@pytest.mark.parametrize("api_type", xds.API_TYPES)
+def test_secrets_on_their_own_sds_stream(kind, api_type, start_proxy, control_plane, pki,
+                                         upstream_a):
+    """`sds_config.api_config_source`: the secrets come on a
+    SecretDiscoveryService stream of their own (GRPC or DELTA_GRPC), the
+    rest over ADS."""
+    leaves = [pki.leaf(f"sds-api{i}", dns=["server.local"]) for i in range(2)]
+    client = pki.leaf("sds-api-client")
+    cp, proxy = start_mtls(kind, start_proxy, control_plane, pki, upstream_a, "GRPC", leaves[0],
+                           source=xds.api_source(api_type))
+    port = listener_port(proxy)
+    ctx = client_context(pki, client)
+    assert get(https(port, ctx)) == (200, leaves[0].serial())
+    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    xds.wait_until(lambda: get(https(port, ctx))[1] == leaves[1].serial(), t,
+                   "the rotated certificate", xds.OBSERVE + 2)
+    assert s_client_serial(port, pki, client) == leaves[1].serial()
+
+
+def test_static_listener_with_secrets_over_ads(kind, start_proxy, control_plane, pki,
+                                               upstream_a):
+    """A static mTLS listener whose secrets come over ADS (no LDS/CDS): the
+    proxy is ready once they arrived, and rotates with them."""
+    leaves = [pki.leaf(f"sds-static{i}", dns=["server.local"]) for i in range(2)]
+    client = pki.leaf("sds-static-client")
+    cp = control_plane([kind])
+    cp.write("secrets", [cert_secret("server_cert", leaves[0]), trust_secret("trust", pki)])
+    xds.settle()
+    listener = harness.hcm_listener("ingress", {"virtual_hosts": [{
+        "name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "a"}}]}]})
+    listener["filter_chains"][0]["transport_socket"] = down_tls()
+    doc = {
+        "node": {"id": kind, "cluster": "test"},
+        "admin": {"address": harness.socket_address(0)},
+        "dynamic_resources": {"ads_config": {
+            "api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}]}},
+        "static_resources": {
+            "listeners": [listener],
+            "clusters": [harness.static_cluster("xds_cluster", [cp.port], http2=True),
+                         harness.static_cluster("a", [upstream_a.port])],
+        },
+    }
+    proxy = start_proxy(kind, yaml.safe_dump(doc))
+    port = proxy.port("ingress")
+    ctx = client_context(pki, client)
+    harness.wait_until(lambda: served_serial(port, ctx) == leaves[0].serial(), timeout=10,
+                       what="the certificate from SDS")
+    cp.wait_status(kind, lambda s: "SDS" in s.get("acked", {}))
+    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    xds.wait_until(lambda: get(https(port, ctx))[1] == leaves[1].serial(), t,
+                   "the rotated certificate", xds.OBSERVE + 2)
 
 
 class MtlsUpstream:
