@@ -423,3 +423,66 @@ def test_upstream_mtls_cluster_from_cds_with_sds_client_certificate(
                        xds.OBSERVE + 2)
     finally:
         upstream.stop()
+
+
+def test_lds_listener_with_filter_chains_chosen_by_sni(kind, start_proxy, control_plane, pki,
+                                                       upstream_a, upstream_b):
+    """A listener from LDS with the TLS inspector and three filter chains:
+    TLS for api.example.com (certificate from SDS, routes from RDS), TLS
+    for denied.example.com behind a network RBAC that denies everyone, and
+    plain text. A route update reaches the TLS chain in place."""
+    leaf = pki.leaf("sds-sni", dns=["api.example.com", "denied.example.com"])
+    cp = control_plane([kind])
+    cp.write("clusters", [xds.eds_cluster("a"), xds.eds_cluster("b")])
+    cp.write("endpoints", [xds.assignment("a", [upstream_a.port]),
+                           xds.assignment("b", [upstream_b.port])])
+    cp.write("routes", [xds.routes()])
+    cp.write("secrets", [cert_secret("api_cert", leaf)])
+    tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": DOWN_TLS,
+        "common_tls_context": {"tls_certificate_sds_secret_configs": [sds("api_cert")]}}}
+    base = xds.listener()
+    hcm = base["filter_chains"][0]["filters"][0]
+    plain = json.loads(json.dumps(hcm))
+    plain["typed_config"].pop("rds")
+    plain["typed_config"]["route_config"] = {"virtual_hosts": [{
+        "name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+                                                     "direct_response": {"status": 200, "body": {"inline_string": "plain"}}}]}]}
+    deny = {"name": "envoy.filters.network.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+        "stat_prefix": "deny", "rules": {"action": "DENY", "policies": {"all": {
+            "permissions": [{"any": True}], "principals": [{"any": True}]}}}}}
+    base["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
+    base["filter_chains"] = [
+        {"filter_chain_match": {"server_names": ["api.example.com"]}, "filters": [hcm],
+         "transport_socket": tls},
+        {"filter_chain_match": {"server_names": ["denied.example.com"]}, "filters": [deny, hcm],
+         "transport_socket": tls},
+        {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [plain]},
+    ]
+    cp.write("listeners", [base])
+    proxy = xds.start_driven(kind, start_proxy, cp, kind, "GRPC")
+    port = listener_port(proxy)
+    cp.wait_status(kind, lambda s: {"LDS", "RDS", "SDS"} <= set(s.get("acked", {})))
+    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+
+    def https_get(host: str, path: str = "/") -> str:
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+        conn._create_connection = lambda *a, **k: socket.create_connection(("127.0.0.1", port),
+                                                                           10)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            r.read()
+            return r.getheader("x-upstream")
+        finally:
+            conn.close()
+
+    assert https_get("api.example.com") == "a"
+    assert harness.request(port, "GET", "/").body == b"plain"
+    with pytest.raises((OSError, http.client.HTTPException)):
+        https_get("denied.example.com")
+    t = cp.write("routes", [xds.routes(default="b")])
+    xds.wait_until(lambda: https_get("api.example.com", "/x") == "b", t, "route update",
+                   xds.OBSERVE + 2)

@@ -23,8 +23,15 @@
 //!   that slot when it starts (`ConnService::swapping`), so a keep-alive
 //!   connection follows route changes and a request in flight keeps the
 //!   table it started with.
+//! - **Secrets** (SDS): each secret is checked and published in the
+//!   proxy's one `SecretStore`; TLS contexts rebuild on their next
+//!   handshake, so new connections use it and established ones keep
+//!   theirs.
 //! - **Listeners** (LDS): a new listener binds one `SO_REUSEPORT` socket per
-//!   worker and runs the same accept loop as a static one. A changed
+//!   worker and runs the same accept loop and filter chain selection (TLS
+//!   inspector, TLS, network RBAC) as a static one
+//!   ([`crate::downstream::WorkerChains`]), each chain's terminal in a
+//!   swappable slot. A changed
 //!   listener on the same address and connection settings only swaps its
 //!   terminal filter; otherwise a new listener starts first and the old one
 //!   drains (stops accepting; HTTP/1.1 connections close after their
@@ -35,7 +42,8 @@
 //! *warming* until its endpoints arrive or its `initial_fetch_timeout`
 //! passes, and a listener update waits for warming clusters first. A
 //! listener whose route configuration has not arrived warms the same way
-//! before it binds.
+//! before it binds, and so do listeners and clusters whose SDS secrets
+//! have not arrived.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -43,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_codec::http::server::ServerConfig;
 use mesh_core::config::tls::CommonTlsContext;
 use mesh_core::config::{
     ApiConfigSource, Cluster, ConfigSource, ConfigSourceKind, DiscoveryType, DynamicResources,
@@ -52,8 +60,9 @@ use mesh_core::config::{
 use mesh_core::listener::{
     accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
 };
-use mesh_core::stats::{GaugeGuard, Store};
+use mesh_core::stats::Store;
 use mesh_lb::{dns, Balancer};
+use mesh_tls::chain_match::FilterChainSelector;
 use mesh_tls::{ClientTls, SecretStore, ServerTls, TlsStats};
 use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::types::{self, Protocol, Service};
@@ -64,7 +73,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bootstrap;
 use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
-use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::downstream::{Chain, Chains, Swapping, Terminal, WorkerChains};
+use crate::http::{HcmShared, HttpProxy};
 use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 use crate::tls::{xds_secrets, TlsRegistry};
@@ -353,15 +363,8 @@ struct ActiveListener {
     config: Listener,
     addr: SocketAddr,
     drain: Drain,
-    terminal: ActiveTerminal,
-}
-
-enum ActiveTerminal {
-    /// One slot per worker.
-    Http(Vec<Arc<ArcSwap<HttpProxy>>>),
-    Tcp(Arc<ArcSwap<TcpProxyShared>>),
-    /// One slot per worker.
-    Rpc(Vec<Arc<ArcSwap<RpcWorker>>>),
+    /// One per filter chain.
+    chains: Vec<Swapping>,
 }
 
 struct Manager {
@@ -706,10 +709,9 @@ impl Manager {
             .values()
             .map(|l| &l.config)
             .chain(self.warming_listeners.values().map(|(l, _)| l))
-            .filter_map(|l| match &l.filter_chains.first()?.terminal {
-                NetworkFilter::HttpConnectionManager(h) => h.rds.clone(),
-                _ => None,
-            });
+            .flat_map(rds_of)
+            .cloned()
+            .collect::<Vec<_>>();
         for rds in hcms {
             by_source
                 .entry(Self::source_key(&rds.config_source.kind, types::ROUTE))
@@ -1084,14 +1086,14 @@ impl Manager {
     /// Whether a listener has its route configuration (RDS) and SDS
     /// secrets.
     fn listener_ready(&self, l: &Listener) -> bool {
-        rds_name(l).is_none_or(|n| self.routes.contains_key(n))
+        rds_of(l).all(|r| self.routes.contains_key(&r.route_config_name))
             && listener_tls(l).all(|c| secrets_ready(&self.cx.secrets, c))
     }
 
     /// How long a listener that is not ready warms (`None`: forever).
     fn listener_warm_timeout(&self, l: &Listener) -> Option<Duration> {
         let mut pending = Vec::new();
-        if let Some(r) = rds_of(l) {
+        for r in rds_of(l) {
             if !self.routes.contains_key(&r.route_config_name) {
                 pending.push(r.config_source.initial_fetch_timeout);
             }
@@ -1169,20 +1171,21 @@ impl Manager {
             };
             match bootstrap::listener_from_json(&json) {
                 Ok(l) => {
-                    if let Some(NetworkFilter::HttpConnectionManager(h)) =
-                        l.filter_chains.first().map(|c| &c.terminal)
-                    {
-                        if h.rds.is_none() {
-                            if let Err(e) = mesh_core::router::RouteTable::new(&h.route_config) {
-                                errors.push(format!(
-                                    "listener {:?}: filter_chains[0].filters[-1].typed_config.route_config.{}: {}",
-                                    l.name, e.path, e.message
-                                ));
-                                continue;
-                            }
-                        }
+                    let bad_routes = l.filter_chains.iter().enumerate().find_map(|(ci, c)| {
+                        let NetworkFilter::HttpConnectionManager(h) = &c.terminal else {
+                            return None;
+                        };
+                        let e = mesh_core::router::RouteTable::new(&h.route_config).err()?;
+                        h.rds.is_none().then(|| format!(
+                            "listener {:?}: filter_chains[{ci}].filters[-1].typed_config.route_config.{}: {}",
+                            l.name, e.path, e.message
+                        ))
+                    });
+                    if let Some(e) = bad_routes {
+                        errors.push(e);
+                        continue;
                     }
-                    if let Err(e) = self.check_listener_tls(&l) {
+                    if let Err(e) = self.check_listener(&l) {
                         errors.push(format!("listener {:?}: {e}", l.name));
                         continue;
                     }
@@ -1232,14 +1235,29 @@ impl Manager {
         Ok(())
     }
 
-    /// Refuses a listener whose TLS contexts cannot be built (the error
-    /// names the field; SDS secrets may arrive later).
-    fn check_listener_tls(&self, l: &Listener) -> Result<(), String> {
+    /// Refuses a listener whose TLS contexts or network RBAC cannot be
+    /// built (the error names the field; SDS secrets may arrive later),
+    /// or that has TLS or RBAC before an RPC proxy (not supported yet).
+    fn check_listener(&self, l: &Listener) -> Result<(), String> {
         for (ci, c) in l.filter_chains.iter().enumerate() {
             if let Some(t) = &c.tls {
+                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
+                    return Err(format!(
+                        "unsupported: filter_chains[{ci}].transport_socket (TLS on an RPC proxy chain is not supported yet)"
+                    ));
+                }
                 ServerTls::new(t, Some(self.cx.secrets.clone()), TlsStats::detached()).map_err(
                     |e| format!("filter_chains[{ci}].transport_socket.typed_config.{e}"),
                 )?;
+            }
+            if let Some(r) = &c.rbac {
+                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
+                    return Err(format!(
+                        "unsupported: filter_chains[{ci}].filters[0] (envoy.filters.network.rbac before an RPC proxy is not supported yet)"
+                    ));
+                }
+                crate::rbac::network_rbac(r, &self.cx.store)
+                    .map_err(|e| format!("filter_chains[{ci}].filters[0].typed_config.{e}"))?;
             }
         }
         Ok(())
@@ -1251,7 +1269,7 @@ impl Manager {
     fn activate(&mut self, l: Listener) -> Result<(), String> {
         if let Some(old) = self.listeners.get_mut(&l.name) {
             if same_socket(&old.config, &l) {
-                let terminal = build_terminal(
+                let built = build_terminals(
                     &l,
                     &self.cm,
                     &self.routes,
@@ -1259,7 +1277,7 @@ impl Manager {
                     &self.cx.rpc_codecs,
                     &mut self.worker_clusters,
                 )?;
-                if !store_terminal(&old.terminal, terminal) {
+                if !store_terminals(&old.chains, built) {
                     return Err(format!("listener {:?}: terminal filter changed", l.name));
                 }
                 old.config = l;
@@ -1280,7 +1298,7 @@ impl Manager {
     }
 
     fn spawn_listener(&mut self, l: &Listener) -> Result<ActiveListener, String> {
-        let built = build_terminal(
+        let built = build_terminals(
             l,
             &self.cm,
             &self.routes,
@@ -1313,160 +1331,107 @@ impl Manager {
             });
         }
         let stats = ListenerStats::new(&self.cx.store, addr);
-        let tls = match l.filter_chains.first().and_then(|c| c.tls.as_ref()) {
-            None => None,
-            Some(t) => {
-                let label = [(
-                    "envoy_listener_address",
-                    format!("{}_{}", addr.ip(), addr.port()),
-                )];
-                let tls = ServerTls::new(
-                    t,
-                    Some(self.cx.secrets.clone()),
-                    TlsStats::new(&self.cx.store, "listener", &label),
-                )
-                .map_err(|e| {
-                    format!(
-                        "listener {:?}: filter_chains[0].transport_socket.typed_config.{e}",
-                        l.name
-                    )
-                })?;
-                let tls = Arc::new(tls);
-                self.cx.tls.add_server(tls.clone());
-                Some(tls)
-            }
-        };
-        let handshake_timeout = l.filter_chains.first().and_then(|c| c.handshake_timeout);
         let limiter = l
             .connection_limit
             .as_ref()
             .map(|c| ConnectionLimiter::new(c.max_connections as usize, c.delay));
-        let terminal = match built {
-            Built::Http(proxies, server) => {
-                let server = Arc::new(server);
-                let mut slots = Vec::new();
-                for (w, (sock, proxy)) in sockets.into_iter().zip(proxies).enumerate() {
-                    let slot = Arc::new(ArcSwap::new(proxy));
-                    slots.push(slot.clone());
-                    let server = server.clone();
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    let tls = tls.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        let token = drain.token();
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            let svc = ConnService::swapping(slot.clone(), a.peer, a.local);
-                            let server = server.clone();
-                            let token = token.clone();
-                            let hstats = slot.load().shared().stats.clone();
-                            let tls = tls.clone();
-                            global.track(async move {
-                                let Accepted {
-                                    stream,
-                                    peer,
-                                    guard,
-                                    ..
-                                } = a;
-                                match tls {
-                                    None => {
-                                        hstats.cx_total.inc();
-                                        let _cx = GaugeGuard::new(&hstats.cx_active);
-                                        serve_connection(stream, &server, svc, token).await;
-                                    }
-                                    Some(tls) => {
-                                        let Some((stream, id)) =
-                                            handshake(&tls, stream, peer, handshake_timeout).await
-                                        else {
-                                            return;
-                                        };
-                                        hstats.cx_total.inc();
-                                        let _cx = GaugeGuard::new(&hstats.cx_active);
-                                        let svc = svc.with_tls(Arc::new(id));
-                                        serve_connection(stream, &server, svc, token).await;
-                                    }
-                                }
-                                drop(guard);
-                            })
-                        })
-                        .await;
-                    });
+        let label = [(
+            "envoy_listener_address",
+            format!("{}_{}", addr.ip(), addr.port()),
+        )];
+        let mut chains = Vec::new();
+        let mut active = Vec::new();
+        for (ci, (chain, built)) in l.filter_chains.iter().zip(built).enumerate() {
+            let swapping = match built {
+                Built::Http(proxies, server) => Swapping::Http(
+                    proxies
+                        .into_iter()
+                        .map(|p| Arc::new(ArcSwap::new(p)))
+                        .collect(),
+                    server,
+                ),
+                Built::Tcp(t) => Swapping::Tcp(Arc::new(ArcSwap::new(t))),
+                Built::Rpc(workers) => Swapping::Rpc(
+                    workers
+                        .into_iter()
+                        .map(|w| Arc::new(ArcSwap::new(w)))
+                        .collect(),
+                ),
+            };
+            let tls = match &chain.tls {
+                None => None,
+                Some(t) => {
+                    let stats = TlsStats::new(&self.cx.store, "listener", &label);
+                    let tls = ServerTls::new(t, Some(self.cx.secrets.clone()), stats)
+                        .map_err(|e| {
+                            format!(
+                                "listener {:?}: filter_chains[{ci}].transport_socket.typed_config.{e}",
+                                l.name
+                            )
+                        })?;
+                    let tls = Arc::new(tls);
+                    self.cx.tls.add_server(tls.clone());
+                    Some(tls)
                 }
-                ActiveTerminal::Http(slots)
-            }
-            Built::Tcp(shared) => {
-                let slot = Arc::new(ArcSwap::new(shared));
-                for (w, sock) in sockets.into_iter().enumerate() {
-                    let slot = slot.clone();
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    let tls = tls.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            let shared = slot.load_full();
-                            let tls = tls.clone();
-                            global.track(async move {
-                                let Some(tls) = tls else {
-                                    return shared.handle(a).await;
-                                };
-                                let Accepted {
-                                    stream,
-                                    peer,
-                                    guard,
-                                    ..
-                                } = a;
-                                if let Some((stream, _)) =
-                                    handshake(&tls, stream, peer, handshake_timeout).await
-                                {
-                                    shared.handle_stream(stream, peer, guard).await;
-                                }
-                            })
-                        })
-                        .await;
-                    });
-                }
-                ActiveTerminal::Tcp(slot)
-            }
-            Built::Rpc(workers) => {
-                let mut slots = Vec::new();
-                for (w, (sock, worker)) in sockets.into_iter().zip(workers).enumerate() {
-                    let slot = Arc::new(ArcSwap::new(worker));
-                    slots.push(slot.clone());
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        let token = drain.token();
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a, token.clone()))
-                        })
-                        .await;
-                    });
-                }
-                ActiveTerminal::Rpc(slots)
-            }
-        };
+            };
+            let rbac = match &chain.rbac {
+                None => None,
+                Some(r) => Some(crate::rbac::network_rbac(r, &self.cx.store).map_err(|e| {
+                    format!(
+                        "listener {:?}: filter_chains[{ci}].filters[0].typed_config.{e}",
+                        l.name
+                    )
+                })?),
+            };
+            active.push(swapping.clone());
+            chains.push(Chain {
+                terminal: Terminal::Swapping(swapping),
+                tls,
+                handshake_timeout: chain.handshake_timeout,
+                rbac,
+            });
+        }
+        let selector = FilterChainSelector::new(
+            l.filter_chains
+                .iter()
+                .map(|c| c.filter_chain_match.clone())
+                .collect(),
+        );
+        let shared = Arc::new(Chains::new(
+            chains,
+            selector,
+            l.tls_inspector,
+            l.listener_filters_timeout,
+            &self.cx.store,
+            addr,
+        ));
+        for (w, sock) in sockets.into_iter().enumerate() {
+            let chains = Arc::new(WorkerChains::for_worker(
+                shared.clone(),
+                &self.cm,
+                drain.token(),
+                w,
+            ));
+            let drain = drain.clone();
+            let global = self.cx.drain.clone();
+            let limiter = limiter.clone();
+            let stats = stats.clone();
+            self.cx.workers[w].spawn(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
+                    tracing::error!("worker could not register a listener");
+                    return;
+                };
+                accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
+                    global.track(chains.clone().serve(a))
+                })
+                .await;
+            });
+        }
         Ok(ActiveListener {
             config: l.clone(),
             addr,
             drain,
-            terminal,
+            chains: active,
         })
     }
 
@@ -1483,7 +1448,7 @@ impl Manager {
                 continue;
             };
             let config = l.config.clone();
-            match build_terminal(
+            match build_terminals(
                 &config,
                 &self.cm,
                 &self.routes,
@@ -1495,7 +1460,7 @@ impl Manager {
                     let Some(l) = self.listeners.get(&name) else {
                         continue;
                     };
-                    store_terminal(&l.terminal, built);
+                    store_terminals(&l.chains, built);
                 }
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "listener keeps its previous configuration")
@@ -1511,44 +1476,29 @@ enum Built {
     Rpc(Vec<Arc<RpcWorker>>),
 }
 
-/// Publishes a rebuilt terminal into a running listener's slots.
-fn store_terminal(active: &ActiveTerminal, built: Built) -> bool {
-    match (active, built) {
-        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-            for (s, p) in slots.iter().zip(proxies) {
-                s.store(p);
+/// Publishes rebuilt terminals into a running listener's slots (one per
+/// chain).
+fn store_terminals(active: &[Swapping], built: Vec<Built>) -> bool {
+    if active.len() != built.len() {
+        return false;
+    }
+    for (a, b) in active.iter().zip(built) {
+        match (a, b) {
+            (Swapping::Http(slots, _), Built::Http(proxies, _)) => {
+                for (s, p) in slots.iter().zip(proxies) {
+                    s.store(p);
+                }
             }
-        }
-        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-        (ActiveTerminal::Rpc(slots), Built::Rpc(workers)) => {
-            for (s, w) in slots.iter().zip(workers) {
-                s.store(w);
+            (Swapping::Tcp(slot), Built::Tcp(t)) => slot.store(t),
+            (Swapping::Rpc(slots), Built::Rpc(workers)) => {
+                for (s, w) in slots.iter().zip(workers) {
+                    s.store(w);
+                }
             }
+            _ => return false,
         }
-        _ => return false,
     }
     true
-}
-
-/// A downstream TLS handshake; a failure is logged (and counted by the
-/// context's stats) and closes the connection.
-async fn handshake(
-    tls: &ServerTls,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    timeout: Option<Duration>,
-) -> Option<(
-    mesh_tls::ServerTlsStream<tokio::net::TcpStream>,
-    mesh_core::identity::PeerIdentity,
-)> {
-    match tls.accept(stream, timeout).await {
-        Ok(ok) => Some(ok),
-        Err(e) => {
-            tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
-                "downstream TLS handshake failed; closing");
-            None
-        }
-    }
 }
 
 /// The TLS contexts of a listener's filter chains.
@@ -1597,77 +1547,82 @@ fn redacted(mut json: Value) -> mesh_xds::pb::google::protobuf::Any {
     mesh_xds::convert::json_to_any(types::SECRET, &json).unwrap_or_default()
 }
 
-fn rds_of(l: &Listener) -> Option<&mesh_core::config::Rds> {
-    match &l.filter_chains.first()?.terminal {
+/// The `rds` of every HCM of a listener.
+fn rds_of(l: &Listener) -> impl Iterator<Item = &mesh_core::config::Rds> {
+    l.filter_chains.iter().filter_map(|c| match &c.terminal {
         NetworkFilter::HttpConnectionManager(h) => h.rds.as_ref(),
         _ => None,
-    }
-}
-
-fn rds_name(l: &Listener) -> Option<&str> {
-    rds_of(l).map(|r| r.route_config_name.as_str())
+    })
 }
 
 /// Whether `new` can take over `old`'s sockets: same address, connection
-/// limit, terminal kind and downstream connection settings.
+/// limit and listener filters, and chain by chain the same match, TLS,
+/// RBAC, terminal kind and downstream connection settings (what changes
+/// in place is what the terminals do: routes, clusters).
 fn same_socket(old: &Listener, new: &Listener) -> bool {
-    let server = |l: &Listener| match &l.filter_chains.first()?.terminal {
-        NetworkFilter::HttpConnectionManager(h) => Some((
-            0,
-            Some((
-                h.codec_type,
-                h.max_request_headers_kb,
-                h.request_headers_timeout,
-                h.idle_timeout,
-            )),
-        )),
-        NetworkFilter::TcpProxy(_) => Some((1, None)),
-        NetworkFilter::Rpc(_) => Some((2, None)),
+    let chain = |c: &mesh_core::config::FilterChain| {
+        let server = match &c.terminal {
+            NetworkFilter::HttpConnectionManager(h) => (
+                0,
+                Some((
+                    h.codec_type,
+                    h.max_request_headers_kb,
+                    h.request_headers_timeout,
+                    h.idle_timeout,
+                )),
+            ),
+            NetworkFilter::TcpProxy(_) => (1, None),
+            NetworkFilter::Rpc(_) => (2, None),
+        };
+        (
+            server,
+            c.tls.clone(),
+            c.handshake_timeout,
+            c.rbac.clone(),
+            c.filter_chain_match.clone(),
+        )
     };
-    let tls = |l: &Listener| {
-        l.filter_chains
-            .first()
-            .map(|c| (c.tls.clone(), c.handshake_timeout))
-    };
+    let chains = |l: &Listener| l.filter_chains.iter().map(chain).collect::<Vec<_>>();
     old.address == new.address
         && old.connection_limit == new.connection_limit
-        && server(old) == server(new)
-        && tls(old) == tls(new)
+        && old.tls_inspector == new.tls_inspector
+        && old.listener_filters_timeout == new.listener_filters_timeout
+        && chains(old) == chains(new)
 }
 
-fn build_terminal(
+/// The terminals of every filter chain of `l`.
+fn build_terminals(
     l: &Listener,
     cm: &ClusterManager,
     routes: &HashMap<String, RouteConfiguration>,
     store: &Store,
     codecs: &crate::rpc::CodecRegistry,
     worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
+) -> Result<Vec<Built>, String> {
+    if l.filter_chains.is_empty() {
+        return Err(format!("listener {:?}: no filter chain", l.name));
+    }
+    let mut out = Vec::new();
+    for (ci, chain) in l.filter_chains.iter().enumerate() {
+        out.push(
+            build_terminal(chain, cm, routes, store, codecs, worker_clusters)
+                .map_err(|e| format!("listener {:?}: filter_chains[{ci}] {e}", l.name))?,
+        );
+    }
+    Ok(out)
+}
+
+fn build_terminal(
+    chain: &mesh_core::config::FilterChain,
+    cm: &ClusterManager,
+    routes: &HashMap<String, RouteConfiguration>,
+    store: &Store,
+    codecs: &crate::rpc::CodecRegistry,
+    worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
 ) -> Result<Built, String> {
-    if l.filter_chains.len() > 1
-        || l.tls_inspector
-        || l.filter_chains.iter().any(|c| c.rbac.is_some())
-    {
-        return Err(format!(
-            "listener {:?}: several filter chains, the TLS inspector and network RBAC are static-only; over LDS they are not supported yet",
-            l.name
-        ));
-    }
-    let chain = l
-        .filter_chains
-        .first()
-        .ok_or_else(|| format!("listener {:?}: no filter chain", l.name))?;
-    if chain.tls.is_some() && matches!(chain.terminal, NetworkFilter::Rpc(_)) {
-        return Err(format!(
-            "listener {:?}: filter_chains[0].transport_socket: TLS on an RPC proxy chain is not supported yet",
-            l.name
-        ));
-    }
     match &chain.terminal {
         NetworkFilter::HttpConnectionManager(h) => {
-            let shared = Arc::new(
-                build_hcm(h, routes, store)
-                    .map_err(|e| format!("listener {:?}: filter_chains[0] HCM: {e}", l.name))?,
-            );
+            let shared = Arc::new(build_hcm(h, routes, store).map_err(|e| format!("HCM: {e}"))?);
             let proxies = worker_clusters
                 .iter_mut()
                 .map(|cache| {
@@ -1696,14 +1651,10 @@ fn build_terminal(
             Ok(Built::Http(proxies, server))
         }
         NetworkFilter::TcpProxy(t) => Ok(Built::Tcp(Arc::new(
-            TcpProxyShared::new(t, cm, store)
-                .map_err(|e| format!("listener {:?}: tcp_proxy: {e}", l.name))?,
+            TcpProxyShared::new(t, cm, store).map_err(|e| format!("tcp_proxy: {e}"))?,
         ))),
         NetworkFilter::Rpc(r) => {
-            let shared = Arc::new(
-                RpcShared::new(r, cm, store, codecs)
-                    .map_err(|e| format!("listener {:?}: {e}", l.name))?,
-            );
+            let shared = Arc::new(RpcShared::new(r, cm, store, codecs).map_err(|e| e.to_string())?);
             Ok(Built::Rpc(
                 worker_clusters
                     .iter()
