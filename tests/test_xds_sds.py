@@ -33,6 +33,7 @@ import yaml
 import harness
 import test_xds as xds
 import tls_certs
+from test_xds import control_plane  # noqa: F401 - the fixture, shared
 
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 DOWN_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -40,20 +41,6 @@ UP_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Upstream
 ADS = {"ads": {}, "resource_api_version": "V3"}
 
 pytestmark = xds.pytestmark
-
-
-@pytest.fixture
-def control_plane():
-    planes = []
-
-    def make(nodes, port: int = 0) -> xds.ControlPlane:
-        cp = xds.ControlPlane(nodes, port).start()
-        planes.append(cp)
-        return cp
-
-    yield make
-    for cp in planes:
-        cp.kill()
 
 
 @pytest.fixture(scope="module")
@@ -142,18 +129,14 @@ def s_client_serial(port: int, pki: tls_certs.Pki, client: tls_certs.Leaf) -> st
     return tls_certs.serial_of(m.group(0))
 
 
-class TlsLoad:
-    """HTTPS requests (client certificate, CA-verified) on fresh connections
-    and on one keep-alive connection, in threads, until stopped."""
+class TlsLoad(xds.Load):
+    """test_xds.py's load generator over HTTPS (client certificate,
+    CA-verified): fresh connections and one keep-alive connection."""
 
     def __init__(self, port: int, ctx: ssl.SSLContext):
-        self.port, self.ctx = port, ctx
-        self.stop_flag = threading.Event()
-        self.ok = 0
-        self.failures: list = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(keep,), daemon=True)
-                        for keep in (True, False, False)]
+        super().__init__(port)
+        self.ctx = ctx
+        self.threads.append(threading.Thread(target=self._run, args=(False,), daemon=True))
 
     def _run(self, keep_alive: bool):
         conn = None
@@ -176,16 +159,6 @@ class TlsLoad:
                 conn.close()
                 conn = None
             time.sleep(0.005)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(timeout=15)
 
 
 def listener_port(proxy: harness.Proxy, name: str = "ingress", timeout: float = 10) -> int:

@@ -563,6 +563,20 @@ static_resources:
         assert!(errs.contains("tls_certificate.password"), "{errs}");
     }
 
+    /// The outbound EDS cluster of Istio's bookinfo `reviews` service, as
+    /// `istioctl proxy-config cluster -o json` prints it (camelCase).
+    fn istio_reviews_cluster() -> Value {
+        json!({
+            "name": "outbound|9080||reviews.default.svc.cluster.local",
+            "type": "EDS",
+            "edsClusterConfig": {
+                "edsConfig": {"ads": {}, "initialFetchTimeout": "0s", "resourceApiVersion": "V3"},
+                "serviceName": "outbound|9080||reviews.default.svc.cluster.local"
+            },
+            "connectTimeout": "10s"
+        })
+    }
+
     /// Istio's SDS config source: the `sds-grpc` cluster of its bootstrap
     /// (istio-agent on a Unix socket), GRPC, no initial fetch timeout.
     fn istio_sds(name: &str) -> Value {
@@ -587,15 +601,8 @@ static_resources:
     /// SPIFFE ID.
     #[test]
     fn istio_mutual_cluster_with_sds_default_and_rootca() {
-        let cluster = json!({
-            "name": "outbound|9080||reviews.default.svc.cluster.local",
-            "type": "EDS",
-            "edsClusterConfig": {
-                "edsConfig": {"ads": {}, "initialFetchTimeout": "0s", "resourceApiVersion": "V3"},
-                "serviceName": "outbound|9080||reviews.default.svc.cluster.local"
-            },
-            "connectTimeout": "10s",
-            "transportSocket": {
+        let mut cluster = istio_reviews_cluster();
+        cluster["transportSocket"] = json!({
                 "name": "envoy.transport_sockets.tls",
                 "typedConfig": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
@@ -611,7 +618,6 @@ static_resources:
                     },
                     "sni": "outbound_.9080_._.reviews.default.svc.cluster.local"
                 }
-            }
         });
         let errs = istio_errors(over_xds(types::CLUSTER, cluster.clone()), |v| {
             cluster_from_json(v).map(|_| ())
@@ -727,14 +733,8 @@ static_resources:
     /// without them the cluster loads as Istio means it.
     #[test]
     fn istio_outbound_cluster() {
-        let mut istio = json!({
-            "name": "outbound|9080||reviews.default.svc.cluster.local",
-            "type": "EDS",
-            "edsClusterConfig": {
-                "edsConfig": {"ads": {}, "initialFetchTimeout": "0s", "resourceApiVersion": "V3"},
-                "serviceName": "outbound|9080||reviews.default.svc.cluster.local"
-            },
-            "connectTimeout": "10s",
+        let mut istio = istio_reviews_cluster();
+        let extra = json!({
             "circuitBreakers": {"thresholds": [{"maxConnections": 4294967295u32, "maxPendingRequests": 4294967295u32,
                 "maxRequests": 4294967295u32, "maxRetries": 4294967295u32, "trackRemaining": true}]},
             "metadata": {"filterMetadata": {"istio": {"services": [{"host": "reviews.default.svc.cluster.local",
@@ -742,6 +742,9 @@ static_resources:
             "filters": [{"name": "istio.metadata_exchange", "typedConfig": {
                 "@type": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange", "protocol": "istio-peer-exchange"}}]
         });
+        if let (Some(o), Value::Object(extra)) = (istio.as_object_mut(), extra) {
+            o.extend(extra);
+        }
         // The metadata exchange filter is Istio's own proto: not in Envoy's
         // descriptors, so it cannot even be encoded here; drop it.
         istio.as_object_mut().unwrap().remove("filters");
