@@ -10,9 +10,14 @@ plane, as in test_xds.py) over ADS, with the same resources:
 - a bad certificate (a key that does not match) is NACKed (mesh names the
   secret and the field) and the old certificate keeps serving; the next
   good one is ACKed;
-- an upstream mTLS cluster delivered by CDS whose client certificate comes
-  from SDS (the upstream checks it and echoes its serial); rotating the
-  secret changes the certificate new upstream connections present.
+- an upstream mTLS cluster delivered by CDS whose client certificate and
+  root come from SDS on a stream of their own, as Istio's sidecars get
+  them (the upstream checks the certificate and echoes its serial);
+  rotating the secret changes the certificate new upstream connections
+  present;
+- SDS on its own stream (`api_config_source`, GRPC and DELTA_GRPC), static
+  listeners with secrets over ADS, and a listener from LDS with the TLS
+  inspector and several filter chains (SNI, network RBAC, plain text).
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 DOWN_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UP_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 ADS = {"ads": {}, "resource_api_version": "V3"}
+# How soon after the control plane pushes a change it must be seen. On an
+# idle machine both proxies take well under test_xds.py's 1 s; this suite
+# shares the CPU with parallel builds and benchmarks that starve every
+# niced process (the debug control plane, both proxies, the clients) for
+# seconds, so the bound here only tells "promptly" from "never", for Envoy
+# and mesh alike.
+SEEN_WITHIN = 8.0
 
 pytestmark = xds.pytestmark
 
@@ -161,6 +173,18 @@ class TlsLoad(xds.Load):
             time.sleep(0.005)
 
 
+def push(cp: xds.ControlPlane, node: str, name: str, resources: list) -> float:
+    """Writes a file and waits until the control plane serves the new
+    snapshot; returns that time. The delay is counted from the push, not
+    from the write: on a loaded machine the control plane (a debug build
+    polling its files) can take seconds to notice a file, for Envoy as for
+    mesh."""
+    before = cp.status(node).get("version")
+    cp.write(name, resources)
+    cp.wait_status(node, lambda s: s.get("version") not in (None, before))
+    return time.monotonic()
+
+
 def listener_port(proxy: harness.Proxy, name: str = "ingress", timeout: float = 10) -> int:
     """The port of a listener from LDS. Under load the control plane may
     serve a first snapshot without every file, so the listener may come
@@ -210,11 +234,9 @@ def test_certificate_rotated_over_sds_under_load(kind, api_type, start_proxy, co
     with TlsLoad(port, ctx) as load:
         for leaf in leaves[1:]:
             time.sleep(1)
-            t = cp.write("secrets", [cert_secret("server_cert", leaf), trust_secret("trust", pki)])
-            # The load generator competes for the CPU with both proxies, so
-            # the bound is looser than test_xds.py's; Envoy is held to it too.
+            t = push(cp, kind, "secrets", [cert_secret("server_cert", leaf), trust_secret("trust", pki)])
             xds.wait_until(lambda: get(https(port, ctx))[1] == leaf.serial(), t,
-                           f"new handshakes present serial {leaf.serial()}", xds.OBSERVE + 2)
+                           f"new handshakes present serial {leaf.serial()}", SEEN_WITHIN)
             assert s_client_serial(port, pki, client) == leaf.serial()
         time.sleep(1)
     assert load.ok > 50, load.ok
@@ -262,10 +284,10 @@ def test_bad_secret_is_nacked_and_the_old_certificate_keeps_serving(
         assert harness.prometheus_value(proxy.admin_text("/stats/prometheus"),
                                         "mesh_sds_update_rejected", secret="server_cert") >= 1
     # The next good secret is ACKed and served.
-    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    t = push(cp, kind, "secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
     cp.wait_status(kind, lambda s: s.get("acked", {}).get("SDS") not in (None, good))
     xds.wait_until(lambda: s_client_serial(port, pki, client) == leaves[1].serial(), t,
-                   "the good certificate", xds.OBSERVE + 2)
+                   "the good certificate", SEEN_WITHIN)
 
 
 @pytest.mark.parametrize("api_type", xds.API_TYPES)
@@ -281,9 +303,9 @@ def test_secrets_on_their_own_sds_stream(kind, api_type, start_proxy, control_pl
     port = listener_port(proxy)
     ctx = client_context(pki, client)
     assert get(https(port, ctx)) == (200, leaves[0].serial())
-    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    t = push(cp, kind, "secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
     xds.wait_until(lambda: get(https(port, ctx))[1] == leaves[1].serial(), t,
-                   "the rotated certificate", xds.OBSERVE + 2)
+                   "the rotated certificate", SEEN_WITHIN)
     assert s_client_serial(port, pki, client) == leaves[1].serial()
 
 
@@ -318,9 +340,9 @@ def test_static_listener_with_secrets_over_ads(kind, start_proxy, control_plane,
     harness.wait_until(lambda: served_serial(port, ctx) == leaves[0].serial(), timeout=10,
                        what="the certificate from SDS")
     cp.wait_status(kind, lambda s: "SDS" in s.get("acked", {}))
-    t = cp.write("secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
+    t = push(cp, kind, "secrets", [cert_secret("server_cert", leaves[1]), trust_secret("trust", pki)])
     xds.wait_until(lambda: get(https(port, ctx))[1] == leaves[1].serial(), t,
-                   "the rotated certificate", xds.OBSERVE + 2)
+                   "the rotated certificate", SEEN_WITHIN)
 
 
 class MtlsUpstream:
@@ -370,30 +392,34 @@ def test_upstream_mtls_cluster_from_cds_with_sds_client_certificate(
     upstream = MtlsUpstream(pki, server)
     try:
         cp = control_plane([kind])
+        source = xds.api_source(api_type)
         secure = xds.eds_cluster("a")
         secure["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": UP_TLS, "sni": "backend.local",
+            # Istio's shape: the workload certificate and the root over SDS
+            # on a stream of their own, the peer's name checked by a default
+            # validation context combined with the root.
             "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [sds("client_cert")],
-                "validation_context": {
-                    "trusted_ca": {"inline_string": pki.ca.cert.read_text()},
-                    "match_typed_subject_alt_names": [
+                "tls_certificate_sds_secret_configs": [sds("client_cert", source)],
+                "combined_validation_context": {
+                    "default_validation_context": {"match_typed_subject_alt_names": [
                         {"san_type": "DNS", "matcher": {"exact": "backend.local"}}]},
+                    "validation_context_sds_secret_config": sds("ROOTCA", source)},
             }}}
         cp.write("clusters", [secure])
         cp.write("endpoints", [xds.assignment("a", [upstream.port])])
         cp.write("routes", [xds.routes()])
-        cp.write("secrets", [cert_secret("client_cert", clients[0])])
+        cp.write("secrets", [cert_secret("client_cert", clients[0]), trust_secret("ROOTCA", pki)])
         cp.write("listeners", [xds.listener()])
         proxy = xds.start_driven(kind, start_proxy, cp, kind, api_type)
         port = listener_port(proxy)
         cp.wait_status(kind, lambda s: {"CDS", "SDS"} <= set(s.get("acked", {})))
         r = harness.request(port, "GET", "/")
         assert (r.status, r.body.decode()) == (200, clients[0].serial())
-        t = cp.write("secrets", [cert_secret("client_cert", clients[1])])
+        t = push(cp, kind, "secrets", [cert_secret("client_cert", clients[1]), trust_secret("ROOTCA", pki)])
         xds.wait_until(lambda: harness.request(port, "GET", "/").body.decode()
                        == clients[1].serial(), t, "the rotated client certificate",
-                       xds.OBSERVE + 2)
+                       SEEN_WITHIN)
     finally:
         upstream.stop()
 
@@ -456,6 +482,6 @@ def test_lds_listener_with_filter_chains_chosen_by_sni(kind, start_proxy, contro
     assert harness.request(port, "GET", "/").body == b"plain"
     with pytest.raises((OSError, http.client.HTTPException)):
         https_get("denied.example.com")
-    t = cp.write("routes", [xds.routes(default="b")])
+    t = push(cp, kind, "routes", [xds.routes(default="b")])
     xds.wait_until(lambda: https_get("api.example.com", "/x") == "b", t, "route update",
-                   xds.OBSERVE + 2)
+                   SEEN_WITHIN)
