@@ -44,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::{format_time, AccessLogger};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
+mod mirror;
+
 /// Distinct (service, method) pairs that get their own stats; the rest are
 /// counted under service and method `other`.
 const MAX_METHOD_STATS: usize = 1000;
@@ -128,10 +130,16 @@ pub struct RpcStats {
     pub local_reply: Vec<(ResponseFlag, Counter)>,
     /// `mesh_rpc_fault_delays_injected`.
     pub fault_delays: Counter,
+    /// Mirrored copies that could not be sent (no healthy endpoint in the
+    /// mirror cluster): Envoy's
+    /// `envoy_thrift_shadow_request_submit_failure{envoy_thrift_prefix}`
+    /// for a `thrift_proxy`, `mesh_rpc_shadow_request_submit_failure`
+    /// otherwise.
+    pub shadow_submit_failure: Counter,
 }
 
 impl RpcStats {
-    fn new(store: &Store, labels: &[(&'static str, String)]) -> Self {
+    fn new(store: &Store, labels: &[(&'static str, String)], config: &RpcProxy) -> Self {
         let flags = [
             ResponseFlag::NoRouteFound,
             ResponseFlag::NoClusterFound,
@@ -155,6 +163,13 @@ impl RpcStats {
             response_success: store.counter("mesh_rpc_response_success", labels),
             response_error: store.counter("mesh_rpc_response_error", labels),
             fault_delays: store.counter("mesh_rpc_fault_delays_injected", labels),
+            shadow_submit_failure: match config.filter {
+                RpcFilter::Thrift => store.counter(
+                    "envoy_thrift_shadow_request_submit_failure",
+                    &[("envoy_thrift_prefix", config.stat_prefix.clone())],
+                ),
+                _ => store.counter("mesh_rpc_shadow_request_submit_failure", labels),
+            },
             local_reply: flags
                 .iter()
                 .map(|f| {
@@ -227,7 +242,7 @@ impl RpcShared {
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
         Ok(RpcShared {
-            stats: RpcStats::new(store, &labels),
+            stats: RpcStats::new(store, &labels, config),
             server: ServerConfig {
                 max_frame: config.max_frame_size as usize,
                 idle_timeout: config.idle_timeout,
@@ -317,7 +332,7 @@ impl RpcCluster {
 #[derive(Debug)]
 pub struct RpcWorker {
     shared: Arc<RpcShared>,
-    clusters: HashMap<Arc<str>, RpcCluster>,
+    clusters: HashMap<Arc<str>, Arc<RpcCluster>>,
 }
 
 impl RpcWorker {
@@ -331,12 +346,12 @@ impl RpcWorker {
                 let entry = cm.get(&name)?.clone();
                 Some((
                     name,
-                    RpcCluster {
+                    Arc::new(RpcCluster {
                         entry,
                         clients: Mutex::new(HashMap::new()),
                         codec: shared.codec.clone(),
                         max_frame: shared.server.max_frame,
-                    },
+                    }),
                 ))
             })
             .collect();
@@ -529,6 +544,22 @@ impl RpcWorker {
                 None,
             );
         };
+        // Shadows of a routed request go out whatever happens to it.
+        for p in &m.route.policy.request_mirror_policies {
+            if !mesh_filter::mirror::sampled(p.fraction) {
+                continue;
+            }
+            match self.clusters.get(p.cluster.as_str()) {
+                Some(c) => mirror::submit(
+                    c,
+                    msg.clone(),
+                    m.route.policy.priority,
+                    action.timeout,
+                    &shared.stats.shadow_submit_failure,
+                ),
+                None => shared.stats.shadow_submit_failure.inc(),
+            }
+        }
         let stats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);

@@ -607,7 +607,7 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
 
 /// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
 /// accepted; mesh has no runtime layer, so the default always applies).
-fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+pub(crate) fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
     o.string(cx, "runtime_key");
     let out = match o.obj(cx, "default_value") {
         Some(d) => fractional_percent(cx, d),

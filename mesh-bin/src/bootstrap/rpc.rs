@@ -16,8 +16,9 @@
 //! - Generic: `match` has `service` and `method` string matchers and
 //!   `headers` (names are attachment keys or `:service`, `:method`,
 //!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
-//!   (`header` names read the same keys), a `metadata_match` and a
-//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`).
+//!   (`header` names read the same keys), a `metadata_match`, a
+//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`) and
+//!   `request_mirror_policies` (as Thrift routes have them).
 
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ use mesh_core::config::{
     RouteConfiguration, RouteMatch, RpcCodec, RpcFault, RpcFilter, RpcProxy, ThriftProtocol,
     VirtualHost,
 };
-use mesh_core::policy::{RetryOn, RetryPolicy, TokenBucketConfig};
+use mesh_core::policy::{
+    FractionalPercent, RequestMirrorPolicy, RetryOn, RetryPolicy, TokenBucketConfig,
+};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -221,6 +224,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
 
 fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut matchers = Vec::new();
+    let mut mirrors = Vec::new();
     let mut m = o.obj(cx, "match");
     if m.is_none() && !o.has("match") {
         cx.missing(&o.at("match"));
@@ -271,7 +275,7 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.refuse(cx, "rate_limits", "not supported yet");
             r.refuse(cx, "strip_service_name", "not supported yet");
-            r.refuse(cx, "request_mirror_policies", "not supported yet");
+            mirrors = mirror_policies(cx, &mut r);
             r.finish(cx);
             let mut a = action(cluster, None);
             a.metadata_match = metadata_match;
@@ -285,7 +289,39 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
     };
     o.finish(cx);
-    Some(route(matchers, a?))
+    let mut r = route(matchers, a?);
+    r.policy.request_mirror_policies = mirrors;
+    Some(r)
+}
+
+/// `request_mirror_policies` of a Thrift or `rpc_proxy` route: each
+/// {`cluster`, `runtime_fraction`} (default: every request), as Envoy's
+/// `thrift_proxy.v3.RouteAction.RequestMirrorPolicy`.
+fn mirror_policies(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<RequestMirrorPolicy> {
+    let mut out = Vec::new();
+    for (path, v) in o.list(cx, "request_mirror_policies") {
+        let Some(mut m) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let cluster_path = m.at("cluster");
+        let cluster = m.req_string(cx, "cluster").unwrap_or_default();
+        if !cluster.is_empty() {
+            cx.cluster_ref(cluster_path, cluster.clone());
+        }
+        let fraction = m
+            .obj(cx, "runtime_fraction")
+            .map(|f| super::policy::runtime_fraction(cx, f))
+            .unwrap_or(FractionalPercent::HUNDRED);
+        m.finish(cx);
+        if !cluster.is_empty() {
+            out.push(RequestMirrorPolicy {
+                cluster,
+                fraction,
+                disable_shadow_host_suffix_append: false,
+            });
+        }
+    }
+    out
 }
 
 /// `envoy.filters.network.dubbo_proxy`'s typed config.
@@ -525,6 +561,7 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         m.finish(cx);
     }
     let mut retry = None;
+    let mut mirrors = Vec::new();
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
@@ -532,6 +569,7 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let hash_policy = super::lb::hash_policies(cx, &mut r, false);
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
+            mirrors = mirror_policies(cx, &mut r);
             r.finish(cx);
             let mut a = action(cluster, timeout);
             a.hash_policy = hash_policy;
@@ -548,6 +586,7 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     o.finish(cx);
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
+    r.policy.request_mirror_policies = mirrors;
     Some(r)
 }
 
