@@ -259,3 +259,71 @@ def test_dubbo_access_log_has_a_line_per_call_with_its_outcome(dubbo_logged):
         time.sleep(0.05)
     for w in want:
         assert w in text, (w, text)
+
+
+# ------------------------------------------- retries: per-try timeout, previous hosts
+
+
+@pytest.fixture(scope="module")
+def slow_and_fast():
+    slow = ThriftServer("slow", whoami_delay=3.0).start()
+    fast = ThriftServer("fast").start()
+    yield slow, fast
+    slow.stop()
+    fast.stop()
+
+
+@pytest.fixture(scope="module", params=MESH)
+def per_try(request, module_start_proxy, slow_and_fast):
+    slow, fast = slow_and_fast
+    pool = harness.static_cluster("pool", [slow.port, fast.port])
+    pool["lb_policy"] = "RANDOM"
+    retry = {"retry_on": "reset", "idempotent": True, "num_retries": 1,
+             "per_try_timeout": "0.5s"}
+    listeners = [
+        rpc_peers.generic_listener("previous_hosts", "thrift", one_route("pool", retry_policy={
+            **retry,
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
+            "host_selection_retry_max_attempts": 20})),
+        rpc_peers.generic_listener("any_host", "thrift", one_route("pool", retry_policy=retry)),
+        rpc_peers.generic_listener("no_retry", "thrift", one_route("pool", retry_policy={
+            **retry, "num_retries": 0})),
+    ]
+    return module_start_proxy(request.param, harness.bootstrap(listeners, [pool]))
+
+
+def test_a_try_past_per_try_timeout_is_retried_on_a_different_endpoint(per_try):
+    # Every call that first lands on the slow server times out after 0.5 s
+    # and is retried; the previous-hosts predicate sends the retry to the
+    # other server, so every call is answered by the fast one.
+    before = prom(per_try, "envoy_cluster_upstream_rq_per_try_timeout", envoy_cluster_name="pool")
+    res = [call_or_error(per_try.port("previous_hosts"), "whoami", timeout=10) for _ in range(16)]
+    assert res == ["fast"] * 16, res
+    timeouts = prom(per_try, "envoy_cluster_upstream_rq_per_try_timeout",
+                    envoy_cluster_name="pool") - before
+    assert timeouts >= 1  # (16 random first picks all fast: 2^-16)
+    assert prom(per_try, "envoy_cluster_upstream_rq_retry_success", envoy_cluster_name="pool") >= 1
+
+
+def test_without_the_predicate_a_retry_may_land_on_the_same_endpoint(per_try):
+    from thrift.Thrift import TApplicationException
+
+    # Random picks: about a quarter of the calls try the slow server twice.
+    res = [call_or_error(per_try.port("any_host"), "whoami", timeout=10) for _ in range(30)]
+    failed = [r for r in res if r != "fast"]
+    assert failed, res  # (no call failing twice: 0.75^30, about 2e-4)
+    for r in failed:
+        assert r[:2] == ("error", TApplicationException.INTERNAL_ERROR) and "timeout" in r[2], res
+
+
+def test_per_try_timeout_without_retries_answers_with_a_timeout(per_try, slow_and_fast):
+    from thrift.Thrift import TApplicationException
+
+    res = [call_or_error(per_try.port("no_retry"), "whoami", timeout=10) for _ in range(12)]
+    assert "fast" in res, res
+    for r in res:
+        if r != "fast":
+            assert r[:2] == ("error", TApplicationException.INTERNAL_ERROR), res
+            assert "per-try timeout" in r[2], res
+    assert any(r != "fast" for r in res), res  # (all 12 fast: 2^-12)
+    assert prom(per_try, "mesh_rpc_local_reply", mesh_rpc_prefix="no_retry", flag="UT") >= 1

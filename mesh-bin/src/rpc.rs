@@ -656,6 +656,8 @@ impl RpcWorker {
         let cpolicy = &cluster.entry.policy;
         let mut retries = 0u32;
         let mut _retry_permit = None;
+        let per_try = retry.and_then(|p| p.per_try_timeout);
+        let mut tried = Vec::new();
         loop {
             *current = Some(endpoint.clone());
             stats.rq_total.inc();
@@ -666,18 +668,30 @@ impl RpcWorker {
                 Some(_) => msg.clone(),
                 None => std::mem::replace(&mut msg, Message::new(0, MessageKind::Request)),
             };
+            // `None`: the try passed its `per_try_timeout`.
             let result = {
                 let _a = resources.requests.acquire();
                 let _b = GaugeGuard::new(&endpoint.stats.rq_active);
-                cluster.client(endpoint.addr).call(send).await
+                let client = cluster.client(endpoint.addr);
+                let call = client.call(send);
+                match per_try {
+                    Some(t) => tokio::time::timeout(t, call).await.ok(),
+                    None => Some(call.await),
+                }
             };
             _retry_permit = None;
+            // A try that timed out may have run upstream, as after a reset.
             let retriable = match (&result, retry) {
-                (Err(ClientError::Connect(_)), Some(p)) => p.retry_on.any(RetryOn::CONNECT_FAILURE),
-                (Err(ClientError::Reset), Some(p)) => p.retry_on.any(RetryOn::RESET),
+                (Some(Err(ClientError::Connect(_))), Some(p)) => {
+                    p.retry_on.any(RetryOn::CONNECT_FAILURE)
+                }
+                (Some(Err(ClientError::Reset)) | None, Some(p)) => p.retry_on.any(RetryOn::RESET),
                 _ => false,
             };
-            let out = Self::outcome(cluster, &endpoint, result);
+            let out = match result {
+                Some(result) => Self::outcome(cluster, &endpoint, result),
+                None => Self::per_try_timeout(cluster, &endpoint),
+            };
             let Some(policy) = retry.filter(|_| retriable) else {
                 if retries > 0 && matches!(&out, Ok(Some(r)) if r.kind != MessageKind::Error) {
                     cpolicy.retry_stats.retry_success.inc();
@@ -706,11 +720,51 @@ impl RpcWorker {
                 cpolicy.retry_stats.retry_backoff_exponential.inc();
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap_ms))).await;
             }
-            endpoint = match cluster.entry.balancer.pick_with(pick) {
+            tried.push(endpoint.addr);
+            endpoint = match Self::pick_for_retry(cluster, policy, &tried, pick) {
                 Some(e) => e,
                 None => return out,
             };
         }
+    }
+
+    /// The endpoint of a retry: with the `previous_hosts` predicate, up to
+    /// `host_selection_retry_max_attempts` more picks avoid the endpoints
+    /// already tried, then the last pick is used (as Envoy and the HTTP
+    /// router do).
+    fn pick_for_retry(
+        cluster: &RpcCluster,
+        policy: &RetryPolicy,
+        tried: &[SocketAddr],
+        pick: &mesh_lb::PickContext<'_>,
+    ) -> Option<Arc<Endpoint>> {
+        let mut ep = cluster.entry.balancer.pick_with(pick)?;
+        if policy.previous_hosts {
+            for _ in 0..policy.host_selection_retry_max_attempts {
+                if !tried.contains(&ep.addr) {
+                    break;
+                }
+                ep = cluster.entry.balancer.pick_with(pick)?;
+            }
+        }
+        Some(ep)
+    }
+
+    /// A try that passed the retry policy's `per_try_timeout`: counted in
+    /// `upstream_rq_per_try_timeout`, as a 504 and as an outlier-detection
+    /// timeout of its endpoint.
+    fn per_try_timeout(cluster: &RpcCluster, endpoint: &Endpoint) -> RpcResult {
+        cluster.entry.policy.rq_per_try_timeout.inc();
+        cluster.entry.stats.record_status(504);
+        endpoint.stats.rq_error.inc();
+        cluster
+            .entry
+            .outlier_failure(endpoint, ResponseFlag::UpstreamRequestTimeout);
+        Err((
+            ProxyError::Timeout,
+            ResponseFlag::UpstreamRequestTimeout,
+            "upstream per-try timeout".into(),
+        ))
     }
 
     /// Maps one try's result to the reply or proxy error, with the

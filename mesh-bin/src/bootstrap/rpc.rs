@@ -681,14 +681,23 @@ fn local_rate_limit(cx: &mut Ctx, mut o: Obj<'_>) -> Option<TokenBucketConfig> {
 }
 
 /// The `retry_policy` of an `rpc_proxy` route: `num_retries` (default 1),
-/// `retry_on` (comma-separated: `connect-failure`, `reset`) and
-/// `idempotent`. A connect failure is retried safely: the request was
-/// never written. `reset` (the upstream connection closed before the
-/// response) resends a request the upstream may have run, so it needs the
-/// route to declare its methods `idempotent: true`.
+/// `retry_on` (comma-separated: `connect-failure`, `reset`),
+/// `idempotent`, `per_try_timeout`, `retry_host_predicate`
+/// (`previous_hosts`) and `host_selection_retry_max_attempts`, as on HTTP
+/// routes. A connect failure is retried safely: the request was never
+/// written. `reset` (the upstream connection closed before the response,
+/// or a try passed its `per_try_timeout`) resends a request the upstream
+/// may have run, so it needs the route to declare its methods
+/// `idempotent: true`.
 fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
     let num_retries = o.u32(cx, "num_retries").unwrap_or(1);
     let idempotent = o.bool(cx, "idempotent").unwrap_or(false);
+    let mut p = RetryPolicy {
+        num_retries,
+        per_try_timeout: o.duration(cx, "per_try_timeout").filter(|d| !d.is_zero()),
+        ..RetryPolicy::default()
+    };
+    super::policy::host_selection(cx, &mut o, &mut p);
     let on_path = o.at("retry_on");
     let mut retry_on = RetryOn::NONE;
     match o.string(cx, "retry_on") {
@@ -712,9 +721,6 @@ fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
         None => cx.missing(&on_path),
     }
     o.finish(cx);
-    RetryPolicy {
-        retry_on,
-        num_retries,
-        ..RetryPolicy::default()
-    }
+    p.retry_on = retry_on;
+    p
 }
