@@ -475,7 +475,7 @@ impl RpcWorker {
     #[allow(clippy::type_complexity)]
     async fn forward(
         &self,
-        msg: Message,
+        mut msg: Message,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> (
@@ -544,6 +544,14 @@ impl RpcWorker {
                 None,
             );
         };
+        // The route's attachment / header changes, written into the frame.
+        let mutation = &m.route.policy.metadata_mutation;
+        if !mutation.is_empty() {
+            mutation.apply(&mut msg.meta.headers);
+            if !shared.codec.write_headers(&mut msg) {
+                tracing::debug!(codec = shared.codec.name(), method = %msg.meta.method, "this message has no headers to change");
+            }
+        }
         // Shadows of a routed request go out whatever happens to it.
         for p in &m.route.policy.request_mirror_policies {
             if !mesh_filter::mirror::sampled(p.fraction) {

@@ -227,3 +227,33 @@ fn thrift_mirror_policies_are_read_and_their_unknown_fields_refused() {
     );
     assert!(e.iter().any(|m| m.contains("nope")), "{e:?}");
 }
+
+#[test]
+fn metadata_mutation_is_read_and_refused_for_thrift() {
+    let filter = |codec: &str| {
+        json!({
+            "name": "mesh.filters.network.rpc_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+                "stat_prefix": "g",
+                "codec": codec,
+                "route_config": {"routes": [{"match": {}, "route": {"cluster": "a",
+                    "metadata_mutation": {"set": [{"key": "x-Env", "value": "canary"}],
+                                          "remove": ["x-debug"]}}}]}
+            }
+        })
+    };
+    let r = rpc(filter("dubbo"));
+    let m = &r.route_config.virtual_hosts[0].routes[0]
+        .policy
+        .metadata_mutation;
+    assert_eq!(m.set, vec![("x-Env".to_owned(), "canary".to_owned())]);
+    assert_eq!(m.remove, vec!["x-debug".to_owned()]);
+    let e = errors(filter("thrift"));
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!(
+            "{BASE}.route_config.routes[0].route.metadata_mutation"
+        ))),
+        "{e:?}"
+    );
+}

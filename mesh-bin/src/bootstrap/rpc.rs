@@ -17,8 +17,9 @@
 //!   `headers` (names are attachment keys or `:service`, `:method`,
 //!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
 //!   (`header` names read the same keys), a `metadata_match`, a
-//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`) and
-//!   `request_mirror_policies` (as Thrift routes have them).
+//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`, ...),
+//!   `request_mirror_policies` (as Thrift routes have them) and a
+//!   `metadata_mutation` (`set`, `remove`: attachments / Bolt headers).
 
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use mesh_core::config::{
     VirtualHost,
 };
 use mesh_core::policy::{
-    FractionalPercent, RequestMirrorPolicy, RetryOn, RetryPolicy, TokenBucketConfig,
+    FractionalPercent, MetadataMutation, RequestMirrorPolicy, RetryOn, RetryPolicy,
+    TokenBucketConfig,
 };
 
 use super::listener::access_logs;
@@ -510,7 +512,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
             rc_name = rc.string(cx, "name").unwrap_or_default();
             for (path, v) in rc.list(cx, "routes") {
                 if let Some(r) = Obj::new(cx, path, v) {
-                    if let Some(r) = generic_route(cx, r) {
+                    if let Some(r) = generic_route(cx, r, codec.as_ref()) {
                         routes.push(r);
                     }
                 }
@@ -547,7 +549,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     }
 }
 
-fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
+fn generic_route(cx: &mut Ctx, mut o: Obj<'_>, codec: Option<&RpcCodec>) -> Option<Route> {
     let mut matchers = Vec::new();
     if let Some(mut m) = o.obj(cx, "match") {
         for (key, pseudo) in [("service", ":service"), ("method", ":method")] {
@@ -562,6 +564,7 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     }
     let mut retry = None;
     let mut mirrors = Vec::new();
+    let mut mutation = MetadataMutation::default();
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
@@ -570,6 +573,16 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
             mirrors = mirror_policies(cx, &mut r);
+            let mutation_path = r.at("metadata_mutation");
+            if let Some(m) = r.obj(cx, "metadata_mutation") {
+                mutation = metadata_mutation(cx, m);
+                if matches!(codec, Some(RpcCodec::Thrift { .. })) && !mutation.is_empty() {
+                    cx.error(
+                        &mutation_path,
+                        "Thrift binary and compact messages carry no headers to change",
+                    );
+                }
+            }
             r.finish(cx);
             let mut a = action(cluster, timeout);
             a.hash_policy = hash_policy;
@@ -587,7 +600,38 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
     r.policy.request_mirror_policies = mirrors;
+    r.policy.metadata_mutation = mutation;
     Some(r)
+}
+
+/// `metadata_mutation` of an `rpc_proxy` route: `set` [{`key`, `value`}]
+/// and `remove` [keys], applied to the request's attachments (Dubbo) or
+/// header map (Bolt) after routing.
+fn metadata_mutation(cx: &mut Ctx, mut o: Obj<'_>) -> MetadataMutation {
+    let mut m = MetadataMutation::default();
+    for (path, key) in o.strings(cx, "remove") {
+        if key.is_empty() {
+            cx.error(&path, "must not be empty");
+        } else {
+            m.remove.push(key);
+        }
+    }
+    for (path, v) in o.list(cx, "set") {
+        let Some(mut kv) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let key_path = kv.at("key");
+        let key = kv.req_string(cx, "key").unwrap_or_default();
+        let value = kv.string(cx, "value").unwrap_or_default();
+        kv.finish(cx);
+        if key.is_empty() {
+            cx.error(&key_path, "must not be empty");
+        } else {
+            m.set.push((key, value));
+        }
+    }
+    o.finish(cx);
+    m
 }
 
 /// `fault` of an `rpc_proxy`: {`delay` {`fixed_delay`, `percentage`},
