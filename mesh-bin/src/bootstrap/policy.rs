@@ -613,7 +613,7 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
 
 /// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
 /// accepted; mesh has no runtime layer, so the default always applies).
-pub(crate) fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
+fn runtime_fraction(cx: &mut Ctx, mut o: Obj<'_>) -> FractionalPercent {
     o.string(cx, "runtime_key");
     let out = match o.obj(cx, "default_value") {
         Some(d) => fractional_percent(cx, d),
@@ -762,6 +762,17 @@ pub(crate) fn mirror_policies(
     cx: &mut Ctx,
     o: &mut Obj<'_>,
 ) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
+    mirror_policy_list(cx, o, true)
+}
+
+/// `request_mirror_policies` of an HTTP route, or (`http` false) of a
+/// Thrift or RPC route, whose policies have no
+/// `disable_shadow_host_suffix_append`.
+pub(crate) fn mirror_policy_list(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+    http: bool,
+) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
     let mut out = Vec::new();
     for (path, v) in o.list(cx, "request_mirror_policies") {
         let Some(mut m) = Obj::new(cx, path, v) else {
@@ -777,9 +788,9 @@ pub(crate) fn mirror_policies(
             .obj(cx, "runtime_fraction")
             .map(|f| runtime_fraction(cx, f))
             .unwrap_or(FractionalPercent::HUNDRED);
-        let disable_shadow_host_suffix_append = m
-            .bool(cx, "disable_shadow_host_suffix_append")
-            .unwrap_or(false);
+        let disable_shadow_host_suffix_append = http
+            && m.bool(cx, "disable_shadow_host_suffix_append")
+                .unwrap_or(false);
         m.finish(cx);
         if !cluster.is_empty() {
             out.push(mesh_core::policy::RequestMirrorPolicy {

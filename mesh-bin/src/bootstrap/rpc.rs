@@ -28,10 +28,7 @@ use mesh_core::config::{
     RouteConfiguration, RouteMatch, RpcCodec, RpcFault, RpcFilter, RpcProxy, ThriftProtocol,
     VirtualHost,
 };
-use mesh_core::policy::{
-    FractionalPercent, MetadataMutation, RequestMirrorPolicy, RetryOn, RetryPolicy,
-    TokenBucketConfig,
-};
+use mesh_core::policy::{MetadataMutation, RetryOn, RetryPolicy, TokenBucketConfig};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -277,7 +274,7 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.refuse(cx, "rate_limits", "not supported yet");
             r.refuse(cx, "strip_service_name", "not supported yet");
-            mirrors = mirror_policies(cx, &mut r);
+            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
             r.finish(cx);
             let mut a = action(cluster, None);
             a.metadata_match = metadata_match;
@@ -294,36 +291,6 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut r = route(matchers, a?);
     r.policy.request_mirror_policies = mirrors;
     Some(r)
-}
-
-/// `request_mirror_policies` of a Thrift or `rpc_proxy` route: each
-/// {`cluster`, `runtime_fraction`} (default: every request), as Envoy's
-/// `thrift_proxy.v3.RouteAction.RequestMirrorPolicy`.
-fn mirror_policies(cx: &mut Ctx, o: &mut Obj<'_>) -> Vec<RequestMirrorPolicy> {
-    let mut out = Vec::new();
-    for (path, v) in o.list(cx, "request_mirror_policies") {
-        let Some(mut m) = Obj::new(cx, path, v) else {
-            continue;
-        };
-        let cluster_path = m.at("cluster");
-        let cluster = m.req_string(cx, "cluster").unwrap_or_default();
-        if !cluster.is_empty() {
-            cx.cluster_ref(cluster_path, cluster.clone());
-        }
-        let fraction = m
-            .obj(cx, "runtime_fraction")
-            .map(|f| super::policy::runtime_fraction(cx, f))
-            .unwrap_or(FractionalPercent::HUNDRED);
-        m.finish(cx);
-        if !cluster.is_empty() {
-            out.push(RequestMirrorPolicy {
-                cluster,
-                fraction,
-                disable_shadow_host_suffix_append: false,
-            });
-        }
-    }
-    out
 }
 
 /// `envoy.filters.network.dubbo_proxy`'s typed config.
@@ -572,7 +539,7 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>, codec: Option<&RpcCodec>) -> Opti
             let hash_policy = super::lb::hash_policies(cx, &mut r, false);
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
-            mirrors = mirror_policies(cx, &mut r);
+            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
             let mutation_path = r.at("metadata_mutation");
             if let Some(m) = r.obj(cx, "metadata_mutation") {
                 mutation = metadata_mutation(cx, m);
