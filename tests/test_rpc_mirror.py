@@ -1,7 +1,8 @@
 """Request mirroring on RPC routes (`request_mirror_policies`).
 
-Thrift, under Envoy's thrift_proxy and mesh on the same YAML, with the
-Apache Thrift Python client and servers: every call is answered by the
+Thrift (framed binary and compact under Envoy's thrift_proxy and mesh on
+the same YAML; unframed under mesh only, as Envoy 1.40 aborts mirroring
+it), with the Apache Thrift Python client and servers: every call is answered by the
 primary and copied to the mirror cluster, a 50 % `runtime_fraction`
 mirrors about half, oneway calls are mirrored as oneway, a dead or hung
 mirror neither delays nor fails the primary, and a mirror cluster with no
@@ -57,16 +58,27 @@ def hung():
     s.close()
 
 
+@pytest.fixture(scope="module",
+                params=[("framed", "binary"), ("framed", "compact"), ("unframed", "binary")],
+                ids=lambda f: f"{f[0]}-{f[1]}")
+def fmt(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def thrift_servers():
-    servers = {n: ThriftServer(n).start() for n in ("a", "m", "half")}
+def thrift_servers(fmt):
+    servers = {n: ThriftServer(n, *fmt).start() for n in ("a", "m", "half")}
     yield servers
     for s in servers.values():
         s.stop()
 
 
 @pytest.fixture(scope="module", params=harness.kind_params())
-def thrift_proxy(request, module_start_proxy, thrift_servers, hung):
+def thrift_proxy(request, module_start_proxy, thrift_servers, hung, fmt):
+    if request.param == "envoy" and fmt[0] == "unframed":
+        # Envoy 1.40 answers the call, then aborts (std::terminate, an
+        # uncaught exception) once it has mirrored an unframed message.
+        pytest.skip("Envoy 1.40 aborts when it mirrors unframed Thrift")
     refused_sock, refused_port = harness.refused_port()
     listeners = [
         rpc_peers.thrift_listener("mirror", thrift_mirror_route("a", [{"cluster": "m"}])),
@@ -86,10 +98,10 @@ def thrift_proxy(request, module_start_proxy, thrift_servers, hung):
 
 
 def test_every_call_is_answered_by_the_primary_and_copied_to_the_mirror(thrift_proxy,
-                                                                         thrift_servers):
+                                                                         thrift_servers, fmt):
     a, m = thrift_servers["a"], thrift_servers["m"]
     a0, m0 = a.calls, m.calls
-    with ThriftClient(thrift_proxy.port("mirror")) as c:
+    with ThriftClient(thrift_proxy.port("mirror"), *fmt) as c:
         for i in range(10):
             assert c.add(i, 100) == i + 100
         assert c.whoami() == "a"  # the answer is the primary's, never the shadow's
@@ -99,10 +111,10 @@ def test_every_call_is_answered_by_the_primary_and_copied_to_the_mirror(thrift_p
     assert m.calls - m0 == 11  # each call mirrored once
 
 
-def test_runtime_fraction_mirrors_about_half(thrift_proxy, thrift_servers):
+def test_runtime_fraction_mirrors_about_half(thrift_proxy, thrift_servers, fmt):
     half = thrift_servers["half"]
     h0 = half.calls
-    with ThriftClient(thrift_proxy.port("half")) as c:
+    with ThriftClient(thrift_proxy.port("half"), *fmt) as c:
         for _ in range(200):
             assert c.whoami() == "a"
     time.sleep(0.5)
@@ -110,18 +122,18 @@ def test_runtime_fraction_mirrors_about_half(thrift_proxy, thrift_servers):
     assert 60 <= half.calls - h0 <= 140, half.calls - h0
 
 
-def test_oneway_calls_are_mirrored(thrift_proxy, thrift_servers):
+def test_oneway_calls_are_mirrored(thrift_proxy, thrift_servers, fmt):
     a, m = thrift_servers["a"], thrift_servers["m"]
     note = f"note-{thrift_proxy.kind}-{time.monotonic_ns()}"
-    with ThriftClient(thrift_proxy.port("mirror")) as c:
+    with ThriftClient(thrift_proxy.port("mirror"), *fmt) as c:
         c.fire(note)
         c.add(1, 1)  # a two-way call behind the oneway on the same connection
     assert wait_for(lambda: note in a.fired and note in m.fired), (a.fired, m.fired)
 
 
-def test_a_dead_or_hung_mirror_neither_delays_nor_fails_the_primary(thrift_proxy):
+def test_a_dead_or_hung_mirror_neither_delays_nor_fails_the_primary(thrift_proxy, fmt):
     # The client gives up after 3 s; the hung mirror never answers at all.
-    with ThriftClient(thrift_proxy.port("bad"), timeout=3.0) as c:
+    with ThriftClient(thrift_proxy.port("bad"), *fmt, timeout=3.0) as c:
         for i in range(20):
             assert c.add(i, 1) == i + 1
         c.fire("into-the-void")
@@ -129,12 +141,17 @@ def test_a_dead_or_hung_mirror_neither_delays_nor_fails_the_primary(thrift_proxy
     assert thrift_proxy.alive()
 
 
-def test_a_mirror_cluster_without_endpoints_counts_a_submit_failure(thrift_proxy):
+def test_a_mirror_cluster_without_endpoints_counts_a_submit_failure(thrift_proxy, fmt):
+    def failures():
+        text = thrift_proxy.admin_text("/stats/prometheus")
+        return harness.prometheus_value(text, "envoy_thrift_shadow_request_submit_failure",
+                                        envoy_thrift_prefix="empty") or 0
+
+    before = failures()
     for i in range(3):
-        assert thrift_call(thrift_proxy.port("empty"), "add", i, i) == 2 * i
-    text = thrift_proxy.admin_text("/stats/prometheus")
-    assert harness.prometheus_value(text, "envoy_thrift_shadow_request_submit_failure",
-                                    envoy_thrift_prefix="empty") == 3
+        assert thrift_call(thrift_proxy.port("empty"), "add", i, i,
+                           transport=fmt[0], protocol=fmt[1]) == 2 * i
+    assert failures() - before == 3
 
 
 # ------------------------------------------------- mesh rpc_proxy: dubbo / bolt
