@@ -48,6 +48,8 @@ pub(crate) struct Chain {
     pub(crate) handshake_timeout: Option<Duration>,
     /// `envoy.filters.network.rbac`.
     pub(crate) rbac: Option<mesh_filter::rbac::RbacFilter>,
+    /// `envoy.filters.network.local_ratelimit`.
+    pub(crate) rate_limit: Option<mesh_filter::local_ratelimit::ConnectionRateLimiter>,
 }
 
 /// A listener's filter chains and how one is chosen.
@@ -171,6 +173,10 @@ impl WorkerChains {
             return;
         };
         let chain = &shared.chains[index];
+        if chain.rate_limit.as_ref().is_some_and(|r| !r.admit()) {
+            tracing::debug!(%peer, "local_ratelimit: connection over the limit; closing");
+            return;
+        }
         if let (WorkerTerminal::Rpc(worker), None) = (&self.terminals[index], &chain.rbac) {
             // RPC chains are plain text (TLS on them is refused at start).
             let a = Accepted {

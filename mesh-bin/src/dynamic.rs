@@ -52,6 +52,7 @@ use mesh_core::listener::{
     accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
 };
 use mesh_core::stats::{GaugeGuard, Store};
+use mesh_filter::local_ratelimit::ConnectionRateLimiter;
 use mesh_lb::{dns, Balancer};
 use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::types::{self, Protocol, Service};
@@ -1087,6 +1088,20 @@ impl Manager {
             .connection_limit
             .as_ref()
             .map(|c| ConnectionLimiter::new(c.max_connections as usize, c.delay));
+        // `envoy.filters.network.local_ratelimit`: one bucket for every
+        // worker, checked before the terminal filter runs.
+        let rate_limit = l
+            .filter_chains
+            .first()
+            .and_then(|c| c.local_ratelimit.as_ref())
+            .map(|c| Arc::new(ConnectionRateLimiter::new(c, &self.cx.store)));
+        let admit = move |peer: SocketAddr| {
+            let ok = rate_limit.as_ref().is_none_or(|r| r.admit());
+            if !ok {
+                tracing::debug!(%peer, "local_ratelimit: connection over the limit; closing");
+            }
+            ok
+        };
         let terminal = match built {
             Built::Http(proxies, server) => {
                 let server = Arc::new(server);
@@ -1099,6 +1114,7 @@ impl Manager {
                     let global = self.cx.drain.clone();
                     let limiter = limiter.clone();
                     let stats = stats.clone();
+                    let admit = admit.clone();
                     self.cx.workers[w].spawn(async move {
                         let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
                             tracing::error!("worker could not register a listener");
@@ -1106,11 +1122,15 @@ impl Manager {
                         };
                         let token = drain.token();
                         accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
+                            let admitted = admit(a.peer);
                             let svc = ConnService::swapping(slot.clone(), a.peer, a.local);
                             let server = server.clone();
                             let token = token.clone();
                             let hstats = slot.load().shared().stats.clone();
                             global.track(async move {
+                                if !admitted {
+                                    return;
+                                }
                                 hstats.cx_total.inc();
                                 let _cx = GaugeGuard::new(&hstats.cx_active);
                                 serve_connection(a.stream, &server, svc, token).await;
@@ -1130,13 +1150,20 @@ impl Manager {
                     let global = self.cx.drain.clone();
                     let limiter = limiter.clone();
                     let stats = stats.clone();
+                    let admit = admit.clone();
                     self.cx.workers[w].spawn(async move {
                         let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
                             tracing::error!("worker could not register a listener");
                             return;
                         };
                         accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a))
+                            let admitted = admit(a.peer);
+                            let tcp = slot.load_full();
+                            global.track(async move {
+                                if admitted {
+                                    tcp.handle(a).await
+                                }
+                            })
                         })
                         .await;
                     });
@@ -1152,6 +1179,7 @@ impl Manager {
                     let global = self.cx.drain.clone();
                     let limiter = limiter.clone();
                     let stats = stats.clone();
+                    let admit = admit.clone();
                     self.cx.workers[w].spawn(async move {
                         let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
                             tracing::error!("worker could not register a listener");
@@ -1159,7 +1187,14 @@ impl Manager {
                         };
                         let token = drain.token();
                         accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a, token.clone()))
+                            let admitted = admit(a.peer);
+                            let rpc = slot.load_full();
+                            let token = token.clone();
+                            global.track(async move {
+                                if admitted {
+                                    rpc.handle(a, token).await
+                                }
+                            })
                         })
                         .await;
                     });
@@ -1262,8 +1297,10 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         NetworkFilter::TcpProxy(_) => Some((1, None)),
         NetworkFilter::Rpc(_) => Some((2, None)),
     };
+    let rate_limit = |l: &Listener| l.filter_chains.first()?.local_ratelimit.clone();
     old.address == new.address
         && old.connection_limit == new.connection_limit
+        && rate_limit(old) == rate_limit(new)
         && server(old) == server(new)
 }
 

@@ -506,6 +506,20 @@ impl Default for LocalRateLimitConfig {
     }
 }
 
+/// Envoy `extensions.filters.network.local_ratelimit.v3.LocalRateLimit`:
+/// a token bucket for the connections of one filter chain; a connection
+/// finding it empty is closed at accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkLocalRateLimit {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `token_bucket` (required; `fill_interval` at least 50 ms).
+    pub token_bucket: TokenBucketConfig,
+    /// `runtime_enabled.default_value` (default true): false turns the
+    /// filter off (mesh has no runtime layer, so the default applies).
+    pub enabled: bool,
+}
+
 /// Name and switches of one entry of the HCM's `http_filters` (the entry
 /// at the same index of `HttpConnectionManager::http_filters` says what the
 /// filter is).

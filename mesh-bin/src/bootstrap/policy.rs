@@ -4,6 +4,7 @@
 //! `config.cluster.v3.CircuitBreakers`, `HttpFilter`).
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use mesh_core::config::HttpFilter;
 use mesh_core::policy::{AbortKind, FaultAbort, FaultConfig, FaultDelay};
@@ -504,52 +505,8 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
         stat_prefix: o.req_string(cx, "stat_prefix").unwrap_or_default(),
         ..LocalRateLimitConfig::default()
     };
-    if let Some(mut b) = o.obj(cx, "token_bucket") {
-        let max_path = b.at("max_tokens");
-        let max_tokens = match b.u32(cx, "max_tokens") {
-            Some(0) => {
-                cx.error(&max_path, "must be greater than 0");
-                None
-            }
-            Some(n) => Some(n),
-            None => {
-                if !b.has("max_tokens") {
-                    cx.missing(&max_path);
-                }
-                None
-            }
-        };
-        let fill_path = b.at("tokens_per_fill");
-        let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
-            Some(0) => {
-                cx.error(&fill_path, "must be greater than 0");
-                1
-            }
-            Some(n) => n,
-            None => 1,
-        };
-        let interval_path = b.at("fill_interval");
-        let fill_interval = match b.duration(cx, "fill_interval") {
-            Some(d) if d.is_zero() => {
-                cx.error(&interval_path, "must be greater than 0s");
-                None
-            }
-            Some(d) => Some(d),
-            None => {
-                if !b.has("fill_interval") {
-                    cx.missing(&interval_path);
-                }
-                None
-            }
-        };
-        b.finish(cx);
-        if let (Some(max_tokens), Some(fill_interval)) = (max_tokens, fill_interval) {
-            c.token_bucket = Some(TokenBucketConfig {
-                max_tokens,
-                tokens_per_fill,
-                fill_interval,
-            });
-        }
+    if let Some(b) = o.obj(cx, "token_bucket") {
+        c.token_bucket = token_bucket(cx, b);
     }
     if let Some(p) = o.obj(cx, "filter_enabled") {
         c.filter_enabled = runtime_fraction(cx, p);
@@ -603,6 +560,107 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
         "not supported yet",
     );
     c
+}
+
+/// A `type.v3.TokenBucket`; `None` (with errors reported) when invalid.
+fn token_bucket(cx: &mut Ctx, mut b: Obj<'_>) -> Option<TokenBucketConfig> {
+    let max_path = b.at("max_tokens");
+    let max_tokens = match b.u32(cx, "max_tokens") {
+        Some(0) => {
+            cx.error(&max_path, "must be greater than 0");
+            None
+        }
+        Some(n) => Some(n),
+        None => {
+            if !b.has("max_tokens") {
+                cx.missing(&max_path);
+            }
+            None
+        }
+    };
+    let fill_path = b.at("tokens_per_fill");
+    let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+        Some(0) => {
+            cx.error(&fill_path, "must be greater than 0");
+            1
+        }
+        Some(n) => n,
+        None => 1,
+    };
+    let interval_path = b.at("fill_interval");
+    let fill_interval = match b.duration(cx, "fill_interval") {
+        Some(d) if d.is_zero() => {
+            cx.error(&interval_path, "must be greater than 0s");
+            None
+        }
+        Some(d) => Some(d),
+        None => {
+            if !b.has("fill_interval") {
+                cx.missing(&interval_path);
+            }
+            None
+        }
+    };
+    b.finish(cx);
+    Some(TokenBucketConfig {
+        max_tokens: max_tokens?,
+        tokens_per_fill,
+        fill_interval: fill_interval?,
+    })
+}
+
+/// `envoy.filters.network.local_ratelimit`'s typed config.
+pub(crate) fn network_local_ratelimit(
+    cx: &mut Ctx,
+    mut o: Obj<'_>,
+) -> Option<mesh_core::policy::NetworkLocalRateLimit> {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let bucket_path = o.at("token_bucket");
+    let bucket = match o.obj(cx, "token_bucket") {
+        Some(b) => token_bucket(cx, b),
+        None => {
+            if !o.has("token_bucket") {
+                cx.missing(&bucket_path);
+            }
+            None
+        }
+    };
+    if let Some(b) = bucket.filter(|b| b.fill_interval < Duration::from_millis(50)) {
+        // Envoy refuses faster refills for connection limits.
+        cx.error(
+            &format!("{bucket_path}.fill_interval"),
+            format!("must be at least 50ms, found {:?}", b.fill_interval),
+        );
+    }
+    let mut enabled = true;
+    if let Some(mut f) = o.obj(cx, "runtime_enabled") {
+        // A `RuntimeFeatureFlag`: mesh has no runtime layer, so the
+        // default applies.
+        f.req_string(cx, "runtime_key");
+        let value_path = f.at("default_value");
+        match f.bool(cx, "default_value") {
+            Some(v) => enabled = v,
+            None => {
+                if !f.has("default_value") {
+                    cx.missing(&value_path);
+                }
+            }
+        }
+        f.finish(cx);
+    }
+    let share_path = o.at("share_key");
+    if o.string(cx, "share_key").is_some_and(|k| !k.is_empty()) {
+        cx.unsupported(
+            &share_path,
+            Some("token buckets shared between filter chains are not supported"),
+        );
+    }
+    o.finish(cx);
+    Some(mesh_core::policy::NetworkLocalRateLimit {
+        stat_prefix,
+        token_bucket: bucket?,
+        enabled,
+    })
 }
 
 /// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
