@@ -11,14 +11,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use mesh_core::config::{HeaderMutations, HttpConnectionManager, HttpFilter};
 use mesh_core::headers::{CompiledMutations, StreamInfo};
-use mesh_core::policy::{FilterOverride, LocalRateLimitConfig, PerFilterConfig};
+use mesh_core::policy::{
+    FilterOverride, LocalRateLimitConfig, PerFilterConfig, RateLimitPolicy, VhRateLimits,
+};
 use mesh_core::router::CompiledAction;
 use mesh_core::router::{RouteMatch, RouteTable};
 use mesh_core::stats::Store;
 use mesh_core::ResponseFlag;
+use mesh_filter::descriptors::{Descriptor, RateLimitEntry, RequestFacts};
 use mesh_filter::fault::{Abort, ActiveFault, FaultInjector, FaultStats};
 use mesh_filter::local_ratelimit::{LocalRateLimitStats, LocalRateLimiter, Verdict};
 
@@ -121,6 +124,9 @@ pub struct LocalReply {
 #[derive(Debug, Default)]
 pub struct FilterChain {
     filters: Vec<Filter>,
+    /// Compiled `rate_limits` of routes and virtual hosts, by the address
+    /// of their policy (as `overrides`).
+    rate_limits: HashMap<usize, Vec<RateLimitEntry>>,
 }
 
 fn policy_key<T>(p: &Arc<T>) -> usize {
@@ -180,7 +186,88 @@ impl FilterChain {
                 overrides,
             });
         }
-        Ok(FilterChain { filters })
+        let mut rate_limits = HashMap::new();
+        let mut compile = |key: usize, policies: &[RateLimitPolicy], path: String| {
+            if policies.is_empty() {
+                return Ok(());
+            }
+            let compiled = policies
+                .iter()
+                .enumerate()
+                .map(|(k, p)| RateLimitEntry::compile(p, &format!("{path}.rate_limits[{k}]")))
+                .collect::<Result<Vec<_>, String>>()?;
+            rate_limits.insert(key, compiled);
+            Ok::<(), String>(())
+        };
+        for (v, vh) in routes.virtual_hosts().iter().enumerate() {
+            compile(
+                policy_key(&vh.policy),
+                &vh.policy.rate_limits,
+                format!("route_config.virtual_hosts[{v}]"),
+            )?;
+            for (r, route) in vh.routes().iter().enumerate() {
+                compile(
+                    policy_key(&route.policy),
+                    &route.policy.rate_limits,
+                    format!("route_config.virtual_hosts[{v}].routes[{r}].route"),
+                )?;
+            }
+        }
+        Ok(FilterChain {
+            filters,
+            rate_limits,
+        })
+    }
+
+    /// The descriptors of a request for a limiter of `stage`: the route's
+    /// `rate_limits`, and the virtual host's as `vh` (or the route's
+    /// `include_vh_rate_limits`) says.
+    fn descriptors<B>(
+        &self,
+        m: Option<&RouteMatch<'_>>,
+        req: &Request<B>,
+        info: &StreamInfo,
+        stage: u32,
+        vh: VhRateLimits,
+    ) -> Vec<Descriptor> {
+        let mut out = Vec::new();
+        let Some(m) = m else {
+            return out;
+        };
+        let CompiledAction::Route(action) = &m.route.action else {
+            return out;
+        };
+        let names = action.cluster_names();
+        let facts = RequestFacts {
+            remote: info.downstream_remote,
+            // A weighted route's cluster is chosen after the filters run.
+            cluster: (names.len() == 1).then(|| &*names[0]),
+        };
+        let mut add = |key: usize| -> bool {
+            let Some(entries) = self.rate_limits.get(&key) else {
+                return false;
+            };
+            for e in entries.iter().filter(|e| e.stage() == stage) {
+                out.extend(e.descriptor(req, facts));
+            }
+            true
+        };
+        let route_has = add(policy_key(&m.route.policy));
+        let vh = if m.route.policy.include_vh_rate_limits {
+            VhRateLimits::Include
+        } else {
+            vh
+        };
+        match vh {
+            VhRateLimits::Include => {
+                add(policy_key(&m.vhost.policy));
+            }
+            VhRateLimits::Override if !route_has => {
+                add(policy_key(&m.vhost.policy));
+            }
+            _ => {}
+        }
+        out
     }
 
     /// Whether there is no filter besides the router.
@@ -190,13 +277,14 @@ impl FilterChain {
 
     /// Runs the request side of every filter for a request that matched
     /// `m` (or no route).
-    pub fn on_request(
+    pub fn on_request<B>(
         &self,
         m: Option<&RouteMatch<'_>>,
         info: &StreamInfo,
-        headers: &HeaderMap,
+        req: &Request<B>,
         start: usize,
     ) -> Decision {
+        let headers = req.headers();
         let mut decision = Decision::Continue;
         for (i, f) in self.filters.iter().enumerate().skip(start) {
             let o = m.and_then(|m| {
@@ -252,8 +340,14 @@ impl FilterChain {
                     };
                 }
             };
-            let verdict = rl.limiter.check();
-            let rate_headers = rl.limiter.rate_limit_headers();
+            let descriptors = if rl.limiter.has_descriptors() {
+                let c = &rl.limiter.config;
+                self.descriptors(m, req, info, c.stage, c.vh_rate_limits)
+            } else {
+                Vec::new()
+            };
+            let (verdict, bucket) = rl.limiter.check_descriptors(&descriptors);
+            let rate_headers = rl.limiter.rate_limit_headers(bucket);
             if verdict == Verdict::Limited {
                 let mut headers = HeaderMap::new();
                 rl.limited_headers.response.apply(&mut headers, info);

@@ -330,10 +330,7 @@ impl HttpProxy {
         let mut _active_fault = None;
         let mut start = 0;
         while !shared.filters.is_empty() {
-            match shared
-                .filters
-                .on_request(route.as_ref(), info, req.headers(), start)
-            {
+            match shared.filters.on_request(route.as_ref(), info, &req, start) {
                 FilterDecision::Continue => break,
                 FilterDecision::ContinueWith(h) => {
                     filter_headers = Some(h);

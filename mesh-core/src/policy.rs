@@ -319,6 +319,8 @@ pub struct VhostPolicy {
     pub per_request_buffer_limit_bytes: Option<u32>,
     /// `typed_per_filter_config`.
     pub per_filter: Vec<PerFilterConfig>,
+    /// `rate_limits`: the descriptors the local rate limit filter looks up.
+    pub rate_limits: Vec<RateLimitPolicy>,
 }
 
 /// Policy of a route (besides what [`crate::config::RouteAction`] holds).
@@ -339,6 +341,86 @@ pub struct RoutePolicy {
     pub grpc_timeout_offset: Option<Duration>,
     /// `route.request_mirror_policies`.
     pub request_mirror_policies: Vec<RequestMirrorPolicy>,
+    /// `route.rate_limits`: the descriptors the local rate limit filter
+    /// looks up.
+    pub rate_limits: Vec<RateLimitPolicy>,
+    /// `route.include_vh_rate_limits`: the virtual host's `rate_limits`
+    /// apply too.
+    pub include_vh_rate_limits: bool,
+}
+
+/// Envoy `config.route.v3.RateLimit`: one descriptor made of the entries
+/// its actions produce (none when an action cannot produce its entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitPolicy {
+    /// `stage` (default 0): only filters of the same stage use it.
+    pub stage: u32,
+    /// `actions`, in order.
+    pub actions: Vec<RateLimitAction>,
+}
+
+/// One `RateLimit.Action`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateLimitAction {
+    /// `request_headers`: `(descriptor_key, value of header_name)`.
+    RequestHeaders {
+        /// `header_name`.
+        header_name: String,
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `skip_if_absent`: a missing header drops only this entry, not
+        /// the descriptor.
+        skip_if_absent: bool,
+    },
+    /// `remote_address`: `("remote_address", peer IP)`.
+    RemoteAddress,
+    /// `generic_key`: `(descriptor_key or "generic_key", descriptor_value)`.
+    GenericKey {
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `descriptor_value`.
+        descriptor_value: String,
+    },
+    /// `header_value_match`: `(descriptor_key or "header_match",
+    /// descriptor_value)` when the headers match (or not, per
+    /// `expect_match`).
+    HeaderValueMatch {
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `descriptor_value`.
+        descriptor_value: String,
+        /// `expect_match` (default true).
+        expect_match: bool,
+        /// `headers`.
+        headers: Vec<crate::config::HeaderMatcher>,
+    },
+    /// `destination_cluster`: `("destination_cluster", the route's
+    /// cluster)`.
+    DestinationCluster,
+}
+
+/// `LocalRateLimit.vh_rate_limits`: how a virtual host's `rate_limits`
+/// combine with the route's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VhRateLimits {
+    /// `OVERRIDE` (default): the virtual host's apply when the route has
+    /// none.
+    #[default]
+    Override,
+    /// `INCLUDE`: both apply.
+    Include,
+    /// `IGNORE`: only the route's apply.
+    Ignore,
+}
+
+/// One `LocalRateLimit.descriptors` entry: requests whose descriptors
+/// include exactly these entries take tokens from this bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRateLimitDescriptor {
+    /// `entries`: `(key, value)` pairs, in order.
+    pub entries: Vec<(String, String)>,
+    /// `token_bucket`.
+    pub token_bucket: TokenBucketConfig,
 }
 
 /// Envoy `RouteAction.RequestMirrorPolicy`: a fraction of the route's
@@ -490,6 +572,15 @@ pub struct LocalRateLimitConfig {
     pub x_ratelimit_headers: bool,
     /// `response_headers_to_add`: added to limited responses.
     pub response_headers_to_add: Vec<crate::config::HeaderValueOption>,
+    /// `descriptors`: buckets for requests with matching descriptors.
+    pub descriptors: Vec<LocalRateLimitDescriptor>,
+    /// `always_consume_default_token_bucket` (default true): a request
+    /// matching descriptors takes a default-bucket token too.
+    pub always_consume_default_token_bucket: bool,
+    /// `stage`: which route `rate_limits` entries apply.
+    pub stage: u32,
+    /// `vh_rate_limits`.
+    pub vh_rate_limits: VhRateLimits,
 }
 
 impl Default for LocalRateLimitConfig {
@@ -502,6 +593,10 @@ impl Default for LocalRateLimitConfig {
             status: 429,
             x_ratelimit_headers: false,
             response_headers_to_add: Vec::new(),
+            descriptors: Vec::new(),
+            always_consume_default_token_bucket: true,
+            stage: 0,
+            vh_rate_limits: VhRateLimits::Override,
         }
     }
 }

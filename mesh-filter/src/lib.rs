@@ -12,6 +12,7 @@
 //! | [`circuit_breaker`]: `ResourceManager` (limits and the retry budget) | cluster `circuit_breakers.thresholds` |
 //! | [`fault`]: `FaultInjector` (delay / abort, header-controlled faults, `max_active_faults`) | `envoy.filters.http.fault` |
 //! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
+//! | [`descriptors`]: `RateLimitEntry` (what `rate_limits` actions make of a request) | route / virtual host `rate_limits` |
 //! | [`mirror`]: `TeeBody`, `sampled`, `shadow_authority` | route `request_mirror_policies` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+pub mod descriptors;
 pub mod fault;
 pub mod local_ratelimit;
 pub mod mirror;

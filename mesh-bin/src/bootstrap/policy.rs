@@ -545,14 +545,31 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
             Some("mesh's buckets are shared by all connections"),
         );
     }
-    o.bool(cx, "always_consume_default_token_bucket");
-    if o.u32(cx, "stage").is_some_and(|s| s != 0) {
-        cx.unsupported(&o.at("stage"), Some("only stage 0"));
+    c.always_consume_default_token_bucket = o
+        .bool(cx, "always_consume_default_token_bucket")
+        .unwrap_or(true);
+    let stage_path = o.at("stage");
+    c.stage = o.u32(cx, "stage").unwrap_or(0);
+    if c.stage > 10 {
+        cx.error(&stage_path, "must be at most 10");
     }
+    c.descriptors = local_descriptors(cx, o);
+    c.vh_rate_limits = o
+        .enumeration(
+            cx,
+            "vh_rate_limits",
+            &[
+                ("OVERRIDE", mesh_core::policy::VhRateLimits::Override),
+                ("INCLUDE", mesh_core::policy::VhRateLimits::Include),
+                ("IGNORE", mesh_core::policy::VhRateLimits::Ignore),
+            ],
+            &[],
+        )
+        .unwrap_or_default();
     o.empty_list(
         cx,
-        "descriptors",
-        "rate limit descriptors are not supported yet",
+        "rate_limits",
+        "rate limits in the filter configuration are not supported; set them on the route",
     );
     o.empty_list(
         cx,
@@ -607,6 +624,187 @@ fn token_bucket(cx: &mut Ctx, mut b: Obj<'_>) -> Option<TokenBucketConfig> {
         tokens_per_fill,
         fill_interval: fill_interval?,
     })
+}
+
+/// A route's or virtual host's `rate_limits`.
+pub(crate) fn rate_limits(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> Vec<mesh_core::policy::RateLimitPolicy> {
+    let mut out = Vec::new();
+    for (path, v) in o.list(cx, "rate_limits") {
+        let Some(mut r) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let stage_path = r.at("stage");
+        let stage = r.u32(cx, "stage").unwrap_or(0);
+        if stage > 10 {
+            cx.error(&stage_path, "must be at most 10");
+        }
+        r.string(cx, "disable_key");
+        r.refuse(
+            cx,
+            "limit",
+            "dynamic rate limit overrides are not supported",
+        );
+        r.refuse(cx, "hits_addend", "hits_addend is not supported");
+        r.refuse(
+            cx,
+            "apply_on_stream_done",
+            "apply_on_stream_done is not supported",
+        );
+        let actions_path = r.at("actions");
+        let mut actions = Vec::new();
+        for (apath, av) in r.list(cx, "actions") {
+            let Some(mut a) = Obj::new(cx, apath, av) else {
+                continue;
+            };
+            if let Some(action) = rate_limit_action(cx, &mut a) {
+                actions.push(action);
+            }
+            a.finish(cx);
+        }
+        if actions.is_empty() && !cx.errors.iter().any(|e| e.path.starts_with(&actions_path)) {
+            cx.error(&actions_path, "at least one action is required");
+        }
+        r.finish(cx);
+        out.push(mesh_core::policy::RateLimitPolicy { stage, actions });
+    }
+    out
+}
+
+/// One `RateLimit.Action` (exactly one kind of action).
+fn rate_limit_action(cx: &mut Ctx, a: &mut Obj<'_>) -> Option<mesh_core::policy::RateLimitAction> {
+    use mesh_core::policy::RateLimitAction as A;
+    const KINDS: [&str; 5] = [
+        "request_headers",
+        "remote_address",
+        "generic_key",
+        "header_value_match",
+        "destination_cluster",
+    ];
+    let kind = super::reader::one_of(cx, a, &KINDS, false);
+    let Some(kind) = kind else {
+        // Another kind (source_cluster, metadata, ...) is reported by
+        // `finish`; none at all is an error.
+        if a.is_empty() {
+            cx.error(a.path(), "an action is required");
+        }
+        return None;
+    };
+    let mut b = a.obj(cx, kind)?;
+    let out = match kind {
+        "request_headers" => {
+            let header_name = b
+                .req_string(cx, "header_name")
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let descriptor_key = b.req_string(cx, "descriptor_key").unwrap_or_default();
+            let skip_if_absent = b.bool(cx, "skip_if_absent").unwrap_or(false);
+            A::RequestHeaders {
+                header_name,
+                descriptor_key,
+                skip_if_absent,
+            }
+        }
+        "remote_address" => A::RemoteAddress,
+        "destination_cluster" => A::DestinationCluster,
+        "generic_key" => {
+            let descriptor_value = b.req_string(cx, "descriptor_value").unwrap_or_default();
+            let descriptor_key = b
+                .string(cx, "descriptor_key")
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "generic_key".to_owned());
+            A::GenericKey {
+                descriptor_key,
+                descriptor_value,
+            }
+        }
+        _ => {
+            let descriptor_value = b.req_string(cx, "descriptor_value").unwrap_or_default();
+            let descriptor_key = b
+                .string(cx, "descriptor_key")
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "header_match".to_owned());
+            let expect_match = b.bool(cx, "expect_match").unwrap_or(true);
+            let headers_path = b.at("headers");
+            let mut headers = Vec::new();
+            for (path, v) in b.list(cx, "headers") {
+                if let Some(h) = Obj::new(cx, path, v) {
+                    headers.push(header_matcher(cx, h));
+                }
+            }
+            if headers.is_empty() {
+                cx.error(&headers_path, "at least one header matcher is required");
+            }
+            A::HeaderValueMatch {
+                descriptor_key,
+                descriptor_value,
+                expect_match,
+                headers,
+            }
+        }
+    };
+    b.finish(cx);
+    Some(out)
+}
+
+/// `LocalRateLimit.descriptors`.
+fn local_descriptors(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> Vec<mesh_core::policy::LocalRateLimitDescriptor> {
+    let mut out: Vec<mesh_core::policy::LocalRateLimitDescriptor> = Vec::new();
+    for (path, v) in o.list(cx, "descriptors") {
+        let Some(mut d) = Obj::new(cx, path.clone(), v) else {
+            continue;
+        };
+        let entries_path = d.at("entries");
+        let mut entries = Vec::new();
+        for (epath, ev) in d.list(cx, "entries") {
+            let Some(mut e) = Obj::new(cx, epath, ev) else {
+                continue;
+            };
+            let key = e.req_string(cx, "key").unwrap_or_default();
+            let value_path = e.at("value");
+            let value = e.string(cx, "value").unwrap_or_default();
+            if value.is_empty() {
+                cx.unsupported(
+                    &value_path,
+                    Some("descriptor entries without a value (one bucket per value) are not supported"),
+                );
+            }
+            e.finish(cx);
+            entries.push((key, value));
+        }
+        if entries.is_empty() {
+            cx.error(&entries_path, "at least one entry is required");
+        }
+        let bucket_path = d.at("token_bucket");
+        let bucket = match d.obj(cx, "token_bucket") {
+            Some(b) => token_bucket(cx, b),
+            None => {
+                if !d.has("token_bucket") {
+                    cx.missing(&bucket_path);
+                }
+                None
+            }
+        };
+        d.finish(cx);
+        if out.iter().any(|o| o.entries == entries) {
+            cx.error(
+                &path,
+                "duplicate descriptor (same entries as an earlier one)",
+            );
+        }
+        if let Some(token_bucket) = bucket {
+            out.push(mesh_core::policy::LocalRateLimitDescriptor {
+                entries,
+                token_bucket,
+            });
+        }
+    }
+    out
 }
 
 /// `envoy.filters.network.local_ratelimit`'s typed config.
