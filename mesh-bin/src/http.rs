@@ -900,6 +900,7 @@ impl HttpProxy {
                 Ok(Err(e)) => match e.kind() {
                     FailureKind::Connect => Outcome::ConnectFailure,
                     FailureKind::Overflow => Outcome::Fatal,
+                    FailureKind::Reset if e.is_refused_stream() => Outcome::RefusedStream,
                     FailureKind::Reset | FailureKind::UpstreamProtocol => Outcome::Reset,
                     FailureKind::DownstreamBody | FailureKind::RequestTimeout => Outcome::Fatal,
                 },
