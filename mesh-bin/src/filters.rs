@@ -89,6 +89,8 @@ pub enum Decision {
         resume: usize,
         /// The active-fault count.
         active: Option<ActiveFault>,
+        /// `response_rate_limit`: the response body's bandwidth, KiB/s.
+        response_kbps: Option<u64>,
     },
 }
 
@@ -337,6 +339,7 @@ impl FilterChain {
                         abort,
                         resume: i + 1,
                         active: fault.active,
+                        response_kbps: fault.response_kbps,
                     };
                 }
             };

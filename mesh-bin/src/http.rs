@@ -328,6 +328,7 @@ impl HttpProxy {
         // route, as in Envoy).
         let mut filter_headers = None;
         let mut _active_fault = None;
+        let mut throttle = None;
         let mut start = 0;
         while !shared.filters.is_empty() {
             match shared.filters.on_request(route.as_ref(), info, &req, start) {
@@ -342,8 +343,10 @@ impl HttpProxy {
                     abort,
                     resume,
                     active,
+                    response_kbps,
                 } => {
                     _active_fault = active;
+                    throttle = response_kbps.or(throttle);
                     if let Some(d) = delay {
                         shared.stats.flag(ResponseFlag::DelayInjected);
                         tokio::time::sleep(d).await;
@@ -391,6 +394,16 @@ impl HttpProxy {
         };
         if let Some(h) = filter_headers {
             h.apply(resp.headers_mut());
+        }
+        if let Some(kbps) = throttle {
+            // The fault stays active while the slowed body drains.
+            let guard = _active_fault
+                .take()
+                .map(|a| Box::new(a) as Box<dyn std::any::Any + Send>);
+            let body = std::mem::take(resp.body_mut());
+            *resp.body_mut() = ProxyBody::Boxed(Box::pin(
+                mesh_filter::throttle::ThrottledBody::new(body, kbps, guard),
+            ));
         }
         resp
     }

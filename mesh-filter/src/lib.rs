@@ -13,6 +13,7 @@
 //! | [`fault`]: `FaultInjector` (delay / abort, header-controlled faults, `max_active_faults`) | `envoy.filters.http.fault` |
 //! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
 //! | [`descriptors`]: `RateLimitEntry` (what `rate_limits` actions make of a request) | route / virtual host `rate_limits` |
+//! | [`throttle`]: `ThrottledBody` (a response body at a bandwidth) | `envoy.filters.http.fault` `response_rate_limit` |
 //! | [`mirror`]: `TeeBody`, `sampled`, `shadow_authority` | route `request_mirror_policies` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
@@ -28,3 +29,4 @@ pub mod local_ratelimit;
 pub mod mirror;
 pub mod rbac;
 pub mod retry;
+pub mod throttle;

@@ -977,11 +977,54 @@ fn fault(cx: &mut Ctx, o: &mut Obj<'_>) -> FaultConfig {
         }
     }
     c.upstream_cluster = o.string(cx, "upstream_cluster").filter(|s| !s.is_empty());
-    o.refuse(
-        cx,
-        "response_rate_limit",
-        "response bandwidth limits are not supported yet",
-    );
+    if let Some(mut r) = o.obj(cx, "response_rate_limit") {
+        let kind = super::reader::one_of(cx, &r, &["fixed_limit", "header_limit"], true);
+        let limit = match kind {
+            Some("fixed_limit") => r.obj(cx, "fixed_limit").map(|mut f| {
+                let path = f.at("limit_kbps");
+                let kbps = match f.u64(cx, "limit_kbps") {
+                    Some(0) => {
+                        cx.error(&path, "must be at least 1");
+                        None
+                    }
+                    Some(k) => Some(k),
+                    None => {
+                        if !f.has("limit_kbps") {
+                            cx.missing(&path);
+                        }
+                        None
+                    }
+                };
+                f.finish(cx);
+                kbps
+            }),
+            Some(_) => {
+                r.empty_obj(cx, "header_limit");
+                Some(None)
+            }
+            None => None,
+        };
+        let percentage = r
+            .obj(cx, "percentage")
+            .map(|p| fractional_percent(cx, p))
+            .unwrap_or(FractionalPercent::ZERO);
+        r.finish(cx);
+        match limit {
+            Some(Some(k)) => {
+                c.response_rate_limit = Some(mesh_core::policy::FaultRateLimit {
+                    limit_kbps: Some(k),
+                    percentage,
+                })
+            }
+            Some(None) if kind == Some("header_limit") => {
+                c.response_rate_limit = Some(mesh_core::policy::FaultRateLimit {
+                    limit_kbps: None,
+                    percentage,
+                })
+            }
+            _ => {}
+        }
+    }
     o.empty_list(cx, "downstream_nodes", "downstream nodes are not supported");
     for key in [
         "delay_percent_runtime",
