@@ -865,11 +865,19 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
+            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+                // `max_connection_pools`: Envoy's router finds no pool and
+                // answers as with no healthy upstream.
+                return self.local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    ResponseFlag::NoHealthyUpstream,
+                );
+            };
             cstats.rq_total.inc();
             endpoint.stats.rq_total.inc();
             let rq_active = resources.requests.acquire();
             let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
-            let pool = cluster.pool(endpoint.addr, h2);
             let try_start = tokio::time::Instant::now();
             last_try_start = try_start;
             let mut wait = deadline.map(|d| (d, Expiry::Route));

@@ -260,6 +260,14 @@ impl EndpointPool {
         }
     }
 
+    /// Whether the pool holds no connection (no idle HTTP/1.1 connection,
+    /// no open HTTP/2 connection), so dropping it closes nothing.
+    pub fn is_idle(&self) -> bool {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        idle.is_empty() && h2.as_ref().is_none_or(|s| s.is_closed())
+    }
+
     /// The endpoint address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
