@@ -21,6 +21,7 @@ use mesh_core::router::CompiledAction;
 use mesh_core::router::{RouteMatch, RouteTable};
 use mesh_core::stats::Store;
 use mesh_core::ResponseFlag;
+use mesh_filter::cors::{Cors, CorsDecision, CorsStats};
 use mesh_filter::descriptors::{Descriptor, RateLimitEntry, RequestFacts};
 use mesh_filter::fault::{Abort, ActiveFault, FaultInjector, FaultStats};
 use mesh_filter::local_ratelimit::{LocalRateLimitStats, LocalRateLimiter, Verdict};
@@ -48,6 +49,7 @@ impl RateLimit {
 enum Kind {
     LocalRateLimit(Arc<RateLimit>),
     Fault(Arc<FaultInjector>),
+    Cors(CorsStats),
 }
 
 #[derive(Debug)]
@@ -65,6 +67,7 @@ enum Override {
     Enabled,
     LocalRateLimit(Arc<RateLimit>),
     Fault(Arc<FaultInjector>),
+    Cors(Arc<Cors>),
 }
 
 /// What the chain decided for a request.
@@ -114,8 +117,8 @@ pub struct LocalReply {
     pub status: StatusCode,
     /// Body text.
     pub body: &'static str,
-    /// Response flag.
-    pub flag: ResponseFlag,
+    /// Response flag (none for a CORS preflight answer).
+    pub flag: Option<ResponseFlag>,
     /// Extra headers.
     pub headers: HeaderMap,
     /// A gRPC status: the reply is HTTP 200, trailers-only, with it.
@@ -129,6 +132,14 @@ pub struct FilterChain {
     /// Compiled `rate_limits` of routes and virtual hosts, by the address
     /// of their policy (as `overrides`).
     rate_limits: HashMap<usize, Vec<RateLimitEntry>>,
+}
+
+/// Adds `h` to the headers the chain's decision puts on the response.
+fn add_response_headers(decision: &mut Decision, h: Vec<(HeaderName, HeaderValue)>) {
+    match decision {
+        Decision::ContinueWith(ResponseHeaders(v)) => v.extend(h),
+        _ => *decision = Decision::ContinueWith(ResponseHeaders(h)),
+    }
 }
 
 fn policy_key<T>(p: &Arc<T>) -> usize {
@@ -153,6 +164,7 @@ impl FilterChain {
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,
                 ),
+                HttpFilter::Cors => Kind::Cors(CorsStats::new(store, &config.stat_prefix)),
                 HttpFilter::LocalRateLimit(c) => {
                     Kind::LocalRateLimit(RateLimit::new(c, store).map_err(|e| {
                         format!("http_filters[{i}].typed_config.response_headers_to_add: {e}")
@@ -160,10 +172,25 @@ impl FilterChain {
                 }
             };
             let mut overrides = HashMap::new();
-            let mut add = |key: usize, per: &[PerFilterConfig]| -> Result<(), String> {
+            let mut add = |key: usize,
+                           per: &[PerFilterConfig],
+                           parent: &[PerFilterConfig]|
+             -> Result<(), String> {
                 if let Some(p) = per.iter().find(|p| p.filter == meta.name) {
                     let o = match (&p.config, &kind) {
                         _ if p.disabled => Override::Disabled,
+                        (Some(FilterOverride::Cors(c)), Kind::Cors(stats)) => {
+                            // Fields the route leaves unset come from its
+                            // virtual host's policy.
+                            let up =
+                                parent.iter().find(|p| p.filter == meta.name).and_then(
+                                    |p| match &p.config {
+                                        Some(FilterOverride::Cors(c)) => Some(&**c),
+                                        _ => None,
+                                    },
+                                );
+                            Override::Cors(Arc::new(Cors::new(c, up, stats.clone())?))
+                        }
                         (Some(FilterOverride::LocalRateLimit(c)), Kind::LocalRateLimit(_)) => {
                             Override::LocalRateLimit(RateLimit::new(c, store)?)
                         }
@@ -177,9 +204,13 @@ impl FilterChain {
                 Ok(())
             };
             for vh in routes.virtual_hosts() {
-                add(policy_key(&vh.policy), &vh.policy.per_filter)?;
+                add(policy_key(&vh.policy), &vh.policy.per_filter, &[])?;
                 for r in vh.routes() {
-                    add(policy_key(&r.policy), &r.policy.per_filter)?;
+                    add(
+                        policy_key(&r.policy),
+                        &r.policy.per_filter,
+                        &vh.policy.per_filter,
+                    )?;
                 }
             }
             filters.push(Filter {
@@ -303,6 +334,27 @@ impl FilterChain {
                 continue;
             }
             let rl = match (&f.kind, o) {
+                (Kind::Cors(_), o) => {
+                    // Without a policy on the route or virtual host, CORS
+                    // does nothing (as in Envoy).
+                    let Some(Override::Cors(cors)) = o else {
+                        continue;
+                    };
+                    match cors.decide(req.method(), headers) {
+                        CorsDecision::Skip => {}
+                        CorsDecision::Preflight(h) => {
+                            return Decision::Respond(LocalReply {
+                                status: StatusCode::OK,
+                                body: "",
+                                flag: None,
+                                headers: h,
+                                grpc_status: None,
+                            })
+                        }
+                        CorsDecision::Actual(h) => add_response_headers(&mut decision, h),
+                    }
+                    continue;
+                }
                 (Kind::LocalRateLimit(_), Some(Override::LocalRateLimit(r))) => r,
                 (Kind::LocalRateLimit(r), _) => r,
                 (Kind::Fault(default), o) => {
@@ -322,14 +374,14 @@ impl FilterChain {
                         Abort::Http(status) => LocalReply {
                             status,
                             body: "fault filter abort",
-                            flag: ResponseFlag::FaultInjected,
+                            flag: Some(ResponseFlag::FaultInjected),
                             headers: HeaderMap::new(),
                             grpc_status: None,
                         },
                         Abort::Grpc(g) => LocalReply {
                             status: StatusCode::OK,
                             body: "fault filter abort",
-                            flag: ResponseFlag::FaultInjected,
+                            flag: Some(ResponseFlag::FaultInjected),
                             headers: HeaderMap::new(),
                             grpc_status: Some(g),
                         },
@@ -362,17 +414,18 @@ impl FilterChain {
                 return Decision::Respond(LocalReply {
                     status: rl.limiter.status(),
                     body: "local_rate_limited",
-                    flag: ResponseFlag::RateLimited,
+                    flag: Some(ResponseFlag::RateLimited),
                     headers,
                     grpc_status: None,
                 });
             }
             if let (Some(h), Verdict::Allowed | Verdict::Shadowed) = (rate_headers, verdict) {
-                decision = Decision::ContinueWith(ResponseHeaders(
+                add_response_headers(
+                    &mut decision,
                     h.into_iter()
                         .map(|(v, k)| (HeaderName::from_static(k), v))
                         .collect(),
-                ));
+                );
             }
         }
         decision

@@ -411,18 +411,30 @@ impl HttpProxy {
     /// The reply made by an HTTP filter (429 of a rate limit, a fault's
     /// abort).
     fn filter_reply(&self, r: crate::filters::LocalReply) -> Response<ProxyBody> {
-        let mut resp = match r.grpc_status {
-            None => self.local_reply(r.status, r.body, r.flag),
-            Some(g) => {
+        let mut resp = match (r.grpc_status, r.flag) {
+            (None, Some(flag)) => self.local_reply(r.status, r.body, flag),
+            (None, None) => {
+                // A CORS preflight answer: no flag, no body.
+                let mut resp = Response::new(ProxyBody::Empty);
+                *resp.status_mut() = r.status;
+                resp.headers_mut()
+                    .insert(http::header::SERVER, self.shared.server_name.clone());
+                resp
+            }
+            (Some(g), flag) => {
                 // A gRPC abort: trailers-only, as Envoy's fault filter sends.
-                self.shared.stats.flag(r.flag);
+                if let Some(f) = flag {
+                    self.shared.stats.flag(f);
+                }
                 let mut resp = Response::new(ProxyBody::Empty);
                 let h = resp.headers_mut();
                 h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
                 h.insert("grpc-status", HeaderValue::from(g));
                 h.insert(http::header::SERVER, self.shared.server_name.clone());
                 resp.extensions_mut().insert(GrpcReplyDone);
-                resp.extensions_mut().insert(r.flag);
+                if let Some(f) = flag {
+                    resp.extensions_mut().insert(f);
+                }
                 resp
             }
         };

@@ -293,6 +293,9 @@ pub enum HttpFilter {
     Fault(Box<crate::policy::FaultConfig>),
     /// `envoy.filters.http.rbac`.
     Rbac(Box<rbac::Rbac>),
+    /// `envoy.filters.http.cors` (its policies come from
+    /// `typed_per_filter_config`).
+    Cors,
 }
 
 /// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing

@@ -459,6 +459,36 @@ pub enum FilterOverride {
     LocalRateLimit(Box<LocalRateLimitConfig>),
     /// `envoy.filters.http.fault`: the route's own faults.
     Fault(Box<FaultConfig>),
+    /// `envoy.filters.http.cors`: the `CorsPolicy` of a route or virtual
+    /// host.
+    Cors(Box<CorsPolicy>),
+}
+
+/// Envoy `extensions.filters.http.cors.v3.CorsPolicy`. Unset fields take
+/// the less specific level's value (a route's from its virtual host's).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CorsPolicy {
+    /// `allow_origin_string_match` (as matchers on the `origin` header).
+    pub allow_origin: Vec<crate::config::HeaderMatcher>,
+    /// `allow_methods`.
+    pub allow_methods: Option<String>,
+    /// `allow_headers`.
+    pub allow_headers: Option<String>,
+    /// `expose_headers`.
+    pub expose_headers: Option<String>,
+    /// `max_age`.
+    pub max_age: Option<String>,
+    /// `allow_credentials`.
+    pub allow_credentials: Option<bool>,
+    /// `allow_private_network_access`.
+    pub allow_private_network_access: Option<bool>,
+    /// `forward_not_matching_preflights` (default true).
+    pub forward_not_matching_preflights: Option<bool>,
+    /// `filter_enabled.default_value` (default 100 %).
+    pub filter_enabled: Option<FractionalPercent>,
+    /// `shadow_enabled.default_value`: origins are checked and counted,
+    /// nothing is added.
+    pub shadow_enabled: Option<FractionalPercent>,
 }
 
 /// Envoy `extensions.filters.http.fault.v3.HTTPFault`.

@@ -14,6 +14,7 @@
 //! | [`local_ratelimit`]: `LocalRateLimitLayer`, `TokenBucket` (one per rule, shared by all threads) | `envoy.filters.http.local_ratelimit` |
 //! | [`descriptors`]: `RateLimitEntry` (what `rate_limits` actions make of a request) | route / virtual host `rate_limits` |
 //! | [`throttle`]: `ThrottledBody` (a response body at a bandwidth) | `envoy.filters.http.fault` `response_rate_limit` |
+//! | [`cors`]: `Cors` (preflight answers, `access-control-*` headers) | `envoy.filters.http.cors`, `CorsPolicy` per route |
 //! | [`mirror`]: `TeeBody`, `sampled`, `shadow_authority` | route `request_mirror_policies` |
 //!
 //! Every proxy-made response from these layers carries its Envoy response
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+pub mod cors;
 pub mod descriptors;
 pub mod fault;
 pub mod local_ratelimit;

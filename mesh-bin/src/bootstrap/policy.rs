@@ -31,6 +31,11 @@ const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
 const LOCAL_RATELIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
+const CORS: &str = "envoy.filters.http.cors";
+const CORS_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
+const CORS_POLICY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+
 const RBAC: &str = "envoy.filters.http.rbac";
 const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 
@@ -51,6 +56,10 @@ const HTTP_FILTERS: &[Known] = &[
     Known {
         name: FAULT,
         type_url: FAULT_TYPE,
+    },
+    Known {
+        name: CORS,
+        type_url: CORS_TYPE,
     },
 ];
 
@@ -322,6 +331,9 @@ fn filter_override(cx: &mut Ctx, o: &mut Obj<'_>, ty: &str) -> Option<FilterOver
     if ty == FAULT_TYPE {
         return Some(FilterOverride::Fault(Box::new(fault(cx, o))));
     }
+    if ty == CORS_POLICY_TYPE {
+        return Some(FilterOverride::Cors(Box::new(cors_policy(cx, o))));
+    }
     if ty == LOCAL_RATELIMIT_TYPE {
         return Some(FilterOverride::LocalRateLimit(Box::new(local_ratelimit(
             cx, o,
@@ -403,6 +415,13 @@ pub(crate) fn http_filters(
                             None => FaultConfig::default(),
                         };
                         out.push(HttpFilter::Fault(Box::new(c)));
+                    }
+                    CORS => {
+                        if let Some(tc) = tc {
+                            // `Cors` has no fields: the policies are per route.
+                            tc.finish(cx);
+                        }
+                        out.push(HttpFilter::Cors);
                     }
                     RBAC => match tc {
                         Some(tc) => {
@@ -805,6 +824,33 @@ fn local_descriptors(
         }
     }
     out
+}
+
+/// A `CorsPolicy` (per route or virtual host); the caller finishes `o`.
+fn cors_policy(cx: &mut Ctx, o: &mut Obj<'_>) -> mesh_core::policy::CorsPolicy {
+    let mut c = mesh_core::policy::CorsPolicy::default();
+    for (path, v) in o.list(cx, "allow_origin_string_match") {
+        if let Some(m) = Obj::new(cx, path, v) {
+            if let Some(kind) = super::route::string_matcher(cx, m) {
+                c.allow_origin.push(mesh_core::config::HeaderMatcher {
+                    name: "origin".to_owned(),
+                    kind,
+                    invert: false,
+                    treat_missing_as_empty: false,
+                });
+            }
+        }
+    }
+    c.allow_methods = o.string(cx, "allow_methods");
+    c.allow_headers = o.string(cx, "allow_headers");
+    c.expose_headers = o.string(cx, "expose_headers");
+    c.max_age = o.string(cx, "max_age");
+    c.allow_credentials = o.bool(cx, "allow_credentials");
+    c.allow_private_network_access = o.bool(cx, "allow_private_network_access");
+    c.forward_not_matching_preflights = o.bool(cx, "forward_not_matching_preflights");
+    c.filter_enabled = o.obj(cx, "filter_enabled").map(|p| runtime_fraction(cx, p));
+    c.shadow_enabled = o.obj(cx, "shadow_enabled").map(|p| runtime_fraction(cx, p));
+    c
 }
 
 /// `envoy.filters.network.local_ratelimit`'s typed config.
