@@ -447,7 +447,14 @@ impl Proxy {
                 .map_err(StartError::Worker)?;
         }
         drop(built);
-        let xds = match bootstrap.dynamic_resources.clone() {
+        // SDS over xDS for static listeners and clusters needs the xDS
+        // manager even without `dynamic_resources`.
+        let static_secrets = crate::tls::static_xds_secrets(&bootstrap);
+        let dynamic = match bootstrap.dynamic_resources.clone() {
+            None if !static_secrets.is_empty() => Some(Default::default()),
+            d => d,
+        };
+        let xds = match dynamic {
             None => None,
             Some(config) => Some(
                 crate::dynamic::start(crate::dynamic::Context {
@@ -460,6 +467,9 @@ impl Proxy {
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
                     rpc_codecs: options.rpc_codecs.clone(),
+                    secrets: secrets.clone(),
+                    tls: tls_registry.clone(),
+                    static_secrets,
                 })
                 .map_err(StartError::Config)?,
             ),

@@ -40,7 +40,10 @@ mod tls;
 mod tls_tests;
 mod xds;
 
-pub use xds::{cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json};
+pub use xds::{
+    cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json,
+    secret_from_json,
+};
 
 use reader::{Ctx, Obj};
 pub use tls::parse_sds_file;
