@@ -13,12 +13,12 @@
 //! that is not allowed goes upstream unless `forward_not_matching_preflights`
 //! is false (then it gets an empty 200).
 
+use crate::fault::{roll, View};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use mesh_core::config::HeaderMatcher;
 use mesh_core::policy::{CorsPolicy, FractionalPercent};
 use mesh_core::router::CompiledHeaderMatcher;
 use mesh_core::stats::{Counter, Store};
-use mesh_core::view::RequestView;
 
 /// Envoy's CORS stats (`http.<stat_prefix>.cors.*`).
 #[derive(Debug, Clone, Default)]
@@ -54,6 +54,8 @@ pub struct Cors {
     enabled: FractionalPercent,
     shadow: Option<FractionalPercent>,
     stats: CorsStats,
+    /// `origin: *`, to find matchers that allow every origin.
+    star: HeaderMap,
 }
 
 /// What the CORS filter decided for one request.
@@ -65,37 +67,6 @@ pub enum CorsDecision {
     Preflight(HeaderMap),
     /// A CORS request: go on, add these headers to the response.
     Actual(Vec<(HeaderName, HeaderValue)>),
-}
-
-/// The `origin` header of a request, or `*`, as a request to match.
-struct Origin<'a>(&'a str);
-
-impl RequestView for Origin<'_> {
-    fn method(&self) -> &str {
-        ""
-    }
-    fn path(&self) -> &str {
-        ""
-    }
-    fn query(&self) -> Option<&str> {
-        None
-    }
-    fn authority(&self) -> Option<&str> {
-        None
-    }
-    fn scheme(&self) -> Option<&str> {
-        None
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        (name == "origin").then_some(self.0)
-    }
-}
-
-fn roll(p: FractionalPercent) -> bool {
-    if p.numerator >= p.denominator {
-        return true;
-    }
-    p.numerator > 0 && fastrand::u32(0..p.denominator) < p.numerator
 }
 
 fn value(s: &Option<String>, field: &str) -> Result<Option<HeaderValue>, String> {
@@ -155,13 +126,15 @@ impl Cors {
                 .unwrap_or(FractionalPercent::HUNDRED),
             shadow: p.shadow_enabled.or(up.shadow_enabled),
             stats,
+            star: HeaderMap::from_iter([(http::header::ORIGIN, HeaderValue::from_static("*"))]),
         })
     }
 
-    fn origin_allowed(&self, origin: &str) -> bool {
+    /// Whether the `origin` of `headers` is allowed.
+    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         self.origins
             .iter()
-            .any(|m| m.matches(&Origin(origin)) || m.matches(&Origin("*")))
+            .any(|m| m.matches(&View(headers)) || m.matches(&View(&self.star)))
     }
 
     /// Decides for a request with `method` and `headers`.
@@ -174,7 +147,7 @@ impl Cors {
         let Some(origin) = headers.get(http::header::ORIGIN).filter(|o| !o.is_empty()) else {
             return CorsDecision::Skip;
         };
-        let allowed = origin.to_str().is_ok_and(|o| self.origin_allowed(o));
+        let allowed = self.origin_allowed(headers);
         if allowed {
             self.stats.origin_valid.inc();
         } else {

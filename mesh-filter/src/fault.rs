@@ -111,7 +111,8 @@ pub struct FaultInjector {
     stats: FaultStats,
 }
 
-fn roll(p: FractionalPercent) -> bool {
+/// Whether a request falls within `p`.
+pub(crate) fn roll(p: FractionalPercent) -> bool {
     if p.numerator >= p.denominator {
         return true;
     }
@@ -130,7 +131,8 @@ fn percentage(configured: FractionalPercent, header: Option<&str>) -> Fractional
     }
 }
 
-struct View<'a>(&'a HeaderMap);
+/// A request seen through its headers only (no method, path or authority).
+pub(crate) struct View<'a>(pub(crate) &'a HeaderMap);
 
 impl mesh_core::view::RequestView for View<'_> {
     fn method(&self) -> &str {
