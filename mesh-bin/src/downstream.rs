@@ -74,6 +74,8 @@ pub(crate) struct Chain {
     pub(crate) handshake_timeout: Option<Duration>,
     /// `envoy.filters.network.rbac`.
     pub(crate) rbac: Option<mesh_filter::rbac::RbacFilter>,
+    /// `envoy.filters.network.local_ratelimit`.
+    pub(crate) rate_limit: Option<mesh_filter::local_ratelimit::ConnectionRateLimiter>,
 }
 
 /// A listener's filter chains and how one is chosen.
@@ -224,6 +226,10 @@ impl WorkerChains {
             return;
         };
         let chain = &shared.chains[index];
+        if chain.rate_limit.as_ref().is_some_and(|r| !r.admit()) {
+            tracing::debug!(%peer, "local_ratelimit: connection over the limit; closing");
+            return;
+        }
         let rpc = match &self.terminals[index] {
             WorkerTerminal::Rpc(worker) => Some(worker.clone()),
             WorkerTerminal::RpcSwapping(slot) => Some(slot.load_full()),

@@ -61,6 +61,7 @@ use mesh_core::listener::{
     accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
 };
 use mesh_core::stats::Store;
+use mesh_filter::local_ratelimit::ConnectionRateLimiter;
 use mesh_lb::{dns, Balancer};
 use mesh_tls::chain_match::FilterChainSelector;
 use mesh_tls::{ClientTls, SecretStore, ServerTls, TlsStats};
@@ -1389,6 +1390,10 @@ impl Manager {
                 tls,
                 handshake_timeout: chain.handshake_timeout,
                 rbac,
+                rate_limit: chain
+                    .local_ratelimit
+                    .as_ref()
+                    .map(|c| ConnectionRateLimiter::new(c, &self.cx.store)),
             });
         }
         let selector = FilterChainSelector::new(
@@ -1580,6 +1585,7 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
             c.handshake_timeout,
             c.rbac.clone(),
             c.filter_chain_match.clone(),
+            c.local_ratelimit.clone(),
         )
     };
     let chains = |l: &Listener| l.filter_chains.iter().map(chain).collect::<Vec<_>>();

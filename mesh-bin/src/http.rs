@@ -341,12 +341,10 @@ impl HttpProxy {
         // route, as in Envoy).
         let mut filter_headers = None;
         let mut _active_fault = None;
+        let mut throttle = None;
         let mut start = 0;
         while !shared.filters.is_empty() {
-            match shared
-                .filters
-                .on_request(route.as_ref(), info, req.headers(), start)
-            {
+            match shared.filters.on_request(route.as_ref(), info, &req, start) {
                 FilterDecision::Continue => break,
                 FilterDecision::ContinueWith(h) => {
                     filter_headers = Some(h);
@@ -358,8 +356,10 @@ impl HttpProxy {
                     abort,
                     resume,
                     active,
+                    response_kbps,
                 } => {
                     _active_fault = active;
+                    throttle = response_kbps.or(throttle);
                     if let Some(d) = delay {
                         shared.stats.flag(ResponseFlag::DelayInjected);
                         tokio::time::sleep(d).await;
@@ -408,24 +408,46 @@ impl HttpProxy {
         if let Some(h) = filter_headers {
             h.apply(resp.headers_mut());
         }
+        if let Some(kbps) = throttle {
+            // The fault stays active while the slowed body drains.
+            let guard = _active_fault
+                .take()
+                .map(|a| Box::new(a) as Box<dyn std::any::Any + Send>);
+            let body = std::mem::take(resp.body_mut());
+            *resp.body_mut() = ProxyBody::Boxed(Box::pin(
+                mesh_filter::throttle::ThrottledBody::new(body, kbps, guard),
+            ));
+        }
         resp
     }
 
     /// The reply made by an HTTP filter (429 of a rate limit, a fault's
     /// abort).
     fn filter_reply(&self, r: crate::filters::LocalReply) -> Response<ProxyBody> {
-        let mut resp = match r.grpc_status {
-            None => self.local_reply(r.status, r.body, r.flag),
-            Some(g) => {
+        let mut resp = match (r.grpc_status, r.flag) {
+            (None, Some(flag)) => self.local_reply(r.status, r.body, flag),
+            (None, None) => {
+                // A CORS preflight answer: no flag, no body.
+                let mut resp = Response::new(ProxyBody::Empty);
+                *resp.status_mut() = r.status;
+                resp.headers_mut()
+                    .insert(http::header::SERVER, self.shared.server_name.clone());
+                resp
+            }
+            (Some(g), flag) => {
                 // A gRPC abort: trailers-only, as Envoy's fault filter sends.
-                self.shared.stats.flag(r.flag);
+                if let Some(f) = flag {
+                    self.shared.stats.flag(f);
+                }
                 let mut resp = Response::new(ProxyBody::Empty);
                 let h = resp.headers_mut();
                 h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
                 h.insert("grpc-status", HeaderValue::from(g));
                 h.insert(http::header::SERVER, self.shared.server_name.clone());
                 resp.extensions_mut().insert(GrpcReplyDone);
-                resp.extensions_mut().insert(r.flag);
+                if let Some(f) = flag {
+                    resp.extensions_mut().insert(f);
+                }
                 resp
             }
         };
@@ -874,11 +896,19 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
+            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+                // `max_connection_pools`: Envoy's router finds no pool and
+                // answers as with no healthy upstream.
+                return self.local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    ResponseFlag::NoHealthyUpstream,
+                );
+            };
             cstats.rq_total.inc();
             endpoint.stats.rq_total.inc();
             let rq_active = resources.requests.acquire();
             let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
-            let pool = cluster.pool(endpoint.addr, h2);
             let try_start = tokio::time::Instant::now();
             last_try_start = try_start;
             let mut wait = deadline.map(|d| (d, Expiry::Route));
@@ -922,6 +952,7 @@ impl HttpProxy {
                 Ok(Err(e)) => match e.kind() {
                     FailureKind::Connect => Outcome::ConnectFailure,
                     FailureKind::Overflow => Outcome::Fatal,
+                    FailureKind::Reset if e.is_refused_stream() => Outcome::RefusedStream,
                     FailureKind::Reset | FailureKind::UpstreamProtocol => Outcome::Reset,
                     FailureKind::DownstreamBody | FailureKind::RequestTimeout => Outcome::Fatal,
                 },

@@ -110,7 +110,12 @@ struct BuiltListener {
 /// The field path of the terminal filter config of chain `ci` of listener `li`.
 fn terminal_path(li: usize, ci: usize, l: &mesh_core::config::Listener) -> String {
     let index = usize::from(ci == 0 && l.connection_limit.is_some())
-        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()));
+        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()))
+        + usize::from(
+            l.filter_chains
+                .get(ci)
+                .is_some_and(|c| c.local_ratelimit.is_some()),
+        );
     format!("static_resources.listeners[{li}].filter_chains[{ci}].filters[{index}].typed_config")
 }
 
@@ -328,6 +333,9 @@ impl Proxy {
                     tls,
                     handshake_timeout: chain.handshake_timeout,
                     rbac,
+                    rate_limit: chain.local_ratelimit.as_ref().map(|c| {
+                        mesh_filter::local_ratelimit::ConnectionRateLimiter::new(c, &store)
+                    }),
                 });
             }
             let selector = mesh_tls::chain_match::FilterChainSelector::new(

@@ -120,6 +120,9 @@ pub struct FilterChain {
     /// `envoy.filters.network.rbac`, checked once per connection (after the
     /// TLS handshake) before the terminal filter.
     pub rbac: Option<rbac::Rbac>,
+    /// `envoy.filters.network.local_ratelimit`: one token per accepted
+    /// connection, checked right after the chain is chosen.
+    pub local_ratelimit: Option<crate::policy::NetworkLocalRateLimit>,
 }
 
 /// The terminal network filter of a filter chain.
@@ -290,6 +293,9 @@ pub enum HttpFilter {
     Fault(Box<crate::policy::FaultConfig>),
     /// `envoy.filters.http.rbac`.
     Rbac(Box<rbac::Rbac>),
+    /// `envoy.filters.http.cors` (its policies come from
+    /// `typed_per_filter_config`).
+    Cors,
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,

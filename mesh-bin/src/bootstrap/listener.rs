@@ -57,6 +57,7 @@ const DUBBO_PROXY: usize = 4;
 const RPC_PROXY: usize = 5;
 const META_PROTOCOL: usize = 6;
 const NETWORK_RBAC: usize = 7;
+const NETWORK_LOCAL_RATELIMIT: usize = 8;
 
 const NETWORK_FILTERS: &[Known] = &[
     Known {
@@ -91,6 +92,11 @@ const NETWORK_FILTERS: &[Known] = &[
     Known {
         name: "envoy.filters.network.rbac",
         type_url: "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+    },
+    Known {
+        name: "envoy.filters.network.local_ratelimit",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
     },
 ];
 
@@ -224,6 +230,8 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let mut terminal = None;
     let mut limit = None;
     let mut rbac = None;
+    let mut local_ratelimit = None;
+    let mut seen_ratelimit = false;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -251,6 +259,18 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
                 }
                 if let Some(tc) = tc {
                     rbac = Some(super::rbac::rbac(cx, tc, true));
+                }
+            }
+            NETWORK_LOCAL_RATELIMIT => {
+                if last || seen_ratelimit || terminal.is_some() {
+                    cx.error(
+                        f.path(),
+                        "one envoy.filters.network.local_ratelimit is supported, before the terminal filter",
+                    );
+                }
+                seen_ratelimit = true;
+                if let Some(tc) = tc {
+                    local_ratelimit = super::policy::network_local_ratelimit(cx, tc);
                 }
             }
             CONNECTION_LIMIT => {
@@ -319,6 +339,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             tls,
             handshake_timeout,
             rbac,
+            local_ratelimit,
         }),
         limit,
     )

@@ -717,13 +717,13 @@ fn hcm_refusals() {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
         "log_format": {"text_format": "%START_TIME% %BOGUS%"}}}]);
     let router = h["http_filters"][0].clone();
-    h["http_filters"] = json!([router, {"name": "envoy.filters.http.cors"}]);
+    h["http_filters"] = json!([router, {"name": "envoy.filters.http.buffer"}]);
     assert_eq!(
         errs(&v),
         vec![
             format!("unsupported: {HCM_PATH}.codec_type (HTTP3: HTTP/3 is not supported yet)"),
             format!("{HCM_PATH}.http_filters[0]: envoy.filters.http.router must be the last HTTP filter"),
-            format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.cors)"),
+            format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.buffer)"),
             format!("{HCM_PATH}.max_request_headers_kb: must be from 1 to 8192, found 9000"),
             format!("{HCM_PATH}.access_log[0].typed_config.log_format.text_format: unsupported command operator %BOGUS%"),
             format!("unsupported: {HCM_PATH}.http2_protocol_options.max_concurrent_streams"),
