@@ -10,8 +10,10 @@
 //! Each file holds one resource or a list of them; every resource names its
 //! type with `@type` (`type.googleapis.com/envoy.config.cluster.v3.Cluster`,
 //! `...listener.v3.Listener`, `...route.v3.RouteConfiguration`,
-//! `...endpoint.v3.ClusterLoadAssignment`), the rest is the resource in the
-//! same form as in an Envoy bootstrap. The snapshot's version is a hash of
+//! `...endpoint.v3.ClusterLoadAssignment`,
+//! `...extensions.transport_sockets.tls.v3.Secret` for SDS), the rest is the
+//! resource in the same form as in an Envoy bootstrap. Rewriting the file of
+//! a secret rotates the certificate of every proxy that uses it. The snapshot's version is a hash of
 //! the resources, so a restarted control plane serving the same files sends
 //! nothing new to clients that already have them. Files that do not parse
 //! are reported and the previous snapshot stays.

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use mesh_codec::http::client::{EndpointPool, PoolConfig, PoolProtocol};
 use mesh_core::config::{Cluster, DiscoveryType, UpstreamProtocol};
+use mesh_core::policy::RoutingPriority;
 use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, Store};
+use mesh_filter::circuit_breaker::Permit;
 use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
 use mesh_lb::outlier::{OutlierDetector, OutlierStats};
 use mesh_lb::{dns, Balancer, HealthFlags};
@@ -320,8 +322,12 @@ pub(crate) fn health_for(
 pub struct WorkerCluster {
     /// The shared cluster.
     pub entry: Arc<ClusterEntry>,
-    pools: Mutex<HashMap<(SocketAddr, bool), Arc<EndpointPool>>>,
+    /// Each pool with its `max_connection_pools` permit.
+    pools: Mutex<HashMap<PoolKey, (Arc<EndpointPool>, Permit)>>,
 }
+
+/// A worker's pool key: the endpoint, and whether it speaks HTTP/2.
+type PoolKey = (SocketAddr, bool);
 
 impl WorkerCluster {
     /// A worker-local handle on `entry`.
@@ -344,12 +350,45 @@ impl WorkerCluster {
 
     /// The pool for `addr` speaking HTTP/2 or not, created on first use.
     /// Creating one also drops the pools of endpoints no longer in the
-    /// cluster.
-    pub fn pool(&self, addr: SocketAddr, h2: bool) -> Arc<EndpointPool> {
+    /// cluster. `None` when a new pool would exceed the cluster's
+    /// `max_connection_pools` (all workers' pools together, `DEFAULT`
+    /// priority) and no pool of this worker is idle to make room, as in
+    /// Envoy (counted in `upstream_cx_pool_overflow`).
+    pub fn pool(&self, addr: SocketAddr, h2: bool) -> Option<Arc<EndpointPool>> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pools.get(&(addr, h2)) {
-            return p.clone();
+        if let Some((p, _)) = pools.get(&(addr, h2)) {
+            return Some(p.clone());
         }
+        // A new endpoint appeared: drop the pools of endpoints that left the
+        // cluster (DNS answers change), closing their idle connections.
+        let current = self.entry.balancer.endpoints();
+        pools.retain(|(a, _), _| current.endpoints.iter().any(|e| e.addr == *a));
+        let limit = &self
+            .entry
+            .policy
+            .resources(RoutingPriority::Default)
+            .connection_pools;
+        let permit = match limit.try_acquire() {
+            Some(p) => p,
+            None => {
+                // Make room by dropping one pool that has no connection and
+                // no request using it.
+                let idle = pools
+                    .iter()
+                    .find(|(_, (p, _))| Arc::strong_count(p) == 1 && p.is_idle())
+                    .map(|(k, _)| *k);
+                if let Some(k) = idle {
+                    pools.remove(&k);
+                }
+                match limit.try_acquire() {
+                    Some(p) => p,
+                    None => {
+                        self.entry.policy.cx_pool_overflow.inc();
+                        return None;
+                    }
+                }
+            }
+        };
         let connector = self.entry.tls.clone().map(|t| {
             Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
         });
@@ -369,11 +408,7 @@ impl WorkerCluster {
             Some(self.entry.policy.pool_limits.clone()),
             connector,
         );
-        // A new endpoint appeared: drop the pools of endpoints that left the
-        // cluster (DNS answers change), closing their idle connections.
-        let current = self.entry.balancer.endpoints();
-        pools.retain(|(a, _), _| current.endpoints.iter().any(|e| e.addr == *a));
-        pools.insert((addr, h2), p.clone());
-        p
+        pools.insert((addr, h2), (p.clone(), permit));
+        Some(p)
     }
 }

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use mesh_codec::http::server::{serve_connection, ServerConfig};
 use mesh_core::identity::PeerIdentity;
 use mesh_core::listener::{Accepted, ConnectionGuard};
@@ -38,6 +39,31 @@ pub(crate) enum Terminal {
     Tcp(Arc<TcpProxyShared>),
     /// The L7 RPC proxy (Dubbo, Thrift, SOFA Bolt).
     Rpc(Arc<RpcShared>),
+    /// A chain of a listener from LDS: what it runs is swapped in place
+    /// when routes or clusters change.
+    Swapping(Swapping),
+}
+
+/// The swappable terminal of an xDS listener's chain: each new connection
+/// (TCP, RPC) or request (HTTP) takes what its slot holds at that moment.
+#[derive(Clone)]
+pub(crate) enum Swapping {
+    /// One slot per worker.
+    Http(Vec<Arc<ArcSwap<HttpProxy>>>, ServerConfig),
+    /// One slot for every worker.
+    Tcp(Arc<ArcSwap<TcpProxyShared>>),
+    /// One slot per worker.
+    Rpc(Vec<Arc<ArcSwap<RpcWorker>>>),
+}
+
+impl std::fmt::Debug for Swapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Swapping::Http(..) => "Swapping::Http",
+            Swapping::Tcp(_) => "Swapping::Tcp",
+            Swapping::Rpc(_) => "Swapping::Rpc",
+        })
+    }
 }
 
 /// One filter chain, shared by every worker.
@@ -48,6 +74,8 @@ pub(crate) struct Chain {
     pub(crate) handshake_timeout: Option<Duration>,
     /// `envoy.filters.network.rbac`.
     pub(crate) rbac: Option<mesh_filter::rbac::RbacFilter>,
+    /// `envoy.filters.network.local_ratelimit`.
+    pub(crate) rate_limit: Option<mesh_filter::local_ratelimit::ConnectionRateLimiter>,
 }
 
 /// A listener's filter chains and how one is chosen.
@@ -96,6 +124,12 @@ enum WorkerTerminal {
     },
     Tcp(Arc<TcpProxyShared>),
     Rpc(Arc<RpcWorker>),
+    HttpSwapping {
+        slot: Arc<ArcSwap<HttpProxy>>,
+        server: Arc<ServerConfig>,
+    },
+    TcpSwapping(Arc<ArcSwap<TcpProxyShared>>),
+    RpcSwapping(Arc<ArcSwap<RpcWorker>>),
 }
 
 /// One worker's view of a listener's chains (its own HTTP proxies and
@@ -108,6 +142,17 @@ pub(crate) struct WorkerChains {
 
 impl WorkerChains {
     pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
+        Self::for_worker(shared, cm, drain, 0)
+    }
+
+    /// The view of worker `worker` (which picks its slots of swapping
+    /// terminals).
+    pub(crate) fn for_worker(
+        shared: Arc<Chains>,
+        cm: &ClusterManager,
+        drain: CancellationToken,
+        worker: usize,
+    ) -> Self {
         let terminals = shared
             .chains
             .iter()
@@ -118,6 +163,16 @@ impl WorkerChains {
                 },
                 Terminal::Tcp(t) => WorkerTerminal::Tcp(t.clone()),
                 Terminal::Rpc(r) => WorkerTerminal::Rpc(Arc::new(RpcWorker::new(r.clone(), cm))),
+                Terminal::Swapping(Swapping::Http(slots, server)) => WorkerTerminal::HttpSwapping {
+                    slot: slots[worker % slots.len().max(1)].clone(),
+                    server: Arc::new(server.clone()),
+                },
+                Terminal::Swapping(Swapping::Tcp(slot)) => {
+                    WorkerTerminal::TcpSwapping(slot.clone())
+                }
+                Terminal::Swapping(Swapping::Rpc(slots)) => {
+                    WorkerTerminal::RpcSwapping(slots[worker % slots.len().max(1)].clone())
+                }
             })
             .collect();
         WorkerChains {
@@ -171,7 +226,16 @@ impl WorkerChains {
             return;
         };
         let chain = &shared.chains[index];
-        if let (WorkerTerminal::Rpc(worker), None) = (&self.terminals[index], &chain.rbac) {
+        if chain.rate_limit.as_ref().is_some_and(|r| !r.admit()) {
+            tracing::debug!(%peer, "local_ratelimit: connection over the limit; closing");
+            return;
+        }
+        let rpc = match &self.terminals[index] {
+            WorkerTerminal::Rpc(worker) => Some(worker.clone()),
+            WorkerTerminal::RpcSwapping(slot) => Some(slot.load_full()),
+            _ => None,
+        };
+        if let (Some(worker), None) = (rpc, &chain.rbac) {
             // RPC chains are plain text (TLS on them is refused at start).
             let a = Accepted {
                 stream,
@@ -179,7 +243,7 @@ impl WorkerChains {
                 local,
                 guard,
             };
-            return worker.clone().handle(a, self.drain.clone()).await;
+            return worker.handle(a, self.drain.clone()).await;
         }
         match &chain.tls {
             None => self.run(index, stream, peer, local, guard, None).await,
@@ -230,8 +294,28 @@ impl WorkerChains {
                 serve_connection(stream, server, svc, self.drain.clone()).await;
                 drop(guard);
             }
-            WorkerTerminal::Tcp(t) => t.clone().handle_stream(stream, peer, guard).await,
-            WorkerTerminal::Rpc(_) => {
+            WorkerTerminal::HttpSwapping { slot, server } => {
+                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                if let Some(id) = tls {
+                    svc = svc.with_tls(id);
+                }
+                let hstats = slot.load().shared().stats.clone();
+                hstats.cx_total.inc();
+                let _cx = GaugeGuard::new(&hstats.cx_active);
+                serve_connection(stream, server, svc, self.drain.clone()).await;
+                drop(guard);
+            }
+            WorkerTerminal::Tcp(t) => {
+                t.clone()
+                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .await
+            }
+            WorkerTerminal::TcpSwapping(slot) => {
+                slot.load_full()
+                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .await
+            }
+            WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")
             }
         }

@@ -23,8 +23,15 @@
 //!   that slot when it starts (`ConnService::swapping`), so a keep-alive
 //!   connection follows route changes and a request in flight keeps the
 //!   table it started with.
+//! - **Secrets** (SDS): each secret is checked and published in the
+//!   proxy's one `SecretStore`; TLS contexts rebuild on their next
+//!   handshake, so new connections use it and established ones keep
+//!   theirs.
 //! - **Listeners** (LDS): a new listener binds one `SO_REUSEPORT` socket per
-//!   worker and runs the same accept loop as a static one. A changed
+//!   worker and runs the same accept loop and filter chain selection (TLS
+//!   inspector, TLS, network RBAC) as a static one
+//!   ([`crate::downstream::WorkerChains`]), each chain's terminal in a
+//!   swappable slot. A changed
 //!   listener on the same address and connection settings only swaps its
 //!   terminal filter; otherwise a new listener starts first and the old one
 //!   drains (stops accepting; HTTP/1.1 connections close after their
@@ -35,7 +42,8 @@
 //! *warming* until its endpoints arrive or its `initial_fetch_timeout`
 //! passes, and a listener update waits for warming clusters first. A
 //! listener whose route configuration has not arrived warms the same way
-//! before it binds.
+//! before it binds, and so do listeners and clusters whose SDS secrets
+//! have not arrived.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -43,16 +51,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use mesh_codec::http::server::{serve_connection, ServerConfig};
+use mesh_codec::http::server::ServerConfig;
+use mesh_core::config::tls::CommonTlsContext;
 use mesh_core::config::{
-    ApiConfigSource, Cluster, ConfigSourceKind, DiscoveryType, DynamicResources,
+    ApiConfigSource, Cluster, ConfigSource, ConfigSourceKind, DiscoveryType, DynamicResources,
     HttpConnectionManager, Listener, LocalityLbEndpoints, NetworkFilter, Node, RouteConfiguration,
 };
 use mesh_core::listener::{
     accept_loop, bind_tcp, Accepted, ConnectionLimiter, Drain, ListenerStats,
 };
-use mesh_core::stats::{GaugeGuard, Store};
+use mesh_core::stats::Store;
+use mesh_filter::local_ratelimit::ConnectionRateLimiter;
 use mesh_lb::{dns, Balancer};
+use mesh_tls::chain_match::FilterChainSelector;
+use mesh_tls::{ClientTls, SecretStore, ServerTls, TlsStats};
 use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::types::{self, Protocol, Service};
 use serde_json::{json, Value};
@@ -62,9 +74,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bootstrap;
 use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
-use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::downstream::{Chain, Chains, Swapping, Terminal, WorkerChains};
+use crate::http::{HcmShared, HttpProxy};
 use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
+use crate::tls::{xds_secrets, TlsRegistry};
 
 /// What the manager needs from the proxy that starts it.
 pub(crate) struct Context {
@@ -80,6 +94,13 @@ pub(crate) struct Context {
     pub(crate) max_message_size: usize,
     /// RPC codecs registered by a Rust program.
     pub(crate) rpc_codecs: crate::rpc::CodecRegistry,
+    /// The proxy's one secret store: SDS secrets received over xDS are
+    /// published here, where every TLS context finds them.
+    pub(crate) secrets: Arc<SecretStore>,
+    /// TLS contexts shown by `/certs`.
+    pub(crate) tls: Arc<TlsRegistry>,
+    /// SDS secrets over xDS named by static listeners and clusters.
+    pub(crate) static_secrets: Vec<(String, ConfigSource)>,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -172,6 +193,7 @@ impl XdsRuntime {
             ),
             (types::LISTENER, "ListenersConfigDump", "dynamic_listeners"),
             (types::ROUTE, "RoutesConfigDump", "dynamic_route_configs"),
+            (types::SECRET, "SecretsConfigDump", "dynamic_active_secrets"),
         ] {
             let st = status.get(t).cloned().unwrap_or_default();
             let items: Vec<Value> = shown
@@ -300,6 +322,7 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
         worker_clusters: (0..workers).map(|_| HashMap::new()).collect(),
         first: HashMap::new(),
         subscribed: HashMap::new(),
+        secret_bodies: HashMap::new(),
     };
     let started = Instant::now();
     if let Some(c) = m.cx.config.cds_config.clone() {
@@ -320,6 +343,17 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
         }
     }
     m.subscribe_endpoints()?;
+    // Static listeners and clusters naming SDS secrets: the proxy is ready
+    // once they arrived (or their initial fetch timeout passed).
+    if !m.cx.static_secrets.is_empty() {
+        let t = longest(
+            m.cx.static_secrets
+                .iter()
+                .map(|(_, s)| s.initial_fetch_timeout),
+        );
+        m.first.insert(types::SECRET, t.map(|t| started + t));
+    }
+    m.subscribe_secrets()?;
     m.check_initialized();
     tokio::spawn(m.run(rx));
     Ok(runtime)
@@ -330,15 +364,8 @@ struct ActiveListener {
     config: Listener,
     addr: SocketAddr,
     drain: Drain,
-    terminal: ActiveTerminal,
-}
-
-enum ActiveTerminal {
-    /// One slot per worker.
-    Http(Vec<Arc<ArcSwap<HttpProxy>>>),
-    Tcp(Arc<ArcSwap<TcpProxyShared>>),
-    /// One slot per worker.
-    Rpc(Vec<Arc<ArcSwap<RpcWorker>>>),
+    /// One per filter chain.
+    chains: Vec<Swapping>,
 }
 
 struct Manager {
@@ -365,6 +392,9 @@ struct Manager {
     first: HashMap<&'static str, Option<Instant>>,
     /// Names subscribed per (source key, type).
     subscribed: HashMap<(String, &'static str), BTreeSet<String>>,
+    /// The last applied body of each SDS secret (an unchanged secret is
+    /// not reloaded).
+    secret_bodies: HashMap<String, mesh_xds::pb::google::protobuf::Any>,
 }
 
 fn short_errors(errors: &bootstrap::ConfigErrors) -> String {
@@ -416,7 +446,7 @@ impl Manager {
             .map(|(n, _)| n.clone())
             .collect();
         for n in expired {
-            tracing::warn!(cluster = %n, "initial fetch timeout: the cluster's endpoints did not arrive; it goes live without them");
+            tracing::warn!(cluster = %n, "initial fetch timeout: the cluster's endpoints or secrets did not arrive; it goes live without them");
             self.warming.remove(&n);
         }
         let expired: Vec<String> = self
@@ -427,7 +457,7 @@ impl Manager {
             .collect();
         for n in expired {
             if let Some((l, _)) = self.warming_listeners.remove(&n) {
-                tracing::warn!(listener = %n, "initial fetch timeout: the route configuration did not arrive; the listener goes live without it");
+                tracing::warn!(listener = %n, "initial fetch timeout: the route configuration or a secret did not arrive; the listener goes live without it");
                 if let Err(e) = self.activate(l) {
                     tracing::warn!(listener = %n, error = %e, "listener failed to start");
                 }
@@ -475,6 +505,7 @@ impl Manager {
             types::CLUSTER => self.apply_clusters(&d.update),
             types::ENDPOINT => self.apply_endpoints(&d.update),
             types::ROUTE => self.apply_routes(&d.update),
+            types::SECRET => self.apply_secrets(&d.update),
             types::LISTENER => {
                 if !self.warming.is_empty() {
                     // Clusters first: listeners go live once they are warm.
@@ -613,25 +644,62 @@ impl Manager {
                     .insert(service_name.clone());
             }
         }
-        // Sources that no longer have names get an empty set.
+        self.subscribe_by_source(types::ENDPOINT, by_source)
+    }
+
+    /// Subscribes to `names` per source of a named (not wildcard) type;
+    /// sources that no longer have names get an empty set.
+    fn subscribe_by_source(
+        &mut self,
+        type_url: &'static str,
+        by_source: BTreeMap<String, (ConfigSourceKind, BTreeSet<String>)>,
+    ) -> Result<(), String> {
         let known: Vec<String> = self
             .subscribed
             .keys()
-            .filter(|(_, t)| *t == types::ENDPOINT)
+            .filter(|(_, t)| *t == type_url)
             .map(|(k, _)| k.clone())
             .collect();
         for k in known {
             if !by_source.contains_key(&k) {
                 if let Some(h) = self.clients.get(&k) {
-                    h.subscribe(types::ENDPOINT, BTreeSet::new());
+                    h.subscribe(type_url, BTreeSet::new());
                 }
-                self.subscribed.remove(&(k, types::ENDPOINT));
+                self.subscribed.remove(&(k, type_url));
             }
         }
         for (_, (kind, names)) in by_source {
-            self.subscribe(types::ENDPOINT, &kind, names)?;
+            self.subscribe(type_url, &kind, names)?;
         }
         Ok(())
+    }
+
+    /// Subscribes to the SDS secrets that static and dynamic listeners and
+    /// clusters name, per source.
+    fn subscribe_secrets(&mut self) -> Result<(), String> {
+        let mut wanted = self.cx.static_secrets.clone();
+        let listeners = self
+            .listeners
+            .values()
+            .map(|l| &l.config)
+            .chain(self.warming_listeners.values().map(|(l, _)| l));
+        for l in listeners {
+            wanted.extend(listener_tls(l).flat_map(xds_secrets));
+        }
+        for n in &self.dynamic_clusters {
+            if let Some(t) = self.cm.get(n).and_then(|e| e.config.tls.as_ref()) {
+                wanted.extend(xds_secrets(&t.common));
+            }
+        }
+        let mut by_source: BTreeMap<String, (ConfigSourceKind, BTreeSet<String>)> = BTreeMap::new();
+        for (name, source) in wanted {
+            by_source
+                .entry(Self::source_key(&source.kind, types::SECRET))
+                .or_insert_with(|| (source.kind.clone(), BTreeSet::new()))
+                .1
+                .insert(name);
+        }
+        self.subscribe_by_source(types::SECRET, by_source)
     }
 
     /// Subscribes to the route configurations every listener names.
@@ -642,10 +710,9 @@ impl Manager {
             .values()
             .map(|l| &l.config)
             .chain(self.warming_listeners.values().map(|(l, _)| l))
-            .filter_map(|l| match &l.filter_chains.first()?.terminal {
-                NetworkFilter::HttpConnectionManager(h) => h.rds.clone(),
-                _ => None,
-            });
+            .flat_map(rds_of)
+            .cloned()
+            .collect::<Vec<_>>();
         for rds in hcms {
             by_source
                 .entry(Self::source_key(&rds.config_source.kind, types::ROUTE))
@@ -710,11 +777,13 @@ impl Manager {
                     "cluster {:?}: a static cluster cannot be replaced over CDS",
                     c.name
                 )),
-                Ok(c) if c.tls.is_some() => errors.push(format!(
-                    "cluster {:?}: transport_socket (TLS) is static-only; over CDS it is not supported yet",
-                    c.name
-                )),
-                Ok(c) => loaded.push((c, r.body.clone())),
+                Ok(c) => match self.client_tls(&c) {
+                    Ok(tls) => loaded.push((c, tls, r.body.clone())),
+                    Err(e) => errors.push(format!(
+                        "cluster {:?}: transport_socket.typed_config.{e}",
+                        c.name
+                    )),
+                },
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
         }
@@ -723,7 +792,7 @@ impl Manager {
         }
         let mut removed: BTreeSet<String> = u.removed.iter().cloned().collect();
         if u.state_of_the_world {
-            let present: BTreeSet<&str> = loaded.iter().map(|(c, _)| c.name.as_str()).collect();
+            let present: BTreeSet<&str> = loaded.iter().map(|(c, _, _)| c.name.as_str()).collect();
             removed.extend(
                 self.dynamic_clusters
                     .iter()
@@ -743,26 +812,97 @@ impl Manager {
                 tracing::info!(cluster = %name, "cluster removed");
             }
         }
-        for (c, json) in loaded {
+        for (c, tls, json) in loaded {
             self.remember(types::CLUSTER, &c.name, &u.version, json);
             let old = cm.get(&c.name).cloned();
             if old.as_ref().is_some_and(|o| o.config == c) {
                 continue;
             }
-            let entry = self.build_cluster(&c, old.as_deref());
+            let entry = self.build_cluster(&c, old.as_deref(), tls);
             self.dynamic_clusters.insert(c.name.clone());
             cm.insert(Arc::new(entry));
         }
         self.cm = cm;
         self.runtime.clusters.store(Arc::new(self.cm.clone()));
         self.subscribe_endpoints()?;
+        self.subscribe_secrets()?;
         self.refresh_terminals();
         Ok(())
     }
 
+    /// The upstream TLS context of a cluster from CDS (refused with the
+    /// field path when its certificates are not usable; SDS secrets may
+    /// arrive later).
+    fn client_tls(&self, c: &Cluster) -> Result<Option<Arc<ClientTls>>, String> {
+        let Some(t) = &c.tls else { return Ok(None) };
+        let stats = TlsStats::new(
+            &self.cx.store,
+            "cluster",
+            &[("envoy_cluster_name", c.name.clone())],
+        );
+        let tls = Arc::new(
+            ClientTls::new(t, Some(self.cx.secrets.clone()), stats).map_err(|e| e.to_string())?,
+        );
+        Ok(Some(tls))
+    }
+
+    /// Whether a cluster has what it waits for: its endpoints (EDS) and
+    /// its SDS secrets.
+    fn cluster_warm(&self, c: &Cluster) -> bool {
+        let endpoints = match &c.discovery {
+            DiscoveryType::Eds { service_name, .. } => self.assignments.contains_key(service_name),
+            _ => true,
+        };
+        endpoints
+            && c.tls
+                .as_ref()
+                .is_none_or(|t| secrets_ready(&self.cx.secrets, &t.common))
+    }
+
+    /// How long a cluster that is not warm waits (`None`: forever): the
+    /// longest `initial_fetch_timeout` of what it is missing.
+    fn cluster_warm_timeout(&self, c: &Cluster) -> Option<Duration> {
+        let mut pending = Vec::new();
+        if let DiscoveryType::Eds {
+            service_name,
+            source,
+        } = &c.discovery
+        {
+            if !self.assignments.contains_key(service_name) {
+                pending.push(source.initial_fetch_timeout);
+            }
+        }
+        if let Some(t) = &c.tls {
+            pending.extend(missing_secrets(&self.cx.secrets, &t.common));
+        }
+        longest(pending)
+    }
+
+    /// Clusters that became warm leave the warming set.
+    fn rewarm(&mut self) {
+        let warm: Vec<String> = self
+            .warming
+            .keys()
+            .filter(|n| {
+                self.cm
+                    .get(n.as_str())
+                    .is_none_or(|e| self.cluster_warm(&e.config))
+            })
+            .cloned()
+            .collect();
+        for n in warm {
+            self.warming.remove(&n);
+        }
+    }
+
     /// A cluster entry for `c`; an `old` entry of the same name gives its
     /// balancer (endpoints and their state) when the policy is unchanged.
-    fn build_cluster(&mut self, c: &Cluster, old: Option<&ClusterEntry>) -> ClusterEntry {
+    fn build_cluster(
+        &mut self,
+        c: &Cluster,
+        old: Option<&ClusterEntry>,
+        tls: Option<Arc<ClientTls>>,
+    ) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
             Some(o)
@@ -804,16 +944,17 @@ impl Manager {
                     move |n| membership.set(n as i64),
                 ));
             }
-            DiscoveryType::Eds {
-                service_name,
-                source,
-            } => {
+            DiscoveryType::Eds { service_name, .. } => {
                 if let Some(l) = self.assignments.get(service_name).cloned() {
                     set_endpoints(c, &balancer, &stats, l);
-                } else if old.is_none() {
-                    self.warm(&c.name, source.initial_fetch_timeout);
                 }
             }
+        }
+        if old.is_none() && !self.cluster_warm(c) {
+            self.warm(&c.name, self.cluster_warm_timeout(c));
+        }
+        if let Some(t) = &tls {
+            self.cx.tls.add_client(t.clone());
         }
         stats
             .membership_total
@@ -833,8 +974,7 @@ impl Manager {
             stats,
             outlier,
             health_checker,
-            // CDS clusters with TLS are refused in apply_clusters.
-            tls: None,
+            tls,
         }
     }
 
@@ -874,16 +1014,12 @@ impl Manager {
                 by_service.entry(service_name).or_default().push(e);
             }
         }
-        let mut warmed = Vec::new();
         for (service, localities) in changed {
             for e in by_service.get(service.as_str()).into_iter().flatten() {
                 set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
-                warmed.push(e.config.name.clone());
             }
         }
-        for n in warmed {
-            self.warming.remove(&n);
-        }
+        self.rewarm();
         Ok(())
     }
 
@@ -927,10 +1063,17 @@ impl Manager {
             self.forget(types::ROUTE, name);
         }
         // Listeners that waited for these routes go live.
+        self.activate_ready_listeners()?;
+        self.refresh_terminals();
+        Ok(())
+    }
+
+    /// Starts the warming listeners that now have their routes and secrets.
+    fn activate_ready_listeners(&mut self) -> Result<(), String> {
         let ready: Vec<String> = self
             .warming_listeners
             .iter()
-            .filter(|(_, (l, _))| rds_name(l).is_none_or(|n| self.routes.contains_key(n)))
+            .filter(|(_, (l, _))| self.listener_ready(l))
             .map(|(n, _)| n.clone())
             .collect();
         for n in ready {
@@ -938,8 +1081,80 @@ impl Manager {
                 self.activate(l)?;
             }
         }
-        self.refresh_terminals();
         Ok(())
+    }
+
+    /// Whether a listener has its route configuration (RDS) and SDS
+    /// secrets.
+    fn listener_ready(&self, l: &Listener) -> bool {
+        rds_of(l).all(|r| self.routes.contains_key(&r.route_config_name))
+            && listener_tls(l).all(|c| secrets_ready(&self.cx.secrets, c))
+    }
+
+    /// How long a listener that is not ready warms (`None`: forever).
+    fn listener_warm_timeout(&self, l: &Listener) -> Option<Duration> {
+        let mut pending = Vec::new();
+        for r in rds_of(l) {
+            if !self.routes.contains_key(&r.route_config_name) {
+                pending.push(r.config_source.initial_fetch_timeout);
+            }
+        }
+        for c in listener_tls(l) {
+            pending.extend(missing_secrets(&self.cx.secrets, c));
+        }
+        longest(pending)
+    }
+
+    // ---- secrets ----
+
+    /// SDS: each secret is checked and published in the secret store, so
+    /// new handshakes use it at once; a refused one leaves the previous
+    /// version serving. Listeners and clusters waiting for secrets warm.
+    /// A secret the server removes keeps serving (as in Envoy).
+    fn apply_secrets(&mut self, u: &client::Update) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for r in &u.resources {
+            if self.secret_bodies.get(&r.name) == Some(&r.body) {
+                continue;
+            }
+            let json = match mesh_xds::convert::any_to_json(&r.body) {
+                Ok(j) => j,
+                Err(e) => {
+                    errors.push(format!("secret {:?}: {e}", r.name));
+                    continue;
+                }
+            };
+            let secret = match bootstrap::secret_from_json(&json) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(format!("secret {:?}: {}", r.name, short_errors(&e)));
+                    continue;
+                }
+            };
+            if let Err(e) = self.cx.secrets.update(&secret) {
+                errors.push(format!("secret {:?}: {e}", secret.name));
+                continue;
+            }
+            self.secret_bodies.insert(r.name.clone(), r.body.clone());
+            self.remember(types::SECRET, &secret.name, &u.version, redacted(json));
+        }
+        for name in &u.removed {
+            tracing::warn!(secret = %name, "the server removed an SDS secret; its last version keeps serving");
+        }
+        self.rewarm();
+        self.activate_ready_listeners()?;
+        let statics = &self.cx.static_secrets;
+        if statics
+            .iter()
+            .all(|(n, _)| self.cx.secrets.get(n).is_some())
+        {
+            self.first.remove(types::SECRET);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     // ---- listeners ----
@@ -957,18 +1172,23 @@ impl Manager {
             };
             match bootstrap::listener_from_json(&json) {
                 Ok(l) => {
-                    if let Some(NetworkFilter::HttpConnectionManager(h)) =
-                        l.filter_chains.first().map(|c| &c.terminal)
-                    {
-                        if h.rds.is_none() {
-                            if let Err(e) = mesh_core::router::RouteTable::new(&h.route_config) {
-                                errors.push(format!(
-                                    "listener {:?}: filter_chains[0].filters[-1].typed_config.route_config.{}: {}",
-                                    l.name, e.path, e.message
-                                ));
-                                continue;
-                            }
-                        }
+                    let bad_routes = l.filter_chains.iter().enumerate().find_map(|(ci, c)| {
+                        let NetworkFilter::HttpConnectionManager(h) = &c.terminal else {
+                            return None;
+                        };
+                        let e = mesh_core::router::RouteTable::new(&h.route_config).err()?;
+                        h.rds.is_none().then(|| format!(
+                            "listener {:?}: filter_chains[{ci}].filters[-1].typed_config.route_config.{}: {}",
+                            l.name, e.path, e.message
+                        ))
+                    });
+                    if let Some(e) = bad_routes {
+                        errors.push(e);
+                        continue;
+                    }
+                    if let Err(e) = self.check_listener(&l) {
+                        errors.push(format!("listener {:?}: {e}", l.name));
+                        continue;
                     }
                     loaded.push((l, r.body.clone()))
                 }
@@ -1003,8 +1223,8 @@ impl Manager {
             if self.listeners.get(&l.name).is_some_and(|a| a.config == l) {
                 continue;
             }
-            let deadline = rds_of(&l).and_then(|r| r.config_source.initial_fetch_timeout);
-            if rds_name(&l).is_some_and(|n| !self.routes.contains_key(n)) {
+            if !self.listener_ready(&l) {
+                let deadline = self.listener_warm_timeout(&l);
                 self.warming_listeners
                     .insert(l.name.clone(), (l, deadline.map(|d| Instant::now() + d)));
                 continue;
@@ -1012,6 +1232,35 @@ impl Manager {
             self.activate(l)?;
         }
         self.subscribe_routes()?;
+        self.subscribe_secrets()?;
+        Ok(())
+    }
+
+    /// Refuses a listener whose TLS contexts or network RBAC cannot be
+    /// built (the error names the field; SDS secrets may arrive later),
+    /// or that has TLS or RBAC before an RPC proxy (not supported yet).
+    fn check_listener(&self, l: &Listener) -> Result<(), String> {
+        for (ci, c) in l.filter_chains.iter().enumerate() {
+            if let Some(t) = &c.tls {
+                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
+                    return Err(format!(
+                        "unsupported: filter_chains[{ci}].transport_socket (TLS on an RPC proxy chain is not supported yet)"
+                    ));
+                }
+                ServerTls::new(t, Some(self.cx.secrets.clone()), TlsStats::detached()).map_err(
+                    |e| format!("filter_chains[{ci}].transport_socket.typed_config.{e}"),
+                )?;
+            }
+            if let Some(r) = &c.rbac {
+                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
+                    return Err(format!(
+                        "unsupported: filter_chains[{ci}].filters[0] (envoy.filters.network.rbac before an RPC proxy is not supported yet)"
+                    ));
+                }
+                crate::rbac::network_rbac(r, &self.cx.store)
+                    .map_err(|e| format!("filter_chains[{ci}].filters[0].typed_config.{e}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -1021,7 +1270,7 @@ impl Manager {
     fn activate(&mut self, l: Listener) -> Result<(), String> {
         if let Some(old) = self.listeners.get_mut(&l.name) {
             if same_socket(&old.config, &l) {
-                let terminal = build_terminal(
+                let built = build_terminals(
                     &l,
                     &self.cm,
                     &self.routes,
@@ -1029,7 +1278,7 @@ impl Manager {
                     &self.cx.rpc_codecs,
                     &mut self.worker_clusters,
                 )?;
-                if !store_terminal(&old.terminal, terminal) {
+                if !store_terminals(&old.chains, built) {
                     return Err(format!("listener {:?}: terminal filter changed", l.name));
                 }
                 old.config = l;
@@ -1050,7 +1299,7 @@ impl Manager {
     }
 
     fn spawn_listener(&mut self, l: &Listener) -> Result<ActiveListener, String> {
-        let built = build_terminal(
+        let built = build_terminals(
             l,
             &self.cm,
             &self.routes,
@@ -1087,91 +1336,107 @@ impl Manager {
             .connection_limit
             .as_ref()
             .map(|c| ConnectionLimiter::new(c.max_connections as usize, c.delay));
-        let terminal = match built {
-            Built::Http(proxies, server) => {
-                let server = Arc::new(server);
-                let mut slots = Vec::new();
-                for (w, (sock, proxy)) in sockets.into_iter().zip(proxies).enumerate() {
-                    let slot = Arc::new(ArcSwap::new(proxy));
-                    slots.push(slot.clone());
-                    let server = server.clone();
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        let token = drain.token();
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            let svc = ConnService::swapping(slot.clone(), a.peer, a.local);
-                            let server = server.clone();
-                            let token = token.clone();
-                            let hstats = slot.load().shared().stats.clone();
-                            global.track(async move {
-                                hstats.cx_total.inc();
-                                let _cx = GaugeGuard::new(&hstats.cx_active);
-                                serve_connection(a.stream, &server, svc, token).await;
-                                drop(a.guard);
-                            })
-                        })
-                        .await;
-                    });
+        let label = [(
+            "envoy_listener_address",
+            format!("{}_{}", addr.ip(), addr.port()),
+        )];
+        let mut chains = Vec::new();
+        let mut active = Vec::new();
+        for (ci, (chain, built)) in l.filter_chains.iter().zip(built).enumerate() {
+            let swapping = match built {
+                Built::Http(proxies, server) => Swapping::Http(
+                    proxies
+                        .into_iter()
+                        .map(|p| Arc::new(ArcSwap::new(p)))
+                        .collect(),
+                    server,
+                ),
+                Built::Tcp(t) => Swapping::Tcp(Arc::new(ArcSwap::new(t))),
+                Built::Rpc(workers) => Swapping::Rpc(
+                    workers
+                        .into_iter()
+                        .map(|w| Arc::new(ArcSwap::new(w)))
+                        .collect(),
+                ),
+            };
+            let tls = match &chain.tls {
+                None => None,
+                Some(t) => {
+                    let stats = TlsStats::new(&self.cx.store, "listener", &label);
+                    let tls = ServerTls::new(t, Some(self.cx.secrets.clone()), stats)
+                        .map_err(|e| {
+                            format!(
+                                "listener {:?}: filter_chains[{ci}].transport_socket.typed_config.{e}",
+                                l.name
+                            )
+                        })?;
+                    let tls = Arc::new(tls);
+                    self.cx.tls.add_server(tls.clone());
+                    Some(tls)
                 }
-                ActiveTerminal::Http(slots)
-            }
-            Built::Tcp(shared) => {
-                let slot = Arc::new(ArcSwap::new(shared));
-                for (w, sock) in sockets.into_iter().enumerate() {
-                    let slot = slot.clone();
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a))
-                        })
-                        .await;
-                    });
-                }
-                ActiveTerminal::Tcp(slot)
-            }
-            Built::Rpc(workers) => {
-                let mut slots = Vec::new();
-                for (w, (sock, worker)) in sockets.into_iter().zip(workers).enumerate() {
-                    let slot = Arc::new(ArcSwap::new(worker));
-                    slots.push(slot.clone());
-                    let drain = drain.clone();
-                    let global = self.cx.drain.clone();
-                    let limiter = limiter.clone();
-                    let stats = stats.clone();
-                    self.cx.workers[w].spawn(async move {
-                        let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
-                            tracing::error!("worker could not register a listener");
-                            return;
-                        };
-                        let token = drain.token();
-                        accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
-                            global.track(slot.load_full().handle(a, token.clone()))
-                        })
-                        .await;
-                    });
-                }
-                ActiveTerminal::Rpc(slots)
-            }
-        };
+            };
+            let rbac = match &chain.rbac {
+                None => None,
+                Some(r) => Some(crate::rbac::network_rbac(r, &self.cx.store).map_err(|e| {
+                    format!(
+                        "listener {:?}: filter_chains[{ci}].filters[0].typed_config.{e}",
+                        l.name
+                    )
+                })?),
+            };
+            active.push(swapping.clone());
+            chains.push(Chain {
+                terminal: Terminal::Swapping(swapping),
+                tls,
+                handshake_timeout: chain.handshake_timeout,
+                rbac,
+                rate_limit: chain
+                    .local_ratelimit
+                    .as_ref()
+                    .map(|c| ConnectionRateLimiter::new(c, &self.cx.store)),
+            });
+        }
+        let selector = FilterChainSelector::new(
+            l.filter_chains
+                .iter()
+                .map(|c| c.filter_chain_match.clone())
+                .collect(),
+        );
+        let shared = Arc::new(Chains::new(
+            chains,
+            selector,
+            l.tls_inspector,
+            l.listener_filters_timeout,
+            &self.cx.store,
+            addr,
+        ));
+        for (w, sock) in sockets.into_iter().enumerate() {
+            let chains = Arc::new(WorkerChains::for_worker(
+                shared.clone(),
+                &self.cm,
+                drain.token(),
+                w,
+            ));
+            let drain = drain.clone();
+            let global = self.cx.drain.clone();
+            let limiter = limiter.clone();
+            let stats = stats.clone();
+            self.cx.workers[w].spawn(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(sock) else {
+                    tracing::error!("worker could not register a listener");
+                    return;
+                };
+                accept_loop(listener, limiter, drain, stats, move |a: Accepted| {
+                    global.track(chains.clone().serve(a))
+                })
+                .await;
+            });
+        }
         Ok(ActiveListener {
             config: l.clone(),
             addr,
             drain,
-            terminal,
+            chains: active,
         })
     }
 
@@ -1188,7 +1453,7 @@ impl Manager {
                 continue;
             };
             let config = l.config.clone();
-            match build_terminal(
+            match build_terminals(
                 &config,
                 &self.cm,
                 &self.routes,
@@ -1200,7 +1465,7 @@ impl Manager {
                     let Some(l) = self.listeners.get(&name) else {
                         continue;
                     };
-                    store_terminal(&l.terminal, built);
+                    store_terminals(&l.chains, built);
                 }
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "listener keeps its previous configuration")
@@ -1216,86 +1481,154 @@ enum Built {
     Rpc(Vec<Arc<RpcWorker>>),
 }
 
-/// Publishes a rebuilt terminal into a running listener's slots.
-fn store_terminal(active: &ActiveTerminal, built: Built) -> bool {
-    match (active, built) {
-        (ActiveTerminal::Http(slots), Built::Http(proxies, _)) => {
-            for (s, p) in slots.iter().zip(proxies) {
-                s.store(p);
+/// Publishes rebuilt terminals into a running listener's slots (one per
+/// chain).
+fn store_terminals(active: &[Swapping], built: Vec<Built>) -> bool {
+    if active.len() != built.len() {
+        return false;
+    }
+    for (a, b) in active.iter().zip(built) {
+        match (a, b) {
+            (Swapping::Http(slots, _), Built::Http(proxies, _)) => {
+                for (s, p) in slots.iter().zip(proxies) {
+                    s.store(p);
+                }
             }
-        }
-        (ActiveTerminal::Tcp(slot), Built::Tcp(t)) => slot.store(t),
-        (ActiveTerminal::Rpc(slots), Built::Rpc(workers)) => {
-            for (s, w) in slots.iter().zip(workers) {
-                s.store(w);
+            (Swapping::Tcp(slot), Built::Tcp(t)) => slot.store(t),
+            (Swapping::Rpc(slots), Built::Rpc(workers)) => {
+                for (s, w) in slots.iter().zip(workers) {
+                    s.store(w);
+                }
             }
+            _ => return false,
         }
-        _ => return false,
     }
     true
 }
 
-fn rds_of(l: &Listener) -> Option<&mesh_core::config::Rds> {
-    match &l.filter_chains.first()?.terminal {
-        NetworkFilter::HttpConnectionManager(h) => h.rds.as_ref(),
-        _ => None,
-    }
+/// The TLS contexts of a listener's filter chains.
+fn listener_tls(l: &Listener) -> impl Iterator<Item = &CommonTlsContext> {
+    l.filter_chains
+        .iter()
+        .filter_map(|c| c.tls.as_ref().map(|t| &t.common))
 }
 
-fn rds_name(l: &Listener) -> Option<&str> {
-    rds_of(l).map(|r| r.route_config_name.as_str())
+/// Whether every SDS secret over xDS that `common` names is in the store.
+fn secrets_ready(store: &SecretStore, common: &CommonTlsContext) -> bool {
+    xds_secrets(common)
+        .iter()
+        .all(|(n, _)| store.get(n).is_some())
+}
+
+/// The `initial_fetch_timeout` of each xDS secret `common` names that has
+/// not arrived.
+fn missing_secrets(store: &SecretStore, common: &CommonTlsContext) -> Vec<Option<Duration>> {
+    xds_secrets(common)
+        .into_iter()
+        .filter(|(n, _)| store.get(n).is_none())
+        .map(|(_, s)| s.initial_fetch_timeout)
+        .collect()
+}
+
+/// The longest of some warming timeouts, `None` (forever) if any is.
+fn longest(timeouts: impl IntoIterator<Item = Option<Duration>>) -> Option<Duration> {
+    timeouts
+        .into_iter()
+        .try_fold(Duration::ZERO, |a, t| t.map(|t| a.max(t)))
+}
+
+/// An SDS secret as `/config_dump` shows it: inline private keys replaced
+/// by `[redacted]`, as Envoy does.
+fn redacted(mut json: Value) -> mesh_xds::pb::google::protobuf::Any {
+    if let Some(Value::Object(key)) = json.pointer_mut("/tls_certificate/private_key") {
+        if key.contains_key("inline_bytes") {
+            // base64 of "[redacted]".
+            key.insert("inline_bytes".into(), json!("W3JlZGFjdGVkXQ=="));
+        }
+        if key.contains_key("inline_string") {
+            key.insert("inline_string".into(), json!("[redacted]"));
+        }
+    }
+    mesh_xds::convert::json_to_any(types::SECRET, &json).unwrap_or_default()
+}
+
+/// The `rds` of every HCM of a listener.
+fn rds_of(l: &Listener) -> impl Iterator<Item = &mesh_core::config::Rds> {
+    l.filter_chains.iter().filter_map(|c| match &c.terminal {
+        NetworkFilter::HttpConnectionManager(h) => h.rds.as_ref(),
+        _ => None,
+    })
 }
 
 /// Whether `new` can take over `old`'s sockets: same address, connection
-/// limit, terminal kind and downstream connection settings.
+/// limit and listener filters, and chain by chain the same match, TLS,
+/// RBAC, terminal kind and downstream connection settings (what changes
+/// in place is what the terminals do: routes, clusters).
 fn same_socket(old: &Listener, new: &Listener) -> bool {
-    let server = |l: &Listener| match &l.filter_chains.first()?.terminal {
-        NetworkFilter::HttpConnectionManager(h) => Some((
-            0,
-            Some((
-                h.codec_type,
-                h.max_request_headers_kb,
-                h.request_headers_timeout,
-                h.idle_timeout,
-            )),
-        )),
-        NetworkFilter::TcpProxy(_) => Some((1, None)),
-        NetworkFilter::Rpc(_) => Some((2, None)),
+    let chain = |c: &mesh_core::config::FilterChain| {
+        let server = match &c.terminal {
+            NetworkFilter::HttpConnectionManager(h) => (
+                0,
+                Some((
+                    h.codec_type,
+                    h.max_request_headers_kb,
+                    h.request_headers_timeout,
+                    h.idle_timeout,
+                )),
+            ),
+            NetworkFilter::TcpProxy(_) => (1, None),
+            NetworkFilter::Rpc(_) => (2, None),
+        };
+        (
+            server,
+            c.tls.clone(),
+            c.handshake_timeout,
+            c.rbac.clone(),
+            c.filter_chain_match.clone(),
+            c.local_ratelimit.clone(),
+        )
     };
+    let chains = |l: &Listener| l.filter_chains.iter().map(chain).collect::<Vec<_>>();
     old.address == new.address
         && old.connection_limit == new.connection_limit
-        && server(old) == server(new)
+        && old.tls_inspector == new.tls_inspector
+        && old.listener_filters_timeout == new.listener_filters_timeout
+        && chains(old) == chains(new)
 }
 
-fn build_terminal(
+/// The terminals of every filter chain of `l`.
+fn build_terminals(
     l: &Listener,
     cm: &ClusterManager,
     routes: &HashMap<String, RouteConfiguration>,
     store: &Store,
     codecs: &crate::rpc::CodecRegistry,
     worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
-) -> Result<Built, String> {
-    if l.filter_chains.len() > 1
-        || l.tls_inspector
-        || l.filter_chains
-            .iter()
-            .any(|c| c.tls.is_some() || c.rbac.is_some())
-    {
-        return Err(format!(
-            "listener {:?}: TLS transport sockets, several filter chains, the TLS inspector and network RBAC are static-only; over LDS they are not supported yet",
-            l.name
-        ));
+) -> Result<Vec<Built>, String> {
+    if l.filter_chains.is_empty() {
+        return Err(format!("listener {:?}: no filter chain", l.name));
     }
-    let chain = l
-        .filter_chains
-        .first()
-        .ok_or_else(|| format!("listener {:?}: no filter chain", l.name))?;
+    let mut out = Vec::new();
+    for (ci, chain) in l.filter_chains.iter().enumerate() {
+        out.push(
+            build_terminal(chain, cm, routes, store, codecs, worker_clusters)
+                .map_err(|e| format!("listener {:?}: filter_chains[{ci}] {e}", l.name))?,
+        );
+    }
+    Ok(out)
+}
+
+fn build_terminal(
+    chain: &mesh_core::config::FilterChain,
+    cm: &ClusterManager,
+    routes: &HashMap<String, RouteConfiguration>,
+    store: &Store,
+    codecs: &crate::rpc::CodecRegistry,
+    worker_clusters: &mut [HashMap<Arc<str>, Arc<WorkerCluster>>],
+) -> Result<Built, String> {
     match &chain.terminal {
         NetworkFilter::HttpConnectionManager(h) => {
-            let shared = Arc::new(
-                build_hcm(h, routes, store)
-                    .map_err(|e| format!("listener {:?}: filter_chains[0] HCM: {e}", l.name))?,
-            );
+            let shared = Arc::new(build_hcm(h, routes, store).map_err(|e| format!("HCM: {e}"))?);
             let proxies = worker_clusters
                 .iter_mut()
                 .map(|cache| {
@@ -1324,14 +1657,10 @@ fn build_terminal(
             Ok(Built::Http(proxies, server))
         }
         NetworkFilter::TcpProxy(t) => Ok(Built::Tcp(Arc::new(
-            TcpProxyShared::new(t, cm, store)
-                .map_err(|e| format!("listener {:?}: tcp_proxy: {e}", l.name))?,
+            TcpProxyShared::new(t, cm, store).map_err(|e| format!("tcp_proxy: {e}"))?,
         ))),
         NetworkFilter::Rpc(r) => {
-            let shared = Arc::new(
-                RpcShared::new(r, cm, store, codecs)
-                    .map_err(|e| format!("listener {:?}: {e}", l.name))?,
-            );
+            let shared = Arc::new(RpcShared::new(r, cm, store, codecs).map_err(|e| e.to_string())?);
             Ok(Built::Rpc(
                 worker_clusters
                     .iter()

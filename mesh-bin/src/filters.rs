@@ -11,14 +11,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use mesh_core::config::{HeaderMutations, HttpConnectionManager, HttpFilter};
 use mesh_core::headers::{CompiledMutations, StreamInfo};
-use mesh_core::policy::{FilterOverride, LocalRateLimitConfig, PerFilterConfig};
+use mesh_core::policy::{
+    FilterOverride, LocalRateLimitConfig, PerFilterConfig, RateLimitPolicy, VhRateLimits,
+};
 use mesh_core::router::CompiledAction;
 use mesh_core::router::{RouteMatch, RouteTable};
 use mesh_core::stats::Store;
 use mesh_core::ResponseFlag;
+use mesh_filter::cors::{Cors, CorsDecision, CorsStats};
+use mesh_filter::descriptors::{Descriptor, RateLimitEntry, RequestFacts};
 use mesh_filter::fault::{Abort, ActiveFault, FaultInjector, FaultStats};
 use mesh_filter::local_ratelimit::{LocalRateLimitStats, LocalRateLimiter, Verdict};
 
@@ -45,6 +49,7 @@ impl RateLimit {
 enum Kind {
     LocalRateLimit(Arc<RateLimit>),
     Fault(Arc<FaultInjector>),
+    Cors(CorsStats),
 }
 
 #[derive(Debug)]
@@ -62,6 +67,7 @@ enum Override {
     Enabled,
     LocalRateLimit(Arc<RateLimit>),
     Fault(Arc<FaultInjector>),
+    Cors(Arc<Cors>),
 }
 
 /// What the chain decided for a request.
@@ -86,6 +92,8 @@ pub enum Decision {
         resume: usize,
         /// The active-fault count.
         active: Option<ActiveFault>,
+        /// `response_rate_limit`: the response body's bandwidth, KiB/s.
+        response_kbps: Option<u64>,
     },
 }
 
@@ -109,8 +117,8 @@ pub struct LocalReply {
     pub status: StatusCode,
     /// Body text.
     pub body: &'static str,
-    /// Response flag.
-    pub flag: ResponseFlag,
+    /// Response flag (none for a CORS preflight answer).
+    pub flag: Option<ResponseFlag>,
     /// Extra headers.
     pub headers: HeaderMap,
     /// A gRPC status: the reply is HTTP 200, trailers-only, with it.
@@ -121,6 +129,17 @@ pub struct LocalReply {
 #[derive(Debug, Default)]
 pub struct FilterChain {
     filters: Vec<Filter>,
+    /// Compiled `rate_limits` of routes and virtual hosts, by the address
+    /// of their policy (as `overrides`).
+    rate_limits: HashMap<usize, Vec<RateLimitEntry>>,
+}
+
+/// Adds `h` to the headers the chain's decision puts on the response.
+fn add_response_headers(decision: &mut Decision, h: Vec<(HeaderName, HeaderValue)>) {
+    match decision {
+        Decision::ContinueWith(ResponseHeaders(v)) => v.extend(h),
+        _ => *decision = Decision::ContinueWith(ResponseHeaders(h)),
+    }
 }
 
 fn policy_key<T>(p: &Arc<T>) -> usize {
@@ -145,6 +164,7 @@ impl FilterChain {
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,
                 ),
+                HttpFilter::Cors => Kind::Cors(CorsStats::new(store, &config.stat_prefix)),
                 HttpFilter::LocalRateLimit(c) => {
                     Kind::LocalRateLimit(RateLimit::new(c, store).map_err(|e| {
                         format!("http_filters[{i}].typed_config.response_headers_to_add: {e}")
@@ -152,10 +172,25 @@ impl FilterChain {
                 }
             };
             let mut overrides = HashMap::new();
-            let mut add = |key: usize, per: &[PerFilterConfig]| -> Result<(), String> {
+            let mut add = |key: usize,
+                           per: &[PerFilterConfig],
+                           parent: &[PerFilterConfig]|
+             -> Result<(), String> {
                 if let Some(p) = per.iter().find(|p| p.filter == meta.name) {
                     let o = match (&p.config, &kind) {
                         _ if p.disabled => Override::Disabled,
+                        (Some(FilterOverride::Cors(c)), Kind::Cors(stats)) => {
+                            // Fields the route leaves unset come from its
+                            // virtual host's policy.
+                            let up =
+                                parent.iter().find(|p| p.filter == meta.name).and_then(
+                                    |p| match &p.config {
+                                        Some(FilterOverride::Cors(c)) => Some(&**c),
+                                        _ => None,
+                                    },
+                                );
+                            Override::Cors(Arc::new(Cors::new(c, up, stats.clone())?))
+                        }
                         (Some(FilterOverride::LocalRateLimit(c)), Kind::LocalRateLimit(_)) => {
                             Override::LocalRateLimit(RateLimit::new(c, store)?)
                         }
@@ -169,9 +204,13 @@ impl FilterChain {
                 Ok(())
             };
             for vh in routes.virtual_hosts() {
-                add(policy_key(&vh.policy), &vh.policy.per_filter)?;
+                add(policy_key(&vh.policy), &vh.policy.per_filter, &[])?;
                 for r in vh.routes() {
-                    add(policy_key(&r.policy), &r.policy.per_filter)?;
+                    add(
+                        policy_key(&r.policy),
+                        &r.policy.per_filter,
+                        &vh.policy.per_filter,
+                    )?;
                 }
             }
             filters.push(Filter {
@@ -180,7 +219,88 @@ impl FilterChain {
                 overrides,
             });
         }
-        Ok(FilterChain { filters })
+        let mut rate_limits = HashMap::new();
+        let mut compile = |key: usize, policies: &[RateLimitPolicy], path: String| {
+            if policies.is_empty() {
+                return Ok(());
+            }
+            let compiled = policies
+                .iter()
+                .enumerate()
+                .map(|(k, p)| RateLimitEntry::compile(p, &format!("{path}.rate_limits[{k}]")))
+                .collect::<Result<Vec<_>, String>>()?;
+            rate_limits.insert(key, compiled);
+            Ok::<(), String>(())
+        };
+        for (v, vh) in routes.virtual_hosts().iter().enumerate() {
+            compile(
+                policy_key(&vh.policy),
+                &vh.policy.rate_limits,
+                format!("route_config.virtual_hosts[{v}]"),
+            )?;
+            for (r, route) in vh.routes().iter().enumerate() {
+                compile(
+                    policy_key(&route.policy),
+                    &route.policy.rate_limits,
+                    format!("route_config.virtual_hosts[{v}].routes[{r}].route"),
+                )?;
+            }
+        }
+        Ok(FilterChain {
+            filters,
+            rate_limits,
+        })
+    }
+
+    /// The descriptors of a request for a limiter of `stage`: the route's
+    /// `rate_limits`, and the virtual host's as `vh` (or the route's
+    /// `include_vh_rate_limits`) says.
+    fn descriptors<B>(
+        &self,
+        m: Option<&RouteMatch<'_>>,
+        req: &Request<B>,
+        info: &StreamInfo,
+        stage: u32,
+        vh: VhRateLimits,
+    ) -> Vec<Descriptor> {
+        let mut out = Vec::new();
+        let Some(m) = m else {
+            return out;
+        };
+        let CompiledAction::Route(action) = &m.route.action else {
+            return out;
+        };
+        let names = action.cluster_names();
+        let facts = RequestFacts {
+            remote: info.downstream_remote,
+            // A weighted route's cluster is chosen after the filters run.
+            cluster: (names.len() == 1).then(|| &*names[0]),
+        };
+        let mut add = |key: usize| -> bool {
+            let Some(entries) = self.rate_limits.get(&key) else {
+                return false;
+            };
+            for e in entries.iter().filter(|e| e.stage() == stage) {
+                out.extend(e.descriptor(req, facts));
+            }
+            true
+        };
+        let route_has = add(policy_key(&m.route.policy));
+        let vh = if m.route.policy.include_vh_rate_limits {
+            VhRateLimits::Include
+        } else {
+            vh
+        };
+        match vh {
+            VhRateLimits::Include => {
+                add(policy_key(&m.vhost.policy));
+            }
+            VhRateLimits::Override if !route_has => {
+                add(policy_key(&m.vhost.policy));
+            }
+            _ => {}
+        }
+        out
     }
 
     /// Whether there is no filter besides the router.
@@ -190,13 +310,14 @@ impl FilterChain {
 
     /// Runs the request side of every filter for a request that matched
     /// `m` (or no route).
-    pub fn on_request(
+    pub fn on_request<B>(
         &self,
         m: Option<&RouteMatch<'_>>,
         info: &StreamInfo,
-        headers: &HeaderMap,
+        req: &Request<B>,
         start: usize,
     ) -> Decision {
+        let headers = req.headers();
         let mut decision = Decision::Continue;
         for (i, f) in self.filters.iter().enumerate().skip(start) {
             let o = m.and_then(|m| {
@@ -213,6 +334,27 @@ impl FilterChain {
                 continue;
             }
             let rl = match (&f.kind, o) {
+                (Kind::Cors(_), o) => {
+                    // Without a policy on the route or virtual host, CORS
+                    // does nothing (as in Envoy).
+                    let Some(Override::Cors(cors)) = o else {
+                        continue;
+                    };
+                    match cors.decide(req.method(), headers) {
+                        CorsDecision::Skip => {}
+                        CorsDecision::Preflight(h) => {
+                            return Decision::Respond(LocalReply {
+                                status: StatusCode::OK,
+                                body: "",
+                                flag: None,
+                                headers: h,
+                                grpc_status: None,
+                            })
+                        }
+                        CorsDecision::Actual(h) => add_response_headers(&mut decision, h),
+                    }
+                    continue;
+                }
                 (Kind::LocalRateLimit(_), Some(Override::LocalRateLimit(r))) => r,
                 (Kind::LocalRateLimit(r), _) => r,
                 (Kind::Fault(default), o) => {
@@ -232,14 +374,14 @@ impl FilterChain {
                         Abort::Http(status) => LocalReply {
                             status,
                             body: "fault filter abort",
-                            flag: ResponseFlag::FaultInjected,
+                            flag: Some(ResponseFlag::FaultInjected),
                             headers: HeaderMap::new(),
                             grpc_status: None,
                         },
                         Abort::Grpc(g) => LocalReply {
                             status: StatusCode::OK,
                             body: "fault filter abort",
-                            flag: ResponseFlag::FaultInjected,
+                            flag: Some(ResponseFlag::FaultInjected),
                             headers: HeaderMap::new(),
                             grpc_status: Some(g),
                         },
@@ -249,11 +391,18 @@ impl FilterChain {
                         abort,
                         resume: i + 1,
                         active: fault.active,
+                        response_kbps: fault.response_kbps,
                     };
                 }
             };
-            let verdict = rl.limiter.check();
-            let rate_headers = rl.limiter.rate_limit_headers();
+            let descriptors = if rl.limiter.has_descriptors() {
+                let c = &rl.limiter.config;
+                self.descriptors(m, req, info, c.stage, c.vh_rate_limits)
+            } else {
+                Vec::new()
+            };
+            let (verdict, bucket) = rl.limiter.check_descriptors(&descriptors);
+            let rate_headers = rl.limiter.rate_limit_headers(bucket);
             if verdict == Verdict::Limited {
                 let mut headers = HeaderMap::new();
                 rl.limited_headers.response.apply(&mut headers, info);
@@ -265,17 +414,18 @@ impl FilterChain {
                 return Decision::Respond(LocalReply {
                     status: rl.limiter.status(),
                     body: "local_rate_limited",
-                    flag: ResponseFlag::RateLimited,
+                    flag: Some(ResponseFlag::RateLimited),
                     headers,
                     grpc_status: None,
                 });
             }
             if let (Some(h), Verdict::Allowed | Verdict::Shadowed) = (rate_headers, verdict) {
-                decision = Decision::ContinueWith(ResponseHeaders(
+                add_response_headers(
+                    &mut decision,
                     h.into_iter()
                         .map(|(v, k)| (HeaderName::from_static(k), v))
                         .collect(),
-                ));
+                );
             }
         }
         decision

@@ -197,11 +197,13 @@ impl HttpProxy {
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
-        let mut log = self
-            .shared
-            .access_log
-            .as_ref()
-            .map(|_| HttpLogEntry::capture(&req));
+        let mut log = self.shared.access_log.as_ref().map(|l| {
+            let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
+            if http_body::Body::is_end_stream(req.body()) {
+                e.request_duration = Some(e.started.elapsed());
+            }
+            e
+        });
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
@@ -217,12 +219,23 @@ impl HttpProxy {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
-        if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
+        if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream, None));
+            logger.capture_response(&mut entry, resp.headers());
+            logger.log_http(
+                &entry,
+                &crate::access_log::HttpEnd {
+                    status: resp.status().as_u16(),
+                    details: crate::access_log::response_code_details(flag, false),
+                    flag,
+                    bytes_sent: sent,
+                    upstream,
+                    trailers: &[],
+                },
+            );
         }
         resp
     }
@@ -328,12 +341,10 @@ impl HttpProxy {
         // route, as in Envoy).
         let mut filter_headers = None;
         let mut _active_fault = None;
+        let mut throttle = None;
         let mut start = 0;
         while !shared.filters.is_empty() {
-            match shared
-                .filters
-                .on_request(route.as_ref(), info, req.headers(), start)
-            {
+            match shared.filters.on_request(route.as_ref(), info, &req, start) {
                 FilterDecision::Continue => break,
                 FilterDecision::ContinueWith(h) => {
                     filter_headers = Some(h);
@@ -345,8 +356,10 @@ impl HttpProxy {
                     abort,
                     resume,
                     active,
+                    response_kbps,
                 } => {
                     _active_fault = active;
+                    throttle = response_kbps.or(throttle);
                     if let Some(d) = delay {
                         shared.stats.flag(ResponseFlag::DelayInjected);
                         tokio::time::sleep(d).await;
@@ -395,24 +408,46 @@ impl HttpProxy {
         if let Some(h) = filter_headers {
             h.apply(resp.headers_mut());
         }
+        if let Some(kbps) = throttle {
+            // The fault stays active while the slowed body drains.
+            let guard = _active_fault
+                .take()
+                .map(|a| Box::new(a) as Box<dyn std::any::Any + Send>);
+            let body = std::mem::take(resp.body_mut());
+            *resp.body_mut() = ProxyBody::Boxed(Box::pin(
+                mesh_filter::throttle::ThrottledBody::new(body, kbps, guard),
+            ));
+        }
         resp
     }
 
     /// The reply made by an HTTP filter (429 of a rate limit, a fault's
     /// abort).
     fn filter_reply(&self, r: crate::filters::LocalReply) -> Response<ProxyBody> {
-        let mut resp = match r.grpc_status {
-            None => self.local_reply(r.status, r.body, r.flag),
-            Some(g) => {
+        let mut resp = match (r.grpc_status, r.flag) {
+            (None, Some(flag)) => self.local_reply(r.status, r.body, flag),
+            (None, None) => {
+                // A CORS preflight answer: no flag, no body.
+                let mut resp = Response::new(ProxyBody::Empty);
+                *resp.status_mut() = r.status;
+                resp.headers_mut()
+                    .insert(http::header::SERVER, self.shared.server_name.clone());
+                resp
+            }
+            (Some(g), flag) => {
                 // A gRPC abort: trailers-only, as Envoy's fault filter sends.
-                self.shared.stats.flag(r.flag);
+                if let Some(f) = flag {
+                    self.shared.stats.flag(f);
+                }
                 let mut resp = Response::new(ProxyBody::Empty);
                 let h = resp.headers_mut();
                 h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
                 h.insert("grpc-status", HeaderValue::from(g));
                 h.insert(http::header::SERVER, self.shared.server_name.clone());
                 resp.extensions_mut().insert(GrpcReplyDone);
-                resp.extensions_mut().insert(r.flag);
+                if let Some(f) = flag {
+                    resp.extensions_mut().insert(f);
+                }
                 resp
             }
         };
@@ -674,6 +709,9 @@ impl HttpProxy {
                 ResponseFlag::NoClusterFound,
             );
         };
+        if let Some(e) = log.as_mut() {
+            e.routed(m.route, choice.name);
+        }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);
@@ -817,6 +855,9 @@ impl HttpProxy {
         let mut retry_permit = None;
         let (resp, pool_end, rq_active, ep_active, final_flag) = loop {
             attempt += 1;
+            if let Some(e) = log.as_mut() {
+                e.attempts = Some(attempt);
+            }
             let try_body = match &mut body {
                 TryBody::Once(b) => b.take().unwrap_or_default(),
                 TryBody::Empty => ProxyBody::Empty,
@@ -855,11 +896,19 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
+            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+                // `max_connection_pools`: Envoy's router finds no pool and
+                // answers as with no healthy upstream.
+                return self.local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    ResponseFlag::NoHealthyUpstream,
+                );
+            };
             cstats.rq_total.inc();
             endpoint.stats.rq_total.inc();
             let rq_active = resources.requests.acquire();
             let ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
-            let pool = cluster.pool(endpoint.addr, h2);
             let try_start = tokio::time::Instant::now();
             last_try_start = try_start;
             let mut wait = deadline.map(|d| (d, Expiry::Route));
@@ -903,6 +952,7 @@ impl HttpProxy {
                 Ok(Err(e)) => match e.kind() {
                     FailureKind::Connect => Outcome::ConnectFailure,
                     FailureKind::Overflow => Outcome::Fatal,
+                    FailureKind::Reset if e.is_refused_stream() => Outcome::RefusedStream,
                     FailureKind::Reset | FailureKind::UpstreamProtocol => Outcome::Reset,
                     FailureKind::DownstreamBody | FailureKind::RequestTimeout => Outcome::Fatal,
                 },
@@ -1033,23 +1083,43 @@ impl HttpProxy {
                 .headers
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
-        let log = log.take().and_then(|e| {
-            self.shared
-                .access_log
-                .clone()
-                .map(|l| (e, l, status.as_u16(), endpoint.addr, service_time_ms))
+        let log = log.take().and_then(|mut e| {
+            let l = self.shared.access_log.clone()?;
+            l.capture_response(&mut e, &rparts.headers);
+            e.response_duration = Some(std::time::Duration::from_millis(service_time_ms));
+            Some((e, l, status.as_u16(), endpoint.addr))
         });
+        // Trailers are captured only when a format or filter reads them.
+        let trailer_slot = log
+            .as_ref()
+            .filter(|l| l.1.wants_trailers())
+            .map(|_| Arc::new(std::sync::OnceLock::new()));
+        let trailer_capture = log.as_ref().map(|l| l.1.clone()).zip(trailer_slot.clone());
         let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
                 p.fire(completed, bytes);
             }
             drop(rq_active);
             drop(ep_active);
-            if let Some((entry, logger, status, upstream, service_ms)) = log {
+            if let Some((entry, logger, status, upstream)) = log {
                 let flag = (!completed)
                     .then_some(ResponseFlag::DownstreamConnectionTermination)
                     .or(final_flag);
-                logger.write(entry.format(status, flag, bytes, Some(upstream), Some(service_ms)));
+                logger.log_http(
+                    &entry,
+                    &crate::access_log::HttpEnd {
+                        status,
+                        details: crate::access_log::response_code_details(flag, true),
+                        flag,
+                        bytes_sent: bytes,
+                        upstream: Some(upstream),
+                        trailers: trailer_slot
+                            .as_ref()
+                            .and_then(|s| s.get())
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                    },
+                );
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
@@ -1057,12 +1127,14 @@ impl HttpProxy {
             Some(t) => Some(idle.map_or(t, |i| i.min(t))),
             None => idle,
         };
-        Response::from_parts(
-            rparts,
-            ProxyBody::Upstream(
-                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle),
-            ),
-        )
+        let mut body =
+            UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle);
+        if let Some((logger, slot)) = trailer_capture {
+            body = body.with_trailers(move |t| {
+                let _ = slot.set(logger.capture_trailers(t));
+            });
+        }
+        Response::from_parts(rparts, ProxyBody::Upstream(body))
     }
 
     /// Starts the shadows of the route's sampled mirror policies and
@@ -1438,6 +1510,7 @@ pub struct ConnService {
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
+    id: u64,
 }
 
 impl ConnService {
@@ -1449,6 +1522,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1465,6 +1539,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1492,6 +1567,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             downstream_remote: self.peer,
             downstream_local: self.local,
             protocol: req.version(),
+            connection_id: self.id,
         };
         let proxy = match &self.current {
             Some(c) => c.load_full(),

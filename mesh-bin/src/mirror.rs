@@ -133,7 +133,9 @@ async fn send(
     cstats.rq_total.inc();
     endpoint.stats.rq_total.inc();
     let _active = resources.requests.acquire();
-    let pool = cluster.pool(endpoint.addr, h2);
+    let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+        return;
+    };
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let sent = pool.send(req, false);
     let result = match deadline {

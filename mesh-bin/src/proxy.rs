@@ -110,7 +110,12 @@ struct BuiltListener {
 /// The field path of the terminal filter config of chain `ci` of listener `li`.
 fn terminal_path(li: usize, ci: usize, l: &mesh_core::config::Listener) -> String {
     let index = usize::from(ci == 0 && l.connection_limit.is_some())
-        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()));
+        + usize::from(l.filter_chains.get(ci).is_some_and(|c| c.rbac.is_some()))
+        + usize::from(
+            l.filter_chains
+                .get(ci)
+                .is_some_and(|c| c.local_ratelimit.is_some()),
+        );
     format!("static_resources.listeners[{li}].filter_chains[{ci}].filters[{index}].typed_config")
 }
 
@@ -328,6 +333,9 @@ impl Proxy {
                     tls,
                     handshake_timeout: chain.handshake_timeout,
                     rbac,
+                    rate_limit: chain.local_ratelimit.as_ref().map(|c| {
+                        mesh_filter::local_ratelimit::ConnectionRateLimiter::new(c, &store)
+                    }),
                 });
             }
             let selector = mesh_tls::chain_match::FilterChainSelector::new(
@@ -439,7 +447,14 @@ impl Proxy {
                 .map_err(StartError::Worker)?;
         }
         drop(built);
-        let xds = match bootstrap.dynamic_resources.clone() {
+        // SDS over xDS for static listeners and clusters needs the xDS
+        // manager even without `dynamic_resources`.
+        let static_secrets = crate::tls::static_xds_secrets(&bootstrap);
+        let dynamic = match bootstrap.dynamic_resources.clone() {
+            None if !static_secrets.is_empty() => Some(Default::default()),
+            d => d,
+        };
+        let xds = match dynamic {
             None => None,
             Some(config) => Some(
                 crate::dynamic::start(crate::dynamic::Context {
@@ -452,6 +467,9 @@ impl Proxy {
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
                     rpc_codecs: options.rpc_codecs.clone(),
+                    secrets: secrets.clone(),
+                    tls: tls_registry.clone(),
+                    static_secrets,
                 })
                 .map_err(StartError::Config)?,
             ),

@@ -26,6 +26,9 @@ pub struct ClusterPolicy {
     pub cx_overflow: Counter,
     /// `upstream_rq_per_try_timeout`.
     pub rq_per_try_timeout: Counter,
+    /// `upstream_cx_pool_overflow`: requests that found no connection
+    /// pool because of `max_connection_pools`.
+    pub cx_pool_overflow: Counter,
     /// `upstream_rq_pending_active`.
     pub rq_pending_active: Gauge,
     /// What the cluster's connection pools obey (`max_connections`,
@@ -72,6 +75,7 @@ impl ClusterPolicy {
             rq_active_overflow: store.counter("envoy_cluster_upstream_rq_active_overflow", &l),
             cx_overflow,
             rq_per_try_timeout: store.counter("envoy_cluster_upstream_rq_per_try_timeout", &l),
+            cx_pool_overflow: store.counter("envoy_cluster_upstream_cx_pool_overflow", &l),
             rq_pending_active,
         }
     }

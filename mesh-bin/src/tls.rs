@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use mesh_codec::transport::{BoxIo, Carried, ConnectFuture, Connector};
-use mesh_core::config::tls::{CommonTlsContext, SdsSource, ValidationSource};
-use mesh_core::config::Bootstrap;
+use mesh_core::config::tls::{CommonTlsContext, SdsSecretConfig, SdsSource, ValidationSource};
+use mesh_core::config::{Bootstrap, ConfigSource};
 use mesh_core::stats::Store;
 use mesh_tls::watch::{SecretFile, DEFAULT_INTERVAL};
 use mesh_tls::{CertInfo, ClientTls, SecretStore, ServerTls, SubjectAltName, UpstreamAlpn};
@@ -43,6 +43,37 @@ impl Connector for TlsConnector {
             }
         })
     }
+}
+
+/// The SDS secrets a TLS context names that arrive over xDS, with their
+/// config source.
+pub(crate) fn xds_secrets(common: &CommonTlsContext) -> Vec<(String, ConfigSource)> {
+    let mut out = Vec::new();
+    let mut add = |s: &SdsSecretConfig| {
+        if let SdsSource::Xds(c) = &s.source {
+            out.push((s.name.clone(), c.clone()));
+        }
+    };
+    common.tls_certificate_sds.iter().for_each(&mut add);
+    match &common.validation {
+        Some(ValidationSource::Sds(s)) | Some(ValidationSource::Combined { sds: s, .. }) => add(s),
+        _ => {}
+    }
+    out
+}
+
+/// Every xDS secret the static listeners and clusters of `bootstrap` name.
+pub(crate) fn static_xds_secrets(bootstrap: &Bootstrap) -> Vec<(String, ConfigSource)> {
+    let listeners = bootstrap
+        .listeners
+        .iter()
+        .flat_map(|l| &l.filter_chains)
+        .filter_map(|c| c.tls.as_ref().map(|t| &t.common));
+    let clusters = bootstrap
+        .clusters
+        .iter()
+        .filter_map(|c| c.tls.as_ref().map(|t| &t.common));
+    listeners.chain(clusters).flat_map(xds_secrets).collect()
 }
 
 fn sds_paths(common: &CommonTlsContext, out: &mut BTreeSet<String>) {
@@ -104,11 +135,12 @@ pub fn secret_store(
     Ok(store)
 }
 
-/// Every TLS context of the proxy, for `/certs`.
+/// Every TLS context of the proxy, for `/certs`. Contexts are held weakly:
+/// one whose listener or cluster left (xDS) leaves the page.
 #[derive(Debug, Default)]
 pub struct TlsRegistry {
-    servers: Mutex<Vec<Arc<ServerTls>>>,
-    clients: Mutex<Vec<Arc<ClientTls>>>,
+    servers: Mutex<Vec<Weak<ServerTls>>>,
+    clients: Mutex<Vec<Weak<ClientTls>>>,
 }
 
 impl TlsRegistry {
@@ -117,7 +149,7 @@ impl TlsRegistry {
         self.servers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(t);
+            .push(Arc::downgrade(&t));
     }
 
     /// Adds a cluster context.
@@ -125,27 +157,15 @@ impl TlsRegistry {
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(t);
+            .push(Arc::downgrade(&t));
     }
 
     /// Envoy's `/certs` JSON: one entry per TLS context with its CA
     /// certificates and its certificate chain.
     pub fn certs_json(&self) -> String {
         let mut entries = Vec::new();
-        let servers = self
-            .servers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|s| s.loaded())
-            .collect::<Vec<_>>();
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|c| c.loaded())
-            .collect::<Vec<_>>();
+        let servers = live(&self.servers, |s| s.loaded());
+        let clients = live(&self.clients, |c| c.loaded());
         for (cert, validation) in servers.into_iter().chain(clients) {
             let ca: Vec<serde_json::Value> = validation
                 .map(|v| v.ca_infos.iter().map(cert_json).collect())
@@ -165,6 +185,16 @@ impl TlsRegistry {
         let _ = writeln!(out);
         out
     }
+}
+
+/// What `f` says of every context still alive (dropping the others).
+fn live<T, R>(list: &Mutex<Vec<Weak<T>>>, f: impl Fn(&T) -> R) -> Vec<R> {
+    let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    list.iter()
+        .filter_map(|w| w.upgrade())
+        .map(|t| f(&t))
+        .collect()
 }
 
 fn cert_json(i: &CertInfo) -> serde_json::Value {

@@ -120,6 +120,9 @@ pub struct FilterChain {
     /// `envoy.filters.network.rbac`, checked once per connection (after the
     /// TLS handshake) before the terminal filter.
     pub rbac: Option<rbac::Rbac>,
+    /// `envoy.filters.network.local_ratelimit`: one token per accepted
+    /// connection, checked right after the chain is chosen.
+    pub local_ratelimit: Option<crate::policy::NetworkLocalRateLimit>,
 }
 
 /// The terminal network filter of a filter chain.
@@ -290,12 +293,36 @@ pub enum HttpFilter {
     Fault(Box<crate::policy::FaultConfig>),
     /// `envoy.filters.http.rbac`.
     Rbac(Box<rbac::Rbac>),
+    /// `envoy.filters.http.cors` (its policies come from
+    /// `typed_per_filter_config`).
+    Cors,
 }
 
-/// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
-/// Envoy's default text format.
+/// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,
+/// their format (Envoy's default without one) and which streams are logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// The sink.
+    pub sink: AccessLogSink,
+    /// `typed_config.log_format`; Envoy's default format when `None`.
+    pub format: Option<crate::access_log::LogFormat>,
+    /// `filter`; every stream is logged when `None`.
+    pub filter: Option<crate::access_log::AccessLogFilter>,
+}
+
+impl From<AccessLogSink> for AccessLog {
+    fn from(sink: AccessLogSink) -> Self {
+        AccessLog {
+            sink,
+            format: None,
+            filter: None,
+        }
+    }
+}
+
+/// Where an [`AccessLog`] writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLog {
+pub enum AccessLogSink {
     /// `envoy.access_loggers.stdout`.
     Stdout,
     /// `envoy.access_loggers.stderr`.

@@ -319,6 +319,8 @@ pub struct VhostPolicy {
     pub per_request_buffer_limit_bytes: Option<u32>,
     /// `typed_per_filter_config`.
     pub per_filter: Vec<PerFilterConfig>,
+    /// `rate_limits`: the descriptors the local rate limit filter looks up.
+    pub rate_limits: Vec<RateLimitPolicy>,
 }
 
 /// Policy of a route (besides what [`crate::config::RouteAction`] holds).
@@ -339,6 +341,131 @@ pub struct RoutePolicy {
     pub grpc_timeout_offset: Option<Duration>,
     /// `route.request_mirror_policies`.
     pub request_mirror_policies: Vec<RequestMirrorPolicy>,
+    /// `route.metadata_mutation` (RPC routes): attachment / header
+    /// changes made to the request before it is sent upstream.
+    pub metadata_mutation: MetadataMutation,
+    /// `route.rate_limits`: the descriptors the local rate limit filter
+    /// looks up.
+    pub rate_limits: Vec<RateLimitPolicy>,
+    /// `route.include_vh_rate_limits`: the virtual host's `rate_limits`
+    /// apply too.
+    pub include_vh_rate_limits: bool,
+}
+
+/// Changes an RPC route makes to a request's attachments (Dubbo) or
+/// header map (SOFA Bolt) before sending it upstream. Keys are compared
+/// ignoring ASCII case and keep the case they are written in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataMutation {
+    /// `set`: each key's value replaces the existing entry of that key, or
+    /// is appended when there is none.
+    pub set: Vec<(String, String)>,
+    /// `remove`: entries with these keys are dropped (before `set`).
+    pub remove: Vec<String>,
+}
+
+impl MetadataMutation {
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the removals, then the sets, to `headers`.
+    pub fn apply(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(k, _)| !self.remove.iter().any(|r| r.eq_ignore_ascii_case(k)));
+        for (key, value) in &self.set {
+            let mut found = false;
+            headers.retain_mut(|(k, v)| {
+                if !k.eq_ignore_ascii_case(key) {
+                    return true;
+                }
+                // The first entry of the key takes the value; repeats go.
+                let keep = !found;
+                if keep {
+                    *v = value.clone();
+                }
+                found = true;
+                keep
+            });
+            if !found {
+                headers.push((key.clone(), value.clone()));
+            }
+        }
+    }
+}
+
+/// Envoy `config.route.v3.RateLimit`: one descriptor made of the entries
+/// its actions produce (none when an action cannot produce its entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitPolicy {
+    /// `stage` (default 0): only filters of the same stage use it.
+    pub stage: u32,
+    /// `actions`, in order.
+    pub actions: Vec<RateLimitAction>,
+}
+
+/// One `RateLimit.Action`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateLimitAction {
+    /// `request_headers`: `(descriptor_key, value of header_name)`.
+    RequestHeaders {
+        /// `header_name`.
+        header_name: String,
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `skip_if_absent`: a missing header drops only this entry, not
+        /// the descriptor.
+        skip_if_absent: bool,
+    },
+    /// `remote_address`: `("remote_address", peer IP)`.
+    RemoteAddress,
+    /// `generic_key`: `(descriptor_key or "generic_key", descriptor_value)`.
+    GenericKey {
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `descriptor_value`.
+        descriptor_value: String,
+    },
+    /// `header_value_match`: `(descriptor_key or "header_match",
+    /// descriptor_value)` when the headers match (or not, per
+    /// `expect_match`).
+    HeaderValueMatch {
+        /// `descriptor_key`.
+        descriptor_key: String,
+        /// `descriptor_value`.
+        descriptor_value: String,
+        /// `expect_match` (default true).
+        expect_match: bool,
+        /// `headers`.
+        headers: Vec<crate::config::HeaderMatcher>,
+    },
+    /// `destination_cluster`: `("destination_cluster", the route's
+    /// cluster)`.
+    DestinationCluster,
+}
+
+/// `LocalRateLimit.vh_rate_limits`: how a virtual host's `rate_limits`
+/// combine with the route's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VhRateLimits {
+    /// `OVERRIDE` (default): the virtual host's apply when the route has
+    /// none.
+    #[default]
+    Override,
+    /// `INCLUDE`: both apply.
+    Include,
+    /// `IGNORE`: only the route's apply.
+    Ignore,
+}
+
+/// One `LocalRateLimit.descriptors` entry: requests whose descriptors
+/// include exactly these entries take tokens from this bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRateLimitDescriptor {
+    /// `entries`: `(key, value)` pairs, in order.
+    pub entries: Vec<(String, String)>,
+    /// `token_bucket`.
+    pub token_bucket: TokenBucketConfig,
 }
 
 /// Envoy `RouteAction.RequestMirrorPolicy`: a fraction of the route's
@@ -377,6 +504,36 @@ pub enum FilterOverride {
     LocalRateLimit(Box<LocalRateLimitConfig>),
     /// `envoy.filters.http.fault`: the route's own faults.
     Fault(Box<FaultConfig>),
+    /// `envoy.filters.http.cors`: the `CorsPolicy` of a route or virtual
+    /// host.
+    Cors(Box<CorsPolicy>),
+}
+
+/// Envoy `extensions.filters.http.cors.v3.CorsPolicy`. Unset fields take
+/// the less specific level's value (a route's from its virtual host's).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CorsPolicy {
+    /// `allow_origin_string_match` (as matchers on the `origin` header).
+    pub allow_origin: Vec<crate::config::HeaderMatcher>,
+    /// `allow_methods`.
+    pub allow_methods: Option<String>,
+    /// `allow_headers`.
+    pub allow_headers: Option<String>,
+    /// `expose_headers`.
+    pub expose_headers: Option<String>,
+    /// `max_age`.
+    pub max_age: Option<String>,
+    /// `allow_credentials`.
+    pub allow_credentials: Option<bool>,
+    /// `allow_private_network_access`.
+    pub allow_private_network_access: Option<bool>,
+    /// `forward_not_matching_preflights` (default true).
+    pub forward_not_matching_preflights: Option<bool>,
+    /// `filter_enabled.default_value` (default 100 %).
+    pub filter_enabled: Option<FractionalPercent>,
+    /// `shadow_enabled.default_value`: origins are checked and counted,
+    /// nothing is added.
+    pub shadow_enabled: Option<FractionalPercent>,
 }
 
 /// Envoy `extensions.filters.http.fault.v3.HTTPFault`.
@@ -490,6 +647,15 @@ pub struct LocalRateLimitConfig {
     pub x_ratelimit_headers: bool,
     /// `response_headers_to_add`: added to limited responses.
     pub response_headers_to_add: Vec<crate::config::HeaderValueOption>,
+    /// `descriptors`: buckets for requests with matching descriptors.
+    pub descriptors: Vec<LocalRateLimitDescriptor>,
+    /// `always_consume_default_token_bucket` (default true): a request
+    /// matching descriptors takes a default-bucket token too.
+    pub always_consume_default_token_bucket: bool,
+    /// `stage`: which route `rate_limits` entries apply.
+    pub stage: u32,
+    /// `vh_rate_limits`.
+    pub vh_rate_limits: VhRateLimits,
 }
 
 impl Default for LocalRateLimitConfig {
@@ -502,8 +668,26 @@ impl Default for LocalRateLimitConfig {
             status: 429,
             x_ratelimit_headers: false,
             response_headers_to_add: Vec::new(),
+            descriptors: Vec::new(),
+            always_consume_default_token_bucket: true,
+            stage: 0,
+            vh_rate_limits: VhRateLimits::Override,
         }
     }
+}
+
+/// Envoy `extensions.filters.network.local_ratelimit.v3.LocalRateLimit`:
+/// a token bucket for the connections of one filter chain; a connection
+/// finding it empty is closed at accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkLocalRateLimit {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `token_bucket` (required; `fill_interval` at least 50 ms).
+    pub token_bucket: TokenBucketConfig,
+    /// `runtime_enabled.default_value` (default true): false turns the
+    /// filter off (mesh has no runtime layer, so the default applies).
+    pub enabled: bool,
 }
 
 /// Name and switches of one entry of the HCM's `http_filters` (the entry

@@ -202,12 +202,13 @@ impl Metric {
 /// The label that names a stat's scope in Envoy's dotted names, and the
 /// scope word that starts both names (`envoy_cluster_upstream_rq_total` with
 /// `envoy_cluster_name="web"` is `cluster.web.upstream_rq_total`).
-const SCOPES: [(&str, &str); 5] = [
+const SCOPES: [(&str, &str); 6] = [
     ("envoy_cluster_name", "cluster"),
     ("envoy_http_conn_manager_prefix", "http"),
     ("envoy_listener_address", "listener"),
     ("envoy_tcp_prefix", "tcp"),
     ("envoy_connection_limit_prefix", "connection_limit"),
+    ("envoy_local_network_ratelimit_prefix", "local_rate_limit"),
 ];
 
 /// A stat's name as Envoy's `/stats` text shows it.

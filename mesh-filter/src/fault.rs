@@ -30,6 +30,11 @@ pub const ABORT_HEADER: &str = "x-envoy-fault-abort-request";
 pub const ABORT_GRPC_HEADER: &str = "x-envoy-fault-abort-grpc-request";
 /// `x-envoy-fault-abort-request-percentage`.
 pub const ABORT_PERCENTAGE_HEADER: &str = "x-envoy-fault-abort-request-percentage";
+/// `x-envoy-fault-throughput-response`: the response bandwidth in KiB/s
+/// (`response_rate_limit.header_limit`).
+pub const THROUGHPUT_HEADER: &str = "x-envoy-fault-throughput-response";
+/// `x-envoy-fault-throughput-response-percentage`.
+pub const THROUGHPUT_PERCENTAGE_HEADER: &str = "x-envoy-fault-throughput-response-percentage";
 
 /// Envoy's fault stats (`http.<stat_prefix>.fault.*`).
 #[derive(Debug, Clone, Default)]
@@ -38,6 +43,8 @@ pub struct FaultStats {
     pub delays_injected: Counter,
     /// `aborts_injected`.
     pub aborts_injected: Counter,
+    /// `response_rl_injected`: responses slowed by `response_rate_limit`.
+    pub response_rl_injected: Counter,
     /// `faults_overflow`: faults not injected because of
     /// `max_active_faults`.
     pub faults_overflow: Counter,
@@ -53,6 +60,7 @@ impl FaultStats {
             delays_injected: store.counter("envoy_http_fault_delays_injected", &l),
             aborts_injected: store.counter("envoy_http_fault_aborts_injected", &l),
             faults_overflow: store.counter("envoy_http_fault_faults_overflow", &l),
+            response_rl_injected: store.counter("envoy_http_fault_response_rl_injected", &l),
             active_faults: store.gauge("envoy_http_fault_active_faults", &l),
         }
     }
@@ -74,6 +82,9 @@ pub struct Fault {
     pub delay: Option<Duration>,
     /// Then answer with this.
     pub abort: Option<Abort>,
+    /// Deliver the response body at this many KiB per second
+    /// ([`crate::throttle::ThrottledBody`]).
+    pub response_kbps: Option<u64>,
     /// Counts the fault as active while held.
     pub active: Option<ActiveFault>,
 }
@@ -100,7 +111,8 @@ pub struct FaultInjector {
     stats: FaultStats,
 }
 
-fn roll(p: FractionalPercent) -> bool {
+/// Whether a request falls within `p`.
+pub(crate) fn roll(p: FractionalPercent) -> bool {
     if p.numerator >= p.denominator {
         return true;
     }
@@ -119,7 +131,8 @@ fn percentage(configured: FractionalPercent, header: Option<&str>) -> Fractional
     }
 }
 
-struct View<'a>(&'a HeaderMap);
+/// A request seen through its headers only (no method, path or authority).
+pub(crate) struct View<'a>(pub(crate) &'a HeaderMap);
 
 impl mesh_core::view::RequestView for View<'_> {
     fn method(&self) -> &str {
@@ -210,7 +223,19 @@ impl FaultInjector {
             };
             abort.filter(|_| roll(pct))
         });
-        if delay.is_none() && abort.is_none() {
+        let response_kbps = c.response_rate_limit.and_then(|r| {
+            let (kbps, pct) = match r.limit_kbps {
+                Some(k) => (Some(k), r.percentage),
+                None => (
+                    text(THROUGHPUT_HEADER)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .filter(|k| *k > 0),
+                    percentage(r.percentage, text(THROUGHPUT_PERCENTAGE_HEADER)),
+                ),
+            };
+            kbps.filter(|_| roll(pct))
+        });
+        if delay.is_none() && abort.is_none() && response_kbps.is_none() {
             return Fault::default();
         }
         if let Some(max) = c.max_active_faults {
@@ -227,9 +252,13 @@ impl FaultInjector {
         if abort.is_some() {
             self.stats.aborts_injected.inc();
         }
+        if response_kbps.is_some() {
+            self.stats.response_rl_injected.inc();
+        }
         Fault {
             delay,
             abort,
+            response_kbps,
             active: Some(ActiveFault {
                 injector: self.clone(),
             }),

@@ -19,10 +19,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
-use mesh_core::policy::{FractionalPercent, LocalRateLimitConfig};
+use mesh_core::policy::{
+    FractionalPercent, LocalRateLimitConfig, NetworkLocalRateLimit, TokenBucketConfig,
+};
 use mesh_core::stats::{Counter, Store};
 use tokio::time::Instant;
 use tower::{Layer, Service};
+
+use crate::descriptors::Descriptor;
 
 /// A token bucket refilled continuously, shared by any number of threads.
 #[derive(Debug)]
@@ -91,6 +95,16 @@ impl TokenBucket {
         (now.saturating_sub(empty_at) / self.nanos_per_token).min(self.max_tokens)
     }
 
+    /// How long until the next token arrives (zero while tokens remain).
+    pub fn next_token_in(&self) -> Duration {
+        let now = self.now();
+        let empty_at = self.empty_at.load(Ordering::Relaxed);
+        let next = empty_at
+            .max(now.saturating_sub(self.max_tokens.saturating_mul(self.nanos_per_token)))
+            .saturating_add(self.nanos_per_token);
+        Duration::from_nanos(next.saturating_sub(now))
+    }
+
     /// `max_tokens`.
     pub fn max_tokens(&self) -> u64 {
         self.max_tokens
@@ -137,6 +151,9 @@ pub struct LocalRateLimiter {
     /// The configuration.
     pub config: LocalRateLimitConfig,
     bucket: Option<TokenBucket>,
+    /// `descriptors` and their buckets, slowest-filling first (the order
+    /// Envoy takes their tokens in).
+    descriptors: Vec<(Descriptor, TokenBucket)>,
     stats: LocalRateLimitStats,
     status: StatusCode,
 }
@@ -164,10 +181,18 @@ fn roll(p: &FractionalPercent) -> bool {
 impl LocalRateLimiter {
     /// A limiter for `config`, counting in `stats`.
     pub fn new(config: &LocalRateLimitConfig, stats: LocalRateLimitStats) -> Self {
+        let bucket = |t: &TokenBucketConfig| {
+            TokenBucket::new(t.max_tokens, t.tokens_per_fill, t.fill_interval)
+        };
+        let mut descriptors: Vec<(Descriptor, TokenBucket)> = config
+            .descriptors
+            .iter()
+            .map(|d| (d.entries.clone(), bucket(&d.token_bucket)))
+            .collect();
+        descriptors.sort_by_key(|(_, b)| std::cmp::Reverse(b.nanos_per_token));
         LocalRateLimiter {
-            bucket: config
-                .token_bucket
-                .map(|t| TokenBucket::new(t.max_tokens, t.tokens_per_fill, t.fill_interval)),
+            bucket: config.token_bucket.as_ref().map(bucket),
+            descriptors,
             status: StatusCode::from_u16(config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
             config: config.clone(),
             stats,
@@ -176,24 +201,54 @@ impl LocalRateLimiter {
 
     /// Checks (and takes a token for) one request.
     pub fn check(&self) -> Verdict {
+        self.check_descriptors(&[]).0
+    }
+
+    /// Whether the limiter has `descriptors` (so the request's descriptors
+    /// are worth computing).
+    pub fn has_descriptors(&self) -> bool {
+        !self.descriptors.is_empty()
+    }
+
+    /// Checks one request with its descriptors, as Envoy does: every
+    /// configured descriptor among them gives a token, slowest-filling
+    /// first, stopping at the first empty bucket; then the default bucket
+    /// gives one when no descriptor matched or
+    /// `always_consume_default_token_bucket` is set. Also returns the bucket
+    /// the `x-ratelimit-*` headers describe.
+    pub fn check_descriptors(&self, request: &[Descriptor]) -> (Verdict, Option<&TokenBucket>) {
         if !roll(&self.config.filter_enabled) {
-            return Verdict::Skipped;
+            return (Verdict::Skipped, None);
         }
         self.stats.enabled.inc();
-        let Some(bucket) = &self.bucket else {
+        let mut matched: Vec<&TokenBucket> = Vec::new();
+        if !self.descriptors.is_empty() {
+            for d in request {
+                if let Some((_, b)) = self.descriptors.iter().find(|(e, _)| e == d) {
+                    matched.push(b);
+                }
+            }
+            matched.sort_by_key(|b| std::cmp::Reverse(b.nanos_per_token));
+        }
+        let mut verdict = (true, matched.first().copied());
+        if let Some(empty) = matched.iter().find(|b| !b.try_consume()) {
+            verdict = (false, Some(*empty));
+        } else if matched.is_empty() || self.config.always_consume_default_token_bucket {
+            if let Some(b) = &self.bucket {
+                verdict = (b.try_consume(), Some(b));
+            }
+        }
+        let (allowed, bucket) = verdict;
+        if allowed {
             self.stats.ok.inc();
-            return Verdict::Allowed;
-        };
-        if bucket.try_consume() {
-            self.stats.ok.inc();
-            return Verdict::Allowed;
+            return (Verdict::Allowed, bucket);
         }
         self.stats.rate_limited.inc();
         if roll(&self.config.filter_enforced) {
             self.stats.enforced.inc();
-            Verdict::Limited
+            (Verdict::Limited, bucket)
         } else {
-            Verdict::Shadowed
+            (Verdict::Shadowed, bucket)
         }
     }
 
@@ -204,12 +259,17 @@ impl LocalRateLimiter {
 
     /// The `x-ratelimit-*` headers (`enable_x_ratelimit_headers:
     /// DRAFT_VERSION_03`), when enabled: limit, remaining, reset (seconds).
-    pub fn rate_limit_headers(&self) -> Option<[(HeaderValue, &'static str); 3]> {
+    /// `bucket` is the one [`Self::check_descriptors`] returned; the reset
+    /// is the whole seconds until its next token.
+    pub fn rate_limit_headers(
+        &self,
+        bucket: Option<&TokenBucket>,
+    ) -> Option<[(HeaderValue, &'static str); 3]> {
         if !self.config.x_ratelimit_headers {
             return None;
         }
-        let b = self.bucket.as_ref()?;
-        let reset = b.fill_interval().as_secs_f64().ceil() as u64;
+        let b = bucket?;
+        let reset = b.next_token_in().as_secs();
         Some([
             (HeaderValue::from(b.max_tokens()), "x-ratelimit-limit"),
             (HeaderValue::from(b.remaining()), "x-ratelimit-remaining"),
@@ -277,10 +337,48 @@ where
     }
 }
 
+/// `envoy.filters.network.local_ratelimit`: one token per connection of a
+/// filter chain, from a bucket shared by every worker thread.
+#[derive(Debug)]
+pub struct ConnectionRateLimiter {
+    bucket: TokenBucket,
+    enabled: bool,
+    rate_limited: Counter,
+}
+
+impl ConnectionRateLimiter {
+    /// A limiter for `config`, counting refused connections in
+    /// `local_rate_limit.<stat_prefix>.rate_limited` (Prometheus
+    /// `envoy_local_rate_limit_rate_limited{envoy_local_network_ratelimit_prefix=...}`).
+    pub fn new(config: &NetworkLocalRateLimit, store: &Store) -> Self {
+        let t = config.token_bucket;
+        ConnectionRateLimiter {
+            bucket: TokenBucket::new(t.max_tokens, t.tokens_per_fill, t.fill_interval),
+            enabled: config.enabled,
+            rate_limited: store.counter(
+                "envoy_local_rate_limit_rate_limited",
+                &[(
+                    "envoy_local_network_ratelimit_prefix",
+                    config.stat_prefix.clone(),
+                )],
+            ),
+        }
+    }
+
+    /// Whether a new connection may go on (takes a token); a refused one
+    /// is counted.
+    pub fn admit(&self) -> bool {
+        if !self.enabled || self.bucket.try_consume() {
+            return true;
+        }
+        self.rate_limited.inc();
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::policy::TokenBucketConfig;
 
     fn limiter(max: u32, per_fill: u32, every: Duration) -> LocalRateLimiter {
         LocalRateLimiter::new(
@@ -351,6 +449,105 @@ mod tests {
         assert_eq!(l.check(), Verdict::Shadowed);
         assert_eq!(stats.rate_limited.get(), 1);
         assert_eq!(stats.enforced.get(), 0);
+    }
+
+    fn desc(k: &str, v: &str) -> Descriptor {
+        vec![(k.to_owned(), v.to_owned())]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn descriptors_take_from_their_own_buckets() {
+        let every = |max| TokenBucketConfig {
+            max_tokens: max,
+            tokens_per_fill: 1,
+            fill_interval: Duration::from_secs(10),
+        };
+        let mut cfg = LocalRateLimitConfig {
+            token_bucket: Some(every(3)),
+            filter_enabled: FractionalPercent::HUNDRED,
+            filter_enforced: FractionalPercent::HUNDRED,
+            descriptors: vec![
+                mesh_core::policy::LocalRateLimitDescriptor {
+                    entries: desc("user", "a"),
+                    token_bucket: every(1),
+                },
+                mesh_core::policy::LocalRateLimitDescriptor {
+                    entries: desc("path", "/p"),
+                    token_bucket: TokenBucketConfig {
+                        max_tokens: 5,
+                        tokens_per_fill: 5,
+                        fill_interval: Duration::from_secs(1),
+                    },
+                },
+            ],
+            always_consume_default_token_bucket: false,
+            ..LocalRateLimitConfig::default()
+        };
+        let l = LocalRateLimiter::new(&cfg, LocalRateLimitStats::default());
+        let a = [desc("user", "a")];
+        let (v, b) = l.check_descriptors(&a);
+        assert_eq!((v, b.map(|b| b.max_tokens())), (Verdict::Allowed, Some(1)));
+        assert_eq!(l.check_descriptors(&a).0, Verdict::Limited);
+        // The default bucket was spared.
+        assert_eq!(l.check_descriptors(&[]).1.map(|b| b.remaining()), Some(2));
+        // The bucket refills at its own rate.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(l.check_descriptors(&a).0, Verdict::Allowed);
+        // The slowest-filling matched bucket is taken from first: once it is
+        // empty the faster one is not touched.
+        let both = [desc("path", "/p"), desc("user", "a")];
+        let (v, b) = l.check_descriptors(&both);
+        assert_eq!((v, b.map(|b| b.max_tokens())), (Verdict::Limited, Some(1)));
+        let path = l
+            .descriptors
+            .iter()
+            .find(|(e, _)| e[0].0 == "path")
+            .unwrap();
+        assert_eq!(path.1.remaining(), 5);
+        // always_consume_default_token_bucket: the default bucket decides last.
+        cfg.always_consume_default_token_bucket = true;
+        let l = LocalRateLimiter::new(&cfg, LocalRateLimitStats::default());
+        let p = [desc("path", "/p")];
+        let verdicts: Vec<_> = (0..4).map(|_| l.check_descriptors(&p).0).collect();
+        assert_eq!(verdicts[..3], [Verdict::Allowed; 3]);
+        assert_eq!(verdicts[3], Verdict::Limited);
+        assert_eq!(l.check_descriptors(&p).1.map(|b| b.max_tokens()), Some(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reset_header_counts_seconds_to_the_next_token() {
+        let b = TokenBucket::new(1, 1, Duration::from_secs(30));
+        assert_eq!(b.next_token_in(), Duration::ZERO);
+        assert!(b.try_consume());
+        assert_eq!(b.next_token_in(), Duration::from_secs(30));
+        tokio::time::advance(Duration::from_millis(10_500)).await;
+        assert_eq!(b.next_token_in().as_secs(), 19);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_take_one_token_each() {
+        let store = Store::new();
+        let mut cfg = NetworkLocalRateLimit {
+            stat_prefix: "tcp".into(),
+            token_bucket: TokenBucketConfig {
+                max_tokens: 2,
+                tokens_per_fill: 1,
+                fill_interval: Duration::from_secs(1),
+            },
+            enabled: true,
+        };
+        let l = ConnectionRateLimiter::new(&cfg, &store);
+        assert!(l.admit() && l.admit());
+        assert!(!l.admit());
+        assert_eq!(l.rate_limited.get(), 1);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(l.admit());
+        assert!(!l.admit());
+        // `runtime_enabled: false`: everything passes, nothing counted.
+        cfg.enabled = false;
+        let off = ConnectionRateLimiter::new(&cfg, &Store::new());
+        assert!((0..10).all(|_| off.admit()));
+        assert_eq!(off.rate_limited.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -374,7 +374,7 @@ async fn rotation_through_the_secret_store_refuses_bad_certificates() {
     ctx.common.tls_certificates.clear();
     ctx.common.tls_certificate_sds = vec![SdsSecretConfig {
         name: "server_cert".into(),
-        source: SdsSource::Ads,
+        source: SdsSource::Xds(Default::default()),
     }];
     let server = Arc::new(ServerTls::new(&ctx, Some(store.clone()), TlsStats::detached()).unwrap());
     let client = ClientTls::new(&upstream(&p, false, vec![]), None, TlsStats::detached()).unwrap();

@@ -254,7 +254,8 @@ impl AdsServer {
             .max_encoding_message_size(usize::MAX)
     }
 
-    /// Serves ADS and the per-type discovery services (CDS, LDS, RDS, EDS)
+    /// Serves ADS and the per-type discovery services (CDS, LDS, RDS, EDS,
+    /// SDS)
     /// on `listener` until `shutdown` completes; open streams end then too.
     pub async fn serve(
         self,
@@ -283,12 +284,18 @@ impl AdsServer {
             )
         );
         let eds = sized!(svc::endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer::new(self.clone()));
+        let sds = sized!(
+            svc::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
+                self.clone()
+            )
+        );
         tonic::transport::Server::builder()
             .add_service(self.into_service())
             .add_service(cds)
             .add_service(lds)
             .add_service(rds)
             .add_service(eds)
+            .add_service(sds)
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 stop.cancel();
@@ -443,6 +450,14 @@ per_type_service!(
     stream_endpoints,
     delta_endpoints,
     fetch_endpoints
+);
+per_type_service!(
+    envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService,
+    StreamSecretsStream,
+    DeltaSecretsStream,
+    stream_secrets,
+    delta_secrets,
+    fetch_secrets
 );
 /// Counts an open stream of a node for as long as it lives.
 struct StreamGuard {

@@ -244,3 +244,62 @@ async fn per_type_streams_use_the_type_services() {
         clients.push((handle, rx));
     }
 }
+
+/// SDS on its own stream (`SecretDiscoveryService`), as Istio's sidecars
+/// use it: secrets are served by name, and a refused one is recorded as a
+/// NACK with the client's detail.
+#[tokio::test]
+async fn secrets_over_the_secret_discovery_service() {
+    use types::SECRET;
+    let secret = |name: &str, ca: &str| {
+        json_to_any(
+            SECRET,
+            &json!({"name": name, "validation_context": {"trusted_ca": {"inline_string": ca}}}),
+        )
+        .unwrap()
+    };
+    let cache = SnapshotCache::new();
+    let snap = |v: &str, ca: &str| {
+        Snapshot::new(v)
+            .with_resources(SECRET, [secret("default", ca), secret("ROOTCA", ca)])
+            .unwrap()
+    };
+    cache.set_snapshot(NODE, snap("v1", "one"));
+    let (addr, _srv) = server(&cache, "127.0.0.1:0".parse().unwrap()).await;
+    for protocol in [Protocol::StateOfTheWorld, Protocol::Delta] {
+        let mut cfg = config(addr, protocol);
+        cfg.service = types::Service::PerType(SECRET);
+        let (handle, mut rx) = client::start(cfg);
+        handle.subscribe(SECRET, ["ROOTCA".to_string()].into());
+        let d = next(&mut rx).await;
+        assert_eq!(d.update.type_url, SECRET);
+        assert_eq!(names(&d), ["ROOTCA"]);
+        d.reply(Ok(()));
+        assert!(
+            cache
+                .wait_for(NODE, WAIT, |s| s.acked.contains_key(SECRET))
+                .await
+        );
+        drop(handle);
+    }
+    // A new version: the client refuses it.
+    let mut cfg = config(addr, Protocol::StateOfTheWorld);
+    cfg.service = types::Service::PerType(SECRET);
+    let (handle, mut rx) = client::start(cfg);
+    handle.subscribe(SECRET, ["ROOTCA".to_string()].into());
+    next(&mut rx).await.reply(Ok(()));
+    cache.set_snapshot(NODE, snap("v2", "two"));
+    let d = next(&mut rx).await;
+    assert_eq!(d.update.version, "v2");
+    d.reply(Err(
+        "secret \"ROOTCA\": validation_context.trusted_ca: bad".into()
+    ));
+    assert!(
+        cache
+            .wait_for(NODE, WAIT, |s| s
+                .nacked
+                .get(SECRET)
+                .is_some_and(|(v, e)| v == "v2" && e.contains("trusted_ca")))
+            .await
+    );
+}

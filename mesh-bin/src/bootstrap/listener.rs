@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_core::config::{
-    AccessLog, ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
+    ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
     WeightedCluster,
 };
 
+pub(crate) use super::access_log::access_logs;
 use super::reader::{is_empty_list, Ctx, Obj};
 use super::{hcm, ip_address, rpc, select_extension, Known};
 
@@ -56,6 +57,7 @@ const DUBBO_PROXY: usize = 4;
 const RPC_PROXY: usize = 5;
 const META_PROTOCOL: usize = 6;
 const NETWORK_RBAC: usize = 7;
+const NETWORK_LOCAL_RATELIMIT: usize = 8;
 
 const NETWORK_FILTERS: &[Known] = &[
     Known {
@@ -91,25 +93,15 @@ const NETWORK_FILTERS: &[Known] = &[
         name: "envoy.filters.network.rbac",
         type_url: "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
     },
+    Known {
+        name: "envoy.filters.network.local_ratelimit",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+    },
 ];
 
 const TERMINAL_NAMES: &str =
     "envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy, envoy.filters.network.thrift_proxy, envoy.filters.network.dubbo_proxy or mesh.filters.network.rpc_proxy";
-
-const ACCESS_LOGGERS: &[Known] = &[
-    Known {
-        name: "envoy.access_loggers.stdout",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-    },
-    Known {
-        name: "envoy.access_loggers.stderr",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
-    },
-    Known {
-        name: "envoy.access_loggers.file",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-    },
-];
 
 /// `static_resources.listeners`.
 pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
@@ -238,6 +230,8 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let mut terminal = None;
     let mut limit = None;
     let mut rbac = None;
+    let mut local_ratelimit = None;
+    let mut seen_ratelimit = false;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -265,6 +259,18 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
                 }
                 if let Some(tc) = tc {
                     rbac = Some(super::rbac::rbac(cx, tc, true));
+                }
+            }
+            NETWORK_LOCAL_RATELIMIT => {
+                if last || seen_ratelimit || terminal.is_some() {
+                    cx.error(
+                        f.path(),
+                        "one envoy.filters.network.local_ratelimit is supported, before the terminal filter",
+                    );
+                }
+                seen_ratelimit = true;
+                if let Some(tc) = tc {
+                    local_ratelimit = super::policy::network_local_ratelimit(cx, tc);
                 }
             }
             CONNECTION_LIMIT => {
@@ -333,6 +339,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             tls,
             handshake_timeout,
             rbac,
+            local_ratelimit,
         }),
         limit,
     )
@@ -431,41 +438,4 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
         access_log,
         hash_policy,
     }
-}
-
-/// The `access_log` list of a filter.
-pub(crate) fn access_logs(cx: &mut Ctx, parent: &mut Obj<'_>) -> Vec<AccessLog> {
-    let mut out = Vec::new();
-    for (path, v) in parent.list(cx, "access_log") {
-        let Some(mut o) = Obj::new(cx, path, v) else {
-            continue;
-        };
-        o.refuse(cx, "filter", "access log filters are not supported yet");
-        if let Some((which, tc)) = select_extension(cx, &mut o, "access logger", ACCESS_LOGGERS) {
-            let file_path = tc.as_ref().map(|t| t.at("path"));
-            let mut path = None;
-            if let Some(mut tc) = tc {
-                tc.refuse(
-                    cx,
-                    "log_format",
-                    "custom access log formats are not supported yet",
-                );
-                if which == 2 {
-                    path = tc.req_string(cx, "path");
-                }
-                tc.finish(cx);
-            }
-            match which {
-                0 => out.push(AccessLog::Stdout),
-                1 => out.push(AccessLog::Stderr),
-                _ => match (path, file_path) {
-                    (Some(p), _) => out.push(AccessLog::File(p)),
-                    (None, Some(_)) => {}
-                    (None, None) => cx.missing(&o.at("typed_config")),
-                },
-            }
-        }
-        o.finish(cx);
-    }
-    out
 }

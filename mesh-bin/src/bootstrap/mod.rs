@@ -20,6 +20,7 @@ use std::path::Path;
 use mesh_core::config::{Admin, Bootstrap, Locality, Node};
 use serde_json::Value;
 
+mod access_log;
 mod cluster;
 mod hcm;
 mod headers;
@@ -40,7 +41,10 @@ mod tls;
 mod tls_tests;
 mod xds;
 
-pub use xds::{cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json};
+pub use xds::{
+    cluster_from_json, endpoints_from_json, listener_from_json, route_config_from_json,
+    secret_from_json,
+};
 
 use reader::{Ctx, Obj};
 pub use tls::parse_sds_file;

@@ -4,6 +4,7 @@
 //! `config.cluster.v3.CircuitBreakers`, `HttpFilter`).
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use mesh_core::config::HttpFilter;
 use mesh_core::policy::{AbortKind, FaultAbort, FaultConfig, FaultDelay};
@@ -30,6 +31,11 @@ const LOCAL_RATELIMIT: &str = "envoy.filters.http.local_ratelimit";
 const LOCAL_RATELIMIT_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
+const CORS: &str = "envoy.filters.http.cors";
+const CORS_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
+const CORS_POLICY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+
 const RBAC: &str = "envoy.filters.http.rbac";
 const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 
@@ -50,6 +56,10 @@ const HTTP_FILTERS: &[Known] = &[
     Known {
         name: FAULT,
         type_url: FAULT_TYPE,
+    },
+    Known {
+        name: CORS,
+        type_url: CORS_TYPE,
     },
 ];
 
@@ -125,6 +135,25 @@ pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
         }
         b.finish(cx);
     }
+    host_selection(cx, &mut o, &mut p);
+    o.refuse(cx, "retry_priority", "retry priorities are not supported");
+    o.refuse(
+        cx,
+        "rate_limited_retry_back_off",
+        "rate-limited back-off is not supported",
+    );
+    o.refuse(
+        cx,
+        "retry_options_predicates",
+        "retry options predicates are not supported",
+    );
+    o.finish(cx);
+    p
+}
+
+/// `retry_host_predicate` (only `previous_hosts`) and
+/// `host_selection_retry_max_attempts` of a retry policy (HTTP or RPC).
+pub(crate) fn host_selection(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut RetryPolicy) {
     for (path, v) in o.list(cx, "retry_host_predicate") {
         let Some(mut pred) = Obj::new(cx, path, v) else {
             continue;
@@ -148,19 +177,6 @@ pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
             p.host_selection_retry_max_attempts = n.clamp(1, 100) as u32;
         }
     }
-    o.refuse(cx, "retry_priority", "retry priorities are not supported");
-    o.refuse(
-        cx,
-        "rate_limited_retry_back_off",
-        "rate-limited back-off is not supported",
-    );
-    o.refuse(
-        cx,
-        "retry_options_predicates",
-        "retry options predicates are not supported",
-    );
-    o.finish(cx);
-    p
 }
 
 /// A route's `priority` (`DEFAULT` or `HIGH`).
@@ -321,6 +337,9 @@ fn filter_override(cx: &mut Ctx, o: &mut Obj<'_>, ty: &str) -> Option<FilterOver
     if ty == FAULT_TYPE {
         return Some(FilterOverride::Fault(Box::new(fault(cx, o))));
     }
+    if ty == CORS_POLICY_TYPE {
+        return Some(FilterOverride::Cors(Box::new(cors_policy(cx, o))));
+    }
     if ty == LOCAL_RATELIMIT_TYPE {
         return Some(FilterOverride::LocalRateLimit(Box::new(local_ratelimit(
             cx, o,
@@ -402,6 +421,13 @@ pub(crate) fn http_filters(
                             None => FaultConfig::default(),
                         };
                         out.push(HttpFilter::Fault(Box::new(c)));
+                    }
+                    CORS => {
+                        if let Some(tc) = tc {
+                            // `Cors` has no fields: the policies are per route.
+                            tc.finish(cx);
+                        }
+                        out.push(HttpFilter::Cors);
                     }
                     RBAC => match tc {
                         Some(tc) => {
@@ -504,52 +530,8 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
         stat_prefix: o.req_string(cx, "stat_prefix").unwrap_or_default(),
         ..LocalRateLimitConfig::default()
     };
-    if let Some(mut b) = o.obj(cx, "token_bucket") {
-        let max_path = b.at("max_tokens");
-        let max_tokens = match b.u32(cx, "max_tokens") {
-            Some(0) => {
-                cx.error(&max_path, "must be greater than 0");
-                None
-            }
-            Some(n) => Some(n),
-            None => {
-                if !b.has("max_tokens") {
-                    cx.missing(&max_path);
-                }
-                None
-            }
-        };
-        let fill_path = b.at("tokens_per_fill");
-        let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
-            Some(0) => {
-                cx.error(&fill_path, "must be greater than 0");
-                1
-            }
-            Some(n) => n,
-            None => 1,
-        };
-        let interval_path = b.at("fill_interval");
-        let fill_interval = match b.duration(cx, "fill_interval") {
-            Some(d) if d.is_zero() => {
-                cx.error(&interval_path, "must be greater than 0s");
-                None
-            }
-            Some(d) => Some(d),
-            None => {
-                if !b.has("fill_interval") {
-                    cx.missing(&interval_path);
-                }
-                None
-            }
-        };
-        b.finish(cx);
-        if let (Some(max_tokens), Some(fill_interval)) = (max_tokens, fill_interval) {
-            c.token_bucket = Some(TokenBucketConfig {
-                max_tokens,
-                tokens_per_fill,
-                fill_interval,
-            });
-        }
+    if let Some(b) = o.obj(cx, "token_bucket") {
+        c.token_bucket = token_bucket(cx, b);
     }
     if let Some(p) = o.obj(cx, "filter_enabled") {
         c.filter_enabled = runtime_fraction(cx, p);
@@ -588,14 +570,31 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
             Some("mesh's buckets are shared by all connections"),
         );
     }
-    o.bool(cx, "always_consume_default_token_bucket");
-    if o.u32(cx, "stage").is_some_and(|s| s != 0) {
-        cx.unsupported(&o.at("stage"), Some("only stage 0"));
+    c.always_consume_default_token_bucket = o
+        .bool(cx, "always_consume_default_token_bucket")
+        .unwrap_or(true);
+    let stage_path = o.at("stage");
+    c.stage = o.u32(cx, "stage").unwrap_or(0);
+    if c.stage > 10 {
+        cx.error(&stage_path, "must be at most 10");
     }
+    c.descriptors = local_descriptors(cx, o);
+    c.vh_rate_limits = o
+        .enumeration(
+            cx,
+            "vh_rate_limits",
+            &[
+                ("OVERRIDE", mesh_core::policy::VhRateLimits::Override),
+                ("INCLUDE", mesh_core::policy::VhRateLimits::Include),
+                ("IGNORE", mesh_core::policy::VhRateLimits::Ignore),
+            ],
+            &[],
+        )
+        .unwrap_or_default();
     o.empty_list(
         cx,
-        "descriptors",
-        "rate limit descriptors are not supported yet",
+        "rate_limits",
+        "rate limits in the filter configuration are not supported; set them on the route",
     );
     o.empty_list(
         cx,
@@ -603,6 +602,315 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
         "not supported yet",
     );
     c
+}
+
+/// A `type.v3.TokenBucket`; `None` (with errors reported) when invalid.
+fn token_bucket(cx: &mut Ctx, mut b: Obj<'_>) -> Option<TokenBucketConfig> {
+    let max_path = b.at("max_tokens");
+    let max_tokens = match b.u32(cx, "max_tokens") {
+        Some(0) => {
+            cx.error(&max_path, "must be greater than 0");
+            None
+        }
+        Some(n) => Some(n),
+        None => {
+            if !b.has("max_tokens") {
+                cx.missing(&max_path);
+            }
+            None
+        }
+    };
+    let fill_path = b.at("tokens_per_fill");
+    let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
+        Some(0) => {
+            cx.error(&fill_path, "must be greater than 0");
+            1
+        }
+        Some(n) => n,
+        None => 1,
+    };
+    let interval_path = b.at("fill_interval");
+    let fill_interval = match b.duration(cx, "fill_interval") {
+        Some(d) if d.is_zero() => {
+            cx.error(&interval_path, "must be greater than 0s");
+            None
+        }
+        Some(d) => Some(d),
+        None => {
+            if !b.has("fill_interval") {
+                cx.missing(&interval_path);
+            }
+            None
+        }
+    };
+    b.finish(cx);
+    Some(TokenBucketConfig {
+        max_tokens: max_tokens?,
+        tokens_per_fill,
+        fill_interval: fill_interval?,
+    })
+}
+
+/// A route's or virtual host's `rate_limits`.
+pub(crate) fn rate_limits(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> Vec<mesh_core::policy::RateLimitPolicy> {
+    let mut out = Vec::new();
+    for (path, v) in o.list(cx, "rate_limits") {
+        let Some(mut r) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let stage_path = r.at("stage");
+        let stage = r.u32(cx, "stage").unwrap_or(0);
+        if stage > 10 {
+            cx.error(&stage_path, "must be at most 10");
+        }
+        r.string(cx, "disable_key");
+        r.refuse(
+            cx,
+            "limit",
+            "dynamic rate limit overrides are not supported",
+        );
+        r.refuse(cx, "hits_addend", "hits_addend is not supported");
+        r.refuse(
+            cx,
+            "apply_on_stream_done",
+            "apply_on_stream_done is not supported",
+        );
+        let actions_path = r.at("actions");
+        let mut actions = Vec::new();
+        for (apath, av) in r.list(cx, "actions") {
+            let Some(mut a) = Obj::new(cx, apath, av) else {
+                continue;
+            };
+            if let Some(action) = rate_limit_action(cx, &mut a) {
+                actions.push(action);
+            }
+            a.finish(cx);
+        }
+        if actions.is_empty() && !cx.errors.iter().any(|e| e.path.starts_with(&actions_path)) {
+            cx.error(&actions_path, "at least one action is required");
+        }
+        r.finish(cx);
+        out.push(mesh_core::policy::RateLimitPolicy { stage, actions });
+    }
+    out
+}
+
+/// One `RateLimit.Action` (exactly one kind of action).
+fn rate_limit_action(cx: &mut Ctx, a: &mut Obj<'_>) -> Option<mesh_core::policy::RateLimitAction> {
+    use mesh_core::policy::RateLimitAction as A;
+    const KINDS: [&str; 5] = [
+        "request_headers",
+        "remote_address",
+        "generic_key",
+        "header_value_match",
+        "destination_cluster",
+    ];
+    let kind = super::reader::one_of(cx, a, &KINDS, false);
+    let Some(kind) = kind else {
+        // Another kind (source_cluster, metadata, ...) is reported by
+        // `finish`; none at all is an error.
+        if a.is_empty() {
+            cx.error(a.path(), "an action is required");
+        }
+        return None;
+    };
+    let mut b = a.obj(cx, kind)?;
+    let out = match kind {
+        "request_headers" => {
+            let header_name = b
+                .req_string(cx, "header_name")
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let descriptor_key = b.req_string(cx, "descriptor_key").unwrap_or_default();
+            let skip_if_absent = b.bool(cx, "skip_if_absent").unwrap_or(false);
+            A::RequestHeaders {
+                header_name,
+                descriptor_key,
+                skip_if_absent,
+            }
+        }
+        "remote_address" => A::RemoteAddress,
+        "destination_cluster" => A::DestinationCluster,
+        "generic_key" => {
+            let descriptor_value = b.req_string(cx, "descriptor_value").unwrap_or_default();
+            let descriptor_key = b
+                .string(cx, "descriptor_key")
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "generic_key".to_owned());
+            A::GenericKey {
+                descriptor_key,
+                descriptor_value,
+            }
+        }
+        _ => {
+            let descriptor_value = b.req_string(cx, "descriptor_value").unwrap_or_default();
+            let descriptor_key = b
+                .string(cx, "descriptor_key")
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "header_match".to_owned());
+            let expect_match = b.bool(cx, "expect_match").unwrap_or(true);
+            let headers_path = b.at("headers");
+            let mut headers = Vec::new();
+            for (path, v) in b.list(cx, "headers") {
+                if let Some(h) = Obj::new(cx, path, v) {
+                    headers.push(header_matcher(cx, h));
+                }
+            }
+            if headers.is_empty() {
+                cx.error(&headers_path, "at least one header matcher is required");
+            }
+            A::HeaderValueMatch {
+                descriptor_key,
+                descriptor_value,
+                expect_match,
+                headers,
+            }
+        }
+    };
+    b.finish(cx);
+    Some(out)
+}
+
+/// `LocalRateLimit.descriptors`.
+fn local_descriptors(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+) -> Vec<mesh_core::policy::LocalRateLimitDescriptor> {
+    let mut out: Vec<mesh_core::policy::LocalRateLimitDescriptor> = Vec::new();
+    for (path, v) in o.list(cx, "descriptors") {
+        let Some(mut d) = Obj::new(cx, path.clone(), v) else {
+            continue;
+        };
+        let entries_path = d.at("entries");
+        let mut entries = Vec::new();
+        for (epath, ev) in d.list(cx, "entries") {
+            let Some(mut e) = Obj::new(cx, epath, ev) else {
+                continue;
+            };
+            let key = e.req_string(cx, "key").unwrap_or_default();
+            let value_path = e.at("value");
+            let value = e.string(cx, "value").unwrap_or_default();
+            if value.is_empty() {
+                cx.unsupported(
+                    &value_path,
+                    Some("descriptor entries without a value (one bucket per value) are not supported"),
+                );
+            }
+            e.finish(cx);
+            entries.push((key, value));
+        }
+        if entries.is_empty() {
+            cx.error(&entries_path, "at least one entry is required");
+        }
+        let bucket_path = d.at("token_bucket");
+        let bucket = match d.obj(cx, "token_bucket") {
+            Some(b) => token_bucket(cx, b),
+            None => {
+                if !d.has("token_bucket") {
+                    cx.missing(&bucket_path);
+                }
+                None
+            }
+        };
+        d.finish(cx);
+        if out.iter().any(|o| o.entries == entries) {
+            cx.error(
+                &path,
+                "duplicate descriptor (same entries as an earlier one)",
+            );
+        }
+        if let Some(token_bucket) = bucket {
+            out.push(mesh_core::policy::LocalRateLimitDescriptor {
+                entries,
+                token_bucket,
+            });
+        }
+    }
+    out
+}
+
+/// A `CorsPolicy` (per route or virtual host); the caller finishes `o`.
+fn cors_policy(cx: &mut Ctx, o: &mut Obj<'_>) -> mesh_core::policy::CorsPolicy {
+    let mut c = mesh_core::policy::CorsPolicy::default();
+    for (path, v) in o.list(cx, "allow_origin_string_match") {
+        if let Some(m) = Obj::new(cx, path, v) {
+            if let Some(kind) = super::route::string_matcher(cx, m) {
+                c.allow_origin.push(mesh_core::config::HeaderMatcher {
+                    name: "origin".to_owned(),
+                    kind,
+                    invert: false,
+                    treat_missing_as_empty: false,
+                });
+            }
+        }
+    }
+    c.allow_methods = o.string(cx, "allow_methods");
+    c.allow_headers = o.string(cx, "allow_headers");
+    c.expose_headers = o.string(cx, "expose_headers");
+    c.max_age = o.string(cx, "max_age");
+    c.allow_credentials = o.bool(cx, "allow_credentials");
+    c.allow_private_network_access = o.bool(cx, "allow_private_network_access");
+    c.forward_not_matching_preflights = o.bool(cx, "forward_not_matching_preflights");
+    c.filter_enabled = o.obj(cx, "filter_enabled").map(|p| runtime_fraction(cx, p));
+    c.shadow_enabled = o.obj(cx, "shadow_enabled").map(|p| runtime_fraction(cx, p));
+    c
+}
+
+/// `envoy.filters.network.local_ratelimit`'s typed config.
+pub(crate) fn network_local_ratelimit(
+    cx: &mut Ctx,
+    mut o: Obj<'_>,
+) -> Option<mesh_core::policy::NetworkLocalRateLimit> {
+    let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
+    let bucket_path = o.at("token_bucket");
+    let bucket = match o.obj(cx, "token_bucket") {
+        Some(b) => token_bucket(cx, b),
+        None => {
+            if !o.has("token_bucket") {
+                cx.missing(&bucket_path);
+            }
+            None
+        }
+    };
+    if let Some(b) = bucket.filter(|b| b.fill_interval < Duration::from_millis(50)) {
+        // Envoy refuses faster refills for connection limits.
+        cx.error(
+            &format!("{bucket_path}.fill_interval"),
+            format!("must be at least 50ms, found {:?}", b.fill_interval),
+        );
+    }
+    let mut enabled = true;
+    if let Some(mut f) = o.obj(cx, "runtime_enabled") {
+        // A `RuntimeFeatureFlag`: mesh has no runtime layer, so the
+        // default applies.
+        f.req_string(cx, "runtime_key");
+        let value_path = f.at("default_value");
+        match f.bool(cx, "default_value") {
+            Some(v) => enabled = v,
+            None => {
+                if !f.has("default_value") {
+                    cx.missing(&value_path);
+                }
+            }
+        }
+        f.finish(cx);
+    }
+    let share_path = o.at("share_key");
+    if o.string(cx, "share_key").is_some_and(|k| !k.is_empty()) {
+        cx.unsupported(
+            &share_path,
+            Some("token buckets shared between filter chains are not supported"),
+        );
+    }
+    o.finish(cx);
+    Some(mesh_core::policy::NetworkLocalRateLimit {
+        stat_prefix,
+        token_bucket: bucket?,
+        enabled,
+    })
 }
 
 /// A `RuntimeFractionalPercent`: its `default_value` (runtime keys are
@@ -721,11 +1029,54 @@ fn fault(cx: &mut Ctx, o: &mut Obj<'_>) -> FaultConfig {
         }
     }
     c.upstream_cluster = o.string(cx, "upstream_cluster").filter(|s| !s.is_empty());
-    o.refuse(
-        cx,
-        "response_rate_limit",
-        "response bandwidth limits are not supported yet",
-    );
+    if let Some(mut r) = o.obj(cx, "response_rate_limit") {
+        let kind = super::reader::one_of(cx, &r, &["fixed_limit", "header_limit"], true);
+        let limit = match kind {
+            Some("fixed_limit") => r.obj(cx, "fixed_limit").map(|mut f| {
+                let path = f.at("limit_kbps");
+                let kbps = match f.u64(cx, "limit_kbps") {
+                    Some(0) => {
+                        cx.error(&path, "must be at least 1");
+                        None
+                    }
+                    Some(k) => Some(k),
+                    None => {
+                        if !f.has("limit_kbps") {
+                            cx.missing(&path);
+                        }
+                        None
+                    }
+                };
+                f.finish(cx);
+                kbps
+            }),
+            Some(_) => {
+                r.empty_obj(cx, "header_limit");
+                Some(None)
+            }
+            None => None,
+        };
+        let percentage = r
+            .obj(cx, "percentage")
+            .map(|p| fractional_percent(cx, p))
+            .unwrap_or(FractionalPercent::ZERO);
+        r.finish(cx);
+        match limit {
+            Some(Some(k)) => {
+                c.response_rate_limit = Some(mesh_core::policy::FaultRateLimit {
+                    limit_kbps: Some(k),
+                    percentage,
+                })
+            }
+            Some(None) if kind == Some("header_limit") => {
+                c.response_rate_limit = Some(mesh_core::policy::FaultRateLimit {
+                    limit_kbps: None,
+                    percentage,
+                })
+            }
+            _ => {}
+        }
+    }
     o.empty_list(cx, "downstream_nodes", "downstream nodes are not supported");
     for key in [
         "delay_percent_runtime",
@@ -756,6 +1107,17 @@ pub(crate) fn mirror_policies(
     cx: &mut Ctx,
     o: &mut Obj<'_>,
 ) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
+    mirror_policy_list(cx, o, true)
+}
+
+/// `request_mirror_policies` of an HTTP route, or (`http` false) of a
+/// Thrift or RPC route, whose policies have no
+/// `disable_shadow_host_suffix_append`.
+pub(crate) fn mirror_policy_list(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+    http: bool,
+) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
     let mut out = Vec::new();
     for (path, v) in o.list(cx, "request_mirror_policies") {
         let Some(mut m) = Obj::new(cx, path, v) else {
@@ -771,9 +1133,9 @@ pub(crate) fn mirror_policies(
             .obj(cx, "runtime_fraction")
             .map(|f| runtime_fraction(cx, f))
             .unwrap_or(FractionalPercent::HUNDRED);
-        let disable_shadow_host_suffix_append = m
-            .bool(cx, "disable_shadow_host_suffix_append")
-            .unwrap_or(false);
+        let disable_shadow_host_suffix_append = http
+            && m.bool(cx, "disable_shadow_host_suffix_append")
+                .unwrap_or(false);
         m.finish(cx);
         if !cluster.is_empty() {
             out.push(mesh_core::policy::RequestMirrorPolicy {

@@ -426,6 +426,8 @@ fn route_action(
     route_policy.priority = policy::routing_priority(cx, &mut o);
     policy::grpc_timeouts(cx, &mut o, route_policy);
     route_policy.request_mirror_policies = policy::mirror_policies(cx, &mut o);
+    route_policy.rate_limits = policy::rate_limits(cx, &mut o);
+    route_policy.include_vh_rate_limits = o.bool(cx, "include_vh_rate_limits").unwrap_or(false);
     o.finish(cx);
     RouteAction {
         cluster,
@@ -650,5 +652,6 @@ fn vhost_policy(cx: &mut Ctx, o: &mut Obj<'_>) -> mesh_core::policy::VhostPolicy
             .unwrap_or(false),
         per_request_buffer_limit_bytes: policy::buffer_limit(cx, o),
         per_filter: policy::per_filter_configs(cx, o),
+        rate_limits: policy::rate_limits(cx, o),
     }
 }

@@ -339,14 +339,14 @@ fn sds_secret_config(cx: &mut Ctx, mut o: Obj<'_>) -> Option<SdsSecretConfig> {
     let name = o.req_string(cx, "name");
     let source = match o.obj(cx, "sds_config") {
         None => SdsSource::Static,
+        // `ads: {}` or `api_config_source`: SDS over xDS, read as any other
+        // config source.
+        Some(c) if !c.has("path_config_source") && !c.has("path") => {
+            SdsSource::Xds(super::xds::config_source(cx, c))
+        }
         Some(mut c) => {
-            let keys = ["path_config_source", "path", "ads"];
-            let given = one_of(cx, &c, &keys, !c.has("api_config_source"));
-            c.refuse(
-                cx,
-                "api_config_source",
-                "SDS over a gRPC API config source arrives with xDS",
-            );
+            let keys = ["path_config_source", "path", "ads", "api_config_source"];
+            let given = one_of(cx, &c, &keys, true);
             c.enumeration(
                 cx,
                 "resource_api_version",
@@ -366,11 +366,7 @@ fn sds_secret_config(cx: &mut Ctx, mut o: Obj<'_>) -> Option<SdsSecretConfig> {
                     path.map(SdsSource::Path)
                 }),
                 Some("path") => c.req_string(cx, "path").map(SdsSource::Path),
-                Some(_) => {
-                    c.empty_obj(cx, "ads");
-                    Some(SdsSource::Ads)
-                }
-                None => {
+                _ => {
                     for k in keys {
                         c.take(k);
                     }

@@ -122,6 +122,22 @@ impl UpstreamError {
         matches!(self, UpstreamError::Connect(_))
     }
 
+    /// True when an HTTP/2 upstream refused the stream (`RST_STREAM` with
+    /// `REFUSED_STREAM`): it processed nothing, so a retry is safe.
+    pub fn is_refused_stream(&self) -> bool {
+        let UpstreamError::Reset(e) = self else {
+            return false;
+        };
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = s.source();
+        }
+        false
+    }
+
     /// Who failed, as the proxy reports it.
     pub fn kind(&self) -> FailureKind {
         match self {
@@ -242,6 +258,14 @@ impl EndpointPool {
                 return Ok(Err(s));
             }
         }
+    }
+
+    /// Whether the pool holds no connection (no idle HTTP/1.1 connection,
+    /// no open HTTP/2 connection), so dropping it closes nothing.
+    pub fn is_idle(&self) -> bool {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        idle.is_empty() && h2.as_ref().is_none_or(|s| s.is_closed())
     }
 
     /// The endpoint address.

@@ -95,8 +95,11 @@ pub enum SdsSource {
     /// `path_config_source.path` (or the older `path`): a file holding a
     /// discovery response (`resources: [Secret...]`), watched for changes.
     Path(String),
-    /// `ads: {}`: delivered by the ADS stream (fed by the xDS client).
-    Ads,
+    /// `ads: {}` or `api_config_source`: delivered over xDS (SDS), on the
+    /// ADS stream or a stream of its own, with the source's
+    /// `initial_fetch_timeout` (how long a listener or cluster naming the
+    /// secret warms before going live without it).
+    Xds(super::ConfigSource),
 }
 
 /// Envoy `SdsSecretConfig`: a secret by name, from a source.
