@@ -233,6 +233,21 @@ impl ClusterManager {
         Some(e)
     }
 
+    /// Removes several clusters (xDS) with one pass over the order, so a
+    /// state-of-the-world update that drops thousands of clusters stays
+    /// linear. Returns how many were present.
+    pub fn remove_many<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) -> usize {
+        let removed = names
+            .into_iter()
+            .filter(|n| self.clusters.remove(*n).is_some())
+            .count();
+        if removed > 0 {
+            let clusters = &self.clusters;
+            self.order.retain(|n| clusters.contains_key(n));
+        }
+        removed
+    }
+
     /// A cluster by name.
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterEntry>> {
         self.clusters.get(name)

@@ -801,9 +801,10 @@ impl Manager {
             );
         }
         let mut cm = self.cm.clone();
+        let mut gone: Vec<&str> = Vec::new();
         for name in &removed {
             if self.dynamic_clusters.remove(name) {
-                cm.remove(name);
+                gone.push(name);
                 self.warming.remove(name);
                 if let Some(s) = self.dns_stops.remove(name) {
                     s.cancel();
@@ -812,6 +813,7 @@ impl Manager {
                 tracing::info!(cluster = %name, "cluster removed");
             }
         }
+        cm.remove_many(gone);
         for (c, tls, json) in loaded {
             self.remember(types::CLUSTER, &c.name, &u.version, json);
             let old = cm.get(&c.name).cloned();

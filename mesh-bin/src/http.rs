@@ -875,10 +875,23 @@ impl HttpProxy {
                 },
             };
             let mut head = match (&retry, parts.take()) {
-                (Some(_), Some(p)) => {
+                (Some(_), Some(p)) if is_upgrade => {
                     let head = p.clone();
                     parts = Some(p);
                     head
+                }
+                // This try sends the head itself; later tries get a copy
+                // without the extensions, which describe the downstream
+                // connection and were read before (cloning them costs an
+                // allocation per entry on every request).
+                (Some(_), Some(p)) => {
+                    let (mut again, ()) = Request::new(()).into_parts();
+                    again.method = p.method.clone();
+                    again.uri = p.uri.clone();
+                    again.version = p.version;
+                    again.headers = p.headers.clone();
+                    parts = Some(again);
+                    p
                 }
                 (_, Some(p)) => p,
                 // Unreachable: without a retry policy there is one try.
