@@ -1402,6 +1402,7 @@ impl Manager {
             selector,
             l.tls_inspector,
             l.listener_filters_timeout,
+            l.continue_on_listener_filters_timeout,
             &self.cx.store,
             addr,
         ));
@@ -1587,6 +1588,7 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.connection_limit == new.connection_limit
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
+        && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
         && chains(old) == chains(new)
 }
 

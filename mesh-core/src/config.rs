@@ -90,6 +90,25 @@ pub struct Listener {
     /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
     /// long the TLS inspector waits for a ClientHello.
     pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: when the TLS inspector times
+    /// out, choose a filter chain as for a plain-text connection instead of
+    /// closing it (Envoy's default is to close).
+    pub continue_on_listener_filters_timeout: bool,
+    /// `traffic_direction` (Istio sets it to tell inbound from outbound
+    /// listeners; recorded, it does not change how connections are served).
+    pub traffic_direction: TrafficDirection,
+}
+
+/// Envoy `config.core.v3.TrafficDirection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficDirection {
+    /// `UNSPECIFIED` (the default).
+    #[default]
+    Unspecified,
+    /// `INBOUND`: the listener takes traffic for the local workload.
+    Inbound,
+    /// `OUTBOUND`: the listener takes traffic the local workload sends out.
+    Outbound,
 }
 
 /// Envoy `extensions.filters.network.connection_limit.v3.ConnectionLimit`.

@@ -568,10 +568,15 @@ fn listener_refusals() {
     let chain = l["filter_chains"][0].clone();
     l["filter_chains"][0]["filter_chain_match"] = json!({"server_names": ["a"]});
     l["filter_chains"].as_array_mut().expect("list").push(chain);
-    assert_eq!(
-        errs(&v),
-        vec!["unsupported: static_resources.listeners[0].traffic_direction",]
-    );
+    let b = ok(&v);
+    let l = &b.listeners[0];
+    assert_eq!(l.traffic_direction, TrafficDirection::Inbound);
+    assert!(!l.continue_on_listener_filters_timeout);
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["traffic_direction"] = json!("SIDEWAYS");
+    l["continue_on_listener_filters_timeout"] = json!(true);
+    assert_eq!(errs(&v).len(), 1);
+    assert!(errs(&v)[0].contains("listeners[0].traffic_direction"));
 }
 
 #[test]

@@ -697,8 +697,6 @@ static_resources:
                 "unsupported: filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route.max_stream_duration",
                 "unsupported: filter_chains[0].filters[0].typed_config.normalize_path",
                 "unsupported: filter_chains[0].filters[0].typed_config.path_with_escaped_slashes_action",
-                "unsupported: continue_on_listener_filters_timeout",
-                "unsupported: traffic_direction",
             ]
         );
         let mut listener = listener;
@@ -710,11 +708,13 @@ static_resources:
             .as_object_mut()
             .unwrap()
             .remove("maxStreamDuration");
-        let o = listener.as_object_mut().unwrap();
-        o.remove("continueOnListenerFiltersTimeout");
-        o.remove("trafficDirection");
         let l = listener_from_json(&over_xds(types::LISTENER, listener)).unwrap();
         assert!(l.tls_inspector);
+        assert!(l.continue_on_listener_filters_timeout);
+        assert_eq!(
+            l.traffic_direction,
+            mesh_core::config::TrafficDirection::Inbound
+        );
         let chain = &l.filter_chains[0];
         assert_eq!(chain.filter_chain_match.destination_port, Some(9080));
         assert_eq!(chain.filter_chain_match.transport_protocol, "tls");
