@@ -296,6 +296,35 @@ pub struct HttpConnectionManager {
     /// `rds`: the route configuration comes over xDS by this name; then
     /// `route_config` is empty until it arrives.
     pub rds: Option<Rds>,
+    /// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`.
+    pub path_normalization: PathNormalization,
+}
+
+/// How the HCM rewrites a request's path before routing (and forwarding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathNormalization {
+    /// `normalize_path`: RFC 3986 normalisation (dot segments removed,
+    /// unreserved characters percent-decoded, other escapes kept,
+    /// backslashes made slashes).
+    pub normalize_path: bool,
+    /// `merge_slashes`: runs of `/` become one.
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action` for `%2F` / `%5C` in the path.
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// Envoy `HttpConnectionManager.PathWithEscapedSlashesAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    /// `KEEP_UNCHANGED` (and the default `IMPLEMENTATION_SPECIFIC_DEFAULT`).
+    #[default]
+    KeepUnchanged,
+    /// `REJECT_REQUEST`: answered 400.
+    RejectRequest,
+    /// `UNESCAPE_AND_REDIRECT`: answered 307 to the unescaped path.
+    UnescapeAndRedirect,
+    /// `UNESCAPE_AND_FORWARD`: unescaped, then routed and forwarded.
+    UnescapeAndForward,
 }
 
 /// One entry of `http_filters`.

@@ -207,6 +207,7 @@ fn bench_config_loads() {
             disabled: false,
         }],
         rds: None,
+        path_normalization: Default::default(),
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -1498,3 +1499,28 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
 }
 
 mod lb;
+
+#[test]
+fn hcm_path_normalization_fields() {
+    let mut v = bench();
+    assert_eq!(
+        hcm_of(&ok(&v)).path_normalization,
+        PathNormalization::default()
+    );
+    let h = hcm_json(&mut v);
+    h["normalize_path"] = json!(true);
+    h["merge_slashes"] = json!(true);
+    h["path_with_escaped_slashes_action"] = json!("UNESCAPE_AND_REDIRECT");
+    assert_eq!(
+        hcm_of(&ok(&v)).path_normalization,
+        PathNormalization {
+            normalize_path: true,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashesAction::UnescapeAndRedirect,
+        }
+    );
+    hcm_json(&mut v)["path_with_escaped_slashes_action"] = json!("DROP");
+    let e = errs(&v);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].contains("typed_config.path_with_escaped_slashes_action"));
+}

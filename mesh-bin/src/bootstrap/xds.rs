@@ -695,15 +695,11 @@ static_resources:
             errs,
             [
                 "unsupported: filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route.max_stream_duration",
-                "unsupported: filter_chains[0].filters[0].typed_config.normalize_path",
-                "unsupported: filter_chains[0].filters[0].typed_config.path_with_escaped_slashes_action",
             ]
         );
         let mut listener = listener;
         let hcm = &mut listener["filterChains"][0]["filters"][0]["typedConfig"];
         let hcm = hcm.as_object_mut().unwrap();
-        hcm.remove("normalizePath");
-        hcm.remove("pathWithEscapedSlashesAction");
         hcm["routeConfig"]["virtualHosts"][0]["routes"][0]["route"]
             .as_object_mut()
             .unwrap()
