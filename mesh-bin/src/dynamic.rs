@@ -565,13 +565,16 @@ impl Manager {
             .cm
             .get(&api.cluster_name)
             .ok_or_else(|| format!("xDS cluster {:?} is not a static cluster", api.cluster_name))?;
-        let addr = entry
-            .balancer
-            .endpoints()
-            .endpoints
-            .first()
-            .map(|e| e.addr)
-            .ok_or_else(|| format!("xDS cluster {:?} has no endpoint", api.cluster_name))?;
+        let uri = match &entry.config.pipe {
+            Some(path) => format!("unix:{path}"),
+            None => entry
+                .balancer
+                .endpoints()
+                .endpoints
+                .first()
+                .map(|e| format!("http://{}", e.addr))
+                .ok_or_else(|| format!("xDS cluster {:?} has no endpoint", api.cluster_name))?,
+        };
         let mut node = client::node(&self.cx.node.id, &self.cx.node.cluster);
         let l = &self.cx.node.locality;
         if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) {
@@ -581,7 +584,7 @@ impl Manager {
                 sub_zone: l.sub_zone.clone(),
             });
         }
-        let mut config = ClientConfig::new(format!("http://{addr}"), node);
+        let mut config = ClientConfig::new(uri.clone(), node);
         config.service = service;
         config.protocol = if api.delta {
             Protocol::Delta
@@ -604,7 +607,7 @@ impl Manager {
                 }
             }
         });
-        tracing::info!(source = %key, server = %addr, "xDS stream started");
+        tracing::info!(source = %key, server = %uri, "xDS stream started");
         self.clients.insert(key.clone(), handle.clone());
         self.runtime.lock().clients.push((key, handle.clone()));
         Ok(handle)

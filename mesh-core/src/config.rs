@@ -724,6 +724,10 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     /// `circuit_breakers`.
     pub circuit_breakers: crate::policy::CircuitBreakers,
+    /// An endpoint's `address.pipe.path`: the Unix socket of a management
+    /// server (Istio's `xds-grpc` and `sds-grpc` clusters). Such a cluster
+    /// may only be named by an `envoy_grpc.cluster_name`.
+    pub pipe: Option<String>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

@@ -240,6 +240,7 @@ fn bench_config_loads() {
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
+            pipe: None,
         }]
     );
 }

@@ -359,6 +359,41 @@ static_resources:
         );
     }
 
+    /// Istio's `xds-grpc` cluster: the agent's Unix socket.
+    #[test]
+    fn a_pipe_cluster_is_an_xds_source_only() {
+        let text = ADS_BOOTSTRAP.replace(
+            "{socket_address: {address: 127.0.0.1, port_value: 18000}}",
+            "{pipe: {path: ./etc/istio/proxy/XDS, mode: 420}}",
+        );
+        let b = load_str(&text).unwrap();
+        assert_eq!(b.clusters[0].pipe.as_deref(), Some("./etc/istio/proxy/XDS"));
+        assert!(b.clusters[0].localities[0].lb_endpoints.is_empty());
+
+        let routed = format!(
+            "{text}  listeners:\n  - name: l\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n    filter_chains: [{{filters: [{{name: envoy.filters.network.tcp_proxy, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: xds}}}}]}}]\n"
+        );
+        let errs: Vec<String> = load_str(&routed)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.cluster: cluster \"xds\" has a pipe"),
+            "{errs:?}"
+        );
+        let no_path = ADS_BOOTSTRAP.replace(
+            "{socket_address: {address: 127.0.0.1, port_value: 18000}}",
+            "{pipe: {}}",
+        );
+        assert!(load_str(&no_path)
+            .unwrap_err()
+            .to_string()
+            .contains("address.pipe.path"));
+    }
+
     #[test]
     fn dynamic_resources_errors_name_the_field() {
         let text = ADS_BOOTSTRAP
