@@ -93,11 +93,13 @@ def _factories(transport: str, protocol: str):
 
 
 class ThriftServer:
-    """A threaded Thrift `Calc` server whose `whoami` answers its name."""
+    """A threaded Thrift `Calc` server whose `whoami` answers its name
+    (after `whoami_delay` seconds)."""
 
     def __init__(self, name: str, transport: str = "framed", protocol: str = "binary",
-                 multiplexed: str | None = None):
+                 multiplexed: str | None = None, whoami_delay: float = 0.0):
         self.name = name
+        self.whoami_delay = whoami_delay
         self.transport = transport
         self.protocol = protocol
         self.multiplexed = multiplexed
@@ -121,6 +123,8 @@ class ThriftServer:
 
             def whoami(self):
                 outer.calls += 1
+                if outer.whoami_delay:
+                    time.sleep(outer.whoami_delay)
                 return outer.name
 
             def echo(self, s):

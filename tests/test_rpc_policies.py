@@ -5,7 +5,8 @@ refuses what is over the limit with the protocol's own "overloaded" error
 under concurrency, then frees its permits when the calls end; a route's
 `retry_policy` retries connect failures on another endpoint; a listener's
 `local_rate_limit` answers requests over its rate with the protocol's
-error (flag RL); its `fault` aborts (flag FI) or delays requests."""
+error (flag RL); its `fault` aborts (flag FI) or delays requests; a
+`per_try_timeout` gives up each try and retries it."""
 
 from __future__ import annotations
 
@@ -49,8 +50,13 @@ def setup(request, module_start_proxy):
         rpc_peers.generic_listener("fault_delay", protocol, {
             "fault": {"delay": {"fixed_delay": "3s", "percentage": 100}},
             "route_config": {"routes": [{"match": {}, "route": {"cluster": "limited"}}]}}),
+        rpc_peers.generic_listener("per_try", protocol, {"route_config": {"routes": [
+            {"match": {}, "route": {"cluster": "single", "retry_policy": {
+                "retry_on": "reset", "idempotent": True, "num_retries": 1,
+                "per_try_timeout": "0.5s"}}}]}}),
     ]
-    mesh = module_start_proxy("mesh", harness.bootstrap(listeners, [cluster, half_dead]))
+    single = harness.static_cluster("single", server.port)
+    mesh = module_start_proxy("mesh", harness.bootstrap(listeners, [cluster, half_dead, single]))
     yield protocol, mesh
     server.stop()
 
@@ -136,3 +142,20 @@ def test_fault_delay_holds_calls_past_the_client_timeout(setup):
     text = mesh.admin_text("/stats/prometheus")
     assert harness.prometheus_value(text, "mesh_rpc_fault_delays_injected",
                                     mesh_rpc_prefix="fault_delay") == 1
+
+
+def test_per_try_timeout_abandons_each_try_and_retries_it(setup):
+    protocol, mesh = setup
+    # Each try of a 3 s call is given up after 0.5 s; the one retry too.
+    res = node_calls(protocol, mesh.port("per_try"),
+                     [{"method": "sleep", "args": [3000], "timeout": 10000},
+                      {"method": "plus", "args": [1, 2], "timeout": 10000}])
+    assert "timeout" in res[0].get("error", "").lower(), res
+    assert res[1] == {"ok": 3}, res  # a fast call on the same route is answered
+    text = mesh.admin_text("/stats/prometheus")
+    assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_per_try_timeout",
+                                    envoy_cluster_name="single") == 2
+    assert harness.prometheus_value(text, "envoy_cluster_upstream_rq_retry",
+                                    envoy_cluster_name="single") == 1
+    assert harness.prometheus_value(text, "mesh_rpc_local_reply", mesh_rpc_prefix="per_try",
+                                    flag="UT") == 1

@@ -1,15 +1,13 @@
 //! Access logs (`access_log` on the HTTP connection manager and the TCP
-//! proxy) in Envoy's default format, so log pipelines built for Envoy parse
-//! mesh's lines unchanged:
+//! proxy): Envoy's default format, or the `log_format` configured
+//! (`text_format`, `text_format_source`, `json_format` with Envoy's command
+//! operators, see [`format`]), for the streams the `filter` lets through
+//! (see [`filter`]).
 //!
-//! ```text
-//! [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE%
-//! %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%
-//! "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"
-//! ```
-//!
-//! (one line). Custom `log_format`s are refused by the loader until the
-//! formatter lands with the filter work.
+//! Formats are compiled once, when the logger is built: request and
+//! response headers are captured only when some format or filter reads
+//! them, and a line is rendered into one `String` that is handed to the
+//! writer thread as it is.
 //!
 //! Workers never write to a log themselves: they hand each finished line to
 //! a writer thread over a bounded queue and go on. The writer drains the
@@ -18,24 +16,63 @@
 //! full (the sink cannot keep up), the line is dropped and counted in
 //! `mesh_access_log_dropped`.
 
-use std::fmt::Write as _;
+pub mod filter;
+pub mod format;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use mesh_core::config::AccessLog;
+use http::{HeaderMap, HeaderValue};
+use mesh_core::config::{AccessLog, AccessLogSink};
 use mesh_core::flags::ResponseFlag;
+use mesh_core::headers::StreamInfo;
+use mesh_core::identity::PeerIdentity;
+use mesh_core::router::{CompiledHeaderMatcher, CompiledRoute};
 use mesh_core::stats::{Counter, Store};
+
+use self::filter::Filter;
+use self::format::{Compiled, Needs};
 
 /// Lines that may wait for the writer thread.
 const QUEUE: usize = 16 * 1024;
 
-/// The configured access-log sinks of one HCM or TCP proxy.
+/// A line for every sink.
+const ALL_SINKS: usize = usize::MAX;
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A new downstream connection id (`%CONNECTION_ID%`), unique in the process.
+pub fn next_connection_id() -> u64 {
+    CONNECTION_IDS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One configured access log, compiled.
+#[derive(Debug)]
+struct Log {
+    format: Compiled,
+    filter: Option<Filter>,
+    sink: usize,
+    /// The longest line so far, to size the next one in one allocation.
+    hint: AtomicUsize,
+}
+
+/// The configured access logs of one HCM or TCP proxy.
 #[derive(Clone)]
 pub struct AccessLogger {
-    tx: SyncSender<String>,
+    tx: SyncSender<(usize, String)>,
     dropped: Counter,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    logs: Vec<Log>,
+    needs: Needs,
+    header_filters: Vec<CompiledHeaderMatcher>,
+    hostname: String,
 }
 
 impl std::fmt::Debug for AccessLogger {
@@ -47,10 +84,10 @@ impl std::fmt::Debug for AccessLogger {
 fn open(configs: &[AccessLog]) -> Result<Vec<Box<dyn std::io::Write + Send>>, String> {
     let mut sinks: Vec<Box<dyn std::io::Write + Send>> = Vec::new();
     for c in configs {
-        sinks.push(match c {
-            AccessLog::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
-            AccessLog::Stderr => Box::new(std::io::BufWriter::new(std::io::stderr())),
-            AccessLog::File(path) => Box::new(std::io::BufWriter::new(
+        sinks.push(match &c.sink {
+            AccessLogSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            AccessLogSink::Stderr => Box::new(std::io::BufWriter::new(std::io::stderr())),
+            AccessLogSink::File(path) => Box::new(std::io::BufWriter::new(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -62,10 +99,14 @@ fn open(configs: &[AccessLog]) -> Result<Vec<Box<dyn std::io::Write + Send>>, St
     Ok(sinks)
 }
 
-fn writer(rx: Receiver<String>, mut sinks: Vec<Box<dyn std::io::Write + Send>>) {
+fn writer(rx: Receiver<(usize, String)>, mut sinks: Vec<Box<dyn std::io::Write + Send>>) {
     let mut failed = false;
-    let mut write = |line: &str, sinks: &mut Vec<Box<dyn std::io::Write + Send>>| {
-        for s in sinks.iter_mut() {
+    let mut write = |(sink, line): (usize, String),
+                     sinks: &mut Vec<Box<dyn std::io::Write + Send>>| {
+        for (i, s) in sinks.iter_mut().enumerate() {
+            if sink != ALL_SINKS && sink != i {
+                continue;
+            }
             if let Err(e) = s.write_all(line.as_bytes()) {
                 if !failed {
                     tracing::warn!(error = %e, "access log write failed");
@@ -75,10 +116,10 @@ fn writer(rx: Receiver<String>, mut sinks: Vec<Box<dyn std::io::Write + Send>>) 
         }
     };
     // Ends when every sender (every worker's logger) is gone.
-    while let Ok(line) = rx.recv() {
-        write(&line, &mut sinks);
-        while let Ok(line) = rx.try_recv() {
-            write(&line, &mut sinks);
+    while let Ok(msg) = rx.recv() {
+        write(msg, &mut sinks);
+        while let Ok(msg) = rx.try_recv() {
+            write(msg, &mut sinks);
         }
         for s in sinks.iter_mut() {
             let _ = s.flush();
@@ -86,12 +127,48 @@ fn writer(rx: Receiver<String>, mut sinks: Vec<Box<dyn std::io::Write + Send>>) 
     }
 }
 
+/// The machine's host name (`%HOSTNAME%`).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
 impl AccessLogger {
-    /// Opens the sinks and starts their writer thread; `None` when none is
-    /// configured. A file that cannot be opened is an error naming it.
+    /// Compiles the formats and filters, opens the sinks and starts their
+    /// writer thread; `None` when no log is configured. A file that cannot
+    /// be opened is an error naming it; errors name the log's index.
     pub fn new(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
         if configs.is_empty() {
             return Ok(None);
+        }
+        let mut needs = Needs::default();
+        let mut header_filters = Vec::new();
+        let mut logs = Vec::with_capacity(configs.len());
+        for (i, c) in configs.iter().enumerate() {
+            let format = needs
+                .compile(c.format.as_ref())
+                .map_err(|e| format!("[{i}].typed_config.log_format: {e}"))?;
+            let filter = c
+                .filter
+                .as_ref()
+                .map(|f| Filter::compile(f, &mut header_filters))
+                .transpose()
+                .map_err(|e| format!("[{i}].{e}"))?;
+            logs.push(Log {
+                format,
+                filter,
+                sink: i,
+                hint: AtomicUsize::new(256),
+            });
+        }
+        if logs
+            .iter()
+            .any(|l| l.filter.as_ref().is_some_and(Filter::reads_grpc_status))
+        {
+            // grpc_status_filter reads grpc-status wherever it is.
+            needs.grpc_status();
         }
         let sinks = open(configs)?;
         let (tx, rx) = sync_channel(QUEUE);
@@ -102,20 +179,236 @@ impl AccessLogger {
         Ok(Some(AccessLogger {
             tx,
             dropped: store.counter("mesh_access_log_dropped", &[]),
+            inner: Arc::new(Inner {
+                logs,
+                needs,
+                header_filters,
+                hostname: hostname(),
+            }),
         }))
+    }
+
+    /// As [`AccessLogger::new`], for proxies that write their own lines
+    /// (RPC): custom formats and filters are refused.
+    pub fn new_fixed_format(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
+        for (i, c) in configs.iter().enumerate() {
+            if c.format.is_some() {
+                return Err(format!(
+                    "[{i}].typed_config.log_format: not supported on this proxy yet"
+                ));
+            }
+            if c.filter.is_some() {
+                return Err(format!("[{i}].filter: not supported on this proxy yet"));
+            }
+        }
+        Self::new(configs, store)
     }
 
     /// Queues one line for every sink; never blocks.
     pub fn write(&self, line: String) {
-        match self.tx.try_send(line) {
+        self.send(ALL_SINKS, line);
+    }
+
+    fn send(&self, sink: usize, line: String) {
+        match self.tx.try_send((sink, line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
+
+    /// Logs `rec` to every log whose filter lets it through.
+    pub fn log(&self, rec: &LogRecord<'_>) {
+        for l in &self.inner.logs {
+            if l.filter.as_ref().is_some_and(|f| !f.passes(rec)) {
+                continue;
+            }
+            let mut line = String::with_capacity(l.hint.load(Ordering::Relaxed));
+            l.format.render(rec, &mut line);
+            if line.len() > l.hint.load(Ordering::Relaxed) {
+                l.hint.store(line.len().min(64 * 1024), Ordering::Relaxed);
+            }
+            self.send(l.sink, line);
+        }
+    }
+
+    /// A TCP proxy connection's record.
+    #[allow(clippy::too_many_arguments)]
+    pub fn log_tcp(
+        &self,
+        start: SystemTime,
+        started: Instant,
+        flag: Option<ResponseFlag>,
+        received: u64,
+        sent: u64,
+        upstream: Option<SocketAddr>,
+        cluster: Option<&str>,
+        conn: &TcpConn<'_>,
+    ) {
+        let rec = LogRecord {
+            flag,
+            bytes_received: received,
+            bytes_sent: sent,
+            upstream_host: upstream,
+            upstream_cluster: cluster,
+            downstream_remote: Some(conn.peer),
+            downstream_direct_remote: Some(conn.peer),
+            downstream_local: conn.local,
+            connection_id: Some(conn.id),
+            tls: conn.tls,
+            ..LogRecord::new(start, started.elapsed(), &self.inner.hostname)
+        };
+        self.log(&rec);
+    }
+
+    /// Captures what the formats and filters read from a request, before
+    /// the request is consumed. With `trust_xff` (the HCM's
+    /// `use_remote_address: false`, Envoy's default) the downstream remote
+    /// address is the last `x-forwarded-for` entry when there is one, as in
+    /// Envoy; the socket peer stays the direct remote address.
+    pub fn capture<B>(
+        &self,
+        req: &http::Request<B>,
+        info: &StreamInfo,
+        trust_xff: bool,
+    ) -> HttpLogEntry {
+        let n = &self.inner.needs;
+        let h = req.headers();
+        let mut header_bits = 0u64;
+        for (i, m) in self.inner.header_filters.iter().enumerate() {
+            if m.matches(req) {
+                header_bits |= 1 << i;
+            }
+        }
+        let remote = trust_xff
+            .then(|| last_xff(h))
+            .flatten()
+            .unwrap_or(info.downstream_remote);
+        HttpLogEntry {
+            remote,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            authority: mesh_core::view::RequestView::authority(req).map(str::to_owned),
+            headers: n.req.iter().map(|name| h.get(name).cloned()).collect(),
+            header_bits,
+            bytes_received: h
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            info: *info,
+            tls: req.extensions().get::<Arc<PeerIdentity>>().cloned(),
+            route: None,
+            cluster: None,
+            attempts: None,
+            resp_headers: Vec::new(),
+            response_duration: None,
+            request_duration: None,
+        }
+    }
+
+    /// Captures what the formats read from the final response headers.
+    pub fn capture_response(&self, entry: &mut HttpLogEntry, headers: &HeaderMap) {
+        let n = &self.inner.needs;
+        if !n.resp.is_empty() {
+            entry.resp_headers = n
+                .resp
+                .iter()
+                .map(|name| headers.get(name).cloned())
+                .collect();
+        }
+    }
+
+    /// Logs a finished HTTP stream.
+    pub fn log_http(&self, entry: &HttpLogEntry, end: &HttpEnd<'_>) {
+        let grpc_header = self
+            .inner
+            .needs
+            .grpc_status_slot()
+            .and_then(|i| entry.resp_headers.get(i).and_then(Option::as_ref));
+        let grpc_trailer = self
+            .inner
+            .needs
+            .grpc_trailer_slot()
+            .and_then(|i| end.trailers.get(i).and_then(Option::as_ref));
+        let rec = LogRecord {
+            request: Some(entry),
+            resp_headers: &entry.resp_headers,
+            trailers: end.trailers,
+            status: end.status,
+            details: Some(end.details),
+            flag: end.flag,
+            bytes_received: entry.bytes_received,
+            bytes_sent: end.bytes_sent,
+            request_duration: entry.request_duration,
+            response_duration: entry.response_duration,
+            upstream_host: end.upstream,
+            upstream_cluster: entry.cluster.as_deref(),
+            downstream_remote: Some(entry.remote),
+            downstream_direct_remote: Some(entry.info.downstream_remote),
+            downstream_local: Some(entry.info.downstream_local),
+            route_name: entry.route.as_ref().map(|r| r.name.as_str()),
+            connection_id: Some(entry.info.connection_id),
+            attempts: entry.attempts,
+            tls: entry.tls.as_deref(),
+            header_bits: entry.header_bits,
+            grpc_status_header: grpc_header,
+            grpc_status_trailer: grpc_trailer,
+            ..LogRecord::new(entry.start, entry.started.elapsed(), &self.inner.hostname)
+        };
+        self.log(&rec);
+    }
+
+    /// Whether some format reads response trailers.
+    pub fn wants_trailers(&self) -> bool {
+        !self.inner.needs.trailers.is_empty()
+    }
+
+    /// Captures the trailers the formats and filters read.
+    pub fn capture_trailers(&self, trailers: &HeaderMap) -> Vec<Option<HeaderValue>> {
+        self.inner
+            .needs
+            .trailers
+            .iter()
+            .map(|name| trailers.get(name).cloned())
+            .collect()
+    }
+}
+
+/// The downstream side of a TCP proxy connection, for its log line.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpConn<'a> {
+    /// The peer.
+    pub peer: SocketAddr,
+    /// The local address, when known.
+    pub local: Option<SocketAddr>,
+    /// The connection id.
+    pub id: u64,
+    /// The TLS session, for TLS connections.
+    pub tls: Option<&'a PeerIdentity>,
+}
+
+/// How an HTTP stream ended, for its log line.
+#[derive(Debug)]
+pub struct HttpEnd<'a> {
+    /// The response status sent.
+    pub status: u16,
+    /// `%RESPONSE_CODE_DETAILS%`.
+    pub details: &'a str,
+    /// The response flag, if any.
+    pub flag: Option<ResponseFlag>,
+    /// Response body bytes sent downstream.
+    pub bytes_sent: u64,
+    /// The upstream endpoint, if one was picked.
+    pub upstream: Option<SocketAddr>,
+    /// The captured response trailers (see [`AccessLogger::capture_trailers`]).
+    pub trailers: &'a [Option<HeaderValue>],
 }
 
 /// What one HTTP request's log line needs, captured before the request is
-/// consumed.
+/// consumed and completed as the stream goes on.
 #[derive(Debug)]
 pub struct HttpLogEntry {
     /// When the request started.
@@ -124,205 +417,193 @@ pub struct HttpLogEntry {
     pub started: Instant,
     /// `:method`.
     pub method: http::Method,
-    /// `:path` (with query) as received.
-    pub path: String,
+    /// The request target as received.
+    pub uri: http::Uri,
     /// Downstream protocol.
     pub version: http::Version,
-    /// `x-forwarded-for`, `user-agent`, `x-request-id`, `:authority`.
-    pub xff: Option<http::HeaderValue>,
-    /// `user-agent`.
-    pub user_agent: Option<http::HeaderValue>,
-    /// `x-request-id`.
-    pub request_id: Option<http::HeaderValue>,
     /// `:authority`.
     pub authority: Option<String>,
+    /// The request headers the formats read, in [`format::Needs`] order.
+    pub headers: Vec<Option<HeaderValue>>,
+    /// Results of the `header_filter`s, one bit each.
+    pub header_bits: u64,
     /// Request body bytes (from `content-length`).
     pub bytes_received: u64,
+    /// The connection's addresses and id.
+    pub info: StreamInfo,
+    /// The downstream remote address (see [`AccessLogger::capture`]).
+    pub remote: SocketAddr,
+    /// The TLS session, for requests over TLS.
+    pub tls: Option<Arc<PeerIdentity>>,
+    /// The matched route.
+    pub route: Option<Arc<CompiledRoute>>,
+    /// The upstream cluster.
+    pub cluster: Option<Arc<str>>,
+    /// Upstream attempts made.
+    pub attempts: Option<u32>,
+    /// The response headers the formats read.
+    pub resp_headers: Vec<Option<HeaderValue>>,
+    /// Start to the upstream response's headers.
+    pub response_duration: Option<Duration>,
+    /// Start to the request's end, when known (a request without a body
+    /// ends with its headers).
+    pub request_duration: Option<Duration>,
 }
 
 impl HttpLogEntry {
-    /// Captures the request fields of the log line.
-    pub fn capture<B>(req: &http::Request<B>) -> Self {
-        let h = req.headers();
-        HttpLogEntry {
-            start: SystemTime::now(),
-            started: Instant::now(),
-            method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "/".into()),
-            version: req.version(),
-            xff: h.get("x-forwarded-for").cloned(),
-            user_agent: h.get(http::header::USER_AGENT).cloned(),
-            request_id: h.get("x-request-id").cloned(),
-            authority: mesh_core::view::RequestView::authority(req).map(str::to_owned),
-            bytes_received: h
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+    /// Records the route and cluster the request was sent to.
+    pub fn routed(&mut self, route: &Arc<CompiledRoute>, cluster: &Arc<str>) {
+        self.route = Some(route.clone());
+        self.cluster = Some(cluster.clone());
+    }
+}
+
+/// Everything an access-log line may show about one stream. Fields a
+/// proxy does not know stay `None` and render as `-` (or `null`).
+#[derive(Debug)]
+pub struct LogRecord<'a> {
+    /// `%START_TIME%`.
+    pub start: SystemTime,
+    /// `%DURATION%`.
+    pub duration: Duration,
+    /// The HTTP request (`None` for TCP).
+    pub request: Option<&'a HttpLogEntry>,
+    /// Captured response headers.
+    pub resp_headers: &'a [Option<HeaderValue>],
+    /// Captured response trailers.
+    pub trailers: &'a [Option<HeaderValue>],
+    /// `%RESPONSE_CODE%` (`0` without one).
+    pub status: u16,
+    /// `%RESPONSE_CODE_DETAILS%`.
+    pub details: Option<&'a str>,
+    /// `%RESPONSE_FLAGS%`.
+    pub flag: Option<ResponseFlag>,
+    /// `%BYTES_RECEIVED%`.
+    pub bytes_received: u64,
+    /// `%BYTES_SENT%`.
+    pub bytes_sent: u64,
+    /// `%REQUEST_DURATION%`.
+    pub request_duration: Option<Duration>,
+    /// `%RESPONSE_DURATION%`.
+    pub response_duration: Option<Duration>,
+    /// `%UPSTREAM_HOST%`.
+    pub upstream_host: Option<SocketAddr>,
+    /// `%UPSTREAM_CLUSTER%`.
+    pub upstream_cluster: Option<&'a str>,
+    /// `%UPSTREAM_LOCAL_ADDRESS%`.
+    pub upstream_local: Option<SocketAddr>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub upstream_failure: Option<&'a str>,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
+    pub downstream_remote: Option<SocketAddr>,
+    /// `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%`.
+    pub downstream_direct_remote: Option<SocketAddr>,
+    /// `%DOWNSTREAM_LOCAL_ADDRESS%`.
+    pub downstream_local: Option<SocketAddr>,
+    /// `%ROUTE_NAME%`.
+    pub route_name: Option<&'a str>,
+    /// `%HOSTNAME%`.
+    pub hostname: &'a str,
+    /// `%CONNECTION_ID%`.
+    pub connection_id: Option<u64>,
+    /// `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`.
+    pub attempts: Option<u32>,
+    /// The downstream TLS session.
+    pub tls: Option<&'a PeerIdentity>,
+    /// `header_filter` results.
+    pub header_bits: u64,
+    /// `grpc-status` of the response headers.
+    pub grpc_status_header: Option<&'a HeaderValue>,
+    /// `grpc-status` of the response trailers.
+    pub grpc_status_trailer: Option<&'a HeaderValue>,
+}
+
+impl<'a> LogRecord<'a> {
+    /// A record with only the start, duration and host name known.
+    pub fn new(start: SystemTime, duration: Duration, hostname: &'a str) -> Self {
+        LogRecord {
+            start,
+            duration,
+            request: None,
+            resp_headers: &[],
+            trailers: &[],
+            status: 0,
+            details: None,
+            flag: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+            request_duration: None,
+            response_duration: None,
+            upstream_host: None,
+            upstream_cluster: None,
+            upstream_local: None,
+            upstream_failure: None,
+            downstream_remote: None,
+            downstream_direct_remote: None,
+            downstream_local: None,
+            route_name: None,
+            hostname,
+            connection_id: None,
+            attempts: None,
+            tls: None,
+            header_bits: 0,
+            grpc_status_header: None,
+            grpc_status_trailer: None,
         }
     }
+}
 
-    /// The line, with the response facts known at the end of the stream.
-    pub fn format(
-        &self,
-        status: u16,
-        flag: Option<ResponseFlag>,
-        bytes_sent: u64,
-        upstream: Option<SocketAddr>,
-        upstream_service_time_ms: Option<u64>,
-    ) -> String {
-        let mut s = String::with_capacity(256);
-        let opt = |v: &Option<http::HeaderValue>| -> String {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned()
-        };
-        let proto = match self.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2",
-            http::Version::HTTP_3 => "HTTP/3",
-            _ => "HTTP/1.1",
-        };
-        let _ = writeln!(
-            s,
-            "[{}] \"{} {} {}\" {} {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"",
-            format_time(self.start),
-            self.method,
-            self.path,
-            proto,
-            status,
-            flag.map(ResponseFlag::as_str).unwrap_or("-"),
-            self.bytes_received,
-            bytes_sent,
-            self.started.elapsed().as_millis(),
-            upstream_service_time_ms
-                .map(|ms| ms.to_string())
-                .unwrap_or_else(|| "-".into()),
-            opt(&self.xff),
-            opt(&self.user_agent),
-            opt(&self.request_id),
-            self.authority.as_deref().unwrap_or("-"),
-            upstream
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-        );
-        s
-    }
+/// The last address of `x-forwarded-for` (port 0), as Envoy reads it.
+fn last_xff(h: &HeaderMap) -> Option<SocketAddr> {
+    let v = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()?
+        .to_str()
+        .ok()?;
+    let ip: std::net::IpAddr = v.rsplit(',').next()?.trim().parse().ok()?;
+    Some(SocketAddr::new(ip, 0))
 }
 
 /// `%START_TIME%`'s default form: `2026-11-22T06:26:22.566Z`.
 pub fn format_time(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, sec) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{:03}Z",
-        d.subsec_millis()
-    )
+    let mut s = String::with_capacity(24);
+    let _ = format::write_time(&mut s, t, None);
+    s
 }
 
-/// Envoy's default line for a TCP proxy connection:
-/// `[START] "- - -" 0 FLAGS RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM"`.
-pub fn tcp_line(
-    start: SystemTime,
-    started: Instant,
-    flag: Option<ResponseFlag>,
-    received: u64,
-    sent: u64,
-    upstream: Option<SocketAddr>,
-) -> String {
-    format!(
-        "[{}] \"- - -\" 0 {} {received} {sent} {} - \"-\" \"-\" \"-\" \"-\" \"{}\"\n",
-        format_time(start),
-        flag.map(ResponseFlag::as_str).unwrap_or("-"),
-        started.elapsed().as_millis(),
-        upstream
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into()),
-    )
+/// `%RESPONSE_CODE_DETAILS%` for a reply: `via_upstream` for an upstream's
+/// response, else the reason of mesh's local reply, as Envoy names it.
+pub fn response_code_details(flag: Option<ResponseFlag>, from_upstream: bool) -> &'static str {
+    match flag {
+        None if from_upstream => "via_upstream",
+        None => "direct_response",
+        Some(ResponseFlag::NoRouteFound) => "route_not_found",
+        Some(ResponseFlag::NoClusterFound) => "cluster_not_found",
+        Some(ResponseFlag::NoHealthyUpstream) => "no_healthy_upstream",
+        Some(ResponseFlag::UpstreamRequestTimeout) => "upstream_response_timeout",
+        Some(ResponseFlag::UpstreamConnectionFailure) => {
+            "upstream_reset_before_response_started{remote_connection_failure}"
+        }
+        Some(ResponseFlag::UpstreamConnectionTermination) => {
+            "upstream_reset_before_response_started{connection_termination}"
+        }
+        Some(ResponseFlag::UpstreamRemoteReset) => {
+            "upstream_reset_before_response_started{remote_reset}"
+        }
+        Some(ResponseFlag::UpstreamOverflow) => "upstream_reset_before_response_started{overflow}",
+        Some(ResponseFlag::UpstreamRetryLimitExceeded) => "upstream_reset_after_response_started",
+        Some(ResponseFlag::DownstreamConnectionTermination) => "downstream_remote_disconnect",
+        Some(ResponseFlag::StreamIdleTimeout) => "stream_idle_timeout",
+        Some(ResponseFlag::DownstreamProtocolError) => "protocol_error",
+        Some(ResponseFlag::UpstreamProtocolError) => {
+            "upstream_reset_before_response_started{protocol_error}"
+        }
+        Some(ResponseFlag::RateLimited) => "local_rate_limited",
+        Some(ResponseFlag::FaultInjected) => "fault_filter_abort",
+        Some(ResponseFlag::DelayInjected) => "via_upstream",
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_reach_the_file_in_order_from_the_writer_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
-        let store = Store::new();
-        let log = AccessLogger::new(&[AccessLog::File(path.display().to_string())], &store)
-            .unwrap()
-            .unwrap();
-        for i in 0..500 {
-            log.write(format!("line {i}\n"));
-        }
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        let text = loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().count() == 500 || Instant::now() > deadline {
-                break text;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
-        let expected: Vec<String> = (0..500).map(|i| format!("line {i}")).collect();
-        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
-        assert_eq!(store.value("mesh_access_log_dropped", &[]), Some(0));
-    }
-
-    #[test]
-    fn start_time_is_rfc3339_utc() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_328_782_566);
-        assert_eq!(format_time(t), "2026-11-22T06:26:22.566Z");
-        assert_eq!(
-            format_time(SystemTime::UNIX_EPOCH),
-            "1970-01-01T00:00:00.000Z"
-        );
-    }
-
-    #[test]
-    fn line_has_envoys_default_shape() {
-        let req = http::Request::builder()
-            .uri("/a?b=1")
-            .header("host", "example.com")
-            .header("user-agent", "curl/8")
-            .header("x-request-id", "abc")
-            .body(())
-            .unwrap();
-        let e = HttpLogEntry::capture(&req);
-        let line = e.format(
-            503,
-            Some(ResponseFlag::UpstreamConnectionFailure),
-            91,
-            Some("10.0.0.1:80".parse().unwrap()),
-            Some(7),
-        );
-        let rest = line.split_once("] ").unwrap().1;
-        assert!(rest.contains(" 7 \"-\" \"curl/8\""), "{line}");
-        assert!(
-            rest.starts_with("\"GET /a?b=1 HTTP/1.1\" 503 UF 0 91 "),
-            "{line}"
-        );
-        assert!(
-            rest.ends_with("\"-\" \"curl/8\" \"abc\" \"example.com\" \"10.0.0.1:80\"\n"),
-            "{line}"
-        );
-    }
-}
+mod tests;

@@ -311,9 +311,15 @@ impl WorkerChains {
                 serve_connection(stream, server, svc, self.drain.clone()).await;
                 drop(guard);
             }
-            WorkerTerminal::Tcp(t) => t.clone().handle_stream(stream, peer, guard).await,
+            WorkerTerminal::Tcp(t) => {
+                t.clone()
+                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .await
+            }
             WorkerTerminal::TcpSwapping(slot) => {
-                slot.load_full().handle_stream(stream, peer, guard).await
+                slot.load_full()
+                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .await
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")

@@ -201,11 +201,13 @@ impl HttpProxy {
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
-        let mut log = self
-            .shared
-            .access_log
-            .as_ref()
-            .map(|_| HttpLogEntry::capture(&req));
+        let mut log = self.shared.access_log.as_ref().map(|l| {
+            let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
+            if http_body::Body::is_end_stream(req.body()) {
+                e.request_duration = Some(e.started.elapsed());
+            }
+            e
+        });
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
@@ -221,12 +223,23 @@ impl HttpProxy {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
-        if let (Some(entry), Some(logger)) = (log, &self.shared.access_log) {
+        if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            logger.write(entry.format(resp.status().as_u16(), flag, sent, upstream, None));
+            logger.capture_response(&mut entry, resp.headers());
+            logger.log_http(
+                &entry,
+                &crate::access_log::HttpEnd {
+                    status: resp.status().as_u16(),
+                    details: crate::access_log::response_code_details(flag, false),
+                    flag,
+                    bytes_sent: sent,
+                    upstream,
+                    trailers: &[],
+                },
+            );
         }
         resp
     }
@@ -734,6 +747,9 @@ impl HttpProxy {
                 ResponseFlag::NoClusterFound,
             );
         };
+        if let Some(e) = log.as_mut() {
+            e.routed(m.route, choice.name);
+        }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);
@@ -877,6 +893,9 @@ impl HttpProxy {
         let mut retry_permit = None;
         let (resp, pool_end, rq_active, ep_active, final_flag) = loop {
             attempt += 1;
+            if let Some(e) = log.as_mut() {
+                e.attempts = Some(attempt);
+            }
             let try_body = match &mut body {
                 TryBody::Once(b) => b.take().unwrap_or_default(),
                 TryBody::Empty => ProxyBody::Empty,
@@ -1093,23 +1112,43 @@ impl HttpProxy {
                 .headers
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
-        let log = log.take().and_then(|e| {
-            self.shared
-                .access_log
-                .clone()
-                .map(|l| (e, l, status.as_u16(), endpoint.addr, service_time_ms))
+        let log = log.take().and_then(|mut e| {
+            let l = self.shared.access_log.clone()?;
+            l.capture_response(&mut e, &rparts.headers);
+            e.response_duration = Some(std::time::Duration::from_millis(service_time_ms));
+            Some((e, l, status.as_u16(), endpoint.addr))
         });
+        // Trailers are captured only when a format or filter reads them.
+        let trailer_slot = log
+            .as_ref()
+            .filter(|l| l.1.wants_trailers())
+            .map(|_| Arc::new(std::sync::OnceLock::new()));
+        let trailer_capture = log.as_ref().map(|l| l.1.clone()).zip(trailer_slot.clone());
         let on_end = OnEnd::new(move |completed, bytes| {
             if let Some(mut p) = pool_end {
                 p.fire(completed, bytes);
             }
             drop(rq_active);
             drop(ep_active);
-            if let Some((entry, logger, status, upstream, service_ms)) = log {
+            if let Some((entry, logger, status, upstream)) = log {
                 let flag = (!completed)
                     .then_some(ResponseFlag::DownstreamConnectionTermination)
                     .or(final_flag);
-                logger.write(entry.format(status, flag, bytes, Some(upstream), Some(service_ms)));
+                logger.log_http(
+                    &entry,
+                    &crate::access_log::HttpEnd {
+                        status,
+                        details: crate::access_log::response_code_details(flag, true),
+                        flag,
+                        bytes_sent: bytes,
+                        upstream: Some(upstream),
+                        trailers: trailer_slot
+                            .as_ref()
+                            .and_then(|s| s.get())
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                    },
+                );
             }
         });
         let body_deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
@@ -1117,12 +1156,14 @@ impl HttpProxy {
             Some(t) => Some(idle.map_or(t, |i| i.min(t))),
             None => idle,
         };
-        Response::from_parts(
-            rparts,
-            ProxyBody::Upstream(
-                UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle),
-            ),
-        )
+        let mut body =
+            UpstreamBody::new(rbody, Some(on_end), body_deadline).with_idle_timeout(body_idle);
+        if let Some((logger, slot)) = trailer_capture {
+            body = body.with_trailers(move |t| {
+                let _ = slot.set(logger.capture_trailers(t));
+            });
+        }
+        Response::from_parts(rparts, ProxyBody::Upstream(body))
     }
 
     /// Starts the shadows of the route's sampled mirror policies and
@@ -1498,6 +1539,7 @@ pub struct ConnService {
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
+    id: u64,
 }
 
 impl ConnService {
@@ -1509,6 +1551,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1525,6 +1568,7 @@ impl ConnService {
             peer,
             local,
             tls: None,
+            id: crate::access_log::next_connection_id(),
         }
     }
 
@@ -1552,6 +1596,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             downstream_remote: self.peer,
             downstream_local: self.local,
             protocol: req.version(),
+            connection_id: self.id,
         };
         let proxy = match &self.current {
             Some(c) => c.load_full(),

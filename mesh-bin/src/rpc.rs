@@ -44,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::{format_time, AccessLogger};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
+mod mirror;
+
 /// Distinct (service, method) pairs that get their own stats; the rest are
 /// counted under service and method `other`.
 const MAX_METHOD_STATS: usize = 1000;
@@ -128,10 +130,16 @@ pub struct RpcStats {
     pub local_reply: Vec<(ResponseFlag, Counter)>,
     /// `mesh_rpc_fault_delays_injected`.
     pub fault_delays: Counter,
+    /// Mirrored copies that could not be sent (no healthy endpoint in the
+    /// mirror cluster): Envoy's
+    /// `envoy_thrift_shadow_request_submit_failure{envoy_thrift_prefix}`
+    /// for a `thrift_proxy`, `mesh_rpc_shadow_request_submit_failure`
+    /// otherwise.
+    pub shadow_submit_failure: Counter,
 }
 
 impl RpcStats {
-    fn new(store: &Store, labels: &[(&'static str, String)]) -> Self {
+    fn new(store: &Store, labels: &[(&'static str, String)], config: &RpcProxy) -> Self {
         let flags = [
             ResponseFlag::NoRouteFound,
             ResponseFlag::NoClusterFound,
@@ -155,6 +163,13 @@ impl RpcStats {
             response_success: store.counter("mesh_rpc_response_success", labels),
             response_error: store.counter("mesh_rpc_response_error", labels),
             fault_delays: store.counter("mesh_rpc_fault_delays_injected", labels),
+            shadow_submit_failure: match config.filter {
+                RpcFilter::Thrift => store.counter(
+                    "envoy_thrift_shadow_request_submit_failure",
+                    &[("envoy_thrift_prefix", config.stat_prefix.clone())],
+                ),
+                _ => store.counter("mesh_rpc_shadow_request_submit_failure", labels),
+            },
             local_reply: flags
                 .iter()
                 .map(|f| {
@@ -224,10 +239,10 @@ impl RpcShared {
             ("mesh_rpc_prefix", config.stat_prefix.clone()),
             ("mesh_rpc_codec", codec.name().to_owned()),
         ];
-        let access_log =
-            AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let access_log = AccessLogger::new_fixed_format(&config.access_log, store)
+            .map_err(|e| format!("access_log: {e}"))?;
         Ok(RpcShared {
-            stats: RpcStats::new(store, &labels),
+            stats: RpcStats::new(store, &labels, config),
             server: ServerConfig {
                 max_frame: config.max_frame_size as usize,
                 idle_timeout: config.idle_timeout,
@@ -317,7 +332,7 @@ impl RpcCluster {
 #[derive(Debug)]
 pub struct RpcWorker {
     shared: Arc<RpcShared>,
-    clusters: HashMap<Arc<str>, RpcCluster>,
+    clusters: HashMap<Arc<str>, Arc<RpcCluster>>,
 }
 
 impl RpcWorker {
@@ -331,12 +346,12 @@ impl RpcWorker {
                 let entry = cm.get(&name)?.clone();
                 Some((
                     name,
-                    RpcCluster {
+                    Arc::new(RpcCluster {
                         entry,
                         clients: Mutex::new(HashMap::new()),
                         codec: shared.codec.clone(),
                         max_frame: shared.server.max_frame,
-                    },
+                    }),
                 ))
             })
             .collect();
@@ -460,7 +475,7 @@ impl RpcWorker {
     #[allow(clippy::type_complexity)]
     async fn forward(
         &self,
-        msg: Message,
+        mut msg: Message,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> (
@@ -529,6 +544,30 @@ impl RpcWorker {
                 None,
             );
         };
+        // The route's attachment / header changes, written into the frame.
+        let mutation = &m.route.policy.metadata_mutation;
+        if !mutation.is_empty() {
+            mutation.apply(&mut msg.meta.headers);
+            if !shared.codec.write_headers(&mut msg) {
+                tracing::debug!(codec = shared.codec.name(), method = %msg.meta.method, "this message has no headers to change");
+            }
+        }
+        // Shadows of a routed request go out whatever happens to it.
+        for p in &m.route.policy.request_mirror_policies {
+            if !mesh_filter::mirror::sampled(p.fraction) {
+                continue;
+            }
+            match self.clusters.get(p.cluster.as_str()) {
+                Some(c) => mirror::submit(
+                    c,
+                    msg.clone(),
+                    m.route.policy.priority,
+                    action.timeout,
+                    &shared.stats.shadow_submit_failure,
+                ),
+                None => shared.stats.shadow_submit_failure.inc(),
+            }
+        }
         let stats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);
@@ -625,6 +664,8 @@ impl RpcWorker {
         let cpolicy = &cluster.entry.policy;
         let mut retries = 0u32;
         let mut _retry_permit = None;
+        let per_try = retry.and_then(|p| p.per_try_timeout);
+        let mut tried = Vec::new();
         loop {
             *current = Some(endpoint.clone());
             stats.rq_total.inc();
@@ -635,18 +676,30 @@ impl RpcWorker {
                 Some(_) => msg.clone(),
                 None => std::mem::replace(&mut msg, Message::new(0, MessageKind::Request)),
             };
+            // `None`: the try passed its `per_try_timeout`.
             let result = {
                 let _a = resources.requests.acquire();
                 let _b = GaugeGuard::new(&endpoint.stats.rq_active);
-                cluster.client(endpoint.addr).call(send).await
+                let client = cluster.client(endpoint.addr);
+                let call = client.call(send);
+                match per_try {
+                    Some(t) => tokio::time::timeout(t, call).await.ok(),
+                    None => Some(call.await),
+                }
             };
             _retry_permit = None;
+            // A try that timed out may have run upstream, as after a reset.
             let retriable = match (&result, retry) {
-                (Err(ClientError::Connect(_)), Some(p)) => p.retry_on.any(RetryOn::CONNECT_FAILURE),
-                (Err(ClientError::Reset), Some(p)) => p.retry_on.any(RetryOn::RESET),
+                (Some(Err(ClientError::Connect(_))), Some(p)) => {
+                    p.retry_on.any(RetryOn::CONNECT_FAILURE)
+                }
+                (Some(Err(ClientError::Reset)) | None, Some(p)) => p.retry_on.any(RetryOn::RESET),
                 _ => false,
             };
-            let out = Self::outcome(cluster, &endpoint, result);
+            let out = match result {
+                Some(result) => Self::outcome(cluster, &endpoint, result),
+                None => Self::per_try_timeout(cluster, &endpoint),
+            };
             let Some(policy) = retry.filter(|_| retriable) else {
                 if retries > 0 && matches!(&out, Ok(Some(r)) if r.kind != MessageKind::Error) {
                     cpolicy.retry_stats.retry_success.inc();
@@ -675,11 +728,51 @@ impl RpcWorker {
                 cpolicy.retry_stats.retry_backoff_exponential.inc();
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap_ms))).await;
             }
-            endpoint = match cluster.entry.balancer.pick_with(pick) {
+            tried.push(endpoint.addr);
+            endpoint = match Self::pick_for_retry(cluster, policy, &tried, pick) {
                 Some(e) => e,
                 None => return out,
             };
         }
+    }
+
+    /// The endpoint of a retry: with the `previous_hosts` predicate, up to
+    /// `host_selection_retry_max_attempts` more picks avoid the endpoints
+    /// already tried, then the last pick is used (as Envoy and the HTTP
+    /// router do).
+    fn pick_for_retry(
+        cluster: &RpcCluster,
+        policy: &RetryPolicy,
+        tried: &[SocketAddr],
+        pick: &mesh_lb::PickContext<'_>,
+    ) -> Option<Arc<Endpoint>> {
+        let mut ep = cluster.entry.balancer.pick_with(pick)?;
+        if policy.previous_hosts {
+            for _ in 0..policy.host_selection_retry_max_attempts {
+                if !tried.contains(&ep.addr) {
+                    break;
+                }
+                ep = cluster.entry.balancer.pick_with(pick)?;
+            }
+        }
+        Some(ep)
+    }
+
+    /// A try that passed the retry policy's `per_try_timeout`: counted in
+    /// `upstream_rq_per_try_timeout`, as a 504 and as an outlier-detection
+    /// timeout of its endpoint.
+    fn per_try_timeout(cluster: &RpcCluster, endpoint: &Endpoint) -> RpcResult {
+        cluster.entry.policy.rq_per_try_timeout.inc();
+        cluster.entry.stats.record_status(504);
+        endpoint.stats.rq_error.inc();
+        cluster
+            .entry
+            .outlier_failure(endpoint, ResponseFlag::UpstreamRequestTimeout);
+        Err((
+            ProxyError::Timeout,
+            ResponseFlag::UpstreamRequestTimeout,
+            "upstream per-try timeout".into(),
+        ))
     }
 
     /// Maps one try's result to the reply or proxy error, with the

@@ -11,7 +11,7 @@ use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use tokio::net::TcpStream;
 
-use crate::access_log::{tcp_line, AccessLogger};
+use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
 /// Envoy's `tcp.<stat_prefix>.*` stats.
@@ -96,10 +96,11 @@ impl TcpProxyShared {
         let Accepted {
             stream,
             peer,
+            local,
             guard,
-            ..
         } = accepted;
-        self.handle_stream(stream, peer, guard).await
+        self.handle_stream_from(stream, peer, Some(local), None, guard)
+            .await
     }
 
     /// Proxies one downstream byte stream (a TCP connection, or the
@@ -113,11 +114,36 @@ impl TcpProxyShared {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        self.handle_stream_from(stream, peer, None, None, guard)
+            .await
+    }
+
+    /// [`TcpProxyShared::handle_stream`] with the local address and the
+    /// downstream TLS session, for the access log.
+    pub async fn handle_stream_from<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: std::net::SocketAddr,
+        local: Option<std::net::SocketAddr>,
+        tls: Option<&mesh_core::identity::PeerIdentity>,
+        guard: mesh_core::listener::ConnectionGuard,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let start = std::time::SystemTime::now();
         let started = std::time::Instant::now();
-        let (flag, received, sent, upstream) = self.proxy(stream, peer, guard).await;
+        let id = crate::access_log::next_connection_id();
+        let cluster = self.choose().clone();
+        let (flag, received, sent, upstream) = self.proxy(stream, peer, guard, &cluster).await;
         if let Some(log) = &self.access_log {
-            log.write(tcp_line(start, started, flag, received, sent, upstream));
+            let conn = TcpConn {
+                peer,
+                local,
+                id,
+                tls,
+            };
+            let name = Some(cluster.config.name.as_str());
+            log.log_tcp(start, started, flag, received, sent, upstream, name, &conn);
         }
     }
 
@@ -126,12 +152,12 @@ impl TcpProxyShared {
         stream: S,
         peer: std::net::SocketAddr,
         guard: mesh_core::listener::ConnectionGuard,
+        cluster: &Arc<ClusterEntry>,
     ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.stats.cx_total.inc();
-        let cluster = self.choose();
         // tcp_proxy's hash_policy: only source_ip.
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));

@@ -175,3 +175,85 @@ fn generic_proxy_needs_a_known_codec() {
         "{e:?}"
     );
 }
+
+#[test]
+fn thrift_mirror_policies_are_read_and_their_unknown_fields_refused() {
+    let r = rpc(json!({
+        "name": "envoy.filters.network.thrift_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+            "stat_prefix": "t",
+            "route_config": {"routes": [
+                {"match": {"method_name": ""}, "route": {"cluster": "a", "request_mirror_policies": [
+                    {"cluster": "b"},
+                    {"cluster": "a", "runtime_fraction": {"runtime_key": "k",
+                        "default_value": {"numerator": 25, "denominator": "TEN_THOUSAND"}}}]}}
+            ]}
+        }
+    }));
+    let mirrors = &r.route_config.virtual_hosts[0].routes[0]
+        .policy
+        .request_mirror_policies;
+    let got: Vec<_> = mirrors
+        .iter()
+        .map(|m| {
+            (
+                m.cluster.as_str(),
+                m.fraction.numerator,
+                m.fraction.denominator,
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("b", 100, 100), ("a", 25, 10_000)]);
+    // Envoy's Thrift mirror policy has no shadow host suffix; an unknown
+    // mirror cluster is refused like any other cluster reference.
+    let e = errors(json!({
+        "name": "mesh.filters.network.rpc_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+            "stat_prefix": "g",
+            "codec": "dubbo",
+            "route_config": {"routes": [
+                {"match": {}, "route": {"cluster": "a", "request_mirror_policies": [
+                    {"cluster": "b", "disable_shadow_host_suffix_append": true},
+                    {"cluster": "nope"}]}}]}
+        }
+    }));
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!(
+            "unsupported: {BASE}.route_config.routes[0].route.request_mirror_policies[0].disable_shadow_host_suffix_append"
+        ))),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.contains("nope")), "{e:?}");
+}
+
+#[test]
+fn metadata_mutation_is_read_and_refused_for_thrift() {
+    let filter = |codec: &str| {
+        json!({
+            "name": "mesh.filters.network.rpc_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+                "stat_prefix": "g",
+                "codec": codec,
+                "route_config": {"routes": [{"match": {}, "route": {"cluster": "a",
+                    "metadata_mutation": {"set": [{"key": "x-Env", "value": "canary"}],
+                                          "remove": ["x-debug"]}}}]}
+            }
+        })
+    };
+    let r = rpc(filter("dubbo"));
+    let m = &r.route_config.virtual_hosts[0].routes[0]
+        .policy
+        .metadata_mutation;
+    assert_eq!(m.set, vec![("x-Env".to_owned(), "canary".to_owned())]);
+    assert_eq!(m.remove, vec!["x-debug".to_owned()]);
+    let e = errors(filter("thrift"));
+    assert!(
+        e.iter().any(|m| m.starts_with(&format!(
+            "{BASE}.route_config.routes[0].route.metadata_mutation"
+        ))),
+        "{e:?}"
+    );
+}

@@ -95,12 +95,23 @@ fn reset_needs_idempotent_and_unknown_conditions_are_refused() {
             .any(|m| m.starts_with(&format!("{path}.retry_on")) && m.contains("5xx")),
         "{e:?}"
     );
-    let e = errors(json!({"retry_on": "connect-failure", "per_try_timeout": "1s"}));
+    let e = errors(json!({"retry_on": "connect-failure", "per_try_timeout": "-1s"}));
     assert!(
         e.iter()
-            .any(|m| m.starts_with(&format!("unsupported: {path}.per_try_timeout"))),
+            .any(|m| m.starts_with(&format!("{path}.per_try_timeout"))),
         "{e:?}"
     );
+}
+
+#[test]
+fn per_try_timeout_is_loaded() {
+    let r = rpc(json!({"retry_on": "connect-failure", "per_try_timeout": "1s"}));
+    let p = r.route_config.virtual_hosts[0].routes[0]
+        .policy
+        .retry_policy
+        .clone()
+        .expect("a retry policy");
+    assert_eq!(p.per_try_timeout, Some(std::time::Duration::from_secs(1)));
 }
 
 #[test]

@@ -340,10 +340,31 @@ pub enum HttpFilter {
     Rbac(Box<rbac::Rbac>),
 }
 
-/// An access log sink (Envoy `config.accesslog.v3.AccessLog`), writing
-/// Envoy's default text format.
+/// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,
+/// their format (Envoy's default without one) and which streams are logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// The sink.
+    pub sink: AccessLogSink,
+    /// `typed_config.log_format`; Envoy's default format when `None`.
+    pub format: Option<crate::access_log::LogFormat>,
+    /// `filter`; every stream is logged when `None`.
+    pub filter: Option<crate::access_log::AccessLogFilter>,
+}
+
+impl From<AccessLogSink> for AccessLog {
+    fn from(sink: AccessLogSink) -> Self {
+        AccessLog {
+            sink,
+            format: None,
+            filter: None,
+        }
+    }
+}
+
+/// Where an [`AccessLog`] writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLog {
+pub enum AccessLogSink {
     /// `envoy.access_loggers.stdout`.
     Stdout,
     /// `envoy.access_loggers.stderr`.

@@ -23,6 +23,8 @@ pub struct StreamInfo {
     pub downstream_local: SocketAddr,
     /// The downstream HTTP version.
     pub protocol: http::Version,
+    /// The downstream connection's id (`%CONNECTION_ID%`).
+    pub connection_id: u64,
 }
 
 /// One piece of a header value template.
@@ -275,6 +277,7 @@ mod tests {
             downstream_remote: "10.0.0.1:5555".parse().unwrap(),
             downstream_local: "127.0.0.1:80".parse().unwrap(),
             protocol: http::Version::HTTP_11,
+            connection_id: 1,
         }
     }
 

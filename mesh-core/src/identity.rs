@@ -18,6 +18,10 @@ pub struct PeerIdentity {
     pub subject: String,
     /// The peer certificate's serial number (lower-case hex), empty without one.
     pub serial: String,
+    /// The peer certificate's issuer (RFC 4514 form), empty without one.
+    pub issuer: String,
+    /// Lower-case hex SHA-256 of the peer certificate (DER), empty without one.
+    pub fingerprint_256: String,
     /// `TLSv1.2` or `TLSv1.3`.
     pub tls_version: &'static str,
     /// The negotiated cipher suite (IANA name).

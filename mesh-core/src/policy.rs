@@ -339,6 +339,51 @@ pub struct RoutePolicy {
     pub grpc_timeout_offset: Option<Duration>,
     /// `route.request_mirror_policies`.
     pub request_mirror_policies: Vec<RequestMirrorPolicy>,
+    /// `route.metadata_mutation` (RPC routes): attachment / header
+    /// changes made to the request before it is sent upstream.
+    pub metadata_mutation: MetadataMutation,
+}
+
+/// Changes an RPC route makes to a request's attachments (Dubbo) or
+/// header map (SOFA Bolt) before sending it upstream. Keys are compared
+/// ignoring ASCII case and keep the case they are written in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataMutation {
+    /// `set`: each key's value replaces the existing entry of that key, or
+    /// is appended when there is none.
+    pub set: Vec<(String, String)>,
+    /// `remove`: entries with these keys are dropped (before `set`).
+    pub remove: Vec<String>,
+}
+
+impl MetadataMutation {
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the removals, then the sets, to `headers`.
+    pub fn apply(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(k, _)| !self.remove.iter().any(|r| r.eq_ignore_ascii_case(k)));
+        for (key, value) in &self.set {
+            let mut found = false;
+            headers.retain_mut(|(k, v)| {
+                if !k.eq_ignore_ascii_case(key) {
+                    return true;
+                }
+                // The first entry of the key takes the value; repeats go.
+                let keep = !found;
+                if keep {
+                    *v = value.clone();
+                }
+                found = true;
+                keep
+            });
+            if !found {
+                headers.push((key.clone(), value.clone()));
+            }
+        }
+    }
 }
 
 /// Envoy `RouteAction.RequestMirrorPolicy`: a fraction of the route's

@@ -216,6 +216,7 @@ fn identity_of(conn: &rustls::CommonState, sni: Option<&str>) -> PeerIdentity {
         };
         if let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) {
             id.peer_certificate = true;
+            id.fingerprint_256 = material::sha256_hex(leaf.as_ref());
             if let Ok(info) = material::cert_info(leaf.as_ref()) {
                 for san in info.sans {
                     match san {
@@ -226,6 +227,7 @@ fn identity_of(conn: &rustls::CommonState, sni: Option<&str>) -> PeerIdentity {
                 }
                 id.subject = info.subject;
                 id.serial = info.serial;
+                id.issuer = info.issuer;
             }
         }
         id

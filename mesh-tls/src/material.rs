@@ -70,6 +70,8 @@ pub struct CertInfo {
     pub subject: String,
     /// Serial number, lower-case hex without separators.
     pub serial: String,
+    /// Issuer, RFC 4514 form.
+    pub issuer: String,
     /// Subject alternative names.
     pub sans: Vec<SubjectAltName>,
     /// `notBefore`, seconds since the Unix epoch.
@@ -78,6 +80,17 @@ pub struct CertInfo {
     pub not_after: i64,
     /// The file it was read from, if any.
     pub path: Option<String>,
+}
+
+/// Lower-case hex SHA-256 of `der` (a certificate's fingerprint).
+pub(crate) fn sha256_hex(der: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut s = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 /// Parses the parts of a DER certificate that mesh reports.
@@ -118,6 +131,7 @@ pub(crate) fn cert_info(der: &[u8]) -> Result<CertInfo, String> {
         .collect::<String>();
     Ok(CertInfo {
         subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
         serial: if serial.is_empty() {
             "0".into()
         } else {

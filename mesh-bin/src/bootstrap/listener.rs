@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_core::config::{
-    AccessLog, ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
+    ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
     TrafficDirection, WeightedCluster,
 };
 
+pub(crate) use super::access_log::access_logs;
 use super::reader::{is_empty_list, Ctx, Obj};
 use super::{hcm, ip_address, rpc, select_extension, Known};
 
@@ -95,21 +96,6 @@ const NETWORK_FILTERS: &[Known] = &[
 
 const TERMINAL_NAMES: &str =
     "envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy, envoy.filters.network.thrift_proxy, envoy.filters.network.dubbo_proxy or mesh.filters.network.rpc_proxy";
-
-const ACCESS_LOGGERS: &[Known] = &[
-    Known {
-        name: "envoy.access_loggers.stdout",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-    },
-    Known {
-        name: "envoy.access_loggers.stderr",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
-    },
-    Known {
-        name: "envoy.access_loggers.file",
-        type_url: "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-    },
-];
 
 /// `static_resources.listeners`.
 pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
@@ -448,41 +434,4 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
         access_log,
         hash_policy,
     }
-}
-
-/// The `access_log` list of a filter.
-pub(crate) fn access_logs(cx: &mut Ctx, parent: &mut Obj<'_>) -> Vec<AccessLog> {
-    let mut out = Vec::new();
-    for (path, v) in parent.list(cx, "access_log") {
-        let Some(mut o) = Obj::new(cx, path, v) else {
-            continue;
-        };
-        o.refuse(cx, "filter", "access log filters are not supported yet");
-        if let Some((which, tc)) = select_extension(cx, &mut o, "access logger", ACCESS_LOGGERS) {
-            let file_path = tc.as_ref().map(|t| t.at("path"));
-            let mut path = None;
-            if let Some(mut tc) = tc {
-                tc.refuse(
-                    cx,
-                    "log_format",
-                    "custom access log formats are not supported yet",
-                );
-                if which == 2 {
-                    path = tc.req_string(cx, "path");
-                }
-                tc.finish(cx);
-            }
-            match which {
-                0 => out.push(AccessLog::Stdout),
-                1 => out.push(AccessLog::Stderr),
-                _ => match (path, file_path) {
-                    (Some(p), _) => out.push(AccessLog::File(p)),
-                    (None, Some(_)) => {}
-                    (None, None) => cx.missing(&o.at("typed_config")),
-                },
-            }
-        }
-        o.finish(cx);
-    }
-    out
 }

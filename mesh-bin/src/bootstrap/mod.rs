@@ -20,6 +20,7 @@ use std::path::Path;
 use mesh_core::config::{Admin, Bootstrap, Locality, Node};
 use serde_json::Value;
 
+mod access_log;
 mod cluster;
 mod hcm;
 mod headers;

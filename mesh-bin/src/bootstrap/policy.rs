@@ -125,6 +125,25 @@ pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
         }
         b.finish(cx);
     }
+    host_selection(cx, &mut o, &mut p);
+    o.refuse(cx, "retry_priority", "retry priorities are not supported");
+    o.refuse(
+        cx,
+        "rate_limited_retry_back_off",
+        "rate-limited back-off is not supported",
+    );
+    o.refuse(
+        cx,
+        "retry_options_predicates",
+        "retry options predicates are not supported",
+    );
+    o.finish(cx);
+    p
+}
+
+/// `retry_host_predicate` (only `previous_hosts`) and
+/// `host_selection_retry_max_attempts` of a retry policy (HTTP or RPC).
+pub(crate) fn host_selection(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut RetryPolicy) {
     for (path, v) in o.list(cx, "retry_host_predicate") {
         let Some(mut pred) = Obj::new(cx, path, v) else {
             continue;
@@ -148,19 +167,6 @@ pub(crate) fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
             p.host_selection_retry_max_attempts = n.clamp(1, 100) as u32;
         }
     }
-    o.refuse(cx, "retry_priority", "retry priorities are not supported");
-    o.refuse(
-        cx,
-        "rate_limited_retry_back_off",
-        "rate-limited back-off is not supported",
-    );
-    o.refuse(
-        cx,
-        "retry_options_predicates",
-        "retry options predicates are not supported",
-    );
-    o.finish(cx);
-    p
 }
 
 /// A route's `priority` (`DEFAULT` or `HIGH`).
@@ -756,6 +762,17 @@ pub(crate) fn mirror_policies(
     cx: &mut Ctx,
     o: &mut Obj<'_>,
 ) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
+    mirror_policy_list(cx, o, true)
+}
+
+/// `request_mirror_policies` of an HTTP route, or (`http` false) of a
+/// Thrift or RPC route, whose policies have no
+/// `disable_shadow_host_suffix_append`.
+pub(crate) fn mirror_policy_list(
+    cx: &mut Ctx,
+    o: &mut Obj<'_>,
+    http: bool,
+) -> Vec<mesh_core::policy::RequestMirrorPolicy> {
     let mut out = Vec::new();
     for (path, v) in o.list(cx, "request_mirror_policies") {
         let Some(mut m) = Obj::new(cx, path, v) else {
@@ -771,9 +788,9 @@ pub(crate) fn mirror_policies(
             .obj(cx, "runtime_fraction")
             .map(|f| runtime_fraction(cx, f))
             .unwrap_or(FractionalPercent::HUNDRED);
-        let disable_shadow_host_suffix_append = m
-            .bool(cx, "disable_shadow_host_suffix_append")
-            .unwrap_or(false);
+        let disable_shadow_host_suffix_append = http
+            && m.bool(cx, "disable_shadow_host_suffix_append")
+                .unwrap_or(false);
         m.finish(cx);
         if !cluster.is_empty() {
             out.push(mesh_core::policy::RequestMirrorPolicy {

@@ -16,8 +16,10 @@
 //! - Generic: `match` has `service` and `method` string matchers and
 //!   `headers` (names are attachment keys or `:service`, `:method`,
 //!   `:version`, `:group`); `route` may set a `timeout`, a `hash_policy`
-//!   (`header` names read the same keys), a `metadata_match` and a
-//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`).
+//!   (`header` names read the same keys), a `metadata_match`, a
+//!   `retry_policy` (`num_retries`, `retry_on`, `idempotent`, ...),
+//!   `request_mirror_policies` (as Thrift routes have them) and a
+//!   `metadata_mutation` (`set`, `remove`: attachments / Bolt headers).
 
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ use mesh_core::config::{
     RouteConfiguration, RouteMatch, RpcCodec, RpcFault, RpcFilter, RpcProxy, ThriftProtocol,
     VirtualHost,
 };
-use mesh_core::policy::{RetryOn, RetryPolicy, TokenBucketConfig};
+use mesh_core::policy::{MetadataMutation, RetryOn, RetryPolicy, TokenBucketConfig};
 
 use super::listener::access_logs;
 use super::reader::{one_of, Ctx, Obj};
@@ -221,6 +223,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
 
 fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut matchers = Vec::new();
+    let mut mirrors = Vec::new();
     let mut m = o.obj(cx, "match");
     if m.is_none() && !o.has("match") {
         cx.missing(&o.at("match"));
@@ -271,7 +274,7 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             r.refuse(cx, "rate_limits", "not supported yet");
             r.refuse(cx, "strip_service_name", "not supported yet");
-            r.refuse(cx, "request_mirror_policies", "not supported yet");
+            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
             r.finish(cx);
             let mut a = action(cluster, None);
             a.metadata_match = metadata_match;
@@ -285,7 +288,9 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         }
     };
     o.finish(cx);
-    Some(route(matchers, a?))
+    let mut r = route(matchers, a?);
+    r.policy.request_mirror_policies = mirrors;
+    Some(r)
 }
 
 /// `envoy.filters.network.dubbo_proxy`'s typed config.
@@ -474,7 +479,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
             rc_name = rc.string(cx, "name").unwrap_or_default();
             for (path, v) in rc.list(cx, "routes") {
                 if let Some(r) = Obj::new(cx, path, v) {
-                    if let Some(r) = generic_route(cx, r) {
+                    if let Some(r) = generic_route(cx, r, codec.as_ref()) {
                         routes.push(r);
                     }
                 }
@@ -511,7 +516,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     }
 }
 
-fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
+fn generic_route(cx: &mut Ctx, mut o: Obj<'_>, codec: Option<&RpcCodec>) -> Option<Route> {
     let mut matchers = Vec::new();
     if let Some(mut m) = o.obj(cx, "match") {
         for (key, pseudo) in [("service", ":service"), ("method", ":method")] {
@@ -525,6 +530,8 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
         m.finish(cx);
     }
     let mut retry = None;
+    let mut mirrors = Vec::new();
+    let mut mutation = MetadataMutation::default();
     let a = match o.obj(cx, "route") {
         Some(mut r) => {
             let cluster = cluster_specifier(cx, &mut r);
@@ -532,6 +539,17 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
             let hash_policy = super::lb::hash_policies(cx, &mut r, false);
             let metadata_match = super::lb::metadata_match(cx, &mut r);
             retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
+            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
+            let mutation_path = r.at("metadata_mutation");
+            if let Some(m) = r.obj(cx, "metadata_mutation") {
+                mutation = metadata_mutation(cx, m);
+                if matches!(codec, Some(RpcCodec::Thrift { .. })) && !mutation.is_empty() {
+                    cx.error(
+                        &mutation_path,
+                        "Thrift binary and compact messages carry no headers to change",
+                    );
+                }
+            }
             r.finish(cx);
             let mut a = action(cluster, timeout);
             a.hash_policy = hash_policy;
@@ -548,7 +566,39 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     o.finish(cx);
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
+    r.policy.request_mirror_policies = mirrors;
+    r.policy.metadata_mutation = mutation;
     Some(r)
+}
+
+/// `metadata_mutation` of an `rpc_proxy` route: `set` [{`key`, `value`}]
+/// and `remove` [keys], applied to the request's attachments (Dubbo) or
+/// header map (Bolt) after routing.
+fn metadata_mutation(cx: &mut Ctx, mut o: Obj<'_>) -> MetadataMutation {
+    let mut m = MetadataMutation::default();
+    for (path, key) in o.strings(cx, "remove") {
+        if key.is_empty() {
+            cx.error(&path, "must not be empty");
+        } else {
+            m.remove.push(key);
+        }
+    }
+    for (path, v) in o.list(cx, "set") {
+        let Some(mut kv) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let key_path = kv.at("key");
+        let key = kv.req_string(cx, "key").unwrap_or_default();
+        let value = kv.string(cx, "value").unwrap_or_default();
+        kv.finish(cx);
+        if key.is_empty() {
+            cx.error(&key_path, "must not be empty");
+        } else {
+            m.set.push((key, value));
+        }
+    }
+    o.finish(cx);
+    m
 }
 
 /// `fault` of an `rpc_proxy`: {`delay` {`fixed_delay`, `percentage`},
@@ -642,14 +692,23 @@ fn local_rate_limit(cx: &mut Ctx, mut o: Obj<'_>) -> Option<TokenBucketConfig> {
 }
 
 /// The `retry_policy` of an `rpc_proxy` route: `num_retries` (default 1),
-/// `retry_on` (comma-separated: `connect-failure`, `reset`) and
-/// `idempotent`. A connect failure is retried safely: the request was
-/// never written. `reset` (the upstream connection closed before the
-/// response) resends a request the upstream may have run, so it needs the
-/// route to declare its methods `idempotent: true`.
+/// `retry_on` (comma-separated: `connect-failure`, `reset`),
+/// `idempotent`, `per_try_timeout`, `retry_host_predicate`
+/// (`previous_hosts`) and `host_selection_retry_max_attempts`, as on HTTP
+/// routes. A connect failure is retried safely: the request was never
+/// written. `reset` (the upstream connection closed before the response,
+/// or a try passed its `per_try_timeout`) resends a request the upstream
+/// may have run, so it needs the route to declare its methods
+/// `idempotent: true`.
 fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
     let num_retries = o.u32(cx, "num_retries").unwrap_or(1);
     let idempotent = o.bool(cx, "idempotent").unwrap_or(false);
+    let mut p = RetryPolicy {
+        num_retries,
+        per_try_timeout: o.duration(cx, "per_try_timeout").filter(|d| !d.is_zero()),
+        ..RetryPolicy::default()
+    };
+    super::policy::host_selection(cx, &mut o, &mut p);
     let on_path = o.at("retry_on");
     let mut retry_on = RetryOn::NONE;
     match o.string(cx, "retry_on") {
@@ -673,9 +732,6 @@ fn retry_policy(cx: &mut Ctx, mut o: Obj<'_>) -> RetryPolicy {
         None => cx.missing(&on_path),
     }
     o.finish(cx);
-    RetryPolicy {
-        retry_on,
-        num_retries,
-        ..RetryPolicy::default()
-    }
+    p.retry_on = retry_on;
+    p
 }

@@ -637,7 +637,7 @@ fn tcp_proxy() {
             stat_prefix: "tcp".into(),
             cluster: ClusterSpecifier::Cluster("upstream".into()),
             idle_timeout: None,
-            access_log: vec![AccessLog::Stderr],
+            access_log: vec![AccessLogSink::Stderr.into()],
             hash_policy: vec![],
         })
     );
@@ -707,8 +707,8 @@ fn hcm_options() {
     assert_eq!(
         h.access_log,
         vec![
-            AccessLog::Stdout,
-            AccessLog::File("/var/log/access.log".into())
+            AccessLogSink::Stdout.into(),
+            AccessLogSink::File("/var/log/access.log".into()).into()
         ]
     );
 }
@@ -722,17 +722,17 @@ fn hcm_refusals() {
     h["http2_protocol_options"] = json!({"max_concurrent_streams": 10});
     h["access_log"] = json!([{"name": "envoy.access_loggers.stdout", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-        "log_format": {"text_format": "%START_TIME%"}}}]);
+        "log_format": {"text_format": "%START_TIME% %BOGUS%"}}}]);
     let router = h["http_filters"][0].clone();
-    h["http_filters"] = json!([router, {"name": "envoy.filters.http.cors"}]);
+    h["http_filters"] = json!([router, {"name": "envoy.filters.http.buffer"}]);
     assert_eq!(
         errs(&v),
         vec![
             format!("unsupported: {HCM_PATH}.codec_type (HTTP3: HTTP/3 is not supported yet)"),
             format!("{HCM_PATH}.http_filters[0]: envoy.filters.http.router must be the last HTTP filter"),
-            format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.cors)"),
+            format!("unsupported: {HCM_PATH}.http_filters[1] (HTTP filter envoy.filters.http.buffer)"),
             format!("{HCM_PATH}.max_request_headers_kb: must be from 1 to 8192, found 9000"),
-            format!("unsupported: {HCM_PATH}.access_log[0].typed_config.log_format (custom access log formats are not supported yet)"),
+            format!("{HCM_PATH}.access_log[0].typed_config.log_format.text_format: unsupported command operator %BOGUS%"),
             format!("unsupported: {HCM_PATH}.http2_protocol_options.max_concurrent_streams"),
         ]
     );
@@ -1524,4 +1524,117 @@ fn hcm_path_normalization_fields() {
     let e = errs(&v);
     assert_eq!(e.len(), 1);
     assert!(e[0].contains("typed_config.path_with_escaped_slashes_action"));
+}
+
+#[test]
+fn access_log_formats_and_filters() {
+    use mesh_core::access_log::{AccessLogFilter as F, Comparison, JsonNode, LogFormatKind};
+    let mut v = bench();
+    let h = hcm_json(&mut v);
+    let cmp = |op: &str, n: u32| json!({"comparison": {"op": op, "value": {"default_value": n, "runtime_key": "k"}}});
+    h["access_log"] = json!([
+        {"name": "envoy.access_loggers.stdout",
+         "filter": {"and_filter": {"filters": [
+             {"status_code_filter": cmp("GE", 500)},
+             {"or_filter": {"filters": [
+                 {"duration_filter": cmp("LE", 10)},
+                 {"response_flag_filter": {"flags": ["UF", "UH"]}},
+                 {"grpc_status_filter": {"statuses": ["UNAVAILABLE"], "exclude": true}},
+                 {"header_filter": {"header": {"name": "x-debug", "present_match": true}}},
+                 {"not_health_check_filter": {}}]}}]}},
+         "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": {"code": "%RESPONSE_CODE%", "n": 1,
+                                           "nested": {"m": "%REQ(:METHOD)%"}},
+                           "omit_empty_values": true}}},
+        {"name": "envoy.access_loggers.stderr", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+            "log_format": {"text_format_source": {"inline_string": "%PROTOCOL%\n"}}}},
+    ]);
+    let b = ok(&v);
+    let logs = &hcm_of(&b).access_log;
+    assert_eq!(logs[0].sink, AccessLogSink::Stdout);
+    let f = logs[0].format.as_ref().unwrap();
+    assert!(f.omit_empty_values);
+    let LogFormatKind::Json(fields) = &f.kind else {
+        panic!("{f:?}")
+    };
+    assert_eq!(fields[1], ("n".to_owned(), JsonNode::Literal("1".into())));
+    assert!(matches!(&fields[2].1, JsonNode::Object(o) if o[0].0 == "m"));
+    let Some(F::And(and)) = &logs[0].filter else {
+        panic!("{:?}", logs[0].filter)
+    };
+    assert_eq!(and[0], F::StatusCode(Comparison::Ge, 500));
+    let F::Or(or) = &and[1] else { panic!() };
+    assert_eq!(or[0], F::Duration(Comparison::Le, 10));
+    assert_eq!(or[1], F::ResponseFlag(vec!["UF".into(), "UH".into()]));
+    assert_eq!(or[2], F::GrpcStatus(vec![14], true));
+    assert!(matches!(&or[3], F::Header(m) if m.name == "x-debug"));
+    assert_eq!(or[4], F::NotHealthCheck);
+    assert_eq!(logs[1].sink, AccessLogSink::Stderr);
+    assert!(logs[1].filter.is_none());
+}
+
+#[test]
+fn access_log_format_and_filter_errors_name_the_field() {
+    let mut v = bench();
+    let h = hcm_json(&mut v);
+    let stdout = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+    h["access_log"] = json!([
+        {"name": "envoy.access_loggers.stdout", "typed_config": {"@type": stdout,
+            "log_format": {"json_format": {"a": "%REQ(x):y%", "b": [1]}}}},
+        {"name": "envoy.access_loggers.stdout", "typed_config": {"@type": stdout,
+            "log_format": {"text_format": "a", "json_format": {}}}},
+        {"name": "envoy.access_loggers.stdout",
+         "filter": {"response_flag_filter": {"flags": ["XX"]}}},
+        {"name": "envoy.access_loggers.stdout",
+         "filter": {"and_filter": {"filters": [{"not_health_check_filter": {}}]}}},
+        {"name": "envoy.access_loggers.stdout", "filter": {"traceable_filter": {}}},
+        {"name": "envoy.access_loggers.stdout",
+         "filter": {"status_code_filter": {"comparison": {"op": "GT", "value": {"runtime_key": "k"}}}}},
+        {"name": "envoy.access_loggers.stdout", "typed_config": {"@type": stdout,
+            "log_format": {"text_format": "%START_TIME%", "formatters": [{}]}}},
+    ]);
+    let got = errs(&v);
+    assert_eq!(got.len(), 8, "{got:#?}");
+    let at = |i: usize, rest: &str| format!("{HCM_PATH}.access_log[{i}].{rest}");
+    for want in [
+        at(
+            0,
+            "typed_config.log_format.json_format.a: %REQ(...):y%: the length is not a number",
+        ),
+        format!(
+            "unsupported: {} (lists in json_format)",
+            at(0, "typed_config.log_format.json_format.b")
+        ),
+        at(
+            1,
+            "typed_config.log_format: only one of text_format, json_format may be set",
+        ),
+        at(
+            2,
+            "filter.response_flag_filter.flags[0]: unknown response flag \"XX\"",
+        ),
+        at(
+            3,
+            "filter.and_filter.filters: at least 2 filters are required",
+        ),
+        format!(
+            "unsupported: {} (access log filter traceable_filter)",
+            at(4, "filter.traceable_filter")
+        ),
+        at(
+            5,
+            "filter.status_code_filter.comparison.op: expected one of EQ, GE, LE, found \"GT\"",
+        ),
+        format!(
+            "unsupported: {} (formatter extensions are not supported)",
+            at(6, "typed_config.log_format.formatters")
+        ),
+    ] {
+        assert!(
+            got.iter().any(|e| e.starts_with(&want)),
+            "missing {want:?} in {got:#?}"
+        );
+    }
 }

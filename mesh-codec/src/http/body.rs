@@ -73,7 +73,11 @@ pub struct UpstreamBody {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     idle: Option<IdleTimer>,
     bytes: u64,
+    on_trailers: Option<OnTrailers>,
 }
+
+/// Called with the response trailers, if the body has any.
+type OnTrailers = Box<dyn FnOnce(&http::HeaderMap) + Send + Sync>;
 
 impl UpstreamBody {
     /// Wraps `inner`; `on_end` runs when it ends; `deadline` (if any) fails
@@ -89,7 +93,18 @@ impl UpstreamBody {
             deadline,
             idle: None,
             bytes: 0,
+            on_trailers: None,
         }
+    }
+
+    /// Calls `f` with the trailers when they pass (before the body's end
+    /// is reported), for the access log.
+    pub fn with_trailers(
+        mut self,
+        f: impl FnOnce(&http::HeaderMap) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_trailers = Some(Box::new(f));
+        self
     }
 
     /// Fails the body when no frame arrives for `timeout` (the stream idle
@@ -170,6 +185,10 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                } else if let Some(t) = frame.trailers_ref() {
+                    if let Some(f) = this.on_trailers.take() {
+                        f(t);
+                    }
                 }
                 if let Some(idle) = this.idle.as_mut() {
                     idle.last = tokio::time::Instant::now();

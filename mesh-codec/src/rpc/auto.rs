@@ -93,6 +93,13 @@ impl Codec for Auto {
         }
     }
 
+    fn write_headers(&self, msg: &mut Message) -> bool {
+        match self.of(msg) {
+            Some(c) => c.write_headers(msg),
+            None => false,
+        }
+    }
+
     fn error_reply(&self, req: &Message, err: ProxyError, detail: &str) -> Option<Message> {
         let mut m = self.of(req)?.error_reply(req, err, detail)?;
         m.wire |= req.wire & (0xff << SHIFT);

@@ -263,6 +263,36 @@ impl Codec for Bolt {
         Ok(Some(msg))
     }
 
+    /// Replaces a request's header map (between its class name and its
+    /// content) and the header length in its fixed header.
+    fn write_headers(&self, msg: &mut Message) -> bool {
+        let hlen = REQUEST_HEADER_LEN;
+        if !matches!(msg.kind, MessageKind::Request | MessageKind::Oneway)
+            || msg.header.len() != hlen
+        {
+            return false;
+        }
+        let class_len = usize::from(u16_at(&msg.header, hlen - 8));
+        let header_len = usize::from(u16_at(&msg.header, hlen - 6));
+        if msg.body.len() < class_len + header_len {
+            return false;
+        }
+        let mut map = BytesMut::new();
+        write_header_map(&mut map, &msg.meta.headers);
+        let Ok(new_len) = u16::try_from(map.len()) else {
+            return false;
+        };
+        let mut header = BytesMut::from(&msg.header[..]);
+        header[hlen - 6..hlen - 4].copy_from_slice(&new_len.to_be_bytes());
+        let mut body = BytesMut::with_capacity(msg.body.len() + map.len());
+        body.put_slice(&msg.body[..class_len]);
+        body.put_slice(&map);
+        body.put_slice(&msg.body[class_len + header_len..]);
+        msg.header = header.freeze();
+        msg.body = body.freeze();
+        true
+    }
+
     fn encode(&self, msg: &Message, id: u64, dst: &mut BytesMut) {
         dst.reserve(REQUEST_HEADER_LEN + msg.body.len());
         if msg.header.len() >= 10 {
@@ -475,6 +505,27 @@ mod tests {
         let mut out = BytesMut::new();
         Bolt.encode(&m, 42, &mut out);
         assert_eq!(out, wire);
+    }
+
+    #[test]
+    fn a_changed_header_map_is_written_back_with_its_length() {
+        let mut wire = request(42, "com.example.Hello:1.0", "sayHello", b"payload");
+        let mut req = Bolt.decode(&mut wire, 1 << 20).unwrap().unwrap();
+        req.meta
+            .headers
+            .retain(|(k, _)| k != "sofa_head_method_name");
+        req.meta
+            .headers
+            .push(("x-env".into(), "canary-with-a-long-value".into()));
+        assert!(Bolt.write_headers(&mut req));
+        let mut out = BytesMut::new();
+        Bolt.encode(&req, 9, &mut out);
+        let back = Bolt.decode(&mut out, 1 << 20).unwrap().unwrap();
+        assert!(out.is_empty());
+        assert_eq!(back.id, 9);
+        assert_eq!(back.meta.headers, req.meta.headers);
+        assert_eq!(back.meta.get("x-env"), Some("canary-with-a-long-value"));
+        assert!(back.body.ends_with(b"payload"));
     }
 
     #[test]

@@ -77,6 +77,9 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     closed: AtomicBool,
     error: Mutex<Option<ClientError>>,
+    /// Tells the reader and the writer to stop and drop the connection
+    /// (see [`Multiplexed::abandon`]).
+    abort: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -152,6 +155,7 @@ impl Multiplexed {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             error: Mutex::new(None),
+            abort: tokio_util::sync::CancellationToken::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (rd, wr) = stream.into_split();
@@ -205,6 +209,15 @@ impl Multiplexed {
             .map_err(|_| self.error())
     }
 
+    /// Closes the connection now: its waiting requests fail with
+    /// [`ClientError::Reset`] and the socket is dropped. Used when a
+    /// request is abandoned on a connection whose server answers in order,
+    /// where a later request would otherwise wait behind it.
+    pub fn abandon(&self) {
+        self.shared.close(ClientError::Reset);
+        self.shared.abort.cancel();
+    }
+
     fn error(&self) -> ClientError {
         self.shared
             .error
@@ -227,8 +240,14 @@ async fn write_loop(
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut since_sweep = 0usize;
     loop {
+        let next = async {
+            tokio::select! {
+                o = rx.recv() => o,
+                _ = shared.abort.cancelled() => None,
+            }
+        };
         let first = match heartbeat_interval {
-            Some(t) => match tokio::time::timeout(t, rx.recv()).await {
+            Some(t) => match tokio::time::timeout(t, next).await {
                 Ok(Some(o)) => o,
                 Ok(None) => return,
                 Err(_) => {
@@ -241,7 +260,7 @@ async fn write_loop(
                     }
                 }
             },
-            None => match rx.recv().await {
+            None => match next.await {
                 Some(o) => o,
                 None => return,
             },
@@ -342,7 +361,11 @@ async fn read_loop(
                 }
             }
         }
-        match rd.read_buf(&mut buf).await {
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = shared.abort.cancelled() => Ok(0),
+        };
+        match read {
             Ok(0) | Err(_) => {
                 shared.close(ClientError::Reset);
                 return;
@@ -453,13 +476,37 @@ impl EndpointClient {
     }
 
     /// Sends a request (or a oneway message, answered with `None`).
+    ///
+    /// Dropping the future before the response abandons the request. On a
+    /// connection whose server answers in order ([`Codec::multiplexes`] is
+    /// false) that also closes the connection: the server is still busy
+    /// with the request, and the next request would wait behind it.
     pub async fn call(&self, msg: Message) -> Result<Option<Message>, ClientError> {
         let conn = self.checkout().await?;
         if msg.kind == MessageKind::Oneway {
             conn.0.send(msg)?;
             return Ok(None);
         }
-        conn.0.call(msg).await.map(Some)
+        let mut abandoned = Abandon(if self.codec.multiplexes() {
+            None
+        } else {
+            Some(&conn.0)
+        });
+        let out = conn.0.call(msg).await.map(Some);
+        abandoned.0 = None;
+        out
+    }
+}
+
+/// Closes an in-order connection whose request was abandoned (dropped
+/// while waiting for its response).
+struct Abandon<'a>(Option<&'a Arc<Multiplexed>>);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.abandon();
+        }
     }
 }
 
@@ -522,5 +569,65 @@ mod tests {
             matches!(hb, Ok(Some(_))),
             "no heartbeat on an idle connection"
         );
+    }
+
+    /// A Thrift server answers in order: when a call is abandoned (its
+    /// caller timed out), its connection is closed, so the next call opens
+    /// a fresh one instead of waiting behind the abandoned one.
+    #[tokio::test]
+    async fn an_abandoned_in_order_call_closes_its_connection() {
+        use crate::rpc::thrift::Thrift;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Ok(Some(m)) = Thrift::default().decode(&mut buf, 1 << 20) {
+                            // `slow` is never answered.
+                            if m.meta.method != "slow" {
+                                let mut r = Message::new(m.id, MessageKind::Response);
+                                r.meta.method = m.meta.method.clone();
+                                r.wire = m.wire;
+                                r.body = bytes::Bytes::from_static(&[0]);
+                                let mut out = BytesMut::new();
+                                Thrift::default().encode(&r, m.id, &mut out);
+                                s.write_all(&out).await.unwrap();
+                            }
+                        }
+                        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            let _ = closed_tx.send(());
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let call = |name: &str| {
+            // Framed, strict binary: CALL `name`, seqid 1, empty args.
+            let mut f = BytesMut::new();
+            f.extend_from_slice(&(13 + name.len() as u32).to_be_bytes());
+            f.extend_from_slice(&[0x80, 0x01, 0x00, 0x01]);
+            f.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            f.extend_from_slice(name.as_bytes());
+            f.extend_from_slice(&1u32.to_be_bytes());
+            f.extend_from_slice(&[0]);
+            Thrift::default().decode(&mut f, 1 << 20).unwrap().unwrap()
+        };
+        let c = EndpointClient::new(addr, Arc::new(Thrift::default()), ClientConfig::default());
+        assert!(c.call(call("fast")).await.unwrap().is_some());
+        let slow = tokio::time::timeout(Duration::from_millis(200), c.call(call("slow"))).await;
+        assert!(slow.is_err(), "the slow call was answered");
+        // The connection that carried the abandoned call is closed...
+        let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv()).await;
+        assert!(matches!(closed, Ok(Some(()))), "the connection stayed open");
+        // ... and the next call is answered on a new one.
+        let next = tokio::time::timeout(Duration::from_secs(5), c.call(call("fast"))).await;
+        assert!(matches!(next, Ok(Ok(Some(_)))), "{next:?}");
+        assert_eq!(c.connections(), 1);
     }
 }

@@ -96,18 +96,26 @@ fn error_frame(id: u64, status: u8, text: &str) -> Message {
     m
 }
 
-fn parse_request(msg: &mut Message) -> Result<(), String> {
-    let mut r = Reader::new(&msg.body);
+/// Reads a request body up to its attachments: the header strings into
+/// `meta`, the arguments skipped.
+fn read_head(r: &mut Reader<'_>, meta: &mut super::Metadata) -> Result<(), String> {
     let e = |e: hessian::HessianError| e.to_string();
     let _dubbo_version = r.read_string().map_err(e)?;
-    msg.meta.service = r.read_string().map_err(e)?.unwrap_or_default();
-    msg.meta.version = r.read_string().map_err(e)?.unwrap_or_default();
-    msg.meta.method = r.read_string().map_err(e)?.unwrap_or_default();
+    meta.service = r.read_string().map_err(e)?.unwrap_or_default();
+    meta.version = r.read_string().map_err(e)?.unwrap_or_default();
+    meta.method = r.read_string().map_err(e)?.unwrap_or_default();
     let desc = r.read_string().map_err(e)?.unwrap_or_default();
     let n = parameter_count(&desc)?;
     for _ in 0..n {
         r.skip_value(0).map_err(e)?;
     }
+    Ok(())
+}
+
+fn parse_request(msg: &mut Message) -> Result<(), String> {
+    let mut r = Reader::new(&msg.body);
+    let e = |e: hessian::HessianError| e.to_string();
+    read_head(&mut r, &mut msg.meta)?;
     if !r.is_empty() {
         msg.meta.headers = r.read_string_map().map_err(e)?;
     }
@@ -256,6 +264,24 @@ impl Codec for Dubbo {
         Some(error_frame(req.id, status, detail))
     }
 
+    /// Replaces the attachments map at the end of a request body; the
+    /// header fields and arguments before it are kept byte for byte.
+    fn write_headers(&self, msg: &mut Message) -> bool {
+        if !matches!(msg.kind, MessageKind::Request | MessageKind::Oneway) {
+            return false;
+        }
+        let mut r = Reader::new(&msg.body);
+        if read_head(&mut r, &mut super::Metadata::default()).is_err() {
+            return false;
+        }
+        let at = r.position();
+        let mut body = BytesMut::with_capacity(msg.body.len() + 64);
+        body.put_slice(&msg.body[..at]);
+        hessian::write_string_map(&mut body, &msg.meta.headers);
+        msg.body = body.freeze();
+        true
+    }
+
     fn heartbeat_reply(&self, req: &Message) -> Option<Message> {
         if req.wire & u32::from(FLAG_TWO_WAY) == 0 {
             return None;
@@ -316,6 +342,40 @@ pub fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_attachments_are_written_back_after_the_arguments() {
+        let att = vec![("traceId".to_owned(), "t-1".to_owned())];
+        let mut wire = request(
+            5,
+            "com.example.Greeter",
+            "1.0.0",
+            "sayHello",
+            &["a", "b"],
+            &att,
+        );
+        let mut req = Dubbo.decode(&mut wire, 1 << 20).unwrap().unwrap();
+        let args_end = req.body.len() - {
+            let mut m = BytesMut::new();
+            hessian::write_string_map(&mut m, &req.meta.headers);
+            m.len()
+        };
+        req.meta.headers.retain(|(k, _)| k != "traceId");
+        req.meta.headers.push(("x-Env".into(), "canary".into()));
+        assert!(Dubbo.write_headers(&mut req));
+        let mut out = BytesMut::new();
+        Dubbo.encode(&req, 6, &mut out);
+        let back = Dubbo.decode(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(back.id, 6);
+        assert_eq!(
+            (back.meta.service.as_str(), back.meta.method.as_str()),
+            ("com.example.Greeter", "sayHello")
+        );
+        assert_eq!(back.meta.headers, req.meta.headers);
+        assert_eq!(back.meta.get("traceid"), None);
+        // The arguments are the same bytes.
+        assert_eq!(back.body[..args_end], req.body[..args_end]);
+    }
 
     #[test]
     fn request_header_fields_and_attachments_are_read() {

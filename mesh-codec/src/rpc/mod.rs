@@ -333,6 +333,14 @@ pub trait Codec: Send + Sync + 'static {
     /// upstream connections wrap below it).
     fn max_request_id(&self) -> u64;
 
+    /// Writes `msg.meta.headers` (attachments, header map) back into the
+    /// frame after a route changed them, so [`Codec::encode`] sends the new
+    /// ones. `false`: the protocol (or this message) has no place for
+    /// them, and the frame is left as it was. The default has none.
+    fn write_headers(&self, _msg: &mut Message) -> bool {
+        false
+    }
+
     /// Whether servers of this protocol answer many requests on one
     /// connection in any order (true: one upstream connection carries
     /// every request). When false, the proxy sends one request at a time
