@@ -178,6 +178,11 @@ fn status_json(cache: &SnapshotCache, nodes: &[String]) -> Value {
                 "streams": s.streams,
                 "requests": s.requests,
                 "user_agent_name": s.node.as_ref().map(|n| n.user_agent_name.clone()),
+                "metadata_keys": s.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| {
+                    let mut keys: Vec<&String> = m.fields.keys().collect();
+                    keys.sort();
+                    keys
+                }),
             }),
         );
     }

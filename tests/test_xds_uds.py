@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(
 
 def uds_bootstrap(node: str, path: str) -> str:
     doc = {
-        "node": {"id": node, "cluster": "test"},
+        "node": {"id": node, "cluster": "test",
+                 "metadata": {"ISTIO_VERSION": "1.22.0", "LABELS": {"app": "reviews"}}},
         "admin": {"address": harness.socket_address(0)},
         "dynamic_resources": {
             "ads_config": {
@@ -98,7 +99,9 @@ def test_ads_over_a_unix_socket(kind, start_proxy, uds_control_plane, upstream_a
         proxy._listeners = proxy._read_listeners()
     port = proxy.port("ingress")
     assert set(upstreams(port, "/x", 5)) == {"a"}
-    cp.wait_status(kind, lambda s: {"CDS", "EDS", "LDS", "RDS"} <= set(s.get("acked", {})))
+    st = cp.wait_status(kind, lambda s: {"CDS", "EDS", "LDS", "RDS"} <= set(s.get("acked", {})))
+    # node.metadata reaches the control plane (istiod reads it).
+    assert st["metadata_keys"] == ["ISTIO_VERSION", "LABELS"]
     t = cp.write("routes", [routes(to("/b", "b"))])
     wait_until(lambda: harness.request(port, "GET", "/b/1").upstream == "b", t, "new route")
 

@@ -576,6 +576,11 @@ impl Manager {
                 .ok_or_else(|| format!("xDS cluster {:?} has no endpoint", api.cluster_name))?,
         };
         let mut node = client::node(&self.cx.node.id, &self.cx.node.cluster);
+        if !self.cx.node.metadata_json.is_empty() {
+            node.metadata = serde_json::from_str(&self.cx.node.metadata_json)
+                .ok()
+                .and_then(|v| client::json_to_struct(&v));
+        }
         let l = &self.cx.node.locality;
         if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) {
             node.locality = Some(mesh_xds::pb::envoy::config::core::v3::Locality {

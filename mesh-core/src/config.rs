@@ -47,6 +47,9 @@ pub struct Node {
     pub cluster: String,
     /// `node.locality`.
     pub locality: Locality,
+    /// `node.metadata` as JSON text (empty: none); sent to the management
+    /// server, which Istio needs (its `ISTIO_VERSION`, `LABELS`, ... keys).
+    pub metadata_json: String,
 }
 
 /// Envoy `config.core.v3.Locality`.

@@ -105,6 +105,31 @@ impl ClientConfig {
     }
 }
 
+/// A JSON object as a `google.protobuf.Struct` (for `node.metadata`);
+/// `None` for anything but an object.
+pub fn json_to_struct(v: &serde_json::Value) -> Option<envoy_types::pb::google::protobuf::Struct> {
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    fn value(v: &serde_json::Value) -> Value {
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(a) => Kind::ListValue(ListValue {
+                values: a.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(o) => Kind::StructValue(Struct {
+                fields: o.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+            }),
+        };
+        Value { kind: Some(kind) }
+    }
+    match value(v).kind {
+        Some(Kind::StructValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
 /// A node identity as Envoy sends it: `user_agent_name` is `mesh` and
 /// `user_agent_version` this crate's version.
 pub fn node(id: &str, cluster: &str) -> Node {

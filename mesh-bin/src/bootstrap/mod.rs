@@ -252,11 +252,21 @@ fn node(cx: &mut Ctx, mut o: Obj<'_>) -> Node {
         .obj(cx, "locality")
         .map(|l| locality(cx, l))
         .unwrap_or_default();
+    let metadata_path = o.at("metadata");
+    let metadata_json = match o.take("metadata") {
+        Some(v) if v.is_object() => v.to_string(),
+        Some(_) => {
+            cx.error(&metadata_path, "expected an object");
+            String::new()
+        }
+        None => String::new(),
+    };
     o.finish(cx);
     Node {
         id,
         cluster,
         locality,
+        metadata_json,
     }
 }
 

@@ -359,6 +359,57 @@ static_resources:
         );
     }
 
+    /// A sidecar bootstrap as Istio's pilot-agent renders it: what mesh
+    /// accepts (node metadata, the pipe xDS/SDS clusters, the stats and
+    /// health listeners) and, exactly, what it still refuses.
+    #[test]
+    fn istio_sidecar_bootstrap() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/istio_sidecar_bootstrap.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let errs: Vec<String> = load_str(&text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                "unsupported: static_resources.clusters[3].upstream_connection_options",
+                "unsupported: admin.access_log (the admin access log is not written)",
+                "unsupported: admin.profile_path",
+                "unsupported: bootstrap_extensions",
+                "unsupported: layered_runtime",
+                "unsupported: stats_config",
+            ]
+        );
+        let mut v: Value = yaml_serde::from_str(&text).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["layered_runtime", "bootstrap_extensions", "stats_config"] {
+            o.remove(k);
+        }
+        o["admin"] =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}});
+        o["static_resources"]["clusters"][3]
+            .as_object_mut()
+            .unwrap()
+            .remove("upstream_connection_options");
+        let b = load_str(&v.to_string()).unwrap();
+        let meta: Value = serde_json::from_str(&b.node.metadata_json).unwrap();
+        assert_eq!(meta["LABELS"]["app"], "reviews");
+        assert_eq!(
+            b.clusters[2].pipe.as_deref(),
+            Some("./var/run/secrets/workload-spiffe-uds/socket")
+        );
+        assert_eq!(b.clusters[3].pipe.as_deref(), Some("./etc/istio/proxy/XDS"));
+        let d = b.dynamic_resources.unwrap();
+        assert_eq!(d.ads_config.unwrap().cluster_name, "xds-grpc");
+        assert_eq!(b.listeners.len(), 2);
+    }
+
     /// Istio's `xds-grpc` cluster: the agent's Unix socket.
     #[test]
     fn a_pipe_cluster_is_an_xds_source_only() {
