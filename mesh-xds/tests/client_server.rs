@@ -316,12 +316,9 @@ async fn over_a_unix_socket() {
     let cache = SnapshotCache::new();
     cache.set_snapshot(NODE, snapshot("v1", &["a"], 1001));
     let srv = AdsServer::new(cache.clone()).spawn_unix(&path).unwrap();
-    let mut c = ClientConfig::new(
-        format!("unix:{}", path.display()),
-        client::node(NODE, "test"),
-    );
-    c.backoff_base = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(200);
+    // The usual test client, pointed at the socket.
+    let mut c = config("127.0.0.1:9".parse().unwrap(), Protocol::StateOfTheWorld);
+    c.server_uri = format!("unix:{}", path.display());
     let (handle, mut rx) = client::start(c);
     handle.subscribe(CLUSTER, BTreeSet::new());
     let d = next(&mut rx).await;

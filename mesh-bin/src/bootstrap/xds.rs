@@ -317,6 +317,16 @@ mod tests {
         any_to_json(&json_to_any(type_url, &v).unwrap()).unwrap()
     }
 
+    /// The errors of a bootstrap that must fail, as displayed.
+    fn load_errors(text: &str) -> Vec<String> {
+        load_str(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
     const ADS_BOOTSTRAP: &str = r#"
 node: {id: n1, cluster: c1}
 dynamic_resources:
@@ -369,12 +379,7 @@ static_resources:
             "/../tests/fixtures/istio_sidecar_bootstrap.yaml"
         );
         let text = std::fs::read_to_string(path).unwrap();
-        let errs: Vec<String> = load_str(&text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -424,12 +429,7 @@ static_resources:
         let routed = format!(
             "{text}  listeners:\n  - name: l\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n    filter_chains: [{{filters: [{{name: envoy.filters.network.tcp_proxy, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: xds}}}}]}}]\n"
         );
-        let errs: Vec<String> = load_str(&routed)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&routed);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             errs[0].starts_with("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.cluster: cluster \"xds\" has a pipe"),
@@ -450,12 +450,7 @@ static_resources:
         let text = ADS_BOOTSTRAP
             .replace("cluster_name: xds}", "cluster_name: nowhere}")
             .replace("api_type: DELTA_GRPC", "api_type: REST");
-        let errs: Vec<String> = load_str(&text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -464,12 +459,7 @@ static_resources:
             ]
         );
         let text = ADS_BOOTSTRAP.replace("lds_config: {ads: {}", "lds_config: {path: /x");
-        let errs: Vec<String> = load_str(&text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&text);
         assert_eq!(
             errs,
             [
