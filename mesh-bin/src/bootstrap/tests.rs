@@ -257,12 +257,15 @@ fn node_and_admin() {
     assert_eq!(b.node.cluster, "c1");
     assert_eq!(b.node.locality.sub_zone, "s");
 
+    v["node"]["metadata"] = json!({"a": 1, "LABELS": {"app": "x"}});
+    assert_eq!(ok(&v).node.metadata_json, r#"{"LABELS":{"app":"x"},"a":1}"#);
+
     v["admin"]["access_log_path"] = json!("/tmp/admin.log");
-    v["node"]["metadata"] = json!({"a": 1});
+    v["node"]["metadata"] = json!("text");
     assert_eq!(
         errs(&v),
         vec![
-            "unsupported: node.metadata",
+            "node.metadata: expected an object",
             "unsupported: admin.access_log_path (the admin access log is not written; only /dev/null is accepted)",
         ]
     );
