@@ -19,7 +19,8 @@
 //! are reported and the previous snapshot stays.
 //!
 //! Options: `--dir DIR` (required), `--listen ADDR` (default
-//! `127.0.0.1:18000`; port 0 picks one), `--node ID` (repeatable; the node
+//! `127.0.0.1:18000`; port 0 picks one; `unix:PATH` serves on a Unix
+//! socket, as Istio's agent does), `--node ID` (repeatable; the node
 //! ids served), `--address-file FILE` (write the bound address),
 //! `--status-file FILE` (rewritten with every node's ACK/NACK state as
 //! JSON), `--poll-ms N` (how often files are checked, default 200).
@@ -37,6 +38,7 @@ use serde_json::{json, Value};
 struct Args {
     dir: PathBuf,
     listen: SocketAddr,
+    listen_unix: Option<PathBuf>,
     nodes: Vec<String>,
     address_file: Option<PathBuf>,
     status_file: Option<PathBuf>,
@@ -47,6 +49,7 @@ fn args() -> Result<Args, String> {
     let mut a = Args {
         dir: PathBuf::new(),
         listen: SocketAddr::from(([127, 0, 0, 1], 18000)),
+        listen_unix: None,
         nodes: Vec::new(),
         address_file: None,
         status_file: None,
@@ -57,7 +60,13 @@ fn args() -> Result<Args, String> {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--dir" => a.dir = PathBuf::from(value()?),
-            "--listen" => a.listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
+            "--listen" => {
+                let v = value()?;
+                match v.strip_prefix("unix:") {
+                    Some(path) => a.listen_unix = Some(PathBuf::from(path)),
+                    None => a.listen = v.parse().map_err(|e| format!("--listen: {e}"))?,
+                }
+            }
             "--node" => a.nodes.push(value()?),
             "--address-file" => a.address_file = Some(PathBuf::from(value()?)),
             "--status-file" => a.status_file = Some(PathBuf::from(value()?)),
@@ -169,6 +178,11 @@ fn status_json(cache: &SnapshotCache, nodes: &[String]) -> Value {
                 "streams": s.streams,
                 "requests": s.requests,
                 "user_agent_name": s.node.as_ref().map(|n| n.user_agent_name.clone()),
+                "metadata_keys": s.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| {
+                    let mut keys: Vec<&String> = m.fields.keys().collect();
+                    keys.sort();
+                    keys
+                }),
             }),
         );
     }
@@ -200,13 +214,24 @@ async fn main() -> Result<(), String> {
         }
         Err(e) => tracing::error!(error = %e, "resources refused; serving nothing until fixed"),
     }
-    let (addr, _server) = AdsServer::new(cache.clone())
-        .spawn(a.listen)
-        .await
-        .map_err(|e| format!("--listen {}: {e}", a.listen))?;
+    let (addr, _server) = match &a.listen_unix {
+        Some(path) => {
+            let server = AdsServer::new(cache.clone())
+                .spawn_unix(path)
+                .map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+            (format!("unix:{}", path.display()), server)
+        }
+        None => {
+            let (addr, server) = AdsServer::new(cache.clone())
+                .spawn(a.listen)
+                .await
+                .map_err(|e| format!("--listen {}: {e}", a.listen))?;
+            (addr.to_string(), server)
+        }
+    };
     tracing::info!(%addr, "serving ADS");
     if let Some(f) = &a.address_file {
-        write_atomic(f, &addr.to_string());
+        write_atomic(f, &addr);
     }
     let mut last_status = String::new();
     loop {

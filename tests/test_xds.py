@@ -60,6 +60,7 @@ class ControlPlane:
         self.dir.mkdir()
         self.nodes = list(nodes)
         self.port = port
+        self.unix = None  # a Unix socket path to serve on instead of a port
         self.proc = None
 
     def start(self):
@@ -67,8 +68,9 @@ class ControlPlane:
         for f in (addr_file, self.work / "status.json"):
             if f.exists():
                 f.unlink()
+        listen = f"unix:{self.unix}" if self.unix else f"127.0.0.1:{self.port}"
         argv = [str(control_plane_bin()), "--dir", str(self.dir), "--listen",
-                f"127.0.0.1:{self.port}", "--address-file", str(addr_file),
+                listen, "--address-file", str(addr_file),
                 "--status-file", str(self.work / "status.json"), "--poll-ms", str(POLL_MS)]
         for n in self.nodes:
             argv += ["--node", n]
@@ -80,7 +82,8 @@ class ControlPlane:
             assert self.proc.poll() is None, (self.work / "control-plane.log").read_text()
             assert time.monotonic() < deadline, "control plane did not start"
             time.sleep(0.02)
-        self.port = int(addr_file.read_text().strip().rsplit(":", 1)[1])
+        if not self.unix:
+            self.port = int(addr_file.read_text().strip().rsplit(":", 1)[1])
         return self
 
     def kill(self):

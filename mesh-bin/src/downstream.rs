@@ -87,6 +87,9 @@ pub(crate) struct Chains {
     /// chain's match, as Envoy adds it by itself).
     pub(crate) inspect: bool,
     pub(crate) inspect_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: a connection whose ClientHello
+    /// did not come in time is matched as plain text instead of closed.
+    pub(crate) continue_on_timeout: bool,
     pub(crate) no_match: Counter,
     pub(crate) inspect_timeouts: Counter,
 }
@@ -98,6 +101,7 @@ impl Chains {
         selector: FilterChainSelector,
         inspector: bool,
         inspect_timeout: Option<Duration>,
+        continue_on_timeout: bool,
         store: &Store,
         addr: SocketAddr,
     ) -> Self {
@@ -111,6 +115,7 @@ impl Chains {
             selector,
             inspect,
             inspect_timeout,
+            continue_on_timeout,
             no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
             inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
         }
@@ -201,6 +206,13 @@ impl WorkerChains {
             match peek.await {
                 Ok(Inspection::Tls(h)) => ("tls", Some(h)),
                 Ok(Inspection::NotTls) => ("raw_buffer", None),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::TimedOut && shared.continue_on_timeout =>
+                {
+                    shared.inspect_timeouts.inc();
+                    tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
+                    ("raw_buffer", None)
+                }
                 Err(e) => {
                     if e.kind() == std::io::ErrorKind::TimedOut {
                         shared.inspect_timeouts.inc();

@@ -566,14 +566,22 @@ impl Manager {
             .cm
             .get(&api.cluster_name)
             .ok_or_else(|| format!("xDS cluster {:?} is not a static cluster", api.cluster_name))?;
-        let addr = entry
-            .balancer
-            .endpoints()
-            .endpoints
-            .first()
-            .map(|e| e.addr)
-            .ok_or_else(|| format!("xDS cluster {:?} has no endpoint", api.cluster_name))?;
+        let uri = match &entry.config.pipe {
+            Some(path) => format!("unix:{path}"),
+            None => entry
+                .balancer
+                .endpoints()
+                .endpoints
+                .first()
+                .map(|e| format!("http://{}", e.addr))
+                .ok_or_else(|| format!("xDS cluster {:?} has no endpoint", api.cluster_name))?,
+        };
         let mut node = client::node(&self.cx.node.id, &self.cx.node.cluster);
+        if !self.cx.node.metadata_json.is_empty() {
+            node.metadata = serde_json::from_str(&self.cx.node.metadata_json)
+                .ok()
+                .and_then(|v| client::json_to_struct(&v));
+        }
         let l = &self.cx.node.locality;
         if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) {
             node.locality = Some(mesh_xds::pb::envoy::config::core::v3::Locality {
@@ -582,7 +590,7 @@ impl Manager {
                 sub_zone: l.sub_zone.clone(),
             });
         }
-        let mut config = ClientConfig::new(format!("http://{addr}"), node);
+        let mut config = ClientConfig::new(uri.clone(), node);
         config.service = service;
         config.protocol = if api.delta {
             Protocol::Delta
@@ -605,7 +613,7 @@ impl Manager {
                 }
             }
         });
-        tracing::info!(source = %key, server = %addr, "xDS stream started");
+        tracing::info!(source = %key, server = %uri, "xDS stream started");
         self.clients.insert(key.clone(), handle.clone());
         self.runtime.lock().clients.push((key, handle.clone()));
         Ok(handle)
@@ -1409,6 +1417,7 @@ impl Manager {
             selector,
             l.tls_inspector,
             l.listener_filters_timeout,
+            l.continue_on_listener_filters_timeout,
             &self.cx.store,
             addr,
         ));
@@ -1595,6 +1604,7 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.connection_limit == new.connection_limit
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
+        && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
         && chains(old) == chains(new)
 }
 

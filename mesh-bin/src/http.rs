@@ -194,6 +194,10 @@ impl HttpProxy {
             stats.rq_xx.record(resp.status().as_u16());
             return resp;
         }
+        if let Some(resp) = self.normalize_path(&mut req) {
+            stats.rq_xx.record(resp.status().as_u16());
+            return resp;
+        }
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
@@ -287,6 +291,62 @@ impl HttpProxy {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "Request Header Fields Too Large",
             );
+        }
+        None
+    }
+
+    /// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`:
+    /// rewrites the path the request is routed and forwarded with, or answers
+    /// 400 (rejected) / 307 (`UNESCAPE_AND_REDIRECT`) as Envoy does.
+    fn normalize_path(&self, req: &mut Request<Incoming>) -> Option<Response<ProxyBody>> {
+        use crate::path_normalize::{normalize, Outcome};
+        let cfg = &self.shared.config.path_normalization;
+        if *cfg == Default::default() || req.method() == http::Method::CONNECT {
+            return None;
+        }
+        let pq = req.uri().path_and_query()?.as_str();
+        let new = match normalize(cfg, pq) {
+            Outcome::Continue(None) => return None,
+            Outcome::Continue(Some(p)) => p,
+            Outcome::Reject => {
+                return Some(self.local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                ));
+            }
+            Outcome::Redirect(location) => {
+                let mut r = self.local_reply(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                );
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(http::header::LOCATION, v);
+                }
+                return Some(r);
+            }
+        };
+        let mut parts = req.uri().clone().into_parts();
+        match new.parse() {
+            Ok(p) => parts.path_and_query = Some(p),
+            Err(_) => {
+                return Some(self.local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                ))
+            }
+        }
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                return Some(self.local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    ResponseFlag::DownstreamProtocolError,
+                ))
+            }
         }
         None
     }

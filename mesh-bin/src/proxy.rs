@@ -349,6 +349,7 @@ impl Proxy {
                 selector,
                 l.tls_inspector,
                 l.listener_filters_timeout,
+                l.continue_on_listener_filters_timeout,
                 &store,
                 addr,
             );

@@ -47,6 +47,9 @@ pub struct Node {
     pub cluster: String,
     /// `node.locality`.
     pub locality: Locality,
+    /// `node.metadata` as JSON text (empty: none); sent to the management
+    /// server, which Istio needs (its `ISTIO_VERSION`, `LABELS`, ... keys).
+    pub metadata_json: String,
 }
 
 /// Envoy `config.core.v3.Locality`.
@@ -90,6 +93,25 @@ pub struct Listener {
     /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
     /// long the TLS inspector waits for a ClientHello.
     pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: when the TLS inspector times
+    /// out, choose a filter chain as for a plain-text connection instead of
+    /// closing it (Envoy's default is to close).
+    pub continue_on_listener_filters_timeout: bool,
+    /// `traffic_direction` (Istio sets it to tell inbound from outbound
+    /// listeners; recorded, it does not change how connections are served).
+    pub traffic_direction: TrafficDirection,
+}
+
+/// Envoy `config.core.v3.TrafficDirection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficDirection {
+    /// `UNSPECIFIED` (the default).
+    #[default]
+    Unspecified,
+    /// `INBOUND`: the listener takes traffic for the local workload.
+    Inbound,
+    /// `OUTBOUND`: the listener takes traffic the local workload sends out.
+    Outbound,
 }
 
 /// Envoy `extensions.filters.network.connection_limit.v3.ConnectionLimit`.
@@ -280,6 +302,35 @@ pub struct HttpConnectionManager {
     /// `rds`: the route configuration comes over xDS by this name; then
     /// `route_config` is empty until it arrives.
     pub rds: Option<Rds>,
+    /// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`.
+    pub path_normalization: PathNormalization,
+}
+
+/// How the HCM rewrites a request's path before routing (and forwarding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathNormalization {
+    /// `normalize_path`: RFC 3986 normalisation (dot segments removed,
+    /// unreserved characters percent-decoded, other escapes kept,
+    /// backslashes made slashes).
+    pub normalize_path: bool,
+    /// `merge_slashes`: runs of `/` become one.
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action` for `%2F` / `%5C` in the path.
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// Envoy `HttpConnectionManager.PathWithEscapedSlashesAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    /// `KEEP_UNCHANGED` (and the default `IMPLEMENTATION_SPECIFIC_DEFAULT`).
+    #[default]
+    KeepUnchanged,
+    /// `REJECT_REQUEST`: answered 400.
+    RejectRequest,
+    /// `UNESCAPE_AND_REDIRECT`: answered 307 to the unescaped path.
+    UnescapeAndRedirect,
+    /// `UNESCAPE_AND_FORWARD`: unescaped, then routed and forwarded.
+    UnescapeAndForward,
 }
 
 /// One entry of `http_filters`.
@@ -703,6 +754,10 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     /// `circuit_breakers`.
     pub circuit_breakers: crate::policy::CircuitBreakers,
+    /// An endpoint's `address.pipe.path`: the Unix socket of a management
+    /// server (Istio's `xds-grpc` and `sds-grpc` clusters). Such a cluster
+    /// may only be named by an `envoy_grpc.cluster_name`.
+    pub pipe: Option<String>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

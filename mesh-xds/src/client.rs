@@ -66,7 +66,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// How to reach a management server and what to say to it.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The server, as an `http://host:port` URI (cleartext h2).
+    /// The server, as an `http://host:port` URI (cleartext h2), or
+    /// `unix:<path>` for a server on a Unix domain socket (Istio's
+    /// `./etc/istio/proxy/XDS` and SDS sockets).
     pub server_uri: String,
     /// ADS or one type's own service.
     pub service: Service,
@@ -100,6 +102,31 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// A JSON object as a `google.protobuf.Struct` (for `node.metadata`);
+/// `None` for anything but an object.
+pub fn json_to_struct(v: &serde_json::Value) -> Option<envoy_types::pb::google::protobuf::Struct> {
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    fn value(v: &serde_json::Value) -> Value {
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(a) => Kind::ListValue(ListValue {
+                values: a.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(o) => Kind::StructValue(Struct {
+                fields: o.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+            }),
+        };
+        Value { kind: Some(kind) }
+    }
+    match value(v).kind {
+        Some(Kind::StructValue(s)) => Some(s),
+        _ => None,
     }
 }
 
@@ -424,18 +451,44 @@ impl Client {
     }
 
     async fn grpc(&self) -> Result<tonic::client::Grpc<tonic::transport::Channel>, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.config.server_uri.clone())
+        let unix = self.config.server_uri.strip_prefix("unix:");
+        // A Unix socket server still needs an http URI for the `:authority`.
+        let uri = match unix {
+            Some(_) => "http://localhost".to_string(),
+            None => self.config.server_uri.clone(),
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(uri)
             .map_err(|e| format!("server URI {:?}: {e}", self.config.server_uri))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30));
-        let channel = endpoint.connect().await.map_err(|e| {
+        let failed = |e: tonic::transport::Error| {
             format!(
                 "connecting to {}: {}",
                 self.config.server_uri,
                 source_chain(&e)
             )
-        })?;
+        };
+        let channel = match unix {
+            Some(path) => {
+                let path = std::path::PathBuf::from(path);
+                let connect = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                tokio::time::timeout(
+                    self.config.connect_timeout,
+                    endpoint.connect_with_connector(connect),
+                )
+                .await
+                .map_err(|_| format!("connecting to {}: timed out", self.config.server_uri))?
+                .map_err(failed)?
+            }
+            None => endpoint.connect().await.map_err(failed)?,
+        };
         Ok(tonic::client::Grpc::new(channel)
             .max_decoding_message_size(self.config.max_message_size)
             .max_encoding_message_size(usize::MAX))

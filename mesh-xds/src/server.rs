@@ -263,6 +263,48 @@ impl AdsServer {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        self.serve_incoming(incoming, shutdown).await
+    }
+
+    /// As [`AdsServer::serve`], on a Unix domain socket (as Istio's agent
+    /// serves the proxy on `./etc/istio/proxy/XDS`).
+    pub async fn serve_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        self.serve_incoming(incoming, shutdown).await
+    }
+
+    /// Binds a Unix socket at `path` and serves on a spawned task; the
+    /// handle stops the server when dropped or aborted.
+    pub fn spawn_unix(self, path: &std::path::Path) -> std::io::Result<ServerHandle> {
+        let listener = tokio::net::UnixListener::bind(path)?;
+        let stop = self.stop.clone();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = self.serve_unix(listener, s.cancelled_owned()).await {
+                tracing::warn!(error = %e, "ADS server ended");
+            }
+        });
+        Ok(ServerHandle { stop, task })
+    }
+
+    async fn serve_incoming<IO, E>(
+        self,
+        incoming: impl tokio_stream::Stream<Item = Result<IO, E>> + Send,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stop = self.stop.clone();
         use envoy_types::pb::envoy::service as svc;
         let max = self.max_message_size;

@@ -303,3 +303,50 @@ async fn secrets_over_the_secret_discovery_service() {
             .await
     );
 }
+
+/// Istio's agent serves xDS and SDS on Unix sockets: the client reaches a
+/// snapshot server on one (`unix:<path>`), gets CDS and ACKs it, and finds
+/// the server again after it restarts on the same path.
+#[tokio::test]
+async fn over_a_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("mesh-xds-uds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("XDS");
+    let _ = std::fs::remove_file(&path);
+    let cache = SnapshotCache::new();
+    cache.set_snapshot(NODE, snapshot("v1", &["a"], 1001));
+    let srv = AdsServer::new(cache.clone()).spawn_unix(&path).unwrap();
+    // The usual test client, pointed at the socket.
+    let mut c = config("127.0.0.1:9".parse().unwrap(), Protocol::StateOfTheWorld);
+    c.server_uri = format!("unix:{}", path.display());
+    let (handle, mut rx) = client::start(c);
+    handle.subscribe(CLUSTER, BTreeSet::new());
+    let d = next(&mut rx).await;
+    assert_eq!(names(&d), ["a"]);
+    d.reply(Ok(()));
+    assert!(
+        cache
+            .wait_for(NODE, WAIT, |s| s.acked.get(CLUSTER).map(String::as_str)
+                == Some("v1"))
+            .await
+    );
+
+    // The server goes away and comes back on the same path with a new
+    // snapshot: the client reconnects and receives it.
+    drop(srv);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::remove_file(&path).unwrap();
+    cache.set_snapshot(NODE, snapshot("v2", &["a", "b"], 1001));
+    let _srv = AdsServer::new(cache.clone()).spawn_unix(&path).unwrap();
+    let d = loop {
+        let d = next(&mut rx).await;
+        if d.update.version == "v2" {
+            break d;
+        }
+        d.reply(Ok(()));
+    };
+    assert_eq!(names(&d), ["a", "b"]);
+    d.reply(Ok(()));
+    assert!(handle.connected());
+    let _ = std::fs::remove_dir_all(&dir);
+}

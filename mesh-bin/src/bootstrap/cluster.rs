@@ -143,6 +143,7 @@ fn cluster(
             None => Vec::new(),
         }
     };
+    let pipe = cx.pipe_endpoint.take();
     if kind == Kind::LogicalDns {
         let endpoints: usize = localities.iter().map(|l| l.lb_endpoints.len()).sum();
         if localities.len() != 1 || endpoints != 1 {
@@ -235,6 +236,7 @@ fn cluster(
         outlier_detection,
         max_requests_per_connection,
         circuit_breakers,
+        pipe,
     })
 }
 
@@ -324,6 +326,15 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         Some(mut ep) => {
             let addr_path = ep.at("address");
             let addr = match ep.obj(cx, "address") {
+                Some(mut a) if a.has("pipe") => {
+                    if let Some(mut p) = a.obj(cx, "pipe") {
+                        cx.pipe_endpoint = p.req_string(cx, "path");
+                        p.u32(cx, "mode");
+                        p.finish(cx);
+                    }
+                    a.finish(cx);
+                    None
+                }
                 Some(a) => endpoint_address(cx, a).filter(|(_, port, _)| {
                     // Port 0 would only fail at connect time: refuse it here.
                     if *port == 0 {

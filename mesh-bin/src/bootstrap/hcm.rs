@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use mesh_core::config::{CodecType, HttpConnectionManager, RouteConfiguration};
+use mesh_core::config::{
+    CodecType, EscapedSlashesAction, HttpConnectionManager, PathNormalization, RouteConfiguration,
+};
 
 use super::listener::{access_logs, ONE_HOUR};
 use super::policy::http_filters;
@@ -87,6 +89,33 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         }
         u.finish(cx);
     }
+    let path_normalization = PathNormalization {
+        normalize_path: o.bool(cx, "normalize_path").unwrap_or(false),
+        merge_slashes: o.bool(cx, "merge_slashes").unwrap_or(false),
+        escaped_slashes: o
+            .enumeration(
+                cx,
+                "path_with_escaped_slashes_action",
+                &[
+                    (
+                        "IMPLEMENTATION_SPECIFIC_DEFAULT",
+                        EscapedSlashesAction::KeepUnchanged,
+                    ),
+                    ("KEEP_UNCHANGED", EscapedSlashesAction::KeepUnchanged),
+                    ("REJECT_REQUEST", EscapedSlashesAction::RejectRequest),
+                    (
+                        "UNESCAPE_AND_REDIRECT",
+                        EscapedSlashesAction::UnescapeAndRedirect,
+                    ),
+                    (
+                        "UNESCAPE_AND_FORWARD",
+                        EscapedSlashesAction::UnescapeAndForward,
+                    ),
+                ],
+                &[],
+            )
+            .unwrap_or_default(),
+    };
     o.empty_obj(cx, "http_protocol_options");
     o.empty_obj(cx, "http2_protocol_options");
     o.finish(cx);
@@ -110,5 +139,6 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         http_filter_meta,
         internal_address_config,
         rds,
+        path_normalization,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_core::config::{
     ClusterSpecifier, ConnectionLimit, FilterChain, Listener, NetworkFilter, TcpProxy,
-    WeightedCluster,
+    TrafficDirection, WeightedCluster,
 };
 
 pub(crate) use super::access_log::access_logs;
@@ -153,6 +153,21 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
             "listener_filters_timeout",
             Some(LISTENER_FILTERS_TIMEOUT),
         );
+        let continue_on_listener_filters_timeout = o
+            .bool(cx, "continue_on_listener_filters_timeout")
+            .unwrap_or(false);
+        let traffic_direction = o
+            .enumeration(
+                cx,
+                "traffic_direction",
+                &[
+                    ("UNSPECIFIED", TrafficDirection::Unspecified),
+                    ("INBOUND", TrafficDirection::Inbound),
+                    ("OUTBOUND", TrafficDirection::Outbound),
+                ],
+                &[],
+            )
+            .unwrap_or_default();
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
         let empty = o.peek("filter_chains").is_some_and(is_empty_list);
@@ -200,6 +215,8 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 per_connection_buffer_limit_bytes: limit,
                 tls_inspector,
                 listener_filters_timeout,
+                continue_on_listener_filters_timeout,
+                traffic_direction,
             });
         }
     }

@@ -220,11 +220,15 @@ fn bootstrap(cx: &mut Ctx, value: &Value) -> Bootstrap {
         .is_some_and(|d| d.cds_config.is_some());
     let refs = std::mem::take(&mut cx.cluster_refs);
     for (path, name) in refs {
-        if cds && !path.ends_with("envoy_grpc.cluster_name") {
-            continue;
-        }
-        if !out.clusters.iter().any(|c| c.name == name) {
-            cx.error(&path, format!("unknown cluster {name:?}"));
+        let grpc = path.ends_with("envoy_grpc.cluster_name");
+        match out.clusters.iter().find(|c| c.name == name) {
+            None if cds && !grpc => {}
+            None => cx.error(&path, format!("unknown cluster {name:?}")),
+            Some(c) if c.pipe.is_some() && !grpc => cx.error(
+                &path,
+                format!("cluster {name:?} has a pipe (Unix socket) address: supported only as a gRPC config source (envoy_grpc.cluster_name)"),
+            ),
+            Some(_) => {}
         }
     }
     let refs = std::mem::take(&mut cx.secret_refs);
@@ -248,11 +252,21 @@ fn node(cx: &mut Ctx, mut o: Obj<'_>) -> Node {
         .obj(cx, "locality")
         .map(|l| locality(cx, l))
         .unwrap_or_default();
+    let metadata_path = o.at("metadata");
+    let metadata_json = match o.take("metadata") {
+        Some(v) if v.is_object() => v.to_string(),
+        Some(_) => {
+            cx.error(&metadata_path, "expected an object");
+            String::new()
+        }
+        None => String::new(),
+    };
     o.finish(cx);
     Node {
         id,
         cluster,
         locality,
+        metadata_json,
     }
 }
 

@@ -28,6 +28,8 @@ pub(crate) struct Ctx {
     pub(crate) cluster_refs: Vec<(String, String)>,
     /// `(path, secret name)` of every static secret an SDS config names.
     pub(crate) secret_refs: Vec<(String, String)>,
+    /// The `pipe.path` of the last endpoint read with a Unix socket address.
+    pub(crate) pipe_endpoint: Option<String>,
 }
 
 impl Ctx {

@@ -207,6 +207,7 @@ fn bench_config_loads() {
             disabled: false,
         }],
         rds: None,
+        path_normalization: Default::default(),
     };
     assert_eq!(hcm_of(&b), &expected_hcm);
     assert_eq!(
@@ -239,6 +240,7 @@ fn bench_config_loads() {
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
+            pipe: None,
         }]
     );
 }
@@ -255,12 +257,15 @@ fn node_and_admin() {
     assert_eq!(b.node.cluster, "c1");
     assert_eq!(b.node.locality.sub_zone, "s");
 
+    v["node"]["metadata"] = json!({"a": 1, "LABELS": {"app": "x"}});
+    assert_eq!(ok(&v).node.metadata_json, r#"{"LABELS":{"app":"x"},"a":1}"#);
+
     v["admin"]["access_log_path"] = json!("/tmp/admin.log");
-    v["node"]["metadata"] = json!({"a": 1});
+    v["node"]["metadata"] = json!("text");
     assert_eq!(
         errs(&v),
         vec![
-            "unsupported: node.metadata",
+            "node.metadata: expected an object",
             "unsupported: admin.access_log_path (the admin access log is not written; only /dev/null is accepted)",
         ]
     );
@@ -568,10 +573,15 @@ fn listener_refusals() {
     let chain = l["filter_chains"][0].clone();
     l["filter_chains"][0]["filter_chain_match"] = json!({"server_names": ["a"]});
     l["filter_chains"].as_array_mut().expect("list").push(chain);
-    assert_eq!(
-        errs(&v),
-        vec!["unsupported: static_resources.listeners[0].traffic_direction",]
-    );
+    let b = ok(&v);
+    let l = &b.listeners[0];
+    assert_eq!(l.traffic_direction, TrafficDirection::Inbound);
+    assert!(!l.continue_on_listener_filters_timeout);
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["traffic_direction"] = json!("SIDEWAYS");
+    l["continue_on_listener_filters_timeout"] = json!(true);
+    assert_eq!(errs(&v).len(), 1);
+    assert!(errs(&v)[0].contains("listeners[0].traffic_direction"));
 }
 
 #[test]
@@ -1493,6 +1503,31 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
 }
 
 mod lb;
+
+#[test]
+fn hcm_path_normalization_fields() {
+    let mut v = bench();
+    assert_eq!(
+        hcm_of(&ok(&v)).path_normalization,
+        PathNormalization::default()
+    );
+    let h = hcm_json(&mut v);
+    h["normalize_path"] = json!(true);
+    h["merge_slashes"] = json!(true);
+    h["path_with_escaped_slashes_action"] = json!("UNESCAPE_AND_REDIRECT");
+    assert_eq!(
+        hcm_of(&ok(&v)).path_normalization,
+        PathNormalization {
+            normalize_path: true,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashesAction::UnescapeAndRedirect,
+        }
+    );
+    hcm_json(&mut v)["path_with_escaped_slashes_action"] = json!("DROP");
+    let e = errs(&v);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].contains("typed_config.path_with_escaped_slashes_action"));
+}
 
 #[test]
 fn access_log_formats_and_filters() {

@@ -317,6 +317,16 @@ mod tests {
         any_to_json(&json_to_any(type_url, &v).unwrap()).unwrap()
     }
 
+    /// The errors of a bootstrap that must fail, as displayed.
+    fn load_errors(text: &str) -> Vec<String> {
+        load_str(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
     const ADS_BOOTSTRAP: &str = r#"
 node: {id: n1, cluster: c1}
 dynamic_resources:
@@ -359,17 +369,88 @@ static_resources:
         );
     }
 
+    /// A sidecar bootstrap as Istio's pilot-agent renders it: what mesh
+    /// accepts (node metadata, the pipe xDS/SDS clusters, the stats and
+    /// health listeners) and, exactly, what it still refuses.
+    #[test]
+    fn istio_sidecar_bootstrap() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/istio_sidecar_bootstrap.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let errs: Vec<String> = load_errors(&text);
+        assert_eq!(
+            errs,
+            [
+                "unsupported: static_resources.clusters[3].upstream_connection_options",
+                "unsupported: admin.access_log (the admin access log is not written)",
+                "unsupported: admin.profile_path",
+                "unsupported: bootstrap_extensions",
+                "unsupported: layered_runtime",
+                "unsupported: stats_config",
+            ]
+        );
+        let mut v: Value = yaml_serde::from_str(&text).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["layered_runtime", "bootstrap_extensions", "stats_config"] {
+            o.remove(k);
+        }
+        o["admin"] =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}});
+        o["static_resources"]["clusters"][3]
+            .as_object_mut()
+            .unwrap()
+            .remove("upstream_connection_options");
+        let b = load_str(&v.to_string()).unwrap();
+        let meta: Value = serde_json::from_str(&b.node.metadata_json).unwrap();
+        assert_eq!(meta["LABELS"]["app"], "reviews");
+        assert_eq!(
+            b.clusters[2].pipe.as_deref(),
+            Some("./var/run/secrets/workload-spiffe-uds/socket")
+        );
+        assert_eq!(b.clusters[3].pipe.as_deref(), Some("./etc/istio/proxy/XDS"));
+        let d = b.dynamic_resources.unwrap();
+        assert_eq!(d.ads_config.unwrap().cluster_name, "xds-grpc");
+        assert_eq!(b.listeners.len(), 2);
+    }
+
+    /// Istio's `xds-grpc` cluster: the agent's Unix socket.
+    #[test]
+    fn a_pipe_cluster_is_an_xds_source_only() {
+        let text = ADS_BOOTSTRAP.replace(
+            "{socket_address: {address: 127.0.0.1, port_value: 18000}}",
+            "{pipe: {path: ./etc/istio/proxy/XDS, mode: 420}}",
+        );
+        let b = load_str(&text).unwrap();
+        assert_eq!(b.clusters[0].pipe.as_deref(), Some("./etc/istio/proxy/XDS"));
+        assert!(b.clusters[0].localities[0].lb_endpoints.is_empty());
+
+        let routed = format!(
+            "{text}  listeners:\n  - name: l\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n    filter_chains: [{{filters: [{{name: envoy.filters.network.tcp_proxy, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: xds}}}}]}}]\n"
+        );
+        let errs: Vec<String> = load_errors(&routed);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.cluster: cluster \"xds\" has a pipe"),
+            "{errs:?}"
+        );
+        let no_path = ADS_BOOTSTRAP.replace(
+            "{socket_address: {address: 127.0.0.1, port_value: 18000}}",
+            "{pipe: {}}",
+        );
+        assert!(load_str(&no_path)
+            .unwrap_err()
+            .to_string()
+            .contains("address.pipe.path"));
+    }
+
     #[test]
     fn dynamic_resources_errors_name_the_field() {
         let text = ADS_BOOTSTRAP
             .replace("cluster_name: xds}", "cluster_name: nowhere}")
             .replace("api_type: DELTA_GRPC", "api_type: REST");
-        let errs: Vec<String> = load_str(&text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -378,12 +459,7 @@ static_resources:
             ]
         );
         let text = ADS_BOOTSTRAP.replace("lds_config: {ads: {}", "lds_config: {path: /x");
-        let errs: Vec<String> = load_str(&text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs: Vec<String> = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -695,26 +771,22 @@ static_resources:
             errs,
             [
                 "unsupported: filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route.max_stream_duration",
-                "unsupported: filter_chains[0].filters[0].typed_config.normalize_path",
-                "unsupported: filter_chains[0].filters[0].typed_config.path_with_escaped_slashes_action",
-                "unsupported: continue_on_listener_filters_timeout",
-                "unsupported: traffic_direction",
             ]
         );
         let mut listener = listener;
         let hcm = &mut listener["filterChains"][0]["filters"][0]["typedConfig"];
         let hcm = hcm.as_object_mut().unwrap();
-        hcm.remove("normalizePath");
-        hcm.remove("pathWithEscapedSlashesAction");
         hcm["routeConfig"]["virtualHosts"][0]["routes"][0]["route"]
             .as_object_mut()
             .unwrap()
             .remove("maxStreamDuration");
-        let o = listener.as_object_mut().unwrap();
-        o.remove("continueOnListenerFiltersTimeout");
-        o.remove("trafficDirection");
         let l = listener_from_json(&over_xds(types::LISTENER, listener)).unwrap();
         assert!(l.tls_inspector);
+        assert!(l.continue_on_listener_filters_timeout);
+        assert_eq!(
+            l.traffic_direction,
+            mesh_core::config::TrafficDirection::Inbound
+        );
         let chain = &l.filter_chains[0];
         assert_eq!(chain.filter_chain_match.destination_port, Some(9080));
         assert_eq!(chain.filter_chain_match.transport_protocol, "tls");
