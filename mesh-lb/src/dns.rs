@@ -163,6 +163,7 @@ mod tests {
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
+            pipe: None,
         }
     }
 
