@@ -15,9 +15,18 @@ MESH_REQUIRE=1 (scripts/test does) to make a missing binary a failure.
 
 from __future__ import annotations
 
-import pytest
+import os
 
-import harness
+# The harness starts proxies and peers with fork() (preexec_fn sets the
+# parent-death signal). With gRPC's fork handlers on, a child forked while
+# an in-process grpcio client or server runs may abort before exec
+# ("epoll_wait error: Bad file descriptor", exit -6). Nothing here needs
+# gRPC in a forked child: turn the handlers off before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import pytest  # noqa: E402
+
+import harness  # noqa: E402
 
 
 @pytest.fixture(params=harness.kind_params())

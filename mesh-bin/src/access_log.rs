@@ -602,6 +602,7 @@ pub fn response_code_details(flag: Option<ResponseFlag>, from_upstream: bool) ->
         Some(ResponseFlag::RateLimited) => "local_rate_limited",
         Some(ResponseFlag::FaultInjected) => "fault_filter_abort",
         Some(ResponseFlag::DelayInjected) => "via_upstream",
+        Some(ResponseFlag::DurationTimeout) => "max_duration_timeout",
     }
 }
 

@@ -377,7 +377,7 @@ impl HttpProxy {
 
     async fn route_and_forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         info: &StreamInfo,
         log: &mut Option<HttpLogEntry>,
     ) -> Response<ProxyBody> {
@@ -397,6 +397,67 @@ impl HttpProxy {
         }
         let shared = self.shared.clone();
         let route = shared.routes.route(&req);
+        // `max_stream_duration` (route, else HCM) bounds the whole stream:
+        // the filters, the upstream exchange and the response body.
+        let limit = mesh_core::policy::MaxStreamDuration::limit(
+            route
+                .as_ref()
+                .and_then(|m| m.route.policy.max_stream_duration.as_ref()),
+            shared.config.max_stream_duration,
+            req.headers()
+                .get("grpc-timeout")
+                .and_then(|v| parse_grpc_timeout(v.as_bytes())),
+        );
+        let Some(limit) = limit else {
+            return self.after_route(req, route, info, log).await;
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let grpc = is_grpc(req.headers());
+        match tokio::time::timeout_at(deadline, self.after_route(req, route, info, log)).await {
+            Ok(mut resp) => {
+                // Past the deadline the stream is reset, as in Envoy.
+                if !http_body::Body::is_end_stream(resp.body()) {
+                    let body = std::mem::take(resp.body_mut());
+                    *resp.body_mut() = ProxyBody::Boxed(Box::pin(DurationBody {
+                        inner: body,
+                        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                    }));
+                }
+                resp
+            }
+            Err(_) => {
+                let resp = self.local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "downstream duration timeout",
+                    ResponseFlag::DurationTimeout,
+                );
+                if !grpc {
+                    return resp;
+                }
+                let mut resp = grpc_local_reply(resp);
+                resp.headers_mut()
+                    .insert("grpc-status", HeaderValue::from(4u16)); // DEADLINE_EXCEEDED
+                resp.extensions_mut().insert(GrpcReplyDone);
+                resp
+            }
+        }
+    }
+
+    /// Everything after route selection: the HTTP filters, then the route's
+    /// action.
+    async fn after_route(
+        &self,
+        mut req: Request<Incoming>,
+        route: Option<RouteMatch<'_>>,
+        info: &StreamInfo,
+        log: &mut Option<HttpLogEntry>,
+    ) -> Response<ProxyBody> {
+        let upgrade = if req.version() == http::Version::HTTP_11 {
+            hop::upgrade_type(req.headers())
+        } else {
+            None
+        };
+        let shared = self.shared.clone();
         // The HTTP filters run before the router (also for requests with no
         // route, as in Envoy).
         let mut filter_headers = None;
@@ -1494,6 +1555,42 @@ pub(crate) fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody>
         }
     }
     Response::from_parts(parts, ProxyBody::Empty)
+}
+
+/// A response body cut at the stream's `max_stream_duration`: past the
+/// deadline it fails, which resets the stream (h2) or closes the
+/// connection (HTTP/1.1), as Envoy does once the response has started.
+struct DurationBody {
+    inner: ProxyBody,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for DurationBody {
+    type Data = Bytes;
+    type Error = mesh_codec::http::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let std::task::Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(f);
+        }
+        match self.deadline.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(
+                mesh_codec::http::body::BodyError::Timeout,
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Marks a proxy-made reply that is already a gRPC trailers-only response.

@@ -273,6 +273,10 @@ pub struct HttpConnectionManager {
     pub request_timeout: Option<Duration>,
     /// `request_headers_timeout` (default disabled).
     pub request_headers_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_stream_duration`: how long a stream
+    /// may live, from its request headers (none: unbounded). A route's
+    /// `max_stream_duration` overrides it.
+    pub max_stream_duration: Option<Duration>,
     /// `common_http_protocol_options.idle_timeout` for downstream connections
     /// (Envoy default 1 hour).
     pub idle_timeout: Option<Duration>,

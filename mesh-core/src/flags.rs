@@ -39,6 +39,8 @@ pub enum ResponseFlag {
     FaultInjected,
     /// `DI`: a delay was injected.
     DelayInjected,
+    /// `DT`: the stream ran past its `max_stream_duration`.
+    DurationTimeout,
 }
 
 impl ResponseFlag {
@@ -61,11 +63,12 @@ impl ResponseFlag {
             ResponseFlag::RateLimited => "RL",
             ResponseFlag::FaultInjected => "FI",
             ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::DurationTimeout => "DT",
         }
     }
 
     /// Every flag, for pre-creating per-flag stats.
-    pub const ALL: [ResponseFlag; 16] = [
+    pub const ALL: [ResponseFlag; 17] = [
         ResponseFlag::NoRouteFound,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
@@ -82,6 +85,7 @@ impl ResponseFlag {
         ResponseFlag::RateLimited,
         ResponseFlag::FaultInjected,
         ResponseFlag::DelayInjected,
+        ResponseFlag::DurationTimeout,
     ];
 
     /// Position in [`ResponseFlag::ALL`].

@@ -339,6 +339,8 @@ pub struct RoutePolicy {
     pub grpc_timeout_max: Option<Duration>,
     /// `grpc_timeout_offset`: subtracted from `grpc-timeout`.
     pub grpc_timeout_offset: Option<Duration>,
+    /// `max_stream_duration` of the route action.
+    pub max_stream_duration: Option<MaxStreamDuration>,
     /// `route.request_mirror_policies`.
     pub request_mirror_policies: Vec<RequestMirrorPolicy>,
     /// `route.metadata_mutation` (RPC routes): attachment / header
@@ -700,4 +702,93 @@ pub struct HttpFilterMeta {
     /// `disabled`: the filter runs only on routes that enable it through
     /// `typed_per_filter_config`.
     pub disabled: bool,
+}
+
+/// Envoy `config.route.v3.RouteAction.MaxStreamDuration`: how long a stream
+/// on the route may live, counted from its request headers. When it runs
+/// out the proxy answers 504 `downstream duration timeout` (a gRPC
+/// request gets DEADLINE_EXCEEDED), or resets the stream if the response
+/// has started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MaxStreamDuration {
+    /// `max_stream_duration` (`0s`: no limit, even if the HCM sets one;
+    /// absent: the HCM's `common_http_protocol_options.max_stream_duration`).
+    pub max_stream_duration: Option<Duration>,
+    /// `grpc_timeout_header_max`: when set, a request's `grpc-timeout`
+    /// header is the limit, capped at this (`0s`: no cap).
+    pub grpc_timeout_header_max: Option<Duration>,
+    /// `grpc_timeout_header_offset`: subtracted from the header's value.
+    pub grpc_timeout_header_offset: Option<Duration>,
+}
+
+impl MaxStreamDuration {
+    /// The stream's limit, as Envoy computes it: the `grpc-timeout` header
+    /// (`grpc_timeout`) when `grpc_timeout_header_max` is set and the header
+    /// is present, capped and less the offset; else the route's
+    /// `max_stream_duration` (`0s`: none); else the HCM's (`hcm`).
+    pub fn limit(
+        route: Option<&MaxStreamDuration>,
+        hcm: Option<Duration>,
+        grpc_timeout: Option<Duration>,
+    ) -> Option<Duration> {
+        let hcm = hcm.filter(|d| !d.is_zero());
+        let Some(r) = route else {
+            return hcm;
+        };
+        match (grpc_timeout, r.grpc_timeout_header_max) {
+            (Some(mut t), Some(max)) => {
+                if !max.is_zero() && t > max {
+                    t = max;
+                }
+                if let Some(offset) = r.grpc_timeout_header_offset.filter(|_| !t.is_zero()) {
+                    t = t.saturating_sub(offset);
+                }
+                Some(t)
+            }
+            _ => match r.max_stream_duration {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => hcm,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod max_stream_duration_tests {
+    use super::MaxStreamDuration;
+    use std::time::Duration;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn limit_follows_envoys_order() {
+        let hcm = Some(S(30));
+        // No route setting: the HCM's.
+        assert_eq!(MaxStreamDuration::limit(None, hcm, Some(S(1))), hcm);
+        // Istio's shape: grpc-timeout used as is; without it, no limit.
+        let istio = MaxStreamDuration {
+            max_stream_duration: Some(S(0)),
+            grpc_timeout_header_max: Some(S(0)),
+            grpc_timeout_header_offset: None,
+        };
+        assert_eq!(MaxStreamDuration::limit(Some(&istio), hcm, Some(S(3))), Some(S(3)));
+        assert_eq!(MaxStreamDuration::limit(Some(&istio), hcm, None), None);
+        // A cap and an offset.
+        let capped = MaxStreamDuration {
+            max_stream_duration: Some(S(20)),
+            grpc_timeout_header_max: Some(S(5)),
+            grpc_timeout_header_offset: Some(S(1)),
+        };
+        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, Some(S(9))), Some(S(4)));
+        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, Some(S(3))), Some(S(2)));
+        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, None), Some(S(20)));
+        // Without grpc_timeout_header_max the header is ignored.
+        let plain = MaxStreamDuration {
+            max_stream_duration: None,
+            ..Default::default()
+        };
+        assert_eq!(MaxStreamDuration::limit(Some(&plain), hcm, Some(S(1))), hcm);
+        assert_eq!(MaxStreamDuration::limit(Some(&plain), None, Some(S(1))), None);
+    }
 }

@@ -52,13 +52,14 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
     let stream_idle_timeout = o.timeout(cx, "stream_idle_timeout", Some(STREAM_IDLE_TIMEOUT));
     let request_timeout = o.timeout(cx, "request_timeout", None);
     let request_headers_timeout = o.timeout(cx, "request_headers_timeout", None);
-    let idle_timeout = match o.obj(cx, "common_http_protocol_options") {
+    let (idle_timeout, max_stream_duration) = match o.obj(cx, "common_http_protocol_options") {
         Some(mut c) => {
             let t = c.timeout(cx, "idle_timeout", Some(ONE_HOUR));
+            let d = c.duration(cx, "max_stream_duration").filter(|d| !d.is_zero());
             c.finish(cx);
-            t
+            (t, d)
         }
-        None => Some(ONE_HOUR),
+        None => (Some(ONE_HOUR), None),
     };
     let kb_path = o.at("max_request_headers_kb");
     let max_request_headers_kb = match o.u32(cx, "max_request_headers_kb") {
@@ -128,6 +129,7 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
         stream_idle_timeout,
         request_timeout,
         request_headers_timeout,
+        max_stream_duration,
         idle_timeout,
         max_request_headers_kb,
         use_remote_address,

@@ -1093,13 +1093,19 @@ fn fault(cx: &mut Ctx, o: &mut Obj<'_>) -> FaultConfig {
     c
 }
 
-/// `max_grpc_timeout` / `grpc_timeout_offset` of a route action.
-/// (`max_stream_duration.grpc_timeout_header_max` makes Envoy answer a
-/// timed-out gRPC request with DEADLINE_EXCEEDED through its stream-duration
-/// path, which mesh does not have yet: `max_stream_duration` is refused.)
+/// `max_grpc_timeout` / `grpc_timeout_offset` and `max_stream_duration` of
+/// a route action.
 pub(crate) fn grpc_timeouts(cx: &mut Ctx, o: &mut Obj<'_>, p: &mut mesh_core::policy::RoutePolicy) {
     p.grpc_timeout_max = o.duration(cx, "max_grpc_timeout");
     p.grpc_timeout_offset = o.duration(cx, "grpc_timeout_offset");
+    if let Some(mut m) = o.obj(cx, "max_stream_duration") {
+        p.max_stream_duration = Some(mesh_core::policy::MaxStreamDuration {
+            max_stream_duration: m.duration(cx, "max_stream_duration"),
+            grpc_timeout_header_max: m.duration(cx, "grpc_timeout_header_max"),
+            grpc_timeout_header_offset: m.duration(cx, "grpc_timeout_header_offset"),
+        });
+        m.finish(cx);
+    }
 }
 
 /// `RouteAction.request_mirror_policies`.

@@ -193,6 +193,7 @@ fn bench_config_loads() {
         stream_idle_timeout: Some(Duration::from_secs(300)),
         request_timeout: None,
         request_headers_timeout: None,
+        max_stream_duration: None,
         idle_timeout: Some(Duration::from_secs(3600)),
         max_request_headers_kb: 60,
         use_remote_address: false,
