@@ -1577,9 +1577,9 @@ impl http_body::Body for DurationBody {
             return std::task::Poll::Ready(f);
         }
         match self.deadline.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(
-                mesh_codec::http::body::BodyError::Timeout,
-            ))),
+            std::task::Poll::Ready(()) => {
+                std::task::Poll::Ready(Some(Err(mesh_codec::http::body::BodyError::Timeout)))
+            }
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }

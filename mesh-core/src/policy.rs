@@ -772,7 +772,10 @@ mod max_stream_duration_tests {
             grpc_timeout_header_max: Some(S(0)),
             grpc_timeout_header_offset: None,
         };
-        assert_eq!(MaxStreamDuration::limit(Some(&istio), hcm, Some(S(3))), Some(S(3)));
+        assert_eq!(
+            MaxStreamDuration::limit(Some(&istio), hcm, Some(S(3))),
+            Some(S(3))
+        );
         assert_eq!(MaxStreamDuration::limit(Some(&istio), hcm, None), None);
         // A cap and an offset.
         let capped = MaxStreamDuration {
@@ -780,15 +783,27 @@ mod max_stream_duration_tests {
             grpc_timeout_header_max: Some(S(5)),
             grpc_timeout_header_offset: Some(S(1)),
         };
-        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, Some(S(9))), Some(S(4)));
-        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, Some(S(3))), Some(S(2)));
-        assert_eq!(MaxStreamDuration::limit(Some(&capped), hcm, None), Some(S(20)));
+        assert_eq!(
+            MaxStreamDuration::limit(Some(&capped), hcm, Some(S(9))),
+            Some(S(4))
+        );
+        assert_eq!(
+            MaxStreamDuration::limit(Some(&capped), hcm, Some(S(3))),
+            Some(S(2))
+        );
+        assert_eq!(
+            MaxStreamDuration::limit(Some(&capped), hcm, None),
+            Some(S(20))
+        );
         // Without grpc_timeout_header_max the header is ignored.
         let plain = MaxStreamDuration {
             max_stream_duration: None,
             ..Default::default()
         };
         assert_eq!(MaxStreamDuration::limit(Some(&plain), hcm, Some(S(1))), hcm);
-        assert_eq!(MaxStreamDuration::limit(Some(&plain), None, Some(S(1))), None);
+        assert_eq!(
+            MaxStreamDuration::limit(Some(&plain), None, Some(S(1))),
+            None
+        );
     }
 }

@@ -55,7 +55,9 @@ pub(crate) fn hcm(cx: &mut Ctx, mut o: Obj<'_>) -> HttpConnectionManager {
     let (idle_timeout, max_stream_duration) = match o.obj(cx, "common_http_protocol_options") {
         Some(mut c) => {
             let t = c.timeout(cx, "idle_timeout", Some(ONE_HOUR));
-            let d = c.duration(cx, "max_stream_duration").filter(|d| !d.is_zero());
+            let d = c
+                .duration(cx, "max_stream_duration")
+                .filter(|d| !d.is_zero());
             c.finish(cx);
             (t, d)
         }
