@@ -409,11 +409,18 @@ impl HttpProxy {
                 .and_then(|v| parse_grpc_timeout(v.as_bytes())),
         );
         let Some(limit) = limit else {
-            return self.after_route(req, route, info, log).await;
+            return self
+                .after_route(req, route, upgrade.is_some(), info, log)
+                .await;
         };
         let deadline = tokio::time::Instant::now() + limit;
         let grpc = is_grpc(req.headers());
-        match tokio::time::timeout_at(deadline, self.after_route(req, route, info, log)).await {
+        match tokio::time::timeout_at(
+            deadline,
+            self.after_route(req, route, upgrade.is_some(), info, log),
+        )
+        .await
+        {
             Ok(mut resp) => {
                 // Past the deadline the stream is reset, as in Envoy.
                 if !http_body::Body::is_end_stream(resp.body()) {
@@ -449,14 +456,10 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         route: Option<RouteMatch<'_>>,
+        upgrade: bool,
         info: &StreamInfo,
         log: &mut Option<HttpLogEntry>,
     ) -> Response<ProxyBody> {
-        let upgrade = if req.version() == http::Version::HTTP_11 {
-            hop::upgrade_type(req.headers())
-        } else {
-            None
-        };
         let shared = self.shared.clone();
         // The HTTP filters run before the router (also for requests with no
         // route, as in Envoy).
@@ -522,7 +525,7 @@ impl HttpProxy {
                 self.finish_routed_local(resp, &m, info)
             }
             CompiledAction::Route(_) => {
-                let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+                let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
                 self.forward(req, &m, info, down_upgrade, log).await
             }
         };
