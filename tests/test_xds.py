@@ -317,9 +317,14 @@ def test_lds_rds_cds_eds_then_updates_under_load(kind, api_type, start_proxy, co
         # Remove cluster b (routes first, then the cluster).
         t = cp.write("routes", [routes()])
         wait_until(lambda: harness.request(port, "GET", "/b/3").upstream == "a", t, "route removed")
+        cds_before = cp.status(kind).get("acked", {}).get("CDS")
         t = cp.write("clusters", [eds_cluster("a")])
         cp.write("endpoints", [assignment("a", [upstream_a.port])])
-        cp.wait_status(kind, lambda s: s.get("acked", {}).get("CDS") == s.get("version"))
+        # The CDS update that removes b is ACKed. (Not "CDS acked at the
+        # latest version": when the control plane sees the two writes as
+        # two snapshots, a delta server sends no CDS response for the
+        # endpoints-only one.)
+        cp.wait_status(kind, lambda s: s.get("acked", {}).get("CDS") not in (None, cds_before))
         time.sleep(0.5)
     assert load.ok > 50, load.ok
     assert load.failures == [], load.failures[:5]
