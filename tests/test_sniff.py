@@ -1,0 +1,326 @@
+"""Protocol sniffing on one listener port: the listener filters tell the
+protocol of each connection from its first bytes, and
+`filter_chain_match` sends it to the right chain.
+
+- Under Envoy and mesh on the same YAML (`tls_inspector` +
+  `http_inspector`): a TLS client goes to a `tcp_proxy` to a TLS echo
+  server (bytes passed through, the handshake is the server's), curl HTTP/1.1
+  and HTTP/2 prior knowledge (`http/1.1`, `h2c`) go to the HTTP connection
+  manager, anything else to the default chain's `tcp_proxy` to a TCP echo
+  server; Envoy's `http_inspector.*` stats count the same on both. A
+  server-first protocol (the client sends nothing) reaches its upstream
+  after `listener_filters_timeout` with `continue_on_listener_filters_timeout`,
+  and is closed without it.
+- mesh only (`mesh.filters.listener.protocol_inspector`): the same port also
+  sends Dubbo (Python dubbo client), Thrift (Apache Thrift client, framed
+  binary) and SOFA Bolt (sofa-rpc-node client) to `dubbo_proxy`,
+  `thrift_proxy` and `rpc_proxy` chains; its stats; a client that closes
+  before its protocol is known, and garbage bytes, never hurt other
+  connections.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+import rpc_peers
+import tls_certs
+from rpc_peers import NodeServer, ThriftServer, dubbo_call, node_calls
+
+GREETER = "com.mesh.test.Greeter"
+HTTP_INSPECTOR = {
+    "name": "envoy.filters.listener.http_inspector",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener."
+                              "http_inspector.v3.HttpInspector"},
+}
+TLS_INSPECTOR = {
+    "name": "envoy.filters.listener.tls_inspector",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener."
+                              "tls_inspector.v3.TlsInspector"},
+}
+PROTOCOL_INSPECTOR = {
+    "name": "mesh.filters.listener.protocol_inspector",
+    "typed_config": {"@type": "type.googleapis.com/mesh.filters.listener."
+                              "protocol_inspector.v1.ProtocolInspector"},
+}
+HTTP_PROTOCOLS = ["http/1.0", "http/1.1", "h2c"]
+
+
+# --------------------------------------------------------------------------
+# peers
+
+
+class TlsEcho:
+    """A TLS server (Python ssl) that echoes what it reads."""
+
+    def __init__(self, leaf: tls_certs.Leaf):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket):
+        try:
+            c.settimeout(10)
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                while data := t.recv(65536):
+                    t.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+class BannerServer:
+    """A server that speaks first (like SMTP or MySQL)."""
+
+    def __init__(self, banner: bytes):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.banner = banner
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.sendall(self.banner)
+            except OSError:
+                pass
+            threading.Timer(5, c.close).start()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return tls_certs.Pki(tmp_path_factory.mktemp("sniff-pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_echo(pki):
+    s = TlsEcho(pki.leaf("tls-echo", dns=["tls.test"]))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def banner():
+    s = BannerServer(b"220 hello\r\n")
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+def chain(filter_name: str, typed_config: dict, match: dict | None = None) -> dict:
+    c = {"filters": [{"name": filter_name, "typed_config": typed_config}]}
+    if match is not None:
+        c["filter_chain_match"] = match
+    return c
+
+
+def tcp_chain(cluster: str, match: dict | None = None) -> dict:
+    return chain("envoy.filters.network.tcp_proxy",
+                 {"@type": harness.TCP_PROXY_TYPE, "stat_prefix": cluster, "cluster": cluster},
+                 match)
+
+
+def http_chain() -> dict:
+    route_config = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "web"}}]}]}
+    return chain("envoy.filters.network.http_connection_manager",
+                 {"@type": harness.HCM_TYPE, "stat_prefix": "sniffed",
+                  "route_config": route_config, "http_filters": [harness.ROUTER_FILTER]},
+                 {"application_protocols": HTTP_PROTOCOLS})
+
+
+def listener(name: str, inspectors: list, chains: list, timeout: str | None = None,
+             cont: bool | None = None, default: dict | None = None) -> dict:
+    l = {"name": name, "address": harness.socket_address(0),
+         "listener_filters": inspectors, "filter_chains": chains}
+    if timeout is not None:
+        l["listener_filters_timeout"] = timeout
+    if cont is not None:
+        l["continue_on_listener_filters_timeout"] = cont
+    if default is not None:
+        l["default_filter_chain"] = default
+    return l
+
+
+def common_listeners() -> list:
+    """The listeners Envoy runs too."""
+    return [
+        listener("sniff", [TLS_INSPECTOR, HTTP_INSPECTOR], [
+            tcp_chain("tls_echo", {"transport_protocol": "tls"}),
+            http_chain(),
+            tcp_chain("echo"),
+        ], timeout="1s"),
+        listener("first", [TLS_INSPECTOR, HTTP_INSPECTOR], [
+            http_chain(), tcp_chain("banner")], timeout="0.3s", cont=True),
+        listener("first_closed", [TLS_INSPECTOR, HTTP_INSPECTOR], [
+            http_chain(), tcp_chain("banner")], timeout="0.3s"),
+    ]
+
+
+def common_clusters(upstream_a, tcp_echo, tls_echo, banner) -> list:
+    return [
+        harness.static_cluster("web", upstream_a.port),
+        harness.static_cluster("echo", tcp_echo.port),
+        harness.static_cluster("tls_echo", tls_echo.port),
+        harness.static_cluster("banner", banner.port),
+    ]
+
+
+@pytest.fixture(scope="module", params=harness.kind_params())
+def proxy(request, module_start_proxy, upstream_a, tcp_echo, tls_echo, banner):
+    return module_start_proxy(request.param, harness.bootstrap(
+        common_listeners(), common_clusters(upstream_a, tcp_echo, tls_echo, banner)))
+
+
+# --------------------------------------------------------------------------
+# clients
+
+
+def curl(*args, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", str(int(timeout)), *args],
+                          capture_output=True, timeout=timeout + 10)
+
+
+def curl_version(port: int, *flags: str) -> tuple[str, str]:
+    """(status, HTTP version) of a GET through the proxy; a 200 must come
+    from the upstream. (HTTP/1.0 gets the connection manager's own 426, as
+    `accept_http_10` is off: the HTTP chain answered, not the TCP echo.)"""
+    r = curl(*flags, "-o", "/dev/null", "-D", "-", "-w", "%{http_code} %{http_version}",
+             f"http://127.0.0.1:{port}/x")
+    assert r.returncode == 0, r.stderr
+    head, _, tail = r.stdout.rpartition(b"\n")
+    status, version = tail.decode().split()
+    assert status != "200" or b"x-upstream: a" in head.lower(), head
+    return status, version
+
+
+def tls_exchange(port: int, ca, data: bytes) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname="tls.test") as t:
+            t.sendall(data)
+            out = b""
+            while len(out) < len(data):
+                chunk = t.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            return out
+
+
+def tcp_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Sends `data` and reads until as many bytes came back or the peer
+    closed (b"" when the proxy closed the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while len(out) < len(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except (ConnectionResetError, TimeoutError, socket.timeout):
+            pass
+        return out
+
+
+def read_line(port: int, timeout: float = 3.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        out = b""
+        try:
+            while b"\n" not in out:
+                chunk = s.recv(100)
+                if not chunk:
+                    break
+                out += chunk
+        except (ConnectionResetError, TimeoutError, socket.timeout):
+            pass
+        return out
+
+
+def stat(p, name: str) -> float:
+    return harness.prometheus_value(p.admin_text("/stats/prometheus"), name) or 0
+
+
+# --------------------------------------------------------------------------
+# Envoy and mesh
+
+
+def test_http1_and_h2c_reach_the_http_chain(proxy):
+    port = proxy.port("sniff")
+    assert curl_version(port, "--http1.1") == ("200", "1.1")
+    assert curl_version(port, "--http2-prior-knowledge") == ("200", "2")
+    assert curl_version(port, "--http1.0")[0] == "426"
+
+
+def test_tls_passes_through_to_the_tls_server(proxy, pki):
+    assert tls_exchange(proxy.port("sniff"), pki.ca.cert, b"over tls") == b"over tls"
+
+
+def test_other_bytes_take_the_default_tcp_chain(proxy):
+    port = proxy.port("sniff")
+    for data in [b"hello world\n", bytes(range(256)) * 4, b"\r\nGET / HTTP/1.1\r\n\r\n",
+                 b"SSH-2.0-OpenSSH_9.2\r\n"]:
+        assert tcp_exchange(port, data) == data
+
+
+def test_http_inspector_stats(proxy, pki):
+    port = proxy.port("sniff")
+    before = {n: stat(proxy, f"envoy_http_inspector_{n}")
+              for n in ("http10_found", "http11_found", "http2_found", "http_not_found")}
+    curl_version(port, "--http1.1")
+    curl_version(port, "--http1.1")
+    curl_version(port, "--http2-prior-knowledge")
+    curl_version(port, "--http1.0")
+    tcp_exchange(port, b"not http\n")
+    # TLS connections are not inspected for HTTP: no stat moves.
+    assert tls_exchange(port, pki.ca.cert, b"x") == b"x"
+    want = {"http10_found": 1, "http11_found": 2, "http2_found": 1, "http_not_found": 1}
+    harness.wait_until(
+        lambda: all(stat(proxy, f"envoy_http_inspector_{n}") - before[n] == v
+                    for n, v in want.items()),
+        what="http_inspector stats")
+
+
+def test_server_first_protocol_continues_after_the_timeout(proxy):
+    start = time.monotonic()
+    assert read_line(proxy.port("first")) == b"220 hello\r\n"
+    assert time.monotonic() - start >= 0.25
+
+
+def test_server_first_protocol_is_closed_without_continue(proxy):
+    assert read_line(proxy.port("first_closed")) == b""
