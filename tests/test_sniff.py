@@ -324,3 +324,144 @@ def test_server_first_protocol_continues_after_the_timeout(proxy):
 
 def test_server_first_protocol_is_closed_without_continue(proxy):
     assert read_line(proxy.port("first_closed")) == b""
+
+
+# --------------------------------------------------------------------------
+# mesh only: the protocol inspector adds Dubbo, Thrift and SOFA Bolt
+
+needs_node = pytest.mark.skipif(rpc_peers.node_available() is not None,
+                                reason=str(rpc_peers.node_available()))
+
+
+@pytest.fixture(scope="module")
+def rpc_servers():
+    servers = {"dubbo": NodeServer("dubbo", "dubbo-server"),
+               "bolt": NodeServer("bolt", "bolt-server"),
+               "thrift": ThriftServer("thrift-server")}
+    started = []
+    try:
+        for s in servers.values():
+            started.append(s.start())
+        yield servers
+    finally:
+        for s in started:
+            s.stop()
+
+
+def rpc_chains() -> list:
+    return [
+        chain("envoy.filters.network.dubbo_proxy",
+              {"@type": rpc_peers.DUBBO_PROXY_TYPE, "stat_prefix": "dubbo",
+               "route_config": [{"name": "all", "interface": GREETER,
+                                 "routes": [{"match": {}, "route": {"cluster": "dubbo"}}]}]},
+              {"application_protocols": ["dubbo"]}),
+        chain("envoy.filters.network.thrift_proxy",
+              {"@type": rpc_peers.THRIFT_PROXY_TYPE, "stat_prefix": "thrift",
+               "route_config": {"routes": [
+                   {"match": {"method_name": ""}, "route": {"cluster": "thrift"}}]}},
+              {"application_protocols": ["thrift"]}),
+        chain("mesh.filters.network.rpc_proxy",
+              {"@type": rpc_peers.RPC_PROXY_TYPE, "stat_prefix": "bolt", "codec": "bolt",
+               "route_config": {"routes": [{"match": {}, "route": {"cluster": "bolt"}}]}},
+              {"application_protocols": ["bolt"]}),
+    ]
+
+
+@pytest.fixture(scope="module", params=harness.kind_params(("mesh",)))
+def multi(request, module_start_proxy, upstream_a, tcp_echo, tls_echo, banner, rpc_servers):
+    listeners = [
+        listener("multi", [TLS_INSPECTOR, PROTOCOL_INSPECTOR], [
+            tcp_chain("tls_echo", {"transport_protocol": "tls"}),
+            http_chain(),
+            *rpc_chains(),
+            tcp_chain("echo"),
+        ], timeout="1s"),
+        listener("multi_first", [PROTOCOL_INSPECTOR], [
+            http_chain(), *rpc_chains(), tcp_chain("banner")], timeout="0.3s", cont=True),
+    ]
+    clusters = common_clusters(upstream_a, tcp_echo, tls_echo, banner) + [
+        harness.static_cluster(n, s.port) for n, s in rpc_servers.items()]
+    return module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
+
+
+@needs_node
+def test_every_protocol_on_one_port(multi, pki):
+    port = multi.port("multi")
+    assert curl_version(port, "--http1.1") == ("200", "1.1")
+    assert curl_version(port, "--http2-prior-knowledge") == ("200", "2")
+    assert tls_exchange(port, pki.ca.cert, b"over tls") == b"over tls"
+    assert dubbo_call(port, GREETER, "whoami") == "dubbo-server"
+    assert dubbo_call(port, GREETER, "plus", [20, 22]) == 42
+    assert rpc_peers.thrift_call(port, "whoami") == "thrift-server"
+    assert rpc_peers.thrift_call(port, "add", 2, 3) == 5
+    assert node_calls("bolt", port, [{"method": "whoami"}, {"method": "plus", "args": [1, 2]}]) \
+        == [{"ok": "bolt-server"}, {"ok": 3}]
+    assert tcp_exchange(port, b"hello world\n") == b"hello world\n"
+    assert multi.alive()
+
+
+@needs_node
+def test_protocol_inspector_stats(multi):
+    port = multi.port("multi")
+    names = ("http11_found", "http2_found", "dubbo_found", "thrift_found", "bolt_found",
+             "not_found")
+    before = {n: stat(multi, f"mesh_protocol_inspector_{n}") for n in names}
+    curl_version(port, "--http1.1")
+    curl_version(port, "--http2-prior-knowledge")
+    dubbo_call(port, GREETER, "whoami")
+    rpc_peers.thrift_call(port, "whoami")
+    node_calls("bolt", port, [{"method": "whoami"}])
+    tcp_exchange(port, b"hello world\n")
+    harness.wait_until(
+        lambda: all(stat(multi, f"mesh_protocol_inspector_{n}") - before[n] >= 1 for n in names),
+        what="protocol_inspector stats")
+    text = multi.admin_text("/stats")
+    assert "mesh.protocol_inspector.dubbo_found: " in text
+
+
+@needs_node
+def test_server_first_protocol_with_the_protocol_inspector(multi):
+    assert read_line(multi.port("multi_first")) == b"220 hello\r\n"
+
+
+@needs_node
+def test_bad_first_bytes_never_hurt_other_connections(multi):
+    port = multi.port("multi")
+    # Garbage that no protocol starts with: the default chain echoes it.
+    garbage = bytes([0x00, 0xff, 0x13, 0x37]) * 100
+    assert tcp_exchange(port, garbage) == garbage
+    # A Dubbo magic byte, then silence: closed at listener_filters_timeout.
+    before = stat(multi, "envoy_listener_downstream_pre_cx_timeout")
+    start = time.monotonic()
+    assert tcp_exchange(port, b"\xda", timeout=5) == b""
+    assert 0.8 < time.monotonic() - start < 4
+    harness.wait_until(
+        lambda: stat(multi, "envoy_listener_downstream_pre_cx_timeout") > before,
+        what="pre_cx_timeout")
+    # The start of a request line, then the client closes its side: closed
+    # at once (with a reset, as the bytes were never read).
+    before = stat(multi, "envoy_listener_downstream_listener_filter_remote_close")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /partial")
+        s.shutdown(socket.SHUT_WR)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    harness.wait_until(
+        lambda: stat(multi, "envoy_listener_downstream_listener_filter_remote_close") > before,
+        what="remote close")
+    # A request line longer than the inspector reads (64 KiB): closed.
+    before = stat(multi, "mesh_protocol_inspector_read_error")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        try:
+            s.sendall(b"GET /" + b"a" * 70000)
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    harness.wait_until(lambda: stat(multi, "mesh_protocol_inspector_read_error") > before,
+                       what="read_error")
+    # Meanwhile the listener serves as before.
+    assert curl_version(port, "--http1.1") == ("200", "1.1")
+    assert dubbo_call(port, GREETER, "whoami") == "dubbo-server"
+    assert multi.alive()
