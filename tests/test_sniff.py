@@ -163,15 +163,13 @@ def http_chain() -> dict:
 
 
 def listener(name: str, inspectors: list, chains: list, timeout: str | None = None,
-             cont: bool | None = None, default: dict | None = None) -> dict:
+             cont: bool | None = None) -> dict:
     l = {"name": name, "address": harness.socket_address(0),
          "listener_filters": inspectors, "filter_chains": chains}
     if timeout is not None:
         l["listener_filters_timeout"] = timeout
     if cont is not None:
         l["continue_on_listener_filters_timeout"] = cont
-    if default is not None:
-        l["default_filter_chain"] = default
     return l
 
 
