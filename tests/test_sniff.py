@@ -24,7 +24,6 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
@@ -57,64 +56,20 @@ HTTP_PROTOCOLS = ["http/1.0", "http/1.1", "h2c"]
 # peers
 
 
-class TlsEcho:
+class TlsEcho(harness.TcpEcho):
     """A TLS server (Python ssl) that echoes what it reads."""
 
     def __init__(self, leaf: tls_certs.Leaf):
+        super().__init__()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._run, daemon=True).start()
 
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c: socket.socket):
+    def finish_request(self, request, client_address):
         try:
-            c.settimeout(10)
-            with self.ctx.wrap_socket(c, server_side=True) as t:
-                while data := t.recv(65536):
-                    t.sendall(data)
+            request = self.ctx.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
-            pass
-
-    def close(self):
-        self.sock.close()
-
-
-class BannerServer:
-    """A server that speaks first (like SMTP or MySQL)."""
-
-    def __init__(self, banner: bytes):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.banner = banner
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                c.sendall(self.banner)
-            except OSError:
-                pass
-            threading.Timer(5, c.close).start()
-
-    def close(self):
-        self.sock.close()
+            return
+        super().finish_request(request, client_address)
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +79,14 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_echo(pki):
-    s = TlsEcho(pki.leaf("tls-echo", dns=["tls.test"]))
+    s = TlsEcho(pki.leaf("tls-echo", dns=["tls.test"])).start()
     yield s
-    s.close()
+    s.stop()
 
 
 @pytest.fixture(scope="module")
 def banner():
-    s = BannerServer(b"220 hello\r\n")
+    s = harness.BannerServer(b"220 hello\r\n")
     yield s
     s.close()
 
@@ -230,13 +185,7 @@ def tls_exchange(port: int, ca, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         with ctx.wrap_socket(s, server_hostname="tls.test") as t:
             t.sendall(data)
-            out = b""
-            while len(out) < len(data):
-                chunk = t.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-            return out
+            return harness.recv_until(t, lambda out: len(out) >= len(data))
 
 
 def tcp_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
@@ -244,30 +193,7 @@ def tcp_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
     closed (b"" when the proxy closed the connection)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        out = b""
-        try:
-            while len(out) < len(data):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        except (ConnectionResetError, TimeoutError, socket.timeout):
-            pass
-        return out
-
-
-def read_line(port: int, timeout: float = 3.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        out = b""
-        try:
-            while b"\n" not in out:
-                chunk = s.recv(100)
-                if not chunk:
-                    break
-                out += chunk
-        except (ConnectionResetError, TimeoutError, socket.timeout):
-            pass
-        return out
+        return harness.recv_until(s, lambda out: len(out) >= len(data))
 
 
 def stat(p, name: str) -> float:
@@ -316,12 +242,12 @@ def test_http_inspector_stats(proxy, pki):
 
 def test_server_first_protocol_continues_after_the_timeout(proxy):
     start = time.monotonic()
-    assert read_line(proxy.port("first")) == b"220 hello\r\n"
+    assert harness.read_line(proxy.port("first")) == b"220 hello\r\n"
     assert time.monotonic() - start >= 0.25
 
 
 def test_server_first_protocol_is_closed_without_continue(proxy):
-    assert read_line(proxy.port("first_closed")) == b""
+    assert harness.read_line(proxy.port("first_closed")) == b""
 
 
 # --------------------------------------------------------------------------
@@ -419,7 +345,7 @@ def test_protocol_inspector_stats(multi):
 
 @needs_node
 def test_server_first_protocol_with_the_protocol_inspector(multi):
-    assert read_line(multi.port("multi_first")) == b"220 hello\r\n"
+    assert harness.read_line(multi.port("multi_first")) == b"220 hello\r\n"
 
 
 @needs_node

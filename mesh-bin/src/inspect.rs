@@ -43,34 +43,27 @@ fn stat_word(p: Protocol) -> &'static str {
 impl InspectorStats {
     /// Envoy's `http_inspector.*` (no scope label, as in Envoy).
     fn http(store: &Store) -> Self {
-        let found = Protocol::ALL
-            .into_iter()
-            .filter(|p| p.is_http())
-            .map(|p| {
-                let name = format!("envoy_http_inspector_{}_found", stat_word(p));
-                (p, store.counter(&name, &[]))
-            })
-            .collect();
-        InspectorStats {
-            found,
-            not_found: store.counter("envoy_http_inspector_http_not_found", &[]),
-            read_error: store.counter("envoy_http_inspector_read_error", &[]),
-        }
+        Self::new(store, "envoy_http_inspector", "http_not_found", true)
     }
 
     /// mesh's `mesh_protocol_inspector_*`, in the same shape.
     fn mesh(store: &Store) -> Self {
+        Self::new(store, "mesh_protocol_inspector", "not_found", false)
+    }
+
+    fn new(store: &Store, prefix: &str, not_found: &str, http_only: bool) -> Self {
         let found = Protocol::ALL
             .into_iter()
+            .filter(|p| p.is_http() || !http_only)
             .map(|p| {
-                let name = format!("mesh_protocol_inspector_{}_found", stat_word(p));
+                let name = format!("{prefix}_{}_found", stat_word(p));
                 (p, store.counter(&name, &[]))
             })
             .collect();
         InspectorStats {
             found,
-            not_found: store.counter("mesh_protocol_inspector_not_found", &[]),
-            read_error: store.counter("mesh_protocol_inspector_read_error", &[]),
+            not_found: store.counter(&format!("{prefix}_{not_found}"), &[]),
+            read_error: store.counter(&format!("{prefix}_read_error"), &[]),
         }
     }
 
