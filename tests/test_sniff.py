@@ -196,8 +196,15 @@ def tcp_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
         return harness.recv_until(s, lambda out: len(out) >= len(data))
 
 
-def stat(p, name: str) -> float:
-    return harness.prometheus_value(p.admin_text("/stats/prometheus"), name) or 0
+def stat(p, name: str, **labels) -> float:
+    return harness.prometheus_value(p.admin_text("/stats/prometheus"), name, **labels) or 0
+
+
+def listener_stat(p, listener: str, name: str) -> float:
+    # Envoy names a listener's scope by its configured address (port 0 for
+    # every listener here); mesh by the bound one.
+    port = 0 if p.kind == "envoy" else p.port(listener)
+    return stat(p, f"envoy_listener_{name}", envoy_listener_address=f"127.0.0.1_{port}")
 
 
 # --------------------------------------------------------------------------
@@ -247,7 +254,27 @@ def test_server_first_protocol_continues_after_the_timeout(proxy):
 
 
 def test_server_first_protocol_is_closed_without_continue(proxy):
+    before = listener_stat(proxy, "first_closed", "downstream_pre_cx_timeout")
     assert harness.read_line(proxy.port("first_closed")) == b""
+    harness.wait_until(
+        lambda: listener_stat(proxy, "first_closed", "downstream_pre_cx_timeout") == before + 1,
+        what="downstream_pre_cx_timeout")
+
+
+def test_a_client_closing_mid_request_line_is_closed(proxy):
+    port = proxy.port("sniff")
+    before = listener_stat(proxy, "sniff", "downstream_listener_filter_remote_close")
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /partial")
+        s.shutdown(socket.SHUT_WR)
+        assert harness.recv_until(s, lambda out: False) == b""
+    # Seen when the client closed, not at listener_filters_timeout (1 s).
+    assert time.monotonic() - start < 0.9
+    harness.wait_until(
+        lambda: listener_stat(proxy, "sniff", "downstream_listener_filter_remote_close")
+        == before + 1, what="downstream_listener_filter_remote_close")
+    assert curl_version(port, "--http1.1") == ("200", "1.1")
 
 
 # --------------------------------------------------------------------------
@@ -355,25 +382,22 @@ def test_bad_first_bytes_never_hurt_other_connections(multi):
     garbage = bytes([0x00, 0xff, 0x13, 0x37]) * 100
     assert tcp_exchange(port, garbage) == garbage
     # A Dubbo magic byte, then silence: closed at listener_filters_timeout.
-    before = stat(multi, "envoy_listener_downstream_pre_cx_timeout")
+    before = listener_stat(multi, "multi", "downstream_pre_cx_timeout")
     start = time.monotonic()
     assert tcp_exchange(port, b"\xda", timeout=5) == b""
     assert 0.8 < time.monotonic() - start < 4
     harness.wait_until(
-        lambda: stat(multi, "envoy_listener_downstream_pre_cx_timeout") > before,
+        lambda: listener_stat(multi, "multi", "downstream_pre_cx_timeout") > before,
         what="pre_cx_timeout")
-    # The start of a request line, then the client closes its side: closed
-    # at once (with a reset, as the bytes were never read).
-    before = stat(multi, "envoy_listener_downstream_listener_filter_remote_close")
+    # Half a Thrift frame header, then the client closes its side: closed at
+    # once (with a reset, as the bytes were never read).
+    before = listener_stat(multi, "multi", "downstream_listener_filter_remote_close")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"GET /partial")
+        s.sendall(b"\x00\x00\x00")
         s.shutdown(socket.SHUT_WR)
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+        assert harness.recv_until(s, lambda out: False) == b""
     harness.wait_until(
-        lambda: stat(multi, "envoy_listener_downstream_listener_filter_remote_close") > before,
+        lambda: listener_stat(multi, "multi", "downstream_listener_filter_remote_close") > before,
         what="remote close")
     # A request line longer than the inspector reads (64 KiB): closed.
     before = stat(multi, "mesh_protocol_inspector_read_error")
