@@ -245,6 +245,8 @@ def test_http_inspector_stats(proxy, pki):
         lambda: all(stat(proxy, f"envoy_http_inspector_{n}") - before[n] == v
                     for n, v in want.items()),
         what="http_inspector stats")
+    # Envoy's dotted names on /stats.
+    assert "\nhttp_inspector.http11_found: " in "\n" + proxy.admin_text("/stats")
 
 
 def test_server_first_protocol_continues_after_the_timeout(proxy):
