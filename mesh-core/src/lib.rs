@@ -11,7 +11,8 @@
 //! - [`listener`]: binding, the accept loop, connection limits and drain;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
 //! - [`flags`]: Envoy response flags for proxy-made responses;
-//! - [`identity`]: the TLS peer identity attached to requests.
+//! - [`identity`]: the TLS peer identity attached to requests;
+//! - [`time`]: UTC calendar arithmetic for the timestamps mesh writes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod listener;
 pub mod policy;
 pub mod router;
 pub mod stats;
+pub mod time;
 pub mod view;
 
 pub use flags::ResponseFlag;
