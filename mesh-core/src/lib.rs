@@ -12,6 +12,7 @@
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
 //! - [`flags`]: Envoy response flags for proxy-made responses;
 //! - [`identity`]: the TLS peer identity attached to requests;
+//! - [`string_match`]: compiled `StringMatcher`s (RBAC, SAN matching);
 //! - [`time`]: UTC calendar arithmetic for the timestamps mesh writes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub mod listener;
 pub mod policy;
 pub mod router;
 pub mod stats;
+pub mod string_match;
 pub mod time;
 pub mod view;
 
