@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::material::provider_for;
 use crate::rebuild::Rebuilt;
 use crate::secret::Sources;
-use crate::stats::{classify, TlsStats};
+use crate::stats::TlsStats;
 use crate::verify::UpstreamVerifier;
 use crate::{HandshakeError, HandshakeFailure, PeerIdentity, SecretStore, TlsError};
 
@@ -81,10 +81,7 @@ impl ClientTls {
         Option<Arc<crate::LoadedCert>>,
         Option<Arc<crate::LoadedValidation>>,
     ) {
-        (
-            self.sources.cert().ok().flatten(),
-            self.sources.validation().ok().flatten(),
-        )
+        self.sources.loaded()
     }
 
     fn build(&self) -> Result<[Arc<ClientConfig>; 3], TlsError> {
@@ -145,37 +142,19 @@ impl ClientTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let fail = |reason: HandshakeFailure, message: String| {
-            self.stats.failure(reason);
-            HandshakeError { reason, message }
-        };
-        let config = self
-            .config(alpn)
-            .map_err(|e| fail(HandshakeFailure::NoLocalCertificate, e.to_string()))?;
+        let config = self.config(alpn).map_err(|e| {
+            self.stats
+                .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
+        })?;
         let name = self
             .sni
             .clone()
             .unwrap_or(ServerName::IpAddress(peer.into()));
         let connect = tokio_rustls::TlsConnector::from(config).connect(name, io);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, connect).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(fail(
-                        HandshakeFailure::Timeout,
-                        format!("no handshake within {t:?}"),
-                    ))
-                }
-            },
-            None => connect.await,
-        };
-        match result {
-            Ok(stream) => {
-                let id = crate::identity_of(stream.get_ref().1, None);
-                self.stats.success(id.tls_version);
-                Ok((stream, id))
-            }
-            Err(e) => Err(fail(classify(&e), e.to_string())),
-        }
+        self.stats
+            .handshake(connect, timeout, |s| {
+                crate::identity_of(s.get_ref().1, None)
+            })
+            .await
     }
 }

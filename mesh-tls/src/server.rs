@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::material::provider_for;
 use crate::rebuild::Rebuilt;
 use crate::secret::Sources;
-use crate::stats::{classify, TlsStats};
+use crate::stats::TlsStats;
 use crate::verify::DownstreamVerifier;
 use crate::{HandshakeError, HandshakeFailure, PeerIdentity, SecretStore, TlsError};
 
@@ -59,10 +59,7 @@ impl ServerTls {
         Option<Arc<crate::LoadedCert>>,
         Option<Arc<crate::LoadedValidation>>,
     ) {
-        (
-            self.sources.cert().ok().flatten(),
-            self.sources.validation().ok().flatten(),
-        )
+        self.sources.loaded()
     }
 
     fn build(&self) -> Result<Arc<ServerConfig>, TlsError> {
@@ -136,34 +133,16 @@ impl ServerTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let fail = |reason: HandshakeFailure, message: String| {
-            self.stats.failure(reason);
-            HandshakeError { reason, message }
-        };
-        let config = self
-            .config()
-            .map_err(|e| fail(HandshakeFailure::NoLocalCertificate, e.to_string()))?;
+        let config = self.config().map_err(|e| {
+            self.stats
+                .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
+        })?;
         let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, accept).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(fail(
-                        HandshakeFailure::Timeout,
-                        format!("no handshake within {t:?}"),
-                    ))
-                }
-            },
-            None => accept.await,
-        };
-        match result {
-            Ok(stream) => {
-                let conn = stream.get_ref().1;
-                let id = crate::identity_of(conn, conn.server_name());
-                self.stats.success(id.tls_version);
-                Ok((stream, id))
-            }
-            Err(e) => Err(fail(classify(&e), e.to_string())),
-        }
+        self.stats
+            .handshake(accept, timeout, |s| {
+                let conn = s.get_ref().1;
+                crate::identity_of(conn, conn.server_name())
+            })
+            .await
     }
 }
