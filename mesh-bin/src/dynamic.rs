@@ -1412,15 +1412,22 @@ impl Manager {
                 .map(|c| c.filter_chain_match.clone())
                 .collect(),
         );
-        let shared = Arc::new(Chains::new(
-            chains,
-            selector,
-            l.tls_inspector,
-            l.listener_filters_timeout,
-            l.continue_on_listener_filters_timeout,
-            &self.cx.store,
-            addr,
-        ));
+        let shared = Arc::new(
+            Chains::new(
+                chains,
+                selector,
+                l.tls_inspector,
+                l.listener_filters_timeout,
+                l.continue_on_listener_filters_timeout,
+                &self.cx.store,
+                addr,
+            )
+            .with_protocol_inspector(
+                l.http_inspector,
+                l.protocol_inspector,
+                &self.cx.store,
+            ),
+        );
         for (w, sock) in sockets.into_iter().enumerate() {
             let chains = Arc::new(WorkerChains::for_worker(
                 shared.clone(),
@@ -1605,6 +1612,8 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
         && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
+        && old.http_inspector == new.http_inspector
+        && old.protocol_inspector == new.protocol_inspector
         && chains(old) == chains(new)
 }
 

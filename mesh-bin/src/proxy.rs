@@ -352,7 +352,8 @@ impl Proxy {
                 l.continue_on_listener_filters_timeout,
                 &store,
                 addr,
-            );
+            )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &store);
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,
