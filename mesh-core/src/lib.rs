@@ -12,7 +12,9 @@
 //! - [`peek`]: looking at a connection's first bytes without consuming them;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
 //! - [`flags`]: Envoy response flags for proxy-made responses;
-//! - [`identity`]: the TLS peer identity attached to requests.
+//! - [`identity`]: the TLS peer identity attached to requests;
+//! - [`string_match`]: compiled `StringMatcher`s (RBAC, SAN matching);
+//! - [`time`]: UTC calendar arithmetic for the timestamps mesh writes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,6 +30,8 @@ pub mod peek;
 pub mod policy;
 pub mod router;
 pub mod stats;
+pub mod string_match;
+pub mod time;
 pub mod view;
 
 pub use flags::ResponseFlag;
