@@ -417,3 +417,13 @@ def test_bad_first_bytes_never_hurt_other_connections(multi):
     assert curl_version(port, "--http1.1") == ("200", "1.1")
     assert dubbo_call(port, GREETER, "whoami") == "dubbo-server"
     assert multi.alive()
+
+
+def test_example_config_is_valid():
+    """examples/configs/sniff.yaml (every protocol on one port) loads."""
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    path = harness.REPO / "examples" / "configs" / "sniff.yaml"
+    out = subprocess.run([str(harness.mesh_bin()), "validate", "-c", str(path)],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out
