@@ -250,9 +250,14 @@ def test_http_inspector_stats(proxy, pki):
 
 
 def test_server_first_protocol_continues_after_the_timeout(proxy):
+    before = listener_stat(proxy, "first", "downstream_pre_cx_timeout")
     start = time.monotonic()
     assert harness.read_line(proxy.port("first")) == b"220 hello\r\n"
     assert time.monotonic() - start >= 0.25
+    # One timeout for the listener filters together.
+    harness.wait_until(
+        lambda: listener_stat(proxy, "first", "downstream_pre_cx_timeout") == before + 1,
+        what="downstream_pre_cx_timeout")
 
 
 def test_server_first_protocol_is_closed_without_continue(proxy):
