@@ -92,6 +92,8 @@ pub(crate) struct Chains {
     pub(crate) continue_on_timeout: bool,
     pub(crate) no_match: Counter,
     pub(crate) inspect_timeouts: Counter,
+    /// The original destination filter and `use_original_dst` hand-off.
+    pub(crate) capture: crate::original_dst::Capture,
 }
 
 impl Chains {
@@ -118,8 +120,24 @@ impl Chains {
             continue_on_timeout,
             no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
             inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
+            capture: Default::default(),
         }
     }
+
+    /// With the original destination filter and hand-off of `capture`.
+    pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+}
+
+/// The addresses of a downstream connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// `local` is the original destination restored by the listener filter.
+    restored: bool,
 }
 
 enum WorkerTerminal {
@@ -143,13 +161,10 @@ pub(crate) struct WorkerChains {
     shared: Arc<Chains>,
     terminals: Vec<WorkerTerminal>,
     drain: CancellationToken,
+    worker: usize,
 }
 
 impl WorkerChains {
-    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
-        Self::for_worker(shared, cm, drain, 0)
-    }
-
     /// The view of worker `worker` (which picks its slots of swapping
     /// terminals).
     pub(crate) fn for_worker(
@@ -184,11 +199,25 @@ impl WorkerChains {
             shared,
             terminals,
             drain,
+            worker,
         }
     }
 
-    /// Serves one accepted connection to its end.
+    /// The worker this view belongs to.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Serves one accepted connection to its end: the original destination
+    /// filter and hand-off first, then the chosen listener's chains.
     pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let c = self.shared.capture.apply(self.clone(), a);
+        c.chains.serve_chains(c.accepted, c.restored).await
+    }
+
+    /// Serves one connection with this listener's filter chains;
+    /// `restored`: its local address is the original destination.
+    async fn serve_chains(self: Arc<Self>, a: Accepted, restored: bool) {
         let Accepted {
             stream,
             peer,
@@ -257,11 +286,16 @@ impl WorkerChains {
             };
             return worker.handle(a, self.drain.clone()).await;
         }
+        let conn = Conn {
+            peer,
+            local,
+            restored,
+        };
         match &chain.tls {
-            None => self.run(index, stream, peer, local, guard, None).await,
+            None => self.run(index, stream, conn, guard, None).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)))
                         .await
                 }
                 Err(e) => {
@@ -276,13 +310,18 @@ impl WorkerChains {
         &self,
         index: usize,
         stream: S,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Conn {
+            peer,
+            local,
+            restored,
+        } = conn;
+        let original_dst = restored.then_some(local);
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -296,7 +335,8 @@ impl WorkerChains {
         }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
-                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                let mut svc =
+                    ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -307,7 +347,8 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
-                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                let mut svc = ConnService::swapping(slot.clone(), peer, local)
+                    .with_original_dst(original_dst);
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -319,12 +360,12 @@ impl WorkerChains {
             }
             WorkerTerminal::Tcp(t) => {
                 t.clone()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await
             }
             WorkerTerminal::TcpSwapping(slot) => {
                 slot.load_full()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {

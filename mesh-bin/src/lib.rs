@@ -27,6 +27,7 @@ pub mod filters;
 pub mod health;
 pub mod http;
 mod mirror;
+pub mod original_dst;
 mod path_normalize;
 pub mod proxy;
 mod rbac;

@@ -23,30 +23,57 @@ pub(crate) const ONE_HOUR: Duration = Duration::from_secs(3600);
 /// Envoy's default `listener_filters_timeout` (15 s).
 const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 
-const LISTENER_FILTERS: &[Known] = &[Known {
-    name: "envoy.filters.listener.tls_inspector",
-    type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
-}];
+const LISTENER_FILTERS: &[Known] = &[
+    Known {
+        name: "envoy.filters.listener.tls_inspector",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+    },
+    Known {
+        name: "envoy.filters.listener.original_dst",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    },
+];
 
-/// `listener_filters`: whether the TLS inspector is present.
-fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> bool {
+/// The index of `envoy.filters.listener.original_dst` in [`LISTENER_FILTERS`].
+const ORIGINAL_DST: usize = 1;
+
+/// `listener_filters`: whether the TLS inspector is present, and whether
+/// the original destination filter is.
+fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> (bool, bool) {
     let mut inspector = false;
+    let mut original_dst = false;
     for (path, v) in o.list(cx, "listener_filters") {
         let Some(mut f) = Obj::new(cx, path, v) else {
             continue;
         };
-        if let Some((_, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS) {
-            if let Some(tc) = tc {
+        if let Some((which, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS)
+        {
+            if let Some(mut tc) = tc {
+                if which == ORIGINAL_DST {
+                    // Windows-only settings; on Linux the address comes
+                    // from SO_ORIGINAL_DST.
+                    tc.refuse(cx, "traffic_direction", "a Windows-only setting");
+                }
                 tc.finish(cx);
             }
-            if inspector {
-                cx.error(f.path(), "the TLS inspector is listed twice");
+            let seen = if which == ORIGINAL_DST {
+                &mut original_dst
+            } else {
+                &mut inspector
+            };
+            if *seen {
+                cx.error(
+                    f.path(),
+                    format!("{} is listed twice", LISTENER_FILTERS[which].name),
+                );
             }
-            inspector = true;
+            *seen = true;
         }
         f.finish(cx);
     }
-    inspector
+    (inspector, original_dst)
 }
 
 const CONNECTION_LIMIT: usize = 0;
@@ -147,7 +174,9 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
         let limit = o
             .u32(cx, "per_connection_buffer_limit_bytes")
             .unwrap_or(DEFAULT_BUFFER_LIMIT);
-        let tls_inspector = listener_filters(cx, &mut o);
+        let (tls_inspector, original_dst) = listener_filters(cx, &mut o);
+        let use_original_dst = o.bool(cx, "use_original_dst").unwrap_or(false);
+        let bind_to_port = o.bool(cx, "bind_to_port").unwrap_or(true);
         let listener_filters_timeout = o.timeout(
             cx,
             "listener_filters_timeout",
@@ -217,6 +246,9 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 listener_filters_timeout,
                 continue_on_listener_filters_timeout,
                 traffic_direction,
+                original_dst,
+                use_original_dst,
+                bind_to_port,
             });
         }
     }
