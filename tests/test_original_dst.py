@@ -25,6 +25,7 @@ Checked, each under both proxies with the same outcome:
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -152,5 +153,45 @@ def test_mesh_refuses_to_loop_back_into_its_capture_port(kind):
         assert ns.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
         assert p.poll() is None
         assert "refusing to loop" in (ns.dir / "mesh.log").read_text()
+    finally:
+        ns.close()
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
+    """The same listeners and clusters from the example control plane (LDS
+    and CDS over ADS), in the namespace: the hand-off, a passthrough and
+    the inbound chain work as with the static file."""
+    from test_xds import CLUSTER, LISTENER, control_plane_bin, xds_bootstrap
+
+    if not control_plane_bin().exists() and not os.environ.get("MESH_REQUIRE"):
+        pytest.skip(f"{control_plane_bin()} not built")
+    static = yaml.safe_load(FIXTURE.read_text())["static_resources"]
+    try:
+        ns = Netns(ADDRESSES)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"network namespaces are not usable here: {e}")
+    try:
+        capture_rules(ns)
+        ns.servers("http:web:127.0.0.1:18080", "tcp:direct-:10.96.0.20:9999",
+                   "http:app:10.0.0.2:8080")
+        resources = ns.dir / "resources"
+        resources.mkdir()
+        (resources / "listeners.yaml").write_text(
+            yaml.safe_dump([dict(l, **{"@type": LISTENER}) for l in static["listeners"]]))
+        (resources / "clusters.yaml").write_text(
+            yaml.safe_dump([dict(c, **{"@type": CLUSTER}) for c in static["clusters"]]))
+        cp = ns.popen([control_plane_bin(), "--dir", resources, "--listen", "127.0.0.1:18000",
+                       "--address-file", ns.dir / "cp-address", "--node", kind],
+                      "control-plane.log")
+        ns.wait_port("127.0.0.1", 18000, proc=cp, log="control-plane.log")
+        config = ns.dir / "bootstrap.yaml"
+        config.write_text(xds_bootstrap(kind, 18000, api_type))
+        p = ns.popen(proxy_argv(kind, config), f"{kind}.log")
+        ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
+        ns.wait_port("127.0.0.1", 15006, proc=p, log=f"{kind}.log")
+        assert ns.curl("http://10.96.0.10:8080/x", uid=APP) == (200, "web 10.96.0.10:8080 /x")
+        assert ns.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
+        assert ns.curl("http://10.0.0.2:8080/in", uid=PEER) == (200, "app 10.0.0.2:8080 /in")
     finally:
         ns.close()
