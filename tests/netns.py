@@ -26,9 +26,10 @@ import harness
 _COUNTER = itertools.count()
 
 # Upstream servers run inside the namespace: `http:NAME:IP:PORT` answers
-# every request with `x-upstream: NAME` and a body `NAME HOST PATH`;
+# every request with `x-upstream: NAME` and a body `NAME HOST PATH PEER-IP`;
 # `tcp:PREFIX:IP:PORT` reads until the peer stops writing and answers
-# PREFIX + what it read, then closes.
+# PREFIX + what it read, then closes (`tcppeer:` puts the peer's IP and a
+# space before what it read).
 _SERVERS = r'''
 import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,8 @@ def http_server(name, ip, port):
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         def do_GET(self):
-            body = f"{name} {self.headers.get('Host')} {self.path}".encode()
+            peer = self.client_address[0]
+            body = f"{name} {self.headers.get('Host')} {self.path} {peer}".encode()
             self.send_response(200)
             self.send_header("x-upstream", name)
             self.send_header("content-length", str(len(body)))
@@ -47,13 +49,15 @@ def http_server(name, ip, port):
             pass
     ThreadingHTTPServer((ip, port), H).serve_forever()
 
-def tcp_server(prefix, ip, port):
+def tcp_server(prefix, ip, port, with_peer=False):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((ip, port))
     s.listen(64)
-    def serve(c):
+    def serve(c, peer):
         data = b""
+        if with_peer:
+            data = f"{peer} ".encode()
         c.settimeout(5)
         try:
             while True:
@@ -66,14 +70,17 @@ def tcp_server(prefix, ip, port):
             pass
         c.close()
     while True:
-        c, _ = s.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+        c, peer = s.accept()
+        threading.Thread(target=serve, args=(c, peer[0]), daemon=True).start()
 
 threads = []
 for spec in sys.argv[1:]:
     kind, name, ip, port = spec.split(":")
-    target = http_server if kind == "http" else tcp_server
-    t = threading.Thread(target=target, args=(name, ip, int(port)), daemon=True)
+    if kind == "http":
+        t = threading.Thread(target=http_server, args=(name, ip, int(port)), daemon=True)
+    else:
+        t = threading.Thread(target=tcp_server, args=(name, ip, int(port), kind == "tcppeer"),
+                             daemon=True)
     t.start()
     threads.append(t)
 print("ready", flush=True)

@@ -20,7 +20,9 @@ Checked, each under both proxies with the same outcome:
 - a connection made straight to 15001 goes to BlackHoleCluster (closed);
 - inbound: 10.0.0.2:8080 takes virtualInbound's `destination_port: 8080`
   chain to the workload through `inbound|8080||` (ORIGINAL_DST), another
-  port the catch-all TCP chain to InboundPassthroughClusterIpv4.
+  port the catch-all TCP chain to InboundPassthroughClusterIpv4; both
+  connect to the workload from 127.0.0.6 (`upstream_bind_config`, which
+  istio-iptables exempts from capture).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def captured(kind):
             "tcp:db-:127.0.0.1:17000",
             "tcp:direct-:10.96.0.20:9999",
             "http:app:10.0.0.2:8080",
-            "tcp:inbound-:10.0.0.2:9090",
+            "tcppeer:inbound-:10.0.0.2:9090",
         )
         p = ns.popen(proxy_argv(kind, FIXTURE), f"{kind}.log")
         ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
@@ -83,12 +85,12 @@ def captured(kind):
 
 def test_outbound_http_is_handed_to_the_port_listener(captured):
     status, body = captured.curl("http://10.96.0.10:8080/hello", uid=APP)
-    assert (status, body) == (200, "web 10.96.0.10:8080 /hello")
+    assert (status, body) == (200, "web 10.96.0.10:8080 /hello 127.0.0.1")
 
 
 def test_outbound_http_passthrough_reaches_the_original_destination(captured):
     status, body = captured.curl("http://10.96.0.20:8080/x", uid=APP)
-    assert (status, body) == (200, "other 10.96.0.20:8080 /x")
+    assert (status, body) == (200, "other 10.96.0.20:8080 /x 10.96.0.20")
 
 
 def test_outbound_tcp_exact_address_listener(captured):
@@ -106,16 +108,16 @@ def test_direct_connection_to_the_capture_port_is_blackholed(captured):
 
 def test_inbound_http_by_destination_port(captured):
     status, body = captured.curl("http://10.0.0.2:8080/in", uid=PEER)
-    assert (status, body) == (200, "app 10.0.0.2:8080 /in")
+    assert (status, body) == (200, "app 10.0.0.2:8080 /in 127.0.0.6")
 
 
 def test_inbound_tcp_passthrough(captured):
-    assert captured.tcp("10.0.0.2", 9090, "ping", uid=PEER) == "'inbound-ping'"
+    assert captured.tcp("10.0.0.2", 9090, "ping", uid=PEER) == "'inbound-127.0.0.6 ping'"
 
 
 def test_uncaptured_traffic_is_untouched(captured):
     # The same addresses as root: no rule applies, the servers answer.
-    assert captured.curl("http://10.0.0.2:8080/direct") == (200, "app 10.0.0.2:8080 /direct")
+    assert captured.curl("http://10.0.0.2:8080/direct") == (200, "app 10.0.0.2:8080 /direct 10.0.0.2")
     assert captured.tcp("10.96.0.20", 9999, "x") == "'direct-x'"
 
 
@@ -190,8 +192,8 @@ def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
         p = ns.popen(proxy_argv(kind, config), f"{kind}.log")
         ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
         ns.wait_port("127.0.0.1", 15006, proc=p, log=f"{kind}.log")
-        assert ns.curl("http://10.96.0.10:8080/x", uid=APP) == (200, "web 10.96.0.10:8080 /x")
+        assert ns.curl("http://10.96.0.10:8080/x", uid=APP) == (200, "web 10.96.0.10:8080 /x 127.0.0.1")
         assert ns.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
-        assert ns.curl("http://10.0.0.2:8080/in", uid=PEER) == (200, "app 10.0.0.2:8080 /in")
+        assert ns.curl("http://10.0.0.2:8080/in", uid=PEER) == (200, "app 10.0.0.2:8080 /in 127.0.0.6")
     finally:
         ns.close()

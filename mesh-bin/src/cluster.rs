@@ -424,7 +424,7 @@ impl WorkerCluster {
         let connector = self.entry.tls.clone().map(|t| {
             Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
         });
-        let p = EndpointPool::with_options(
+        let p = EndpointPool::with_source(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -439,6 +439,7 @@ impl WorkerCluster {
             },
             Some(self.entry.policy.pool_limits.clone()),
             connector,
+            self.entry.config.upstream_bind,
         );
         pools.insert((addr, h2), (p.clone(), permit));
         Some(p)

@@ -9,7 +9,6 @@ use mesh_core::config::{ClusterSpecifier, TcpProxy};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
-use tokio::net::TcpStream;
 
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
@@ -211,7 +210,7 @@ impl TcpProxyShared {
         let connect_start = tokio::time::Instant::now();
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
-            TcpStream::connect(endpoint.addr),
+            mesh_codec::transport::connect_from(endpoint.addr, cluster.config.upstream_bind),
         )
         .await;
         let upstream = match connect {

@@ -794,6 +794,10 @@ pub struct Cluster {
     /// server (Istio's `xds-grpc` and `sds-grpc` clusters). Such a cluster
     /// may only be named by an `envoy_grpc.cluster_name`.
     pub pipe: Option<String>,
+    /// `upstream_bind_config.source_address`: the local address upstream
+    /// connections are made from (Istio binds its inbound passthrough to
+    /// 127.0.0.6 so iptables can tell that traffic apart).
+    pub upstream_bind: Option<SocketAddr>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

@@ -228,6 +228,9 @@ fn cluster(
         .obj(cx, "circuit_breakers")
         .map(|c| super::policy::circuit_breakers(cx, c))
         .unwrap_or_default();
+    let upstream_bind = o
+        .obj(cx, "upstream_bind_config")
+        .and_then(|b| super::original_dst::bind_config(cx, b));
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -247,6 +250,7 @@ fn cluster(
         max_requests_per_connection,
         circuit_breakers,
         pipe,
+        upstream_bind,
     })
 }
 

@@ -2,6 +2,7 @@
 //! and `InboundPassthroughClusterIpv4`): `lb_policy: CLUSTER_PROVIDED`,
 //! `cleanup_interval` and `original_dst_lb_config`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mesh_core::config::OriginalDst;
@@ -82,6 +83,43 @@ pub(crate) fn lb_policy(cx: &mut Ctx, o: &mut Obj<'_>) {
     }
 }
 
+/// `upstream_bind_config`: the source address of upstream connections.
+pub(crate) fn bind_config(cx: &mut Ctx, mut o: Obj<'_>) -> Option<SocketAddr> {
+    let path = o.at("source_address");
+    let addr = match o.obj(cx, "source_address") {
+        Some(mut sa) => {
+            let ip = sa.req_string(cx, "address");
+            let port_path = sa.at("port_value");
+            let port = sa.u32(cx, "port_value").unwrap_or(0);
+            let port = u16::try_from(port).ok().or_else(|| {
+                cx.error(&port_path, "must be a port from 0 to 65535");
+                None
+            });
+            sa.finish(cx);
+            let ip_path = format!("{path}.address");
+            match ip.map(|ip| (ip.parse::<IpAddr>(), ip)) {
+                Some((Ok(ip), _)) => port.map(|p| SocketAddr::new(ip, p)),
+                Some((Err(_), ip)) => {
+                    cx.error(&ip_path, format!("expected an IP address, found {ip:?}"));
+                    None
+                }
+                None => None,
+            }
+        }
+        None => {
+            if !o.has("source_address") {
+                cx.missing(&path);
+            }
+            None
+        }
+    };
+    if o.peek("freebind").and_then(|v| v.as_bool()) == Some(false) {
+        o.take("freebind");
+    }
+    o.finish(cx);
+    addr
+}
+
 /// ORIGINAL_DST clusters create their hosts; configured ones are refused.
 pub(crate) fn refuse_load_assignment(cx: &mut Ctx, o: &mut Obj<'_>) {
     let path = o.at("load_assignment");
@@ -149,6 +187,7 @@ mod tests {
             panic!("ORIGINAL_DST");
         };
         assert_eq!(od.cleanup_interval, std::time::Duration::from_secs(60));
+        assert_eq!(inbound.upstream_bind, Some("127.0.0.6:0".parse().unwrap()));
     }
 
     fn cluster(extra: Value) -> Value {
@@ -204,6 +243,18 @@ mod tests {
             (
                 json!({"cleanup_interval": "0s"}),
                 format!("{p}.cleanup_interval: must be at least 1ms"),
+            ),
+            (
+                json!({"upstream_bind_config": {"source_address": {"address": "localhost"}}}),
+                format!("{p}.upstream_bind_config.source_address.address: expected an IP address, found \"localhost\""),
+            ),
+            (
+                json!({"upstream_bind_config": {"source_address": {"address": "127.0.0.6"}, "freebind": true}}),
+                format!("unsupported: {p}.upstream_bind_config.freebind"),
+            ),
+            (
+                json!({"upstream_bind_config": {}}),
+                format!("{p}.upstream_bind_config.source_address: missing required field"),
             ),
         ];
         for (extra, want) in cases {
