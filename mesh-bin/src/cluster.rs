@@ -88,6 +88,9 @@ pub struct ClusterEntry {
     pub health_checker: Option<Arc<HealthChecker>>,
     /// Circuit breakers and retry stats.
     pub policy: crate::resilience::ClusterPolicy,
+    /// The hosts of an ORIGINAL_DST cluster (its balancer only shows
+    /// them).
+    pub original_dst: Option<Arc<crate::original_dst::OriginalDstHosts>>,
 }
 
 /// Every cluster by name.
@@ -163,6 +166,9 @@ impl ClusterManager {
                         move |n| membership.set(n as i64),
                     ));
                 }
+                DiscoveryType::OriginalDst(_) => {
+                    // Hosts are created on demand (`original_dst.rs`).
+                }
                 DiscoveryType::Eds { .. } if xds => {
                     // Endpoints arrive over xDS (`dynamic.rs`).
                 }
@@ -195,6 +201,7 @@ impl ClusterManager {
             let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
                 .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
+            let balancer_for_hosts = balancer.clone();
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -207,6 +214,16 @@ impl ClusterManager {
                     tls,
                     outlier,
                     health_checker,
+                    original_dst: match &c.discovery {
+                        DiscoveryType::OriginalDst(od) => {
+                            Some(crate::original_dst::OriginalDstHosts::start(
+                                od.clone(),
+                                balancer_for_hosts,
+                                stop,
+                            ))
+                        }
+                        _ => None,
+                    },
                 }),
             );
         }
@@ -407,7 +424,7 @@ impl WorkerCluster {
         let connector = self.entry.tls.clone().map(|t| {
             Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
         });
-        let p = EndpointPool::with_options(
+        let p = EndpointPool::with_source(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -422,6 +439,7 @@ impl WorkerCluster {
             },
             Some(self.entry.policy.pool_limits.clone()),
             connector,
+            self.entry.config.upstream_bind,
         );
         pools.insert((addr, h2), (p.clone(), permit));
         Some(p)

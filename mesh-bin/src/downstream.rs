@@ -106,6 +106,8 @@ pub(crate) struct Chains {
     /// Envoy's `downstream_listener_filter_remote_close`: the peer closed
     /// while the listener filters waited for bytes.
     pub(crate) remote_close: Counter,
+    /// The original destination filter and `use_original_dst` hand-off.
+    pub(crate) capture: crate::original_dst::Capture,
 }
 
 impl Chains {
@@ -138,6 +140,7 @@ impl Chains {
                 "envoy_listener_downstream_listener_filter_remote_close",
                 &label,
             ),
+            capture: Default::default(),
         }
     }
 
@@ -151,6 +154,21 @@ impl Chains {
         self.protocols = ProtocolInspector::new(http_inspector, protocol_inspector, store);
         self
     }
+
+    /// With the original destination filter and hand-off of `capture`.
+    pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+}
+
+/// The addresses of a downstream connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// `local` is the original destination restored by the listener filter.
+    restored: bool,
 }
 
 enum WorkerTerminal {
@@ -174,13 +192,10 @@ pub(crate) struct WorkerChains {
     shared: Arc<Chains>,
     terminals: Vec<WorkerTerminal>,
     drain: CancellationToken,
+    worker: usize,
 }
 
 impl WorkerChains {
-    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
-        Self::for_worker(shared, cm, drain, 0)
-    }
-
     /// The view of worker `worker` (which picks its slots of swapping
     /// terminals).
     pub(crate) fn for_worker(
@@ -215,11 +230,25 @@ impl WorkerChains {
             shared,
             terminals,
             drain,
+            worker,
         }
     }
 
-    /// Serves one accepted connection to its end.
+    /// The worker this view belongs to.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Serves one accepted connection to its end: the original destination
+    /// filter and hand-off first, then the chosen listener's chains.
     pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let c = self.shared.capture.apply(self.clone(), a);
+        c.chains.serve_chains(c.accepted, c.restored).await
+    }
+
+    /// Serves one connection with this listener's filter chains;
+    /// `restored`: its local address is the original destination.
+    async fn serve_chains(self: Arc<Self>, a: Accepted, restored: bool) {
         let Accepted {
             stream,
             peer,
@@ -319,11 +348,16 @@ impl WorkerChains {
             };
             return worker.handle(a, self.drain.clone()).await;
         }
+        let conn = Conn {
+            peer,
+            local,
+            restored,
+        };
         match &chain.tls {
-            None => self.run(index, stream, peer, local, guard, None).await,
+            None => self.run(index, stream, conn, guard, None).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)))
                         .await
                 }
                 Err(e) => {
@@ -338,13 +372,18 @@ impl WorkerChains {
         &self,
         index: usize,
         stream: S,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Conn {
+            peer,
+            local,
+            restored,
+        } = conn;
+        let original_dst = restored.then_some(local);
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -358,7 +397,8 @@ impl WorkerChains {
         }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
-                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                let mut svc =
+                    ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -369,7 +409,8 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
-                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                let mut svc = ConnService::swapping(slot.clone(), peer, local)
+                    .with_original_dst(original_dst);
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -381,12 +422,12 @@ impl WorkerChains {
             }
             WorkerTerminal::Tcp(t) => {
                 t.clone()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await
             }
             WorkerTerminal::TcpSwapping(slot) => {
                 slot.load_full()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {

@@ -101,6 +101,8 @@ pub(crate) struct Context {
     pub(crate) tls: Arc<TlsRegistry>,
     /// SDS secrets over xDS named by static listeners and clusters.
     pub(crate) static_secrets: Vec<(String, ConfigSource)>,
+    /// Every listener by address, for `use_original_dst` hand-offs.
+    pub(crate) handoff: Arc<crate::original_dst::Handoff>,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -959,7 +961,22 @@ impl Manager {
                     set_endpoints(c, &balancer, &stats, l);
                 }
             }
+            DiscoveryType::OriginalDst(_) => {}
         }
+        let original_dst = match &c.discovery {
+            DiscoveryType::OriginalDst(od) => {
+                Some(match old.and_then(|o| o.original_dst.clone()) {
+                    // The same balancer keeps its hosts.
+                    Some(h) if old.is_some_and(|o| Arc::ptr_eq(&o.balancer, &balancer)) => h,
+                    _ => crate::original_dst::OriginalDstHosts::start(
+                        od.clone(),
+                        balancer.clone(),
+                        &self.cx.stop,
+                    ),
+                })
+            }
+            _ => None,
+        };
         if old.is_none() && !self.cluster_warm(c) {
             self.warm(&c.name, self.cluster_warm_timeout(c));
         }
@@ -985,6 +1002,7 @@ impl Manager {
             outlier,
             health_checker,
             tls,
+            original_dst,
         }
     }
 
@@ -1223,6 +1241,7 @@ impl Manager {
             self.warming_listeners.remove(name);
             if let Some(old) = self.listeners.remove(name) {
                 tracing::info!(listener = %name, "listener removed; draining");
+                self.cx.handoff.remove(name);
                 old.drain.signal();
                 self.runtime.lock().listeners.remove(name);
             }
@@ -1321,12 +1340,23 @@ impl Manager {
             bind_tcp(addr)
                 .map_err(|e| format!("listener {:?}: address: binding {addr}: {e}", l.name))
         };
-        let first = bind(l.address)?;
-        let addr = first
-            .local_addr()
-            .map_err(|e| format!("listener {:?}: {e}", l.name))?;
-        let mut sockets = vec![first];
+        let (addr, mut sockets) = if l.bind_to_port {
+            let first = bind(l.address)?;
+            let addr = first
+                .local_addr()
+                .map_err(|e| format!("listener {:?}: {e}", l.name))?;
+            if l.original_dst || l.use_original_dst {
+                crate::original_dst::register_capture_listener(addr);
+            }
+            (addr, vec![first])
+        } else {
+            // `bind_to_port: false`: only receives hand-offs.
+            (l.address, Vec::new())
+        };
         for _ in 1..self.cx.workers.len() {
+            if !l.bind_to_port {
+                break;
+            }
             sockets.push(bind(addr)?);
         }
         let drain = Drain::new();
@@ -1426,15 +1456,25 @@ impl Manager {
                 l.http_inspector,
                 l.protocol_inspector,
                 &self.cx.store,
-            ),
+            )
+            .with_capture(crate::original_dst::Capture {
+                restore: l.original_dst,
+                hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),
+            }),
         );
+        let views: Vec<Arc<WorkerChains>> = (0..self.cx.workers.len())
+            .map(|w| {
+                Arc::new(WorkerChains::for_worker(
+                    shared.clone(),
+                    &self.cm,
+                    drain.token(),
+                    w,
+                ))
+            })
+            .collect();
+        self.cx.handoff.publish(&l.name, addr, views.clone());
         for (w, sock) in sockets.into_iter().enumerate() {
-            let chains = Arc::new(WorkerChains::for_worker(
-                shared.clone(),
-                &self.cm,
-                drain.token(),
-                w,
-            ));
+            let chains = views[w].clone();
             let drain = drain.clone();
             let global = self.cx.drain.clone();
             let limiter = limiter.clone();
@@ -1614,6 +1654,9 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
         && old.http_inspector == new.http_inspector
         && old.protocol_inspector == new.protocol_inspector
+        && old.original_dst == new.original_dst
+        && old.use_original_dst == new.use_original_dst
+        && old.bind_to_port == new.bind_to_port
         && chains(old) == chains(new)
 }
 

@@ -28,6 +28,7 @@ pub mod health;
 pub mod http;
 mod inspect;
 mod mirror;
+pub mod original_dst;
 mod path_normalize;
 pub mod proxy;
 mod rbac;

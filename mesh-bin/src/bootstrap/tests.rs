@@ -242,6 +242,7 @@ fn bench_config_loads() {
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }]
     );
 }

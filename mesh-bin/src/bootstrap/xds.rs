@@ -509,7 +509,7 @@ static_resources:
         let mut l = listener(json!({"route_config_name": "r1", "config_source": {}}));
         l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"]
             ["api_config_source"] = json!({"api_type": "REST"});
-        l["listener_filters"] = json!([{"name": "envoy.filters.listener.original_dst"}]);
+        l["listener_filters"] = json!([{"name": "envoy.filters.listener.proxy_protocol"}]);
         let errs: Vec<String> = listener_from_json(&over_xds(types::LISTENER, l))
             .unwrap_err()
             .0
@@ -518,7 +518,7 @@ static_resources:
             .collect();
         assert!(
             errs.contains(
-                &"unsupported: listener_filters[0] (listener filter envoy.filters.listener.original_dst)"
+                &"unsupported: listener_filters[0] (listener filter envoy.filters.listener.proxy_protocol)"
                     .to_string()
             ),
             "{errs:?}"
