@@ -34,6 +34,7 @@ mod rbac;
 mod reader;
 mod route;
 mod rpc;
+mod socket_match;
 #[cfg(test)]
 mod tests;
 mod tls;
