@@ -26,6 +26,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -254,8 +255,11 @@ def trust_secret(name: str, pki: tls_certs.Pki) -> dict:
 
 
 def assignment(name: str, endpoints: list) -> dict:
-    return {"@type": xds.ENDPOINT, "cluster_name": name,
-            "endpoints": [{"lb_endpoints": endpoints}]}
+    """As istiod sends it: the fixture's `locality_weighted_lb_config`
+    gives no traffic to a locality without a weight."""
+    return {"@type": xds.ENDPOINT, "cluster_name": name, "endpoints": [{
+        "locality": {"region": "r1", "zone": "z1"}, "load_balancing_weight": 1,
+        "lb_endpoints": endpoints}]}
 
 
 def istio_bootstrap(node: str, cp_port: int, api_type: str) -> str:
@@ -297,6 +301,7 @@ def test_istio_outbound_cluster_over_xds_and_labels_flipping(kind, api_type, sta
                                                      endpoint(b.port, {"tlsMode": "istio"})])])
         flipped = {("a", "plain"), ("b", "mtls"), ("serial", workload.serial())}
         xds.wait_until(lambda: seen(port) == flipped, t, "the flipped labels", SEEN_WITHIN)
+        time.sleep(1)
     assert load.ok > 10, load.ok
     assert load.failures == [], load.failures[:5]
     if kind == "mesh":
