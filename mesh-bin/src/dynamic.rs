@@ -77,6 +77,7 @@ use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
 use crate::downstream::{Chain, Chains, Swapping, Terminal, WorkerChains};
 use crate::http::{HcmShared, HttpProxy};
 use crate::rpc::{RpcShared, RpcWorker};
+use crate::socket_match::{SocketMatches, UpstreamSockets};
 use crate::tcp::TcpProxyShared;
 use crate::tls::{xds_secrets, TlsRegistry};
 
@@ -697,7 +698,12 @@ impl Manager {
             wanted.extend(listener_tls(l).flat_map(xds_secrets));
         }
         for n in &self.dynamic_clusters {
-            if let Some(t) = self.cm.get(n).and_then(|e| e.config.tls.as_ref()) {
+            for t in self
+                .cm
+                .get(n)
+                .into_iter()
+                .flat_map(|e| e.config.tls_contexts())
+            {
                 wanted.extend(xds_secrets(&t.common));
             }
         }
@@ -789,10 +795,7 @@ impl Manager {
                 )),
                 Ok(c) => match self.client_tls(&c) {
                     Ok(tls) => loaded.push((c, tls, r.body.clone())),
-                    Err(e) => errors.push(format!(
-                        "cluster {:?}: transport_socket.typed_config.{e}",
-                        c.name
-                    )),
+                    Err(e) => errors.push(format!("cluster {:?}: {e}", c.name)),
                 },
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
@@ -842,20 +845,25 @@ impl Manager {
         Ok(())
     }
 
-    /// The upstream TLS context of a cluster from CDS (refused with the
-    /// field path when its certificates are not usable; SDS secrets may
-    /// arrive later).
-    fn client_tls(&self, c: &Cluster) -> Result<Option<Arc<ClientTls>>, String> {
-        let Some(t) = &c.tls else { return Ok(None) };
+    /// The upstream TLS contexts of a cluster from CDS: its
+    /// `transport_socket` and its `transport_socket_matches` (refused with
+    /// the field path when their certificates are not usable; SDS secrets
+    /// may arrive later).
+    fn client_tls(&self, c: &Cluster) -> Result<UpstreamSockets, String> {
+        let matches = SocketMatches::build(c, Some(self.cx.secrets.clone()), &self.cx.store)?;
+        let Some(t) = &c.tls else {
+            return Ok((None, matches));
+        };
         let stats = TlsStats::new(
             &self.cx.store,
             "cluster",
             &[("envoy_cluster_name", c.name.clone())],
         );
         let tls = Arc::new(
-            ClientTls::new(t, Some(self.cx.secrets.clone()), stats).map_err(|e| e.to_string())?,
+            ClientTls::new(t, Some(self.cx.secrets.clone()), stats)
+                .map_err(|e| format!("transport_socket.typed_config.{e}"))?,
         );
-        Ok(Some(tls))
+        Ok((Some(tls), matches))
     }
 
     /// Whether a cluster has what it waits for: its endpoints (EDS) and
@@ -866,9 +874,8 @@ impl Manager {
             _ => true,
         };
         endpoints
-            && c.tls
-                .as_ref()
-                .is_none_or(|t| secrets_ready(&self.cx.secrets, &t.common))
+            && c.tls_contexts()
+                .all(|t| secrets_ready(&self.cx.secrets, &t.common))
     }
 
     /// How long a cluster that is not warm waits (`None`: forever): the
@@ -884,7 +891,7 @@ impl Manager {
                 pending.push(source.initial_fetch_timeout);
             }
         }
-        if let Some(t) = &c.tls {
+        for t in c.tls_contexts() {
             pending.extend(missing_secrets(&self.cx.secrets, &t.common));
         }
         longest(pending)
@@ -913,7 +920,7 @@ impl Manager {
         &mut self,
         c: &Cluster,
         old: Option<&ClusterEntry>,
-        tls: Option<Arc<ClientTls>>,
+        (tls, socket_matches): UpstreamSockets,
     ) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
@@ -983,6 +990,9 @@ impl Manager {
         if let Some(t) = &tls {
             self.cx.tls.add_client(t.clone());
         }
+        for t in socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
+            self.cx.tls.add_client(t.clone());
+        }
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
@@ -1003,6 +1013,7 @@ impl Manager {
             health_checker,
             tls,
             original_dst,
+            socket_matches,
         }
     }
 

@@ -1037,7 +1037,7 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
-            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+            let Some(pool) = cluster.pool(&endpoint, h2) else {
                 // `max_connection_pools`: Envoy's router finds no pool and
                 // answers as with no healthy upstream.
                 return self.local_reply(

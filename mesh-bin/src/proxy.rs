@@ -225,6 +225,9 @@ impl Proxy {
             if let Some(t) = &c.tls {
                 tls_registry.add_client(t.clone());
             }
+            for t in c.socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
+                tls_registry.add_client(t.clone());
+            }
         }
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {

@@ -250,7 +250,10 @@ impl TcpProxyShared {
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();
         cluster.stats.rq_total.inc();
-        let result = match &cluster.tls {
+        let tls = cluster
+            .socket_matches
+            .connection_tls(endpoint.transport_socket, &cluster.tls);
+        let result = match tls {
             None => mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await,
             Some(tls) => {
                 let handshake = tls.connect(

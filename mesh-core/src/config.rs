@@ -14,11 +14,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub mod rbac;
+pub mod socket_match;
 pub mod tls;
 pub use crate::health_config::{
     GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
 };
 pub use crate::lb_config::*;
+pub use socket_match::TransportSocketMatch;
 
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
@@ -787,6 +789,9 @@ pub struct Cluster {
     pub per_connection_buffer_limit_bytes: u32,
     /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the endpoints.
     pub tls: Option<tls::UpstreamTlsContext>,
+    /// `transport_socket_matches`: per-endpoint transport sockets chosen by
+    /// endpoint metadata (see [`socket_match`]); empty for most clusters.
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
     /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
     /// `lb_subset_config`, `load_assignment.policy`).
     pub lb: LbConfig,
@@ -834,6 +839,9 @@ pub struct LocalityLbEndpoints {
     pub priority: u32,
     /// `load_balancing_weight` of the locality.
     pub load_balancing_weight: Option<u32>,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]` of the
+    /// locality (consulted when no match fits an endpoint's own).
+    pub socket_match: LbMetadata,
     /// `lb_endpoints`.
     pub lb_endpoints: Vec<LbEndpoint>,
 }
@@ -852,6 +860,9 @@ pub struct LbEndpoint {
     pub metadata: LbMetadata,
     /// `health_status`.
     pub health_status: HealthStatus,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]`: picks the
+    /// cluster's `transport_socket_matches` entry.
+    pub socket_match: LbMetadata,
 }
 
 /// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.
