@@ -88,6 +88,9 @@ pub struct ClusterEntry {
     pub health_checker: Option<Arc<HealthChecker>>,
     /// Circuit breakers and retry stats.
     pub policy: crate::resilience::ClusterPolicy,
+    /// On-demand EDS (`--lazy-eds`): the first request waits here for the
+    /// endpoints; `None` for every other cluster.
+    pub on_demand: Option<Arc<crate::lazy_eds::OnDemandEndpoints>>,
 }
 
 /// Every cluster by name.
@@ -207,6 +210,7 @@ impl ClusterManager {
                     tls,
                     outlier,
                     health_checker,
+                    on_demand: None,
                 }),
             );
         }

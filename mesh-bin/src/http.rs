@@ -857,6 +857,9 @@ impl HttpProxy {
         let pick = mesh_lb::PickContext::new()
             .with_hash(lb_hash.hash)
             .with_metadata_match(choice.metadata_match);
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
         let Some(mut endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(

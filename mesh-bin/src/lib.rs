@@ -26,6 +26,7 @@ pub mod dynamic;
 pub mod filters;
 pub mod health;
 pub mod http;
+pub mod lazy_eds;
 mod mirror;
 mod path_normalize;
 pub mod proxy;

@@ -162,6 +162,9 @@ impl TcpProxyShared {
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
         let pick = mesh_lb::PickContext::new().with_hash(hash);
+        if let Some(od) = &cluster.on_demand {
+            od.ready().await;
+        }
         let Some(endpoint) = cluster.balancer.pick_with(&pick) else {
             cluster.stats.cx_none_healthy.inc();
             self.stats.cx_no_route.inc();
