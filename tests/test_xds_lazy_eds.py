@@ -21,6 +21,7 @@ filter), and the bootstrap stays one Envoy runs unchanged.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -190,3 +191,34 @@ def test_without_the_flag_every_cluster_is_subscribed(start_proxy, control_plane
     cp.wait_status("mesh", lambda s: eds_names(cp) == {name(i) for i in range(20)})
     assert "lazy_eds" not in dump(proxy)
     assert gauge(proxy, "mesh_lazy_eds_clusters_known") is None
+
+
+@pytest.mark.parametrize("api_type", API_TYPES)
+def test_lazy_eds_tcp_proxy_first_connection_waits(api_type, start_proxy, control_plane,
+                                                   tcp_echo, refused):
+    """A tcp_proxy connection to a lazy cluster waits for its endpoints,
+    then carries the bytes."""
+    cp = control_plane(["mesh"])
+    cp.write("clusters", [lazy_cluster(name(i)) for i in range(20)])
+    cp.write("endpoints", [assignment(name(i), [tcp_echo.port if i == 5 else refused])
+                           for i in range(20)])
+    tcp = harness.tcp_listener("tcp", name(5))
+    tcp["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    cp.write("listeners", [tcp])
+    loaded(cp)
+    proxy = start_proxy("mesh", xds_bootstrap("mesh", cp.port, api_type),
+                        extra_args=("--lazy-eds",))
+    port = proxy.port("tcp")
+    time.sleep(0.3)
+    assert not eds_names(cp)
+    data = harness.payload(64 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    assert got == data
+    cp.wait_status("mesh", lambda s: eds_names(cp) == {name(5)})
