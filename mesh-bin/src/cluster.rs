@@ -93,6 +93,9 @@ pub struct ClusterEntry {
     /// The hosts of an ORIGINAL_DST cluster (its balancer only shows
     /// them).
     pub original_dst: Option<Arc<crate::original_dst::OriginalDstHosts>>,
+    /// On-demand EDS (`--lazy-eds`): the first request waits here for the
+    /// endpoints; `None` for every other cluster.
+    pub on_demand: Option<Arc<crate::lazy_eds::OnDemandEndpoints>>,
 }
 
 /// Every cluster by name.
@@ -230,6 +233,7 @@ impl ClusterManager {
                         }
                         _ => None,
                     },
+                    on_demand: None,
                 }),
             );
         }

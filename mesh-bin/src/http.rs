@@ -857,6 +857,9 @@ impl HttpProxy {
         let pick = mesh_lb::PickContext::new()
             .with_hash(lb_hash.hash)
             .with_metadata_match(choice.metadata_match);
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
         let picked = match &cluster.entry.original_dst {
             Some(hosts) => crate::original_dst::http_host(hosts, &req),
             None => cluster.entry.balancer.pick_with(&pick),

@@ -48,6 +48,10 @@ pub struct ProxyOptions {
     /// The largest xDS response accepted (`--xds-max-message-bytes`);
     /// larger ones fail the stream with a clear error.
     pub xds_max_message_size: usize,
+    /// On-demand EDS (`--lazy-eds`): clusters from CDS are warm at once and
+    /// subscribe to their endpoints only when a request first uses them
+    /// (`crate::lazy_eds`).
+    pub lazy_eds: bool,
 }
 
 impl Default for ProxyOptions {
@@ -59,6 +63,7 @@ impl Default for ProxyOptions {
             admin_address_path: None,
             rpc_codecs: Default::default(),
             xds_max_message_size: mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE,
+            lazy_eds: false,
         }
     }
 }
@@ -498,6 +503,7 @@ impl Proxy {
                     drain: drain.clone(),
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
+                    lazy_eds: options.lazy_eds,
                     rpc_codecs: options.rpc_codecs.clone(),
                     secrets: secrets.clone(),
                     tls: tls_registry.clone(),

@@ -596,6 +596,9 @@ impl RpcWorker {
         let pick = mesh_lb::PickContext::new()
             .with_hash(hash)
             .with_metadata_match(choice.metadata_match);
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
         let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             stats.cx_none_healthy.inc();
             return (

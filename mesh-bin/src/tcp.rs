@@ -197,6 +197,9 @@ impl TcpProxyShared {
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
         let pick = mesh_lb::PickContext::new().with_hash(hash);
+        if let Some(od) = &cluster.on_demand {
+            od.ready().await;
+        }
         let picked = match &cluster.original_dst {
             Some(hosts) => original_dst.and_then(|dst| hosts.host(dst)),
             None => cluster.balancer.pick_with(&pick),
