@@ -18,6 +18,7 @@
 
 pub mod filter;
 pub mod format;
+pub mod listener;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -232,24 +233,23 @@ impl AccessLogger {
     }
 
     /// A TCP proxy connection's record.
-    #[allow(clippy::too_many_arguments)]
     pub fn log_tcp(
         &self,
         start: SystemTime,
         started: Instant,
-        flag: Option<ResponseFlag>,
         received: u64,
         sent: u64,
-        upstream: Option<SocketAddr>,
-        cluster: Option<&str>,
+        outcome: &listener::TcpOutcome,
         conn: &TcpConn<'_>,
     ) {
         let rec = LogRecord {
-            flag,
+            flag: outcome.flag,
             bytes_received: received,
             bytes_sent: sent,
-            upstream_host: upstream,
-            upstream_cluster: cluster,
+            upstream_host: outcome.upstream,
+            upstream_local: outcome.upstream_local,
+            upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
+            attempts: outcome.upstream.map(|_| 1),
             downstream_remote: Some(conn.peer),
             downstream_direct_remote: Some(conn.peer),
             downstream_local: conn.local,
@@ -516,6 +516,14 @@ pub struct LogRecord<'a> {
     pub grpc_status_header: Option<&'a HeaderValue>,
     /// `grpc-status` of the response trailers.
     pub grpc_status_trailer: Option<&'a HeaderValue>,
+    /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub downstream_failure: Option<&'a str>,
+    /// `%PROTOCOL%` of a connection's line (a request's line takes the
+    /// request's version).
+    pub protocol: Option<http::Version>,
+    /// `%REQUESTED_SERVER_NAME%` from the TLS inspector, when no TLS
+    /// session holds it.
+    pub sni: Option<&'a str>,
 }
 
 impl<'a> LogRecord<'a> {
@@ -549,6 +557,9 @@ impl<'a> LogRecord<'a> {
             header_bits: 0,
             grpc_status_header: None,
             grpc_status_trailer: None,
+            downstream_failure: None,
+            protocol: None,
+            sni: None,
         }
     }
 }

@@ -25,6 +25,8 @@ use mesh_tls::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::listener::{ConnLog, Metered};
+use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
 use crate::rpc::{RpcShared, RpcWorker};
@@ -92,6 +94,8 @@ pub(crate) struct Chains {
     pub(crate) continue_on_timeout: bool,
     pub(crate) no_match: Counter,
     pub(crate) inspect_timeouts: Counter,
+    /// The listener's `access_log`.
+    pub(crate) access_log: Option<AccessLogger>,
 }
 
 impl Chains {
@@ -118,7 +122,18 @@ impl Chains {
             continue_on_timeout,
             no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
             inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
+            access_log: None,
         }
+    }
+
+    /// Adds the listener's `access_log` (errors name the log's index).
+    pub(crate) fn with_access_log(
+        mut self,
+        configs: &[mesh_core::config::AccessLog],
+        store: &Store,
+    ) -> Result<Self, String> {
+        self.access_log = AccessLogger::new(configs, store)?;
+        Ok(self)
     }
 }
 
@@ -196,6 +211,10 @@ impl WorkerChains {
             guard,
         } = a;
         let shared = &self.shared;
+        let mut log = shared
+            .access_log
+            .as_ref()
+            .map(|l| ConnLog::new(l, peer, local));
         let (transport, hello) = if shared.inspect {
             let peek = async {
                 match shared.inspect_timeout {
@@ -232,8 +251,14 @@ impl WorkerChains {
             sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
             alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&no_alpn),
         };
+        if let Some(l) = &mut log {
+            l.sni(info.sni);
+        }
         let Some(index) = shared.selector.select(&info) else {
             shared.no_match.inc();
+            if let Some(l) = &mut log {
+                l.no_filter_chain();
+            }
             tracing::debug!(%peer, %local, sni = ?info.sni, transport, "no filter chain matches; closing");
             return;
         };
@@ -258,13 +283,20 @@ impl WorkerChains {
             return worker.handle(a, self.drain.clone()).await;
         }
         match &chain.tls {
-            None => self.run(index, stream, peer, local, guard, None).await,
+            None => {
+                self.run(index, stream, peer, local, guard, None, &mut log)
+                    .await
+            }
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                    let id = Some(Arc::new(id));
+                    self.run(index, stream, peer, local, guard, id, &mut log)
                         .await
                 }
                 Err(e) => {
+                    if let Some(l) = &mut log {
+                        l.tls_failed(e.reason.as_str(), &e.message);
+                    }
                     tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
                         "downstream TLS handshake failed; closing");
                 }
@@ -272,6 +304,7 @@ impl WorkerChains {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run<S>(
         &self,
         index: usize,
@@ -280,9 +313,14 @@ impl WorkerChains {
         local: SocketAddr,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
+        log: &mut Option<ConnLog>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if let (Some(l), Some(id)) = (log.as_mut(), &tls) {
+            l.tls(id);
+        }
+        let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -297,6 +335,10 @@ impl WorkerChains {
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
                 let mut svc = ConnService::new(proxy.clone(), peer, local);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -308,6 +350,10 @@ impl WorkerChains {
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
                 let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -318,14 +364,22 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::Tcp(t) => {
-                t.clone()
+                let outcome = t
+                    .clone()
                     .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::TcpSwapping(slot) => {
-                slot.load_full()
+                let outcome = slot
+                    .load_full()
                     .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")

@@ -1412,15 +1412,19 @@ impl Manager {
                 .map(|c| c.filter_chain_match.clone())
                 .collect(),
         );
-        let shared = Arc::new(Chains::new(
-            chains,
-            selector,
-            l.tls_inspector,
-            l.listener_filters_timeout,
-            l.continue_on_listener_filters_timeout,
-            &self.cx.store,
-            addr,
-        ));
+        let shared = Arc::new(
+            Chains::new(
+                chains,
+                selector,
+                l.tls_inspector,
+                l.listener_filters_timeout,
+                l.continue_on_listener_filters_timeout,
+                &self.cx.store,
+                addr,
+            )
+            .with_access_log(&l.access_log, &self.cx.store)
+            .map_err(|e| format!("listener {:?}: access_log{e}", l.name))?,
+        );
         for (w, sock) in sockets.into_iter().enumerate() {
             let chains = Arc::new(WorkerChains::for_worker(
                 shared.clone(),

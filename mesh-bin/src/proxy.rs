@@ -352,7 +352,9 @@ impl Proxy {
                 l.continue_on_listener_filters_timeout,
                 &store,
                 addr,
-            );
+            )
+            .with_access_log(&l.access_log, &store)
+            .map_err(|e| StartError::Config(format!("{path}.access_log{e}")))?;
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,

@@ -11,6 +11,7 @@ use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use tokio::net::TcpStream;
 
+use crate::access_log::listener::TcpOutcome;
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
@@ -100,7 +101,7 @@ impl TcpProxyShared {
             guard,
         } = accepted;
         self.handle_stream_from(stream, peer, Some(local), None, guard)
-            .await
+            .await;
     }
 
     /// Proxies one downstream byte stream (a TCP connection, or the
@@ -115,11 +116,12 @@ impl TcpProxyShared {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.handle_stream_from(stream, peer, None, None, guard)
-            .await
+            .await;
     }
 
     /// [`TcpProxyShared::handle_stream`] with the local address and the
-    /// downstream TLS session, for the access log.
+    /// downstream TLS session, for the access log. Returns what happened,
+    /// for the listener's access log.
     pub async fn handle_stream_from<S>(
         self: Arc<Self>,
         stream: S,
@@ -127,14 +129,24 @@ impl TcpProxyShared {
         local: Option<std::net::SocketAddr>,
         tls: Option<&mesh_core::identity::PeerIdentity>,
         guard: mesh_core::listener::ConnectionGuard,
-    ) where
+    ) -> TcpOutcome
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let start = std::time::SystemTime::now();
         let started = std::time::Instant::now();
         let id = crate::access_log::next_connection_id();
         let cluster = self.choose().clone();
-        let (flag, received, sent, upstream) = self.proxy(stream, peer, guard, &cluster).await;
+        let mut upstream_local = None;
+        let (flag, received, sent, upstream) = self
+            .proxy(stream, peer, guard, &cluster, &mut upstream_local)
+            .await;
+        let outcome = TcpOutcome {
+            flag,
+            upstream,
+            upstream_local,
+            cluster: Some(cluster),
+        };
         if let Some(log) = &self.access_log {
             let conn = TcpConn {
                 peer,
@@ -142,9 +154,9 @@ impl TcpProxyShared {
                 id,
                 tls,
             };
-            let name = Some(cluster.config.name.as_str());
-            log.log_tcp(start, started, flag, received, sent, upstream, name, &conn);
+            log.log_tcp(start, started, received, sent, &outcome, &conn);
         }
+        outcome
     }
 
     async fn proxy<S>(
@@ -153,6 +165,7 @@ impl TcpProxyShared {
         peer: std::net::SocketAddr,
         guard: mesh_core::listener::ConnectionGuard,
         cluster: &Arc<ClusterEntry>,
+        upstream_local: &mut Option<std::net::SocketAddr>,
     ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -207,6 +220,7 @@ impl TcpProxyShared {
             }
         };
         let _ = upstream.set_nodelay(true);
+        *upstream_local = upstream.local_addr().ok();
         let _active = GaugeGuard::new(&self.stats.cx_active);
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();

@@ -48,8 +48,20 @@ pub enum Operator {
     ConnectionTerminationDetails,
     /// `%UPSTREAM_LOCAL_ADDRESS%`.
     UpstreamLocalAddress,
+    /// `%UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%`.
+    UpstreamLocalAddressWithoutPort,
+    /// `%UPSTREAM_LOCAL_PORT%`.
+    UpstreamLocalPort,
+    /// `%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%` (`%UPSTREAM_REMOTE_ADDRESS%`
+    /// is [`Operator::UpstreamHost`]).
+    UpstreamRemoteAddressWithoutPort,
+    /// `%UPSTREAM_REMOTE_PORT%`.
+    UpstreamRemotePort,
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
     UpstreamTransportFailureReason,
+    /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`: why the downstream TLS
+    /// handshake failed.
+    DownstreamTransportFailureReason,
     /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
     DownstreamRemoteAddress,
     /// `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`.
@@ -110,6 +122,8 @@ impl Operator {
                 | Operator::UpstreamRequestAttemptCount
                 | Operator::DownstreamLocalPort
                 | Operator::DownstreamRemotePort
+                | Operator::UpstreamLocalPort
+                | Operator::UpstreamRemotePort
         )
     }
 }
@@ -403,11 +417,16 @@ fn operator<'a>(
         "DURATION" => Operator::Duration,
         "REQUEST_DURATION" => Operator::RequestDuration,
         "RESPONSE_DURATION" => Operator::ResponseDuration,
-        "UPSTREAM_HOST" => Operator::UpstreamHost,
+        "UPSTREAM_HOST" | "UPSTREAM_REMOTE_ADDRESS" => Operator::UpstreamHost,
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Operator::UpstreamCluster,
         "CONNECTION_TERMINATION_DETAILS" => Operator::ConnectionTerminationDetails,
         "UPSTREAM_LOCAL_ADDRESS" => Operator::UpstreamLocalAddress,
+        "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Operator::UpstreamLocalAddressWithoutPort,
+        "UPSTREAM_LOCAL_PORT" => Operator::UpstreamLocalPort,
+        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Operator::UpstreamRemoteAddressWithoutPort,
+        "UPSTREAM_REMOTE_PORT" => Operator::UpstreamRemotePort,
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Operator::UpstreamTransportFailureReason,
+        "DOWNSTREAM_TRANSPORT_FAILURE_REASON" => Operator::DownstreamTransportFailureReason,
         "DOWNSTREAM_REMOTE_ADDRESS" => Operator::DownstreamRemoteAddress,
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Operator::DownstreamRemoteAddressWithoutPort,
         "DOWNSTREAM_REMOTE_PORT" => Operator::DownstreamRemotePort,

@@ -100,6 +100,11 @@ pub struct Listener {
     /// `traffic_direction` (Istio sets it to tell inbound from outbound
     /// listeners; recorded, it does not change how connections are served).
     pub traffic_direction: TrafficDirection,
+    /// `access_log`: one line per downstream connection when it closes,
+    /// also for connections closed before a network filter ran (no filter
+    /// chain matches: flag `NR`; listener filter timeout; TLS handshake
+    /// failure).
+    pub access_log: Vec<AccessLog>,
 }
 
 /// Envoy `config.core.v3.TrafficDirection`.

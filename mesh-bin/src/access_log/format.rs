@@ -333,7 +333,7 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
     let tls = rec.tls;
     match o {
         Operator::StartTime(f) => Val::Time(rec.start, f.as_ref()),
-        Operator::Protocol => match rec.request.map(|r| r.version) {
+        Operator::Protocol => match rec.request.map(|r| r.version).or(rec.protocol) {
             Some(http::Version::HTTP_10) => Val::Str("HTTP/1.0"),
             Some(http::Version::HTTP_2) => Val::Str("HTTP/2"),
             Some(http::Version::HTTP_3) => Val::Str("HTTP/3"),
@@ -352,6 +352,14 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::UpstreamHost => opt(rec.upstream_host, Val::Addr),
         Operator::UpstreamCluster => rec.upstream_cluster.map(Val::Str).unwrap_or(Val::Missing),
         Operator::UpstreamLocalAddress => opt(rec.upstream_local, Val::Addr),
+        Operator::UpstreamLocalAddressWithoutPort => {
+            opt(rec.upstream_local.map(|a| a.ip()), Val::Ip)
+        }
+        Operator::UpstreamLocalPort => opt(rec.upstream_local, |a| Val::Num(u64::from(a.port()))),
+        Operator::UpstreamRemoteAddressWithoutPort => {
+            opt(rec.upstream_host.map(|a| a.ip()), Val::Ip)
+        }
+        Operator::UpstreamRemotePort => opt(rec.upstream_host, |a| Val::Num(u64::from(a.port()))),
         Operator::UpstreamTransportFailureReason => {
             rec.upstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
@@ -375,6 +383,7 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         }
         Operator::RequestedServerName => tls
             .and_then(|t| t.sni.as_deref())
+            .or(rec.sni)
             .map(Val::Str)
             .unwrap_or(Val::Missing),
         Operator::RouteName => rec.route_name.map(non_empty).unwrap_or(Val::Missing),
@@ -404,6 +413,9 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::DownstreamTlsCipher => tls
             .map(|t| non_empty(openssl_cipher_name(&t.cipher)))
             .unwrap_or(Val::Missing),
+        Operator::DownstreamTransportFailureReason => {
+            rec.downstream_failure.map(Val::Str).unwrap_or(Val::Missing)
+        }
         Operator::ConnectionTerminationDetails
         | Operator::Req(_)
         | Operator::Resp(_)

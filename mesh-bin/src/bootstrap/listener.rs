@@ -168,6 +168,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 &[],
             )
             .unwrap_or_default();
+        let access_log = access_logs(cx, &mut o);
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
         let empty = o.peek("filter_chains").is_some_and(is_empty_list);
@@ -217,6 +218,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 listener_filters_timeout,
                 continue_on_listener_filters_timeout,
                 traffic_direction,
+                access_log,
             });
         }
     }
