@@ -268,8 +268,20 @@ fn pick<'a>(
     get(slots.main).or_else(|| slots.alt.and_then(get))
 }
 
+fn rpc_val<'a>(slot: ReqSlot, r: &'a super::RpcRequest<'a>) -> Option<&'a str> {
+    let non_empty = |s: &'a str| (!s.is_empty()).then_some(s);
+    match slot {
+        ReqSlot::Method => non_empty(r.method),
+        ReqSlot::Path | ReqSlot::Authority => non_empty(r.service),
+        ReqSlot::Scheme | ReqSlot::Absent => None,
+        ReqSlot::Captured(i) => r.capture.headers.get(i).and_then(|v| v.as_deref()),
+    }
+}
+
 fn req_val<'a>(slot: ReqSlot, rec: &'a LogRecord<'a>) -> Option<&'a str> {
-    let r = rec.request?;
+    let Some(r) = rec.request else {
+        return rec.rpc.and_then(|r| rpc_val(slot, r));
+    };
     match slot {
         ReqSlot::Method => Some(r.method.as_str()),
         ReqSlot::Path => Some(r.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
@@ -338,7 +350,10 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
             Some(http::Version::HTTP_2) => Val::Str("HTTP/2"),
             Some(http::Version::HTTP_3) => Val::Str("HTTP/3"),
             Some(_) => Val::Str("HTTP/1.1"),
-            None => Val::Missing,
+            None => rec
+                .rpc
+                .map(|r| Val::Str(r.protocol))
+                .unwrap_or(Val::Missing),
         },
         Operator::ResponseCode => Val::Num(u64::from(rec.status)),
         Operator::ResponseCodeDetails => opt(rec.details, Val::Str),
