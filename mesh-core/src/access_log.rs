@@ -105,6 +105,21 @@ pub enum Operator {
     DownstreamTlsVersion,
     /// `%DOWNSTREAM_TLS_CIPHER%` (OpenSSL names, as Envoy prints them).
     DownstreamTlsCipher,
+    /// `%GRPC_STATUS(FORMAT)%` and `%GRPC_STATUS_NUMBER%`: the gRPC status of
+    /// a gRPC request (`grpc-status` of the trailers, else the headers, else
+    /// mapped from the HTTP status); `-` for other requests.
+    GrpcStatus(GrpcStatusFormat),
+}
+
+/// How `%GRPC_STATUS%` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatusFormat {
+    /// `CAMEL_STRING` (the default): `OK`, `NotFound`, ...
+    Camel,
+    /// `SNAKE_STRING`: `OK`, `NOT_FOUND`, ...
+    Snake,
+    /// `NUMBER` (also `%GRPC_STATUS_NUMBER%`): `0`, `5`, ...
+    Number,
 }
 
 impl Operator {
@@ -124,6 +139,7 @@ impl Operator {
                 | Operator::DownstreamRemotePort
                 | Operator::UpstreamLocalPort
                 | Operator::UpstreamRemotePort
+                | Operator::GrpcStatus(GrpcStatusFormat::Number)
         )
     }
 }
@@ -405,9 +421,20 @@ fn operator<'a>(
             None | Some("") => None,
             Some(f) => Some(parse_time_format(f)?),
         }),
+        "GRPC_STATUS" => Operator::GrpcStatus(match arg {
+            None | Some("") | Some("CAMEL_STRING") => GrpcStatusFormat::Camel,
+            Some("SNAKE_STRING") => GrpcStatusFormat::Snake,
+            Some("NUMBER") => GrpcStatusFormat::Number,
+            Some(other) => {
+                return Err(format!(
+                    "%GRPC_STATUS({other})%: the format is CAMEL_STRING, SNAKE_STRING or NUMBER"
+                ))
+            }
+        }),
         _ if arg.is_some() => {
             return Err(format!("%{name}% takes no argument"));
         }
+        "GRPC_STATUS_NUMBER" => Operator::GrpcStatus(GrpcStatusFormat::Number),
         "PROTOCOL" => Operator::Protocol,
         "RESPONSE_CODE" => Operator::ResponseCode,
         "RESPONSE_CODE_DETAILS" => Operator::ResponseCodeDetails,
@@ -624,6 +651,8 @@ mod tests {
             ("% x", "starts no command operator"),
             ("%REQ(x):a%", "not a number"),
             ("%START_TIME(%Q)%", "unsupported specifier %Q"),
+            ("%GRPC_STATUS(FOO)%", "CAMEL_STRING, SNAKE_STRING or NUMBER"),
+            ("%GRPC_STATUS_NUMBER(X)%", "takes no argument"),
         ] {
             let e = parse_format(f).unwrap_err();
             assert!(e.contains(want), "{f}: {e}");

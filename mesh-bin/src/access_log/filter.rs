@@ -100,7 +100,7 @@ impl Filter {
 /// The stream's gRPC status as Envoy's `grpc_status_filter` finds it:
 /// `grpc-status` from the trailers, else the headers, else mapped from the
 /// HTTP status.
-fn grpc_status(rec: &LogRecord<'_>) -> u32 {
+pub(super) fn grpc_status(rec: &LogRecord<'_>) -> u32 {
     let from = |v: Option<&http::HeaderValue>| {
         v.and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<u32>().ok())

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use mesh_core::access_log::{
-    HeaderRef, JsonNode, LogFormat, LogFormatKind, Operator, Piece, TimeFormat, TimePiece,
+    GrpcStatusFormat, HeaderRef, JsonNode, LogFormat, LogFormatKind, Operator, Piece, TimeFormat,
+    TimePiece,
 };
 
 use super::LogRecord;
@@ -51,6 +52,8 @@ pub enum Op {
     Resp(Slots<usize>),
     /// `%TRAILER(...)%`: indexes into the captured response trailers.
     Trailer(Slots<usize>),
+    /// `%GRPC_STATUS%`, with the request's captured `content-type` slot.
+    Grpc(GrpcStatusFormat, usize),
     /// Any other operator.
     Other(Operator),
 }
@@ -163,6 +166,10 @@ impl Needs {
             Operator::RouteName => {
                 self.route_name = true;
                 Op::Other(op.clone())
+            }
+            Operator::GrpcStatus(f) => {
+                self.grpc_status();
+                Op::Grpc(*f, slot_of(&mut self.req, "content-type")?)
             }
             _ => Op::Other(op.clone()),
         })
@@ -340,6 +347,7 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
                 .map(|v| Val::Str(header_str(v, s.max_len)))
                 .unwrap_or(Val::Missing)
         }
+        Op::Grpc(f, ct) => return grpc_val(*f, *ct, rec),
         Op::Other(o) => o,
     };
     let tls = rec.tls;
@@ -432,9 +440,80 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
             rec.downstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
         Operator::ConnectionTerminationDetails
+        | Operator::GrpcStatus(_)
         | Operator::Req(_)
         | Operator::Resp(_)
         | Operator::Trailer(_) => Val::Missing,
+    }
+}
+
+/// gRPC status names as Envoy's `CAMEL_STRING` writes them.
+const GRPC_CAMEL: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// gRPC status names as Envoy's `SNAKE_STRING` (absl's names) writes them.
+const GRPC_SNAKE: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// `%GRPC_STATUS%`: only for gRPC requests (`content-type:
+/// application/grpc...`), and only once there is a status.
+fn grpc_val<'a>(f: GrpcStatusFormat, content_type: usize, rec: &LogRecord<'a>) -> Val<'a> {
+    let grpc = rec
+        .request
+        .and_then(|r| r.headers.get(content_type))
+        .and_then(Option::as_ref)
+        .is_some_and(|v| {
+            let b = v.as_bytes();
+            b.starts_with(b"application/grpc") && matches!(b.get(16), None | Some(b'+' | b';'))
+        });
+    let known =
+        rec.status != 0 || rec.grpc_status_header.is_some() || rec.grpc_status_trailer.is_some();
+    if !grpc || !known {
+        return Val::Missing;
+    }
+    let n = super::filter::grpc_status(rec);
+    let names = match f {
+        GrpcStatusFormat::Number => return Val::Num(u64::from(n)),
+        GrpcStatusFormat::Camel => &GRPC_CAMEL,
+        GrpcStatusFormat::Snake => &GRPC_SNAKE,
+    };
+    match names.get(n as usize) {
+        Some(name) => Val::Str(name),
+        None => Val::Num(u64::from(n)),
     }
 }
 
