@@ -466,13 +466,12 @@ def test_tcp_proxy_json_format_and_filter(kind, start_proxy, tmp_path, tcp_echo,
     time.sleep(0.5)
     flush(proxy)
     rows = sorted((json.loads(l) for l in read_lines(log, 2)), key=lambda r: r["cluster"])
-    # Envoy's tcp_proxy adds URX once its connect attempts are used up;
-    # mesh reports the one flag (UF).
-    assert "UF" in rows[0].pop("flags").split(","), rows
+    # As Envoy's tcp_proxy, URX once the connect attempts are used up.
+    assert rows[0].pop("flags") == "UF,URX", rows
     assert rows == [
         {"code": 0, "rx": 0, "tx": 0, "upstream": f"127.0.0.1:{refused}",
          "cluster": "dead", "method": None, "protocol": None, "peer": "127.0.0.1"},
         {"code": 0, "flags": "-", "rx": 1000, "tx": 1000, "upstream": f"127.0.0.1:{tcp_echo.port}",
          "cluster": "echo", "method": None, "protocol": None, "peer": "127.0.0.1"},
     ]
-    assert [l.split(",")[0] for l in read_lines(failed, 1)] == ["dead UF"]
+    assert read_lines(failed, 1) == ["dead UF,URX"]

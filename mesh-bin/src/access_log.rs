@@ -263,6 +263,7 @@ impl AccessLogger {
     ) {
         let rec = LogRecord {
             flag: outcome.flag,
+            extra_flag: outcome.extra_flag(),
             bytes_received: received,
             bytes_sent: sent,
             upstream_host: outcome.upstream,
@@ -542,6 +543,9 @@ pub struct LogRecord<'a> {
     pub details: Option<&'a str>,
     /// `%RESPONSE_FLAGS%`.
     pub flag: Option<ResponseFlag>,
+    /// A second flag set with `flag` (`URX` after a TCP proxy's connect
+    /// attempts are used up, as Envoy sets it).
+    pub extra_flag: Option<ResponseFlag>,
     /// `%BYTES_RECEIVED%`.
     pub bytes_received: u64,
     /// `%BYTES_SENT%`.
@@ -604,6 +608,7 @@ impl<'a> LogRecord<'a> {
             status: 0,
             details: None,
             flag: None,
+            extra_flag: None,
             bytes_received: 0,
             bytes_sent: 0,
             request_duration: None,

@@ -87,7 +87,13 @@ impl Filter {
             Filter::NotHealthCheck => true,
             Filter::Flags(flags) => match rec.flag {
                 None => false,
-                Some(f) => flags.is_empty() || flags.iter().any(|x| x == f.as_str()),
+                Some(f) => {
+                    flags.is_empty()
+                        || [Some(f), rec.extra_flag]
+                            .into_iter()
+                            .flatten()
+                            .any(|f| flags.iter().any(|x| x == f.as_str()))
+                }
             },
             Filter::Header(bit) => rec.header_bits & (1u64 << bit) != 0,
             Filter::Grpc(statuses, exclude) => statuses.contains(&grpc_status(rec)) != *exclude,

@@ -13,6 +13,9 @@ use mesh_core::access_log::{
     TimePiece,
 };
 
+use mesh_core::access_log::RESPONSE_FLAG_NAMES;
+use mesh_core::flags::ResponseFlag;
+
 use super::LogRecord;
 
 /// Envoy's default format (a format string).
@@ -234,6 +237,8 @@ enum Val<'a> {
     Ms(Duration),
     Time(SystemTime, Option<&'a TimeFormat>),
     List(&'a [String]),
+    /// Two response flags, written in Envoy's order.
+    Flags(ResponseFlag, ResponseFlag),
 }
 
 impl Val<'_> {
@@ -250,6 +255,16 @@ impl Val<'_> {
             Val::Ip(a) => write!(w, "{a}"),
             Val::Ms(d) => write!(w, "{}", d.as_millis()),
             Val::Time(t, f) => write_time(w, *t, *f),
+            Val::Flags(a, b) => {
+                let pos = |f: &ResponseFlag| {
+                    RESPONSE_FLAG_NAMES
+                        .iter()
+                        .position(|n| *n == f.as_str())
+                        .unwrap_or(usize::MAX)
+                };
+                let (a, b) = if pos(a) <= pos(b) { (a, b) } else { (b, a) };
+                write!(w, "{a},{b}")
+            }
             Val::List(l) => {
                 for (i, s) in l.iter().enumerate() {
                     if i > 0 {
@@ -366,7 +381,11 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::ResponseCode => Val::Num(u64::from(rec.status)),
         Operator::ResponseCodeDetails => opt(rec.details, Val::Str),
         // Envoy writes `-` for no flags, also in JSON (a string, not null).
-        Operator::ResponseFlags => Val::Str(rec.flag.map(|f| f.as_str()).unwrap_or("-")),
+        Operator::ResponseFlags => match (rec.flag, rec.extra_flag) {
+            (None, _) => Val::Str("-"),
+            (Some(f), None) => Val::Str(f.as_str()),
+            (Some(a), Some(b)) => Val::Flags(a, b),
+        },
         Operator::BytesReceived => Val::Num(rec.bytes_received),
         Operator::BytesSent => Val::Num(rec.bytes_sent),
         Operator::Duration => Val::Ms(rec.duration),

@@ -211,6 +211,15 @@ impl ConnLog {
     }
 }
 
+impl TcpOutcome {
+    /// Envoy's tcp_proxy adds `URX` when a connect failure used up its
+    /// connect attempts (one: mesh does not retry connects).
+    pub fn extra_flag(&self) -> Option<ResponseFlag> {
+        (self.flag == Some(ResponseFlag::UpstreamConnectionFailure))
+            .then_some(ResponseFlag::UpstreamRetryLimitExceeded)
+    }
+}
+
 impl std::fmt::Debug for TcpOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpOutcome")
@@ -232,6 +241,7 @@ impl Drop for ConnLog {
         };
         let rec = LogRecord {
             flag: self.flag.or(tcp.flag),
+            extra_flag: tcp.extra_flag(),
             details: self.details,
             bytes_received: m.received.load(Ordering::Relaxed),
             bytes_sent: m.sent.load(Ordering::Relaxed),
