@@ -31,6 +31,8 @@ use mesh_tls::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::listener::{ConnLog, Metered};
+use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
 use crate::inspect::{Inspected, ProtocolInspector};
@@ -108,6 +110,8 @@ pub(crate) struct Chains {
     pub(crate) remote_close: Counter,
     /// The original destination filter and `use_original_dst` hand-off.
     pub(crate) capture: crate::original_dst::Capture,
+    /// The listener's `access_log`.
+    pub(crate) access_log: Option<AccessLogger>,
 }
 
 impl Chains {
@@ -141,6 +145,7 @@ impl Chains {
                 &label,
             ),
             capture: Default::default(),
+            access_log: None,
         }
     }
 
@@ -159,6 +164,16 @@ impl Chains {
     pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
         self.capture = capture;
         self
+    }
+
+    /// Adds the listener's `access_log` (errors name the log's index).
+    pub(crate) fn with_access_log(
+        mut self,
+        configs: &[mesh_core::config::AccessLog],
+        store: &Store,
+    ) -> Result<Self, String> {
+        self.access_log = AccessLogger::new(configs, store)?;
+        Ok(self)
     }
 }
 
@@ -259,6 +274,10 @@ impl WorkerChains {
         let deadline = shared
             .inspect_timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
+        let mut log = shared
+            .access_log
+            .as_ref()
+            .map(|l| ConnLog::new(l, peer, local));
         let (transport, hello) = if shared.inspect {
             let t = shared
                 .inspect_timeout
@@ -323,8 +342,14 @@ impl WorkerChains {
             sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
             alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&detected),
         };
+        if let Some(l) = &mut log {
+            l.sni(info.sni);
+        }
         let Some(index) = shared.selector.select(&info) else {
             shared.no_match.inc();
+            if let Some(l) = &mut log {
+                l.no_filter_chain();
+            }
             tracing::debug!(%peer, %local, sni = ?info.sni, transport, "no filter chain matches; closing");
             return;
         };
@@ -354,13 +379,16 @@ impl WorkerChains {
             restored,
         };
         match &chain.tls {
-            None => self.run(index, stream, conn, guard, None).await,
+            None => self.run(index, stream, conn, guard, None, &mut log).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, conn, guard, Some(Arc::new(id)))
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)), &mut log)
                         .await
                 }
                 Err(e) => {
+                    if let Some(l) = &mut log {
+                        l.tls_failed(e.reason.as_str(), &e.message);
+                    }
                     tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
                         "downstream TLS handshake failed; closing");
                 }
@@ -368,6 +396,7 @@ impl WorkerChains {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run<S>(
         &self,
         index: usize,
@@ -375,6 +404,7 @@ impl WorkerChains {
         conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
+        log: &mut Option<ConnLog>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -384,6 +414,10 @@ impl WorkerChains {
             restored,
         } = conn;
         let original_dst = restored.then_some(local);
+        if let (Some(l), Some(id)) = (log.as_mut(), &tls) {
+            l.tls(id);
+        }
+        let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -399,6 +433,10 @@ impl WorkerChains {
             WorkerTerminal::Http { proxy, server } => {
                 let mut svc =
                     ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -411,6 +449,10 @@ impl WorkerChains {
             WorkerTerminal::HttpSwapping { slot, server } => {
                 let mut svc = ConnService::swapping(slot.clone(), peer, local)
                     .with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -421,14 +463,22 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::Tcp(t) => {
-                t.clone()
+                let outcome = t
+                    .clone()
                     .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
-                    .await
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::TcpSwapping(slot) => {
-                slot.load_full()
+                let outcome = slot
+                    .load_full()
                     .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
-                    .await
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")

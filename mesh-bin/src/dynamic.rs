@@ -1719,7 +1719,9 @@ impl Manager {
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),
-            }),
+            })
+            .with_access_log(&l.access_log, &self.cx.store)
+            .map_err(|e| format!("listener {:?}: access_log{e}", l.name))?,
         );
         let views: Vec<Arc<WorkerChains>> = (0..self.cx.workers.len())
             .map(|w| {

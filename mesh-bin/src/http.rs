@@ -1732,6 +1732,13 @@ impl ConnService {
         }
     }
 
+    /// Uses `id` as the connection's `%CONNECTION_ID%` (the listener's
+    /// access log numbered it first).
+    pub fn with_connection_id(mut self, id: u64) -> Self {
+        self.id = id;
+        self
+    }
+
     /// Marks the connection as TLS: every request carries `identity` as an
     /// extension (`Arc<PeerIdentity>`), for RBAC and the access log.
     pub fn with_tls(mut self, identity: Arc<mesh_core::identity::PeerIdentity>) -> Self {

@@ -377,7 +377,9 @@ impl Proxy {
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| handoff.clone()),
-            });
+            })
+            .with_access_log(&l.access_log, &store)
+            .map_err(|e| StartError::Config(format!("{path}.access_log{e}")))?;
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,

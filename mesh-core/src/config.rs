@@ -124,6 +124,11 @@ pub struct Listener {
     /// socket and only receives connections handed off by a
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
+    /// `access_log`: one line per downstream connection when it closes,
+    /// also for connections closed before a network filter ran (no filter
+    /// chain matches: flag `NR`; listener filter timeout; TLS handshake
+    /// failure).
+    pub access_log: Vec<AccessLog>,
 }
 
 /// Envoy `config.core.v3.TrafficDirection`.

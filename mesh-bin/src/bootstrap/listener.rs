@@ -217,6 +217,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 &[],
             )
             .unwrap_or_default();
+        let access_log = access_logs(cx, &mut o);
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
         let empty = o.peek("filter_chains").is_some_and(is_empty_list);
@@ -271,6 +272,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 original_dst: inspectors.original_dst,
                 use_original_dst,
                 bind_to_port,
+                access_log,
             });
         }
     }
