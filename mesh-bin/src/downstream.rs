@@ -31,6 +31,8 @@ use mesh_tls::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::listener::{ConnLog, Metered};
+use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
 use crate::inspect::{Inspected, ProtocolInspector};
@@ -106,6 +108,10 @@ pub(crate) struct Chains {
     /// Envoy's `downstream_listener_filter_remote_close`: the peer closed
     /// while the listener filters waited for bytes.
     pub(crate) remote_close: Counter,
+    /// The original destination filter and `use_original_dst` hand-off.
+    pub(crate) capture: crate::original_dst::Capture,
+    /// The listener's `access_log`.
+    pub(crate) access_log: Option<AccessLogger>,
 }
 
 impl Chains {
@@ -138,6 +144,8 @@ impl Chains {
                 "envoy_listener_downstream_listener_filter_remote_close",
                 &label,
             ),
+            capture: Default::default(),
+            access_log: None,
         }
     }
 
@@ -151,6 +159,31 @@ impl Chains {
         self.protocols = ProtocolInspector::new(http_inspector, protocol_inspector, store);
         self
     }
+
+    /// With the original destination filter and hand-off of `capture`.
+    pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// Adds the listener's `access_log` (errors name the log's index).
+    pub(crate) fn with_access_log(
+        mut self,
+        configs: &[mesh_core::config::AccessLog],
+        store: &Store,
+    ) -> Result<Self, String> {
+        self.access_log = AccessLogger::new(configs, store)?;
+        Ok(self)
+    }
+}
+
+/// The addresses of a downstream connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// `local` is the original destination restored by the listener filter.
+    restored: bool,
 }
 
 enum WorkerTerminal {
@@ -174,13 +207,10 @@ pub(crate) struct WorkerChains {
     shared: Arc<Chains>,
     terminals: Vec<WorkerTerminal>,
     drain: CancellationToken,
+    worker: usize,
 }
 
 impl WorkerChains {
-    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
-        Self::for_worker(shared, cm, drain, 0)
-    }
-
     /// The view of worker `worker` (which picks its slots of swapping
     /// terminals).
     pub(crate) fn for_worker(
@@ -215,11 +245,25 @@ impl WorkerChains {
             shared,
             terminals,
             drain,
+            worker,
         }
     }
 
-    /// Serves one accepted connection to its end.
+    /// The worker this view belongs to.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Serves one accepted connection to its end: the original destination
+    /// filter and hand-off first, then the chosen listener's chains.
     pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let c = self.shared.capture.apply(self.clone(), a);
+        c.chains.serve_chains(c.accepted, c.restored).await
+    }
+
+    /// Serves one connection with this listener's filter chains;
+    /// `restored`: its local address is the original destination.
+    async fn serve_chains(self: Arc<Self>, a: Accepted, restored: bool) {
         let Accepted {
             stream,
             peer,
@@ -232,6 +276,10 @@ impl WorkerChains {
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
         // After a timeout the remaining listener filters are skipped.
         let mut timed_out = false;
+        let mut log = shared
+            .access_log
+            .as_ref()
+            .map(|l| ConnLog::new(l, peer, local));
         let (transport, hello) = if shared.inspect {
             let t = shared
                 .inspect_timeout
@@ -297,8 +345,14 @@ impl WorkerChains {
             sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
             alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&detected),
         };
+        if let Some(l) = &mut log {
+            l.sni(info.sni);
+        }
         let Some(index) = shared.selector.select(&info) else {
             shared.no_match.inc();
+            if let Some(l) = &mut log {
+                l.no_filter_chain();
+            }
             tracing::debug!(%peer, %local, sni = ?info.sni, transport, "no filter chain matches; closing");
             return;
         };
@@ -322,14 +376,22 @@ impl WorkerChains {
             };
             return worker.handle(a, self.drain.clone()).await;
         }
+        let conn = Conn {
+            peer,
+            local,
+            restored,
+        };
         match &chain.tls {
-            None => self.run(index, stream, peer, local, guard, None).await,
+            None => self.run(index, stream, conn, guard, None, &mut log).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)), &mut log)
                         .await
                 }
                 Err(e) => {
+                    if let Some(l) = &mut log {
+                        l.tls_failed(e.reason.as_str(), &e.message);
+                    }
                     tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
                         "downstream TLS handshake failed; closing");
                 }
@@ -337,17 +399,28 @@ impl WorkerChains {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run<S>(
         &self,
         index: usize,
         stream: S,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
+        log: &mut Option<ConnLog>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Conn {
+            peer,
+            local,
+            restored,
+        } = conn;
+        let original_dst = restored.then_some(local);
+        if let (Some(l), Some(id)) = (log.as_mut(), &tls) {
+            l.tls(id);
+        }
+        let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -361,7 +434,12 @@ impl WorkerChains {
         }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
-                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                let mut svc =
+                    ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -372,7 +450,12 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
-                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                let mut svc = ConnService::swapping(slot.clone(), peer, local)
+                    .with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -383,14 +466,22 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::Tcp(t) => {
-                t.clone()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                let outcome = t
+                    .clone()
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::TcpSwapping(slot) => {
-                slot.load_full()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                let outcome = slot
+                    .load_full()
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")

@@ -26,6 +26,7 @@ const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 const TLS_INSPECTOR: usize = 0;
 const HTTP_INSPECTOR: usize = 1;
 const PROTOCOL_INSPECTOR: usize = 2;
+const ORIGINAL_DST: usize = 3;
 
 const LISTENER_FILTERS: &[Known] = &[
     Known {
@@ -43,6 +44,11 @@ const LISTENER_FILTERS: &[Known] = &[
         type_url:
             "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector",
     },
+    Known {
+        name: "envoy.filters.listener.original_dst",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    },
 ];
 
 /// The inspectors `listener_filters` lists.
@@ -50,9 +56,12 @@ struct Inspectors {
     tls: bool,
     http: bool,
     protocol: bool,
+    /// `envoy.filters.listener.original_dst`.
+    original_dst: bool,
 }
 
-/// `listener_filters`: which inspectors are present (each at most once).
+/// `listener_filters`: which inspectors (and whether the original
+/// destination filter) are present (each at most once).
 fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
     let mut seen = [false; LISTENER_FILTERS.len()];
     for (path, v) in o.list(cx, "listener_filters") {
@@ -61,7 +70,12 @@ fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
         };
         if let Some((which, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS)
         {
-            if let Some(tc) = tc {
+            if let Some(mut tc) = tc {
+                if which == ORIGINAL_DST {
+                    // Windows-only settings; on Linux the address comes
+                    // from SO_ORIGINAL_DST.
+                    tc.refuse(cx, "traffic_direction", "a Windows-only setting");
+                }
                 tc.finish(cx);
             }
             if seen[which] {
@@ -78,6 +92,7 @@ fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
         tls: seen[TLS_INSPECTOR],
         http: seen[HTTP_INSPECTOR],
         protocol: seen[PROTOCOL_INSPECTOR],
+        original_dst: seen[ORIGINAL_DST],
     }
 }
 
@@ -180,6 +195,8 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
             .u32(cx, "per_connection_buffer_limit_bytes")
             .unwrap_or(DEFAULT_BUFFER_LIMIT);
         let inspectors = listener_filters(cx, &mut o);
+        let use_original_dst = o.bool(cx, "use_original_dst").unwrap_or(false);
+        let bind_to_port = o.bool(cx, "bind_to_port").unwrap_or(true);
         let listener_filters_timeout = o.timeout(
             cx,
             "listener_filters_timeout",
@@ -200,6 +217,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 &[],
             )
             .unwrap_or_default();
+        let access_log = access_logs(cx, &mut o);
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
         let empty = o.peek("filter_chains").is_some_and(is_empty_list);
@@ -251,6 +269,10 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 traffic_direction,
                 http_inspector: inspectors.http,
                 protocol_inspector: inspectors.protocol,
+                original_dst: inspectors.original_dst,
+                use_original_dst,
+                bind_to_port,
+                access_log,
             });
         }
     }
