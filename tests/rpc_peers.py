@@ -85,6 +85,21 @@ def _factories(transport: str, protocol: str):
     from thrift.protocol import TBinaryProtocol, TCompactProtocol
     from thrift.transport import TTransport
 
+    if transport == "header":
+        # THeaderTransport: the protocol frames itself; `protocol` is the
+        # payload's (binary or compact).
+        from thrift.protocol.THeaderProtocol import THeaderProtocolFactory
+        from thrift.transport.THeaderTransport import THeaderSubprotocolID
+
+        sub = (THeaderSubprotocolID.COMPACT if protocol == "compact"
+               else THeaderSubprotocolID.BINARY)
+        return TTransport.TTransportFactoryBase(), THeaderProtocolFactory(default_protocol=sub)
+    if protocol == "lax":
+        # Old, unversioned binary message headers (unframed or framed).
+        pf = TBinaryProtocol.TBinaryProtocolFactory(strictRead=False, strictWrite=False)
+        tf = (TTransport.TFramedTransportFactory() if transport == "framed"
+              else TTransport.TBufferedTransportFactory())
+        return tf, pf
     tf = (TTransport.TFramedTransportFactory() if transport == "framed"
           else TTransport.TBufferedTransportFactory())
     pf = (TCompactProtocol.TCompactProtocolFactory() if protocol == "compact"
@@ -189,6 +204,8 @@ class ThriftClient:
         tf, pf = _factories(transport, protocol)
         self.transport = tf.getTransport(sock)
         proto = pf.getProtocol(self.transport)
+        # The header transport's protocol (set_header for info headers).
+        self.proto = proto
         if multiplexed:
             proto = TMultiplexedProtocol.TMultiplexedProtocol(proto, multiplexed)
         self.client = Calc.Client(proto)

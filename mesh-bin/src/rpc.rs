@@ -87,14 +87,20 @@ pub fn codec_for(config: &RpcProxy, registry: &CodecRegistry) -> Option<Arc<dyn 
         RpcCodec::Auto => Arc::new(auto::Auto::default()),
         RpcCodec::Dubbo => Arc::new(dubbo::Dubbo),
         RpcCodec::Bolt => Arc::new(bolt::Bolt),
-        &RpcCodec::Thrift { framed, protocol } => Arc::new(thrift::Thrift {
-            transport: framed.map(|f| {
-                if f {
-                    thrift::Transport::Framed
-                } else {
-                    thrift::Transport::Unframed
-                }
-            }),
+        &RpcCodec::Thrift {
+            framed,
+            protocol,
+            header,
+        } => Arc::new(thrift::Thrift {
+            transport: framed
+                .map(|f| {
+                    if f {
+                        thrift::Transport::Framed
+                    } else {
+                        thrift::Transport::Unframed
+                    }
+                })
+                .or(header.then_some(thrift::Transport::Header)),
             protocol: protocol.map(|p| match p {
                 ThriftProtocol::Binary => thrift::Protocol::Binary,
                 ThriftProtocol::LaxBinary => thrift::Protocol::LaxBinary,

@@ -62,7 +62,8 @@ fn thrift_proxy_routes_become_method_matchers() {
         r.codec,
         RpcCodec::Thrift {
             framed: Some(true),
-            protocol: Some(ThriftProtocol::Compact)
+            protocol: Some(ThriftProtocol::Compact),
+            header: false,
         }
     );
     let routes = &r.route_config.virtual_hosts[0].routes;
@@ -103,13 +104,41 @@ fn dubbo_interfaces_are_virtual_hosts_with_group_and_version() {
 }
 
 #[test]
+fn thrift_proxy_takes_the_header_transport() {
+    let r = rpc(json!({
+        "name": "envoy.filters.network.thrift_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+            "stat_prefix": "t",
+            "transport": "HEADER",
+            "protocol": "AUTO_PROTOCOL",
+            "header_keys_preserve_case": true,
+            "route_config": {"routes": [
+                {"match": {"method_name": "", "headers": [
+                    {"name": "x-route", "string_match": {"exact": "b"}}]}, "route": {"cluster": "b"}}
+            ]}
+        }
+    }));
+    assert_eq!(
+        r.codec,
+        RpcCodec::Thrift {
+            framed: None,
+            protocol: None,
+            header: true,
+        }
+    );
+    let m = &r.route_config.virtual_hosts[0].routes[0].matcher.headers[0];
+    assert_eq!(m.name, "x-route");
+}
+
+#[test]
 fn unsupported_fields_are_refused_by_path() {
     let e = errors(json!({
         "name": "envoy.filters.network.thrift_proxy",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
             "stat_prefix": "t",
-            "transport": "HEADER",
+            "protocol": "TWITTER",
             "route_config": {"routes": [
                 {"match": {"method_name": "x"}, "route": {"cluster": "a", "strip_service_name": true}}
             ]}
@@ -117,7 +146,7 @@ fn unsupported_fields_are_refused_by_path() {
     }));
     assert!(
         e.iter()
-            .any(|m| m.starts_with(&format!("unsupported: {BASE}.transport"))),
+            .any(|m| m.starts_with(&format!("unsupported: {BASE}.protocol"))),
         "{e:?}"
     );
     assert!(

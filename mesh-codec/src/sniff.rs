@@ -20,7 +20,7 @@
 //! |---|---|
 //! | Dubbo | magic `da bb` |
 //! | SOFA Bolt v1 | protocol `01`, type `00`..`02` (response, request, oneway), command code `00 00`..`00 02` (heartbeat, request, response) |
-//! | Thrift | strict binary `80 01`, compact `82` then a byte whose low five bits are version 1, or either after a 4-byte frame length under 16 MiB (framed transport) |
+//! | Thrift | strict binary `80 01`, compact `82` then a byte whose low five bits are version 1, lax binary (a name length of 1 to 1024, that many visible ASCII characters, then message type 1 to 4), or any of these or the header transport magic `0f ff` after a 4-byte frame length (framed and header transports) |
 //!
 //! The protocols never share a first byte (an HTTP method is a token of
 //! visible ASCII characters), so at most one of them is ever found. Nothing
@@ -268,19 +268,52 @@ fn thrift_message(buf: &[u8]) -> Detection {
     }
 }
 
+/// The longest method name a lax binary message header is taken with.
+const MAX_LAX_NAME: u32 = 1024;
+
+/// A lax (unversioned) binary message header: an i32 name length (1 to
+/// [`MAX_LAX_NAME`]), that many visible ASCII characters, then a message
+/// type from 1 (call) to 4 (oneway).
+fn thrift_lax(buf: &[u8]) -> Detection {
+    let Some(len) = buf.get(..4) else {
+        return match buf.iter().all(|&b| b == 0) {
+            true => Detection::NeedMore,
+            false => Detection::NotFound,
+        };
+    };
+    let n = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+    if n == 0 || n > MAX_LAX_NAME {
+        return Detection::NotFound;
+    }
+    let name = &buf[4..buf.len().min(4 + n as usize)];
+    if !name.iter().all(u8::is_ascii_graphic) {
+        return Detection::NotFound;
+    }
+    match buf.get(4 + n as usize) {
+        None => Detection::NeedMore,
+        Some(1..=4) => Detection::Found(Protocol::Thrift),
+        Some(_) => Detection::NotFound,
+    }
+}
+
 fn thrift(buf: &[u8]) -> Detection {
     match thrift_message(buf) {
         Detection::NotFound => {}
         other => return other,
     }
-    // Framed: a 4-byte length (positive, under 16 MiB), then the message
-    // header.
-    match buf.get(..4) {
+    // Framed: a 4-byte length (positive, under 16 MiB), then a message
+    // header or the header transport's magic `0f ff`.
+    let framed = match buf.get(..4) {
         _ if buf.first() != Some(&0) => Detection::NotFound,
         None => Detection::NeedMore,
         Some([0, 0, 0, 0]) => Detection::NotFound,
-        Some(_) => thrift_message(&buf[4..]),
-    }
+        Some(_) => combine([
+            thrift_message(&buf[4..]),
+            pattern(&buf[4..], &[|b| b == 0x0f, |b| b == 0xff], Protocol::Thrift),
+            thrift_lax(&buf[4..]),
+        ]),
+    };
+    combine([framed, thrift_lax(buf)])
 }
 
 #[cfg(test)]
@@ -354,6 +387,30 @@ mod tests {
         assert_eq!(all(&[0x82, 0x21]), Found(Thrift));
         prefixes_need_more(&[0x00, 0x00, 0x00, 0x20, 0x80, 0x01], Found(Thrift));
         prefixes_need_more(&[0x00, 0x00, 0x01, 0x00, 0x82, 0x41], Found(Thrift));
+        // The header transport: a frame length, then its magic.
+        prefixes_need_more(&[0x00, 0x00, 0x00, 0x20, 0x0f, 0xff], Found(Thrift));
+    }
+
+    #[test]
+    fn lax_binary_thrift() {
+        // Unframed: name length 3, "add", CALL.
+        prefixes_need_more(&[0, 0, 0, 3, b'a', b'd', b'd', 1], Found(Thrift));
+        // Framed: a frame length, then the same.
+        prefixes_need_more(
+            &[0, 0, 0, 12, 0, 0, 0, 3, b'a', b'd', b'd', 4],
+            Found(Thrift),
+        );
+        for b in [
+            // Message type 5.
+            &[0, 0, 0, 3, b'a', b'd', b'd', 5][..],
+            // A control character in the name.
+            &[0, 0, 0, 3, b'a', 0x07],
+            // A name longer than any method's.
+            &[0, 0, 0x10, 0, b'a', b'b'],
+            &[0, 0, 0, 12, 0, 0, 0, 0, 1],
+        ] {
+            assert_eq!(all(b), NotFound, "{b:02x?}");
+        }
     }
 
     #[test]
@@ -367,7 +424,7 @@ mod tests {
             &[0x82, 0x22],
             &[0x00, 0x00, 0x00, 0x00, 0x80, 0x01],
             &[0xff, 0x00, 0x00, 0x10, 0x80, 0x01],
-            &[0x00, 0x00, 0x00, 0x10, 0x41],
+            &[0x00, 0x00, 0x00, 0x10, 0x01],
         ] {
             assert_eq!(all(b), NotFound, "{b:02x?}");
         }

@@ -240,10 +240,15 @@ fn encoded(codec: &dyn Codec, m: &Message) -> Vec<u8> {
 fn fuzz_thrift() {
     let codec = thrift::Thrift::default();
     let mut seeds = Vec::new();
-    for wire in [0u32, 1, 3, 4, 5] {
+    // Unframed/framed (bit 0) strict binary, lax binary (2), compact (4),
+    // and the header transport (8) with binary or compact.
+    for wire in [0u32, 1, 2, 3, 4, 5, 8, 12] {
         let mut call = Message::new(7, MessageKind::Request);
         call.meta.method = "Calc:add".into();
         call.wire = wire;
+        if wire & 8 != 0 {
+            call.meta.headers = vec![("x-route".into(), "blue".into()), ("k".into(), "".into())];
+        }
         call.body = if wire & 4 != 0 {
             // compact: i32 field 1 = 2, list<string> field 2 = ["ab"], STOP
             bytes::Bytes::from_static(&[0x15, 0x04, 0x19, 0x18, 0x02, b'a', b'b', 0x00])

@@ -249,6 +249,9 @@ pub enum RpcCodec {
         framed: Option<bool>,
         /// `protocol`.
         protocol: Option<ThriftProtocol>,
+        /// `transport: HEADER` (`THeaderTransport`; `framed` is then
+        /// `None`).
+        header: bool,
     },
     /// Apache Dubbo (dubbo2, Hessian2).
     Dubbo,

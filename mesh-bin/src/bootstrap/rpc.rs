@@ -113,18 +113,20 @@ fn router_only(cx: &mut Ctx, o: &mut Obj<'_>, key: &str, router: &str, type_url:
 /// `envoy.filters.network.thrift_proxy`'s typed config.
 pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     let stat_prefix = o.req_string(cx, "stat_prefix").unwrap_or_default();
-    let framed = o
+    // (framed, header)
+    let (framed, header) = o
         .enumeration(
             cx,
             "transport",
             &[
-                ("AUTO_TRANSPORT", None),
-                ("FRAMED", Some(true)),
-                ("UNFRAMED", Some(false)),
+                ("AUTO_TRANSPORT", (None, false)),
+                ("FRAMED", (Some(true), false)),
+                ("UNFRAMED", (Some(false), false)),
+                ("HEADER", (None, true)),
             ],
-            &[("HEADER", "the header transport is not supported")],
+            &[],
         )
-        .flatten();
+        .unwrap_or_default();
     let protocol = o
         .enumeration(
             cx,
@@ -149,9 +151,8 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     // mesh always passes the payload through untouched.
     o.bool(cx, "payload_passthrough");
     o.refuse(cx, "max_requests_per_connection", "not supported yet");
-    if o.bool(cx, "header_keys_preserve_case") == Some(true) {
-        cx.unsupported(&o.at("header_keys_preserve_case"), Some("header transport"));
-    }
+    // Header transport keys always keep their case (matches ignore it).
+    o.bool(cx, "header_keys_preserve_case");
     let access_log = access_logs(cx, &mut o);
     let mut routes = Vec::new();
     let mut rc_name = String::new();
@@ -171,7 +172,11 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     RpcProxy {
         filter: RpcFilter::Thrift,
         stat_prefix,
-        codec: RpcCodec::Thrift { framed, protocol },
+        codec: RpcCodec::Thrift {
+            framed,
+            protocol,
+            header,
+        },
         route_config: RouteConfiguration {
             name: rc_name,
             virtual_hosts: vec![VirtualHost {
@@ -393,6 +398,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
         Some(_) => Some(RpcCodec::Thrift {
             framed: None,
             protocol: None,
+            header: false,
         }),
         None => {
             if !o.has("codec") {

@@ -1,5 +1,6 @@
-//! Apache Thrift: framed and unframed transports, binary (strict and lax)
-//! and compact protocols, multiplexed service names.
+//! Apache Thrift: framed, unframed and header (`THeaderTransport`)
+//! transports, binary (strict and lax) and compact protocols, multiplexed
+//! service names.
 //!
 //! A message is `message-begin (name, type, seqid) | struct`. The proxy
 //! reads the method name, type and sequence id; the argument or result
@@ -18,6 +19,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Codec, DecodeError, Message, MessageKind, ProxyError};
 
+pub mod header;
+
 /// A Thrift transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -25,6 +28,9 @@ pub enum Transport {
     Framed,
     /// Messages back to back.
     Unframed,
+    /// `THeaderTransport`: a framed transport whose frames carry a sequence
+    /// id, the protocol id and key/value info headers (see [`header`]).
+    Header,
 }
 
 /// A Thrift protocol.
@@ -54,6 +60,9 @@ const EXCEPTION: u8 = 3;
 const ONEWAY: u8 = 4;
 
 const STRICT_VERSION: u32 = 0x8001_0000;
+/// The `wire` bit of the header transport (its 16 flag bits sit above,
+/// from bit 8).
+const HEADER_WIRE: u32 = 8;
 const COMPACT_ID: u8 = 0x82;
 const COMPACT_VERSION: u8 = 1;
 
@@ -76,6 +85,7 @@ fn wire_of(t: Transport, p: Protocol) -> u32 {
     let t = match t {
         Transport::Framed => 1,
         Transport::Unframed => 0,
+        Transport::Header => HEADER_WIRE,
     };
     let p = match p {
         Protocol::Binary => 0,
@@ -87,7 +97,9 @@ fn wire_of(t: Transport, p: Protocol) -> u32 {
 
 /// The transport and protocol a message was received with.
 pub fn wire_format(wire: u32) -> (Transport, Protocol) {
-    let t = if wire & 1 == 1 {
+    let t = if wire & HEADER_WIRE != 0 {
+        Transport::Header
+    } else if wire & 1 == 1 {
         Transport::Framed
     } else {
         Transport::Unframed
@@ -509,9 +521,23 @@ impl Codec for Thrift {
         let transport = match self.transport {
             Some(t) => t,
             None if first == 0x80 || first == COMPACT_ID => Transport::Unframed,
-            None => Transport::Framed,
+            None => {
+                // After a frame length comes a strict or compact message
+                // (`80`, `82`), a header transport magic (`0f ff`) or a lax
+                // binary name length (`00`); after an unframed lax binary
+                // message's name length comes the name itself.
+                let (Some(&b4), Some(&b5)) = (src.get(4), src.get(5)) else {
+                    return Ok(None);
+                };
+                match [b4, b5] {
+                    header::MAGIC => Transport::Header,
+                    _ if b4.is_ascii_graphic() => Transport::Unframed,
+                    _ => Transport::Framed,
+                }
+            }
         };
         match transport {
+            Transport::Header => header::decode(self, src, max_frame),
             Transport::Framed => {
                 if src.len() < 4 {
                     return Ok(None);
@@ -581,8 +607,11 @@ impl Codec for Thrift {
         let seqid = id as u32;
         let name_len = msg.meta.method.len();
         let start = dst.len();
-        if transport == Transport::Framed {
+        if transport != Transport::Unframed {
             dst.put_u32(0);
+        }
+        if transport == Transport::Header {
+            header::put_header(msg, seqid, protocol, dst);
         }
         let put_name = |dst: &mut BytesMut| dst.put_slice(msg.meta.method.as_bytes());
         match protocol {
@@ -607,7 +636,7 @@ impl Codec for Thrift {
             }
         }
         dst.put_slice(&msg.body);
-        if transport == Transport::Framed {
+        if transport != Transport::Unframed {
             let len = (dst.len() - start - 4) as u32;
             dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
         }
@@ -627,6 +656,12 @@ impl Codec for Thrift {
 
     fn max_request_id(&self) -> u64 {
         i32::MAX as u64
+    }
+
+    /// The header transport's info headers are written from
+    /// `msg.meta.headers` by every [`Codec::encode`].
+    fn write_headers(&self, msg: &mut Message) -> bool {
+        wire_format(msg.wire).0 == Transport::Header
     }
 
     /// Thrift servers answer in order, one call at a time per connection.
@@ -739,9 +774,9 @@ mod tests {
     #[test]
     fn every_transport_and_protocol_round_trips_byte_for_byte() {
         for p in [Protocol::Binary, Protocol::LaxBinary, Protocol::Compact] {
-            for t in [Transport::Framed, Transport::Unframed] {
-                if p == Protocol::LaxBinary && t == Transport::Unframed {
-                    // Only detectable when configured.
+            for t in [Transport::Framed, Transport::Unframed, Transport::Header] {
+                if p == Protocol::LaxBinary && t == Transport::Header {
+                    // The header transport carries binary or compact only.
                     continue;
                 }
                 let wire = call(p, t, "Calc:add", 300);
