@@ -90,6 +90,12 @@ pub struct ClusterEntry {
     pub health_checker: Option<Arc<HealthChecker>>,
     /// Circuit breakers and retry stats.
     pub policy: crate::resilience::ClusterPolicy,
+    /// The hosts of an ORIGINAL_DST cluster (its balancer only shows
+    /// them).
+    pub original_dst: Option<Arc<crate::original_dst::OriginalDstHosts>>,
+    /// On-demand EDS (`--lazy-eds`): the first request waits here for the
+    /// endpoints; `None` for every other cluster.
+    pub on_demand: Option<Arc<crate::lazy_eds::OnDemandEndpoints>>,
 }
 
 /// Every cluster by name.
@@ -165,6 +171,9 @@ impl ClusterManager {
                         move |n| membership.set(n as i64),
                     ));
                 }
+                DiscoveryType::OriginalDst(_) => {
+                    // Hosts are created on demand (`original_dst.rs`).
+                }
                 DiscoveryType::Eds { .. } if xds => {
                     // Endpoints arrive over xDS (`dynamic.rs`).
                 }
@@ -200,6 +209,7 @@ impl ClusterManager {
             let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
                 .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
+            let balancer_for_hosts = balancer.clone();
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -213,6 +223,17 @@ impl ClusterManager {
                     socket_matches,
                     outlier,
                     health_checker,
+                    original_dst: match &c.discovery {
+                        DiscoveryType::OriginalDst(od) => {
+                            Some(crate::original_dst::OriginalDstHosts::start(
+                                od.clone(),
+                                balancer_for_hosts,
+                                stop,
+                            ))
+                        }
+                        _ => None,
+                    },
+                    on_demand: None,
                 }),
             );
         }
@@ -420,7 +441,7 @@ impl WorkerCluster {
             }
         };
         let connector = self.entry.socket_matches.connector(socket, &self.entry.tls);
-        let p = EndpointPool::with_options(
+        let p = EndpointPool::with_source(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -435,6 +456,7 @@ impl WorkerCluster {
             },
             Some(self.entry.policy.pool_limits.clone()),
             connector,
+            self.entry.config.upstream_bind,
         );
         pools.insert((addr, h2, socket), (p.clone(), permit));
         Some(p)

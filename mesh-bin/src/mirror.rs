@@ -69,6 +69,9 @@ async fn send(
 ) {
     let cluster = shadow.cluster;
     let cstats = &cluster.entry.stats;
+    if let Some(od) = &cluster.entry.on_demand {
+        od.ready().await;
+    }
     let Some(endpoint) = cluster
         .entry
         .balancer

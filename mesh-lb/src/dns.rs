@@ -180,6 +180,7 @@ mod tests {
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }
     }
 

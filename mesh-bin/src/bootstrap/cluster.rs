@@ -32,6 +32,7 @@ pub(crate) enum Kind {
     StrictDns,
     LogicalDns,
     Eds,
+    OriginalDst,
 }
 
 /// `static_resources.clusters`.
@@ -73,11 +74,9 @@ fn cluster(
                 ("STRICT_DNS", Kind::StrictDns),
                 ("LOGICAL_DNS", Kind::LogicalDns),
                 ("EDS", Kind::Eds),
+                ("ORIGINAL_DST", Kind::OriginalDst),
             ],
-            &[(
-                "ORIGINAL_DST",
-                "original-destination clusters are not supported yet",
-            )],
+            &[],
         )
         .unwrap_or(Kind::Static);
 
@@ -102,7 +101,11 @@ fn cluster(
             service_name: service_name.unwrap_or_else(|| name.clone().unwrap_or_default()),
             source: source.unwrap_or_default(),
         },
+        Kind::OriginalDst => DiscoveryType::OriginalDst(super::original_dst::cluster(cx, &mut o)),
     };
+    if kind != Kind::OriginalDst {
+        super::original_dst::refuse_cluster_fields(cx, &mut o);
+    }
 
     let ct_path = o.at("connect_timeout");
     let connect_timeout = o.duration(cx, "connect_timeout").unwrap_or(CONNECT_TIMEOUT);
@@ -113,8 +116,11 @@ fn cluster(
         .iter()
         .map(|p| (*p, LB_REASON))
         .collect();
-    let lb_policy = o
-        .enumeration(
+    let lb_policy = if kind == Kind::OriginalDst {
+        super::original_dst::lb_policy(cx, &mut o);
+        None
+    } else {
+        o.enumeration(
             cx,
             "lb_policy",
             &[
@@ -126,7 +132,8 @@ fn cluster(
             ],
             &refused,
         )
-        .unwrap_or_default();
+    }
+    .unwrap_or_default();
     let (lb_policy, mut lb) = super::lb::cluster_lb(cx, &mut o, lb_policy);
 
     let la_path = o.at("load_assignment");
@@ -136,6 +143,9 @@ fn cluster(
             "load_assignment",
             "EDS clusters receive their endpoints over xDS",
         );
+        Vec::new()
+    } else if kind == Kind::OriginalDst {
+        super::original_dst::refuse_load_assignment(cx, &mut o);
         Vec::new()
     } else {
         match o.obj(cx, "load_assignment") {
@@ -225,6 +235,9 @@ fn cluster(
         .obj(cx, "circuit_breakers")
         .map(|c| super::policy::circuit_breakers(cx, c))
         .unwrap_or_default();
+    let upstream_bind = o
+        .obj(cx, "upstream_bind_config")
+        .and_then(|b| super::original_dst::bind_config(cx, b));
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -245,6 +258,7 @@ fn cluster(
         max_requests_per_connection,
         circuit_breakers,
         pipe,
+        upstream_bind,
     })
 }
 

@@ -29,6 +29,7 @@ mod health;
 mod health_tests;
 mod lb;
 mod listener;
+mod original_dst;
 mod policy;
 mod rbac;
 mod reader;
