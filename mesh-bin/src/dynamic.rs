@@ -1722,11 +1722,7 @@ impl Manager {
                 &self.cx.store,
                 addr,
             )
-            .with_protocol_inspector(
-                l.http_inspector,
-                l.protocol_inspector,
-                &self.cx.store,
-            )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &self.cx.store)
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),

@@ -174,7 +174,14 @@ impl TcpProxyShared {
         let cluster = self.choose().clone();
         let mut upstream_local = None;
         let (flag, received, sent, upstream) = self
-            .proxy(stream, peer, guard, &cluster, original_dst, &mut upstream_local)
+            .proxy(
+                stream,
+                peer,
+                guard,
+                &cluster,
+                original_dst,
+                &mut upstream_local,
+            )
             .await;
         let outcome = TcpOutcome {
             flag,
