@@ -17,7 +17,10 @@ show it (or fail the handshake).
   comes over CDS, its workload certificate and root over SDS on a stream of
   their own (the `sds-grpc` cluster, as Istio's bootstrap names it); EDS
   labels one endpoint; then the labels flip over EDS while a load generator
-  runs, and new connections follow with no failed request.
+  runs, and new connections follow with no failed request;
+- a STRICT_DNS cluster from CDS whose matches change takes the new ones at
+  once; ORIGINAL_DST hosts (no metadata) take the match with an empty
+  `match`; a match without a transport socket is refused.
 """
 
 from __future__ import annotations
@@ -347,3 +350,25 @@ def test_dns_cluster_matches_changed_over_cds(kind, start_proxy, control_plane, 
         {"name": "plain", "match": {"tlsMode": "istio"}, "transport_socket": RAW_SOCKET}])])
     xds.wait_until(lambda: seen_quietly(port) == {("a", "plain")}, t, "the new match",
                    SEEN_WITHIN)
+
+
+def test_original_dst_hosts_take_the_unlabelled_match(kind, start_proxy, pki, duals):
+    """ORIGINAL_DST hosts carry no metadata: an empty `match` fits them."""
+    a = duals[0]
+    client = pki.leaf("tsm-odst-client")
+    cluster = {
+        "name": "mixed", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "2s", "original_dst_lb_config": {"use_http_header": True},
+        "transport_socket_matches": [
+            {"name": "labelled", "match": {"tlsMode": "disabled"}, "transport_socket": RAW_SOCKET},
+            {"name": "any", "match": {}, "transport_socket": tls_socket(pki, client)}],
+    }
+    routes = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "mixed"}}]}]}
+    proxy = start_proxy(kind, harness.bootstrap([harness.hcm_listener("ingress", routes)],
+                                                [cluster]))
+    r = harness.request(proxy.port("ingress"), "GET", "/",
+                        headers={"x-envoy-original-dst-host": f"127.0.0.1:{a.port}"})
+    assert (r.status, r.body.decode()) == (200, f"mtls {client.serial()}")
+    if kind == "mesh":
+        assert socket_match_cx(proxy, "mixed", "any") == 1
