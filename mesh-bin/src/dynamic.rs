@@ -1202,6 +1202,17 @@ impl Manager {
                     stop,
                     move |n| membership.set(n as i64),
                 ));
+                // Resolve now, as Envoy does, rather than at the first
+                // refresh: a new cluster gets its endpoints, and a rebuilt
+                // one's kept endpoints take its new `transport_socket_matches`.
+                let (c, balancer) = (c.clone(), balancer.clone());
+                let membership = stats.membership_total.clone();
+                tokio::spawn(async move {
+                    if let Ok(specs) = dns::resolve(&c).await {
+                        balancer.update(specs);
+                        membership.set(balancer.endpoints().endpoints.len() as i64);
+                    }
+                });
             }
             DiscoveryType::Eds { service_name, .. } => {
                 if let Some(l) = self.assignments.get(service_name).cloned() {
