@@ -57,68 +57,76 @@ def proxy_argv(kind: str, config) -> list:
             "-l", "warn"]
 
 
-@pytest.fixture
-def captured(kind):
-    """A namespace with the capture rules, the upstreams and `kind`
-    running the fixture."""
+# What the workload (or a peer, or root, uncaptured) sees: an HTTP GET
+# (status, body) for a URL, or a TCP exchange (reply to "ping") for a
+# (host, port).
+CASES = {
+    "outbound HTTP handed to 0.0.0.0_8080":
+        (APP, "http://10.96.0.10:8080/hello", (200, "web 10.96.0.10:8080 /hello 127.0.0.1")),
+    "outbound HTTP passthrough (wildcard port, ORIGINAL_DST)":
+        (APP, "http://10.96.0.20:8080/x", (200, "other 10.96.0.20:8080 /x 10.96.0.20")),
+    "outbound TCP handed to the exact-address listener":
+        (APP, ("10.96.0.30", 7000), "'db-ping'"),
+    "outbound TCP passthrough": (APP, ("10.96.0.20", 9999), "'direct-ping'"),
+    "straight to 15001: BlackHoleCluster": (None, ("127.0.0.1", 15001), "closed"),
+    "inbound HTTP by destination_port":
+        (PEER, "http://10.0.0.2:8080/in", (200, "app 10.0.0.2:8080 /in 127.0.0.6")),
+    "inbound TCP passthrough": (PEER, ("10.0.0.2", 9090), "'inbound-127.0.0.6 ping'"),
+    "uncaptured HTTP": (None, "http://10.0.0.2:8080/direct", (200, "app 10.0.0.2:8080 /direct 10.0.0.2")),
+    "uncaptured TCP": (None, ("10.96.0.20", 9999), "'direct-ping'"),
+}
+
+EXPECTED = {name: want for name, (_, _, want) in CASES.items()}
+
+SERVERS = (
+    "http:web:127.0.0.1:18080",
+    "http:other:10.96.0.20:8080",
+    "tcp:db-:127.0.0.1:17000",
+    "tcp:direct-:10.96.0.20:9999",
+    "http:app:10.0.0.2:8080",
+    "tcppeer:inbound-:10.0.0.2:9090",
+)
+
+
+def outcomes(ns: Netns, names) -> dict:
+    out = {}
+    for name in names:
+        uid, target, _ = CASES[name]
+        if isinstance(target, str):
+            out[name] = ns.curl(target, uid=uid)
+        else:
+            out[name] = ns.tcp(*target, "ping", uid=uid)
+    return out
+
+
+def namespace() -> Netns:
     try:
         ns = Netns(ADDRESSES)
     except Exception as e:  # noqa: BLE001 - any failure here must fail loudly
         pytest.fail(f"network namespaces are not usable here: {e}")
     try:
         capture_rules(ns)
-        ns.servers(
-            "http:web:127.0.0.1:18080",
-            "http:other:10.96.0.20:8080",
-            "tcp:db-:127.0.0.1:17000",
-            "tcp:direct-:10.96.0.20:9999",
-            "http:app:10.0.0.2:8080",
-            "tcppeer:inbound-:10.0.0.2:9090",
-        )
-        p = ns.popen(proxy_argv(kind, FIXTURE), f"{kind}.log")
-        ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
-        ns.wait_port("127.0.0.1", 15006, proc=p, log=f"{kind}.log")
-        yield ns
+        ns.servers(*SERVERS)
+    except BaseException:
+        ns.close()
+        raise
+    return ns
+
+
+def start(ns: Netns, kind: str, config, *extra: str):
+    p = ns.popen(proxy_argv(kind, config) + list(extra), f"{kind}.log")
+    ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
+    ns.wait_port("127.0.0.1", 15006, proc=p, log=f"{kind}.log")
+    return p
+
+
+def test_istio_capture(kind):
+    ns = namespace()
+    try:
+        start(ns, kind, FIXTURE)
+        assert outcomes(ns, CASES) == EXPECTED
     finally:
         ns.close()
-
-
-def test_outbound_http_is_handed_to_the_port_listener(captured):
-    status, body = captured.curl("http://10.96.0.10:8080/hello", uid=APP)
-    assert (status, body) == (200, "web 10.96.0.10:8080 /hello 127.0.0.1")
-
-
-def test_outbound_http_passthrough_reaches_the_original_destination(captured):
-    status, body = captured.curl("http://10.96.0.20:8080/x", uid=APP)
-    assert (status, body) == (200, "other 10.96.0.20:8080 /x 10.96.0.20")
-
-
-def test_outbound_tcp_exact_address_listener(captured):
-    assert captured.tcp("10.96.0.30", 7000, "ping", uid=APP) == "'db-ping'"
-
-
-def test_outbound_tcp_passthrough(captured):
-    assert captured.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
-
-
-def test_direct_connection_to_the_capture_port_is_blackholed(captured):
-    # Not redirected (root): the original destination is 15001 itself.
-    assert captured.tcp("127.0.0.1", 15001, "ping") == "closed"
-
-
-def test_inbound_http_by_destination_port(captured):
-    status, body = captured.curl("http://10.0.0.2:8080/in", uid=PEER)
-    assert (status, body) == (200, "app 10.0.0.2:8080 /in 127.0.0.6")
-
-
-def test_inbound_tcp_passthrough(captured):
-    assert captured.tcp("10.0.0.2", 9090, "ping", uid=PEER) == "'inbound-127.0.0.6 ping'"
-
-
-def test_uncaptured_traffic_is_untouched(captured):
-    # The same addresses as root: no rule applies, the servers answer.
-    assert captured.curl("http://10.0.0.2:8080/direct") == (200, "app 10.0.0.2:8080 /direct 10.0.0.2")
-    assert captured.tcp("10.96.0.20", 9999, "x") == "'direct-x'"
 
 
 def test_netns_helpers_fail_loudly():
@@ -139,17 +147,11 @@ def test_mesh_refuses_to_loop_back_into_its_capture_port(kind):
     outbound = config["static_resources"]["listeners"][0]
     assert outbound["name"] == "virtualOutbound"
     outbound["filter_chains"] = outbound["filter_chains"][1:]
+    ns = namespace()
     try:
-        ns = Netns(ADDRESSES)
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"network namespaces are not usable here: {e}")
-    try:
-        capture_rules(ns)
-        ns.servers("tcp:direct-:10.96.0.20:9999")
         path = ns.dir / "no-blackhole.yaml"
         path.write_text(yaml.safe_dump(config))
-        p = ns.popen(proxy_argv(kind, path) + ["--log-level", "debug"], "mesh.log")
-        ns.wait_port("127.0.0.1", 15001, proc=p, log="mesh.log")
+        p = start(ns, kind, path, "--log-level", "debug")
         for addr in ["127.0.0.1", "10.96.0.10"]:
             assert ns.tcp(addr, 15001, "ping") == "closed"
         assert ns.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
@@ -162,21 +164,15 @@ def test_mesh_refuses_to_loop_back_into_its_capture_port(kind):
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
     """The same listeners and clusters from the example control plane (LDS
-    and CDS over ADS), in the namespace: the hand-off, a passthrough and
-    the inbound chain work as with the static file."""
+    and CDS over ADS, state-of-the-world and delta) give the same outcomes
+    as the static file."""
     from test_xds import CLUSTER, LISTENER, control_plane_bin, xds_bootstrap
 
     if not control_plane_bin().exists() and not os.environ.get("MESH_REQUIRE"):
         pytest.skip(f"{control_plane_bin()} not built")
     static = yaml.safe_load(FIXTURE.read_text())["static_resources"]
+    ns = namespace()
     try:
-        ns = Netns(ADDRESSES)
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"network namespaces are not usable here: {e}")
-    try:
-        capture_rules(ns)
-        ns.servers("http:web:127.0.0.1:18080", "tcp:direct-:10.96.0.20:9999",
-                   "http:app:10.0.0.2:8080")
         resources = ns.dir / "resources"
         resources.mkdir()
         (resources / "listeners.yaml").write_text(
@@ -189,11 +185,7 @@ def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
         ns.wait_port("127.0.0.1", 18000, proc=cp, log="control-plane.log")
         config = ns.dir / "bootstrap.yaml"
         config.write_text(xds_bootstrap(kind, 18000, api_type))
-        p = ns.popen(proxy_argv(kind, config), f"{kind}.log")
-        ns.wait_port("127.0.0.1", 15001, proc=p, log=f"{kind}.log")
-        ns.wait_port("127.0.0.1", 15006, proc=p, log=f"{kind}.log")
-        assert ns.curl("http://10.96.0.10:8080/x", uid=APP) == (200, "web 10.96.0.10:8080 /x 127.0.0.1")
-        assert ns.tcp("10.96.0.20", 9999, "ping", uid=APP) == "'direct-ping'"
-        assert ns.curl("http://10.0.0.2:8080/in", uid=PEER) == (200, "app 10.0.0.2:8080 /in 127.0.0.6")
+        start(ns, kind, config)
+        assert outcomes(ns, CASES) == EXPECTED
     finally:
         ns.close()
