@@ -189,3 +189,22 @@ def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
         assert outcomes(ns, CASES) == EXPECTED
     finally:
         ns.close()
+
+
+def test_original_destination_from_a_request_header(kind, start_proxy, upstream_a):
+    """`original_dst_lb_config.use_http_header`: the request names its
+    upstream in `x-envoy-original-dst-host`. No header and no restored
+    destination (this listener has no original_dst filter), or a value
+    that is not `ip:port`, give 503 with no host, as in Envoy."""
+    cluster = {"name": "dst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+               "connect_timeout": "1s", "original_dst_lb_config": {"use_http_header": True}}
+    routes = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "dst"}}]}]}
+    proxy = start_proxy(kind, harness.simple_http_bootstrap(routes, [cluster]))
+    port = proxy.port("ingress")
+    dst = {"x-envoy-original-dst-host": f"127.0.0.1:{upstream_a.port}"}
+    r = harness.request(port, "GET", "/h", headers=dst)
+    assert (r.status, r.upstream) == (200, "a")
+    assert harness.request(port, "GET", "/h").status == 503
+    bad = {"x-envoy-original-dst-host": "upstream-a"}
+    assert harness.request(port, "GET", "/h", headers=bad).status == 503
