@@ -163,10 +163,11 @@ def test_mesh_refuses_to_loop_back_into_its_capture_port(kind):
 
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
-    """The same listeners and clusters from the example control plane (LDS
-    and CDS over ADS, state-of-the-world and delta) give the same outcomes
-    as the static file."""
-    from test_xds import CLUSTER, LISTENER, control_plane_bin, xds_bootstrap
+    """The same listeners, routes and clusters from the example control
+    plane (LDS, RDS and CDS over ADS, state-of-the-world and delta, the
+    port listener's routes over RDS as istiod sends them) give the same
+    outcomes as the static file."""
+    from test_xds import CLUSTER, LISTENER, ROUTE, control_plane_bin, xds_bootstrap
 
     if not control_plane_bin().exists() and not os.environ.get("MESH_REQUIRE"):
         pytest.skip(f"{control_plane_bin()} not built")
@@ -175,10 +176,17 @@ def test_lds_and_cds_deliver_the_capture_resources(kind, api_type):
     try:
         resources = ns.dir / "resources"
         resources.mkdir()
-        (resources / "listeners.yaml").write_text(
-            yaml.safe_dump([dict(l, **{"@type": LISTENER}) for l in static["listeners"]]))
         (resources / "clusters.yaml").write_text(
             yaml.safe_dump([dict(c, **{"@type": CLUSTER}) for c in static["clusters"]]))
+        # As istiod sends it: the outbound port listener's routes over RDS.
+        hcm = static["listeners"][1]["filter_chains"][0]["filters"][0]["typed_config"]
+        assert static["listeners"][1]["name"] == "0.0.0.0_8080"
+        route = hcm.pop("route_config")
+        hcm["rds"] = {"route_config_name": route["name"],
+                      "config_source": {"ads": {}, "resource_api_version": "V3"}}
+        (resources / "routes.yaml").write_text(yaml.safe_dump([dict(route, **{"@type": ROUTE})]))
+        (resources / "listeners.yaml").write_text(
+            yaml.safe_dump([dict(l, **{"@type": LISTENER}) for l in static["listeners"]]))
         cp = ns.popen([control_plane_bin(), "--dir", resources, "--listen", "127.0.0.1:18000",
                        "--address-file", ns.dir / "cp-address", "--node", kind],
                       "control-plane.log")

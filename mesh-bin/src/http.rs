@@ -857,6 +857,9 @@ impl HttpProxy {
         let pick = mesh_lb::PickContext::new()
             .with_hash(lb_hash.hash)
             .with_metadata_match(choice.metadata_match);
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
         let picked = match &cluster.entry.original_dst {
             Some(hosts) => crate::original_dst::http_host(hosts, &req),
             None => cluster.entry.balancer.pick_with(&pick),
@@ -1037,7 +1040,7 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
-            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+            let Some(pool) = cluster.pool(&endpoint, h2) else {
                 // `max_connection_pools`: Envoy's router finds no pool and
                 // answers as with no healthy upstream.
                 return self.local_reply(
@@ -1727,6 +1730,13 @@ impl ConnService {
             id: crate::access_log::next_connection_id(),
             original_dst: None,
         }
+    }
+
+    /// Uses `id` as the connection's `%CONNECTION_ID%` (the listener's
+    /// access log numbered it first).
+    pub fn with_connection_id(mut self, id: u64) -> Self {
+        self.id = id;
+        self
     }
 
     /// Marks the connection as TLS: every request carries `identity` as an

@@ -48,6 +48,10 @@ pub struct ProxyOptions {
     /// The largest xDS response accepted (`--xds-max-message-bytes`);
     /// larger ones fail the stream with a clear error.
     pub xds_max_message_size: usize,
+    /// On-demand EDS (`--lazy-eds`): clusters from CDS are warm at once and
+    /// subscribe to their endpoints only when a request first uses them
+    /// (`crate::lazy_eds`).
+    pub lazy_eds: bool,
 }
 
 impl Default for ProxyOptions {
@@ -59,6 +63,7 @@ impl Default for ProxyOptions {
             admin_address_path: None,
             rpc_codecs: Default::default(),
             xds_max_message_size: mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE,
+            lazy_eds: false,
         }
     }
 }
@@ -225,6 +230,9 @@ impl Proxy {
             if let Some(t) = &c.tls {
                 tls_registry.add_client(t.clone());
             }
+            for t in c.socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
+                tls_registry.add_client(t.clone());
+            }
         }
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {
@@ -365,10 +373,13 @@ impl Proxy {
                 &store,
                 addr,
             )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &store)
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| handoff.clone()),
-            });
+            })
+            .with_access_log(&l.access_log, &store)
+            .map_err(|e| StartError::Config(format!("{path}.access_log{e}")))?;
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,
@@ -494,6 +505,7 @@ impl Proxy {
                     drain: drain.clone(),
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
+                    lazy_eds: options.lazy_eds,
                     rpc_codecs: options.rpc_codecs.clone(),
                     secrets: secrets.clone(),
                     tls: tls_registry.clone(),

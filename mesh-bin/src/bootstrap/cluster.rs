@@ -209,6 +209,13 @@ fn cluster(
     let tls = o
         .obj(cx, "transport_socket")
         .and_then(|t| super::tls::upstream_socket(cx, t));
+    let transport_socket_matches = super::socket_match::transport_socket_matches(cx, &mut o);
+    // Cluster metadata (Istio's `istio.services`) is data for filters mesh
+    // does not run, read by no load-balancing decision: accepted as on
+    // endpoints.
+    if let Some(m) = o.obj(cx, "metadata") {
+        super::lb::lb_metadata(cx, m);
+    }
     let health_check = super::health::health_checks(cx, &mut o);
     let outlier_detection = o
         .obj(cx, "outlier_detection")
@@ -244,6 +251,7 @@ fn cluster(
         idle_timeout,
         per_connection_buffer_limit_bytes,
         tls,
+        transport_socket_matches,
         lb,
         health_check,
         outlier_detection,
@@ -304,6 +312,10 @@ pub(crate) fn load_assignment(
         if load_balancing_weight == Some(0) {
             cx.error(&weight_path, "must be at least 1");
         }
+        let socket_match = l
+            .obj(cx, "metadata")
+            .map(|m| super::lb::endpoint_metadata(cx, m).1)
+            .unwrap_or_default();
         let mut lb_endpoints = Vec::new();
         for (epath, ev) in l.list(cx, "lb_endpoints") {
             if let Some(e) = Obj::new(cx, epath.clone(), ev) {
@@ -329,6 +341,7 @@ pub(crate) fn load_assignment(
             priority,
             load_balancing_weight,
             lb_endpoints,
+            socket_match,
         });
     }
     o.finish(cx);
@@ -381,8 +394,8 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
     if weight == 0 {
         cx.error(&weight_path, "must be at least 1");
     }
-    let metadata = match o.obj(cx, "metadata") {
-        Some(m) => super::lb::lb_metadata(cx, m),
+    let (metadata, socket_match) = match o.obj(cx, "metadata") {
+        Some(m) => super::lb::endpoint_metadata(cx, m),
         None => Default::default(),
     };
     let health_status = super::lb::health_status(cx, &mut o);
@@ -401,6 +414,7 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         weight,
         metadata,
         health_status,
+        socket_match,
     })
 }
 

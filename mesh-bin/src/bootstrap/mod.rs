@@ -35,6 +35,7 @@ mod rbac;
 mod reader;
 mod route;
 mod rpc;
+mod socket_match;
 #[cfg(test)]
 mod tests;
 mod tls;
