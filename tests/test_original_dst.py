@@ -216,3 +216,49 @@ def test_original_destination_from_a_request_header(kind, start_proxy, upstream_
     assert harness.request(port, "GET", "/h").status == 503
     bad = {"x-envoy-original-dst-host": "upstream-a"}
     assert harness.request(port, "GET", "/h", headers=bad).status == 503
+
+
+def test_ipv6_capture(kind):
+    """IPv6 (`IP6T_SO_ORIGINAL_DST`, ip6tables REDIRECT): a connection to
+    [fd00::10]:8080 is handed to the `[::]:8080` listener, one to
+    [fd00::20]:9999 passes through to its original destination."""
+    http6 = harness.hcm_listener("[::]_8080", {"virtual_hosts": [
+        {"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "web"}}]}]})
+    http6["address"] = harness.socket_address(8080, "::")
+    http6["bind_to_port"] = False
+    outbound = {
+        "name": "virtualOutbound6",
+        "address": harness.socket_address(15001, "::"),
+        "use_original_dst": True,
+        "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+        "filter_chains": harness.tcp_listener("x", "PassthroughCluster")["filter_chains"],
+    }
+    passthrough = {"name": "PassthroughCluster", "type": "ORIGINAL_DST",
+                   "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"}
+    config = yaml.safe_load(harness.bootstrap(
+        [outbound, http6], [passthrough, harness.static_cluster("web", [18080])]))
+    config["admin"] = {"address": harness.socket_address(15000)}
+    try:
+        ns = Netns(["fd00::10", "fd00::20"])
+    except Exception as e:  # noqa: BLE001 - any failure here must fail loudly
+        pytest.fail(f"network namespaces are not usable here: {e}")
+    try:
+        ns.ip6tables("-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "fd00::/64", "-m", "owner",
+                     "--uid-owner", str(APP), "-j", "REDIRECT", "--to-ports", "15001")
+        ns.servers("http:web:127.0.0.1:18080", "tcp:direct6-:fd00::20:9999")
+        path = ns.dir / "ipv6.yaml"
+        path.write_text(yaml.safe_dump(config))
+        p = ns.popen(proxy_argv(kind, path), f"{kind}.log")
+        ns.wait_port("::1", 15001, proc=p, log=f"{kind}.log")
+        got = {
+            "handed off": ns.curl("http://[fd00::10]:8080/v6", uid=APP),
+            "passthrough": ns.tcp("fd00::20", 9999, "ping", uid=APP),
+        }
+        assert got == {
+            "handed off": (200, "web [fd00::10]:8080 /v6 127.0.0.1"),
+            "passthrough": "'direct6-ping'",
+        }
+    finally:
+        ns.close()
