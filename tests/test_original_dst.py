@@ -146,7 +146,7 @@ def test_mesh_refuses_to_loop_back_into_its_capture_port(kind):
     config = yaml.safe_load(FIXTURE.read_text())
     outbound = config["static_resources"]["listeners"][0]
     assert outbound["name"] == "virtualOutbound"
-    outbound["filter_chains"] = outbound["filter_chains"][1:]
+    del outbound["filter_chains"]  # only the default chain is left
     ns = namespace()
     try:
         path = ns.dir / "no-blackhole.yaml"
