@@ -299,6 +299,8 @@ impl WorkerChains {
         let deadline = shared
             .inspect_timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
+        // After a timeout the remaining listener filters are skipped.
+        let mut timed_out = false;
         let mut log = shared
             .access_log
             .as_ref()
@@ -315,6 +317,7 @@ impl WorkerChains {
                 {
                     shared.inspect_timeouts.inc();
                     shared.pre_cx_timeout.inc();
+                    timed_out = true;
                     tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
                     ("raw_buffer", None)
                 }
@@ -333,7 +336,7 @@ impl WorkerChains {
             ("raw_buffer", None)
         };
         let mut detected = Vec::new();
-        if let (Some(pi), "raw_buffer") = (&shared.protocols, transport) {
+        if let (Some(pi), "raw_buffer", false) = (&shared.protocols, transport, timed_out) {
             match pi.inspect(&stream, deadline).await {
                 Inspected::Decided(Some(p)) => {
                     tracing::trace!(%peer, protocol = p.name(), "protocol inspector: detected");
