@@ -118,10 +118,41 @@ def mesh(request, module_start_proxy, servers, lax_server):
             {"match": {}, "route": {"cluster": "a"}}]}}),
         rpc_peers.generic_listener("lax", "auto", {"route_config": {"routes": [
             {"match": {}, "route": {"cluster": "lax"}}]}}),
+        inspected_listener(),
     ]
     clusters = [harness.static_cluster(n, s.port) for n, s in servers.items()]
     clusters.append(harness.static_cluster("lax", lax_server.port))
     return module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
+
+
+def inspected_listener() -> dict:
+    """One port: the protocol inspector sends Thrift to a thrift_proxy
+    (`echo` to the lax binary server, the rest to `a`), anything else to
+    a tcp_proxy to `b`, a header-only server."""
+    thrift = rpc_peers.thrift_listener("inspected", {"route_config": {"routes": [
+        {"match": {"method_name": "echo"}, "route": {"cluster": "lax"}},
+        {"match": {"method_name": ""}, "route": {"cluster": "a"}}]}})
+    chain = thrift["filter_chains"][0]
+    chain["filter_chain_match"] = {"application_protocols": ["thrift"]}
+    fallback = {"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": harness.TCP_PROXY_TYPE, "stat_prefix": "other", "cluster": "b"}}]}
+    thrift["filter_chains"] = [chain, fallback]
+    thrift["listener_filters"] = [{
+        "name": "mesh.filters.listener.protocol_inspector",
+        "typed_config": {"@type": "type.googleapis.com/mesh.filters.listener."
+                                  "protocol_inspector.v1.ProtocolInspector"}}]
+    return thrift
+
+
+def test_the_protocol_inspector_finds_header_and_lax_thrift(mesh, protocol):
+    # Through the thrift_proxy chain, `whoami` reaches `a`; through the
+    # tcp_proxy fallback it would reach `b`.
+    with ThriftClient(mesh.port("inspected"), "header", protocol) as c:
+        assert c.whoami() == "a"
+    # Unversioned binary: only the thrift_proxy chain reaches the lax
+    # server (`b` takes header frames only).
+    with ThriftClient(mesh.port("inspected"), "unframed", "lax") as c:
+        assert c.echo("lax") == "lax"
 
 
 def test_codec_auto_takes_the_header_transport(mesh, protocol):
