@@ -224,6 +224,21 @@ class ThriftClient:
         self.close()
 
 
+def check_thrift_no_route(c: ThriftClient, kind: str):
+    """`unrouted` has no route: an UNKNOWN_METHOD TApplicationException
+    naming it. Envoy closes the connection after its local reply; mesh
+    keeps it (other calls may be in flight on it)."""
+    import pytest
+    from thrift.Thrift import TApplicationException
+
+    with pytest.raises(TApplicationException) as e:
+        c.unrouted()
+    assert e.value.type == TApplicationException.UNKNOWN_METHOD
+    assert "unrouted" in (e.value.message or "")
+    if kind == "mesh":
+        assert c.add(1, 1) == 2
+
+
 def thrift_call(port: int, method: str, *args, **kw):
     with ThriftClient(port, **kw) as c:
         return getattr(c, method)(*args)
