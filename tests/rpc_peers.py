@@ -119,6 +119,8 @@ class ThriftServer:
         self.protocol = protocol
         self.multiplexed = multiplexed
         self.fired: list[str] = []
+        # Header transport: the info headers of each call, in order.
+        self.headers: list[dict] = []
         self.calls = 0
         self._server = None
         self.port = 0
@@ -167,6 +169,8 @@ class ThriftServer:
             mp = TMultiplexedProcessor()
             mp.registerProcessor(self.multiplexed, processor)
             processor = mp
+        if self.transport == "header":
+            processor = _RecordHeaders(processor, self.headers)
         sock = TSocket.TServerSocket(host="127.0.0.1", port=0)
         sock.listen()
         self.port = sock.handle.getsockname()[1]
@@ -188,6 +192,20 @@ class ThriftServer:
             self._sock.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+class _RecordHeaders:
+    """A processor that records each call's header transport info headers
+    (str keys and values) before handing the call on."""
+
+    def __init__(self, inner, into: list):
+        self.inner = inner
+        self.into = into
+
+    def process(self, iprot, oprot):
+        result = self.inner.process(iprot, oprot)
+        self.into.append({k.decode(): v.decode() for k, v in iprot.get_headers().items()})
+        return result
 
 
 class ThriftClient:

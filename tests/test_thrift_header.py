@@ -71,6 +71,24 @@ def test_an_info_header_routes_the_call(proxy, protocol):
         assert c.whoami() == "a"
 
 
+def headers_of_next_call(server: ThriftServer, call) -> dict:
+    """The info headers `server` records for the call `call()` makes (the
+    server records them after it has answered)."""
+    before = len(server.headers)
+    call()
+    harness.wait_until(lambda: len(server.headers) > before, what="the call's headers")
+    return server.headers[before]
+
+
+def test_info_headers_reach_the_server(proxy, protocol, servers):
+    a = servers["a"]
+    with ThriftClient(proxy.port("header"), "header", protocol) as c:
+        c.proto.set_header(b"x-trace", b"t-1")
+        c.proto.set_header(b"x-empty", b"")
+        assert headers_of_next_call(a, lambda: c.add(1, 1)) == {"x-trace": "t-1", "x-empty": ""}
+        assert headers_of_next_call(a, lambda: c.add(1, 2)) == {}
+
+
 def test_no_route_is_an_unknown_method_exception(proxy, protocol):
     # In a header frame (the client reads it), as Envoy answers.
     with ThriftClient(proxy.port("header"), "header", protocol) as c:
@@ -107,6 +125,9 @@ def mesh(request, module_start_proxy, servers, lax_server):
         rpc_peers.generic_listener("generic", "auto", {"route_config": {"routes": [
             {"match": {"headers": [{"name": "x-route", "string_match": {"exact": "b"}}]},
              "route": {"cluster": "b"}},
+            {"match": {"method": {"exact": "echo"}}, "route": {"cluster": "a",
+             "metadata_mutation": {"set": [{"key": "x-canary", "value": "1"}],
+                                   "remove": ["x-secret"]}}},
             {"match": {}, "route": {"cluster": "a"}}]}}),
         rpc_peers.generic_listener("lax", "auto", {"route_config": {"routes": [
             {"match": {}, "route": {"cluster": "lax"}}]}}),
@@ -152,6 +173,14 @@ def test_codec_auto_takes_the_header_transport(mesh, protocol):
         assert c.add(20, 22) == 42
         c.proto.set_header(b"X-Route", b"b")
         assert c.whoami() == "b"
+
+
+def test_metadata_mutation_rewrites_the_info_headers(mesh, protocol, servers):
+    a = servers["a"]
+    with ThriftClient(mesh.port("generic"), "header", protocol) as c:
+        c.proto.set_header(b"x-secret", b"s")
+        c.proto.set_header(b"x-keep", b"k")
+        assert headers_of_next_call(a, lambda: c.echo("m")) == {"x-keep": "k", "x-canary": "1"}
 
 
 def test_a_transform_is_refused_with_an_exception(mesh, protocol):

@@ -385,6 +385,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn changed_headers_are_written_and_the_payload_kept() {
+        let codec = Thrift::default();
+        let wire = frame(0, &[], &[("a", "1")], BINARY_CALL);
+        let mut m = codec
+            .decode(&mut BytesMut::from(&wire[..]), 1 << 20)
+            .unwrap()
+            .unwrap();
+        m.meta.headers = vec![("x-canary".into(), "yes".into())];
+        assert!(codec.write_headers(&mut m));
+        let mut out = BytesMut::new();
+        codec.encode(&m, 42, &mut out);
+        assert_eq!(
+            &out[..],
+            &frame(0, &[], &[("x-canary", "yes")], BINARY_CALL)[..]
+        );
+        // Binary and compact messages have nowhere to put them.
+        let mut framed = BytesMut::from(&[0, 0, 0, 16][..]);
+        framed.extend_from_slice(BINARY_CALL);
+        let mut plain = codec.decode(&mut framed, 1 << 20).unwrap().unwrap();
+        assert!(!codec.write_headers(&mut plain));
+    }
+
     fn wire_format_of(m: &Message) -> (Transport, Protocol) {
         super::super::wire_format(m.wire)
     }
