@@ -1,13 +1,19 @@
 //! A listener's filter chains and what happens to each accepted connection
 //! before its terminal filter runs: the TLS inspector (SNI, ALPN and
-//! transport protocol peeked from the ClientHello), filter chain selection
-//! (`filter_chain_match`), and TLS termination under the chain's handshake
-//! timeout (`transport_socket_connect_timeout`).
+//! transport protocol peeked from the ClientHello), the HTTP or protocol
+//! inspector (the application protocol of a plain-text connection, see
+//! `inspect.rs`), filter chain selection (`filter_chain_match`), and TLS
+//! termination under the chain's handshake timeout
+//! (`transport_socket_connect_timeout`). The inspectors share one deadline,
+//! `listener_filters_timeout`, from the accept.
 //!
-//! A connection that matches no chain, stalls before its ClientHello, or
-//! fails its handshake is closed with a `debug` log line naming the peer and
-//! the reason, and counted (`envoy_listener_no_filter_chain_match`, the
-//! `ssl.*` handshake stats, `mesh_listener_tls_inspector_timeout`). Other
+//! A connection that matches no chain, stalls before its ClientHello or the
+//! bytes that tell its protocol, closes during inspection, or fails its
+//! handshake is closed with a `debug` log line naming the peer and the
+//! reason, and counted (`envoy_listener_no_filter_chain_match`,
+//! `envoy_listener_downstream_pre_cx_timeout`,
+//! `envoy_listener_downstream_listener_filter_remote_close`, the `ssl.*`
+//! handshake stats, `mesh_listener_tls_inspector_timeout`). Other
 //! connections are not affected: each runs on its own task.
 
 use std::net::SocketAddr;
@@ -29,6 +35,7 @@ use crate::access_log::listener::{ConnLog, Metered};
 use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::inspect::{Inspected, ProtocolInspector};
 use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
@@ -94,6 +101,13 @@ pub(crate) struct Chains {
     pub(crate) continue_on_timeout: bool,
     pub(crate) no_match: Counter,
     pub(crate) inspect_timeouts: Counter,
+    /// `http_inspector` / `protocol_inspector`.
+    pub(crate) protocols: Option<ProtocolInspector>,
+    /// Envoy's `downstream_pre_cx_timeout`: listener filters timed out.
+    pub(crate) pre_cx_timeout: Counter,
+    /// Envoy's `downstream_listener_filter_remote_close`: the peer closed
+    /// while the listener filters waited for bytes.
+    pub(crate) remote_close: Counter,
     /// The listener's `access_log`.
     pub(crate) access_log: Option<AccessLogger>,
 }
@@ -122,8 +136,25 @@ impl Chains {
             continue_on_timeout,
             no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
             inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
+            protocols: None,
+            pre_cx_timeout: store.counter("envoy_listener_downstream_pre_cx_timeout", &label),
+            remote_close: store.counter(
+                "envoy_listener_downstream_listener_filter_remote_close",
+                &label,
+            ),
             access_log: None,
         }
+    }
+
+    /// Adds the listener's `http_inspector` and/or `protocol_inspector`.
+    pub(crate) fn with_protocol_inspector(
+        mut self,
+        http_inspector: bool,
+        protocol_inspector: bool,
+        store: &Store,
+    ) -> Self {
+        self.protocols = ProtocolInspector::new(http_inspector, protocol_inspector, store);
+        self
     }
 
     /// Adds the listener's `access_log` (errors name the log's index).
@@ -215,26 +246,30 @@ impl WorkerChains {
             .access_log
             .as_ref()
             .map(|l| ConnLog::new(l, peer, local));
+        let deadline = shared
+            .inspect_timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let (transport, hello) = if shared.inspect {
-            let peek = async {
-                match shared.inspect_timeout {
-                    Some(t) => peek_client_hello(&stream, t).await,
-                    None => peek_client_hello(&stream, Duration::from_secs(u32::MAX as u64)).await,
-                }
-            };
-            match peek.await {
+            let t = shared
+                .inspect_timeout
+                .unwrap_or(Duration::from_secs(u32::MAX as u64));
+            match peek_client_hello(&stream, t).await {
                 Ok(Inspection::Tls(h)) => ("tls", Some(h)),
                 Ok(Inspection::NotTls) => ("raw_buffer", None),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::TimedOut && shared.continue_on_timeout =>
                 {
                     shared.inspect_timeouts.inc();
+                    shared.pre_cx_timeout.inc();
                     tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
                     ("raw_buffer", None)
                 }
                 Err(e) => {
                     if e.kind() == std::io::ErrorKind::TimedOut {
                         shared.inspect_timeouts.inc();
+                        shared.pre_cx_timeout.inc();
+                    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        shared.remote_close.inc();
                     }
                     tracing::debug!(%peer, error = %e, "tls_inspector: no ClientHello; closing");
                     return;
@@ -243,13 +278,40 @@ impl WorkerChains {
         } else {
             ("raw_buffer", None)
         };
-        let no_alpn = Vec::new();
+        let mut detected = Vec::new();
+        if let (Some(pi), "raw_buffer") = (&shared.protocols, transport) {
+            match pi.inspect(&stream, deadline).await {
+                Inspected::Decided(Some(p)) => {
+                    tracing::trace!(%peer, protocol = p.name(), "protocol inspector: detected");
+                    detected.push(p.name().to_string());
+                }
+                Inspected::Decided(None) => {
+                    tracing::trace!(%peer, "protocol inspector: no known protocol");
+                }
+                Inspected::TimedOut if shared.continue_on_timeout => {
+                    shared.pre_cx_timeout.inc();
+                    tracing::debug!(%peer, "protocol inspector: no decision in time; continuing with no application protocol");
+                }
+                Inspected::TimedOut => {
+                    shared.pre_cx_timeout.inc();
+                    tracing::debug!(%peer, "protocol inspector: no decision within listener_filters_timeout; closing");
+                    return;
+                }
+                Inspected::Failed(e) => {
+                    if matches!(e, mesh_core::peek::PeekError::Closed { .. }) {
+                        shared.remote_close.inc();
+                    }
+                    tracing::debug!(%peer, error = %e, "protocol inspector: connection failed before its protocol was known; closing");
+                    return;
+                }
+            }
+        }
         let info = ConnectionInfo {
             local,
             peer,
             transport_protocol: transport,
             sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
-            alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&no_alpn),
+            alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&detected),
         };
         if let Some(l) = &mut log {
             l.sni(info.sni);

@@ -1422,6 +1422,7 @@ impl Manager {
                 &self.cx.store,
                 addr,
             )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &self.cx.store)
             .with_access_log(&l.access_log, &self.cx.store)
             .map_err(|e| format!("listener {:?}: access_log{e}", l.name))?,
         );
@@ -1609,6 +1610,8 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
         && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
+        && old.http_inspector == new.http_inspector
+        && old.protocol_inspector == new.protocol_inspector
         && chains(old) == chains(new)
 }
 

@@ -26,6 +26,7 @@ pub mod dynamic;
 pub mod filters;
 pub mod health;
 pub mod http;
+mod inspect;
 mod mirror;
 mod path_normalize;
 pub mod proxy;

@@ -353,6 +353,7 @@ impl Proxy {
                 &store,
                 addr,
             )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &store)
             .with_access_log(&l.access_log, &store)
             .map_err(|e| StartError::Config(format!("{path}.access_log{e}")))?;
             built.push(BuiltListener {

@@ -91,15 +91,24 @@ pub struct Listener {
     /// chain is chosen.
     pub tls_inspector: bool,
     /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
-    /// long the TLS inspector waits for a ClientHello.
+    /// long the listener filters (TLS, HTTP and protocol inspectors) wait
+    /// for the bytes that decide.
     pub listener_filters_timeout: Option<Duration>,
-    /// `continue_on_listener_filters_timeout`: when the TLS inspector times
-    /// out, choose a filter chain as for a plain-text connection instead of
-    /// closing it (Envoy's default is to close).
+    /// `continue_on_listener_filters_timeout`: when the listener filters
+    /// time out, choose a filter chain as for a plain-text connection with no
+    /// application protocol instead of closing it (Envoy's default is to
+    /// close).
     pub continue_on_listener_filters_timeout: bool,
     /// `traffic_direction` (Istio sets it to tell inbound from outbound
     /// listeners; recorded, it does not change how connections are served).
     pub traffic_direction: TrafficDirection,
+    /// `listener_filters` has `envoy.filters.listener.http_inspector`: a
+    /// plain-text connection's first bytes set its application protocol to
+    /// `http/1.0`, `http/1.1` or `h2c` for `application_protocols` matches.
+    pub http_inspector: bool,
+    /// `listener_filters` has `mesh.filters.listener.protocol_inspector`:
+    /// as the HTTP inspector, and also `dubbo`, `bolt` or `thrift`.
+    pub protocol_inspector: bool,
     /// `access_log`: one line per downstream connection when it closes,
     /// also for connections closed before a network filter ran (no filter
     /// chain matches: flag `NR`; listener filter timeout; TLS handshake

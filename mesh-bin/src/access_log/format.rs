@@ -683,21 +683,6 @@ const MONTHS: [&str; 12] = [
     "December",
 ];
 
-/// Civil date (year, month 1-12, day 1-31) of days since 1970-01-01
-/// (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if month <= 2 { y + 1 } else { y }, month as u32, day as u32)
-}
-
 /// Writes `t` in `f` (Envoy's default `2026-11-22T06:26:22.566Z` without one).
 pub fn write_time(
     w: &mut impl std::fmt::Write,
@@ -709,7 +694,7 @@ pub fn write_time(
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    let (year, month, day) = civil(days);
+    let (year, month, day) = mesh_core::time::civil_from_days(days);
     let Some(f) = f else {
         return write!(
             w,
@@ -728,7 +713,11 @@ pub fn write_time(
             TimePiece::Hour => write!(w, "{h:02}")?,
             TimePiece::Minute => write!(w, "{m:02}")?,
             TimePiece::Second => write!(w, "{s:02}")?,
-            TimePiece::DayOfYear => write!(w, "{:03}", days - civil_days(year, 1, 1) + 1)?,
+            TimePiece::DayOfYear => write!(
+                w,
+                "{:03}",
+                days - mesh_core::time::days_from_civil(year, 1, 1) + 1
+            )?,
             TimePiece::WeekdayShort => w.write_str(&WEEKDAYS[days.rem_euclid(7) as usize][..3])?,
             TimePiece::WeekdayLong => w.write_str(WEEKDAYS[days.rem_euclid(7) as usize])?,
             TimePiece::MonthShort => w.write_str(&MONTHS[month as usize - 1][..3])?,
@@ -749,15 +738,4 @@ pub fn write_time(
         }
     }
     Ok(())
-}
-
-/// Days since 1970-01-01 of a civil date.
-fn civil_days(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }

@@ -1642,3 +1642,38 @@ fn access_log_format_and_filter_errors_name_the_field() {
         );
     }
 }
+
+#[test]
+fn http_and_protocol_inspectors() {
+    let mut v = bench();
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["listener_filters"] = json!([
+        {"name": "envoy.filters.listener.tls_inspector"},
+        {"name": "envoy.filters.listener.http_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}},
+        {"name": "mesh.filters.listener.protocol_inspector", "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector"}},
+    ]);
+    let b = ok(&v);
+    let l = &b.listeners[0];
+    assert!(l.tls_inspector && l.http_inspector && l.protocol_inspector);
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["listener_filters"] = json!([
+        {"name": "envoy.filters.listener.http_inspector"},
+        {"name": "envoy.filters.listener.http_inspector"},
+        {"name": "mesh.filters.listener.protocol_inspector", "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector",
+            "protocols": ["dubbo"]}},
+    ]);
+    let e = errs(&v);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].contains("listeners[0].listener_filters[1]") && e[0].contains("listed twice"));
+    assert!(
+        e[1].contains(
+            "unsupported: static_resources.listeners[0].listener_filters[2].typed_config.protocols"
+        ),
+        "{e:?}"
+    );
+    let b = ok(&bench());
+    assert!(!b.listeners[0].http_inspector && !b.listeners[0].protocol_inspector);
+}

@@ -758,7 +758,9 @@ static_resources:
                 "name": "0.0.0.0_9080"
             }],
             "listenerFilters": [{"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
+                {"name": "envoy.filters.listener.http_inspector", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
             "listenerFiltersTimeout": "0s",
             "continueOnListenerFiltersTimeout": true,
             "trafficDirection": "INBOUND"
@@ -771,6 +773,7 @@ static_resources:
         assert!(errs.is_empty(), "{errs:?}");
         let l = listener_from_json(&over_xds(types::LISTENER, listener)).unwrap();
         assert!(l.tls_inspector);
+        assert!(l.http_inspector);
         assert!(l.continue_on_listener_filters_timeout);
         assert_eq!(
             l.traffic_direction,
