@@ -22,7 +22,7 @@ from test_access_log_format import file_log, flush, read_lines
 from test_tls import INSPECTOR, curl, down_tls, tls_listener
 
 FIELDS = ("flags", "code", "details", "rx", "tx", "uhost", "cluster", "dremote", "dlocal",
-          "sni", "proto", "method", "dtfr", "ulocal", "attempts", "peer_uri")
+          "sni", "proto", "method", "dtfr", "ulocal", "attempts", "peer_uri", "utfr")
 FORMAT = "\t".join([
     "%RESPONSE_FLAGS%", "%RESPONSE_CODE%", "%RESPONSE_CODE_DETAILS%", "%BYTES_RECEIVED%",
     "%BYTES_SENT%", "%UPSTREAM_HOST%", "%UPSTREAM_CLUSTER%",
@@ -30,6 +30,7 @@ FORMAT = "\t".join([
     "%REQUESTED_SERVER_NAME%", "%PROTOCOL%", "%REQ(:METHOD)%",
     "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%", "%UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%",
     "%UPSTREAM_REQUEST_ATTEMPT_COUNT%", "%DOWNSTREAM_PEER_URI_SAN%",
+    "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 ]) + "\n"
 
 ROUTES = """
@@ -149,6 +150,8 @@ def test_tcp_proxy_connections(listener_logs, tcp_echo, refused):
         [dead] = lines["dead"]
         # URX: the connect attempts (one) are used up.
         assert dead["flags"] == "UF,URX", (kind, dead)
+        assert dead["utfr"] == "delayed_connect_error:_Connection_refused", (kind, dead)
+        assert ok["utfr"] == "-"
         assert (dead["uhost"], dead["cluster"], dead["rx"]) == \
             (f"127.0.0.1:{refused}", "dead", "0"), (kind, dead)
 

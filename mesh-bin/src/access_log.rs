@@ -268,6 +268,7 @@ impl AccessLogger {
             bytes_sent: sent,
             upstream_host: outcome.upstream,
             upstream_local: outcome.upstream_local,
+            upstream_failure: outcome.failure.as_deref(),
             upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
             attempts: outcome.upstream.map(|_| 1),
             downstream_remote: Some(conn.peer),
