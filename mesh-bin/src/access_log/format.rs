@@ -391,6 +391,11 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::Duration => Val::Ms(rec.duration),
         Operator::RequestDuration => opt(rec.request_duration, Val::Ms),
         Operator::ResponseDuration => opt(rec.response_duration, Val::Ms),
+        Operator::ResponseTxDuration => opt(
+            rec.response_duration
+                .map(|r| rec.duration.saturating_sub(r)),
+            Val::Ms,
+        ),
         Operator::UpstreamHost => opt(rec.upstream_host, Val::Addr),
         Operator::UpstreamCluster => rec.upstream_cluster.map(Val::Str).unwrap_or(Val::Missing),
         Operator::UpstreamLocalAddress => opt(rec.upstream_local, Val::Addr),
