@@ -587,6 +587,8 @@ pub struct LogRecord<'a> {
     pub grpc_status_trailer: Option<&'a HeaderValue>,
     /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`.
     pub downstream_failure: Option<&'a str>,
+    /// `%CONNECTION_TERMINATION_DETAILS%`.
+    pub termination_details: Option<&'a str>,
     /// `%PROTOCOL%` of a connection's line (a request's line takes the
     /// request's version).
     pub protocol: Option<http::Version>,
@@ -630,6 +632,7 @@ impl<'a> LogRecord<'a> {
             grpc_status_header: None,
             grpc_status_trailer: None,
             downstream_failure: None,
+            termination_details: None,
             protocol: None,
             sni: None,
             rpc: None,

@@ -463,11 +463,13 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::DownstreamTransportFailureReason => {
             rec.downstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
-        Operator::ConnectionTerminationDetails
-        | Operator::GrpcStatus(_)
-        | Operator::Req(_)
-        | Operator::Resp(_)
-        | Operator::Trailer(_) => Val::Missing,
+        Operator::ConnectionTerminationDetails => rec
+            .termination_details
+            .map(Val::Str)
+            .unwrap_or(Val::Missing),
+        Operator::GrpcStatus(_) | Operator::Req(_) | Operator::Resp(_) | Operator::Trailer(_) => {
+            Val::Missing
+        }
     }
 }
 

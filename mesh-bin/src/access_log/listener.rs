@@ -168,6 +168,7 @@ pub struct ConnLog {
     flag: Option<ResponseFlag>,
     details: Option<&'static str>,
     transport_failure: Option<String>,
+    termination: Option<String>,
     tls: Option<Arc<PeerIdentity>>,
     sni: Option<Box<str>>,
     meter: Arc<Meter>,
@@ -188,6 +189,7 @@ impl ConnLog {
             flag: None,
             details: None,
             transport_failure: None,
+            termination: None,
             tls: None,
             sni: None,
             meter: Arc::default(),
@@ -215,6 +217,12 @@ impl ConnLog {
     /// The downstream TLS handshake failed (`%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`).
     pub fn tls_failed(&mut self, reason: &str, message: &str) {
         self.transport_failure = Some(tls_failure_reason(reason, message));
+    }
+
+    /// Why a network filter closed the connection
+    /// (`%CONNECTION_TERMINATION_DETAILS%`).
+    pub fn terminated(&mut self, details: String) {
+        self.termination = Some(details);
     }
 
     /// The SNI the TLS inspector read (`%REQUESTED_SERVER_NAME%`).
@@ -284,6 +292,7 @@ impl Drop for ConnLog {
             connection_id: Some(self.id),
             tls: self.tls.as_deref(),
             downstream_failure: self.transport_failure.as_deref(),
+            termination_details: self.termination.as_deref(),
             protocol,
             sni: self.sni.as_deref(),
             ..LogRecord::new(
