@@ -108,6 +108,11 @@ pub(crate) struct Chains {
     /// Envoy's `downstream_listener_filter_remote_close`: the peer closed
     /// while the listener filters waited for bytes.
     pub(crate) remote_close: Counter,
+    /// The original destination filter and `use_original_dst` hand-off.
+    pub(crate) capture: crate::original_dst::Capture,
+    /// `default_filter_chain`: the chain (not matched by the selector) for
+    /// connections no other chain matches.
+    pub(crate) default_chain: Option<usize>,
     /// The listener's `access_log`.
     pub(crate) access_log: Option<AccessLogger>,
 }
@@ -142,6 +147,8 @@ impl Chains {
                 "envoy_listener_downstream_listener_filter_remote_close",
                 &label,
             ),
+            capture: Default::default(),
+            default_chain: None,
             access_log: None,
         }
     }
@@ -157,6 +164,18 @@ impl Chains {
         self
     }
 
+    /// With `default_filter_chain` at index `default` of the chains.
+    pub(crate) fn with_default_chain(mut self, default: Option<usize>) -> Self {
+        self.default_chain = default;
+        self
+    }
+
+    /// With the original destination filter and hand-off of `capture`.
+    pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
     /// Adds the listener's `access_log` (errors name the log's index).
     pub(crate) fn with_access_log(
         mut self,
@@ -166,6 +185,30 @@ impl Chains {
         self.access_log = AccessLogger::new(configs, store)?;
         Ok(self)
     }
+}
+
+/// The filter chain selector of `l` (its matched chains) and the index of
+/// its `default_filter_chain`, the last chain, when it has one.
+pub(crate) fn chain_selector(
+    l: &mesh_core::config::Listener,
+) -> (FilterChainSelector, Option<usize>) {
+    let matched = l.filter_chains.len() - usize::from(l.default_filter_chain);
+    let selector = FilterChainSelector::new(
+        l.filter_chains[..matched]
+            .iter()
+            .map(|c| c.filter_chain_match.clone())
+            .collect(),
+    );
+    (selector, l.default_filter_chain.then_some(matched))
+}
+
+/// The addresses of a downstream connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// `local` is the original destination restored by the listener filter.
+    restored: bool,
 }
 
 enum WorkerTerminal {
@@ -189,13 +232,10 @@ pub(crate) struct WorkerChains {
     shared: Arc<Chains>,
     terminals: Vec<WorkerTerminal>,
     drain: CancellationToken,
+    worker: usize,
 }
 
 impl WorkerChains {
-    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
-        Self::for_worker(shared, cm, drain, 0)
-    }
-
     /// The view of worker `worker` (which picks its slots of swapping
     /// terminals).
     pub(crate) fn for_worker(
@@ -230,11 +270,25 @@ impl WorkerChains {
             shared,
             terminals,
             drain,
+            worker,
         }
     }
 
-    /// Serves one accepted connection to its end.
+    /// The worker this view belongs to.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Serves one accepted connection to its end: the original destination
+    /// filter and hand-off first, then the chosen listener's chains.
     pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let c = self.shared.capture.apply(self.clone(), a);
+        c.chains.serve_chains(c.accepted, c.restored).await
+    }
+
+    /// Serves one connection with this listener's filter chains;
+    /// `restored`: its local address is the original destination.
+    async fn serve_chains(self: Arc<Self>, a: Accepted, restored: bool) {
         let Accepted {
             stream,
             peer,
@@ -242,13 +296,15 @@ impl WorkerChains {
             guard,
         } = a;
         let shared = &self.shared;
+        let deadline = shared
+            .inspect_timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
+        // After a timeout the remaining listener filters are skipped.
+        let mut timed_out = false;
         let mut log = shared
             .access_log
             .as_ref()
             .map(|l| ConnLog::new(l, peer, local));
-        let deadline = shared
-            .inspect_timeout
-            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let (transport, hello) = if shared.inspect {
             let t = shared
                 .inspect_timeout
@@ -261,6 +317,7 @@ impl WorkerChains {
                 {
                     shared.inspect_timeouts.inc();
                     shared.pre_cx_timeout.inc();
+                    timed_out = true;
                     tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
                     ("raw_buffer", None)
                 }
@@ -279,7 +336,7 @@ impl WorkerChains {
             ("raw_buffer", None)
         };
         let mut detected = Vec::new();
-        if let (Some(pi), "raw_buffer") = (&shared.protocols, transport) {
+        if let (Some(pi), "raw_buffer", false) = (&shared.protocols, transport, timed_out) {
             match pi.inspect(&stream, deadline).await {
                 Inspected::Decided(Some(p)) => {
                     tracing::trace!(%peer, protocol = p.name(), "protocol inspector: detected");
@@ -316,7 +373,7 @@ impl WorkerChains {
         if let Some(l) = &mut log {
             l.sni(info.sni);
         }
-        let Some(index) = shared.selector.select(&info) else {
+        let Some(index) = shared.selector.select(&info).or(shared.default_chain) else {
             shared.no_match.inc();
             if let Some(l) = &mut log {
                 l.no_filter_chain();
@@ -344,15 +401,16 @@ impl WorkerChains {
             };
             return worker.handle(a, self.drain.clone()).await;
         }
+        let conn = Conn {
+            peer,
+            local,
+            restored,
+        };
         match &chain.tls {
-            None => {
-                self.run(index, stream, peer, local, guard, None, &mut log)
-                    .await
-            }
+            None => self.run(index, stream, conn, guard, None, &mut log).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    let id = Some(Arc::new(id));
-                    self.run(index, stream, peer, local, guard, id, &mut log)
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)), &mut log)
                         .await
                 }
                 Err(e) => {
@@ -371,14 +429,19 @@ impl WorkerChains {
         &self,
         index: usize,
         stream: S,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
         log: &mut Option<ConnLog>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Conn {
+            peer,
+            local,
+            restored,
+        } = conn;
+        let original_dst = restored.then_some(local);
         if let (Some(l), Some(id)) = (log.as_mut(), &tls) {
             l.tls(id);
         }
@@ -402,7 +465,8 @@ impl WorkerChains {
         }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
-                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                let mut svc =
+                    ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
                 if let Some(l) = log.as_mut() {
                     l.http();
                     svc = svc.with_connection_id(l.id());
@@ -417,7 +481,8 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
-                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                let mut svc = ConnService::swapping(slot.clone(), peer, local)
+                    .with_original_dst(original_dst);
                 if let Some(l) = log.as_mut() {
                     l.http();
                     svc = svc.with_connection_id(l.id());
@@ -434,7 +499,7 @@ impl WorkerChains {
             WorkerTerminal::Tcp(t) => {
                 let outcome = t
                     .clone()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);
@@ -443,7 +508,7 @@ impl WorkerChains {
             WorkerTerminal::TcpSwapping(slot) => {
                 let outcome = slot
                     .load_full()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);

@@ -69,11 +69,18 @@ async fn send(
 ) {
     let cluster = shadow.cluster;
     let cstats = &cluster.entry.stats;
-    let Some(endpoint) = cluster
-        .entry
-        .balancer
-        .pick_with(&mesh_lb::PickContext::new())
-    else {
+    if let Some(od) = &cluster.entry.on_demand {
+        od.ready().await;
+    }
+    // An ORIGINAL_DST shadow cluster has no host of its own to mirror to.
+    let picked = match cluster.entry.original_dst {
+        Some(_) => None,
+        None => cluster
+            .entry
+            .balancer
+            .pick_with(&mesh_lb::PickContext::new()),
+    };
+    let Some(endpoint) = picked else {
         cstats.cx_none_healthy.inc();
         return;
     };
@@ -133,7 +140,7 @@ async fn send(
     cstats.rq_total.inc();
     endpoint.stats.rq_total.inc();
     let _active = resources.requests.acquire();
-    let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+    let Some(pool) = cluster.pool(&endpoint, h2) else {
         return;
     };
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

@@ -631,7 +631,17 @@ impl RpcWorker {
         let pick = mesh_lb::PickContext::new()
             .with_hash(hash)
             .with_metadata_match(choice.metadata_match);
-        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
+        // The RPC proxies do not route by original destination: an
+        // ORIGINAL_DST cluster has no host for them (its hosts belong to
+        // other connections).
+        let picked = match cluster.entry.original_dst {
+            Some(_) => None,
+            None => cluster.entry.balancer.pick_with(&pick),
+        };
+        let Some(endpoint) = picked else {
             stats.cx_none_healthy.inc();
             return (
                 Err((

@@ -26,6 +26,7 @@ const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 const TLS_INSPECTOR: usize = 0;
 const HTTP_INSPECTOR: usize = 1;
 const PROTOCOL_INSPECTOR: usize = 2;
+const ORIGINAL_DST: usize = 3;
 
 const LISTENER_FILTERS: &[Known] = &[
     Known {
@@ -43,6 +44,11 @@ const LISTENER_FILTERS: &[Known] = &[
         type_url:
             "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector",
     },
+    Known {
+        name: "envoy.filters.listener.original_dst",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    },
 ];
 
 /// The inspectors `listener_filters` lists.
@@ -50,9 +56,12 @@ struct Inspectors {
     tls: bool,
     http: bool,
     protocol: bool,
+    /// `envoy.filters.listener.original_dst`.
+    original_dst: bool,
 }
 
-/// `listener_filters`: which inspectors are present (each at most once).
+/// `listener_filters`: which inspectors (and whether the original
+/// destination filter) are present (each at most once).
 fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
     let mut seen = [false; LISTENER_FILTERS.len()];
     for (path, v) in o.list(cx, "listener_filters") {
@@ -61,7 +70,12 @@ fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
         };
         if let Some((which, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS)
         {
-            if let Some(tc) = tc {
+            if let Some(mut tc) = tc {
+                if which == ORIGINAL_DST {
+                    // Windows-only settings; on Linux the address comes
+                    // from SO_ORIGINAL_DST.
+                    tc.refuse(cx, "traffic_direction", "a Windows-only setting");
+                }
                 tc.finish(cx);
             }
             if seen[which] {
@@ -78,6 +92,7 @@ fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
         tls: seen[TLS_INSPECTOR],
         http: seen[HTTP_INSPECTOR],
         protocol: seen[PROTOCOL_INSPECTOR],
+        original_dst: seen[ORIGINAL_DST],
     }
 }
 
@@ -180,6 +195,8 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
             .u32(cx, "per_connection_buffer_limit_bytes")
             .unwrap_or(DEFAULT_BUFFER_LIMIT);
         let inspectors = listener_filters(cx, &mut o);
+        let use_original_dst = o.bool(cx, "use_original_dst").unwrap_or(false);
+        let bind_to_port = o.bool(cx, "bind_to_port").unwrap_or(true);
         let listener_filters_timeout = o.timeout(
             cx,
             "listener_filters_timeout",
@@ -233,9 +250,32 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 }
             }
         }
-        if !present {
+        let has_default = o.has("default_filter_chain");
+        let default_filter_chain = match o.obj(cx, "default_filter_chain") {
+            Some(c) => {
+                let dpath = c.path().to_owned();
+                let (chain, cl) = filter_chain(cx, c);
+                if cl.is_some() {
+                    cx.unsupported(
+                        &dpath,
+                        Some(
+                            "a connection_limit filter is supported on the first filter chain only",
+                        ),
+                    );
+                }
+                // Envoy ignores its filter_chain_match.
+                chain
+                    .map(|mut chain| {
+                        chain.filter_chain_match = Default::default();
+                        filter_chains.push(chain);
+                    })
+                    .is_some()
+            }
+            None => false,
+        };
+        if !present && !has_default {
             cx.missing(&chains_path);
-        } else if empty {
+        } else if empty && !has_default {
             cx.error(&chains_path, "at least one filter chain is required");
         }
         o.finish(cx);
@@ -252,7 +292,11 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 traffic_direction,
                 http_inspector: inspectors.http,
                 protocol_inspector: inspectors.protocol,
+                original_dst: inspectors.original_dst,
+                use_original_dst,
+                bind_to_port,
                 access_log,
+                default_filter_chain,
             });
         }
     }

@@ -228,7 +228,9 @@ fn bench_config_loads() {
                     weight: 1,
                     metadata: Default::default(),
                     health_status: Default::default(),
+                    socket_match: Default::default(),
                 }],
+                socket_match: Default::default(),
             }],
             protocol: UpstreamProtocol::Http2,
             dns_refresh_rate: Duration::from_secs(5),
@@ -236,12 +238,14 @@ fn bench_config_loads() {
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
             tls: None,
+            transport_socket_matches: Vec::new(),
             lb: Default::default(),
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }]
     );
 }
@@ -1194,6 +1198,7 @@ fn cluster_options() {
                 weight: 3,
                 metadata: Default::default(),
                 health_status: Default::default(),
+                socket_match: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
@@ -1201,6 +1206,7 @@ fn cluster_options() {
                 weight: 1,
                 metadata: Default::default(),
                 health_status: Default::default(),
+                socket_match: Default::default(),
             },
         ]
     );
