@@ -82,6 +82,7 @@ use crate::downstream::{Chain, Chains, Swapping, Terminal, WorkerChains};
 use crate::http::{HcmShared, HttpProxy};
 use crate::lazy_eds::{self, OnDemandEndpoints};
 use crate::rpc::{RpcShared, RpcWorker};
+use crate::socket_match::{SocketMatches, UpstreamSockets};
 use crate::tcp::TcpProxyShared;
 use crate::tls::{xds_secrets, TlsRegistry};
 
@@ -106,6 +107,8 @@ pub(crate) struct Context {
     pub(crate) tls: Arc<TlsRegistry>,
     /// SDS secrets over xDS named by static listeners and clusters.
     pub(crate) static_secrets: Vec<(String, ConfigSource)>,
+    /// Every listener by address, for `use_original_dst` hand-offs.
+    pub(crate) handoff: Arc<crate::original_dst::Handoff>,
     /// On-demand EDS for clusters from CDS (`--lazy-eds`).
     pub(crate) lazy_eds: bool,
 }
@@ -931,7 +934,12 @@ impl Manager {
             wanted.extend(listener_tls(l).flat_map(xds_secrets));
         }
         for n in &self.dynamic_clusters {
-            if let Some(t) = self.cm.get(n).and_then(|e| e.config.tls.as_ref()) {
+            for t in self
+                .cm
+                .get(n)
+                .into_iter()
+                .flat_map(|e| e.config.tls_contexts())
+            {
                 wanted.extend(xds_secrets(&t.common));
             }
         }
@@ -1023,10 +1031,7 @@ impl Manager {
                 )),
                 Ok(c) => match self.client_tls(&c) {
                     Ok(tls) => loaded.push((c, tls, r.body.clone())),
-                    Err(e) => errors.push(format!(
-                        "cluster {:?}: transport_socket.typed_config.{e}",
-                        c.name
-                    )),
+                    Err(e) => errors.push(format!("cluster {:?}: {e}", c.name)),
                 },
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
@@ -1085,20 +1090,25 @@ impl Manager {
         Ok(())
     }
 
-    /// The upstream TLS context of a cluster from CDS (refused with the
-    /// field path when its certificates are not usable; SDS secrets may
-    /// arrive later).
-    fn client_tls(&self, c: &Cluster) -> Result<Option<Arc<ClientTls>>, String> {
-        let Some(t) = &c.tls else { return Ok(None) };
+    /// The upstream TLS contexts of a cluster from CDS: its
+    /// `transport_socket` and its `transport_socket_matches` (refused with
+    /// the field path when their certificates are not usable; SDS secrets
+    /// may arrive later).
+    fn client_tls(&self, c: &Cluster) -> Result<UpstreamSockets, String> {
+        let matches = SocketMatches::build(c, Some(self.cx.secrets.clone()), &self.cx.store)?;
+        let Some(t) = &c.tls else {
+            return Ok((None, matches));
+        };
         let stats = TlsStats::new(
             &self.cx.store,
             "cluster",
             &[("envoy_cluster_name", c.name.clone())],
         );
         let tls = Arc::new(
-            ClientTls::new(t, Some(self.cx.secrets.clone()), stats).map_err(|e| e.to_string())?,
+            ClientTls::new(t, Some(self.cx.secrets.clone()), stats)
+                .map_err(|e| format!("transport_socket.typed_config.{e}"))?,
         );
-        Ok(Some(tls))
+        Ok((Some(tls), matches))
     }
 
     /// Whether a cluster has what it waits for: its endpoints (EDS) and
@@ -1110,9 +1120,8 @@ impl Manager {
             _ => true,
         };
         endpoints
-            && c.tls
-                .as_ref()
-                .is_none_or(|t| secrets_ready(&self.cx.secrets, &t.common))
+            && c.tls_contexts()
+                .all(|t| secrets_ready(&self.cx.secrets, &t.common))
     }
 
     /// How long a cluster that is not warm waits (`None`: forever): the
@@ -1128,7 +1137,7 @@ impl Manager {
                 pending.push(source.initial_fetch_timeout);
             }
         }
-        if let Some(t) = &c.tls {
+        for t in c.tls_contexts() {
             pending.extend(missing_secrets(&self.cx.secrets, &t.common));
         }
         longest(pending)
@@ -1157,7 +1166,7 @@ impl Manager {
         &mut self,
         c: &Cluster,
         old: Option<&ClusterEntry>,
-        tls: Option<Arc<ClientTls>>,
+        (tls, socket_matches): UpstreamSockets,
     ) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
@@ -1199,17 +1208,46 @@ impl Manager {
                     stop,
                     move |n| membership.set(n as i64),
                 ));
+                // Resolve now, as Envoy does, rather than at the first
+                // refresh: a new cluster gets its endpoints, and a rebuilt
+                // one's kept endpoints take its new `transport_socket_matches`.
+                let (c, balancer) = (c.clone(), balancer.clone());
+                let membership = stats.membership_total.clone();
+                tokio::spawn(async move {
+                    if let Ok(specs) = dns::resolve(&c).await {
+                        balancer.update(specs);
+                        membership.set(balancer.endpoints().endpoints.len() as i64);
+                    }
+                });
             }
             DiscoveryType::Eds { service_name, .. } => {
                 if let Some(l) = self.assignments.get(service_name).cloned() {
                     set_endpoints(c, &balancer, &stats, l);
                 }
             }
+            DiscoveryType::OriginalDst(_) => {}
         }
+        let original_dst = match &c.discovery {
+            DiscoveryType::OriginalDst(od) => {
+                Some(match old.and_then(|o| o.original_dst.clone()) {
+                    // The same balancer keeps its hosts.
+                    Some(h) if old.is_some_and(|o| Arc::ptr_eq(&o.balancer, &balancer)) => h,
+                    _ => crate::original_dst::OriginalDstHosts::start(
+                        od.clone(),
+                        balancer.clone(),
+                        &self.cx.stop,
+                    ),
+                })
+            }
+            _ => None,
+        };
         if old.is_none() && !self.cluster_warm(c) {
             self.warm(&c.name, self.cluster_warm_timeout(c));
         }
         if let Some(t) = &tls {
+            self.cx.tls.add_client(t.clone());
+        }
+        for t in socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
             self.cx.tls.add_client(t.clone());
         }
         stats
@@ -1231,6 +1269,8 @@ impl Manager {
             outlier,
             health_checker,
             tls,
+            original_dst,
+            socket_matches,
             on_demand: self.on_demand_for(c, old),
         }
     }
@@ -1477,6 +1517,7 @@ impl Manager {
             self.warming_listeners.remove(name);
             if let Some(old) = self.listeners.remove(name) {
                 tracing::info!(listener = %name, "listener removed; draining");
+                self.cx.handoff.remove(name);
                 old.drain.signal();
                 self.runtime.lock().listeners.remove(name);
             }
@@ -1575,12 +1616,23 @@ impl Manager {
             bind_tcp(addr)
                 .map_err(|e| format!("listener {:?}: address: binding {addr}: {e}", l.name))
         };
-        let first = bind(l.address)?;
-        let addr = first
-            .local_addr()
-            .map_err(|e| format!("listener {:?}: {e}", l.name))?;
-        let mut sockets = vec![first];
+        let (addr, mut sockets) = if l.bind_to_port {
+            let first = bind(l.address)?;
+            let addr = first
+                .local_addr()
+                .map_err(|e| format!("listener {:?}: {e}", l.name))?;
+            if l.original_dst || l.use_original_dst {
+                crate::original_dst::register_capture_listener(addr);
+            }
+            (addr, vec![first])
+        } else {
+            // `bind_to_port: false`: only receives hand-offs.
+            (l.address, Vec::new())
+        };
         for _ in 1..self.cx.workers.len() {
+            if !l.bind_to_port {
+                break;
+            }
             sockets.push(bind(addr)?);
         }
         let drain = Drain::new();
@@ -1666,22 +1718,37 @@ impl Manager {
                 .map(|c| c.filter_chain_match.clone())
                 .collect(),
         );
-        let shared = Arc::new(Chains::new(
-            chains,
-            selector,
-            l.tls_inspector,
-            l.listener_filters_timeout,
-            l.continue_on_listener_filters_timeout,
-            &self.cx.store,
-            addr,
-        ));
+        let shared = Arc::new(
+            Chains::new(
+                chains,
+                selector,
+                l.tls_inspector,
+                l.listener_filters_timeout,
+                l.continue_on_listener_filters_timeout,
+                &self.cx.store,
+                addr,
+            )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &self.cx.store)
+            .with_capture(crate::original_dst::Capture {
+                restore: l.original_dst,
+                hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),
+            })
+            .with_access_log(&l.access_log, &self.cx.store)
+            .map_err(|e| format!("listener {:?}: access_log{e}", l.name))?,
+        );
+        let views: Vec<Arc<WorkerChains>> = (0..self.cx.workers.len())
+            .map(|w| {
+                Arc::new(WorkerChains::for_worker(
+                    shared.clone(),
+                    &self.cm,
+                    drain.token(),
+                    w,
+                ))
+            })
+            .collect();
+        self.cx.handoff.publish(&l.name, addr, views.clone());
         for (w, sock) in sockets.into_iter().enumerate() {
-            let chains = Arc::new(WorkerChains::for_worker(
-                shared.clone(),
-                &self.cm,
-                drain.token(),
-                w,
-            ));
+            let chains = views[w].clone();
             let drain = drain.clone();
             let global = self.cx.drain.clone();
             let limiter = limiter.clone();
@@ -1859,6 +1926,11 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
         && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
+        && old.http_inspector == new.http_inspector
+        && old.protocol_inspector == new.protocol_inspector
+        && old.original_dst == new.original_dst
+        && old.use_original_dst == new.use_original_dst
+        && old.bind_to_port == new.bind_to_port
         && chains(old) == chains(new)
 }
 

@@ -136,7 +136,7 @@ async fn send(
     cstats.rq_total.inc();
     endpoint.stats.rq_total.inc();
     let _active = resources.requests.acquire();
-    let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+    let Some(pool) = cluster.pool(&endpoint, h2) else {
         return;
     };
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

@@ -9,9 +9,12 @@
 //!   rewrites, redirects;
 //! - [`headers`]: compiled header mutations;
 //! - [`listener`]: binding, the accept loop, connection limits and drain;
+//! - [`peek`]: looking at a connection's first bytes without consuming them;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
 //! - [`flags`]: Envoy response flags for proxy-made responses;
-//! - [`identity`]: the TLS peer identity attached to requests.
+//! - [`identity`]: the TLS peer identity attached to requests;
+//! - [`string_match`]: compiled `StringMatcher`s (RBAC, SAN matching);
+//! - [`time`]: UTC calendar arithmetic for the timestamps mesh writes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,9 +26,12 @@ pub mod health_config;
 pub mod identity;
 mod lb_config;
 pub mod listener;
+pub mod peek;
 pub mod policy;
 pub mod router;
 pub mod stats;
+pub mod string_match;
+pub mod time;
 pub mod view;
 
 pub use flags::ResponseFlag;

@@ -131,7 +131,8 @@ fn percentage(configured: FractionalPercent, header: Option<&str>) -> Fractional
     }
 }
 
-/// A request seen through its headers only (no method, path or authority).
+/// A request or response seen through its headers only (no method, path or
+/// authority), for header matchers.
 pub(crate) struct View<'a>(pub(crate) &'a HeaderMap);
 
 impl mesh_core::view::RequestView for View<'_> {

@@ -17,10 +17,11 @@
 use std::net::SocketAddr;
 
 use mesh_core::config::rbac::{Permission, Principal, Rbac, RbacAction, RbacPolicy, RbacRules};
-use mesh_core::config::tls::{CidrRange, StringMatch, StringMatcher};
+use mesh_core::config::tls::{CidrRange, StringMatcher};
 use mesh_core::identity::PeerIdentity;
 use mesh_core::router::CompiledHeaderMatcher;
 use mesh_core::stats::{Counter, Store};
+use mesh_core::string_match::CompiledStringMatcher;
 use mesh_core::view::RequestView;
 
 /// What RBAC knows about the connection a request arrived on.
@@ -34,61 +35,9 @@ pub struct ConnectionFacts<'a> {
     pub identity: Option<&'a PeerIdentity>,
 }
 
-#[derive(Debug)]
-struct Matcher {
-    kind: Kind,
-    ignore_case: bool,
-}
-
-#[derive(Debug)]
-enum Kind {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-    Regex(regex::Regex),
-}
-
-impl Matcher {
-    fn compile(m: &StringMatcher, path: &str) -> Result<Self, String> {
-        let fold = |s: &String| {
-            if m.ignore_case {
-                s.to_lowercase()
-            } else {
-                s.clone()
-            }
-        };
-        let kind = match &m.kind {
-            StringMatch::Exact(s) => Kind::Exact(fold(s)),
-            StringMatch::Prefix(s) => Kind::Prefix(fold(s)),
-            StringMatch::Suffix(s) => Kind::Suffix(fold(s)),
-            StringMatch::Contains(s) => Kind::Contains(fold(s)),
-            StringMatch::Regex(r) => Kind::Regex(
-                regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("{path}: {e}"))?,
-            ),
-        };
-        Ok(Matcher {
-            kind,
-            ignore_case: m.ignore_case,
-        })
-    }
-
-    fn matches(&self, v: &str) -> bool {
-        let lowered;
-        let v = if self.ignore_case {
-            lowered = v.to_lowercase();
-            &lowered
-        } else {
-            v
-        };
-        match &self.kind {
-            Kind::Exact(s) => v == s,
-            Kind::Prefix(s) => v.starts_with(s.as_str()),
-            Kind::Suffix(s) => v.ends_with(s.as_str()),
-            Kind::Contains(s) => v.contains(s.as_str()),
-            Kind::Regex(r) => r.is_match(v),
-        }
-    }
+/// Compiles `m`; `path` names it in errors.
+fn string_matcher(m: &StringMatcher, path: &str) -> Result<CompiledStringMatcher, String> {
+    CompiledStringMatcher::compile(m).map_err(|e| format!("{path}: {e}"))
 }
 
 #[derive(Debug)]
@@ -98,7 +47,7 @@ enum Perm {
     Or(Vec<Perm>),
     Not(Box<Perm>),
     Header(CompiledHeaderMatcher),
-    UrlPath(Matcher),
+    UrlPath(CompiledStringMatcher),
     DestinationPort(u16),
     DestinationIp(CidrRange),
 }
@@ -109,7 +58,7 @@ enum Princ {
     And(Vec<Princ>),
     Or(Vec<Princ>),
     Not(Box<Princ>),
-    Authenticated(Option<Matcher>),
+    Authenticated(Option<CompiledStringMatcher>),
     DirectRemoteIp(CidrRange),
     RemoteIp(CidrRange),
     Header(CompiledHeaderMatcher),
@@ -131,7 +80,7 @@ fn compile_perm(p: &Permission, path: &str) -> Result<Perm, String> {
             CompiledHeaderMatcher::compile(h, &format!("{path}.header"))
                 .map_err(|e| e.to_string())?,
         ),
-        Permission::UrlPath(m) => Perm::UrlPath(Matcher::compile(m, &format!("{path}.url_path"))?),
+        Permission::UrlPath(m) => Perm::UrlPath(string_matcher(m, &format!("{path}.url_path"))?),
         Permission::DestinationPort(p) => Perm::DestinationPort(*p),
         Permission::DestinationIp(c) => Perm::DestinationIp(*c),
     })
@@ -151,7 +100,7 @@ fn compile_princ(p: &Principal, path: &str) -> Result<Princ, String> {
         Principal::Not(p) => Princ::Not(Box::new(compile_princ(p, &format!("{path}.not_id"))?)),
         Principal::Authenticated(m) => Princ::Authenticated(match m {
             None => None,
-            Some(m) => Some(Matcher::compile(
+            Some(m) => Some(string_matcher(
                 m,
                 &format!("{path}.authenticated.principal_name"),
             )?),
@@ -369,6 +318,7 @@ impl RbacFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::config::tls::StringMatch;
     use mesh_core::config::{HeaderMatchKind, HeaderMatcher};
 
     fn exact(s: &str) -> StringMatcher {

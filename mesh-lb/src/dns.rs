@@ -9,7 +9,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_core::config::{Cluster, DiscoveryType, DnsLookupFamily};
+use mesh_core::config::socket_match::resolve_transport_socket;
+use mesh_core::config::{Cluster, DiscoveryType, DnsLookupFamily, LbEndpoint, LocalityLbEndpoints};
 
 use crate::{Balancer, EndpointSpec};
 
@@ -34,10 +35,23 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                 locality_weight: loc.load_balancing_weight,
                 metadata: ep.metadata.clone(),
                 health_status: ep.health_status,
+                transport_socket: socket(cluster, loc, ep),
             });
         }
     }
     Ok(out)
+}
+
+/// The `transport_socket_matches` entry an endpoint uses.
+fn socket(cluster: &Cluster, loc: &LocalityLbEndpoints, ep: &LbEndpoint) -> Option<u32> {
+    if cluster.transport_socket_matches.is_empty() {
+        return None;
+    }
+    resolve_transport_socket(
+        &cluster.transport_socket_matches,
+        &ep.socket_match,
+        &loc.socket_match,
+    )
 }
 
 fn family_filter(family: DnsLookupFamily, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -93,6 +107,7 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     locality_weight: loc.load_balancing_weight,
                     metadata: ep.metadata.clone(),
                     health_status: ep.health_status,
+                    transport_socket: socket(cluster, loc, ep),
                 });
             }
         }
@@ -158,12 +173,14 @@ mod tests {
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
             tls: None,
+            transport_socket_matches: Vec::new(),
             lb: Default::default(),
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }
     }
 
@@ -177,6 +194,43 @@ mod tests {
         );
         let e = static_endpoints(&cluster(DiscoveryType::Static, &["example.com"])).unwrap_err();
         assert!(e.contains("lb_endpoints[0]"), "{e}");
+    }
+
+    /// Each endpoint carries the `transport_socket_matches` entry its
+    /// metadata selects; a different one makes a new endpoint on update.
+    #[test]
+    fn endpoints_carry_their_transport_socket_match() {
+        use mesh_core::config::{LbMetadata, MetadataValue, TransportSocketMatch};
+        let istio: LbMetadata = [("tlsMode".to_string(), MetadataValue::from("istio"))].into();
+        let mut c = cluster(DiscoveryType::Static, &["10.0.0.1", "10.0.0.2"]);
+        c.transport_socket_matches = vec![
+            TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                labels: istio.clone(),
+                tls: None,
+            },
+            TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                labels: LbMetadata::new(),
+                tls: None,
+            },
+        ];
+        c.localities[0].lb_endpoints[0].socket_match = istio.clone();
+        let eps = static_endpoints(&c).unwrap();
+        let sockets: Vec<Option<u32>> = eps.iter().map(|e| e.transport_socket).collect();
+        assert_eq!(sockets, [Some(0), Some(1)]);
+
+        let b = Balancer::new(Default::default());
+        b.update(eps);
+        let first = b.endpoints().endpoints[0].clone();
+        // The label moves to the other endpoint (an EDS update).
+        c.localities[0].lb_endpoints[0].socket_match = LbMetadata::new();
+        c.localities[0].lb_endpoints[1].socket_match = istio;
+        assert!(b.update(static_endpoints(&c).unwrap()));
+        let set = b.endpoints();
+        assert_eq!(set.endpoints[0].transport_socket, Some(1));
+        assert_eq!(set.endpoints[1].transport_socket, Some(0));
+        assert!(!Arc::ptr_eq(&set.endpoints[0], &first));
     }
 
     #[tokio::test]

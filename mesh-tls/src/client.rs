@@ -3,18 +3,18 @@
 //! validation rules.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use mesh_core::config::tls::UpstreamTlsContext;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::material::provider_for;
+use crate::rebuild::Rebuilt;
 use crate::secret::Sources;
-use crate::stats::{classify, TlsStats};
+use crate::stats::TlsStats;
 use crate::verify::UpstreamVerifier;
 use crate::{HandshakeError, HandshakeFailure, PeerIdentity, SecretStore, TlsError};
 
@@ -30,12 +30,6 @@ pub enum UpstreamAlpn {
     Http2,
 }
 
-#[derive(Debug)]
-struct Built {
-    generation: u64,
-    configs: Result<[Arc<ClientConfig>; 3], TlsError>,
-}
-
 /// An upstream TLS context (Envoy `UpstreamTlsContext`), shared by every
 /// connection to a cluster.
 #[derive(Debug)]
@@ -44,8 +38,7 @@ pub struct ClientTls {
     sni: Option<ServerName<'static>>,
     sources: Sources,
     stats: TlsStats,
-    built: ArcSwap<Built>,
-    rebuilding: Mutex<()>,
+    built: Rebuilt<[Arc<ClientConfig>; 3]>,
 }
 
 impl ClientTls {
@@ -69,21 +62,9 @@ impl ClientTls {
             sni,
             sources,
             stats,
-            built: ArcSwap::from_pointee(Built {
-                generation: u64::MAX,
-                configs: Err(TlsError::Invalid("not built".into())),
-            }),
-            rebuilding: Mutex::new(()),
+            built: Rebuilt::unbuilt("upstream TLS context"),
         };
-        let generation = tls.sources.generation();
-        let configs = tls.build();
-        if let Err(e @ TlsError::Invalid(_)) = &configs {
-            return Err(e.clone());
-        }
-        tls.built.store(Arc::new(Built {
-            generation,
-            configs,
-        }));
+        tls.built.first(tls.sources.generation(), tls.build())?;
         Ok(tls)
     }
 
@@ -100,10 +81,7 @@ impl ClientTls {
         Option<Arc<crate::LoadedCert>>,
         Option<Arc<crate::LoadedValidation>>,
     ) {
-        (
-            self.sources.cert().ok().flatten(),
-            self.sources.validation().ok().flatten(),
-        )
+        self.sources.loaded()
     }
 
     fn build(&self) -> Result<[Arc<ClientConfig>; 3], TlsError> {
@@ -148,37 +126,8 @@ impl ClientTls {
             UpstreamAlpn::Http1 => 1,
             UpstreamAlpn::Http2 => 2,
         };
-        let built = self.built.load();
-        let generation = self.sources.generation();
-        if built.generation == generation {
-            return built
-                .configs
-                .as_ref()
-                .map(|c| c[i].clone())
-                .map_err(Clone::clone);
-        }
-        let _guard = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
-        let built = self.built.load();
-        if built.generation != generation {
-            let configs = match (self.build(), &built.configs) {
-                (Ok(c), _) => Ok(c),
-                (Err(e), Ok(old)) => {
-                    tracing::error!(error = %e, "upstream TLS context could not be rebuilt; the previous certificate keeps serving");
-                    Ok(old.clone())
-                }
-                (Err(e), Err(_)) => Err(e),
-            };
-            self.built.store(Arc::new(Built {
-                generation,
-                configs,
-            }));
-        }
-        let built = self.built.load();
-        built
-            .configs
-            .as_ref()
-            .map(|c| c[i].clone())
-            .map_err(Clone::clone)
+        self.built
+            .get(self.sources.generation(), || self.build(), |c| c[i].clone())
     }
 
     /// Runs the client handshake on `io` (a connection to `peer`), failing
@@ -193,37 +142,19 @@ impl ClientTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let fail = |reason: HandshakeFailure, message: String| {
-            self.stats.failure(reason);
-            HandshakeError { reason, message }
-        };
-        let config = self
-            .config(alpn)
-            .map_err(|e| fail(HandshakeFailure::NoLocalCertificate, e.to_string()))?;
+        let config = self.config(alpn).map_err(|e| {
+            self.stats
+                .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
+        })?;
         let name = self
             .sni
             .clone()
             .unwrap_or(ServerName::IpAddress(peer.into()));
         let connect = tokio_rustls::TlsConnector::from(config).connect(name, io);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, connect).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(fail(
-                        HandshakeFailure::Timeout,
-                        format!("no handshake within {t:?}"),
-                    ))
-                }
-            },
-            None => connect.await,
-        };
-        match result {
-            Ok(stream) => {
-                let id = crate::identity_of(stream.get_ref().1, None);
-                self.stats.success(id.tls_version);
-                Ok((stream, id))
-            }
-            Err(e) => Err(fail(classify(&e), e.to_string())),
-        }
+        self.stats
+            .handshake(connect, timeout, |s| {
+                crate::identity_of(s.get_ref().1, None)
+            })
+            .await
     }
 }

@@ -107,6 +107,7 @@ pub mod chain_match;
 mod client;
 pub mod inspect;
 mod material;
+mod rebuild;
 mod san;
 mod secret;
 mod server;

@@ -1,70 +1,11 @@
 //! `match_typed_subject_alt_names`: which peer certificates are accepted by
 //! their subject alternative names (SPIFFE IDs as URI SANs in a mesh).
 
-use mesh_core::config::tls::{SanMatcher, SanType, StringMatch, StringMatcher};
+use mesh_core::config::tls::{SanMatcher, SanType};
+use mesh_core::string_match::CompiledStringMatcher;
 
 use crate::material::SubjectAltName;
 use crate::TlsError;
-
-/// A compiled [`StringMatcher`].
-#[derive(Debug, Clone)]
-pub struct CompiledStringMatcher {
-    kind: Kind,
-    ignore_case: bool,
-}
-
-#[derive(Debug, Clone)]
-enum Kind {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-    Regex(regex::Regex),
-}
-
-impl CompiledStringMatcher {
-    /// Compiles `m` (a regex must match the whole value).
-    pub fn compile(m: &StringMatcher) -> Result<Self, String> {
-        let fold = |s: &String| {
-            if m.ignore_case {
-                s.to_lowercase()
-            } else {
-                s.clone()
-            }
-        };
-        let kind = match &m.kind {
-            StringMatch::Exact(s) => Kind::Exact(fold(s)),
-            StringMatch::Prefix(s) => Kind::Prefix(fold(s)),
-            StringMatch::Suffix(s) => Kind::Suffix(fold(s)),
-            StringMatch::Contains(s) => Kind::Contains(fold(s)),
-            StringMatch::Regex(r) => {
-                Kind::Regex(regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| e.to_string())?)
-            }
-        };
-        Ok(CompiledStringMatcher {
-            kind,
-            ignore_case: m.ignore_case,
-        })
-    }
-
-    /// Whether `value` matches.
-    pub fn matches(&self, value: &str) -> bool {
-        let lowered;
-        let v = if self.ignore_case && !matches!(self.kind, Kind::Regex(_)) {
-            lowered = value.to_lowercase();
-            lowered.as_str()
-        } else {
-            value
-        };
-        match &self.kind {
-            Kind::Exact(s) => v == s,
-            Kind::Prefix(s) => v.starts_with(s.as_str()),
-            Kind::Suffix(s) => v.ends_with(s.as_str()),
-            Kind::Contains(s) => v.contains(s.as_str()),
-            Kind::Regex(r) => r.is_match(v),
-        }
-    }
-}
 
 /// Compiled `match_typed_subject_alt_names`: a certificate passes when any
 /// of its SANs matches any matcher of the same type, or when there are no
@@ -120,7 +61,7 @@ fn dns_matches(m: &CompiledStringMatcher, san: &str) -> bool {
     if m.matches(san) {
         return true;
     }
-    if let (Some(suffix), Kind::Exact(want)) = (san.strip_prefix('*'), &m.kind) {
+    if let (Some(suffix), Some(want)) = (san.strip_prefix('*'), m.exact()) {
         if let Some((label, rest)) = want.split_once('.') {
             return !label.is_empty() && suffix.eq_ignore_ascii_case(&format!(".{rest}"));
         }
@@ -131,6 +72,7 @@ fn dns_matches(m: &CompiledStringMatcher, san: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::config::tls::{StringMatch, StringMatcher};
 
     fn m(t: SanType, k: StringMatch) -> SanMatcher {
         SanMatcher {

@@ -238,6 +238,12 @@ impl Sources {
         })
     }
 
+    /// The certificate and trust bundle currently resolved; `None` where
+    /// none is configured or its secret is missing.
+    pub(crate) fn loaded(&self) -> (Option<Arc<LoadedCert>>, Option<Arc<LoadedValidation>>) {
+        (self.cert().ok().flatten(), self.validation().ok().flatten())
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.secrets.as_ref().map_or(0, |s| s.generation())
     }

@@ -1,26 +1,20 @@
 //! TLS termination: [`ServerTls`] turns an accepted connection into a TLS
 //! stream with the peer's identity, under a handshake timeout.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use mesh_core::config::tls::DownstreamTlsContext;
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::material::provider_for;
+use crate::rebuild::Rebuilt;
 use crate::secret::Sources;
-use crate::stats::{classify, TlsStats};
+use crate::stats::TlsStats;
 use crate::verify::DownstreamVerifier;
 use crate::{HandshakeError, HandshakeFailure, PeerIdentity, SecretStore, TlsError};
-
-#[derive(Debug)]
-struct Built {
-    generation: u64,
-    config: Result<Arc<ServerConfig>, TlsError>,
-}
 
 /// A downstream TLS context (Envoy `DownstreamTlsContext`) ready to accept
 /// connections. Cheap to share (`Arc`) between workers.
@@ -29,8 +23,7 @@ pub struct ServerTls {
     ctx: DownstreamTlsContext,
     sources: Sources,
     stats: TlsStats,
-    built: ArcSwap<Built>,
-    rebuilding: Mutex<()>,
+    built: Rebuilt<Arc<ServerConfig>>,
 }
 
 impl ServerTls {
@@ -47,18 +40,9 @@ impl ServerTls {
             ctx: ctx.clone(),
             sources,
             stats,
-            built: ArcSwap::from_pointee(Built {
-                generation: u64::MAX,
-                config: Err(TlsError::Invalid("not built".into())),
-            }),
-            rebuilding: Mutex::new(()),
+            built: Rebuilt::unbuilt("TLS context"),
         };
-        let generation = tls.sources.generation();
-        let config = tls.build();
-        if let Err(e @ TlsError::Invalid(_)) = &config {
-            return Err(e.clone());
-        }
-        tls.built.store(Arc::new(Built { generation, config }));
+        tls.built.first(tls.sources.generation(), tls.build())?;
         Ok(tls)
     }
 
@@ -75,10 +59,7 @@ impl ServerTls {
         Option<Arc<crate::LoadedCert>>,
         Option<Arc<crate::LoadedValidation>>,
     ) {
-        (
-            self.sources.cert().ok().flatten(),
-            self.sources.validation().ok().flatten(),
-        )
+        self.sources.loaded()
     }
 
     fn build(&self) -> Result<Arc<ServerConfig>, TlsError> {
@@ -138,29 +119,8 @@ impl ServerTls {
     /// depends on changed. A rebuild that fails keeps the previous
     /// configuration (logged).
     pub fn config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let built = self.built.load();
-        let generation = self.sources.generation();
-        if built.generation == generation {
-            return built.config.clone();
-        }
-        let _guard = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
-        let built = self.built.load();
-        if built.generation == generation {
-            return built.config.clone();
-        }
-        let config = match (self.build(), &built.config) {
-            (Ok(c), _) => Ok(c),
-            (Err(e), Ok(old)) => {
-                tracing::error!(error = %e, "TLS context could not be rebuilt; the previous certificate keeps serving");
-                Ok(old.clone())
-            }
-            (Err(e), Err(_)) => Err(e),
-        };
-        self.built.store(Arc::new(Built {
-            generation,
-            config: config.clone(),
-        }));
-        config
+        self.built
+            .get(self.sources.generation(), || self.build(), Arc::clone)
     }
 
     /// Runs the server handshake on `io`, failing after `timeout`. Counts
@@ -173,34 +133,16 @@ impl ServerTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let fail = |reason: HandshakeFailure, message: String| {
-            self.stats.failure(reason);
-            HandshakeError { reason, message }
-        };
-        let config = self
-            .config()
-            .map_err(|e| fail(HandshakeFailure::NoLocalCertificate, e.to_string()))?;
+        let config = self.config().map_err(|e| {
+            self.stats
+                .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
+        })?;
         let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, accept).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(fail(
-                        HandshakeFailure::Timeout,
-                        format!("no handshake within {t:?}"),
-                    ))
-                }
-            },
-            None => accept.await,
-        };
-        match result {
-            Ok(stream) => {
-                let conn = stream.get_ref().1;
-                let id = crate::identity_of(conn, conn.server_name());
-                self.stats.success(id.tls_version);
-                Ok((stream, id))
-            }
-            Err(e) => Err(fail(classify(&e), e.to_string())),
-        }
+        self.stats
+            .handshake(accept, timeout, |s| {
+                let conn = s.get_ref().1;
+                crate::identity_of(conn, conn.server_name())
+            })
+            .await
     }
 }

@@ -3,7 +3,10 @@
 
 use mesh_core::stats::{Counter, Store};
 
-use crate::HandshakeFailure;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{HandshakeError, HandshakeFailure, PeerIdentity};
 
 /// Envoy's `<scope>.ssl.*` stats plus mesh's per-reason failure counters.
 #[derive(Debug, Clone)]
@@ -84,6 +87,42 @@ impl TlsStats {
         }
         if let Some(i) = REASONS.iter().position(|r| *r == reason) {
             self.reasons[i].inc();
+        }
+    }
+
+    /// A handshake failure for `reason`, counted.
+    pub(crate) fn fail(&self, reason: HandshakeFailure, message: String) -> HandshakeError {
+        self.failure(reason);
+        HandshakeError { reason, message }
+    }
+
+    /// Runs `handshake` to its end, failing after `timeout`, and counts the
+    /// outcome; `identity` reads the peer from the finished stream.
+    pub(crate) async fn handshake<S>(
+        &self,
+        handshake: impl Future<Output = std::io::Result<S>>,
+        timeout: Option<Duration>,
+        identity: impl FnOnce(&S) -> PeerIdentity,
+    ) -> Result<(S, PeerIdentity), HandshakeError> {
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, handshake).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(self.fail(
+                        HandshakeFailure::Timeout,
+                        format!("no handshake within {t:?}"),
+                    ))
+                }
+            },
+            None => handshake.await,
+        };
+        match result {
+            Ok(stream) => {
+                let id = identity(&stream);
+                self.success(id.tls_version);
+                Ok((stream, id))
+            }
+            Err(e) => Err(self.fail(classify(&e), e.to_string())),
         }
     }
 

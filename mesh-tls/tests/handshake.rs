@@ -141,6 +141,20 @@ fn upstream(p: &Pki, client_cert: bool, sans: Vec<SanMatcher>) -> UpstreamTlsCon
     }
 }
 
+/// A server for `downstream(p, require, sans)`, with its stats.
+fn server(p: &Pki, require: bool, sans: Vec<SanMatcher>) -> (Arc<ServerTls>, TlsStats) {
+    let stats = TlsStats::detached();
+    let tls = ServerTls::new(&downstream(p, require, sans), None, stats.clone()).unwrap();
+    (Arc::new(tls), stats)
+}
+
+/// A client for `upstream(p, client_cert, sans)`, with its stats.
+fn client(p: &Pki, client_cert: bool, sans: Vec<SanMatcher>) -> (ClientTls, TlsStats) {
+    let stats = TlsStats::detached();
+    let tls = ClientTls::new(&upstream(p, client_cert, sans), None, stats.clone()).unwrap();
+    (tls, stats)
+}
+
 async fn roundtrip(
     client: &ClientTls,
     addr: std::net::SocketAddr,
@@ -165,29 +179,16 @@ async fn roundtrip(
 #[tokio::test]
 async fn mutual_tls_with_spiffe_sans_both_ways() {
     let p = pki();
-    let sstats = TlsStats::detached();
-    let server = Arc::new(
-        ServerTls::new(
-            &downstream(
-                &p,
-                true,
-                vec![uri_exact("spiffe://cluster.local/ns/default/sa/web")],
-            ),
-            None,
-            sstats.clone(),
-        )
-        .unwrap(),
+    let (server, sstats) = server(
+        &p,
+        true,
+        vec![uri_exact("spiffe://cluster.local/ns/default/sa/web")],
     );
-    let client = ClientTls::new(
-        &upstream(
-            &p,
-            true,
-            vec![uri_exact("spiffe://cluster.local/ns/default/sa/server")],
-        ),
-        None,
-        TlsStats::detached(),
-    )
-    .unwrap();
+    let (client, _) = client(
+        &p,
+        true,
+        vec![uri_exact("spiffe://cluster.local/ns/default/sa/server")],
+    );
     let (addr, h) = serve_once(server).await;
     let up = roundtrip(&client, addr).await.unwrap();
     assert_eq!(
@@ -213,10 +214,8 @@ async fn mutual_tls_with_spiffe_sans_both_ways() {
 #[tokio::test]
 async fn missing_client_certificate_is_refused() {
     let p = pki();
-    let sstats = TlsStats::detached();
-    let server =
-        Arc::new(ServerTls::new(&downstream(&p, true, vec![]), None, sstats.clone()).unwrap());
-    let client = ClientTls::new(&upstream(&p, false, vec![]), None, TlsStats::detached()).unwrap();
+    let (server, sstats) = server(&p, true, vec![]);
+    let (client, _) = client(&p, false, vec![]);
     let (addr, h) = serve_once(server).await;
     // TLS 1.3: the client finishes first; the refusal shows on the server
     // and as an alert on the client's first read.
@@ -238,20 +237,12 @@ async fn missing_client_certificate_is_refused() {
 #[tokio::test]
 async fn client_san_mismatch_and_foreign_ca_are_refused() {
     let p = pki();
-    let sstats = TlsStats::detached();
-    let server = Arc::new(
-        ServerTls::new(
-            &downstream(
-                &p,
-                true,
-                vec![uri_exact("spiffe://cluster.local/ns/default/sa/other")],
-            ),
-            None,
-            sstats.clone(),
-        )
-        .unwrap(),
+    let (server, sstats) = server(
+        &p,
+        true,
+        vec![uri_exact("spiffe://cluster.local/ns/default/sa/other")],
     );
-    let client = ClientTls::new(&upstream(&p, true, vec![]), None, TlsStats::detached()).unwrap();
+    let (client, _) = client(&p, true, vec![]);
     let (addr, h) = serve_once(server.clone()).await;
     let _ = roundtrip_allow_fail(&client, addr).await;
     assert_eq!(
@@ -297,20 +288,12 @@ async fn roundtrip_allow_fail(client: &ClientTls, addr: std::net::SocketAddr) ->
 #[tokio::test]
 async fn upstream_san_mismatch_fails_the_client_handshake() {
     let p = pki();
-    let server = Arc::new(
-        ServerTls::new(&downstream(&p, false, vec![]), None, TlsStats::detached()).unwrap(),
+    let (server, _) = server(&p, false, vec![]);
+    let (client, cstats) = client(
+        &p,
+        true,
+        vec![uri_exact("spiffe://cluster.local/ns/default/sa/db")],
     );
-    let cstats = TlsStats::detached();
-    let client = ClientTls::new(
-        &upstream(
-            &p,
-            true,
-            vec![uri_exact("spiffe://cluster.local/ns/default/sa/db")],
-        ),
-        None,
-        cstats.clone(),
-    )
-    .unwrap();
     let (addr, _h) = serve_once(server).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
     let e = client
@@ -324,9 +307,7 @@ async fn upstream_san_mismatch_fails_the_client_handshake() {
 #[tokio::test]
 async fn plain_text_and_stalled_clients() {
     let p = pki();
-    let sstats = TlsStats::detached();
-    let server =
-        Arc::new(ServerTls::new(&downstream(&p, false, vec![]), None, sstats.clone()).unwrap());
+    let (server, sstats) = server(&p, false, vec![]);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let srv = server.clone();
@@ -377,7 +358,7 @@ async fn rotation_through_the_secret_store_refuses_bad_certificates() {
         source: SdsSource::Xds(Default::default()),
     }];
     let server = Arc::new(ServerTls::new(&ctx, Some(store.clone()), TlsStats::detached()).unwrap());
-    let client = ClientTls::new(&upstream(&p, false, vec![]), None, TlsStats::detached()).unwrap();
+    let (client, _) = client(&p, false, vec![]);
 
     let serial_seen = |server: Arc<ServerTls>| {
         let client = &client;

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mesh_xds::client::{self, ClientConfig, Delivery};
+use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::convert::json_to_any;
 use mesh_xds::server::{AdsServer, ServerHandle, Snapshot, SnapshotCache};
 use mesh_xds::types::{self, Protocol, CLUSTER, ENDPOINT};
@@ -72,6 +72,49 @@ fn names(d: &Delivery) -> Vec<String> {
     n
 }
 
+/// Whether the server records an ACK of `version` for `type_url` in time.
+async fn acked_version(cache: &SnapshotCache, type_url: &str, version: &str) -> bool {
+    cache
+        .wait_for(NODE, WAIT, |s| {
+            s.acked.get(type_url).map(String::as_str) == Some(version)
+        })
+        .await
+}
+
+/// Receives the next update, checks its type and resource names, ACKs it
+/// and waits for the server to record an ACK of that type.
+async fn receive_and_ack(
+    cache: &SnapshotCache,
+    rx: &mut Receiver<Delivery>,
+    type_url: &str,
+    expected: &[&str],
+) {
+    let d = next(rx).await;
+    assert_eq!(d.update.type_url, type_url);
+    assert_eq!(names(&d), expected);
+    d.reply(Ok(()));
+    assert!(
+        cache
+            .wait_for(NODE, WAIT, |s| s.acked.contains_key(type_url))
+            .await
+    );
+}
+
+/// A client on the per-type discovery service of `type_url` (not ADS),
+/// subscribed to the one resource `name`.
+fn per_type_client(
+    addr: SocketAddr,
+    protocol: Protocol,
+    type_url: &'static str,
+    name: &str,
+) -> (XdsHandle, Receiver<Delivery>) {
+    let mut cfg = config(addr, protocol);
+    cfg.service = types::Service::PerType(type_url);
+    let (handle, rx) = client::start(cfg);
+    handle.subscribe(type_url, [name.to_string()].into());
+    (handle, rx)
+}
+
 async fn lifecycle(protocol: Protocol) {
     let cache = SnapshotCache::new();
     cache.set_snapshot(NODE, snapshot("v1", &["a", "b"], 1001));
@@ -85,12 +128,7 @@ async fn lifecycle(protocol: Protocol) {
     assert_eq!(names(&d), ["a", "b"]);
     assert_eq!(d.update.version, "v1");
     d.reply(Ok(()));
-    assert!(
-        cache
-            .wait_for(NODE, WAIT, |s| s.acked.get(CLUSTER).map(String::as_str)
-                == Some("v1"))
-            .await
-    );
+    assert!(acked_version(&cache, CLUSTER, "v1").await);
     let st = cache.status(NODE).unwrap();
     let node = st.node.unwrap();
     assert_eq!(node.user_agent_name, "mesh");
@@ -98,15 +136,7 @@ async fn lifecycle(protocol: Protocol) {
 
     // EDS by name: only the named assignment comes.
     handle.subscribe(ENDPOINT, ["a".to_string()].into());
-    let d = next(&mut rx).await;
-    assert_eq!(d.update.type_url, ENDPOINT);
-    assert_eq!(names(&d), ["a"]);
-    d.reply(Ok(()));
-    assert!(
-        cache
-            .wait_for(NODE, WAIT, |s| s.acked.contains_key(ENDPOINT))
-            .await
-    );
+    receive_and_ack(&cache, &mut rx, ENDPOINT, &["a"]).await;
 
     // A new snapshot without "b": NACK it; the server records the detail
     // and does not resend it.
@@ -157,12 +187,7 @@ async fn lifecycle(protocol: Protocol) {
     let d = next(&mut rx).await;
     assert_eq!(d.update.type_url, CLUSTER);
     d.reply(Ok(()));
-    assert!(
-        cache
-            .wait_for(NODE, WAIT, |s| s.acked.get(CLUSTER).map(String::as_str)
-                == Some("v3"))
-            .await
-    );
+    assert!(acked_version(&cache, CLUSTER, "v3").await);
 
     // The server goes away and comes back on the same port with the same
     // snapshot: the client reconnects and, having v3, gets nothing new.
@@ -228,19 +253,8 @@ async fn per_type_streams_use_the_type_services() {
     let (addr, _srv) = server(&cache, "127.0.0.1:0".parse().unwrap()).await;
     let mut clients = Vec::new();
     for protocol in [Protocol::StateOfTheWorld, Protocol::Delta] {
-        let mut cfg = config(addr, protocol);
-        cfg.service = types::Service::PerType(ENDPOINT);
-        let (handle, mut rx) = client::start(cfg);
-        handle.subscribe(ENDPOINT, ["b".to_string()].into());
-        let d = next(&mut rx).await;
-        assert_eq!(d.update.type_url, ENDPOINT);
-        assert_eq!(names(&d), ["b"]);
-        d.reply(Ok(()));
-        assert!(
-            cache
-                .wait_for(NODE, WAIT, |s| s.acked.contains_key(ENDPOINT))
-                .await
-        );
+        let (handle, mut rx) = per_type_client(addr, protocol, ENDPOINT, "b");
+        receive_and_ack(&cache, &mut rx, ENDPOINT, &["b"]).await;
         clients.push((handle, rx));
     }
 }
@@ -267,26 +281,12 @@ async fn secrets_over_the_secret_discovery_service() {
     cache.set_snapshot(NODE, snap("v1", "one"));
     let (addr, _srv) = server(&cache, "127.0.0.1:0".parse().unwrap()).await;
     for protocol in [Protocol::StateOfTheWorld, Protocol::Delta] {
-        let mut cfg = config(addr, protocol);
-        cfg.service = types::Service::PerType(SECRET);
-        let (handle, mut rx) = client::start(cfg);
-        handle.subscribe(SECRET, ["ROOTCA".to_string()].into());
-        let d = next(&mut rx).await;
-        assert_eq!(d.update.type_url, SECRET);
-        assert_eq!(names(&d), ["ROOTCA"]);
-        d.reply(Ok(()));
-        assert!(
-            cache
-                .wait_for(NODE, WAIT, |s| s.acked.contains_key(SECRET))
-                .await
-        );
+        let (handle, mut rx) = per_type_client(addr, protocol, SECRET, "ROOTCA");
+        receive_and_ack(&cache, &mut rx, SECRET, &["ROOTCA"]).await;
         drop(handle);
     }
     // A new version: the client refuses it.
-    let mut cfg = config(addr, Protocol::StateOfTheWorld);
-    cfg.service = types::Service::PerType(SECRET);
-    let (handle, mut rx) = client::start(cfg);
-    handle.subscribe(SECRET, ["ROOTCA".to_string()].into());
+    let (_handle, mut rx) = per_type_client(addr, Protocol::StateOfTheWorld, SECRET, "ROOTCA");
     next(&mut rx).await.reply(Ok(()));
     cache.set_snapshot(NODE, snap("v2", "two"));
     let d = next(&mut rx).await;
@@ -324,12 +324,7 @@ async fn over_a_unix_socket() {
     let d = next(&mut rx).await;
     assert_eq!(names(&d), ["a"]);
     d.reply(Ok(()));
-    assert!(
-        cache
-            .wait_for(NODE, WAIT, |s| s.acked.get(CLUSTER).map(String::as_str)
-                == Some("v1"))
-            .await
-    );
+    assert!(acked_version(&cache, CLUSTER, "v1").await);
 
     // The server goes away and comes back on the same path with a new
     // snapshot: the client reconnects and receives it.

@@ -605,7 +605,7 @@ fn local_ratelimit(cx: &mut Ctx, o: &mut Obj<'_>) -> LocalRateLimitConfig {
 }
 
 /// A `type.v3.TokenBucket`; `None` (with errors reported) when invalid.
-fn token_bucket(cx: &mut Ctx, mut b: Obj<'_>) -> Option<TokenBucketConfig> {
+pub(crate) fn token_bucket(cx: &mut Ctx, mut b: Obj<'_>) -> Option<TokenBucketConfig> {
     let max_path = b.at("max_tokens");
     let max_tokens = match b.u32(cx, "max_tokens") {
         Some(0) => {

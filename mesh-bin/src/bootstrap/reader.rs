@@ -430,6 +430,15 @@ impl<'a> Obj<'a> {
         Obj::new(cx, self.at(key), v)
     }
 
+    /// A required message field (reported missing when absent).
+    pub(crate) fn req_obj(&mut self, cx: &mut Ctx, key: &str) -> Option<Obj<'a>> {
+        let o = self.obj(cx, key);
+        if o.is_none() && !self.has(key) {
+            cx.missing(&self.at(key));
+        }
+        o
+    }
+
     /// An optional list field (empty when absent).
     pub(crate) fn list(&mut self, cx: &mut Ctx, key: &str) -> Vec<(String, &'a Value)> {
         match self.take(key) {

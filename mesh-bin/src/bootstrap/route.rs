@@ -370,25 +370,7 @@ fn route_action(
     ]
     .iter()
     .any(|k| o.has(k));
-    let cluster = match one_of(cx, &o, &["cluster", "weighted_clusters"], !other) {
-        Some("cluster") => {
-            let path = o.at("cluster");
-            let name = o.req_string(cx, "cluster").unwrap_or_default();
-            if !name.is_empty() {
-                cx.cluster_ref(path, name.clone());
-            }
-            ClusterSpecifier::Cluster(name)
-        }
-        Some(_) => match o.obj(cx, "weighted_clusters") {
-            Some(w) => weighted_clusters(cx, w),
-            None => ClusterSpecifier::Weighted(Vec::new()),
-        },
-        None => {
-            o.take("cluster");
-            o.take("weighted_clusters");
-            ClusterSpecifier::Cluster(String::new())
-        }
-    };
+    let cluster = cluster_specifier(cx, &mut o, !other);
     // With a safe_regex match, Envoy's prefix_rewrite replaces the whole path.
     let prefix_rewrite = o.string(cx, "prefix_rewrite");
     let regex_rewrite = o.obj(cx, "regex_rewrite").and_then(|mut r| {
@@ -438,6 +420,30 @@ fn route_action(
         idle_timeout,
         hash_policy,
         metadata_match,
+    }
+}
+
+/// `cluster` or `weighted_clusters` of a route action; `required` says
+/// whether one of them must be set (no other cluster specifier is present).
+pub(crate) fn cluster_specifier(cx: &mut Ctx, o: &mut Obj<'_>, required: bool) -> ClusterSpecifier {
+    match one_of(cx, o, &["cluster", "weighted_clusters"], required) {
+        Some("cluster") => {
+            let path = o.at("cluster");
+            let name = o.req_string(cx, "cluster").unwrap_or_default();
+            if !name.is_empty() {
+                cx.cluster_ref(path, name.clone());
+            }
+            ClusterSpecifier::Cluster(name)
+        }
+        Some(_) => match o.obj(cx, "weighted_clusters") {
+            Some(w) => weighted_clusters(cx, w),
+            None => ClusterSpecifier::Weighted(Vec::new()),
+        },
+        None => {
+            o.take("cluster");
+            o.take("weighted_clusters");
+            ClusterSpecifier::Cluster(String::new())
+        }
     }
 }
 

@@ -31,8 +31,9 @@ use mesh_core::config::{
 use mesh_core::policy::{MetadataMutation, RetryOn, RetryPolicy, TokenBucketConfig};
 
 use super::listener::access_logs;
+use super::policy::token_bucket;
 use super::reader::{one_of, Ctx, Obj};
-use super::route::{header_matcher, string_matcher, weighted_clusters};
+use super::route::{cluster_specifier, header_matcher, string_matcher};
 
 /// The default largest frame (8 MiB).
 pub(crate) const DEFAULT_MAX_FRAME: u32 = 8 * 1024 * 1024;
@@ -72,29 +73,6 @@ fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
         idle_timeout: None,
         hash_policy: Vec::new(),
         metadata_match: Default::default(),
-    }
-}
-
-/// `cluster` or `weighted_clusters` of a route action.
-fn cluster_specifier(cx: &mut Ctx, o: &mut Obj<'_>) -> ClusterSpecifier {
-    match one_of(cx, o, &["cluster", "weighted_clusters"], true) {
-        Some("cluster") => {
-            let path = o.at("cluster");
-            let name = o.req_string(cx, "cluster").unwrap_or_default();
-            if !name.is_empty() {
-                cx.cluster_ref(path, name.clone());
-            }
-            ClusterSpecifier::Cluster(name)
-        }
-        Some(_) => match o.obj(cx, "weighted_clusters") {
-            Some(w) => weighted_clusters(cx, w),
-            None => ClusterSpecifier::Weighted(Vec::new()),
-        },
-        None => {
-            o.take("cluster");
-            o.take("weighted_clusters");
-            ClusterSpecifier::Cluster(String::new())
-        }
     }
 }
 
@@ -176,26 +154,18 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     }
     let access_log = access_logs(cx, &mut o);
     let mut routes = Vec::new();
-    let rc_name;
-    match o.obj(cx, "route_config") {
-        Some(mut rc) => {
-            rc_name = rc.string(cx, "name").unwrap_or_default();
-            rc.bool(cx, "validate_clusters");
-            for (path, v) in rc.list(cx, "routes") {
-                if let Some(r) = Obj::new(cx, path, v) {
-                    if let Some(r) = thrift_route(cx, r) {
-                        routes.push(r);
-                    }
+    let mut rc_name = String::new();
+    if let Some(mut rc) = o.req_obj(cx, "route_config") {
+        rc_name = rc.string(cx, "name").unwrap_or_default();
+        rc.bool(cx, "validate_clusters");
+        for (path, v) in rc.list(cx, "routes") {
+            if let Some(r) = Obj::new(cx, path, v) {
+                if let Some(r) = thrift_route(cx, r) {
+                    routes.push(r);
                 }
             }
-            rc.finish(cx);
         }
-        None => {
-            rc_name = String::new();
-            if !o.has("route_config") {
-                cx.missing(&o.at("route_config"));
-            }
-        }
+        rc.finish(cx);
     }
     o.finish(cx);
     RpcProxy {
@@ -224,10 +194,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
 fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut matchers = Vec::new();
     let mut mirrors = Vec::new();
-    let mut m = o.obj(cx, "match");
-    if m.is_none() && !o.has("match") {
-        cx.missing(&o.at("match"));
-    }
+    let mut m = o.req_obj(cx, "match");
     if let Some(m) = m.as_mut() {
         let invert = m.bool(cx, "invert").unwrap_or(false);
         match one_of(cx, m, &["method_name", "service_name"], true) {
@@ -267,26 +234,18 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     if let Some(m) = m {
         m.finish(cx);
     }
-    let a = match o.obj(cx, "route") {
-        Some(mut r) => {
-            let cluster = cluster_specifier(cx, &mut r);
-            r.refuse(cx, "cluster_header", "not supported yet");
-            let metadata_match = super::lb::metadata_match(cx, &mut r);
-            r.refuse(cx, "rate_limits", "not supported yet");
-            r.refuse(cx, "strip_service_name", "not supported yet");
-            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
-            r.finish(cx);
-            let mut a = action(cluster, None);
-            a.metadata_match = metadata_match;
-            Some(a)
-        }
-        None => {
-            if !o.has("route") {
-                cx.missing(&o.at("route"));
-            }
-            None
-        }
-    };
+    let a = o.req_obj(cx, "route").map(|mut r| {
+        let cluster = cluster_specifier(cx, &mut r, true);
+        r.refuse(cx, "cluster_header", "not supported yet");
+        let metadata_match = super::lb::metadata_match(cx, &mut r);
+        r.refuse(cx, "rate_limits", "not supported yet");
+        r.refuse(cx, "strip_service_name", "not supported yet");
+        mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
+        r.finish(cx);
+        let mut a = action(cluster, None);
+        a.metadata_match = metadata_match;
+        a
+    });
     o.finish(cx);
     let mut r = route(matchers, a?);
     r.policy.request_mirror_policies = mirrors;
@@ -394,42 +353,27 @@ pub(crate) fn dubbo_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
 
 fn dubbo_route(cx: &mut Ctx, mut o: Obj<'_>, level: &[HeaderMatcher]) -> Option<Route> {
     let mut matchers = level.to_vec();
-    match o.obj(cx, "match") {
-        Some(mut m) => {
-            if let Some(mut method) = m.obj(cx, "method") {
-                if let Some(n) = method.obj(cx, "name") {
-                    if let Some(k) = string_matcher(cx, n) {
-                        matchers.push(matcher(":method", k, false));
-                    }
+    if let Some(mut m) = o.req_obj(cx, "match") {
+        if let Some(mut method) = m.obj(cx, "method") {
+            if let Some(n) = method.obj(cx, "name") {
+                if let Some(k) = string_matcher(cx, n) {
+                    matchers.push(matcher(":method", k, false));
                 }
-                method.refuse(cx, "params_match", "matching on arguments is not supported");
-                method.finish(cx);
             }
-            headers(cx, &mut m, &mut matchers);
-            m.finish(cx);
+            method.refuse(cx, "params_match", "matching on arguments is not supported");
+            method.finish(cx);
         }
-        None => {
-            if !o.has("match") {
-                cx.missing(&o.at("match"));
-            }
-        }
+        headers(cx, &mut m, &mut matchers);
+        m.finish(cx);
     }
-    let a = match o.obj(cx, "route") {
-        Some(mut r) => {
-            let cluster = cluster_specifier(cx, &mut r);
-            let metadata_match = super::lb::metadata_match(cx, &mut r);
-            r.finish(cx);
-            let mut a = action(cluster, None);
-            a.metadata_match = metadata_match;
-            Some(a)
-        }
-        None => {
-            if !o.has("route") {
-                cx.missing(&o.at("route"));
-            }
-            None
-        }
-    };
+    let a = o.req_obj(cx, "route").map(|mut r| {
+        let cluster = cluster_specifier(cx, &mut r, true);
+        let metadata_match = super::lb::metadata_match(cx, &mut r);
+        r.finish(cx);
+        let mut a = action(cluster, None);
+        a.metadata_match = metadata_match;
+        a
+    });
     o.finish(cx);
     Some(route(matchers, a?))
 }
@@ -474,23 +418,16 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     let fault = o.obj(cx, "fault").map(|f| fault(cx, f)).unwrap_or_default();
     let mut routes = Vec::new();
     let mut rc_name = String::new();
-    match o.obj(cx, "route_config") {
-        Some(mut rc) => {
-            rc_name = rc.string(cx, "name").unwrap_or_default();
-            for (path, v) in rc.list(cx, "routes") {
-                if let Some(r) = Obj::new(cx, path, v) {
-                    if let Some(r) = generic_route(cx, r, codec.as_ref()) {
-                        routes.push(r);
-                    }
+    if let Some(mut rc) = o.req_obj(cx, "route_config") {
+        rc_name = rc.string(cx, "name").unwrap_or_default();
+        for (path, v) in rc.list(cx, "routes") {
+            if let Some(r) = Obj::new(cx, path, v) {
+                if let Some(r) = generic_route(cx, r, codec.as_ref()) {
+                    routes.push(r);
                 }
             }
-            rc.finish(cx);
         }
-        None => {
-            if !o.has("route_config") {
-                cx.missing(&o.at("route_config"));
-            }
-        }
+        rc.finish(cx);
     }
     o.finish(cx);
     RpcProxy {
@@ -532,37 +469,29 @@ fn generic_route(cx: &mut Ctx, mut o: Obj<'_>, codec: Option<&RpcCodec>) -> Opti
     let mut retry = None;
     let mut mirrors = Vec::new();
     let mut mutation = MetadataMutation::default();
-    let a = match o.obj(cx, "route") {
-        Some(mut r) => {
-            let cluster = cluster_specifier(cx, &mut r);
-            let timeout = r.timeout(cx, "timeout", None);
-            let hash_policy = super::lb::hash_policies(cx, &mut r, false);
-            let metadata_match = super::lb::metadata_match(cx, &mut r);
-            retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
-            mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
-            let mutation_path = r.at("metadata_mutation");
-            if let Some(m) = r.obj(cx, "metadata_mutation") {
-                mutation = metadata_mutation(cx, m);
-                if matches!(codec, Some(RpcCodec::Thrift { .. })) && !mutation.is_empty() {
-                    cx.error(
-                        &mutation_path,
-                        "Thrift binary and compact messages carry no headers to change",
-                    );
-                }
+    let a = o.req_obj(cx, "route").map(|mut r| {
+        let cluster = cluster_specifier(cx, &mut r, true);
+        let timeout = r.timeout(cx, "timeout", None);
+        let hash_policy = super::lb::hash_policies(cx, &mut r, false);
+        let metadata_match = super::lb::metadata_match(cx, &mut r);
+        retry = r.obj(cx, "retry_policy").map(|p| retry_policy(cx, p));
+        mirrors = super::policy::mirror_policy_list(cx, &mut r, false);
+        let mutation_path = r.at("metadata_mutation");
+        if let Some(m) = r.obj(cx, "metadata_mutation") {
+            mutation = metadata_mutation(cx, m);
+            if matches!(codec, Some(RpcCodec::Thrift { .. })) && !mutation.is_empty() {
+                cx.error(
+                    &mutation_path,
+                    "Thrift binary and compact messages carry no headers to change",
+                );
             }
-            r.finish(cx);
-            let mut a = action(cluster, timeout);
-            a.hash_policy = hash_policy;
-            a.metadata_match = metadata_match;
-            Some(a)
         }
-        None => {
-            if !o.has("route") {
-                cx.missing(&o.at("route"));
-            }
-            None
-        }
-    };
+        r.finish(cx);
+        let mut a = action(cluster, timeout);
+        a.hash_policy = hash_policy;
+        a.metadata_match = metadata_match;
+        a
+    });
     o.finish(cx);
     let mut r = route(matchers, a?);
     r.policy.retry_policy = retry;
@@ -638,55 +567,9 @@ fn fault(cx: &mut Ctx, mut o: Obj<'_>) -> RpcFault {
 /// (> 0), `tokens_per_fill` (default 1), `fill_interval` (> 0)}}, one
 /// bucket for every connection and worker of the listener.
 fn local_rate_limit(cx: &mut Ctx, mut o: Obj<'_>) -> Option<TokenBucketConfig> {
-    let out = match o.obj(cx, "token_bucket") {
-        Some(mut b) => {
-            let max_path = b.at("max_tokens");
-            let max_tokens = match b.u32(cx, "max_tokens") {
-                Some(0) => {
-                    cx.error(&max_path, "must be greater than 0");
-                    None
-                }
-                None if !b.has("max_tokens") => {
-                    cx.missing(&max_path);
-                    None
-                }
-                n => n,
-            };
-            let fill_path = b.at("tokens_per_fill");
-            let tokens_per_fill = match b.u32(cx, "tokens_per_fill") {
-                Some(0) => {
-                    cx.error(&fill_path, "must be greater than 0");
-                    1
-                }
-                Some(n) => n,
-                None => 1,
-            };
-            let interval_path = b.at("fill_interval");
-            let fill_interval = match b.duration(cx, "fill_interval") {
-                Some(d) if d.is_zero() => {
-                    cx.error(&interval_path, "must be greater than 0s");
-                    None
-                }
-                None if !b.has("fill_interval") => {
-                    cx.missing(&interval_path);
-                    None
-                }
-                d => d,
-            };
-            b.finish(cx);
-            Some(TokenBucketConfig {
-                max_tokens: max_tokens?,
-                tokens_per_fill,
-                fill_interval: fill_interval?,
-            })
-        }
-        None => {
-            if !o.has("token_bucket") {
-                cx.missing(&o.at("token_bucket"));
-            }
-            None
-        }
-    };
+    let out = o
+        .req_obj(cx, "token_bucket")
+        .and_then(|b| token_bucket(cx, b));
     o.finish(cx);
     out
 }

@@ -130,6 +130,23 @@ fn parse_request(msg: &mut Message) -> Result<(), String> {
     Ok(())
 }
 
+impl Dubbo {
+    /// `e` for a request that cannot be decoded, carrying a
+    /// `BAD_REQUEST` reply to `id` when the client waits for one.
+    fn refuse(&self, e: DecodeError, id: u64, two_way: bool) -> DecodeError {
+        if !two_way {
+            return e;
+        }
+        let mut out = BytesMut::new();
+        self.encode(
+            &error_frame(id, status::BAD_REQUEST, &e.reason),
+            id,
+            &mut out,
+        );
+        e.with_reply(out.freeze())
+    }
+}
+
 impl Codec for Dubbo {
     fn name(&self) -> &'static str {
         "dubbo"
@@ -159,17 +176,8 @@ impl Codec for Dubbo {
         let len = len as usize;
         if len > max_frame.saturating_sub(HEADER_LEN) {
             let e = DecodeError::too_large(len + HEADER_LEN, max_frame);
-            return Err(if flags & FLAG_REQUEST != 0 && flags & FLAG_TWO_WAY != 0 {
-                let mut out = BytesMut::new();
-                self.encode(
-                    &error_frame(id, status::BAD_REQUEST, &e.reason),
-                    id,
-                    &mut out,
-                );
-                e.with_reply(out.freeze())
-            } else {
-                e
-            });
+            let two_way = flags & FLAG_REQUEST != 0 && flags & FLAG_TWO_WAY != 0;
+            return Err(self.refuse(e, id, two_way));
         }
         if src.len() < HEADER_LEN + len {
             src.reserve(HEADER_LEN + len - src.len());
@@ -206,17 +214,7 @@ impl Codec for Dubbo {
             };
             if let Some(reason) = failure {
                 let e = DecodeError::new(reason);
-                return Err(if kind == MessageKind::Request {
-                    let mut out = BytesMut::new();
-                    self.encode(
-                        &error_frame(id, status::BAD_REQUEST, &e.reason),
-                        id,
-                        &mut out,
-                    );
-                    e.with_reply(out.freeze())
-                } else {
-                    e
-                });
+                return Err(self.refuse(e, id, kind == MessageKind::Request));
             }
         }
         Ok(Some(msg))

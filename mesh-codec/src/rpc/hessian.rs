@@ -130,19 +130,25 @@ impl<'a> Reader<'a> {
         Ok(&self.buf[start..self.pos])
     }
 
+    /// The length in UTF-16 units of the string chunk tagged `b`, and
+    /// whether it is the last chunk.
+    fn string_chunk(&mut self, b: u8) -> HResult<(usize, bool)> {
+        Ok(match b {
+            0x00..=0x1f => (usize::from(b), true),
+            0x30..=0x33 => ((usize::from(b - 0x30) << 8) | usize::from(self.u8()?), true),
+            b'S' | b'R' | b's' => {
+                let s = self.take(2)?;
+                (usize::from(u16::from_be_bytes([s[0], s[1]])), b == b'S')
+            }
+            _ => return err(format!("expected a string, found tag {b:#04x}")),
+        })
+    }
+
     /// Skips a string without copying it.
     fn skip_string(&mut self) -> HResult<()> {
         loop {
             let b = self.u8()?;
-            let (len, last) = match b {
-                0x00..=0x1f => (usize::from(b), true),
-                0x30..=0x33 => ((usize::from(b - 0x30) << 8) | usize::from(self.u8()?), true),
-                b'S' | b'R' | b's' => {
-                    let s = self.take(2)?;
-                    (usize::from(u16::from_be_bytes([s[0], s[1]])), b == b'S')
-                }
-                _ => return err(format!("expected a string, found tag {b:#04x}")),
-            };
+            let (len, last) = self.string_chunk(b)?;
             // ASCII fast path: `len` units are `len` bytes when all ASCII.
             let rest = &self.buf[self.pos..];
             if rest.len() >= len && rest[..len].is_ascii() {
@@ -163,13 +169,7 @@ impl<'a> Reader<'a> {
             let b = self.u8()?;
             let (len, last) = match b {
                 b'N' if out.is_empty() => return Ok(None),
-                0x00..=0x1f => (usize::from(b), true),
-                0x30..=0x33 => ((usize::from(b - 0x30) << 8) | usize::from(self.u8()?), true),
-                b'S' | b'R' | b's' => {
-                    let s = self.take(2)?;
-                    (usize::from(u16::from_be_bytes([s[0], s[1]])), b == b'S')
-                }
-                _ => return err(format!("expected a string, found tag {b:#04x}")),
+                b => self.string_chunk(b)?,
             };
             if len > self.buf.len() - self.pos {
                 return err(format!(
@@ -419,26 +419,7 @@ pub fn write_string(dst: &mut BytesMut, s: &str) {
         return;
     }
     // Chunks of at most 32768 units, the last one with 'S'.
-    let mut rest = s;
-    loop {
-        let mut units = 0;
-        let mut end = 0;
-        for (i, c) in rest.char_indices() {
-            if units + c.len_utf16() > 32768 {
-                break;
-            }
-            units += c.len_utf16();
-            end = i + c.len_utf8();
-        }
-        let last = end == rest.len();
-        dst.put_u8(if last { b'S' } else { b'R' });
-        dst.put_u16(units as u16);
-        dst.put_slice(&rest.as_bytes()[..end]);
-        rest = &rest[end..];
-        if last {
-            return;
-        }
-    }
+    write_chunks(dst, s, b'R');
 }
 
 /// Writes a string in the Hessian 3.x draft form (no `0x30`-`0x33`
@@ -448,6 +429,12 @@ pub fn write_string_v1(dst: &mut BytesMut, s: &str) {
         write_string(dst, s);
         return;
     }
+    write_chunks(dst, s, b's');
+}
+
+/// Writes `s` in chunks of at most 32768 UTF-16 units: each but the last
+/// tagged `more`, the last one tagged `S`.
+fn write_chunks(dst: &mut BytesMut, s: &str, more: u8) {
     let mut rest = s;
     loop {
         let mut units = 0;
@@ -460,7 +447,7 @@ pub fn write_string_v1(dst: &mut BytesMut, s: &str) {
             end = i + c.len_utf8();
         }
         let last = end == rest.len();
-        dst.put_u8(if last { b'S' } else { b's' });
+        dst.put_u8(if last { b'S' } else { more });
         dst.put_u16(units as u16);
         dst.put_slice(&rest.as_bytes()[..end]);
         rest = &rest[end..];

@@ -45,6 +45,8 @@ use http::{HeaderMap, HeaderName, StatusCode};
 pub use mesh_core::policy::CompiledRetryPolicy;
 use mesh_core::policy::RetryOn;
 
+use crate::fault::View;
+
 pub use body::{ReplayBody, ReplayError, ReplaySource};
 pub use layer::{Retry, RetryLayer};
 
@@ -188,7 +190,7 @@ impl<'p> RetryState<'p> {
             return None;
         }
         if !policy.retriable_request_headers.is_empty() {
-            let view = HeadersView(headers);
+            let view = View(headers);
             if !policy
                 .retriable_request_headers
                 .iter()
@@ -267,7 +269,7 @@ impl<'p> RetryState<'p> {
             return true;
         }
         if on.any(RetryOn::RETRIABLE_HEADERS) {
-            let view = HeadersView(headers);
+            let view = View(headers);
             if self
                 .policy
                 .retriable_headers
@@ -342,31 +344,6 @@ impl<'p> RetryState<'p> {
             self.policy.config.previous_hosts,
             self.policy.config.host_selection_retry_max_attempts.max(1),
         )
-    }
-}
-
-/// Response or request headers as a [`mesh_core::view::RequestView`], for
-/// header matchers.
-struct HeadersView<'a>(&'a HeaderMap);
-
-impl mesh_core::view::RequestView for HeadersView<'_> {
-    fn method(&self) -> &str {
-        ""
-    }
-    fn path(&self) -> &str {
-        ""
-    }
-    fn query(&self) -> Option<&str> {
-        None
-    }
-    fn authority(&self) -> Option<&str> {
-        None
-    }
-    fn scheme(&self) -> Option<&str> {
-        None
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
