@@ -69,6 +69,7 @@ JSON_FORMAT = {
     "constant": 7,
     # Not a gRPC request: null.
     "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "tx_duration": "%RESPONSE_TX_DURATION%",
 }
 
 ROUTES = """
@@ -235,6 +236,8 @@ def test_json_format_matches_envoy(formatted_logs):
             assert isinstance(r["response_code"], int) and isinstance(r["bytes_sent"], int)
             assert isinstance(r["duration"], int)
             assert r["missing"] is None and r["grpc_status"] is None
+            # Only for a response from the upstream.
+            assert isinstance(r["tx_duration"], int) == (r["request_id"] in ("rid-0", "rid-1")), r
             assert r["constant"] == 7
             ip = "10.9.9.9" if r["request_id"] == "rid-1" else "127.0.0.1"
             assert r["peer"] == {"ip": ip, "local_ip": "127.0.0.1"}
@@ -248,7 +251,7 @@ def test_json_format_matches_envoy(formatted_logs):
     if "envoy" not in by_kind:
         return
     for env, m in zip(by_kind["envoy"], mesh):
-        skip = {"start_time", "duration"}
+        skip = {"start_time", "duration", "tx_duration"}
         if env["response_flags"] == "UF":
             skip.add("bytes_sent")  # Envoy's local reply body names the socket error
         diff = {k: (env.get(k), m.get(k)) for k in set(env) | set(m)

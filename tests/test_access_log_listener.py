@@ -22,7 +22,7 @@ from test_access_log_format import file_log, flush, read_lines
 from test_tls import INSPECTOR, curl, down_tls, tls_listener
 
 FIELDS = ("flags", "code", "details", "rx", "tx", "uhost", "cluster", "dremote", "dlocal",
-          "sni", "proto", "method", "dtfr", "ulocal", "attempts", "peer_uri")
+          "sni", "proto", "method", "dtfr", "ulocal", "attempts", "peer_uri", "utfr")
 FORMAT = "\t".join([
     "%RESPONSE_FLAGS%", "%RESPONSE_CODE%", "%RESPONSE_CODE_DETAILS%", "%BYTES_RECEIVED%",
     "%BYTES_SENT%", "%UPSTREAM_HOST%", "%UPSTREAM_CLUSTER%",
@@ -30,6 +30,7 @@ FORMAT = "\t".join([
     "%REQUESTED_SERVER_NAME%", "%PROTOCOL%", "%REQ(:METHOD)%",
     "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%", "%UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%",
     "%UPSTREAM_REQUEST_ATTEMPT_COUNT%", "%DOWNSTREAM_PEER_URI_SAN%",
+    "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 ]) + "\n"
 
 ROUTES = """
@@ -149,6 +150,8 @@ def test_tcp_proxy_connections(listener_logs, tcp_echo, refused):
         [dead] = lines["dead"]
         # URX: the connect attempts (one) are used up.
         assert dead["flags"] == "UF,URX", (kind, dead)
+        assert dead["utfr"] == "delayed_connect_error:_Connection_refused", (kind, dead)
+        assert ok["utfr"] == "-"
         assert (dead["uhost"], dead["cluster"], dead["rx"]) == \
             (f"127.0.0.1:{refused}", "dead", "0"), (kind, dead)
 
@@ -187,3 +190,36 @@ def test_same_fields_as_envoy(listener_logs):
             assert not diff, f"{name}: fields differ (envoy, mesh): {diff}"
             assert (e["uhost"] == "-") == (m["uhost"] == "-")
             assert (e["dtfr"] == "-") == (m["dtfr"] == "-") or name == "sni_only"
+
+
+RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_network_rbac_denial_names_the_policy(kind, start_proxy, tmp_path, tcp_echo):
+    log = tmp_path / "rbac.log"
+    rules = {
+        # An ALLOW list nothing matches: no policy decided.
+        "allow_none": {"action": "ALLOW", "policies": {}},
+        "deny_all": {"action": "DENY", "policies": {"blockall": {
+            "permissions": [{"any": True}], "principals": [{"any": True}]}}},
+    }
+    listeners = []
+    for name, r in rules.items():
+        l = harness.tcp_listener(name, "echo")
+        l["filter_chains"][0]["filters"].insert(0, {
+            "name": "envoy.filters.network.rbac",
+            "typed_config": {"@type": RBAC, "stat_prefix": name, "rules": r}})
+        l["access_log"] = [file_log(log, {"text_format": name + " %CONNECTION_TERMINATION_DETAILS% "
+                                                              "%RESPONSE_FLAGS%\n"})]
+        listeners.append(l)
+    proxy = start_proxy(kind, harness.bootstrap(listeners,
+                                                [harness.static_cluster("echo", tcp_echo.port)]))
+    for name in rules:
+        assert _closed(proxy.port(name), b"hi") == b""
+    time.sleep(0.3)
+    flush(proxy)
+    assert sorted(read_lines(log, 2)) == [
+        "allow_none rbac_access_denied_matched_policy[none] -",
+        "deny_all rbac_access_denied_matched_policy[blockall] -",
+    ]

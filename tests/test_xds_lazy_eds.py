@@ -66,6 +66,18 @@ def loaded(cp: ControlPlane):
     raise AssertionError("the control plane did not settle")
 
 
+def port_of(proxy, listener: str) -> int:
+    """The listener's port, once LDS delivered it (the control plane may
+    still be loading its files when the proxy starts)."""
+    deadline = time.monotonic() + 30
+    while True:
+        ports = proxy._read_listeners()
+        if listener in ports:
+            return ports[listener]
+        assert time.monotonic() < deadline, f"no listener {listener!r}: {ports}"
+        time.sleep(0.05)
+
+
 def eds_names(cp: ControlPlane) -> set | None:
     sub = cp.status("mesh").get("subscribed", {}).get("EDS")
     return None if sub is None else set(sub["names"] or [])
@@ -99,12 +111,13 @@ def test_lazy_eds_subscribes_on_first_use(api_type, start_proxy, control_plane, 
     loaded(cp)
     proxy = start_proxy("mesh", xds_bootstrap("mesh", cp.port, api_type),
                         extra_args=("--lazy-eds",))
-    port = proxy.port("ingress")
+    port = port_of(proxy, "ingress")
 
     # Ready with every cluster and no endpoints subscribed.
     cp.wait_status("mesh", lambda s: {"CDS", "LDS", "RDS"} <= set(s.get("acked", {})))
-    d = dump(proxy)["lazy_eds"]
-    assert d == {"known_clusters": N + 1, "subscribed_clusters": []}
+    harness.wait_until(lambda: dump(proxy)["lazy_eds"]["known_clusters"] == N + 1, 10,
+                       what="every cluster")
+    assert dump(proxy)["lazy_eds"] == {"known_clusters": N + 1, "subscribed_clusters": []}
     assert gauge(proxy, "mesh_lazy_eds_clusters_known") == N + 1
     assert gauge(proxy, "mesh_lazy_eds_clusters_subscribed") == 0
     time.sleep(0.3)
@@ -187,7 +200,7 @@ def test_without_the_flag_every_cluster_is_subscribed(start_proxy, control_plane
     cp.write("listeners", [listener()])
     loaded(cp)
     proxy = start_proxy("mesh", xds_bootstrap("mesh", cp.port, "GRPC"))
-    assert harness.request(proxy.port("ingress"), "GET", "/").upstream == "a"
+    assert harness.request(port_of(proxy, "ingress"), "GET", "/").upstream == "a"
     cp.wait_status("mesh", lambda s: eds_names(cp) == {name(i) for i in range(20)})
     assert "lazy_eds" not in dump(proxy)
     assert gauge(proxy, "mesh_lazy_eds_clusters_known") is None
@@ -208,7 +221,7 @@ def test_lazy_eds_tcp_proxy_first_connection_waits(api_type, start_proxy, contro
     loaded(cp)
     proxy = start_proxy("mesh", xds_bootstrap("mesh", cp.port, api_type),
                         extra_args=("--lazy-eds",))
-    port = proxy.port("tcp")
+    port = port_of(proxy, "tcp")
     time.sleep(0.3)
     assert not eds_names(cp)
     data = harness.payload(64 * 1024)

@@ -268,6 +268,7 @@ impl AccessLogger {
             bytes_sent: sent,
             upstream_host: outcome.upstream,
             upstream_local: outcome.upstream_local,
+            upstream_failure: outcome.failure.as_deref(),
             upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
             attempts: outcome.upstream.map(|_| 1),
             downstream_remote: Some(conn.peer),
@@ -586,6 +587,8 @@ pub struct LogRecord<'a> {
     pub grpc_status_trailer: Option<&'a HeaderValue>,
     /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`.
     pub downstream_failure: Option<&'a str>,
+    /// `%CONNECTION_TERMINATION_DETAILS%`.
+    pub termination_details: Option<&'a str>,
     /// `%PROTOCOL%` of a connection's line (a request's line takes the
     /// request's version).
     pub protocol: Option<http::Version>,
@@ -629,6 +632,7 @@ impl<'a> LogRecord<'a> {
             grpc_status_header: None,
             grpc_status_trailer: None,
             downstream_failure: None,
+            termination_details: None,
             protocol: None,
             sni: None,
             rpc: None,

@@ -452,7 +452,13 @@ impl WorkerChains {
                 local,
                 identity: tls.as_deref(),
             };
-            if !rbac.check(None::<&http::Request<()>>, &facts) {
+            if let Err(policy) = rbac.check_policy(None::<&http::Request<()>>, &facts) {
+                if let Some(l) = log.as_mut() {
+                    l.terminated(format!(
+                        "rbac_access_denied_matched_policy[{}]",
+                        policy.unwrap_or("none")
+                    ));
+                }
                 tracing::debug!(%peer, "rbac: connection denied; closing");
                 return;
             }

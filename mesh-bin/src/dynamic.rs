@@ -455,16 +455,22 @@ impl Manager {
         Some(od)
     }
 
-    /// A request used lazy cluster `name` for the first time: subscribe to
-    /// its endpoints (they may be known already, from a cluster with the
-    /// same service name).
-    fn use_lazy_cluster(&mut self, name: &str) {
-        let Some(e) = self.cm.get(name).cloned() else {
+    /// A request used a lazy cluster for the first time: subscribe to its
+    /// endpoints (they may be known already, from a cluster with the same
+    /// service name). A cluster removed or rebuilt with another discovery
+    /// since the request picked it releases the request at once.
+    fn use_lazy_cluster(&mut self, requested: &Arc<OnDemandEndpoints>) {
+        let name = requested.cluster();
+        let current = self.cm.get(name).cloned();
+        let Some(e) = current.filter(|e| {
+            e.on_demand
+                .as_ref()
+                .is_some_and(|od| Arc::ptr_eq(od, requested))
+        }) else {
+            requested.mark_ready();
             return;
         };
-        let Some(od) = e.on_demand.clone() else {
-            return;
-        };
+        let od = requested.clone();
         let DiscoveryType::Eds {
             service_name,
             source,
@@ -528,7 +534,7 @@ struct ActiveListener {
 /// The manager's on-demand EDS state (`--lazy-eds`).
 struct LazyEds {
     /// Given to each lazy cluster: its first request sends its name here.
-    requests: mpsc::UnboundedSender<Arc<str>>,
+    requests: mpsc::UnboundedSender<Arc<OnDemandEndpoints>>,
     /// Lazy clusters a request used: their endpoints are subscribed.
     used: BTreeSet<String>,
     /// Used clusters waiting for their endpoints, until the deadline.
@@ -588,7 +594,7 @@ impl Manager {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Delivery>,
-        mut lazy_rx: mpsc::UnboundedReceiver<Arc<str>>,
+        mut lazy_rx: mpsc::UnboundedReceiver<Arc<OnDemandEndpoints>>,
     ) {
         loop {
             let next = self.next_deadline();
@@ -597,7 +603,7 @@ impl Manager {
                     Some(d) => self.handle(d),
                     None => return,
                 },
-                Some(name) = lazy_rx.recv() => self.use_lazy_cluster(&name),
+                Some(od) = lazy_rx.recv() => self.use_lazy_cluster(&od),
                 _ = async {
                     match next {
                         Some(t) => tokio::time::sleep_until(t).await,

@@ -48,16 +48,17 @@ pub struct OnDemandEndpoints {
     requested: AtomicBool,
     signal: watch::Sender<bool>,
     wait: Duration,
-    requests: mpsc::UnboundedSender<Arc<str>>,
+    requests: mpsc::UnboundedSender<Arc<OnDemandEndpoints>>,
 }
 
 impl OnDemandEndpoints {
     /// The state of `cluster`, whose first request asks for its endpoints
-    /// on `requests` and waits at most `wait`.
+    /// on `requests` (sending this state, so the receiver can tell a
+    /// request for a cluster replaced meanwhile) and waits at most `wait`.
     pub fn new(
         cluster: &str,
         wait: Option<Duration>,
-        requests: mpsc::UnboundedSender<Arc<str>>,
+        requests: mpsc::UnboundedSender<Arc<OnDemandEndpoints>>,
     ) -> Arc<Self> {
         Arc::new(OnDemandEndpoints {
             cluster: Arc::from(cluster),
@@ -73,18 +74,18 @@ impl OnDemandEndpoints {
     /// asking for them if no request did yet. Returns at once when they
     /// are.
     #[inline]
-    pub async fn ready(&self) {
+    pub async fn ready(self: &Arc<Self>) {
         if self.ready.load(Ordering::Acquire) {
             return;
         }
         self.wait_ready().await;
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(self: &Arc<Self>) {
         let mut rx = self.signal.subscribe();
         if !self.requested.swap(true, Ordering::AcqRel) {
             tracing::debug!(cluster = %self.cluster, "lazy EDS: first use, subscribing to the endpoints");
-            if self.requests.send(self.cluster.clone()).is_err() {
+            if self.requests.send(self.clone()).is_err() {
                 // No xDS manager any more: nothing will arrive.
                 self.mark_ready();
                 return;
@@ -96,6 +97,11 @@ impl OnDemandEndpoints {
         {
             tracing::debug!(cluster = %self.cluster, "lazy EDS: endpoints did not arrive in time");
         }
+    }
+
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// Whether a request asked for the endpoints.
@@ -138,7 +144,10 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        assert_eq!(rx.recv().await.as_deref(), Some("c1"));
+        assert_eq!(
+            rx.recv().await.map(|o| o.cluster().to_string()).as_deref(),
+            Some("c1")
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(rx.try_recv().is_err(), "one subscription for all");
         assert!(waiters.iter().all(|w| !w.is_finished()));

@@ -10,7 +10,7 @@ use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 
-use crate::access_log::listener::TcpOutcome;
+use crate::access_log::listener::{connect_failure_reason, tls_failure_reason, TcpOutcome};
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
@@ -172,23 +172,13 @@ impl TcpProxyShared {
         let started = std::time::Instant::now();
         let id = crate::access_log::next_connection_id();
         let cluster = self.choose().clone();
-        let mut upstream_local = None;
+        let mut outcome = TcpOutcome::default();
         let (flag, received, sent, upstream) = self
-            .proxy(
-                stream,
-                peer,
-                guard,
-                &cluster,
-                original_dst,
-                &mut upstream_local,
-            )
+            .proxy(stream, peer, guard, &cluster, original_dst, &mut outcome)
             .await;
-        let outcome = TcpOutcome {
-            flag,
-            upstream,
-            upstream_local,
-            cluster: Some(cluster),
-        };
+        outcome.flag = flag;
+        outcome.upstream = upstream;
+        outcome.cluster = Some(cluster);
         if let Some(log) = &self.access_log {
             let conn = TcpConn {
                 peer,
@@ -208,7 +198,7 @@ impl TcpProxyShared {
         guard: mesh_core::listener::ConnectionGuard,
         cluster: &Arc<ClusterEntry>,
         original_dst: Option<std::net::SocketAddr>,
-        upstream_local: &mut Option<std::net::SocketAddr>,
+        outcome: &mut TcpOutcome,
     ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -249,6 +239,7 @@ impl TcpProxyShared {
                 cluster.stats.cx_connect_fail.inc();
                 endpoint.stats.cx_connect_fail.inc();
                 tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "tcp_proxy: upstream connect failed (UF); closing");
+                outcome.failure = Some(connect_failure_reason(&e));
                 return (
                     Some(ResponseFlag::UpstreamConnectionFailure),
                     0,
@@ -270,7 +261,7 @@ impl TcpProxyShared {
             }
         };
         let _ = upstream.set_nodelay(true);
-        *upstream_local = upstream.local_addr().ok();
+        outcome.upstream_local = upstream.local_addr().ok();
         let _active = GaugeGuard::new(&self.stats.cx_active);
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();
@@ -296,6 +287,7 @@ impl TcpProxyShared {
                         endpoint.stats.cx_connect_fail.inc();
                         tracing::debug!(%peer, endpoint = %endpoint.addr, reason = e.reason.as_str(), error = %e.message,
                             "tcp_proxy: upstream TLS handshake failed (UF); closing");
+                        outcome.failure = Some(tls_failure_reason(e.reason.as_str(), &e.message));
                         return (
                             Some(ResponseFlag::UpstreamConnectionFailure),
                             0,

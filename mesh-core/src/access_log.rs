@@ -38,6 +38,9 @@ pub enum Operator {
     RequestDuration,
     /// `%RESPONSE_DURATION%`: start to the upstream response's first byte, in ms.
     ResponseDuration,
+    /// `%RESPONSE_TX_DURATION%`: the upstream response's first byte to the
+    /// last byte sent downstream, in ms (`-` for a proxy-made response).
+    ResponseTxDuration,
     /// `%UPSTREAM_HOST%`: `ip:port` of the upstream endpoint.
     UpstreamHost,
     /// `%UPSTREAM_CLUSTER%` and `%UPSTREAM_CLUSTER_RAW%` (mesh has no
@@ -133,6 +136,7 @@ impl Operator {
                 | Operator::Duration
                 | Operator::RequestDuration
                 | Operator::ResponseDuration
+                | Operator::ResponseTxDuration
                 | Operator::ConnectionId
                 | Operator::UpstreamRequestAttemptCount
                 | Operator::DownstreamLocalPort
@@ -444,6 +448,7 @@ fn operator<'a>(
         "DURATION" => Operator::Duration,
         "REQUEST_DURATION" => Operator::RequestDuration,
         "RESPONSE_DURATION" => Operator::ResponseDuration,
+        "RESPONSE_TX_DURATION" => Operator::ResponseTxDuration,
         "UPSTREAM_HOST" | "UPSTREAM_REMOTE_ADDRESS" => Operator::UpstreamHost,
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Operator::UpstreamCluster,
         "CONNECTION_TERMINATION_DETAILS" => Operator::ConnectionTerminationDetails,

@@ -309,6 +309,24 @@ impl RbacFilter {
         }
     }
 
+    /// As [`RbacFilter::check`]; a denial names the enforced policy that
+    /// decided it (`None` when an `ALLOW` list matched nothing), for
+    /// Envoy's `rbac_access_denied_matched_policy[...]` details.
+    pub fn check_policy<R: RequestView>(
+        &self,
+        req: Option<&R>,
+        conn: &ConnectionFacts<'_>,
+    ) -> Result<(), Option<&str>> {
+        if self.check(req, conn) {
+            return Ok(());
+        }
+        Err(self
+            .rules
+            .as_ref()
+            .filter(|r| r.action == RbacAction::Deny)
+            .and_then(|r| r.matching_policy(req, conn)))
+    }
+
     /// The stats.
     pub fn stats(&self) -> &RbacStats {
         &self.stats

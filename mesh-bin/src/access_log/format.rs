@@ -391,6 +391,11 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::Duration => Val::Ms(rec.duration),
         Operator::RequestDuration => opt(rec.request_duration, Val::Ms),
         Operator::ResponseDuration => opt(rec.response_duration, Val::Ms),
+        Operator::ResponseTxDuration => opt(
+            rec.response_duration
+                .map(|r| rec.duration.saturating_sub(r)),
+            Val::Ms,
+        ),
         Operator::UpstreamHost => opt(rec.upstream_host, Val::Addr),
         Operator::UpstreamCluster => rec.upstream_cluster.map(Val::Str).unwrap_or(Val::Missing),
         Operator::UpstreamLocalAddress => opt(rec.upstream_local, Val::Addr),
@@ -458,11 +463,13 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::DownstreamTransportFailureReason => {
             rec.downstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
-        Operator::ConnectionTerminationDetails
-        | Operator::GrpcStatus(_)
-        | Operator::Req(_)
-        | Operator::Resp(_)
-        | Operator::Trailer(_) => Val::Missing,
+        Operator::ConnectionTerminationDetails => rec
+            .termination_details
+            .map(Val::Str)
+            .unwrap_or(Val::Missing),
+        Operator::GrpcStatus(_) | Operator::Req(_) | Operator::Resp(_) | Operator::Trailer(_) => {
+            Val::Missing
+        }
     }
 }
 

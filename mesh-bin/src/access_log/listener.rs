@@ -35,6 +35,36 @@ pub struct TcpOutcome {
     pub upstream_local: Option<SocketAddr>,
     /// The cluster.
     pub cluster: Option<Arc<crate::cluster::ClusterEntry>>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub failure: Option<String>,
+}
+
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` of a failed connect, in Envoy's
+/// words: `delayed_connect_error:_Connection_refused`.
+pub fn connect_failure_reason(e: &io::Error) -> String {
+    let text = match e.raw_os_error() {
+        // The system's message without Rust's " (os error N)".
+        Some(code) => {
+            let t = io::Error::from_raw_os_error(code).to_string();
+            match t.find(" (os error") {
+                Some(i) => t[..i].to_owned(),
+                None => t,
+            }
+        }
+        None => e.to_string(),
+    };
+    no_spaces(&format!("delayed_connect_error: {text}"))
+}
+
+/// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%` / `%UPSTREAM_TRANSPORT_FAILURE_REASON%`
+/// of a failed TLS handshake: `TLS_error:<reason>:<message>`.
+pub fn tls_failure_reason(reason: &str, message: &str) -> String {
+    no_spaces(&format!("TLS_error:{reason}:{message}"))
+}
+
+/// As Envoy writes failure reasons: no white space.
+fn no_spaces(s: &str) -> String {
+    s.replace(char::is_whitespace, "_")
 }
 
 /// Bytes a connection moved, counted by [`Metered`].
@@ -138,6 +168,7 @@ pub struct ConnLog {
     flag: Option<ResponseFlag>,
     details: Option<&'static str>,
     transport_failure: Option<String>,
+    termination: Option<String>,
     tls: Option<Arc<PeerIdentity>>,
     sni: Option<Box<str>>,
     meter: Arc<Meter>,
@@ -158,6 +189,7 @@ impl ConnLog {
             flag: None,
             details: None,
             transport_failure: None,
+            termination: None,
             tls: None,
             sni: None,
             meter: Arc::default(),
@@ -184,9 +216,13 @@ impl ConnLog {
 
     /// The downstream TLS handshake failed (`%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`).
     pub fn tls_failed(&mut self, reason: &str, message: &str) {
-        let text = format!("TLS_error:{reason}:{message}");
-        // As Envoy writes details: no white space.
-        self.transport_failure = Some(text.replace(char::is_whitespace, "_"));
+        self.transport_failure = Some(tls_failure_reason(reason, message));
+    }
+
+    /// Why a network filter closed the connection
+    /// (`%CONNECTION_TERMINATION_DETAILS%`).
+    pub fn terminated(&mut self, details: String) {
+        self.termination = Some(details);
     }
 
     /// The SNI the TLS inspector read (`%REQUESTED_SERVER_NAME%`).
@@ -247,6 +283,7 @@ impl Drop for ConnLog {
             bytes_sent: m.sent.load(Ordering::Relaxed),
             upstream_host: tcp.upstream,
             upstream_local: tcp.upstream_local,
+            upstream_failure: tcp.failure.as_deref(),
             upstream_cluster: tcp.cluster.as_ref().map(|c| c.config.name.as_str()),
             attempts: tcp.upstream.map(|_| 1),
             downstream_remote: Some(self.peer),
@@ -255,6 +292,7 @@ impl Drop for ConnLog {
             connection_id: Some(self.id),
             tls: self.tls.as_deref(),
             downstream_failure: self.transport_failure.as_deref(),
+            termination_details: self.termination.as_deref(),
             protocol,
             sni: self.sni.as_deref(),
             ..LogRecord::new(
