@@ -47,7 +47,8 @@ pub enum Protocol {
     Dubbo,
     /// SOFA Bolt v1.
     Bolt,
-    /// Apache Thrift (binary or compact protocol, framed or not).
+    /// Apache Thrift (strict or lax binary or compact protocol; framed,
+    /// unframed or header transport).
     Thrift,
 }
 
