@@ -91,6 +91,7 @@ pub fn codec_for(config: &RpcProxy, registry: &CodecRegistry) -> Option<Arc<dyn 
             framed,
             protocol,
             header,
+            lowercase_header_keys,
         } => Arc::new(thrift::Thrift {
             transport: framed
                 .map(|f| {
@@ -106,6 +107,7 @@ pub fn codec_for(config: &RpcProxy, registry: &CodecRegistry) -> Option<Arc<dyn 
                 ThriftProtocol::LaxBinary => thrift::Protocol::LaxBinary,
                 ThriftProtocol::Compact => thrift::Protocol::Compact,
             }),
+            lowercase_header_keys,
         }),
     })
 }

@@ -64,6 +64,7 @@ fn thrift_proxy_routes_become_method_matchers() {
             framed: Some(true),
             protocol: Some(ThriftProtocol::Compact),
             header: false,
+            lowercase_header_keys: true,
         }
     );
     let routes = &r.route_config.virtual_hosts[0].routes;
@@ -125,6 +126,7 @@ fn thrift_proxy_takes_the_header_transport() {
             framed: None,
             protocol: None,
             header: true,
+            lowercase_header_keys: false,
         }
     );
     let m = &r.route_config.virtual_hosts[0].routes[0].matcher.headers[0];

@@ -272,6 +272,7 @@ fn fuzz_thrift() {
     let lax = thrift::Thrift {
         transport: Some(thrift::Transport::Unframed),
         protocol: Some(thrift::Protocol::LaxBinary),
+        ..thrift::Thrift::default()
     };
     let mut call = Message::new(9, MessageKind::Request);
     call.meta.method = "ping".into();

@@ -255,6 +255,9 @@ pub enum RpcCodec {
         /// `transport: HEADER` (`THeaderTransport`; `framed` is then
         /// `None`).
         header: bool,
+        /// Lower-case header transport info header keys (Envoy's
+        /// `thrift_proxy` does unless `header_keys_preserve_case`).
+        lowercase_header_keys: bool,
     },
     /// Apache Dubbo (dubbo2, Hessian2).
     Dubbo,

@@ -151,8 +151,9 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
     // mesh always passes the payload through untouched.
     o.bool(cx, "payload_passthrough");
     o.refuse(cx, "max_requests_per_connection", "not supported yet");
-    // Header transport keys always keep their case (matches ignore it).
-    o.bool(cx, "header_keys_preserve_case");
+    // Header transport keys are lower-cased unless asked to keep their
+    // case (matches ignore it either way).
+    let lowercase_header_keys = o.bool(cx, "header_keys_preserve_case") != Some(true);
     let access_log = access_logs(cx, &mut o);
     let mut routes = Vec::new();
     let mut rc_name = String::new();
@@ -176,6 +177,7 @@ pub(crate) fn thrift_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
             framed,
             protocol,
             header,
+            lowercase_header_keys,
         },
         route_config: RouteConfiguration {
             name: rc_name,
@@ -399,6 +401,7 @@ pub(crate) fn generic_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> RpcProxy {
             framed: None,
             protocol: None,
             header: false,
+            lowercase_header_keys: false,
         }),
         None => {
             if !o.has("codec") {

@@ -51,6 +51,9 @@ pub struct Thrift {
     pub transport: Option<Transport>,
     /// The protocol, or `None` to detect it.
     pub protocol: Option<Protocol>,
+    /// Header transport info header keys are lower-cased when read (Envoy's
+    /// default, unless `header_keys_preserve_case`); `false` keeps them.
+    pub lowercase_header_keys: bool,
 }
 
 // Message types.

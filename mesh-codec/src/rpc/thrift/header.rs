@@ -87,7 +87,14 @@ pub(super) fn decode(
     }
     let payload_at = FIXED + header_len;
     let info = match read_info(&src[FIXED..payload_at], len) {
-        Ok(info) => info,
+        Ok(mut info) => {
+            if codec.lowercase_header_keys {
+                for (k, _) in &mut info.headers {
+                    k.make_ascii_lowercase();
+                }
+            }
+            info
+        }
         Err(Refusal::Bad(e)) => return Err(DecodeError::new(format!("thrift: {e}"))),
         Err(Refusal::Transform(id, protocol)) => {
             let reason = format!("thrift: header transport transform {id} is not supported");
@@ -335,7 +342,7 @@ mod tests {
         // Configured header transport refuses other framings.
         let header_only = Thrift {
             transport: Some(Transport::Header),
-            protocol: None,
+            ..Thrift::default()
         };
         let mut framed = BytesMut::from(&[0, 0, 0, 16][..]);
         framed.extend_from_slice(BINARY_CALL);
@@ -383,6 +390,26 @@ mod tests {
             wire_format_of(&back),
             (Transport::Header, Protocol::Compact)
         );
+    }
+
+    #[test]
+    fn keys_keep_their_case_unless_lower_casing_is_asked() {
+        let wire = frame(0, &[], &[("X-Trace", "T")], BINARY_CALL);
+        let keep = Thrift::default();
+        let m = keep
+            .decode(&mut BytesMut::from(&wire[..]), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.meta.headers, vec![("X-Trace".into(), "T".into())]);
+        let lower = Thrift {
+            lowercase_header_keys: true,
+            ..Thrift::default()
+        };
+        let m = lower
+            .decode(&mut BytesMut::from(&wire[..]), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.meta.headers, vec![("x-trace".into(), "T".into())]);
     }
 
     #[test]
