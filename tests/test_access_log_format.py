@@ -67,6 +67,8 @@ JSON_FORMAT = {
     "peer": {"ip": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
              "local_ip": "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%"},
     "constant": 7,
+    # Not a gRPC request: null.
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
 }
 
 ROUTES = """
@@ -232,7 +234,7 @@ def test_json_format_matches_envoy(formatted_logs):
         for r in rows:
             assert isinstance(r["response_code"], int) and isinstance(r["bytes_sent"], int)
             assert isinstance(r["duration"], int)
-            assert r["missing"] is None
+            assert r["missing"] is None and r["grpc_status"] is None
             assert r["constant"] == 7
             ip = "10.9.9.9" if r["request_id"] == "rid-1" else "127.0.0.1"
             assert r["peer"] == {"ip": ip, "local_ip": "127.0.0.1"}
@@ -373,13 +375,16 @@ def test_grpc_status_from_trailers_and_the_grpc_status_filter(kind, start_proxy,
                                                               grpc_server):
     import grpc
 
-    all_log, failed_log, nf_log = (tmp_path / n for n in ("all.log", "failed.log", "nf.log"))
+    all_log, failed_log, nf_log, st_log = (tmp_path / n for n in
+                                           ("all.log", "failed.log", "nf.log", "status.log"))
     fmt = {"text_format": "%REQ(:PATH)% %RESPONSE_CODE% h=%RESP(GRPC-STATUS)% "
                           "t=%TRAILER(GRPC-STATUS)% %TRAILER(GRPC-MESSAGE):8%\n"}
     logs = [
         file_log(all_log, fmt),
         file_log(failed_log, fmt, {"grpc_status_filter": {"statuses": ["OK"], "exclude": True}}),
         file_log(nf_log, fmt, {"grpc_status_filter": {"statuses": ["NOT_FOUND", "UNIMPLEMENTED"]}}),
+        file_log(st_log, {"text_format": "%REQ(:PATH)% %GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% "
+                                         "%GRPC_STATUS(NUMBER)%\n"}),
     ]
     cfg = harness.simple_http_bootstrap(
         GRPC_ROUTES, [harness.static_cluster("grpc", grpc_server.port, http2=True)],
@@ -405,6 +410,11 @@ def test_grpc_status_from_trailers_and_the_grpc_status_filter(kind, start_proxy,
     assert got["failed"] == ["/meshtest.EchoService/Missing 200 h=5 t=- -",
                              "/meshtest.EchoService/NoSuchMethod 200 h=12 t=- -"], got
     assert got["nf"] == got["failed"], got
+    assert sorted(read_lines(st_log, 3)) == [
+        "/meshtest.EchoService/Echo OK OK 0",
+        "/meshtest.EchoService/Missing NotFound NOT_FOUND 5",
+        "/meshtest.EchoService/NoSuchMethod Unimplemented UNIMPLEMENTED 12",
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -449,13 +459,12 @@ def test_tcp_proxy_json_format_and_filter(kind, start_proxy, tmp_path, tcp_echo,
     time.sleep(0.5)
     flush(proxy)
     rows = sorted((json.loads(l) for l in read_lines(log, 2)), key=lambda r: r["cluster"])
-    # Envoy's tcp_proxy adds URX once its connect attempts are used up;
-    # mesh reports the one flag (UF).
-    assert "UF" in rows[0].pop("flags").split(","), rows
+    # As Envoy's tcp_proxy, URX once the connect attempts are used up.
+    assert rows[0].pop("flags") == "UF,URX", rows
     assert rows == [
         {"code": 0, "rx": 0, "tx": 0, "upstream": f"127.0.0.1:{refused}",
          "cluster": "dead", "method": None, "protocol": None, "peer": "127.0.0.1"},
         {"code": 0, "flags": "-", "rx": 1000, "tx": 1000, "upstream": f"127.0.0.1:{tcp_echo.port}",
          "cluster": "echo", "method": None, "protocol": None, "peer": "127.0.0.1"},
     ]
-    assert [l.split(",")[0] for l in read_lines(failed, 1)] == ["dead UF"]
+    assert read_lines(failed, 1) == ["dead UF,URX"]

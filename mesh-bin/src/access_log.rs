@@ -18,6 +18,7 @@
 
 pub mod filter;
 pub mod format;
+pub mod listener;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -53,7 +54,8 @@ pub fn next_connection_id() -> u64 {
 /// One configured access log, compiled.
 #[derive(Debug)]
 struct Log {
-    format: Compiled,
+    /// `None`: the proxy's own line (RPC proxies without `log_format`).
+    format: Option<Compiled>,
     filter: Option<Filter>,
     sink: usize,
     /// The longest line so far, to size the next one in one allocation.
@@ -140,6 +142,14 @@ impl AccessLogger {
     /// writer thread; `None` when no log is configured. A file that cannot
     /// be opened is an error naming it; errors name the log's index.
     pub fn new(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
+        Self::build(configs, store, false)
+    }
+
+    fn build(
+        configs: &[AccessLog],
+        store: &Store,
+        own_default: bool,
+    ) -> Result<Option<Self>, String> {
         if configs.is_empty() {
             return Ok(None);
         }
@@ -147,9 +157,14 @@ impl AccessLogger {
         let mut header_filters = Vec::new();
         let mut logs = Vec::with_capacity(configs.len());
         for (i, c) in configs.iter().enumerate() {
-            let format = needs
-                .compile(c.format.as_ref())
-                .map_err(|e| format!("[{i}].typed_config.log_format: {e}"))?;
+            let format = if own_default && c.format.is_none() {
+                None
+            } else {
+                let f = needs
+                    .compile(c.format.as_ref())
+                    .map_err(|e| format!("[{i}].typed_config.log_format: {e}"))?;
+                Some(f)
+            };
             let filter = c
                 .filter
                 .as_ref()
@@ -188,20 +203,16 @@ impl AccessLogger {
         }))
     }
 
-    /// As [`AccessLogger::new`], for proxies that write their own lines
-    /// (RPC): custom formats and filters are refused.
-    pub fn new_fixed_format(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
-        for (i, c) in configs.iter().enumerate() {
-            if c.format.is_some() {
-                return Err(format!(
-                    "[{i}].typed_config.log_format: not supported on this proxy yet"
-                ));
-            }
-            if c.filter.is_some() {
-                return Err(format!("[{i}].filter: not supported on this proxy yet"));
-            }
-        }
-        Self::new(configs, store)
+    /// As [`AccessLogger::new`], for proxies that write their own default
+    /// line (RPC): a log without `log_format` gets the line given to
+    /// [`AccessLogger::log_own`].
+    pub fn new_own_default(configs: &[AccessLog], store: &Store) -> Result<Option<Self>, String> {
+        Self::build(configs, store, true)
+    }
+
+    /// `%HOSTNAME%`.
+    pub fn hostname(&self) -> &str {
+        &self.inner.hostname
     }
 
     /// Queues one line for every sink; never blocks.
@@ -218,12 +229,21 @@ impl AccessLogger {
 
     /// Logs `rec` to every log whose filter lets it through.
     pub fn log(&self, rec: &LogRecord<'_>) {
+        self.log_own(rec, String::new);
+    }
+
+    /// As [`AccessLogger::log`]; logs without a format get `own()`.
+    pub fn log_own(&self, rec: &LogRecord<'_>, own: impl Fn() -> String) {
         for l in &self.inner.logs {
             if l.filter.as_ref().is_some_and(|f| !f.passes(rec)) {
                 continue;
             }
+            let Some(format) = &l.format else {
+                self.send(l.sink, own());
+                continue;
+            };
             let mut line = String::with_capacity(l.hint.load(Ordering::Relaxed));
-            l.format.render(rec, &mut line);
+            format.render(rec, &mut line);
             if line.len() > l.hint.load(Ordering::Relaxed) {
                 l.hint.store(line.len().min(64 * 1024), Ordering::Relaxed);
             }
@@ -232,24 +252,24 @@ impl AccessLogger {
     }
 
     /// A TCP proxy connection's record.
-    #[allow(clippy::too_many_arguments)]
     pub fn log_tcp(
         &self,
         start: SystemTime,
         started: Instant,
-        flag: Option<ResponseFlag>,
         received: u64,
         sent: u64,
-        upstream: Option<SocketAddr>,
-        cluster: Option<&str>,
+        outcome: &listener::TcpOutcome,
         conn: &TcpConn<'_>,
     ) {
         let rec = LogRecord {
-            flag,
+            flag: outcome.flag,
+            extra_flag: outcome.extra_flag(),
             bytes_received: received,
             bytes_sent: sent,
-            upstream_host: upstream,
-            upstream_cluster: cluster,
+            upstream_host: outcome.upstream,
+            upstream_local: outcome.upstream_local,
+            upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
+            attempts: outcome.upstream.map(|_| 1),
             downstream_remote: Some(conn.peer),
             downstream_direct_remote: Some(conn.peer),
             downstream_local: conn.local,
@@ -306,6 +326,27 @@ impl AccessLogger {
             resp_headers: Vec::new(),
             response_duration: None,
             request_duration: None,
+        }
+    }
+
+    /// Captures the attachments the formats read and the `header_filter`
+    /// results of an RPC request (read as routing reads it).
+    pub fn capture_rpc(&self, req: &impl mesh_core::view::RequestView) -> RpcCapture {
+        let mut header_bits = 0u64;
+        for (i, m) in self.inner.header_filters.iter().enumerate() {
+            if m.matches(req) {
+                header_bits |= 1 << i;
+            }
+        }
+        RpcCapture {
+            headers: self
+                .inner
+                .needs
+                .req
+                .iter()
+                .map(|name| req.header(name.as_str()).map(str::to_owned))
+                .collect(),
+            header_bits,
         }
     }
 
@@ -375,6 +416,30 @@ impl AccessLogger {
             .map(|name| trailers.get(name).cloned())
             .collect()
     }
+}
+
+/// What an RPC request's log line needs from the request, captured
+/// before it is sent (see [`AccessLogger::capture_rpc`]).
+#[derive(Debug, Default)]
+pub struct RpcCapture {
+    /// The attachments the formats read, in [`format::Needs`] order.
+    pub headers: Vec<Option<String>>,
+    /// Results of the `header_filter`s, one bit each.
+    pub header_bits: u64,
+}
+
+/// An RPC request, for `%REQ(...)%` and `%PROTOCOL%`: the method is
+/// `:method`, the service `:path` and `:authority`, attachments headers.
+#[derive(Debug)]
+pub struct RpcRequest<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The service (interface).
+    pub service: &'a str,
+    /// The codec (`dubbo`, `thrift`, `bolt`).
+    pub protocol: &'a str,
+    /// The captured attachments.
+    pub capture: &'a RpcCapture,
 }
 
 /// The downstream side of a TCP proxy connection, for its log line.
@@ -478,6 +543,9 @@ pub struct LogRecord<'a> {
     pub details: Option<&'a str>,
     /// `%RESPONSE_FLAGS%`.
     pub flag: Option<ResponseFlag>,
+    /// A second flag set with `flag` (`URX` after a TCP proxy's connect
+    /// attempts are used up, as Envoy sets it).
+    pub extra_flag: Option<ResponseFlag>,
     /// `%BYTES_RECEIVED%`.
     pub bytes_received: u64,
     /// `%BYTES_SENT%`.
@@ -516,6 +584,16 @@ pub struct LogRecord<'a> {
     pub grpc_status_header: Option<&'a HeaderValue>,
     /// `grpc-status` of the response trailers.
     pub grpc_status_trailer: Option<&'a HeaderValue>,
+    /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub downstream_failure: Option<&'a str>,
+    /// `%PROTOCOL%` of a connection's line (a request's line takes the
+    /// request's version).
+    pub protocol: Option<http::Version>,
+    /// `%REQUESTED_SERVER_NAME%` from the TLS inspector, when no TLS
+    /// session holds it.
+    pub sni: Option<&'a str>,
+    /// The RPC request (`None` for HTTP and TCP).
+    pub rpc: Option<&'a RpcRequest<'a>>,
 }
 
 impl<'a> LogRecord<'a> {
@@ -530,6 +608,7 @@ impl<'a> LogRecord<'a> {
             status: 0,
             details: None,
             flag: None,
+            extra_flag: None,
             bytes_received: 0,
             bytes_sent: 0,
             request_duration: None,
@@ -549,6 +628,10 @@ impl<'a> LogRecord<'a> {
             header_bits: 0,
             grpc_status_header: None,
             grpc_status_trailer: None,
+            downstream_failure: None,
+            protocol: None,
+            sni: None,
+            rpc: None,
         }
     }
 }

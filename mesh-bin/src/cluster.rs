@@ -13,7 +13,7 @@ use mesh_core::stats::{Counter, Gauge, StatusClassCounters, StatusCodeCounters, 
 use mesh_filter::circuit_breaker::Permit;
 use mesh_lb::health_check::{EventLog, HealthCheckStats, HealthChecker};
 use mesh_lb::outlier::{OutlierDetector, OutlierStats};
-use mesh_lb::{dns, Balancer, HealthFlags};
+use mesh_lb::{dns, Balancer, Endpoint, HealthFlags};
 use tokio_util::sync::CancellationToken;
 
 /// Envoy's `cluster.<name>.*` stats.
@@ -82,12 +82,20 @@ pub struct ClusterEntry {
     pub stats: ClusterStats,
     /// Upstream TLS (`transport_socket`), if configured.
     pub tls: Option<Arc<mesh_tls::ClientTls>>,
+    /// `transport_socket_matches`: per-endpoint transport sockets.
+    pub socket_matches: crate::socket_match::SocketMatches,
     /// Outlier detection, when configured.
     pub outlier: Option<Arc<OutlierDetector>>,
     /// Active health checking, when configured.
     pub health_checker: Option<Arc<HealthChecker>>,
     /// Circuit breakers and retry stats.
     pub policy: crate::resilience::ClusterPolicy,
+    /// The hosts of an ORIGINAL_DST cluster (its balancer only shows
+    /// them).
+    pub original_dst: Option<Arc<crate::original_dst::OriginalDstHosts>>,
+    /// On-demand EDS (`--lazy-eds`): the first request waits here for the
+    /// endpoints; `None` for every other cluster.
+    pub on_demand: Option<Arc<crate::lazy_eds::OnDemandEndpoints>>,
 }
 
 /// Every cluster by name.
@@ -163,6 +171,9 @@ impl ClusterManager {
                         move |n| membership.set(n as i64),
                     ));
                 }
+                DiscoveryType::OriginalDst(_) => {
+                    // Hosts are created on demand (`original_dst.rs`).
+                }
                 DiscoveryType::Eds { .. } if xds => {
                     // Endpoints arrive over xDS (`dynamic.rs`).
                 }
@@ -192,9 +203,13 @@ impl ClusterManager {
                     })?,
                 )),
             };
+            let socket_matches =
+                crate::socket_match::SocketMatches::build(c, Some(secrets.clone()), store)
+                    .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
                 .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
+            let balancer_for_hosts = balancer.clone();
             let name: Arc<str> = Arc::from(c.name.as_str());
             cm.order.push(name.clone());
             cm.clusters.insert(
@@ -205,8 +220,20 @@ impl ClusterManager {
                     policy: crate::resilience::ClusterPolicy::new(c, store, &stats.rq_active),
                     stats,
                     tls,
+                    socket_matches,
                     outlier,
                     health_checker,
+                    original_dst: match &c.discovery {
+                        DiscoveryType::OriginalDst(od) => {
+                            Some(crate::original_dst::OriginalDstHosts::start(
+                                od.clone(),
+                                balancer_for_hosts,
+                                stop,
+                            ))
+                        }
+                        _ => None,
+                    },
+                    on_demand: None,
                 }),
             );
         }
@@ -341,8 +368,9 @@ pub struct WorkerCluster {
     pools: Mutex<HashMap<PoolKey, (Arc<EndpointPool>, Permit)>>,
 }
 
-/// A worker's pool key: the endpoint, and whether it speaks HTTP/2.
-type PoolKey = (SocketAddr, bool);
+/// A worker's pool key: the endpoint, whether it speaks HTTP/2, and the
+/// `transport_socket_matches` entry its connections use.
+type PoolKey = (SocketAddr, bool, Option<u32>);
 
 impl WorkerCluster {
     /// A worker-local handle on `entry`.
@@ -363,21 +391,29 @@ impl WorkerCluster {
         }
     }
 
-    /// The pool for `addr` speaking HTTP/2 or not, created on first use.
+    /// The pool for `endpoint` speaking HTTP/2 or not, created on first use
+    /// with the endpoint's transport socket.
     /// Creating one also drops the pools of endpoints no longer in the
     /// cluster. `None` when a new pool would exceed the cluster's
     /// `max_connection_pools` (all workers' pools together, `DEFAULT`
     /// priority) and no pool of this worker is idle to make room, as in
     /// Envoy (counted in `upstream_cx_pool_overflow`).
-    pub fn pool(&self, addr: SocketAddr, h2: bool) -> Option<Arc<EndpointPool>> {
+    pub fn pool(&self, endpoint: &Endpoint, h2: bool) -> Option<Arc<EndpointPool>> {
+        let (addr, socket) = (endpoint.addr, endpoint.transport_socket);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((p, _)) = pools.get(&(addr, h2)) {
+        if let Some((p, _)) = pools.get(&(addr, h2, socket)) {
             return Some(p.clone());
         }
         // A new endpoint appeared: drop the pools of endpoints that left the
-        // cluster (DNS answers change), closing their idle connections.
+        // cluster (DNS answers change) or changed transport socket (EDS
+        // metadata), closing their idle connections.
         let current = self.entry.balancer.endpoints();
-        pools.retain(|(a, _), _| current.endpoints.iter().any(|e| e.addr == *a));
+        pools.retain(|(a, _, s), _| {
+            current
+                .endpoints
+                .iter()
+                .any(|e| e.addr == *a && e.transport_socket == *s)
+        });
         let limit = &self
             .entry
             .policy
@@ -404,10 +440,8 @@ impl WorkerCluster {
                 }
             }
         };
-        let connector = self.entry.tls.clone().map(|t| {
-            Arc::new(crate::tls::TlsConnector(t)) as Arc<dyn mesh_codec::transport::Connector>
-        });
-        let p = EndpointPool::with_options(
+        let connector = self.entry.socket_matches.connector(socket, &self.entry.tls);
+        let p = EndpointPool::with_source(
             addr,
             PoolConfig {
                 protocol: if h2 {
@@ -422,8 +456,9 @@ impl WorkerCluster {
             },
             Some(self.entry.policy.pool_limits.clone()),
             connector,
+            self.entry.config.upstream_bind,
         );
-        pools.insert((addr, h2), (p.clone(), permit));
+        pools.insert((addr, h2, socket), (p.clone(), permit));
         Some(p)
     }
 }

@@ -1,13 +1,19 @@
 //! A listener's filter chains and what happens to each accepted connection
 //! before its terminal filter runs: the TLS inspector (SNI, ALPN and
-//! transport protocol peeked from the ClientHello), filter chain selection
-//! (`filter_chain_match`), and TLS termination under the chain's handshake
-//! timeout (`transport_socket_connect_timeout`).
+//! transport protocol peeked from the ClientHello), the HTTP or protocol
+//! inspector (the application protocol of a plain-text connection, see
+//! `inspect.rs`), filter chain selection (`filter_chain_match`), and TLS
+//! termination under the chain's handshake timeout
+//! (`transport_socket_connect_timeout`). The inspectors share one deadline,
+//! `listener_filters_timeout`, from the accept.
 //!
-//! A connection that matches no chain, stalls before its ClientHello, or
-//! fails its handshake is closed with a `debug` log line naming the peer and
-//! the reason, and counted (`envoy_listener_no_filter_chain_match`, the
-//! `ssl.*` handshake stats, `mesh_listener_tls_inspector_timeout`). Other
+//! A connection that matches no chain, stalls before its ClientHello or the
+//! bytes that tell its protocol, closes during inspection, or fails its
+//! handshake is closed with a `debug` log line naming the peer and the
+//! reason, and counted (`envoy_listener_no_filter_chain_match`,
+//! `envoy_listener_downstream_pre_cx_timeout`,
+//! `envoy_listener_downstream_listener_filter_remote_close`, the `ssl.*`
+//! handshake stats, `mesh_listener_tls_inspector_timeout`). Other
 //! connections are not affected: each runs on its own task.
 
 use std::net::SocketAddr;
@@ -25,8 +31,11 @@ use mesh_tls::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::listener::{ConnLog, Metered};
+use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
+use crate::inspect::{Inspected, ProtocolInspector};
 use crate::rpc::{RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
@@ -92,6 +101,17 @@ pub(crate) struct Chains {
     pub(crate) continue_on_timeout: bool,
     pub(crate) no_match: Counter,
     pub(crate) inspect_timeouts: Counter,
+    /// `http_inspector` / `protocol_inspector`.
+    pub(crate) protocols: Option<ProtocolInspector>,
+    /// Envoy's `downstream_pre_cx_timeout`: listener filters timed out.
+    pub(crate) pre_cx_timeout: Counter,
+    /// Envoy's `downstream_listener_filter_remote_close`: the peer closed
+    /// while the listener filters waited for bytes.
+    pub(crate) remote_close: Counter,
+    /// The original destination filter and `use_original_dst` hand-off.
+    pub(crate) capture: crate::original_dst::Capture,
+    /// The listener's `access_log`.
+    pub(crate) access_log: Option<AccessLogger>,
 }
 
 impl Chains {
@@ -118,8 +138,52 @@ impl Chains {
             continue_on_timeout,
             no_match: store.counter("envoy_listener_no_filter_chain_match", &label),
             inspect_timeouts: store.counter("mesh_listener_tls_inspector_timeout", &label),
+            protocols: None,
+            pre_cx_timeout: store.counter("envoy_listener_downstream_pre_cx_timeout", &label),
+            remote_close: store.counter(
+                "envoy_listener_downstream_listener_filter_remote_close",
+                &label,
+            ),
+            capture: Default::default(),
+            access_log: None,
         }
     }
+
+    /// Adds the listener's `http_inspector` and/or `protocol_inspector`.
+    pub(crate) fn with_protocol_inspector(
+        mut self,
+        http_inspector: bool,
+        protocol_inspector: bool,
+        store: &Store,
+    ) -> Self {
+        self.protocols = ProtocolInspector::new(http_inspector, protocol_inspector, store);
+        self
+    }
+
+    /// With the original destination filter and hand-off of `capture`.
+    pub(crate) fn with_capture(mut self, capture: crate::original_dst::Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// Adds the listener's `access_log` (errors name the log's index).
+    pub(crate) fn with_access_log(
+        mut self,
+        configs: &[mesh_core::config::AccessLog],
+        store: &Store,
+    ) -> Result<Self, String> {
+        self.access_log = AccessLogger::new(configs, store)?;
+        Ok(self)
+    }
+}
+
+/// The addresses of a downstream connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// `local` is the original destination restored by the listener filter.
+    restored: bool,
 }
 
 enum WorkerTerminal {
@@ -143,13 +207,10 @@ pub(crate) struct WorkerChains {
     shared: Arc<Chains>,
     terminals: Vec<WorkerTerminal>,
     drain: CancellationToken,
+    worker: usize,
 }
 
 impl WorkerChains {
-    pub(crate) fn new(shared: Arc<Chains>, cm: &ClusterManager, drain: CancellationToken) -> Self {
-        Self::for_worker(shared, cm, drain, 0)
-    }
-
     /// The view of worker `worker` (which picks its slots of swapping
     /// terminals).
     pub(crate) fn for_worker(
@@ -184,11 +245,25 @@ impl WorkerChains {
             shared,
             terminals,
             drain,
+            worker,
         }
     }
 
-    /// Serves one accepted connection to its end.
+    /// The worker this view belongs to.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Serves one accepted connection to its end: the original destination
+    /// filter and hand-off first, then the chosen listener's chains.
     pub(crate) async fn serve(self: Arc<Self>, a: Accepted) {
+        let c = self.shared.capture.apply(self.clone(), a);
+        c.chains.serve_chains(c.accepted, c.restored).await
+    }
+
+    /// Serves one connection with this listener's filter chains;
+    /// `restored`: its local address is the original destination.
+    async fn serve_chains(self: Arc<Self>, a: Accepted, restored: bool) {
         let Accepted {
             stream,
             peer,
@@ -196,26 +271,34 @@ impl WorkerChains {
             guard,
         } = a;
         let shared = &self.shared;
+        let deadline = shared
+            .inspect_timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
+        let mut log = shared
+            .access_log
+            .as_ref()
+            .map(|l| ConnLog::new(l, peer, local));
         let (transport, hello) = if shared.inspect {
-            let peek = async {
-                match shared.inspect_timeout {
-                    Some(t) => peek_client_hello(&stream, t).await,
-                    None => peek_client_hello(&stream, Duration::from_secs(u32::MAX as u64)).await,
-                }
-            };
-            match peek.await {
+            let t = shared
+                .inspect_timeout
+                .unwrap_or(Duration::from_secs(u32::MAX as u64));
+            match peek_client_hello(&stream, t).await {
                 Ok(Inspection::Tls(h)) => ("tls", Some(h)),
                 Ok(Inspection::NotTls) => ("raw_buffer", None),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::TimedOut && shared.continue_on_timeout =>
                 {
                     shared.inspect_timeouts.inc();
+                    shared.pre_cx_timeout.inc();
                     tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
                     ("raw_buffer", None)
                 }
                 Err(e) => {
                     if e.kind() == std::io::ErrorKind::TimedOut {
                         shared.inspect_timeouts.inc();
+                        shared.pre_cx_timeout.inc();
+                    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        shared.remote_close.inc();
                     }
                     tracing::debug!(%peer, error = %e, "tls_inspector: no ClientHello; closing");
                     return;
@@ -224,16 +307,49 @@ impl WorkerChains {
         } else {
             ("raw_buffer", None)
         };
-        let no_alpn = Vec::new();
+        let mut detected = Vec::new();
+        if let (Some(pi), "raw_buffer") = (&shared.protocols, transport) {
+            match pi.inspect(&stream, deadline).await {
+                Inspected::Decided(Some(p)) => {
+                    tracing::trace!(%peer, protocol = p.name(), "protocol inspector: detected");
+                    detected.push(p.name().to_string());
+                }
+                Inspected::Decided(None) => {
+                    tracing::trace!(%peer, "protocol inspector: no known protocol");
+                }
+                Inspected::TimedOut if shared.continue_on_timeout => {
+                    shared.pre_cx_timeout.inc();
+                    tracing::debug!(%peer, "protocol inspector: no decision in time; continuing with no application protocol");
+                }
+                Inspected::TimedOut => {
+                    shared.pre_cx_timeout.inc();
+                    tracing::debug!(%peer, "protocol inspector: no decision within listener_filters_timeout; closing");
+                    return;
+                }
+                Inspected::Failed(e) => {
+                    if matches!(e, mesh_core::peek::PeekError::Closed { .. }) {
+                        shared.remote_close.inc();
+                    }
+                    tracing::debug!(%peer, error = %e, "protocol inspector: connection failed before its protocol was known; closing");
+                    return;
+                }
+            }
+        }
         let info = ConnectionInfo {
             local,
             peer,
             transport_protocol: transport,
             sni: hello.as_ref().and_then(|h| h.sni.as_deref()),
-            alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&no_alpn),
+            alpn: hello.as_ref().map(|h| &h.alpn).unwrap_or(&detected),
         };
+        if let Some(l) = &mut log {
+            l.sni(info.sni);
+        }
         let Some(index) = shared.selector.select(&info) else {
             shared.no_match.inc();
+            if let Some(l) = &mut log {
+                l.no_filter_chain();
+            }
             tracing::debug!(%peer, %local, sni = ?info.sni, transport, "no filter chain matches; closing");
             return;
         };
@@ -257,14 +373,22 @@ impl WorkerChains {
             };
             return worker.handle(a, self.drain.clone()).await;
         }
+        let conn = Conn {
+            peer,
+            local,
+            restored,
+        };
         match &chain.tls {
-            None => self.run(index, stream, peer, local, guard, None).await,
+            None => self.run(index, stream, conn, guard, None, &mut log).await,
             Some(tls) => match tls.accept(stream, chain.handshake_timeout).await {
                 Ok((stream, id)) => {
-                    self.run(index, stream, peer, local, guard, Some(Arc::new(id)))
+                    self.run(index, stream, conn, guard, Some(Arc::new(id)), &mut log)
                         .await
                 }
                 Err(e) => {
+                    if let Some(l) = &mut log {
+                        l.tls_failed(e.reason.as_str(), &e.message);
+                    }
                     tracing::debug!(%peer, reason = e.reason.as_str(), error = %e.message,
                         "downstream TLS handshake failed; closing");
                 }
@@ -272,17 +396,28 @@ impl WorkerChains {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run<S>(
         &self,
         index: usize,
         stream: S,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: Conn,
         guard: ConnectionGuard,
         tls: Option<Arc<PeerIdentity>>,
+        log: &mut Option<ConnLog>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Conn {
+            peer,
+            local,
+            restored,
+        } = conn;
+        let original_dst = restored.then_some(local);
+        if let (Some(l), Some(id)) = (log.as_mut(), &tls) {
+            l.tls(id);
+        }
+        let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
         if let Some(rbac) = &self.shared.chains[index].rbac {
             let facts = mesh_filter::rbac::ConnectionFacts {
                 peer,
@@ -296,7 +431,12 @@ impl WorkerChains {
         }
         match &self.terminals[index] {
             WorkerTerminal::Http { proxy, server } => {
-                let mut svc = ConnService::new(proxy.clone(), peer, local);
+                let mut svc =
+                    ConnService::new(proxy.clone(), peer, local).with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -307,7 +447,12 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::HttpSwapping { slot, server } => {
-                let mut svc = ConnService::swapping(slot.clone(), peer, local);
+                let mut svc = ConnService::swapping(slot.clone(), peer, local)
+                    .with_original_dst(original_dst);
+                if let Some(l) = log.as_mut() {
+                    l.http();
+                    svc = svc.with_connection_id(l.id());
+                }
                 if let Some(id) = tls {
                     svc = svc.with_tls(id);
                 }
@@ -318,14 +463,22 @@ impl WorkerChains {
                 drop(guard);
             }
             WorkerTerminal::Tcp(t) => {
-                t.clone()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                let outcome = t
+                    .clone()
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::TcpSwapping(slot) => {
-                slot.load_full()
-                    .handle_stream_from(stream, peer, Some(local), tls.as_deref(), guard)
-                    .await
+                let outcome = slot
+                    .load_full()
+                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .await;
+                if let Some(l) = log.as_mut() {
+                    l.tcp(outcome);
+                }
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
                 tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")

@@ -44,6 +44,10 @@
 //! listener whose route configuration has not arrived warms the same way
 //! before it binds, and so do listeners and clusters whose SDS secrets
 //! have not arrived.
+//!
+//! With `--lazy-eds` ([`crate::lazy_eds`]), EDS clusters from CDS skip that
+//! warming: they are built without subscribing to their endpoints, and the
+//! first request that uses one asks the manager to subscribe.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -76,7 +80,9 @@ use crate::bootstrap;
 use crate::cluster::{ClusterEntry, ClusterManager, ClusterStats, WorkerCluster};
 use crate::downstream::{Chain, Chains, Swapping, Terminal, WorkerChains};
 use crate::http::{HcmShared, HttpProxy};
+use crate::lazy_eds::{self, OnDemandEndpoints};
 use crate::rpc::{RpcShared, RpcWorker};
+use crate::socket_match::{SocketMatches, UpstreamSockets};
 use crate::tcp::TcpProxyShared;
 use crate::tls::{xds_secrets, TlsRegistry};
 
@@ -101,6 +107,10 @@ pub(crate) struct Context {
     pub(crate) tls: Arc<TlsRegistry>,
     /// SDS secrets over xDS named by static listeners and clusters.
     pub(crate) static_secrets: Vec<(String, ConfigSource)>,
+    /// Every listener by address, for `use_original_dst` hand-offs.
+    pub(crate) handoff: Arc<crate::original_dst::Handoff>,
+    /// On-demand EDS for clusters from CDS (`--lazy-eds`).
+    pub(crate) lazy_eds: bool,
 }
 
 /// One applied (or refused) resource, for `/config_dump`.
@@ -120,6 +130,9 @@ struct Shown {
     resources: BTreeMap<&'static str, BTreeMap<String, DumpEntry>>,
     clients: Vec<(String, XdsHandle)>,
     initialized: bool,
+    /// `--lazy-eds`: how many EDS clusters came from CDS, and those a
+    /// request subscribed, each with whether its endpoints are loaded.
+    lazy_eds: Option<(usize, BTreeMap<String, bool>)>,
 }
 
 /// The running dynamic configuration, as admin and `Proxy` see it.
@@ -236,7 +249,18 @@ impl XdsRuntime {
                 json!({"source": label, "connected": h.connected(), "last_stream_error": h.last_stream_error()})
             })
             .collect();
-        json!({"configs": configs, "xds_streams": connected})
+        let mut dump = json!({"configs": configs, "xds_streams": connected});
+        if let Some((known, used)) = &shown.lazy_eds {
+            let subscribed: Vec<Value> = used
+                .iter()
+                .map(|(name, loaded)| json!({"cluster": name, "endpoints_loaded": loaded}))
+                .collect();
+            dump["lazy_eds"] = json!({
+                "known_clusters": known,
+                "subscribed_clusters": subscribed,
+            });
+        }
+        dump
     }
 }
 
@@ -304,8 +328,27 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
     let runtime = Arc::new(XdsRuntime::default());
     runtime.clusters.store(cx.static_clusters.clone());
     let (tx, rx) = mpsc::channel(64);
+    let (lazy_tx, lazy_rx) = mpsc::unbounded_channel();
     let workers = cx.workers.len();
+    // The gauges exist only in lazy mode.
+    let gauge = |name: &str| match cx.lazy_eds {
+        true => cx.store.gauge(name, &[]),
+        false => Default::default(),
+    };
+    let lazy = LazyEds {
+        requests: lazy_tx,
+        used: BTreeSet::new(),
+        deadlines: HashMap::new(),
+        wanted: BTreeSet::new(),
+        known_count: 0,
+        known: gauge("mesh_lazy_eds_clusters_known"),
+        subscribed: gauge("mesh_lazy_eds_clusters_subscribed"),
+    };
+    if cx.lazy_eds {
+        runtime.lock().lazy_eds = Some((0, BTreeMap::new()));
+    }
     let mut m = Manager {
+        lazy,
         cm: (*cx.static_clusters).clone(),
         cx,
         runtime: runtime.clone(),
@@ -355,8 +398,123 @@ pub(crate) fn start(cx: Context) -> Result<Arc<XdsRuntime>, String> {
     }
     m.subscribe_secrets()?;
     m.check_initialized();
-    tokio::spawn(m.run(rx));
+    tokio::spawn(m.run(rx, lazy_rx));
     Ok(runtime)
+}
+
+impl Manager {
+    /// Whether `c` gets its endpoints on demand: an EDS cluster from CDS
+    /// under `--lazy-eds` (static EDS clusters subscribe at start).
+    fn is_lazy(&self, c: &Cluster) -> bool {
+        self.cx.lazy_eds
+            && matches!(c.discovery, DiscoveryType::Eds { .. })
+            && self.cx.static_clusters.get(&c.name).is_none()
+    }
+
+    /// The on-demand state of a lazy cluster being built: an `old` entry
+    /// with the same discovery gives its own; a cluster in use whose
+    /// discovery changed subscribes again at once.
+    fn on_demand_for(
+        &mut self,
+        c: &Cluster,
+        old: Option<&ClusterEntry>,
+    ) -> Option<Arc<OnDemandEndpoints>> {
+        if !self.is_lazy(c) {
+            return None;
+        }
+        let DiscoveryType::Eds {
+            service_name,
+            source,
+        } = &c.discovery
+        else {
+            return None;
+        };
+        if let Some(o) = old.filter(|o| o.config.discovery == c.discovery) {
+            if let Some(od) = &o.on_demand {
+                return Some(od.clone());
+            }
+        }
+        let od = OnDemandEndpoints::new(
+            &c.name,
+            source.initial_fetch_timeout,
+            self.lazy.requests.clone(),
+        );
+        if self.lazy.used.contains(&c.name) {
+            od.mark_requested();
+            if self.assignments.contains_key(service_name) {
+                od.mark_ready();
+            } else {
+                self.lazy.deadlines.insert(
+                    c.name.clone(),
+                    Instant::now()
+                        + source
+                            .initial_fetch_timeout
+                            .unwrap_or(lazy_eds::DEFAULT_WAIT),
+                );
+            }
+        }
+        Some(od)
+    }
+
+    /// A request used lazy cluster `name` for the first time: subscribe to
+    /// its endpoints (they may be known already, from a cluster with the
+    /// same service name).
+    fn use_lazy_cluster(&mut self, name: &str) {
+        let Some(e) = self.cm.get(name).cloned() else {
+            return;
+        };
+        let Some(od) = e.on_demand.clone() else {
+            return;
+        };
+        let DiscoveryType::Eds {
+            service_name,
+            source,
+        } = &e.config.discovery
+        else {
+            return;
+        };
+        if !self.lazy.used.insert(name.to_string()) {
+            return;
+        }
+        tracing::info!(cluster = %name, service = %service_name, "lazy EDS: subscribing to the endpoints of a cluster in use");
+        if self.assignments.contains_key(service_name) {
+            od.mark_ready();
+        } else {
+            self.lazy.deadlines.insert(
+                name.to_string(),
+                Instant::now()
+                    + source
+                        .initial_fetch_timeout
+                        .unwrap_or(lazy_eds::DEFAULT_WAIT),
+            );
+        }
+        if let Err(err) = self.subscribe_endpoints() {
+            tracing::warn!(cluster = %name, error = %err, "lazy EDS: cannot subscribe");
+            self.lazy.deadlines.remove(name);
+            od.mark_ready();
+        }
+    }
+
+    /// Publishes the lazy EDS gauges and the `/config_dump` view.
+    fn show_lazy(&self) {
+        let used: BTreeMap<String, bool> = self
+            .lazy
+            .used
+            .iter()
+            .map(|n| {
+                let loaded = match self.cm.get(n).map(|e| &e.config.discovery) {
+                    Some(DiscoveryType::Eds { service_name, .. }) => {
+                        self.assignments.contains_key(service_name)
+                    }
+                    _ => false,
+                };
+                (n.clone(), loaded)
+            })
+            .collect();
+        self.lazy.known.set(self.lazy.known_count as i64);
+        self.lazy.subscribed.set(used.len() as i64);
+        self.runtime.lock().lazy_eds = Some((self.lazy.known_count, used));
+    }
 }
 
 /// A listener being served.
@@ -368,7 +526,28 @@ struct ActiveListener {
     chains: Vec<Swapping>,
 }
 
+/// The manager's on-demand EDS state (`--lazy-eds`).
+struct LazyEds {
+    /// Given to each lazy cluster: its first request sends its name here.
+    requests: mpsc::UnboundedSender<Arc<str>>,
+    /// Lazy clusters a request used: their endpoints are subscribed.
+    used: BTreeSet<String>,
+    /// Used clusters waiting for their endpoints, until the deadline.
+    deadlines: HashMap<String, Instant>,
+    /// The EDS service names subscribed: assignments of other names (a
+    /// response crossing an unsubscription) are not kept.
+    wanted: BTreeSet<String>,
+    /// How many EDS clusters from CDS there are.
+    known_count: usize,
+    /// `mesh_lazy_eds_clusters_known`: EDS clusters from CDS.
+    known: mesh_core::stats::Gauge,
+    /// `mesh_lazy_eds_clusters_subscribed`: those whose endpoints are
+    /// subscribed.
+    subscribed: mesh_core::stats::Gauge,
+}
+
 struct Manager {
+    lazy: LazyEds,
     cx: Context,
     runtime: Arc<XdsRuntime>,
     deliveries: mpsc::Sender<Delivery>,
@@ -407,7 +586,11 @@ fn short_errors(errors: &bootstrap::ConfigErrors) -> String {
 }
 
 impl Manager {
-    async fn run(mut self, mut rx: mpsc::Receiver<Delivery>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Delivery>,
+        mut lazy_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    ) {
         loop {
             let next = self.next_deadline();
             tokio::select! {
@@ -415,6 +598,7 @@ impl Manager {
                     Some(d) => self.handle(d),
                     None => return,
                 },
+                Some(name) = lazy_rx.recv() => self.use_lazy_cluster(&name),
                 _ = async {
                     match next {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -433,6 +617,7 @@ impl Manager {
             .chain(self.warming_listeners.values().map(|(_, d)| d))
             .chain(self.first.values())
             .flatten()
+            .chain(self.lazy.deadlines.values())
             .min()
             .copied()
     }
@@ -449,6 +634,21 @@ impl Manager {
             tracing::warn!(cluster = %n, "initial fetch timeout: the cluster's endpoints or secrets did not arrive; it goes live without them");
             self.warming.remove(&n);
         }
+        let expired: Vec<String> = self
+            .lazy
+            .deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in expired {
+            tracing::warn!(cluster = %n, "lazy EDS: the endpoints did not arrive within the initial fetch timeout; requests get 503 until they do");
+            self.lazy.deadlines.remove(&n);
+            if let Some(od) = self.cm.get(&n).and_then(|e| e.on_demand.clone()) {
+                od.mark_ready();
+            }
+        }
+
         let expired: Vec<String> = self
             .warming_listeners
             .iter()
@@ -496,6 +696,9 @@ impl Manager {
             self.runtime.lock().initialized = true;
             self.runtime.ready.notify_waiters();
             tracing::info!("xDS: initial configuration applied");
+        }
+        if self.cx.lazy_eds {
+            self.show_lazy();
         }
     }
 
@@ -639,7 +842,21 @@ impl Manager {
     /// Subscribes to the endpoints of every EDS cluster, per source.
     fn subscribe_endpoints(&mut self) -> Result<(), String> {
         let mut by_source: BTreeMap<String, (ConfigSourceKind, BTreeSet<String>)> = BTreeMap::new();
-        for e in self.cm.iter() {
+        // Lazy EDS: the static clusters and the dynamic ones a request used.
+        let lazy_set: Vec<Arc<ClusterEntry>>;
+        let clusters: Box<dyn Iterator<Item = &Arc<ClusterEntry>>> = if self.cx.lazy_eds {
+            lazy_set = self
+                .cx
+                .static_clusters
+                .iter()
+                .chain(self.lazy.used.iter().filter_map(|n| self.cm.get(n)))
+                .cloned()
+                .collect();
+            Box::new(lazy_set.iter())
+        } else {
+            Box::new(self.cm.iter())
+        };
+        for e in clusters {
             if let DiscoveryType::Eds {
                 service_name,
                 source,
@@ -650,6 +867,22 @@ impl Manager {
                     .or_insert_with(|| (source.kind.clone(), BTreeSet::new()))
                     .1
                     .insert(service_name.clone());
+            }
+        }
+        if self.cx.lazy_eds {
+            // Endpoints of clusters no longer used (removed) are dropped.
+            let wanted: BTreeSet<String> =
+                by_source.values().flat_map(|(_, n)| n).cloned().collect();
+            let stale: Vec<String> = self
+                .assignments
+                .keys()
+                .filter(|n| !wanted.contains(*n))
+                .cloned()
+                .collect();
+            self.lazy.wanted = wanted;
+            for n in stale {
+                self.assignments.remove(&n);
+                self.forget(types::ENDPOINT, &n);
             }
         }
         self.subscribe_by_source(types::ENDPOINT, by_source)
@@ -695,7 +928,12 @@ impl Manager {
             wanted.extend(listener_tls(l).flat_map(xds_secrets));
         }
         for n in &self.dynamic_clusters {
-            if let Some(t) = self.cm.get(n).and_then(|e| e.config.tls.as_ref()) {
+            for t in self
+                .cm
+                .get(n)
+                .into_iter()
+                .flat_map(|e| e.config.tls_contexts())
+            {
                 wanted.extend(xds_secrets(&t.common));
             }
         }
@@ -787,10 +1025,7 @@ impl Manager {
                 )),
                 Ok(c) => match self.client_tls(&c) {
                     Ok(tls) => loaded.push((c, tls, r.body.clone())),
-                    Err(e) => errors.push(format!(
-                        "cluster {:?}: transport_socket.typed_config.{e}",
-                        c.name
-                    )),
+                    Err(e) => errors.push(format!("cluster {:?}: {e}", c.name)),
                 },
                 Err(e) => errors.push(format!("cluster {:?}: {}", r.name, short_errors(&e))),
             }
@@ -814,6 +1049,8 @@ impl Manager {
             if self.dynamic_clusters.remove(name) {
                 gone.push(name);
                 self.warming.remove(name);
+                self.lazy.used.remove(name);
+                self.lazy.deadlines.remove(name);
                 if let Some(s) = self.dns_stops.remove(name) {
                     s.cancel();
                 }
@@ -834,39 +1071,51 @@ impl Manager {
         }
         self.cm = cm;
         self.runtime.clusters.store(Arc::new(self.cm.clone()));
+        if self.cx.lazy_eds {
+            self.lazy.known_count = self
+                .dynamic_clusters
+                .iter()
+                .filter(|n| self.cm.get(n).is_some_and(|e| e.on_demand.is_some()))
+                .count();
+        }
         self.subscribe_endpoints()?;
         self.subscribe_secrets()?;
         self.refresh_terminals();
         Ok(())
     }
 
-    /// The upstream TLS context of a cluster from CDS (refused with the
-    /// field path when its certificates are not usable; SDS secrets may
-    /// arrive later).
-    fn client_tls(&self, c: &Cluster) -> Result<Option<Arc<ClientTls>>, String> {
-        let Some(t) = &c.tls else { return Ok(None) };
+    /// The upstream TLS contexts of a cluster from CDS: its
+    /// `transport_socket` and its `transport_socket_matches` (refused with
+    /// the field path when their certificates are not usable; SDS secrets
+    /// may arrive later).
+    fn client_tls(&self, c: &Cluster) -> Result<UpstreamSockets, String> {
+        let matches = SocketMatches::build(c, Some(self.cx.secrets.clone()), &self.cx.store)?;
+        let Some(t) = &c.tls else {
+            return Ok((None, matches));
+        };
         let stats = TlsStats::new(
             &self.cx.store,
             "cluster",
             &[("envoy_cluster_name", c.name.clone())],
         );
         let tls = Arc::new(
-            ClientTls::new(t, Some(self.cx.secrets.clone()), stats).map_err(|e| e.to_string())?,
+            ClientTls::new(t, Some(self.cx.secrets.clone()), stats)
+                .map_err(|e| format!("transport_socket.typed_config.{e}"))?,
         );
-        Ok(Some(tls))
+        Ok((Some(tls), matches))
     }
 
     /// Whether a cluster has what it waits for: its endpoints (EDS) and
     /// its SDS secrets.
     fn cluster_warm(&self, c: &Cluster) -> bool {
         let endpoints = match &c.discovery {
+            _ if self.is_lazy(c) => true,
             DiscoveryType::Eds { service_name, .. } => self.assignments.contains_key(service_name),
             _ => true,
         };
         endpoints
-            && c.tls
-                .as_ref()
-                .is_none_or(|t| secrets_ready(&self.cx.secrets, &t.common))
+            && c.tls_contexts()
+                .all(|t| secrets_ready(&self.cx.secrets, &t.common))
     }
 
     /// How long a cluster that is not warm waits (`None`: forever): the
@@ -878,11 +1127,11 @@ impl Manager {
             source,
         } = &c.discovery
         {
-            if !self.assignments.contains_key(service_name) {
+            if !self.assignments.contains_key(service_name) && !self.is_lazy(c) {
                 pending.push(source.initial_fetch_timeout);
             }
         }
-        if let Some(t) = &c.tls {
+        for t in c.tls_contexts() {
             pending.extend(missing_secrets(&self.cx.secrets, &t.common));
         }
         longest(pending)
@@ -911,7 +1160,7 @@ impl Manager {
         &mut self,
         c: &Cluster,
         old: Option<&ClusterEntry>,
-        tls: Option<Arc<ClientTls>>,
+        (tls, socket_matches): UpstreamSockets,
     ) -> ClusterEntry {
         let stats = ClusterStats::new(&self.cx.store, &c.name);
         let balancer = match old {
@@ -959,11 +1208,29 @@ impl Manager {
                     set_endpoints(c, &balancer, &stats, l);
                 }
             }
+            DiscoveryType::OriginalDst(_) => {}
         }
+        let original_dst = match &c.discovery {
+            DiscoveryType::OriginalDst(od) => {
+                Some(match old.and_then(|o| o.original_dst.clone()) {
+                    // The same balancer keeps its hosts.
+                    Some(h) if old.is_some_and(|o| Arc::ptr_eq(&o.balancer, &balancer)) => h,
+                    _ => crate::original_dst::OriginalDstHosts::start(
+                        od.clone(),
+                        balancer.clone(),
+                        &self.cx.stop,
+                    ),
+                })
+            }
+            _ => None,
+        };
         if old.is_none() && !self.cluster_warm(c) {
             self.warm(&c.name, self.cluster_warm_timeout(c));
         }
         if let Some(t) = &tls {
+            self.cx.tls.add_client(t.clone());
+        }
+        for t in socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
             self.cx.tls.add_client(t.clone());
         }
         stats
@@ -985,6 +1252,9 @@ impl Manager {
             outlier,
             health_checker,
             tls,
+            original_dst,
+            socket_matches,
+            on_demand: self.on_demand_for(c, old),
         }
     }
 
@@ -1009,6 +1279,9 @@ impl Manager {
         }
         let mut changed: Vec<(String, Vec<LocalityLbEndpoints>)> = Vec::new();
         for (name, l, json) in loaded {
+            if self.cx.lazy_eds && !self.lazy.wanted.contains(&name) {
+                continue;
+            }
             self.remember(types::ENDPOINT, &name, &u.version, json);
             self.assignments.insert(name.clone(), l.clone());
             changed.push((name, l));
@@ -1027,6 +1300,10 @@ impl Manager {
         for (service, localities) in changed {
             for e in by_service.get(service.as_str()).into_iter().flatten() {
                 set_endpoints(&e.config, &e.balancer, &e.stats, localities.clone());
+                if let Some(od) = &e.on_demand {
+                    od.mark_ready();
+                    self.lazy.deadlines.remove(&e.config.name);
+                }
             }
         }
         self.rewarm();
@@ -1223,6 +1500,7 @@ impl Manager {
             self.warming_listeners.remove(name);
             if let Some(old) = self.listeners.remove(name) {
                 tracing::info!(listener = %name, "listener removed; draining");
+                self.cx.handoff.remove(name);
                 old.drain.signal();
                 self.runtime.lock().listeners.remove(name);
             }
@@ -1321,12 +1599,23 @@ impl Manager {
             bind_tcp(addr)
                 .map_err(|e| format!("listener {:?}: address: binding {addr}: {e}", l.name))
         };
-        let first = bind(l.address)?;
-        let addr = first
-            .local_addr()
-            .map_err(|e| format!("listener {:?}: {e}", l.name))?;
-        let mut sockets = vec![first];
+        let (addr, mut sockets) = if l.bind_to_port {
+            let first = bind(l.address)?;
+            let addr = first
+                .local_addr()
+                .map_err(|e| format!("listener {:?}: {e}", l.name))?;
+            if l.original_dst || l.use_original_dst {
+                crate::original_dst::register_capture_listener(addr);
+            }
+            (addr, vec![first])
+        } else {
+            // `bind_to_port: false`: only receives hand-offs.
+            (l.address, Vec::new())
+        };
         for _ in 1..self.cx.workers.len() {
+            if !l.bind_to_port {
+                break;
+            }
             sockets.push(bind(addr)?);
         }
         let drain = Drain::new();
@@ -1412,22 +1701,37 @@ impl Manager {
                 .map(|c| c.filter_chain_match.clone())
                 .collect(),
         );
-        let shared = Arc::new(Chains::new(
-            chains,
-            selector,
-            l.tls_inspector,
-            l.listener_filters_timeout,
-            l.continue_on_listener_filters_timeout,
-            &self.cx.store,
-            addr,
-        ));
+        let shared = Arc::new(
+            Chains::new(
+                chains,
+                selector,
+                l.tls_inspector,
+                l.listener_filters_timeout,
+                l.continue_on_listener_filters_timeout,
+                &self.cx.store,
+                addr,
+            )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &self.cx.store)
+            .with_capture(crate::original_dst::Capture {
+                restore: l.original_dst,
+                hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),
+            })
+            .with_access_log(&l.access_log, &self.cx.store)
+            .map_err(|e| format!("listener {:?}: access_log{e}", l.name))?,
+        );
+        let views: Vec<Arc<WorkerChains>> = (0..self.cx.workers.len())
+            .map(|w| {
+                Arc::new(WorkerChains::for_worker(
+                    shared.clone(),
+                    &self.cm,
+                    drain.token(),
+                    w,
+                ))
+            })
+            .collect();
+        self.cx.handoff.publish(&l.name, addr, views.clone());
         for (w, sock) in sockets.into_iter().enumerate() {
-            let chains = Arc::new(WorkerChains::for_worker(
-                shared.clone(),
-                &self.cm,
-                drain.token(),
-                w,
-            ));
+            let chains = views[w].clone();
             let drain = drain.clone();
             let global = self.cx.drain.clone();
             let limiter = limiter.clone();
@@ -1605,6 +1909,11 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.tls_inspector == new.tls_inspector
         && old.listener_filters_timeout == new.listener_filters_timeout
         && old.continue_on_listener_filters_timeout == new.continue_on_listener_filters_timeout
+        && old.http_inspector == new.http_inspector
+        && old.protocol_inspector == new.protocol_inspector
+        && old.original_dst == new.original_dst
+        && old.use_original_dst == new.use_original_dst
+        && old.bind_to_port == new.bind_to_port
         && chains(old) == chains(new)
 }
 

@@ -857,7 +857,14 @@ impl HttpProxy {
         let pick = mesh_lb::PickContext::new()
             .with_hash(lb_hash.hash)
             .with_metadata_match(choice.metadata_match);
-        let Some(mut endpoint) = cluster.entry.balancer.pick_with(&pick) else {
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
+        let picked = match &cluster.entry.original_dst {
+            Some(hosts) => crate::original_dst::http_host(hosts, &req),
+            None => cluster.entry.balancer.pick_with(&pick),
+        };
+        let Some(mut endpoint) = picked else {
             cstats.cx_none_healthy.inc();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1033,7 +1040,7 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
-            let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+            let Some(pool) = cluster.pool(&endpoint, h2) else {
                 // `max_connection_pools`: Envoy's router finds no pool and
                 // answers as with no healthy upstream.
                 return self.local_reply(
@@ -1139,7 +1146,12 @@ impl HttpProxy {
                             tokio::time::sleep_until(until).await;
                         }
                         tried.push(endpoint.addr);
-                        endpoint = match self.pick_for_retry(cluster, st, &tried, &pick) {
+                        let again = match cluster.entry.original_dst {
+                            // The destination does not change between tries.
+                            Some(_) => Some(endpoint.clone()),
+                            None => self.pick_for_retry(cluster, st, &tried, &pick),
+                        };
+                        endpoint = match again {
                             Some(e) => e,
                             None => {
                                 cstats.cx_none_healthy.inc();
@@ -1684,6 +1696,8 @@ pub struct ConnService {
     local: SocketAddr,
     tls: Option<Arc<mesh_core::identity::PeerIdentity>>,
     id: u64,
+    /// The original destination restored by the listener filter.
+    original_dst: Option<SocketAddr>,
 }
 
 impl ConnService {
@@ -1696,6 +1710,7 @@ impl ConnService {
             local,
             tls: None,
             id: crate::access_log::next_connection_id(),
+            original_dst: None,
         }
     }
 
@@ -1713,13 +1728,30 @@ impl ConnService {
             local,
             tls: None,
             id: crate::access_log::next_connection_id(),
+            original_dst: None,
         }
+    }
+
+    /// Uses `id` as the connection's `%CONNECTION_ID%` (the listener's
+    /// access log numbered it first).
+    pub fn with_connection_id(mut self, id: u64) -> Self {
+        self.id = id;
+        self
     }
 
     /// Marks the connection as TLS: every request carries `identity` as an
     /// extension (`Arc<PeerIdentity>`), for RBAC and the access log.
     pub fn with_tls(mut self, identity: Arc<mesh_core::identity::PeerIdentity>) -> Self {
         self.tls = Some(identity);
+        self
+    }
+
+    /// The connection's original destination, when the listener filter
+    /// restored it: every request carries it as a
+    /// [`crate::original_dst::RestoredDestination`] extension, for
+    /// ORIGINAL_DST clusters.
+    pub fn with_original_dst(mut self, original_dst: Option<SocketAddr>) -> Self {
+        self.original_dst = original_dst;
         self
     }
 }
@@ -1735,6 +1767,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(id) = &self.tls {
             req.extensions_mut().insert(id.clone());
+        }
+        if let Some(dst) = self.original_dst {
+            req.extensions_mut()
+                .insert(crate::original_dst::RestoredDestination(dst));
         }
         let info = StreamInfo {
             downstream_remote: self.peer,

@@ -10,6 +10,7 @@
 //! - [`tls`]: secrets (static and watched SDS files), upstream TLS, `/certs`;
 //! - [`rpc`]: the L7 RPC proxy (Thrift, Dubbo, SOFA Bolt);
 //! - [`cluster`]: the cluster manager and per-worker connection pools;
+//! - [`socket_match`]: per-endpoint transport sockets (`transport_socket_matches`);
 //! - [`admin`]: the admin API;
 //! - [`health`]: health-check probes and outlier-detection hooks;
 //! - [`demo`]: demo upstreams for `mesh demo`.
@@ -26,12 +27,16 @@ pub mod dynamic;
 pub mod filters;
 pub mod health;
 pub mod http;
+mod inspect;
+pub mod lazy_eds;
 mod mirror;
+pub mod original_dst;
 mod path_normalize;
 pub mod proxy;
 mod rbac;
 pub mod resilience;
 pub mod rpc;
+pub mod socket_match;
 pub mod tcp;
 pub mod tls;
 

@@ -71,6 +71,13 @@ struct RunArgs {
     /// stream with an error naming this limit (default 64 MiB).
     #[arg(long, default_value_t = mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE)]
     xds_max_message_bytes: usize,
+    /// On-demand EDS for clusters from CDS: they are usable at once and
+    /// subscribe to their endpoints only when a request first picks them
+    /// (that request waits for the endpoints, up to the cluster's
+    /// `initial_fetch_timeout`, 15 s by default). For large meshes where a
+    /// sidecar talks to few of the clusters it is given.
+    #[arg(long)]
+    lazy_eds: bool,
     /// The proxy's zone for zone-aware routing (overrides
     /// `node.locality.zone`).
     #[arg(long)]
@@ -202,6 +209,7 @@ fn serve(
             drain_time: Duration::from_secs(run.drain_time_s),
             admin_address_path: run.admin_address_path,
             xds_max_message_size: run.xds_max_message_bytes,
+            lazy_eds: run.lazy_eds,
             ..Default::default()
         };
         let proxy = match Proxy::start(bootstrap, options, json).await {

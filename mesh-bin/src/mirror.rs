@@ -69,6 +69,9 @@ async fn send(
 ) {
     let cluster = shadow.cluster;
     let cstats = &cluster.entry.stats;
+    if let Some(od) = &cluster.entry.on_demand {
+        od.ready().await;
+    }
     let Some(endpoint) = cluster
         .entry
         .balancer
@@ -133,7 +136,7 @@ async fn send(
     cstats.rq_total.inc();
     endpoint.stats.rq_total.inc();
     let _active = resources.requests.acquire();
-    let Some(pool) = cluster.pool(endpoint.addr, h2) else {
+    let Some(pool) = cluster.pool(&endpoint, h2) else {
         return;
     };
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

@@ -48,6 +48,10 @@ pub struct ProxyOptions {
     /// The largest xDS response accepted (`--xds-max-message-bytes`);
     /// larger ones fail the stream with a clear error.
     pub xds_max_message_size: usize,
+    /// On-demand EDS (`--lazy-eds`): clusters from CDS are warm at once and
+    /// subscribe to their endpoints only when a request first uses them
+    /// (`crate::lazy_eds`).
+    pub lazy_eds: bool,
 }
 
 impl Default for ProxyOptions {
@@ -59,6 +63,7 @@ impl Default for ProxyOptions {
             admin_address_path: None,
             rpc_codecs: Default::default(),
             xds_max_message_size: mesh_xds::client::DEFAULT_MAX_MESSAGE_SIZE,
+            lazy_eds: false,
         }
     }
 }
@@ -225,6 +230,9 @@ impl Proxy {
             if let Some(t) = &c.tls {
                 tls_registry.add_client(t.clone());
             }
+            for t in c.socket_matches.iter().filter_map(|m| m.tls.as_ref()) {
+                tls_registry.add_client(t.clone());
+            }
         }
         let concurrency = options.concurrency.max(1);
         let socket_groups = match options.runtime {
@@ -232,6 +240,7 @@ impl Proxy {
             RuntimeMode::Shared => 1,
         };
 
+        let handoff = Arc::new(crate::original_dst::Handoff::default());
         let mut built = Vec::new();
         for (li, l) in bootstrap.listeners.iter().enumerate() {
             let path = format!("static_resources.listeners[{li}]");
@@ -268,18 +277,29 @@ impl Proxy {
                 };
                 terminals.push(terminal);
             }
-            let first = bind_tcp(l.address).map_err(|source| StartError::Bind {
-                what: format!("listener {:?}", l.name),
-                addr: l.address,
-                source,
-            })?;
-            let addr = first.local_addr().map_err(|source| StartError::Bind {
-                what: format!("listener {:?}", l.name),
-                addr: l.address,
-                source,
-            })?;
-            let mut sockets = vec![first];
+            let (addr, mut sockets) = if l.bind_to_port {
+                let first = bind_tcp(l.address).map_err(|source| StartError::Bind {
+                    what: format!("listener {:?}", l.name),
+                    addr: l.address,
+                    source,
+                })?;
+                let addr = first.local_addr().map_err(|source| StartError::Bind {
+                    what: format!("listener {:?}", l.name),
+                    addr: l.address,
+                    source,
+                })?;
+                if l.original_dst || l.use_original_dst {
+                    crate::original_dst::register_capture_listener(addr);
+                }
+                (addr, vec![first])
+            } else {
+                // `bind_to_port: false`: only receives hand-offs.
+                (l.address, Vec::new())
+            };
             for _ in 1..socket_groups {
+                if !l.bind_to_port {
+                    break;
+                }
                 sockets.push(bind_tcp(addr).map_err(|source| StartError::Bind {
                     what: format!("listener {:?} (worker socket)", l.name),
                     addr,
@@ -352,7 +372,14 @@ impl Proxy {
                 l.continue_on_listener_filters_timeout,
                 &store,
                 addr,
-            );
+            )
+            .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &store)
+            .with_capture(crate::original_dst::Capture {
+                restore: l.original_dst,
+                hand_off: l.use_original_dst.then(|| handoff.clone()),
+            })
+            .with_access_log(&l.access_log, &store)
+            .map_err(|e| StartError::Config(format!("{path}.access_log{e}")))?;
             built.push(BuiltListener {
                 name: l.name.clone(),
                 addr,
@@ -408,27 +435,38 @@ impl Proxy {
             admin_state = Some(state);
         }
 
-        // Workers.
-        let mut per_worker: Vec<Vec<(std::net::TcpListener, &BuiltListener)>> =
+        // Workers. Every listener has one view per worker, bound or not,
+        // as the target of `use_original_dst` hand-offs.
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, &BuiltListener, Arc<WorkerChains>)>> =
             (0..socket_groups).map(|_| Vec::new()).collect();
         for b in &built {
+            let views: Vec<Arc<WorkerChains>> = (0..socket_groups)
+                .map(|w| {
+                    Arc::new(WorkerChains::for_worker(
+                        b.chains.clone(),
+                        &cm,
+                        drain.token(),
+                        w,
+                    ))
+                })
+                .collect();
+            handoff.publish(&b.name, b.addr, views.clone());
             for (w, s) in b.sockets.iter().enumerate() {
                 let s = s.try_clone().map_err(StartError::Worker)?;
-                per_worker[w].push((s, b));
+                per_worker[w].push((s, b, views[w].clone()));
             }
         }
         let mut worker_handles = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
             let jobs: Vec<WorkerListener> = sockets
                 .into_iter()
-                .map(|(s, b)| WorkerListener {
+                .map(|(s, b, view)| WorkerListener {
                     socket: s,
                     limiter: b.limiter.clone(),
                     stats: b.stats.clone(),
-                    chains: b.chains.clone(),
+                    chains: view,
                 })
                 .collect();
-            let cm = cm.clone();
             let drain = drain.clone();
             let rt = match options.runtime {
                 RuntimeMode::PerCore => tokio::runtime::Builder::new_current_thread()
@@ -444,7 +482,7 @@ impl Proxy {
             worker_handles.push(rt.handle().clone());
             std::thread::Builder::new()
                 .name(format!("mesh-worker-{w}"))
-                .spawn(move || rt.block_on(run_worker(jobs, cm, drain)))
+                .spawn(move || rt.block_on(run_worker(jobs, drain)))
                 .map_err(StartError::Worker)?;
         }
         drop(built);
@@ -467,10 +505,12 @@ impl Proxy {
                     drain: drain.clone(),
                     stop: stop.clone(),
                     max_message_size: options.xds_max_message_size,
+                    lazy_eds: options.lazy_eds,
                     rpc_codecs: options.rpc_codecs.clone(),
                     secrets: secrets.clone(),
                     tls: tls_registry.clone(),
                     static_secrets,
+                    handoff: handoff.clone(),
                 })
                 .map_err(StartError::Config)?,
             ),
@@ -555,10 +595,10 @@ struct WorkerListener {
     socket: std::net::TcpListener,
     limiter: Option<ConnectionLimiter>,
     stats: ListenerStats,
-    chains: Arc<Chains>,
+    chains: Arc<WorkerChains>,
 }
 
-async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: Drain) {
+async fn run_worker(jobs: Vec<WorkerListener>, drain: Drain) {
     for job in jobs {
         let listener = match tokio::net::TcpListener::from_std(job.socket) {
             Ok(l) => l,
@@ -567,7 +607,7 @@ async fn run_worker(jobs: Vec<WorkerListener>, cm: Arc<ClusterManager>, drain: D
                 continue;
             }
         };
-        let chains = Arc::new(WorkerChains::new(job.chains.clone(), &cm, drain.token()));
+        let chains = job.chains;
         tokio::spawn(accept_loop(
             listener,
             job.limiter,

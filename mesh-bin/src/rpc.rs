@@ -34,14 +34,14 @@ use mesh_core::config::{RpcCodec, RpcFilter, RpcProxy, ThriftProtocol};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
 use mesh_core::policy::{RetryOn, RetryPolicy};
-use mesh_core::router::{CompiledAction, RouteTable};
+use mesh_core::router::{CompiledAction, CompiledRoute, RouteTable};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use mesh_filter::circuit_breaker::ResourceManager;
 use mesh_filter::local_ratelimit::TokenBucket;
 use mesh_lb::Endpoint;
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log::{format_time, AccessLogger};
+use crate::access_log::{format_time, AccessLogger, LogRecord, RpcRequest};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
 mod mirror;
@@ -239,7 +239,7 @@ impl RpcShared {
             ("mesh_rpc_prefix", config.stat_prefix.clone()),
             ("mesh_rpc_codec", codec.name().to_owned()),
         ];
-        let access_log = AccessLogger::new_fixed_format(&config.access_log, store)
+        let access_log = AccessLogger::new_own_default(&config.access_log, store)
             .map_err(|e| format!("access_log: {e}"))?;
         Ok(RpcShared {
             stats: RpcStats::new(store, &labels, config),
@@ -415,7 +415,9 @@ impl RpcWorker {
         ctx.header = msg.header.clone();
         ctx.meta.method = msg.meta.method.clone();
         ctx.meta.service = msg.meta.service.clone();
-        let (result, upstream) = self.forward(msg, peer, local).await;
+        let capture = shared.access_log.as_ref().map(|l| l.capture_rpc(&msg));
+        let mut routed = None;
+        let (result, upstream) = self.forward(msg, peer, local, &mut routed).await;
         let (reply, flag) = match result {
             Ok(Some(resp)) => {
                 if resp.kind == MessageKind::Error {
@@ -435,36 +437,67 @@ impl RpcWorker {
                 (shared.codec.error_reply(&ctx, err, &detail), Some(flag))
             }
         };
-        if let Some(log) = &shared.access_log {
-            let status = match &reply {
-                Some(r) if r.kind == MessageKind::Error => "error",
-                Some(_) => "ok",
-                None => "-",
+        if let (Some(log), Some(capture)) = (&shared.access_log, &capture) {
+            let req = RpcRequest {
+                method: &ctx.meta.method,
+                service: &ctx.meta.service,
+                protocol: shared.codec.name(),
+                capture,
             };
-            log.write(format!(
-                "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\"\n",
-                format_time(start),
-                if ctx.meta.method.is_empty() {
-                    "-"
-                } else {
-                    &ctx.meta.method
-                },
-                if ctx.meta.service.is_empty() {
-                    "-"
-                } else {
-                    &ctx.meta.service
-                },
-                shared.codec.name(),
-                status,
-                flag.map(ResponseFlag::as_str).unwrap_or("-"),
-                received,
-                reply.as_ref().map(|r| r.wire_len()).unwrap_or(0),
-                started.elapsed().as_millis(),
-                peer,
-                upstream
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "-".into()),
-            ));
+            let sent = reply.as_ref().map(|r| r.wire_len() as u64).unwrap_or(0);
+            let (route, cluster) = match &routed {
+                Some((r, c)) => (Some(r.name.as_str()), Some(c.config.name.as_str())),
+                None => (None, None),
+            };
+            let rec = LogRecord {
+                rpc: Some(&req),
+                status: reply.as_ref().map(|r| r.status as u16).unwrap_or(0),
+                details: reply
+                    .as_ref()
+                    .map(|_| crate::access_log::response_code_details(flag, true)),
+                flag,
+                bytes_received: received,
+                bytes_sent: sent,
+                upstream_host: upstream,
+                upstream_cluster: cluster,
+                route_name: route.filter(|r| !r.is_empty()),
+                downstream_remote: Some(peer),
+                downstream_direct_remote: Some(peer),
+                downstream_local: Some(local),
+                header_bits: capture.header_bits,
+                ..LogRecord::new(start, started.elapsed(), log.hostname())
+            };
+            log.log_own(&rec, || {
+                let status = match &reply {
+                    Some(r) if r.kind == MessageKind::Error => "error",
+                    Some(_) => "ok",
+                    None => "-",
+                };
+                format!(
+                    "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\"\n",
+                    format_time(start),
+                    if ctx.meta.method.is_empty() {
+                        "-"
+                    } else {
+                        &ctx.meta.method
+                    },
+                    if ctx.meta.service.is_empty() {
+                        "-"
+                    } else {
+                        &ctx.meta.service
+                    },
+                    shared.codec.name(),
+                    status,
+                    flag.map(ResponseFlag::as_str).unwrap_or("-"),
+                    received,
+                    sent,
+                    rec.duration.as_millis(),
+                    peer,
+                    upstream
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                )
+            });
         }
         reply.map(|mut r| {
             r.id = ctx.id;
@@ -478,6 +511,7 @@ impl RpcWorker {
         mut msg: Message,
         peer: SocketAddr,
         local: SocketAddr,
+        routed: &mut Option<(Arc<CompiledRoute>, Arc<ClusterEntry>)>,
     ) -> (
         Result<Option<Message>, (ProxyError, ResponseFlag, String)>,
         Option<SocketAddr>,
@@ -544,6 +578,7 @@ impl RpcWorker {
                 None,
             );
         };
+        *routed = Some((m.route.clone(), cluster.entry.clone()));
         // The route's attachment / header changes, written into the frame.
         let mutation = &m.route.policy.metadata_mutation;
         if !mutation.is_empty() {
@@ -596,6 +631,9 @@ impl RpcWorker {
         let pick = mesh_lb::PickContext::new()
             .with_hash(hash)
             .with_metadata_match(choice.metadata_match);
+        if let Some(od) = &cluster.entry.on_demand {
+            od.ready().await;
+        }
         let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
             stats.cx_none_healthy.inc();
             return (

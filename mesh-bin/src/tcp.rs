@@ -9,8 +9,8 @@ use mesh_core::config::{ClusterSpecifier, TcpProxy};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::listener::Accepted;
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
-use tokio::net::TcpStream;
 
+use crate::access_log::listener::TcpOutcome;
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
 
@@ -100,7 +100,7 @@ impl TcpProxyShared {
             guard,
         } = accepted;
         self.handle_stream_from(stream, peer, Some(local), None, guard)
-            .await
+            .await;
     }
 
     /// Proxies one downstream byte stream (a TCP connection, or the
@@ -115,11 +115,12 @@ impl TcpProxyShared {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.handle_stream_from(stream, peer, None, None, guard)
-            .await
+            .await;
     }
 
     /// [`TcpProxyShared::handle_stream`] with the local address and the
-    /// downstream TLS session, for the access log.
+    /// downstream TLS session, for the access log. Returns what happened,
+    /// for the listener's access log.
     pub async fn handle_stream_from<S>(
         self: Arc<Self>,
         stream: S,
@@ -127,14 +128,67 @@ impl TcpProxyShared {
         local: Option<std::net::SocketAddr>,
         tls: Option<&mesh_core::identity::PeerIdentity>,
         guard: mesh_core::listener::ConnectionGuard,
-    ) where
+    ) -> TcpOutcome
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.handle_captured_inner(stream, peer, local, None, tls, guard)
+            .await
+    }
+
+    /// [`TcpProxyShared::handle_stream_from`] for a connection whose
+    /// original destination the listener filter restored
+    /// (`original_dst`): ORIGINAL_DST clusters connect there. Returns what
+    /// happened, for the listener's access log.
+    pub async fn handle_captured<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        original_dst: Option<std::net::SocketAddr>,
+        tls: Option<&mesh_core::identity::PeerIdentity>,
+        guard: mesh_core::listener::ConnectionGuard,
+    ) -> TcpOutcome
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.handle_captured_inner(stream, peer, Some(local), original_dst, tls, guard)
+            .await
+    }
+
+    async fn handle_captured_inner<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: std::net::SocketAddr,
+        local: Option<std::net::SocketAddr>,
+        original_dst: Option<std::net::SocketAddr>,
+        tls: Option<&mesh_core::identity::PeerIdentity>,
+        guard: mesh_core::listener::ConnectionGuard,
+    ) -> TcpOutcome
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let start = std::time::SystemTime::now();
         let started = std::time::Instant::now();
         let id = crate::access_log::next_connection_id();
         let cluster = self.choose().clone();
-        let (flag, received, sent, upstream) = self.proxy(stream, peer, guard, &cluster).await;
+        let mut upstream_local = None;
+        let (flag, received, sent, upstream) = self
+            .proxy(
+                stream,
+                peer,
+                guard,
+                &cluster,
+                original_dst,
+                &mut upstream_local,
+            )
+            .await;
+        let outcome = TcpOutcome {
+            flag,
+            upstream,
+            upstream_local,
+            cluster: Some(cluster),
+        };
         if let Some(log) = &self.access_log {
             let conn = TcpConn {
                 peer,
@@ -142,9 +196,9 @@ impl TcpProxyShared {
                 id,
                 tls,
             };
-            let name = Some(cluster.config.name.as_str());
-            log.log_tcp(start, started, flag, received, sent, upstream, name, &conn);
+            log.log_tcp(start, started, received, sent, &outcome, &conn);
         }
+        outcome
     }
 
     async fn proxy<S>(
@@ -153,6 +207,8 @@ impl TcpProxyShared {
         peer: std::net::SocketAddr,
         guard: mesh_core::listener::ConnectionGuard,
         cluster: &Arc<ClusterEntry>,
+        original_dst: Option<std::net::SocketAddr>,
+        upstream_local: &mut Option<std::net::SocketAddr>,
     ) -> (Option<ResponseFlag>, u64, u64, Option<std::net::SocketAddr>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -162,7 +218,14 @@ impl TcpProxyShared {
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
         let pick = mesh_lb::PickContext::new().with_hash(hash);
-        let Some(endpoint) = cluster.balancer.pick_with(&pick) else {
+        if let Some(od) = &cluster.on_demand {
+            od.ready().await;
+        }
+        let picked = match &cluster.original_dst {
+            Some(hosts) => original_dst.and_then(|dst| hosts.host(dst)),
+            None => cluster.balancer.pick_with(&pick),
+        };
+        let Some(endpoint) = picked else {
             cluster.stats.cx_none_healthy.inc();
             self.stats.cx_no_route.inc();
             tracing::debug!(%peer, cluster = %cluster.config.name, "tcp_proxy: no healthy upstream (UH); closing");
@@ -171,7 +234,7 @@ impl TcpProxyShared {
         let connect_start = tokio::time::Instant::now();
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
-            TcpStream::connect(endpoint.addr),
+            mesh_codec::transport::connect_from(endpoint.addr, cluster.config.upstream_bind),
         )
         .await;
         let upstream = match connect {
@@ -207,11 +270,15 @@ impl TcpProxyShared {
             }
         };
         let _ = upstream.set_nodelay(true);
+        *upstream_local = upstream.local_addr().ok();
         let _active = GaugeGuard::new(&self.stats.cx_active);
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();
         cluster.stats.rq_total.inc();
-        let result = match &cluster.tls {
+        let tls = cluster
+            .socket_matches
+            .connection_tls(endpoint.transport_socket, &cluster.tls);
+        let result = match tls {
             None => mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await,
             Some(tls) => {
                 let handshake = tls.connect(

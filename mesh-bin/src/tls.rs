@@ -72,7 +72,7 @@ pub(crate) fn static_xds_secrets(bootstrap: &Bootstrap) -> Vec<(String, ConfigSo
     let clusters = bootstrap
         .clusters
         .iter()
-        .filter_map(|c| c.tls.as_ref().map(|t| &t.common));
+        .flat_map(|c| c.tls_contexts().map(|t| &t.common));
     listeners.chain(clusters).flat_map(xds_secrets).collect()
 }
 
@@ -118,7 +118,7 @@ pub fn secret_store(
         }
     }
     for c in &bootstrap.clusters {
-        if let Some(t) = &c.tls {
+        for t in c.tls_contexts() {
             sds_paths(&t.common, &mut paths);
         }
     }

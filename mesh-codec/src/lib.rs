@@ -8,6 +8,9 @@
 //! - [`rpc`]: the RPC codec framework (one [`rpc::Codec`] per protocol,
 //!   shared framing, pipelining and multiplexing) with the Dubbo, Thrift and
 //!   SOFA Bolt codecs;
+//! - [`sniff`]: which protocol a connection speaks, from its first bytes
+//!   (HTTP/1.x, h2c, Dubbo, SOFA Bolt, Thrift), for listener-level
+//!   protocol detection;
 //! - [`tcp`]: raw TCP pass-through for `envoy.filters.network.tcp_proxy`;
 //! - [`transport`]: the hook that wraps new upstream connections (TLS).
 #![forbid(unsafe_code)]
@@ -16,5 +19,6 @@
 pub mod http;
 pub mod idle;
 pub mod rpc;
+pub mod sniff;
 pub mod tcp;
 pub mod transport;

@@ -44,3 +44,18 @@ pub trait Connector: Send + Sync + Debug {
     /// Wraps `tcp`, a connection to `peer`.
     fn connect(&self, tcp: TcpStream, peer: SocketAddr, carried: Carried) -> ConnectFuture;
 }
+
+/// Connects to `addr`, from `source` when given (a cluster's
+/// `upstream_bind_config`: the socket is bound to that address, port 0
+/// meaning any, before connecting).
+pub async fn connect_from(addr: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match source {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(source)?;
+    socket.connect(addr).await
+}

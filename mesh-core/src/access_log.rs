@@ -48,8 +48,20 @@ pub enum Operator {
     ConnectionTerminationDetails,
     /// `%UPSTREAM_LOCAL_ADDRESS%`.
     UpstreamLocalAddress,
+    /// `%UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%`.
+    UpstreamLocalAddressWithoutPort,
+    /// `%UPSTREAM_LOCAL_PORT%`.
+    UpstreamLocalPort,
+    /// `%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%` (`%UPSTREAM_REMOTE_ADDRESS%`
+    /// is [`Operator::UpstreamHost`]).
+    UpstreamRemoteAddressWithoutPort,
+    /// `%UPSTREAM_REMOTE_PORT%`.
+    UpstreamRemotePort,
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
     UpstreamTransportFailureReason,
+    /// `%DOWNSTREAM_TRANSPORT_FAILURE_REASON%`: why the downstream TLS
+    /// handshake failed.
+    DownstreamTransportFailureReason,
     /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
     DownstreamRemoteAddress,
     /// `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`.
@@ -93,6 +105,21 @@ pub enum Operator {
     DownstreamTlsVersion,
     /// `%DOWNSTREAM_TLS_CIPHER%` (OpenSSL names, as Envoy prints them).
     DownstreamTlsCipher,
+    /// `%GRPC_STATUS(FORMAT)%` and `%GRPC_STATUS_NUMBER%`: the gRPC status of
+    /// a gRPC request (`grpc-status` of the trailers, else the headers, else
+    /// mapped from the HTTP status); `-` for other requests.
+    GrpcStatus(GrpcStatusFormat),
+}
+
+/// How `%GRPC_STATUS%` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatusFormat {
+    /// `CAMEL_STRING` (the default): `OK`, `NotFound`, ...
+    Camel,
+    /// `SNAKE_STRING`: `OK`, `NOT_FOUND`, ...
+    Snake,
+    /// `NUMBER` (also `%GRPC_STATUS_NUMBER%`): `0`, `5`, ...
+    Number,
 }
 
 impl Operator {
@@ -110,6 +137,9 @@ impl Operator {
                 | Operator::UpstreamRequestAttemptCount
                 | Operator::DownstreamLocalPort
                 | Operator::DownstreamRemotePort
+                | Operator::UpstreamLocalPort
+                | Operator::UpstreamRemotePort
+                | Operator::GrpcStatus(GrpcStatusFormat::Number)
         )
     }
 }
@@ -391,9 +421,20 @@ fn operator<'a>(
             None | Some("") => None,
             Some(f) => Some(parse_time_format(f)?),
         }),
+        "GRPC_STATUS" => Operator::GrpcStatus(match arg {
+            None | Some("") | Some("CAMEL_STRING") => GrpcStatusFormat::Camel,
+            Some("SNAKE_STRING") => GrpcStatusFormat::Snake,
+            Some("NUMBER") => GrpcStatusFormat::Number,
+            Some(other) => {
+                return Err(format!(
+                    "%GRPC_STATUS({other})%: the format is CAMEL_STRING, SNAKE_STRING or NUMBER"
+                ))
+            }
+        }),
         _ if arg.is_some() => {
             return Err(format!("%{name}% takes no argument"));
         }
+        "GRPC_STATUS_NUMBER" => Operator::GrpcStatus(GrpcStatusFormat::Number),
         "PROTOCOL" => Operator::Protocol,
         "RESPONSE_CODE" => Operator::ResponseCode,
         "RESPONSE_CODE_DETAILS" => Operator::ResponseCodeDetails,
@@ -403,11 +444,16 @@ fn operator<'a>(
         "DURATION" => Operator::Duration,
         "REQUEST_DURATION" => Operator::RequestDuration,
         "RESPONSE_DURATION" => Operator::ResponseDuration,
-        "UPSTREAM_HOST" => Operator::UpstreamHost,
+        "UPSTREAM_HOST" | "UPSTREAM_REMOTE_ADDRESS" => Operator::UpstreamHost,
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Operator::UpstreamCluster,
         "CONNECTION_TERMINATION_DETAILS" => Operator::ConnectionTerminationDetails,
         "UPSTREAM_LOCAL_ADDRESS" => Operator::UpstreamLocalAddress,
+        "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Operator::UpstreamLocalAddressWithoutPort,
+        "UPSTREAM_LOCAL_PORT" => Operator::UpstreamLocalPort,
+        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Operator::UpstreamRemoteAddressWithoutPort,
+        "UPSTREAM_REMOTE_PORT" => Operator::UpstreamRemotePort,
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Operator::UpstreamTransportFailureReason,
+        "DOWNSTREAM_TRANSPORT_FAILURE_REASON" => Operator::DownstreamTransportFailureReason,
         "DOWNSTREAM_REMOTE_ADDRESS" => Operator::DownstreamRemoteAddress,
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Operator::DownstreamRemoteAddressWithoutPort,
         "DOWNSTREAM_REMOTE_PORT" => Operator::DownstreamRemotePort,
@@ -605,6 +651,8 @@ mod tests {
             ("% x", "starts no command operator"),
             ("%REQ(x):a%", "not a number"),
             ("%START_TIME(%Q)%", "unsupported specifier %Q"),
+            ("%GRPC_STATUS(FOO)%", "CAMEL_STRING, SNAKE_STRING or NUMBER"),
+            ("%GRPC_STATUS_NUMBER(X)%", "takes no argument"),
         ] {
             let e = parse_format(f).unwrap_err();
             assert!(e.contains(want), "{f}: {e}");

@@ -14,11 +14,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub mod rbac;
+pub mod socket_match;
 pub mod tls;
 pub use crate::health_config::{
     GrpcHealthCheck, HealthCheck, HealthChecker, HttpHealthCheck, OutlierDetection, TcpHealthCheck,
 };
 pub use crate::lb_config::*;
+pub use socket_match::TransportSocketMatch;
 
 /// A whole proxy configuration (Envoy `config.bootstrap.v3.Bootstrap`, the
 /// subset mesh supports).
@@ -91,15 +93,42 @@ pub struct Listener {
     /// chain is chosen.
     pub tls_inspector: bool,
     /// `listener_filters_timeout` (Envoy default 15 s; `0s` disables): how
-    /// long the TLS inspector waits for a ClientHello.
+    /// long the listener filters (TLS, HTTP and protocol inspectors) wait
+    /// for the bytes that decide.
     pub listener_filters_timeout: Option<Duration>,
-    /// `continue_on_listener_filters_timeout`: when the TLS inspector times
-    /// out, choose a filter chain as for a plain-text connection instead of
-    /// closing it (Envoy's default is to close).
+    /// `continue_on_listener_filters_timeout`: when the listener filters
+    /// time out, choose a filter chain as for a plain-text connection with no
+    /// application protocol instead of closing it (Envoy's default is to
+    /// close).
     pub continue_on_listener_filters_timeout: bool,
     /// `traffic_direction` (Istio sets it to tell inbound from outbound
     /// listeners; recorded, it does not change how connections are served).
     pub traffic_direction: TrafficDirection,
+    /// `listener_filters` has `envoy.filters.listener.http_inspector`: a
+    /// plain-text connection's first bytes set its application protocol to
+    /// `http/1.0`, `http/1.1` or `h2c` for `application_protocols` matches.
+    pub http_inspector: bool,
+    /// `listener_filters` has `mesh.filters.listener.protocol_inspector`:
+    /// as the HTTP inspector, and also `dubbo`, `bolt` or `thrift`.
+    pub protocol_inspector: bool,
+    /// `listener_filters` has `envoy.filters.listener.original_dst`: the
+    /// connection's destination before an iptables `REDIRECT`
+    /// (`SO_ORIGINAL_DST`) becomes its local address for filter chain
+    /// matching, logs and ORIGINAL_DST clusters.
+    pub original_dst: bool,
+    /// `use_original_dst`: a connection whose original destination is
+    /// another listener's address (exact, else `0.0.0.0:<port>`) is handed
+    /// to that listener.
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true): false makes a listener that binds no
+    /// socket and only receives connections handed off by a
+    /// `use_original_dst` listener.
+    pub bind_to_port: bool,
+    /// `access_log`: one line per downstream connection when it closes,
+    /// also for connections closed before a network filter ran (no filter
+    /// chain matches: flag `NR`; listener filter timeout; TLS handshake
+    /// failure).
+    pub access_log: Vec<AccessLog>,
 }
 
 /// Envoy `config.core.v3.TrafficDirection`.
@@ -684,6 +713,25 @@ pub enum DiscoveryType {
         /// `eds_cluster_config.eds_config`.
         source: ConfigSource,
     },
+    /// `ORIGINAL_DST` (with `lb_policy: CLUSTER_PROVIDED`): the endpoint is
+    /// the downstream connection's original destination, created on demand.
+    OriginalDst(OriginalDst),
+}
+
+/// The settings of an `ORIGINAL_DST` cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// `cleanup_interval` (Envoy default 5 s): hosts unused for this long
+    /// are removed.
+    pub cleanup_interval: Duration,
+    /// `original_dst_lb_config.use_http_header`: an HTTP request may name
+    /// its destination in `header`.
+    pub use_http_header: bool,
+    /// `original_dst_lb_config.http_header_name` (default
+    /// `x-envoy-original-dst-host`), lower case.
+    pub header: String,
+    /// `original_dst_lb_config.upstream_port_override`.
+    pub port_override: Option<u16>,
 }
 
 /// Envoy `config.cluster.v3.Cluster.LbPolicy` (the ones mesh has today).
@@ -746,6 +794,9 @@ pub struct Cluster {
     pub per_connection_buffer_limit_bytes: u32,
     /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the endpoints.
     pub tls: Option<tls::UpstreamTlsContext>,
+    /// `transport_socket_matches`: per-endpoint transport sockets chosen by
+    /// endpoint metadata (see [`socket_match`]); empty for most clusters.
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
     /// Load-balancing settings (`common_lb_config`, `*_lb_config`,
     /// `lb_subset_config`, `load_assignment.policy`).
     pub lb: LbConfig,
@@ -762,6 +813,10 @@ pub struct Cluster {
     /// server (Istio's `xds-grpc` and `sds-grpc` clusters). Such a cluster
     /// may only be named by an `envoy_grpc.cluster_name`.
     pub pipe: Option<String>,
+    /// `upstream_bind_config.source_address`: the local address upstream
+    /// connections are made from (Istio binds its inbound passthrough to
+    /// 127.0.0.6 so iptables can tell that traffic apart).
+    pub upstream_bind: Option<SocketAddr>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.
@@ -789,6 +844,9 @@ pub struct LocalityLbEndpoints {
     pub priority: u32,
     /// `load_balancing_weight` of the locality.
     pub load_balancing_weight: Option<u32>,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]` of the
+    /// locality (consulted when no match fits an endpoint's own).
+    pub socket_match: LbMetadata,
     /// `lb_endpoints`.
     pub lb_endpoints: Vec<LbEndpoint>,
 }
@@ -807,6 +865,9 @@ pub struct LbEndpoint {
     pub metadata: LbMetadata,
     /// `health_status`.
     pub health_status: HealthStatus,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]`: picks the
+    /// cluster's `transport_socket_matches` entry.
+    pub socket_match: LbMetadata,
 }
 
 /// Envoy `config.bootstrap.v3.Bootstrap.DynamicResources`.

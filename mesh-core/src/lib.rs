@@ -9,6 +9,7 @@
 //!   rewrites, redirects;
 //! - [`headers`]: compiled header mutations;
 //! - [`listener`]: binding, the accept loop, connection limits and drain;
+//! - [`peek`]: looking at a connection's first bytes without consuming them;
 //! - [`stats`]: counters and gauges with Envoy's Prometheus names;
 //! - [`flags`]: Envoy response flags for proxy-made responses;
 //! - [`identity`]: the TLS peer identity attached to requests;
@@ -25,6 +26,7 @@ pub mod health_config;
 pub mod identity;
 mod lb_config;
 pub mod listener;
+pub mod peek;
 pub mod policy;
 pub mod router;
 pub mod stats;

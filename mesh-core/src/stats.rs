@@ -231,7 +231,12 @@ fn envoy_name(name: &str, labels: &[(&'static str, String)]) -> String {
         }
     }
     // Sub-scopes Envoy writes with a dot: `cluster.web.health_check.attempt`.
-    for sub in ["health_check_", "outlier_detection_"] {
+    for sub in [
+        "health_check_",
+        "outlier_detection_",
+        "http_inspector_",
+        "protocol_inspector_",
+    ] {
         if let Some(tail) = stat.strip_prefix(sub) {
             stat = format!("{}.{tail}", &sub[..sub.len() - 1]);
         }

@@ -9,7 +9,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_core::config::{Cluster, DiscoveryType, DnsLookupFamily};
+use mesh_core::config::socket_match::resolve_transport_socket;
+use mesh_core::config::{Cluster, DiscoveryType, DnsLookupFamily, LbEndpoint, LocalityLbEndpoints};
 
 use crate::{Balancer, EndpointSpec};
 
@@ -34,10 +35,23 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                 locality_weight: loc.load_balancing_weight,
                 metadata: ep.metadata.clone(),
                 health_status: ep.health_status,
+                transport_socket: socket(cluster, loc, ep),
             });
         }
     }
     Ok(out)
+}
+
+/// The `transport_socket_matches` entry an endpoint uses.
+fn socket(cluster: &Cluster, loc: &LocalityLbEndpoints, ep: &LbEndpoint) -> Option<u32> {
+    if cluster.transport_socket_matches.is_empty() {
+        return None;
+    }
+    resolve_transport_socket(
+        &cluster.transport_socket_matches,
+        &ep.socket_match,
+        &loc.socket_match,
+    )
 }
 
 fn family_filter(family: DnsLookupFamily, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -93,6 +107,7 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
                     locality_weight: loc.load_balancing_weight,
                     metadata: ep.metadata.clone(),
                     health_status: ep.health_status,
+                    transport_socket: socket(cluster, loc, ep),
                 });
             }
         }
@@ -158,12 +173,14 @@ mod tests {
             idle_timeout: None,
             per_connection_buffer_limit_bytes: 1 << 20,
             tls: None,
+            transport_socket_matches: Vec::new(),
             lb: Default::default(),
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }
     }
 

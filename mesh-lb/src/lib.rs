@@ -117,6 +117,9 @@ pub struct Endpoint {
     pub rtt: RttEstimate,
     /// Outlier-detection counters, updated on the request path.
     pub outlier: outlier::EndpointOutlier,
+    /// Which of the cluster's `transport_socket_matches` its connections
+    /// use (`None`: the cluster's `transport_socket`).
+    pub transport_socket: Option<u32>,
 }
 
 impl Endpoint {
@@ -141,6 +144,7 @@ impl Endpoint {
             health: HealthFlags::new(health_bits),
             outlier: Default::default(),
             rtt: RttEstimate::new(config.ewma_default_rtt, config.ewma_decay),
+            transport_socket: s.transport_socket,
         };
         e.apply_health_status(health_status);
         e
@@ -175,6 +179,7 @@ impl Endpoint {
             && self.hostname == s.hostname
             && self.locality_weight == s.locality_weight.unwrap_or(0)
             && self.metadata == s.metadata
+            && self.transport_socket == s.transport_socket
     }
 }
 
@@ -198,6 +203,9 @@ pub struct EndpointSpec {
     /// The health discovery reports (`health_status`): sets or clears
     /// [`HealthFlags::FAILED_EDS_HEALTH`] and [`HealthFlags::DEGRADED`].
     pub health_status: HealthStatus,
+    /// The cluster's `transport_socket_matches` entry its metadata selects
+    /// (`None`: the cluster's `transport_socket`).
+    pub transport_socket: Option<u32>,
 }
 
 impl EndpointSpec {
@@ -212,6 +220,7 @@ impl EndpointSpec {
             locality_weight: None,
             metadata: LbMetadata::new(),
             health_status: HealthStatus::Unknown,
+            transport_socket: None,
         }
     }
 
@@ -242,6 +251,12 @@ impl EndpointSpec {
     /// With the health discovery reports.
     pub fn with_health_status(mut self, h: HealthStatus) -> Self {
         self.health_status = h;
+        self
+    }
+
+    /// Using the cluster's `transport_socket_matches` entry `i`.
+    pub fn with_transport_socket(mut self, i: Option<u32>) -> Self {
+        self.transport_socket = i;
         self
     }
 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use mesh_core::peek::{peek_until, PeekError};
 use tokio::net::TcpStream;
 
 /// What the first bytes of a connection say.
@@ -185,48 +186,34 @@ fn parse_handshake(hs: &[u8]) -> Option<Parse> {
 
 /// Peeks at `stream` until the ClientHello is parsed, the bytes are
 /// clearly not TLS, the peer closes, or `timeout` passes (`Err(TimedOut)`).
+/// A peer that closes before sending anything is `NotTls`; one that closes
+/// in the middle of a ClientHello is `Err(UnexpectedEof)`.
 pub async fn peek_client_hello(
     stream: &TcpStream,
     timeout: Duration,
 ) -> std::io::Result<Inspection> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; 2048];
-    let mut seen = 0;
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "no ClientHello in time")
-            })??;
-        if n == 0 {
-            // Closed before deciding: nothing to inspect.
-            return Ok(Inspection::NotTls);
-        }
-        match parse(&buf[..n]) {
-            Parse::Done(i) => return Ok(i),
-            Parse::NeedMore => {
-                if n == buf.len() && buf.len() < MAX_CLIENT_HELLO {
-                    buf.resize((buf.len() * 2).min(MAX_CLIENT_HELLO), 0);
-                    continue;
-                }
-                if n == seen {
-                    // Nothing new arrived: peek returns at once while
-                    // unread bytes wait, so wait a little before looking again.
-                    if tokio::time::Instant::now() + backoff > deadline {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "incomplete ClientHello",
-                        ));
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                } else {
-                    backoff = Duration::from_millis(1);
-                }
-                seen = n;
-            }
-        }
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    let decide = |b: &[u8]| match parse(b) {
+        Parse::Done(i) => Some(i),
+        Parse::NeedMore => None,
+    };
+    match peek_until(stream, deadline, MAX_CLIENT_HELLO, decide).await {
+        Ok(i) => Ok(i),
+        Err(PeekError::Closed { seen: 0 }) => Ok(Inspection::NotTls),
+        Err(PeekError::Closed { .. }) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed in the middle of the ClientHello",
+        )),
+        Err(PeekError::TimedOut { seen: 0 }) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no ClientHello in time",
+        )),
+        Err(PeekError::TimedOut { .. }) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "incomplete ClientHello",
+        )),
+        Err(PeekError::TooLarge) => Ok(Inspection::NotTls),
+        Err(PeekError::Io(e)) => Err(e),
     }
 }
 

@@ -219,11 +219,15 @@ pub struct TypeStatus {
 
 enum Command {
     Subscribe(String, BTreeSet<String>),
+    Add(String, BTreeSet<String>),
+    Remove(String, BTreeSet<String>),
 }
 
 #[derive(Default)]
 struct Shared {
     status: BTreeMap<String, TypeStatus>,
+    /// The names subscribed per type, as last requested by the application.
+    subscribed: BTreeMap<String, BTreeSet<String>>,
     connected: bool,
     last_error: Option<String>,
 }
@@ -248,9 +252,68 @@ impl XdsHandle {
     /// subscription (everything the server has for this node); for the other
     /// types an empty set unsubscribes.
     pub fn subscribe(&self, type_url: &str, names: BTreeSet<String>) {
+        self.record(type_url, |s| *s = names.clone());
         let _ = self
             .commands
             .send(Command::Subscribe(type_url.to_string(), names));
+    }
+
+    /// Adds `names` to the subscription of `type_url`, keeping the names
+    /// already subscribed: on-demand (lazy) subscription, as a proxy that
+    /// fetches a cluster's endpoints only once a request uses the cluster.
+    /// State-of-the-world sends the grown name list, delta sends
+    /// `resource_names_subscribe` with the new names only. Names already
+    /// subscribed change nothing; an empty `names` is ignored (it never
+    /// turns into a wildcard subscription).
+    ///
+    /// ```no_run
+    /// # fn demo(handle: mesh_xds::client::XdsHandle) {
+    /// use mesh_xds::types::ENDPOINT;
+    /// // The first request to `reviews` needs its endpoints.
+    /// handle.subscribe_more(ENDPOINT, ["reviews".to_string()].into());
+    /// # }
+    /// ```
+    pub fn subscribe_more(&self, type_url: &str, names: BTreeSet<String>) {
+        if names.is_empty() {
+            return;
+        }
+        self.record(type_url, |s| s.extend(names.iter().cloned()));
+        let _ = self
+            .commands
+            .send(Command::Add(type_url.to_string(), names));
+    }
+
+    /// Removes `names` from the subscription of `type_url` (delta sends
+    /// `resource_names_unsubscribe`; state-of-the-world sends the shrunk
+    /// list). Removing the last name of a named type (endpoints, routes,
+    /// secrets) leaves the type unsubscribed, never a wildcard; for
+    /// listeners and clusters an empty set is the wildcard subscription.
+    pub fn unsubscribe(&self, type_url: &str, names: BTreeSet<String>) {
+        if names.is_empty() {
+            return;
+        }
+        self.record(type_url, |s| s.retain(|n| !names.contains(n)));
+        let _ = self
+            .commands
+            .send(Command::Remove(type_url.to_string(), names));
+    }
+
+    /// The names subscribed for `type_url` as the application last asked
+    /// (empty for a wildcard subscription or an unsubscribed type).
+    pub fn subscribed(&self, type_url: &str) -> BTreeSet<String> {
+        self.lock()
+            .subscribed
+            .get(type_url)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn record(&self, type_url: &str, f: impl FnOnce(&mut BTreeSet<String>)) {
+        f(self
+            .lock()
+            .subscribed
+            .entry(type_url.to_string())
+            .or_default());
     }
 
     /// Per-type status, by type URL.
@@ -412,7 +475,27 @@ impl Client {
     /// Records a subscription change; returns the type and the previous
     /// names.
     fn absorb(&mut self, cmd: Command) -> (String, BTreeSet<String>) {
-        let Command::Subscribe(t, names) = cmd;
+        let (t, names) = match cmd {
+            Command::Subscribe(t, names) => (t, names),
+            Command::Add(t, more) => {
+                let mut names = self
+                    .types
+                    .get(&t)
+                    .map(|s| s.names.clone())
+                    .unwrap_or_default();
+                names.extend(more);
+                (t, names)
+            }
+            Command::Remove(t, less) => {
+                let mut names = self
+                    .types
+                    .get(&t)
+                    .map(|s| s.names.clone())
+                    .unwrap_or_default();
+                names.retain(|n| !less.contains(n));
+                (t, names)
+            }
+        };
         let st = self.types.entry(t.clone()).or_default();
         let old = std::mem::replace(&mut st.names, names);
         // Delta: forget versions of resources no longer wanted.

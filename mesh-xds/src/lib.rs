@@ -10,6 +10,9 @@
 //!   answers each one, so a Rust service can take routes and endpoints from
 //!   istiod without a sidecar (proxyless), and the `mesh` proxy feeds them
 //!   to its Envoy configuration loader.
+//!   Subscriptions can grow on demand ([`client::XdsHandle::subscribe_more`],
+//!   [`client::XdsHandle::unsubscribe`]): fetch a cluster's endpoints only
+//!   when the service first calls it.
 //! - [`convert`]: received resources as proto3 JSON (the form of a YAML
 //!   bootstrap) through the Envoy descriptors, and JSON back into resources.
 //! - [`server`]: a snapshot-cache management server (go-control-plane's

@@ -137,6 +137,10 @@ pub struct NodeStatus {
     pub node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
     /// When the last request arrived.
     pub last_request: Option<SystemTime>,
+    /// The resource names the node's last stream subscribes to, by type
+    /// URL (empty for a wildcard subscription): what an on-demand client
+    /// asked for so far.
+    pub subscribed: BTreeMap<String, BTreeSet<String>>,
 }
 
 #[derive(Debug)]
@@ -579,6 +583,11 @@ async fn sotw_stream(
             }
             let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
             let names_changed = names != sub.names;
+            if names_changed || sub.sent.is_none() {
+                cache.update(&node, |s| {
+                    s.subscribed.insert(t.clone(), names.clone());
+                });
+            }
             sub.names = names;
             if sub.sent.is_none() && !req.version_info.is_empty() {
                 // A new stream from a client that already has a version: up
@@ -716,6 +725,15 @@ async fn delta_stream(
                     sub.names.remove(n);
                     sub.known.remove(n);
                 }
+            }
+            if is_new
+                || !req.resource_names_subscribe.is_empty()
+                || !req.resource_names_unsubscribe.is_empty()
+            {
+                let names = sub.names.clone();
+                cache.update(&node, |s| {
+                    s.subscribed.insert(t.clone(), names);
+                });
             }
             if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
                 let v = sub.sent_version.clone();

@@ -87,7 +87,13 @@ impl Filter {
             Filter::NotHealthCheck => true,
             Filter::Flags(flags) => match rec.flag {
                 None => false,
-                Some(f) => flags.is_empty() || flags.iter().any(|x| x == f.as_str()),
+                Some(f) => {
+                    flags.is_empty()
+                        || [Some(f), rec.extra_flag]
+                            .into_iter()
+                            .flatten()
+                            .any(|f| flags.iter().any(|x| x == f.as_str()))
+                }
             },
             Filter::Header(bit) => rec.header_bits & (1u64 << bit) != 0,
             Filter::Grpc(statuses, exclude) => statuses.contains(&grpc_status(rec)) != *exclude,
@@ -100,7 +106,7 @@ impl Filter {
 /// The stream's gRPC status as Envoy's `grpc_status_filter` finds it:
 /// `grpc-status` from the trailers, else the headers, else mapped from the
 /// HTTP status.
-fn grpc_status(rec: &LogRecord<'_>) -> u32 {
+pub(super) fn grpc_status(rec: &LogRecord<'_>) -> u32 {
     let from = |v: Option<&http::HeaderValue>| {
         v.and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<u32>().ok())

@@ -9,8 +9,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use mesh_core::access_log::{
-    HeaderRef, JsonNode, LogFormat, LogFormatKind, Operator, Piece, TimeFormat, TimePiece,
+    GrpcStatusFormat, HeaderRef, JsonNode, LogFormat, LogFormatKind, Operator, Piece, TimeFormat,
+    TimePiece,
 };
+
+use mesh_core::access_log::RESPONSE_FLAG_NAMES;
+use mesh_core::flags::ResponseFlag;
 
 use super::LogRecord;
 
@@ -51,6 +55,8 @@ pub enum Op {
     Resp(Slots<usize>),
     /// `%TRAILER(...)%`: indexes into the captured response trailers.
     Trailer(Slots<usize>),
+    /// `%GRPC_STATUS%`, with the request's captured `content-type` slot.
+    Grpc(GrpcStatusFormat, usize),
     /// Any other operator.
     Other(Operator),
 }
@@ -164,6 +170,10 @@ impl Needs {
                 self.route_name = true;
                 Op::Other(op.clone())
             }
+            Operator::GrpcStatus(f) => {
+                self.grpc_status();
+                Op::Grpc(*f, slot_of(&mut self.req, "content-type")?)
+            }
             _ => Op::Other(op.clone()),
         })
     }
@@ -227,6 +237,8 @@ enum Val<'a> {
     Ms(Duration),
     Time(SystemTime, Option<&'a TimeFormat>),
     List(&'a [String]),
+    /// Two response flags, written in Envoy's order.
+    Flags(ResponseFlag, ResponseFlag),
 }
 
 impl Val<'_> {
@@ -243,6 +255,16 @@ impl Val<'_> {
             Val::Ip(a) => write!(w, "{a}"),
             Val::Ms(d) => write!(w, "{}", d.as_millis()),
             Val::Time(t, f) => write_time(w, *t, *f),
+            Val::Flags(a, b) => {
+                let pos = |f: &ResponseFlag| {
+                    RESPONSE_FLAG_NAMES
+                        .iter()
+                        .position(|n| *n == f.as_str())
+                        .unwrap_or(usize::MAX)
+                };
+                let (a, b) = if pos(a) <= pos(b) { (a, b) } else { (b, a) };
+                write!(w, "{a},{b}")
+            }
             Val::List(l) => {
                 for (i, s) in l.iter().enumerate() {
                     if i > 0 {
@@ -268,8 +290,20 @@ fn pick<'a>(
     get(slots.main).or_else(|| slots.alt.and_then(get))
 }
 
+fn rpc_val<'a>(slot: ReqSlot, r: &'a super::RpcRequest<'a>) -> Option<&'a str> {
+    let non_empty = |s: &'a str| (!s.is_empty()).then_some(s);
+    match slot {
+        ReqSlot::Method => non_empty(r.method),
+        ReqSlot::Path | ReqSlot::Authority => non_empty(r.service),
+        ReqSlot::Scheme | ReqSlot::Absent => None,
+        ReqSlot::Captured(i) => r.capture.headers.get(i).and_then(|v| v.as_deref()),
+    }
+}
+
 fn req_val<'a>(slot: ReqSlot, rec: &'a LogRecord<'a>) -> Option<&'a str> {
-    let r = rec.request?;
+    let Some(r) = rec.request else {
+        return rec.rpc.and_then(|r| rpc_val(slot, r));
+    };
     match slot {
         ReqSlot::Method => Some(r.method.as_str()),
         ReqSlot::Path => Some(r.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
@@ -328,22 +362,30 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
                 .map(|v| Val::Str(header_str(v, s.max_len)))
                 .unwrap_or(Val::Missing)
         }
+        Op::Grpc(f, ct) => return grpc_val(*f, *ct, rec),
         Op::Other(o) => o,
     };
     let tls = rec.tls;
     match o {
         Operator::StartTime(f) => Val::Time(rec.start, f.as_ref()),
-        Operator::Protocol => match rec.request.map(|r| r.version) {
+        Operator::Protocol => match rec.request.map(|r| r.version).or(rec.protocol) {
             Some(http::Version::HTTP_10) => Val::Str("HTTP/1.0"),
             Some(http::Version::HTTP_2) => Val::Str("HTTP/2"),
             Some(http::Version::HTTP_3) => Val::Str("HTTP/3"),
             Some(_) => Val::Str("HTTP/1.1"),
-            None => Val::Missing,
+            None => rec
+                .rpc
+                .map(|r| Val::Str(r.protocol))
+                .unwrap_or(Val::Missing),
         },
         Operator::ResponseCode => Val::Num(u64::from(rec.status)),
         Operator::ResponseCodeDetails => opt(rec.details, Val::Str),
         // Envoy writes `-` for no flags, also in JSON (a string, not null).
-        Operator::ResponseFlags => Val::Str(rec.flag.map(|f| f.as_str()).unwrap_or("-")),
+        Operator::ResponseFlags => match (rec.flag, rec.extra_flag) {
+            (None, _) => Val::Str("-"),
+            (Some(f), None) => Val::Str(f.as_str()),
+            (Some(a), Some(b)) => Val::Flags(a, b),
+        },
         Operator::BytesReceived => Val::Num(rec.bytes_received),
         Operator::BytesSent => Val::Num(rec.bytes_sent),
         Operator::Duration => Val::Ms(rec.duration),
@@ -352,6 +394,14 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::UpstreamHost => opt(rec.upstream_host, Val::Addr),
         Operator::UpstreamCluster => rec.upstream_cluster.map(Val::Str).unwrap_or(Val::Missing),
         Operator::UpstreamLocalAddress => opt(rec.upstream_local, Val::Addr),
+        Operator::UpstreamLocalAddressWithoutPort => {
+            opt(rec.upstream_local.map(|a| a.ip()), Val::Ip)
+        }
+        Operator::UpstreamLocalPort => opt(rec.upstream_local, |a| Val::Num(u64::from(a.port()))),
+        Operator::UpstreamRemoteAddressWithoutPort => {
+            opt(rec.upstream_host.map(|a| a.ip()), Val::Ip)
+        }
+        Operator::UpstreamRemotePort => opt(rec.upstream_host, |a| Val::Num(u64::from(a.port()))),
         Operator::UpstreamTransportFailureReason => {
             rec.upstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }
@@ -375,6 +425,7 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         }
         Operator::RequestedServerName => tls
             .and_then(|t| t.sni.as_deref())
+            .or(rec.sni)
             .map(Val::Str)
             .unwrap_or(Val::Missing),
         Operator::RouteName => rec.route_name.map(non_empty).unwrap_or(Val::Missing),
@@ -404,10 +455,84 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::DownstreamTlsCipher => tls
             .map(|t| non_empty(openssl_cipher_name(&t.cipher)))
             .unwrap_or(Val::Missing),
+        Operator::DownstreamTransportFailureReason => {
+            rec.downstream_failure.map(Val::Str).unwrap_or(Val::Missing)
+        }
         Operator::ConnectionTerminationDetails
+        | Operator::GrpcStatus(_)
         | Operator::Req(_)
         | Operator::Resp(_)
         | Operator::Trailer(_) => Val::Missing,
+    }
+}
+
+/// gRPC status names as Envoy's `CAMEL_STRING` writes them.
+const GRPC_CAMEL: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// gRPC status names as Envoy's `SNAKE_STRING` (absl's names) writes them.
+const GRPC_SNAKE: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// `%GRPC_STATUS%`: only for gRPC requests (`content-type:
+/// application/grpc...`), and only once there is a status.
+fn grpc_val<'a>(f: GrpcStatusFormat, content_type: usize, rec: &LogRecord<'a>) -> Val<'a> {
+    let grpc = rec
+        .request
+        .and_then(|r| r.headers.get(content_type))
+        .and_then(Option::as_ref)
+        .is_some_and(|v| {
+            let b = v.as_bytes();
+            b.starts_with(b"application/grpc") && matches!(b.get(16), None | Some(b'+' | b';'))
+        });
+    let known =
+        rec.status != 0 || rec.grpc_status_header.is_some() || rec.grpc_status_trailer.is_some();
+    if !grpc || !known {
+        return Val::Missing;
+    }
+    let n = super::filter::grpc_status(rec);
+    let names = match f {
+        GrpcStatusFormat::Number => return Val::Num(u64::from(n)),
+        GrpcStatusFormat::Camel => &GRPC_CAMEL,
+        GrpcStatusFormat::Snake => &GRPC_SNAKE,
+    };
+    match names.get(n as usize) {
+        Some(name) => Val::Str(name),
+        None => Val::Num(u64::from(n)),
     }
 }
 

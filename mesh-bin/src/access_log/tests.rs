@@ -366,16 +366,11 @@ fn tcp_lines_show_dashes_for_http_fields() {
         id: 1,
         tls: None,
     };
-    log.log_tcp(
-        SystemTime::now(),
-        Instant::now(),
-        None,
-        5,
-        6,
-        Some("10.0.0.1:80".parse().unwrap()),
-        Some("c"),
-        &conn,
-    );
+    let outcome = super::listener::TcpOutcome {
+        upstream: Some("10.0.0.1:80".parse().unwrap()),
+        ..Default::default()
+    };
+    log.log_tcp(SystemTime::now(), Instant::now(), 5, 6, &outcome, &conn);
     let line = &lines(&path, 1)[0];
     let rest = line.split_once("] ").unwrap().1;
     assert!(rest.starts_with("\"- - -\" 0 - 5 6 "), "{line}");

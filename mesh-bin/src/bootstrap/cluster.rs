@@ -32,6 +32,7 @@ pub(crate) enum Kind {
     StrictDns,
     LogicalDns,
     Eds,
+    OriginalDst,
 }
 
 /// `static_resources.clusters`.
@@ -73,11 +74,9 @@ fn cluster(
                 ("STRICT_DNS", Kind::StrictDns),
                 ("LOGICAL_DNS", Kind::LogicalDns),
                 ("EDS", Kind::Eds),
+                ("ORIGINAL_DST", Kind::OriginalDst),
             ],
-            &[(
-                "ORIGINAL_DST",
-                "original-destination clusters are not supported yet",
-            )],
+            &[],
         )
         .unwrap_or(Kind::Static);
 
@@ -102,7 +101,11 @@ fn cluster(
             service_name: service_name.unwrap_or_else(|| name.clone().unwrap_or_default()),
             source: source.unwrap_or_default(),
         },
+        Kind::OriginalDst => DiscoveryType::OriginalDst(super::original_dst::cluster(cx, &mut o)),
     };
+    if kind != Kind::OriginalDst {
+        super::original_dst::refuse_cluster_fields(cx, &mut o);
+    }
 
     let ct_path = o.at("connect_timeout");
     let connect_timeout = o.duration(cx, "connect_timeout").unwrap_or(CONNECT_TIMEOUT);
@@ -113,8 +116,11 @@ fn cluster(
         .iter()
         .map(|p| (*p, LB_REASON))
         .collect();
-    let lb_policy = o
-        .enumeration(
+    let lb_policy = if kind == Kind::OriginalDst {
+        super::original_dst::lb_policy(cx, &mut o);
+        None
+    } else {
+        o.enumeration(
             cx,
             "lb_policy",
             &[
@@ -126,7 +132,8 @@ fn cluster(
             ],
             &refused,
         )
-        .unwrap_or_default();
+    }
+    .unwrap_or_default();
     let (lb_policy, mut lb) = super::lb::cluster_lb(cx, &mut o, lb_policy);
 
     let la_path = o.at("load_assignment");
@@ -136,6 +143,9 @@ fn cluster(
             "load_assignment",
             "EDS clusters receive their endpoints over xDS",
         );
+        Vec::new()
+    } else if kind == Kind::OriginalDst {
+        super::original_dst::refuse_load_assignment(cx, &mut o);
         Vec::new()
     } else {
         match o.obj(cx, "load_assignment") {
@@ -199,6 +209,13 @@ fn cluster(
     let tls = o
         .obj(cx, "transport_socket")
         .and_then(|t| super::tls::upstream_socket(cx, t));
+    let transport_socket_matches = super::socket_match::transport_socket_matches(cx, &mut o);
+    // Cluster metadata (Istio's `istio.services`) is data for filters mesh
+    // does not run, read by no load-balancing decision: accepted as on
+    // endpoints.
+    if let Some(m) = o.obj(cx, "metadata") {
+        super::lb::lb_metadata(cx, m);
+    }
     let health_check = super::health::health_checks(cx, &mut o);
     let outlier_detection = o
         .obj(cx, "outlier_detection")
@@ -218,6 +235,9 @@ fn cluster(
         .obj(cx, "circuit_breakers")
         .map(|c| super::policy::circuit_breakers(cx, c))
         .unwrap_or_default();
+    let upstream_bind = o
+        .obj(cx, "upstream_bind_config")
+        .and_then(|b| super::original_dst::bind_config(cx, b));
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -231,12 +251,14 @@ fn cluster(
         idle_timeout,
         per_connection_buffer_limit_bytes,
         tls,
+        transport_socket_matches,
         lb,
         health_check,
         outlier_detection,
         max_requests_per_connection,
         circuit_breakers,
         pipe,
+        upstream_bind,
     })
 }
 
@@ -290,6 +312,10 @@ pub(crate) fn load_assignment(
         if load_balancing_weight == Some(0) {
             cx.error(&weight_path, "must be at least 1");
         }
+        let socket_match = l
+            .obj(cx, "metadata")
+            .map(|m| super::lb::endpoint_metadata(cx, m).1)
+            .unwrap_or_default();
         let mut lb_endpoints = Vec::new();
         for (epath, ev) in l.list(cx, "lb_endpoints") {
             if let Some(e) = Obj::new(cx, epath.clone(), ev) {
@@ -315,6 +341,7 @@ pub(crate) fn load_assignment(
             priority,
             load_balancing_weight,
             lb_endpoints,
+            socket_match,
         });
     }
     o.finish(cx);
@@ -367,8 +394,8 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
     if weight == 0 {
         cx.error(&weight_path, "must be at least 1");
     }
-    let metadata = match o.obj(cx, "metadata") {
-        Some(m) => super::lb::lb_metadata(cx, m),
+    let (metadata, socket_match) = match o.obj(cx, "metadata") {
+        Some(m) => super::lb::endpoint_metadata(cx, m),
         None => Default::default(),
     };
     let health_status = super::lb::health_status(cx, &mut o);
@@ -387,6 +414,7 @@ fn lb_endpoint(cx: &mut Ctx, mut o: Obj<'_>, kind: Kind) -> Option<LbEndpoint> {
         weight,
         metadata,
         health_status,
+        socket_match,
     })
 }
 

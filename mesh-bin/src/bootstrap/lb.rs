@@ -9,6 +9,7 @@
 //! table size that is prime and at most 5000011, an overprovisioning
 //! factor above 0, percentages from 0 to 100.
 
+use mesh_core::config::socket_match::TRANSPORT_SOCKET_MATCH_NAMESPACE;
 use mesh_core::config::{
     HashPolicy, HashPolicyKind, HealthStatus, LbConfig, LbMetadata, LbPolicy, MetadataValue,
     SubsetConfig, SubsetFallback, ZoneAwareConfig,
@@ -493,7 +494,7 @@ fn metadata_value(cx: &mut Ctx, path: &str, v: &Value) -> Option<MetadataValue> 
 }
 
 /// A `google.protobuf.Struct` of scalar values.
-fn struct_values(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
+pub(crate) fn struct_values(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
     let mut out = LbMetadata::new();
     for (k, path, v) in o.take_all() {
         if let Some(v) = metadata_value(cx, &path, v) {
@@ -510,15 +511,24 @@ fn struct_values(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
 /// `typed_filter_metadata` are data for filters mesh does not run: they are
 /// accepted and ignored, as they change no load-balancing decision (Envoy's
 /// subset matching reads `envoy.lb` only, too).
-pub(crate) fn lb_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> LbMetadata {
-    let mut out = LbMetadata::new();
+pub(crate) fn lb_metadata(cx: &mut Ctx, o: Obj<'_>) -> LbMetadata {
+    endpoint_metadata(cx, o).0
+}
+
+/// An endpoint's (or locality's) `metadata`: the `envoy.lb` namespace (see
+/// [`lb_metadata`]) and the `envoy.transport_socket_match` namespace, which
+/// picks the cluster's `transport_socket_matches` entry.
+pub(crate) fn endpoint_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> (LbMetadata, LbMetadata) {
+    let mut out = (LbMetadata::new(), LbMetadata::new());
     if let Some(mut fm) = o.obj(cx, "filter_metadata") {
         for (k, path, v) in fm.take_all() {
-            if k != "envoy.lb" {
-                continue;
-            }
+            let slot = match k {
+                "envoy.lb" => &mut out.0,
+                TRANSPORT_SOCKET_MATCH_NAMESPACE => &mut out.1,
+                _ => continue,
+            };
             if let Some(s) = Obj::new(cx, path, v) {
-                out = struct_values(cx, s);
+                *slot = struct_values(cx, s);
             }
         }
         fm.finish(cx);

@@ -23,30 +23,77 @@ pub(crate) const ONE_HOUR: Duration = Duration::from_secs(3600);
 /// Envoy's default `listener_filters_timeout` (15 s).
 const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 
-const LISTENER_FILTERS: &[Known] = &[Known {
-    name: "envoy.filters.listener.tls_inspector",
-    type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
-}];
+const TLS_INSPECTOR: usize = 0;
+const HTTP_INSPECTOR: usize = 1;
+const PROTOCOL_INSPECTOR: usize = 2;
+const ORIGINAL_DST: usize = 3;
 
-/// `listener_filters`: whether the TLS inspector is present.
-fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> bool {
-    let mut inspector = false;
+const LISTENER_FILTERS: &[Known] = &[
+    Known {
+        name: "envoy.filters.listener.tls_inspector",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+    },
+    Known {
+        name: "envoy.filters.listener.http_inspector",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+    },
+    Known {
+        name: "mesh.filters.listener.protocol_inspector",
+        type_url:
+            "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector",
+    },
+    Known {
+        name: "envoy.filters.listener.original_dst",
+        type_url:
+            "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    },
+];
+
+/// The inspectors `listener_filters` lists.
+struct Inspectors {
+    tls: bool,
+    http: bool,
+    protocol: bool,
+    /// `envoy.filters.listener.original_dst`.
+    original_dst: bool,
+}
+
+/// `listener_filters`: which inspectors (and whether the original
+/// destination filter) are present (each at most once).
+fn listener_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Inspectors {
+    let mut seen = [false; LISTENER_FILTERS.len()];
     for (path, v) in o.list(cx, "listener_filters") {
         let Some(mut f) = Obj::new(cx, path, v) else {
             continue;
         };
-        if let Some((_, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS) {
-            if let Some(tc) = tc {
+        if let Some((which, tc)) = select_extension(cx, &mut f, "listener filter", LISTENER_FILTERS)
+        {
+            if let Some(mut tc) = tc {
+                if which == ORIGINAL_DST {
+                    // Windows-only settings; on Linux the address comes
+                    // from SO_ORIGINAL_DST.
+                    tc.refuse(cx, "traffic_direction", "a Windows-only setting");
+                }
                 tc.finish(cx);
             }
-            if inspector {
-                cx.error(f.path(), "the TLS inspector is listed twice");
+            if seen[which] {
+                cx.error(
+                    f.path(),
+                    format!("{} is listed twice", LISTENER_FILTERS[which].name),
+                );
             }
-            inspector = true;
+            seen[which] = true;
         }
         f.finish(cx);
     }
-    inspector
+    Inspectors {
+        tls: seen[TLS_INSPECTOR],
+        http: seen[HTTP_INSPECTOR],
+        protocol: seen[PROTOCOL_INSPECTOR],
+        original_dst: seen[ORIGINAL_DST],
+    }
 }
 
 const CONNECTION_LIMIT: usize = 0;
@@ -147,7 +194,9 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
         let limit = o
             .u32(cx, "per_connection_buffer_limit_bytes")
             .unwrap_or(DEFAULT_BUFFER_LIMIT);
-        let tls_inspector = listener_filters(cx, &mut o);
+        let inspectors = listener_filters(cx, &mut o);
+        let use_original_dst = o.bool(cx, "use_original_dst").unwrap_or(false);
+        let bind_to_port = o.bool(cx, "bind_to_port").unwrap_or(true);
         let listener_filters_timeout = o.timeout(
             cx,
             "listener_filters_timeout",
@@ -168,6 +217,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 &[],
             )
             .unwrap_or_default();
+        let access_log = access_logs(cx, &mut o);
         let chains_path = o.at("filter_chains");
         let present = o.has("filter_chains");
         let empty = o.peek("filter_chains").is_some_and(is_empty_list);
@@ -213,10 +263,16 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 filter_chains,
                 connection_limit,
                 per_connection_buffer_limit_bytes: limit,
-                tls_inspector,
+                tls_inspector: inspectors.tls,
                 listener_filters_timeout,
                 continue_on_listener_filters_timeout,
                 traffic_direction,
+                http_inspector: inspectors.http,
+                protocol_inspector: inspectors.protocol,
+                original_dst: inspectors.original_dst,
+                use_original_dst,
+                bind_to_port,
+                access_log,
             });
         }
     }

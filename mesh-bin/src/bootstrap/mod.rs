@@ -29,11 +29,13 @@ mod health;
 mod health_tests;
 mod lb;
 mod listener;
+mod original_dst;
 mod policy;
 mod rbac;
 mod reader;
 mod route;
 mod rpc;
+mod socket_match;
 #[cfg(test)]
 mod tests;
 mod tls;

@@ -228,7 +228,9 @@ fn bench_config_loads() {
                     weight: 1,
                     metadata: Default::default(),
                     health_status: Default::default(),
+                    socket_match: Default::default(),
                 }],
+                socket_match: Default::default(),
             }],
             protocol: UpstreamProtocol::Http2,
             dns_refresh_rate: Duration::from_secs(5),
@@ -236,12 +238,14 @@ fn bench_config_loads() {
             idle_timeout: Some(Duration::from_secs(3600)),
             per_connection_buffer_limit_bytes: 1024 * 1024,
             tls: None,
+            transport_socket_matches: Vec::new(),
             lb: Default::default(),
             health_check: None,
             outlier_detection: None,
             max_requests_per_connection: None,
             circuit_breakers: Default::default(),
             pipe: None,
+            upstream_bind: None,
         }]
     );
 }
@@ -1194,6 +1198,7 @@ fn cluster_options() {
                 weight: 3,
                 metadata: Default::default(),
                 health_status: Default::default(),
+                socket_match: Default::default(),
             },
             LbEndpoint {
                 host: "::1".into(),
@@ -1201,6 +1206,7 @@ fn cluster_options() {
                 weight: 1,
                 metadata: Default::default(),
                 health_status: Default::default(),
+                socket_match: Default::default(),
             },
         ]
     );
@@ -1641,4 +1647,39 @@ fn access_log_format_and_filter_errors_name_the_field() {
             "missing {want:?} in {got:#?}"
         );
     }
+}
+
+#[test]
+fn http_and_protocol_inspectors() {
+    let mut v = bench();
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["listener_filters"] = json!([
+        {"name": "envoy.filters.listener.tls_inspector"},
+        {"name": "envoy.filters.listener.http_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}},
+        {"name": "mesh.filters.listener.protocol_inspector", "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector"}},
+    ]);
+    let b = ok(&v);
+    let l = &b.listeners[0];
+    assert!(l.tls_inspector && l.http_inspector && l.protocol_inspector);
+    let l = &mut v["static_resources"]["listeners"][0];
+    l["listener_filters"] = json!([
+        {"name": "envoy.filters.listener.http_inspector"},
+        {"name": "envoy.filters.listener.http_inspector"},
+        {"name": "mesh.filters.listener.protocol_inspector", "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.listener.protocol_inspector.v1.ProtocolInspector",
+            "protocols": ["dubbo"]}},
+    ]);
+    let e = errs(&v);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].contains("listeners[0].listener_filters[1]") && e[0].contains("listed twice"));
+    assert!(
+        e[1].contains(
+            "unsupported: static_resources.listeners[0].listener_filters[2].typed_config.protocols"
+        ),
+        "{e:?}"
+    );
+    let b = ok(&bench());
+    assert!(!b.listeners[0].http_inspector && !b.listeners[0].protocol_inspector);
 }

@@ -312,6 +312,27 @@ fn validation_context(cx: &mut Ctx, mut o: Obj<'_>) -> ValidationContext {
             }
         }
     }
+    // The deprecated `match_subject_alt_names` (older Istio releases print
+    // it): a matcher that any SAN may satisfy, whatever its type, as Envoy
+    // checks it.
+    for (path, v) in o.list(cx, "match_subject_alt_names") {
+        let Some(kind) = Obj::new(cx, path, v).and_then(|s| string_matcher(cx, s)) else {
+            continue;
+        };
+        if let Some(matcher) = to_string_matcher(kind) {
+            for san_type in [
+                SanType::Dns,
+                SanType::Uri,
+                SanType::Email,
+                SanType::IpAddress,
+            ] {
+                sans.push(SanMatcher {
+                    san_type,
+                    matcher: matcher.clone(),
+                });
+            }
+        }
+    }
     o.finish(cx);
     ValidationContext {
         trusted_ca,

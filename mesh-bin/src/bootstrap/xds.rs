@@ -509,7 +509,7 @@ static_resources:
         let mut l = listener(json!({"route_config_name": "r1", "config_source": {}}));
         l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"]
             ["api_config_source"] = json!({"api_type": "REST"});
-        l["listener_filters"] = json!([{"name": "envoy.filters.listener.original_dst"}]);
+        l["listener_filters"] = json!([{"name": "envoy.filters.listener.proxy_protocol"}]);
         let errs: Vec<String> = listener_from_json(&over_xds(types::LISTENER, l))
             .unwrap_err()
             .0
@@ -518,7 +518,7 @@ static_resources:
             .collect();
         assert!(
             errs.contains(
-                &"unsupported: listener_filters[0] (listener filter envoy.filters.listener.original_dst)"
+                &"unsupported: listener_filters[0] (listener filter envoy.filters.listener.proxy_protocol)"
                     .to_string()
             ),
             "{errs:?}"
@@ -758,7 +758,9 @@ static_resources:
                 "name": "0.0.0.0_9080"
             }],
             "listenerFilters": [{"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
+                {"name": "envoy.filters.listener.http_inspector", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
             "listenerFiltersTimeout": "0s",
             "continueOnListenerFiltersTimeout": true,
             "trafficDirection": "INBOUND"
@@ -771,6 +773,7 @@ static_resources:
         assert!(errs.is_empty(), "{errs:?}");
         let l = listener_from_json(&over_xds(types::LISTENER, listener)).unwrap();
         assert!(l.tls_inspector);
+        assert!(l.http_inspector);
         assert!(l.continue_on_listener_filters_timeout);
         assert_eq!(
             l.traffic_direction,
@@ -789,9 +792,8 @@ static_resources:
     }
 
     /// An outbound cluster as `istioctl proxy-config cluster -o json` prints
-    /// it (camelCase proto3 JSON), sent over CDS: the fields mesh does not
-    /// support are each named (what a NACK to istiod would carry), and
-    /// without them the cluster loads as Istio means it.
+    /// it (camelCase proto3 JSON), sent over CDS, loads as Istio means it
+    /// (its `transport_socket_matches`: `bootstrap::socket_match`).
     #[test]
     fn istio_outbound_cluster() {
         let mut istio = istio_reviews_cluster();
@@ -809,21 +811,7 @@ static_resources:
         // The metadata exchange filter is Istio's own proto: not in Envoy's
         // descriptors, so it cannot even be encoded here; drop it.
         istio.as_object_mut().unwrap().remove("filters");
-        let v = over_xds(types::CLUSTER, istio.clone());
-        let errs: Vec<String> = cluster_from_json(&v)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
-        assert!(
-            errs.iter().all(|e| e.starts_with("unsupported: ")),
-            "{errs:?}"
-        );
-        assert!(errs.iter().any(|e| e.contains("metadata")), "{errs:?}");
-        let o = istio.as_object_mut().unwrap();
-        o.remove("circuitBreakers");
-        o.remove("metadata");
+        // Circuit breakers and the cluster's `istio` metadata are accepted.
         let c = cluster_from_json(&over_xds(types::CLUSTER, istio)).unwrap();
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         let mesh_core::config::DiscoveryType::Eds {

@@ -180,6 +180,9 @@ pub struct EndpointPool {
     returned: tokio::sync::Notify,
     /// Wraps each new connection (TLS); plain text when `None`.
     connector: Option<Arc<dyn Connector>>,
+    /// The local address new connections are bound to (the cluster's
+    /// `upstream_bind_config`); any when `None`.
+    source: Option<SocketAddr>,
 }
 
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
@@ -219,6 +222,18 @@ impl EndpointPool {
         limits: Option<Arc<dyn PoolLimits>>,
         connector: Option<Arc<dyn Connector>>,
     ) -> Arc<Self> {
+        Self::with_source(addr, config, limits, connector, None)
+    }
+
+    /// [`EndpointPool::with_options`] whose connections are made from
+    /// `source` (bound before connecting; port 0: any port).
+    pub fn with_source(
+        addr: SocketAddr,
+        config: PoolConfig,
+        limits: Option<Arc<dyn PoolLimits>>,
+        connector: Option<Arc<dyn Connector>>,
+        source: Option<SocketAddr>,
+    ) -> Arc<Self> {
         Arc::new(EndpointPool {
             addr,
             config,
@@ -229,6 +244,7 @@ impl EndpointPool {
             limits,
             returned: tokio::sync::Notify::new(),
             connector,
+            source,
         })
     }
 
@@ -274,16 +290,15 @@ impl EndpointPool {
     }
 
     async fn connect(&self) -> Result<TcpStream, UpstreamError> {
-        let stream =
-            tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| {
-                    UpstreamError::Connect(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connect timeout",
-                    ))
-                })?
-                .map_err(UpstreamError::Connect)?;
+        let stream = tokio::time::timeout(
+            self.config.connect_timeout,
+            crate::transport::connect_from(self.addr, self.source),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))
+        })?
+        .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }

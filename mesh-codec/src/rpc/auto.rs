@@ -1,11 +1,11 @@
 //! Protocol sniffing between the RPC codecs: each frame's first bytes tell
-//! Dubbo (magic `0xdabb`), SOFA Bolt (protocol code 1, then a command type
-//! of 0, 1 or 2) and Thrift (strict binary `0x8001`, compact `0x82`, or a
-//! framed length followed by either) apart. The codec that decoded a
+//! Dubbo, SOFA Bolt and Thrift apart ([`crate::sniff::rpc`] has the rules). The codec that decoded a
 //! message is remembered in the top byte of [`Message::wire`], so the
 //! message goes upstream, and errors come back, in the same protocol.
 
 use bytes::BytesMut;
+
+use crate::sniff::{self, Detection, Protocol};
 
 use super::bolt::Bolt;
 use super::dubbo::Dubbo;
@@ -33,17 +33,6 @@ pub fn detected(msg: &Message) -> Option<&'static str> {
     }
 }
 
-/// Which protocol the bytes start with, if they tell already.
-pub fn sniff(b: &[u8]) -> Option<&'static str> {
-    match b {
-        [0xda, 0xbb, ..] => Some("dubbo"),
-        [0x01, 0x00..=0x02, ..] => Some("bolt"),
-        [0x80, 0x01, ..] | [0x82, ..] => Some("thrift"),
-        [_, _, _, _, 0x80, 0x01, ..] | [_, _, _, _, 0x82, ..] => Some("thrift"),
-        _ => None,
-    }
-}
-
 impl Auto {
     fn inner(&self, which: u32) -> Option<&dyn Codec> {
         match which {
@@ -65,15 +54,15 @@ impl Codec for Auto {
     }
 
     fn decode(&self, src: &mut BytesMut, max_frame: usize) -> Result<Option<Message>, DecodeError> {
-        let which = match sniff(src) {
-            Some("dubbo") => DUBBO,
-            Some("bolt") => BOLT,
-            Some(_) => THRIFT,
-            None if src.len() < 6 => return Ok(None),
-            None => {
+        let which = match sniff::rpc(src) {
+            Detection::Found(Protocol::Dubbo) => DUBBO,
+            Detection::Found(Protocol::Bolt) => BOLT,
+            Detection::Found(_) => THRIFT,
+            Detection::NeedMore => return Ok(None),
+            Detection::NotFound => {
                 return Err(DecodeError::new(format!(
                     "auto: the first bytes {:02x?} are not Dubbo, SOFA Bolt or Thrift",
-                    &src[..6]
+                    &src[..src.len().min(6)]
                 )))
             }
         };
