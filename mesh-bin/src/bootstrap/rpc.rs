@@ -65,14 +65,8 @@ fn route(matchers: Vec<HeaderMatcher>, action: RouteAction) -> Route {
 
 fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
     RouteAction {
-        cluster,
-        prefix_rewrite: None,
-        regex_rewrite: None,
-        host_rewrite_literal: None,
         timeout,
-        idle_timeout: None,
-        hash_policy: Vec::new(),
-        metadata_match: Default::default(),
+        ..RouteAction::new(cluster)
     }
 }
 
