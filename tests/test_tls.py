@@ -89,14 +89,7 @@ def tls_listener(name: str, routes, transport_socket: dict, port: int = 0, **cha
 
 
 def direct(body: str) -> str:
-    return f"""
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {{prefix: "/"}}
-    direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}
-"""
+    return harness.catch_all(f'direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}')
 
 
 TO_A = """
