@@ -50,7 +50,7 @@ def http_server(name, ip, port):
     ThreadingHTTPServer((ip, port), H).serve_forever()
 
 def tcp_server(prefix, ip, port, with_peer=False):
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((ip, port))
     s.listen(64)
@@ -75,7 +75,8 @@ def tcp_server(prefix, ip, port, with_peer=False):
 
 threads = []
 for spec in sys.argv[1:]:
-    kind, name, ip, port = spec.split(":")
+    kind, name, rest = spec.split(":", 2)
+    ip, port = rest.rsplit(":", 1)
     if kind == "http":
         t = threading.Thread(target=http_server, args=(name, ip, int(port)), daemon=True)
     else:
@@ -140,7 +141,10 @@ class Netns:
         try:
             self.exec(["ip", "link", "set", "lo", "up"])
             for a in addresses:
-                self.exec(["ip", "addr", "add", f"{a}/32", "dev", "lo"])
+                if ":" in a:
+                    self.exec(["ip", "-6", "addr", "add", f"{a}/128", "dev", "lo", "nodad"])
+                else:
+                    self.exec(["ip", "addr", "add", f"{a}/32", "dev", "lo"])
         except BaseException:
             self.close()
             raise
@@ -156,6 +160,9 @@ class Netns:
 
     def iptables(self, *rule: str):
         self.exec(["iptables", "-w", *rule])
+
+    def ip6tables(self, *rule: str):
+        self.exec(["ip6tables", "-w", *rule])
 
     def popen(self, argv, log: str, **kw) -> subprocess.Popen:
         out = open(self.dir / log, "wb")

@@ -245,12 +245,19 @@ def test_http_inspector_stats(proxy, pki):
         lambda: all(stat(proxy, f"envoy_http_inspector_{n}") - before[n] == v
                     for n, v in want.items()),
         what="http_inspector stats")
+    # Envoy's dotted names on /stats.
+    assert "\nhttp_inspector.http11_found: " in "\n" + proxy.admin_text("/stats")
 
 
 def test_server_first_protocol_continues_after_the_timeout(proxy):
+    before = listener_stat(proxy, "first", "downstream_pre_cx_timeout")
     start = time.monotonic()
     assert harness.read_line(proxy.port("first")) == b"220 hello\r\n"
     assert time.monotonic() - start >= 0.25
+    # One timeout for the listener filters together.
+    harness.wait_until(
+        lambda: listener_stat(proxy, "first", "downstream_pre_cx_timeout") == before + 1,
+        what="downstream_pre_cx_timeout")
 
 
 def test_server_first_protocol_is_closed_without_continue(proxy):
@@ -359,7 +366,9 @@ def test_protocol_inspector_stats(multi):
     before = {n: stat(multi, f"mesh_protocol_inspector_{n}") for n in names}
     curl_version(port, "--http1.1")
     curl_version(port, "--http2-prior-knowledge")
-    dubbo_call(port, GREETER, "whoami")
+    # The Python Dubbo client keeps its connections between calls: the Node
+    # client (a new process) makes sure of a new connection.
+    assert node_calls("dubbo", port, [{"method": "whoami"}]) == [{"ok": "dubbo-server"}]
     rpc_peers.thrift_call(port, "whoami")
     node_calls("bolt", port, [{"method": "whoami"}])
     tcp_exchange(port, b"hello world\n")
@@ -413,3 +422,13 @@ def test_bad_first_bytes_never_hurt_other_connections(multi):
     assert curl_version(port, "--http1.1") == ("200", "1.1")
     assert dubbo_call(port, GREETER, "whoami") == "dubbo-server"
     assert multi.alive()
+
+
+def test_example_config_is_valid():
+    """examples/configs/sniff.yaml (every protocol on one port) loads."""
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    path = harness.REPO / "examples" / "configs" / "sniff.yaml"
+    out = subprocess.run([str(harness.mesh_bin()), "validate", "-c", str(path)],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out

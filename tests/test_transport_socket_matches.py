@@ -17,7 +17,10 @@ show it (or fail the handshake).
   comes over CDS, its workload certificate and root over SDS on a stream of
   their own (the `sds-grpc` cluster, as Istio's bootstrap names it); EDS
   labels one endpoint; then the labels flip over EDS while a load generator
-  runs, and new connections follow with no failed request.
+  runs, and new connections follow with no failed request;
+- a STRICT_DNS cluster from CDS whose matches change takes the new ones at
+  once; ORIGINAL_DST hosts (no metadata) take the match with an empty
+  `match`; a match without a transport socket is refused.
 """
 
 from __future__ import annotations
@@ -311,3 +314,61 @@ def test_istio_outbound_cluster_over_xds_and_labels_flipping(kind, api_type, sta
         clusters = [c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump")][0]
         dumped = json.dumps(clusters)
         assert "tlsMode-istio" in dumped and "tlsMode-disabled" in dumped
+
+
+def test_dns_cluster_matches_changed_over_cds(kind, start_proxy, control_plane, pki, duals):
+    """A STRICT_DNS cluster from CDS whose `transport_socket_matches` change:
+    its endpoints take the new list's match at once, not at the next DNS
+    refresh (an hour away here)."""
+    a = duals[0]
+    workload = pki.leaf("tsm-dns-client")
+    tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UP_TLS, "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": xds.ADS}],
+            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": xds.ADS}}}}
+
+    def cluster(matches: list) -> dict:
+        return {"@type": xds.CLUSTER, "name": "a", "type": "STRICT_DNS",
+                "connect_timeout": "2s", "dns_refresh_rate": "3600s",
+                "transport_socket_matches": matches,
+                "load_assignment": {"cluster_name": "a", "endpoints": [{"lb_endpoints": [
+                    endpoint(a.port, {"tlsMode": "istio"})]}]}}
+
+    cp = control_plane([kind])
+    cp.write("clusters", [cluster([
+        {"name": "istio", "match": {"tlsMode": "istio"}, "transport_socket": tls}])])
+    cp.write("routes", [xds.routes()])
+    cp.write("secrets", [cert_secret("default", workload), trust_secret("ROOTCA", pki)])
+    cp.write("listeners", [xds.listener()])
+    proxy = xds.start_driven(kind, start_proxy, cp, kind, "GRPC")
+    port = listener_port(proxy)
+    harness.wait_until(lambda: seen_quietly(port) == {("a", "mtls"), ("serial", workload.serial())},
+                       timeout=30, what="mTLS to the labelled endpoint")
+    # Index 0 is now another TLS match; the endpoint's is the second, plain.
+    t = cp.write("clusters", [cluster([
+        {"name": "other", "match": {"other": "x"}, "transport_socket": tls},
+        {"name": "plain", "match": {"tlsMode": "istio"}, "transport_socket": RAW_SOCKET}])])
+    xds.wait_until(lambda: seen_quietly(port) == {("a", "plain")}, t, "the new match",
+                   SEEN_WITHIN)
+
+
+def test_original_dst_hosts_take_the_unlabelled_match(kind, start_proxy, pki, duals):
+    """ORIGINAL_DST hosts carry no metadata: an empty `match` fits them."""
+    a = duals[0]
+    client = pki.leaf("tsm-odst-client")
+    cluster = {
+        "name": "mixed", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "2s", "original_dst_lb_config": {"use_http_header": True},
+        "transport_socket_matches": [
+            {"name": "labelled", "match": {"tlsMode": "disabled"}, "transport_socket": RAW_SOCKET},
+            {"name": "any", "match": {}, "transport_socket": tls_socket(pki, client)}],
+    }
+    routes = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "mixed"}}]}]}
+    proxy = start_proxy(kind, harness.bootstrap([harness.hcm_listener("ingress", routes)],
+                                                [cluster]))
+    r = harness.request(proxy.port("ingress"), "GET", "/",
+                        headers={"x-envoy-original-dst-host": f"127.0.0.1:{a.port}"})
+    assert (r.status, r.body.decode()) == (200, f"mtls {client.serial()}")
+    if kind == "mesh":
+        assert socket_match_cx(proxy, "mixed", "any") == 1

@@ -110,6 +110,9 @@ pub(crate) struct Chains {
     pub(crate) remote_close: Counter,
     /// The original destination filter and `use_original_dst` hand-off.
     pub(crate) capture: crate::original_dst::Capture,
+    /// `default_filter_chain`: the chain (not matched by the selector) for
+    /// connections no other chain matches.
+    pub(crate) default_chain: Option<usize>,
     /// The listener's `access_log`.
     pub(crate) access_log: Option<AccessLogger>,
 }
@@ -145,6 +148,7 @@ impl Chains {
                 &label,
             ),
             capture: Default::default(),
+            default_chain: None,
             access_log: None,
         }
     }
@@ -157,6 +161,12 @@ impl Chains {
         store: &Store,
     ) -> Self {
         self.protocols = ProtocolInspector::new(http_inspector, protocol_inspector, store);
+        self
+    }
+
+    /// With `default_filter_chain` at index `default` of the chains.
+    pub(crate) fn with_default_chain(mut self, default: Option<usize>) -> Self {
+        self.default_chain = default;
         self
     }
 
@@ -175,6 +185,21 @@ impl Chains {
         self.access_log = AccessLogger::new(configs, store)?;
         Ok(self)
     }
+}
+
+/// The filter chain selector of `l` (its matched chains) and the index of
+/// its `default_filter_chain`, the last chain, when it has one.
+pub(crate) fn chain_selector(
+    l: &mesh_core::config::Listener,
+) -> (FilterChainSelector, Option<usize>) {
+    let matched = l.filter_chains.len() - usize::from(l.default_filter_chain);
+    let selector = FilterChainSelector::new(
+        l.filter_chains[..matched]
+            .iter()
+            .map(|c| c.filter_chain_match.clone())
+            .collect(),
+    );
+    (selector, l.default_filter_chain.then_some(matched))
 }
 
 /// The addresses of a downstream connection.
@@ -274,6 +299,8 @@ impl WorkerChains {
         let deadline = shared
             .inspect_timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
+        // After a timeout the remaining listener filters are skipped.
+        let mut timed_out = false;
         let mut log = shared
             .access_log
             .as_ref()
@@ -290,6 +317,7 @@ impl WorkerChains {
                 {
                     shared.inspect_timeouts.inc();
                     shared.pre_cx_timeout.inc();
+                    timed_out = true;
                     tracing::debug!(%peer, "tls_inspector: no ClientHello in time; continuing as plain text");
                     ("raw_buffer", None)
                 }
@@ -308,7 +336,7 @@ impl WorkerChains {
             ("raw_buffer", None)
         };
         let mut detected = Vec::new();
-        if let (Some(pi), "raw_buffer") = (&shared.protocols, transport) {
+        if let (Some(pi), "raw_buffer", false) = (&shared.protocols, transport, timed_out) {
             match pi.inspect(&stream, deadline).await {
                 Inspected::Decided(Some(p)) => {
                     tracing::trace!(%peer, protocol = p.name(), "protocol inspector: detected");
@@ -345,7 +373,7 @@ impl WorkerChains {
         if let Some(l) = &mut log {
             l.sni(info.sni);
         }
-        let Some(index) = shared.selector.select(&info) else {
+        let Some(index) = shared.selector.select(&info).or(shared.default_chain) else {
             shared.no_match.inc();
             if let Some(l) = &mut log {
                 l.no_filter_chain();

@@ -67,7 +67,6 @@ use mesh_core::listener::{
 use mesh_core::stats::Store;
 use mesh_filter::local_ratelimit::ConnectionRateLimiter;
 use mesh_lb::{dns, Balancer};
-use mesh_tls::chain_match::FilterChainSelector;
 use mesh_tls::{ClientTls, SecretStore, ServerTls, TlsStats};
 use mesh_xds::client::{self, ClientConfig, Delivery, XdsHandle};
 use mesh_xds::types::{self, Protocol, Service};
@@ -1202,6 +1201,17 @@ impl Manager {
                     stop,
                     move |n| membership.set(n as i64),
                 ));
+                // Resolve now, as Envoy does, rather than at the first
+                // refresh: a new cluster gets its endpoints, and a rebuilt
+                // one's kept endpoints take its new `transport_socket_matches`.
+                let (c, balancer) = (c.clone(), balancer.clone());
+                let membership = stats.membership_total.clone();
+                tokio::spawn(async move {
+                    if let Ok(specs) = dns::resolve(&c).await {
+                        balancer.update(specs);
+                        membership.set(balancer.endpoints().endpoints.len() as i64);
+                    }
+                });
             }
             DiscoveryType::Eds { service_name, .. } => {
                 if let Some(l) = self.assignments.get(service_name).cloned() {
@@ -1695,12 +1705,7 @@ impl Manager {
                     .map(|c| ConnectionRateLimiter::new(c, &self.cx.store)),
             });
         }
-        let selector = FilterChainSelector::new(
-            l.filter_chains
-                .iter()
-                .map(|c| c.filter_chain_match.clone())
-                .collect(),
-        );
+        let (selector, default_chain) = crate::downstream::chain_selector(l);
         let shared = Arc::new(
             Chains::new(
                 chains,
@@ -1712,6 +1717,7 @@ impl Manager {
                 addr,
             )
             .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &self.cx.store)
+            .with_default_chain(default_chain)
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| self.cx.handoff.clone()),
@@ -1914,6 +1920,7 @@ fn same_socket(old: &Listener, new: &Listener) -> bool {
         && old.original_dst == new.original_dst
         && old.use_original_dst == new.use_original_dst
         && old.bind_to_port == new.bind_to_port
+        && old.default_filter_chain == new.default_filter_chain
         && chains(old) == chains(new)
 }
 

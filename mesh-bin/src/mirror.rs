@@ -72,11 +72,15 @@ async fn send(
     if let Some(od) = &cluster.entry.on_demand {
         od.ready().await;
     }
-    let Some(endpoint) = cluster
-        .entry
-        .balancer
-        .pick_with(&mesh_lb::PickContext::new())
-    else {
+    // An ORIGINAL_DST shadow cluster has no host of its own to mirror to.
+    let picked = match cluster.entry.original_dst {
+        Some(_) => None,
+        None => cluster
+            .entry
+            .balancer
+            .pick_with(&mesh_lb::PickContext::new()),
+    };
+    let Some(endpoint) = picked else {
         cstats.cx_none_healthy.inc();
         return;
     };

@@ -49,9 +49,16 @@ use crate::downstream::WorkerChains;
 /// local address itself.
 pub(crate) fn original_destination(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let addr = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
+    // An IPv4 connection on a dual-stack socket has a v4-mapped local
+    // address; its original destination is an IPv4 one.
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let addr = if v4 {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
     };
     match addr {
         Ok(a) => a.as_socket().map(unmap),

@@ -358,12 +358,7 @@ impl Proxy {
                     }),
                 });
             }
-            let selector = mesh_tls::chain_match::FilterChainSelector::new(
-                l.filter_chains
-                    .iter()
-                    .map(|c| c.filter_chain_match.clone())
-                    .collect(),
-            );
+            let (selector, default_chain) = crate::downstream::chain_selector(l);
             let chains = Chains::new(
                 chains,
                 selector,
@@ -374,6 +369,7 @@ impl Proxy {
                 addr,
             )
             .with_protocol_inspector(l.http_inspector, l.protocol_inspector, &store)
+            .with_default_chain(default_chain)
             .with_capture(crate::original_dst::Capture {
                 restore: l.original_dst,
                 hand_off: l.use_original_dst.then(|| handoff.clone()),

@@ -634,7 +634,14 @@ impl RpcWorker {
         if let Some(od) = &cluster.entry.on_demand {
             od.ready().await;
         }
-        let Some(endpoint) = cluster.entry.balancer.pick_with(&pick) else {
+        // The RPC proxies do not route by original destination: an
+        // ORIGINAL_DST cluster has no host for them (its hosts belong to
+        // other connections).
+        let picked = match cluster.entry.original_dst {
+            Some(_) => None,
+            None => cluster.entry.balancer.pick_with(&pick),
+        };
+        let Some(endpoint) = picked else {
             stats.cx_none_healthy.inc();
             return (
                 Err((

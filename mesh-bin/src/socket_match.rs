@@ -48,6 +48,9 @@ pub struct MatchedSocket {
 #[derive(Debug, Default)]
 pub struct SocketMatches {
     entries: Vec<MatchedSocket>,
+    /// The first match with an empty `match`, for endpoints that carry no
+    /// resolved index (ORIGINAL_DST hosts, which have no metadata).
+    unlabelled: Option<u32>,
     /// Connections that use the cluster's own `transport_socket`.
     default_connections: Counter,
 }
@@ -91,8 +94,14 @@ impl SocketMatches {
                 connections: store.counter(CX_TOTAL, &labels(&m.name)),
             });
         }
+        let unlabelled = c
+            .transport_socket_matches
+            .iter()
+            .position(|m| m.labels.is_empty())
+            .and_then(|i| u32::try_from(i).ok());
         Ok(SocketMatches {
             entries,
+            unlabelled,
             default_connections: store.counter(CX_TOTAL, &labels("default")),
         })
     }
@@ -107,15 +116,21 @@ impl SocketMatches {
         self.entries.iter()
     }
 
-    /// The TLS context (or plain text) and connection counter of match `i`;
-    /// `None`, or an index a newer cluster version no longer has, is the
-    /// cluster's own `transport_socket`.
+    /// The TLS context (or plain text) and connection counter of match `i`.
+    /// `None` is the first match with an empty `match` (it fits an endpoint
+    /// without metadata, such as an ORIGINAL_DST host; an endpoint whose
+    /// metadata no match fits implies there is none), else the cluster's own
+    /// `transport_socket`, as is an index a newer cluster version no longer
+    /// has.
     fn select<'a>(
         &'a self,
         i: Option<u32>,
         default: &'a Option<Arc<ClientTls>>,
     ) -> (&'a Option<Arc<ClientTls>>, &'a Counter) {
-        match i.and_then(|i| self.entries.get(i as usize)) {
+        match i
+            .or(self.unlabelled)
+            .and_then(|i| self.entries.get(i as usize))
+        {
             Some(m) => (&m.tls, &m.connections),
             None => (default, &self.default_connections),
         }

@@ -124,6 +124,9 @@ pub struct Listener {
     /// socket and only receives connections handed off by a
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
+    /// `default_filter_chain` is set: it is the last of `filter_chains`,
+    /// never matched, and serves connections no other chain matches.
+    pub default_filter_chain: bool,
     /// `access_log`: one line per downstream connection when it closes,
     /// also for connections closed before a network filter ran (no filter
     /// chain matches: flag `NR`; listener filter timeout; TLS handshake

@@ -196,6 +196,43 @@ mod tests {
         assert!(e.contains("lb_endpoints[0]"), "{e}");
     }
 
+    /// Each endpoint carries the `transport_socket_matches` entry its
+    /// metadata selects; a different one makes a new endpoint on update.
+    #[test]
+    fn endpoints_carry_their_transport_socket_match() {
+        use mesh_core::config::{LbMetadata, MetadataValue, TransportSocketMatch};
+        let istio: LbMetadata = [("tlsMode".to_string(), MetadataValue::from("istio"))].into();
+        let mut c = cluster(DiscoveryType::Static, &["10.0.0.1", "10.0.0.2"]);
+        c.transport_socket_matches = vec![
+            TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                labels: istio.clone(),
+                tls: None,
+            },
+            TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                labels: LbMetadata::new(),
+                tls: None,
+            },
+        ];
+        c.localities[0].lb_endpoints[0].socket_match = istio.clone();
+        let eps = static_endpoints(&c).unwrap();
+        let sockets: Vec<Option<u32>> = eps.iter().map(|e| e.transport_socket).collect();
+        assert_eq!(sockets, [Some(0), Some(1)]);
+
+        let b = Balancer::new(Default::default());
+        b.update(eps);
+        let first = b.endpoints().endpoints[0].clone();
+        // The label moves to the other endpoint (an EDS update).
+        c.localities[0].lb_endpoints[0].socket_match = LbMetadata::new();
+        c.localities[0].lb_endpoints[1].socket_match = istio;
+        assert!(b.update(static_endpoints(&c).unwrap()));
+        let set = b.endpoints();
+        assert_eq!(set.endpoints[0].transport_socket, Some(1));
+        assert_eq!(set.endpoints[1].transport_socket, Some(0));
+        assert!(!Arc::ptr_eq(&set.endpoints[0], &first));
+    }
+
     #[tokio::test]
     async fn strict_dns_resolves_localhost() {
         let eps = resolve(&cluster(DiscoveryType::StrictDns, &["localhost"]))

@@ -250,9 +250,32 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 }
             }
         }
-        if !present {
+        let has_default = o.has("default_filter_chain");
+        let default_filter_chain = match o.obj(cx, "default_filter_chain") {
+            Some(c) => {
+                let dpath = c.path().to_owned();
+                let (chain, cl) = filter_chain(cx, c);
+                if cl.is_some() {
+                    cx.unsupported(
+                        &dpath,
+                        Some(
+                            "a connection_limit filter is supported on the first filter chain only",
+                        ),
+                    );
+                }
+                // Envoy ignores its filter_chain_match.
+                chain
+                    .map(|mut chain| {
+                        chain.filter_chain_match = Default::default();
+                        filter_chains.push(chain);
+                    })
+                    .is_some()
+            }
+            None => false,
+        };
+        if !present && !has_default {
             cx.missing(&chains_path);
-        } else if empty {
+        } else if empty && !has_default {
             cx.error(&chains_path, "at least one filter chain is required");
         }
         o.finish(cx);
@@ -273,6 +296,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
                 use_original_dst,
                 bind_to_port,
                 access_log,
+                default_filter_chain,
             });
         }
     }

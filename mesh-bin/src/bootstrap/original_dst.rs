@@ -160,6 +160,10 @@ mod tests {
         let by_name = |n: &str| b.listeners.iter().find(|l| l.name == n).unwrap();
         let out = by_name("virtualOutbound");
         assert!(out.original_dst && out.use_original_dst && out.bind_to_port);
+        // The blackhole chain, then the catch-all `default_filter_chain`.
+        assert!(out.default_filter_chain);
+        assert_eq!(out.filter_chains.len(), 2);
+        assert_eq!(out.filter_chains[1].name, "virtualOutbound-catchall-tcp");
         let port = by_name("0.0.0.0_8080");
         assert!(!port.bind_to_port && !port.use_original_dst && !port.original_dst);
         let inbound = by_name("virtualInbound");
