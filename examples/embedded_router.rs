@@ -171,14 +171,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     PathMatch::Prefix("/api".into()),
                     vec![],
                     Action::Route(RouteAction {
-                        cluster: ClusterSpecifier::Cluster("backends".into()),
-                        prefix_rewrite: None,
-                        regex_rewrite: None,
-                        host_rewrite_literal: None,
                         timeout: Some(Duration::from_secs(5)),
-                        idle_timeout: None,
-                        hash_policy: Vec::new(),
-                        metadata_match: Default::default(),
+                        ..RouteAction::new(ClusterSpecifier::Cluster("backends".into()))
                     }),
                 ),
             ],

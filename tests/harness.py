@@ -212,6 +212,26 @@ def bootstrap(listeners: list, clusters: list) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def catch_all(action: str) -> str:
+    """A RouteConfiguration (YAML) with one route for every request, whose
+    action is the YAML line `action` (`route: {...}`, `direct_response: ...`)."""
+    return f"""
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - match: {{prefix: "/"}}
+    {action}
+"""
+
+
+def catch_all_routes(cluster: str, timeout: str | None = None) -> str:
+    """A RouteConfiguration (YAML) sending every request to `cluster`, with
+    the route `timeout` when given."""
+    extra = f", timeout: {timeout}" if timeout else ""
+    return catch_all(f"route: {{cluster: {cluster}{extra}}}")
+
+
 def simple_http_bootstrap(route_config, clusters: list, hcm_extra: dict | None = None,
                           listener: str = "ingress") -> str:
     return bootstrap([hcm_listener(listener, route_config, hcm_extra)], clusters)

@@ -282,14 +282,7 @@ TLS_FORMAT = ("%DOWNSTREAM_PEER_URI_SAN%|%DOWNSTREAM_PEER_DNS_SAN%|%DOWNSTREAM_P
               "%DOWNSTREAM_TLS_VERSION%|%DOWNSTREAM_TLS_CIPHER%|%REQUESTED_SERVER_NAME%|"
               "%REQ(:PATH)%\n")
 
-TO_A = """
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: a}
-"""
+TO_A = harness.catch_all_routes("a")
 
 
 @pytest.mark.parametrize("kind", harness.kind_params())

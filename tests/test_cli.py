@@ -161,14 +161,8 @@ def test_run_bad_file_exits_1(config_file, name, tmp_path):
 @needs_mesh
 def test_sigterm_drains_in_flight_request(make_upstream):
     up = make_upstream("slow")
-    cfg = harness.simple_http_bootstrap("""
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: slow, timeout: 30s}
-""", [harness.static_cluster("slow", up.port)])
+    cfg = harness.simple_http_bootstrap(harness.catch_all_routes("slow", timeout="30s"),
+                                        [harness.static_cluster("slow", up.port)])
     drain = 5
     with harness.start_proxy("mesh", cfg, extra_args=("--drain-time-s", str(drain))) as proxy:
         port = proxy.port()
@@ -214,14 +208,8 @@ virtual_hosts:
 
 @needs_mesh
 def test_sigint_idle_exits_0(upstream_a):
-    cfg = harness.simple_http_bootstrap("""
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: a}
-""", [harness.static_cluster("a", upstream_a.port)])
+    cfg = harness.simple_http_bootstrap(harness.catch_all_routes("a"),
+                                        [harness.static_cluster("a", upstream_a.port)])
     with harness.start_proxy("mesh", cfg, extra_args=("--drain-time-s", "2")) as proxy:
         assert harness.request(proxy.port(), "GET", "/").status == 200
         os.kill(proxy.proc.pid, signal.SIGINT)

@@ -11,14 +11,7 @@ import harness
 
 BIG = 4 * 1024 * 1024
 
-ROUTES = """
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: h2up, timeout: 30s}
-"""
+ROUTES = harness.catch_all_routes("h2up", timeout="30s")
 
 
 @pytest.fixture(scope="module")

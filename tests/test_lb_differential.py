@@ -17,14 +17,7 @@ import pytest
 
 import harness
 
-ROUTES = """
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: c}
-"""
+ROUTES = harness.catch_all_routes("c")
 
 
 def endpoint(port: int, weight: int = 1, health: str | None = None, metadata=None) -> dict:

@@ -8,14 +8,7 @@ import pytest
 
 import harness
 
-ROUTES = """
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: c}
-"""
+ROUTES = harness.catch_all_routes("c")
 
 
 def cluster(port: int, where: str) -> dict:

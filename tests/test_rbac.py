@@ -58,14 +58,7 @@ typed_config:
         - any: true
 """
 
-ROUTES = """
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-  - match: {prefix: "/"}
-    route: {cluster: a}
-"""
+ROUTES = harness.catch_all_routes("a")
 
 
 @pytest.fixture(scope="module")

@@ -288,3 +288,47 @@ fn metadata_mutation_is_read_and_refused_for_thrift() {
         "{e:?}"
     );
 }
+
+#[test]
+fn missing_and_contradictory_route_fields_name_their_path() {
+    let thrift = |routes: Value| {
+        errors(json!({
+            "name": "envoy.filters.network.thrift_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy",
+                "stat_prefix": "t",
+                "route_config": {"routes": routes}
+            }
+        }))
+    };
+    let e = thrift(json!([
+        {"match": {"method_name": "", "invert": true}, "route": {"cluster": "a"}},
+        {"match": {"service_name": "", "invert": true}, "route": {"cluster": "a"}},
+        {"route": {"cluster": "a"}},
+        {"match": {"method_name": "m"}}
+    ]));
+    let rc = format!("{BASE}.route_config.routes");
+    for want in [
+        format!("{rc}[0].match: invert cannot be combined with an empty method_name"),
+        format!("{rc}[1].match: invert cannot be combined with an empty service_name"),
+        format!("{rc}[2].match: missing required field"),
+        format!("{rc}[3].route: missing required field"),
+    ] {
+        assert!(e.contains(&want), "{want:?} not in {e:?}");
+    }
+    let e = errors(json!({
+        "name": "mesh.filters.network.rpc_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/mesh.filters.network.rpc_proxy.v1.RpcProxy",
+            "stat_prefix": "r",
+            "codec": "bolt",
+            "local_rate_limit": {}
+        }
+    }));
+    for want in [
+        format!("{BASE}.route_config: missing required field"),
+        format!("{BASE}.local_rate_limit.token_bucket: missing required field"),
+    ] {
+        assert!(e.contains(&want), "{want:?} not in {e:?}");
+    }
+}

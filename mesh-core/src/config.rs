@@ -656,6 +656,23 @@ pub struct RouteAction {
     pub metadata_match: LbMetadata,
 }
 
+impl RouteAction {
+    /// An action sending to `cluster` with Envoy's defaults: the 15 s route
+    /// timeout, no rewrites, no idle timeout, no hashing, no subset.
+    pub fn new(cluster: ClusterSpecifier) -> Self {
+        RouteAction {
+            cluster,
+            prefix_rewrite: None,
+            regex_rewrite: None,
+            host_rewrite_literal: None,
+            timeout: Some(Duration::from_secs(15)),
+            idle_timeout: None,
+            hash_policy: Vec::new(),
+            metadata_match: Default::default(),
+        }
+    }
+}
+
 /// Which cluster(s) a route or TCP proxy sends to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterSpecifier {

@@ -65,14 +65,8 @@ fn route(matchers: Vec<HeaderMatcher>, action: RouteAction) -> Route {
 
 fn action(cluster: ClusterSpecifier, timeout: Option<Duration>) -> RouteAction {
     RouteAction {
-        cluster,
-        prefix_rewrite: None,
-        regex_rewrite: None,
-        host_rewrite_literal: None,
         timeout,
-        idle_timeout: None,
-        hash_policy: Vec::new(),
-        metadata_match: Default::default(),
+        ..RouteAction::new(cluster)
     }
 }
 
@@ -204,37 +198,28 @@ fn thrift_route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let mut m = o.req_obj(cx, "match");
     if let Some(m) = m.as_mut() {
         let invert = m.bool(cx, "invert").unwrap_or(false);
-        match one_of(cx, m, &["method_name", "service_name"], true) {
-            Some("method_name") => {
-                let name = m.string(cx, "method_name").unwrap_or_default();
-                if name.is_empty() {
-                    if invert {
-                        cx.error(
-                            m.path(),
-                            "invert cannot be combined with an empty method_name",
-                        );
-                    }
-                } else {
-                    matchers.push(matcher(":method", HeaderMatchKind::Exact(name), invert));
+        // `method_name` matches the method; `service_name` the
+        // `service:` prefix of a multiplexed method name.
+        if let Some(key) = one_of(cx, m, &["method_name", "service_name"], true) {
+            let mut name = m.string(cx, key).unwrap_or_default();
+            if name.is_empty() {
+                if invert {
+                    cx.error(
+                        m.path(),
+                        format!("invert cannot be combined with an empty {key}"),
+                    );
                 }
-            }
-            Some(_) => {
-                let mut name = m.string(cx, "service_name").unwrap_or_default();
-                if name.is_empty() {
-                    if invert {
-                        cx.error(
-                            m.path(),
-                            "invert cannot be combined with an empty service_name",
-                        );
-                    }
+            } else {
+                let kind = if key == "method_name" {
+                    HeaderMatchKind::Exact(name)
                 } else {
                     if !name.ends_with(':') {
                         name.push(':');
                     }
-                    matchers.push(matcher(":method", HeaderMatchKind::Prefix(name), invert));
-                }
+                    HeaderMatchKind::Prefix(name)
+                };
+                matchers.push(matcher(":method", kind, invert));
             }
-            None => {}
         }
         headers(cx, m, &mut matchers);
     }

@@ -11,16 +11,7 @@ fn route_to(path: PathMatch, cluster: &str) -> Route {
             query_parameters: vec![],
             grpc: false,
         },
-        action: Action::Route(RouteAction {
-            cluster: ClusterSpecifier::Cluster(cluster.into()),
-            prefix_rewrite: None,
-            regex_rewrite: None,
-            host_rewrite_literal: None,
-            timeout: Some(Duration::from_secs(15)),
-            idle_timeout: None,
-            hash_policy: vec![],
-            metadata_match: Default::default(),
-        }),
+        action: Action::Route(RouteAction::new(ClusterSpecifier::Cluster(cluster.into()))),
         headers: HeaderMutations::default(),
         policy: Default::default(),
     }
