@@ -217,7 +217,7 @@ impl XdsRuntime {
                             json!({
                                 "name": name,
                                 "version_info": e.version,
-                                "last_updated": rfc3339(e.last_updated),
+                                "last_updated": mesh_core::time::rfc3339_millis(e.last_updated),
                                 "resource": mesh_xds::convert::any_to_json(&e.resource).unwrap_or(Value::Null),
                             })
                         })
@@ -228,13 +228,13 @@ impl XdsRuntime {
                 json!({
                     "failed_configuration_version": n.version,
                     "details": n.detail,
-                    "last_update_attempt": rfc3339(n.at),
+                    "last_update_attempt": mesh_core::time::rfc3339_millis(n.at),
                 })
             });
             configs.push(json!({
                 "@type": format!("type.googleapis.com/envoy.admin.v3.{dump_type}"),
                 "version_info": st.version,
-                "last_updated": st.last_updated.map(rfc3339),
+                "last_updated": st.last_updated.map(mesh_core::time::rfc3339_millis),
                 key: items,
                 "error_state": error_state,
                 "acks": st.acks,
@@ -261,30 +261,6 @@ impl XdsRuntime {
         }
         dump
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
 }
 
 /// Checks a bootstrap's `dynamic_resources` against its static clusters
