@@ -412,8 +412,15 @@ class Proxy:
     def admin_port(self) -> int:
         return int(self.admin_address.rsplit(":", 1)[1])
 
-    def port(self, listener: str = "ingress") -> int:
+    def port(self, listener: str = "ingress", wait: float = 10.0) -> int:
+        """The bound port of `listener`. A listener not yet known is looked
+        up again for up to `wait` seconds: with xDS, a proxy may be ready
+        before a slow control plane has loaded every resource file."""
         assert self._listeners is not None, "proxy not ready"
+        deadline = time.monotonic() + wait
+        while listener not in self._listeners and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self._listeners = self._read_listeners()
         if listener not in self._listeners:
             raise KeyError(f"{self.kind}: no listener {listener!r}; have {sorted(self._listeners)}")
         return self._listeners[listener]
