@@ -494,27 +494,6 @@ const GRPC_CAMEL: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// gRPC status names as Envoy's `SNAKE_STRING` (absl's names) writes them.
-const GRPC_SNAKE: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// `%GRPC_STATUS%`: only for gRPC requests (`content-type:
 /// application/grpc...`), and only once there is a status.
 fn grpc_val<'a>(f: GrpcStatusFormat, content_type: usize, rec: &LogRecord<'a>) -> Val<'a> {
@@ -532,12 +511,14 @@ fn grpc_val<'a>(f: GrpcStatusFormat, content_type: usize, rec: &LogRecord<'a>) -
         return Val::Missing;
     }
     let n = super::filter::grpc_status(rec);
-    let names = match f {
+    let name = match f {
         GrpcStatusFormat::Number => return Val::Num(u64::from(n)),
-        GrpcStatusFormat::Camel => &GRPC_CAMEL,
-        GrpcStatusFormat::Snake => &GRPC_SNAKE,
+        GrpcStatusFormat::Camel => GRPC_CAMEL.get(n as usize),
+        // `SNAKE_STRING` is absl's names: the filter's, but `CANCELLED`.
+        GrpcStatusFormat::Snake if n == 1 => Some(&"CANCELLED"),
+        GrpcStatusFormat::Snake => mesh_core::access_log::GRPC_STATUS_NAMES.get(n as usize),
     };
-    match names.get(n as usize) {
+    match name {
         Some(name) => Val::Str(name),
         None => Val::Num(u64::from(n)),
     }
