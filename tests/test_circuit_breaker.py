@@ -58,7 +58,19 @@ def test_max_connections_and_pending_overflow(start_proxy, kind, make_upstream):
     p = start_proxy(kind, harness.simple_http_bootstrap(
         ROUTES, [_cluster(up.port, {"max_connections": 1, "max_pending_requests": 1})]))
     before = up.connections
-    answers = _burst(p.port(), 6, "/delay/0.3")
+    # The first request holds the only connection before the others arrive,
+    # so the second one queues and asks for a connection over the limit
+    # (cx_overflow) and the rest find the pending queue full. Sent all at
+    # once, the others could all meet a still-connecting first request and
+    # overflow the pending queue alone, leaving cx_overflow at 0.
+    requests_before = up.requests
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        first = ex.submit(harness.request, p.port(), path="/delay/0.6", timeout=15)
+        deadline = time.monotonic() + 10
+        while up.requests == requests_before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert up.requests > requests_before, "the first request never reached the upstream"
+        answers = _burst(p.port(), 5, "/delay/0.3") + [first.result()]
     statuses = sorted(a.status for a in answers)
     assert statuses.count(200) >= 1, statuses
     assert statuses.count(503) >= 1, statuses
