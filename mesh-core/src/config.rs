@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod istio;
 pub mod rbac;
 pub mod socket_match;
 pub mod tls;
