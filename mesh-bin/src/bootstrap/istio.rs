@@ -10,6 +10,7 @@ use mesh_core::config::istio::{
     AlpnOverride, IstioHeaders, MetricOverride, PeerDiscovery, PeerMetadata, Stats, StatsReporter,
     TcpMetadataExchange, UpstreamProtocol,
 };
+use mesh_core::config::HttpFilter;
 use serde_json::Value;
 
 use super::reader::{one_of, Ctx, Obj};
@@ -249,7 +250,6 @@ pub(crate) fn stats(cx: &mut Ctx, mut o: Obj<'_>) -> Stats {
 /// is valid, the behaviour is not built yet (never accepted and ignored).
 fn not_built(what: &str) -> &'static str {
     match what {
-        "istio.alpn" => "istio.alpn: the upstream ALPN override is not implemented yet",
         "istio.metadata_exchange" => {
             "istio.metadata_exchange: the peer metadata exchange is not implemented yet"
         }
@@ -258,14 +258,15 @@ fn not_built(what: &str) -> &'static str {
 }
 
 /// An Istio HTTP filter (`what` is its canonical name): its typed config is
-/// read and checked, then the filter is refused until its behaviour exists.
-pub(crate) fn http_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) {
+/// read and checked; a filter whose behaviour is not built yet is refused.
+pub(crate) fn http_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) -> Option<HttpFilter> {
     match what {
-        "istio.alpn" => drop(alpn(cx, tc)),
+        "istio.alpn" => return Some(HttpFilter::IstioAlpn(Box::new(alpn(cx, tc)))),
         "istio.metadata_exchange" => drop(peer_metadata(cx, tc)),
         _ => drop(stats(cx, tc)),
     }
     cx.unsupported(path, Some(not_built(what)));
+    None
 }
 
 /// An Istio network filter before the terminal one, or a cluster's
@@ -340,13 +341,11 @@ mod tests {
         }
         let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
         let mx = "(istio.metadata_exchange: the peer metadata exchange is not implemented yet)";
-        let alpn = "(istio.alpn: the upstream ALPN override is not implemented yet)";
         let hf = "filters[0].typed_config.http_filters";
         let expected = [
             format!("virtualOutbound: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualOutbound: unsupported: filter_chains[1].filters[0] {stats}"),
             format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[0] {mx}"),
-            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[1] {alpn}"),
             format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[4] {stats}"),
             format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),

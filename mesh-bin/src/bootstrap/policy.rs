@@ -466,11 +466,18 @@ pub(crate) fn http_filters(
                     },
                     ISTIO_ALPN | ISTIO_MX | ISTIO_STATS => {
                         let what = HTTP_FILTERS[idx].name;
-                        match tc {
+                        let built = match tc {
                             Some(tc) => super::istio::http_filter(cx, what, f.path(), tc),
-                            None => cx.missing(&f.at("typed_config")),
+                            None => {
+                                cx.missing(&f.at("typed_config"));
+                                None
+                            }
+                        };
+                        let Some(built) = built else { continue };
+                        if disabled {
+                            cx.unsupported(&f.at("disabled"), Some(&format!("a disabled {what}")));
                         }
-                        continue;
+                        out.push(built);
                     }
                     _ => {
                         if let Some(tc) = tc {
