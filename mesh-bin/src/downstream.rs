@@ -499,7 +499,14 @@ impl WorkerChains {
             WorkerTerminal::Tcp(t) => {
                 let outcome = t
                     .clone()
-                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .handle_captured(
+                        stream,
+                        peer,
+                        Some(local),
+                        original_dst,
+                        tls.as_deref(),
+                        guard,
+                    )
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);
@@ -508,7 +515,14 @@ impl WorkerChains {
             WorkerTerminal::TcpSwapping(slot) => {
                 let outcome = slot
                     .load_full()
-                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .handle_captured(
+                        stream,
+                        peer,
+                        Some(local),
+                        original_dst,
+                        tls.as_deref(),
+                        guard,
+                    )
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);

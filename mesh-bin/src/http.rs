@@ -119,6 +119,8 @@ pub struct HcmShared {
     pub filters: FilterChain,
     /// `envoy.filters.http.rbac`, checked before routing.
     rbac: Option<mesh_filter::rbac::RbacFilter>,
+    /// `istio.alpn`: the ALPN upstream TLS connections offer.
+    istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
 }
 
 impl HcmShared {
@@ -133,6 +135,7 @@ impl HcmShared {
         let filters = FilterChain::new(config, &routes, store)?;
         let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
+            istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
             filters,
             rbac,
             access_log,
@@ -1040,7 +1043,12 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
-            let Some(pool) = cluster.pool(&endpoint, h2) else {
+            let alpn = self
+                .shared
+                .istio_alpn
+                .as_ref()
+                .and_then(|a| a.for_request(cluster.entry.config.protocol, down_version, h2));
+            let Some(pool) = cluster.pool_with_alpn(&endpoint, h2, alpn) else {
                 // `max_connection_pools`: Envoy's router finds no pool and
                 // answers as with no healthy upstream.
                 return self.local_reply(
@@ -1387,18 +1395,9 @@ impl HttpProxy {
                     }
                     _ => {}
                 }
-                match e.kind() {
-                    FailureKind::Connect => {
-                        cstats.cx_connect_fail.inc();
-                        endpoint.stats.cx_connect_fail.inc();
-                        cstats.record_status(503);
-                    }
-                    FailureKind::Reset => {
-                        cstats.rq_rx_reset.inc();
-                        cstats.record_status(503);
-                    }
-                    _ => cstats.record_status(502),
-                }
+                // A retried try never failed on a circuit breaker (that
+                // failure is final).
+                crate::mirror::count_failure(cluster, endpoint, e);
             }
             Err(_) => {
                 endpoint.stats.rq_error.inc();
