@@ -34,6 +34,7 @@ import rpc_peers
 import tls_certs
 from rpc_peers import NodeServer, ThriftClient, ThriftServer, dubbo_call, node_calls
 from test_access_log_format import file_log, read_lines
+from test_xds import control_plane  # noqa: F401 - the fixture, shared
 
 DOWN_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UP_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -505,3 +506,35 @@ class ExpiredTlsServer:
 
     def stop(self):
         self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# over LDS
+
+
+def test_mtls_rpc_chain_over_lds(kind, start_proxy, control_plane, pki, server_leaf,  # noqa: F811
+                                 client_leaf, other_leaf, thrift_server):
+    """The inbound mTLS Thrift listener with its RBAC arrives over LDS (the
+    example control plane), its cluster over CDS/EDS: a client with the
+    allowed certificate is served, another workload is refused."""
+    import test_xds as xds
+
+    cp = control_plane([kind])
+    port = harness.free_port()
+    l = mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)
+    l["address"] = harness.socket_address(port)
+    l["@type"] = xds.LISTENER
+    cp.write("clusters", [xds.eds_cluster("next")])
+    cp.write("endpoints", [xds.assignment("next", [thrift_server.port])])
+    cp.write("listeners", [l])
+    xds.start_driven(kind, start_proxy, cp, kind, "GRPC")
+
+    def served():
+        try:
+            return mtls_thrift_call(port, client_ctx(pki, client_leaf)) == 3
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    xds.wait_until(served, time.monotonic(), "the LDS listener serving", limit=10)
+    with pytest.raises(Exception):
+        mtls_thrift_call(port, client_ctx(pki, other_leaf))
