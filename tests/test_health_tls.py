@@ -4,7 +4,9 @@ socket, so a TLS-only upstream is healthy to a TLS cluster and failed to a
 plain one, or to one that does not trust its certificate or expects
 another SAN. HTTP (ALPN http/1.1), TCP send/receive and gRPC (ALPN h2)
 checkers; an endpoint labelled `tlsMode: istio` under
-`transport_socket_matches` is probed in mTLS. Read from `/clusters`.
+`transport_socket_matches` is probed in mTLS, and so is an unlabelled one
+whose health check's `transport_socket_match_criteria` names that match.
+Read from `/clusters`.
 """
 
 from __future__ import annotations
@@ -174,6 +176,14 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}},
     ]
     clusters.append(m)
+    # `transport_socket_match_criteria` picks the match for probes in place
+    # of the (unlabelled) endpoint's metadata; criteria no match fits leave
+    # the cluster's own (plain) socket.
+    for name, criteria in (("criteria", {"tlsMode": "istio"}), ("criteria_none", {"x": "y"})):
+        c = checked_cluster(name, http.port, HTTP_CHECK)
+        c["health_checks"][0]["transport_socket_match_criteria"] = criteria
+        c["transport_socket_matches"] = [m["transport_socket_matches"][0]]
+        clusters.append(c)
     listeners = [harness.hcm_listener("ingress", harness.catch_all("route: {cluster: http_tls}"))]
     return module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
 
@@ -182,6 +192,7 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
     ("http_tls", True), ("http_plain", False), ("http_untrusted", False),
     ("http_wrong_san", False), ("tcp_tls", True), ("tcp_plain", False),
     ("grpc_tls", True), ("grpc_untrusted", False), ("matched", True),
+    ("criteria", True), ("criteria_none", False),
 ])
 def test_health_checks_use_the_cluster_tls(checked, tls_servers, cluster, healthy):
     http, grpc_server = tls_servers

@@ -351,6 +351,12 @@ pub(crate) fn health_for(
                 tls: sockets.0.clone(),
                 matches: sockets.1.clone(),
                 source: c.upstream_bind,
+                criteria: hc.transport_socket_match_criteria.as_ref().map(|labels| {
+                    c.transport_socket_matches
+                        .iter()
+                        .position(|m| m.matches(labels))
+                        .and_then(|i| u32::try_from(i).ok())
+                }),
             },
         ),
         HealthCheckStats::new(store, &c.name),

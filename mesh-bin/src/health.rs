@@ -66,6 +66,10 @@ pub struct ProbeTransport {
     pub matches: SocketMatches,
     /// `upstream_bind_config`.
     pub source: Option<SocketAddr>,
+    /// The health check's `transport_socket_match_criteria` resolved
+    /// against `matches`: `Some(entry)` for every endpoint (`Some(None)`:
+    /// the cluster's `transport_socket`); `None`: each endpoint's own.
+    pub criteria: Option<Option<u32>>,
 }
 
 impl ProbeTransport {
@@ -76,7 +80,13 @@ impl ProbeTransport {
             .await
             .map_err(network)?;
         let _ = tcp.set_nodelay(true);
-        match self.matches.tls_of(endpoint.transport_socket, &self.tls) {
+        let tls = match self.criteria {
+            // No entry fits the criteria: the cluster's own socket.
+            Some(None) => &self.tls,
+            Some(i) => self.matches.tls_of(i, &self.tls),
+            None => self.matches.tls_of(endpoint.transport_socket, &self.tls),
+        };
+        match tls {
             None => Ok(Box::new(tcp)),
             Some(tls) => TlsConnector(tls.clone())
                 .connect(tcp, endpoint.addr, carried)
