@@ -61,14 +61,16 @@ class TlsHttpServer:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
+        self.peers: set[str] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except OSError:
                 return
+            self.peers.add(peer[0])
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
@@ -184,6 +186,12 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
         c["health_checks"][0]["transport_socket_match_criteria"] = criteria
         c["transport_socket_matches"] = [m["transport_socket_matches"][0]]
         clusters.append(c)
+    # `upstream_bind_config`: probes come from the bound address.
+    c = checked_cluster("bound", http.port, HTTP_CHECK)
+    c["transport_socket"] = up_tls(pki, client)
+    c["upstream_bind_config"] = {"source_address": {"address": bind_address(request.param),
+                                                    "port_value": 0}}
+    clusters.append(c)
     listeners = [harness.hcm_listener("ingress", harness.catch_all("route: {cluster: http_tls}"))]
     return module_start_proxy(request.param, harness.bootstrap(listeners, clusters))
 
@@ -192,9 +200,20 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
     ("http_tls", True), ("http_plain", False), ("http_untrusted", False),
     ("http_wrong_san", False), ("tcp_tls", True), ("tcp_plain", False),
     ("grpc_tls", True), ("grpc_untrusted", False), ("matched", True),
-    ("criteria", True), ("criteria_none", False),
+    ("criteria", True), ("criteria_none", False), ("bound", True),
 ])
 def test_health_checks_use_the_cluster_tls(checked, tls_servers, cluster, healthy):
     http, grpc_server = tls_servers
     port = grpc_server.port if cluster.startswith("grpc") else http.port
     wait_flags(checked, cluster, {port: "healthy" if healthy else FAILED})
+
+
+def test_probes_come_from_upstream_bind_config(checked, tls_servers):
+    http, _ = tls_servers
+    wait_flags(checked, "bound", {http.port: "healthy"})
+    assert bind_address(checked.kind) in http.peers, http.peers
+
+
+def bind_address(kind: str) -> str:
+    """One source address per proxy kind (the upstream is shared)."""
+    return "127.0.0.9" if kind == "envoy" else "127.0.0.10"

@@ -351,7 +351,8 @@ def strict(module_start_proxy, pki, server_leaf, thrift_server, peer_log):
         pytest.skip(harness.mesh_missing_reason())
     routes = thrift_routes()
     routes["access_log"] = [file_log(peer_log, {
-        "text_format": "%REQ(:METHOD)% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION%\n"})]
+        "text_format": "%REQ(:METHOD)% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION%"
+                       " %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n"})]
     return module_start_proxy("mesh", harness.bootstrap(
         [mtls_inbound(rpc_peers.thrift_listener("in", routes), pki, server_leaf)],
         [harness.static_cluster("next", thrift_server.port)]))
@@ -402,6 +403,24 @@ def test_python_tls_client_with_certificate_is_served(strict, pki, client_leaf, 
     assert mtls_thrift_call(strict.port("in"), client_ctx(pki, client_leaf)) == 3
     lines = read_lines(peer_log, 1)
     assert any(l.startswith(f"add {CLIENT_ID} TLSv1.") for l in lines), lines
+
+
+def test_upstream_bind_config_sets_the_source_of_rpc_connections(start_proxy, strict, pki,
+                                                                 client_leaf, peer_log):
+    """A cluster's `upstream_bind_config`: the mTLS sidecar's access log
+    sees the RPC connection come from the bound address."""
+    c = tls_cluster("next", strict.port("in"), up_tls(pki, client_leaf))
+    c["upstream_bind_config"] = {"source_address": {"address": "127.0.0.7", "port_value": 0}}
+    a = start_proxy("mesh", harness.bootstrap([thrift_out("out", "next")], [c]))
+    with ThriftClient(a.port("out")) as t:
+        assert t.echo("bound") == "bound"
+    lines = read_lines(peer_log, 1)
+    deadline = time.time() + 5
+    while not any(l.startswith("echo ") for l in lines) and time.time() < deadline:
+        time.sleep(0.1)
+        lines = read_lines(peer_log, 1)
+    assert any(l.startswith(f"echo {CLIENT_ID} ") and l.endswith(" 127.0.0.7")
+               for l in lines), lines
 
 
 def test_plain_text_on_an_mtls_rpc_chain_is_closed(strict, pki, client_leaf):
