@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 
 import pytest
@@ -34,6 +33,7 @@ import rpc_peers
 import tls_certs
 from rpc_peers import NodeServer, ThriftClient, ThriftServer, dubbo_call, node_calls
 from test_access_log_format import file_log, read_lines
+from test_health_tls import TlsHttpServer
 from test_xds import control_plane  # noqa: F401 - the fixture, shared
 
 DOWN_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -467,7 +467,7 @@ def test_untrusted_or_expired_upstream_certificate_is_a_connect_failure(
 
     expired_leaf = pki.leaf("expired-server", dns=["server.local"], uris=[SERVER_ID],
                             expired=True)
-    expired = ExpiredTlsServer(expired_leaf)
+    expired = TlsHttpServer(pki, expired_leaf)
     sport = strict.port("in")
     try:
         a = start_proxy("mesh", harness.bootstrap(
@@ -494,37 +494,6 @@ def test_untrusted_or_expired_upstream_certificate_is_a_connect_failure(
             assert c.add(2, 2) == 4
     finally:
         expired.stop()
-
-
-class ExpiredTlsServer:
-    """Accepts TLS with an expired certificate (a peer mesh must refuse)."""
-
-    def __init__(self, leaf: tls_certs.Leaf):
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                conn.settimeout(5)
-                with self.ctx.wrap_socket(conn, server_side=True) as t:
-                    t.recv(1)
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-    def stop(self):
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------
