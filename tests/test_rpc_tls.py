@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -352,7 +353,7 @@ def strict(module_start_proxy, pki, server_leaf, thrift_server, peer_log):
     routes = thrift_routes()
     routes["access_log"] = [file_log(peer_log, {
         "text_format": "%REQ(:METHOD)% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION%"
-                       " %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n"})]
+                       " %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_PEER_SERIAL%\n"})]
     return module_start_proxy("mesh", harness.bootstrap(
         [mtls_inbound(rpc_peers.thrift_listener("in", routes), pki, server_leaf)],
         [harness.static_cluster("next", thrift_server.port)]))
@@ -419,8 +420,63 @@ def test_upstream_bind_config_sets_the_source_of_rpc_connections(start_proxy, st
     while not any(l.startswith("echo ") for l in lines) and time.time() < deadline:
         time.sleep(0.1)
         lines = read_lines(peer_log, 1)
-    assert any(l.startswith(f"echo {CLIENT_ID} ") and l.endswith(" 127.0.0.7")
+    assert any(l.split()[:2] == ["echo", CLIENT_ID] and l.split()[3] == "127.0.0.7"
                for l in lines), lines
+
+
+def logged_serials(peer_log, method: str) -> set[str]:
+    """The client certificate serials of `method` calls in the log."""
+    return {f[4].lower().lstrip("0") for f in (l.split() for l in read_lines(peer_log, 0))
+            if len(f) == 5 and f[0] == method}
+
+
+def test_rotated_client_certificate_reaches_new_rpc_connections(start_proxy, strict, pki,
+                                                                 peer_log, tmp_path):
+    """The cluster's client certificate comes from a watched SDS file; after
+    it rotates (a Kubernetes-style symlink swap) new RPC connections present
+    the new certificate, without a restart."""
+    from test_tls import SDS_FILE, SecretDir
+
+    leaves = [pki.leaf(f"rot-client{i}", uris=[CLIENT_ID]) for i in range(2)]
+    secret = SecretDir(tmp_path / "secret")
+    secret.publish(leaves[0].cert.read_bytes(), leaves[0].key.read_bytes())
+    sds = tmp_path / "sds.yaml"
+    sds.write_text(SDS_FILE.format(dir=secret.root))
+    ts = up_tls(pki, None)
+    ts["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"] = [{
+        "name": "server_cert",
+        "sds_config": {"path_config_source": {"path": str(sds)}, "resource_api_version": "V3"},
+    }]
+    a = start_proxy("mesh", harness.bootstrap([thrift_out("out", "next")],
+                                              [tls_cluster("next", strict.port("in"), ts)]))
+    with ThriftClient(a.port("out")) as t:
+        t.sleep(1)
+    harness.wait_until(lambda: leaves[0].serial() in logged_serials(peer_log, "sleep"),
+                       timeout=5, what="the first certificate in the log")
+    secret.publish(leaves[1].cert.read_bytes(), leaves[1].key.read_bytes())
+    harness.wait_until(lambda: leaves[1].serial() in a.admin_text("/certs"), timeout=10,
+                       what="the rotated certificate loaded")
+
+    def concurrent_calls():
+        # Calls in flight at once need connections beyond the idle one.
+        errors = []
+
+        def one():
+            try:
+                with ThriftClient(a.port("out")) as t:
+                    t.sleep(300)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        assert not errors, errors
+        return leaves[1].serial() in logged_serials(peer_log, "sleep")
+
+    assert concurrent_calls()
 
 
 def test_plain_text_on_an_mtls_rpc_chain_is_closed(strict, pki, client_leaf):
