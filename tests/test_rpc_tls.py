@@ -4,7 +4,8 @@ SOFA Bolt between them.
 The topology of every case: a real client -> proxy A (plain text
 downstream, an RPC cluster whose `UpstreamTlsContext` presents the client
 workload's certificate) -> proxy B (a filter chain matched on
-`transport_protocol: tls` with a `DownstreamTlsContext` requiring a client
+`transport_protocol: tls` and Istio's ALPN (`istio-peer-exchange`, `istio`,
+offered by A's `UpstreamTlsContext`) with a `DownstreamTlsContext` requiring a client
 certificate, a network RBAC allowing only the client's SPIFFE ID, then the
 RPC proxy) -> a real server. The same YAML runs under Envoy and mesh, in
 the four combinations on each side for Thrift and Dubbo (Envoy has no
@@ -50,6 +51,8 @@ SERVER_ID = "spiffe://cluster.local/ns/default/sa/rpc-server"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/rpc-client"
 OTHER_ID = "spiffe://cluster.local/ns/default/sa/intruder"
 GREETER = "com.mesh.test.Greeter"
+# What Istio's sidecars offer and its inbound chains match on.
+ISTIO_ALPN = ["istio-peer-exchange", "istio"]
 
 PAIRS = [pytest.param(a, b, id=f"{a}-to-{b}") for a in ("mesh", "envoy")
          for b in ("mesh", "envoy")]
@@ -84,6 +87,7 @@ def up_tls(ca: tls_certs.Pki, leaf: tls_certs.Leaf | None, sni: str = "server.lo
     }}
     if leaf:
         common["tls_certificates"] = [_certificate(leaf)]
+    common["alpn_protocols"] = ISTIO_ALPN
     return {"name": "envoy.transport_sockets.tls",
             "typed_config": {"@type": UP_TLS, "sni": sni, "common_tls_context": common}}
 
@@ -100,10 +104,11 @@ def rbac_only(principal: str) -> dict:
 
 def mtls_inbound(listener: dict, pki, server_leaf) -> dict:
     """`listener` (one RPC chain) as an Istio inbound listener: the TLS
-    inspector, the chain matched on `transport_protocol: tls`, mTLS, and
-    network RBAC before the RPC proxy."""
+    inspector, the chain matched on `transport_protocol: tls` and Istio's
+    ALPN, mTLS, and network RBAC before the RPC proxy."""
     chain = listener["filter_chains"][0]
-    chain["filter_chain_match"] = {"transport_protocol": "tls"}
+    chain["filter_chain_match"] = {"transport_protocol": "tls",
+                                   "application_protocols": ISTIO_ALPN}
     chain["transport_socket"] = down_tls(pki, server_leaf)
     chain["filters"].insert(0, rbac_only(CLIENT_ID))
     listener["listener_filters"] = [INSPECTOR]
@@ -395,6 +400,7 @@ def mtls_thrift_call(port: int, ctx: ssl.SSLContext) -> int:
 
 def client_ctx(pki, leaf=None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+    ctx.set_alpn_protocols(["istio"])
     if leaf:
         ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
     return ctx
