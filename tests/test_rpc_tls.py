@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -376,8 +376,9 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
         return False
 
 
-def mtls_thrift_call(port: int, ctx: ssl.SSLContext) -> int:
-    """One framed binary `add(1, 2)` over TLS with `ctx`; the result."""
+def tls_thrift_client(port: int, ctx: ssl.SSLContext):
+    """A framed binary `Calc` client over TLS with `ctx`, and its open
+    transport (the caller closes it)."""
     from thrift.protocol import TBinaryProtocol
     from thrift.transport import TSocket, TTransport
 
@@ -392,8 +393,14 @@ def mtls_thrift_call(port: int, ctx: ssl.SSLContext) -> int:
     sock.setTimeout(10_000)
     t = TTransport.TFramedTransport(sock)
     t.open()
+    return Calc.Client(TBinaryProtocol.TBinaryProtocol(t)), t
+
+
+def mtls_thrift_call(port: int, ctx: ssl.SSLContext) -> int:
+    """One framed binary `add(1, 2)` over TLS with `ctx`; the result."""
+    client, t = tls_thrift_client(port, ctx)
     try:
-        return Calc.Client(TBinaryProtocol.TBinaryProtocol(t)).add(1, 2)
+        return client.add(1, 2)
     finally:
         t.close()
 
@@ -463,26 +470,60 @@ def test_rotated_client_certificate_reaches_new_rpc_connections(start_proxy, str
     harness.wait_until(lambda: leaves[1].serial() in a.admin_text("/certs"), timeout=10,
                        what="the rotated certificate loaded")
 
-    def concurrent_calls():
-        # Calls in flight at once need connections beyond the idle one.
-        errors = []
+    def sleep_call(_):
+        with ThriftClient(a.port("out")) as t:
+            t.sleep(300)
 
-        def one():
-            try:
-                with ThriftClient(a.port("out")) as t:
-                    t.sleep(300)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(repr(e))
+    # Calls in flight at once need connections beyond the idle one.
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(sleep_call, range(4)))
+    harness.wait_until(lambda: leaves[1].serial() in logged_serials(peer_log, "sleep"),
+                       timeout=5, what="a new connection with the rotated certificate")
 
-        threads = [threading.Thread(target=one) for _ in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(20)
-        assert not errors, errors
-        return leaves[1].serial() in logged_serials(peer_log, "sleep")
 
-    assert concurrent_calls()
+def test_rpc_chain_server_certificate_from_rotating_sds(start_proxy, pki, client_leaf,
+                                                        thrift_server, tmp_path):
+    """The inbound RPC chain's certificate comes from a watched SDS file:
+    clients are served with it, and after a rotation new handshakes see the
+    new one while the connection opened before keeps working."""
+    from test_tls import SDS_FILE, SecretDir
+
+    if harness.mesh_missing_reason():
+        pytest.skip(harness.mesh_missing_reason())
+    leaves = [pki.leaf(f"rot-server{i}", dns=["server.local"], uris=[SERVER_ID])
+              for i in range(2)]
+    secret = SecretDir(tmp_path / "secret")
+    secret.publish(leaves[0].cert.read_bytes(), leaves[0].key.read_bytes())
+    sds = tmp_path / "sds.yaml"
+    sds.write_text(SDS_FILE.format(dir=secret.root))
+    l = mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, leaves[0])
+    common = l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+    del common["tls_certificates"]
+    common["tls_certificate_sds_secret_configs"] = [{
+        "name": "server_cert",
+        "sds_config": {"path_config_source": {"path": str(sds)}, "resource_api_version": "V3"},
+    }]
+    b = start_proxy("mesh", harness.bootstrap(
+        [l], [harness.static_cluster("next", thrift_server.port)]))
+    port = b.port("in")
+    ctx = client_ctx(pki, client_leaf)
+
+    def served_serial() -> str:
+        with socket.create_connection(("127.0.0.1", port), 10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="server.local") as t:
+                return tls_certs.der_serial(t.getpeercert(binary_form=True))
+
+    assert served_serial() == leaves[0].serial()
+    client, kept = tls_thrift_client(port, ctx)  # a connection opened before
+    try:
+        assert client.add(1, 1) == 2
+        secret.publish(leaves[1].cert.read_bytes(), leaves[1].key.read_bytes())
+        harness.wait_until(lambda: served_serial() == leaves[1].serial(), timeout=10,
+                           what="new handshakes presenting the rotated certificate")
+        assert client.add(2, 2) == 4
+        assert mtls_thrift_call(port, ctx) == 3
+    finally:
+        kept.close()
 
 
 def test_plain_text_on_an_mtls_rpc_chain_is_closed(strict, pki, client_leaf):
