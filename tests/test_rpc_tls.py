@@ -4,21 +4,23 @@ SOFA Bolt between them.
 The topology of every case: a real client -> proxy A (plain text
 downstream, an RPC cluster whose `UpstreamTlsContext` presents the client
 workload's certificate) -> proxy B (a filter chain matched on
-`transport_protocol: tls` and Istio's ALPN (`istio-peer-exchange`, `istio`,
-offered by A's `UpstreamTlsContext`) with a `DownstreamTlsContext` requiring a client
+`transport_protocol: tls` and Istio's ALPN `istio-peer-exchange`/`istio`,
+which A offers, with a `DownstreamTlsContext` requiring a client
 certificate, a network RBAC allowing only the client's SPIFFE ID, then the
 RPC proxy) -> a real server. The same YAML runs under Envoy and mesh, in
 the four combinations on each side for Thrift and Dubbo (Envoy has no
 Bolt: mesh to mesh). B seeing the client certificate is shown by its RBAC:
-a client workload with another identity is refused.
+a client workload with another identity is refused. Under Envoy and mesh
+too: the inbound chain over LDS, and bad input on it (plain text, no
+client certificate, another workload), each refused and counted while
+other connections are served.
 
 Then mesh alone: `transport_socket_matches` on an RPC cluster (an endpoint
 labelled `tlsMode: istio` gets mTLS, the other plain text, seen by which
-server answers), and bad input: plain text and a client without a
-certificate on an mTLS RPC chain, an upstream whose certificate the
-cluster does not trust, has expired or lacks the expected SAN; each is
-refused and counted while other connections are served. mesh's RPC access
-log names the client's SPIFFE ID.
+server answers); an upstream whose certificate the cluster does not
+trust, has expired or lacks the expected SAN (a connect failure, counted);
+the RPC access log naming the client's SPIFFE ID; server and client
+certificates rotated from watched SDS files; `upstream_bind_config`.
 """
 
 from __future__ import annotations
@@ -364,6 +366,14 @@ def strict(module_start_proxy, pki, server_leaf, thrift_server, peer_log):
         [harness.static_cluster("next", thrift_server.port)]))
 
 
+@pytest.fixture(scope="module", params=harness.kind_params())
+def inbound(request, module_start_proxy, pki, server_leaf, thrift_server):
+    """The mTLS inbound Thrift sidecar under Envoy and mesh."""
+    return module_start_proxy(request.param, harness.bootstrap(
+        [mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)],
+        [harness.static_cluster("next", thrift_server.port)]))
+
+
 def closed_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(seconds)
     try:
@@ -526,35 +536,35 @@ def test_rpc_chain_server_certificate_from_rotating_sds(start_proxy, pki, client
         kept.close()
 
 
-def test_plain_text_on_an_mtls_rpc_chain_is_closed(strict, pki, client_leaf):
-    port = strict.port("in")
-    before = stat(strict, "envoy_listener_ssl_connection_error") + stat(
-        strict, "envoy_listener_no_filter_chain_match")
+def test_plain_text_on_an_mtls_rpc_chain_is_closed(inbound, pki, client_leaf):
+    port = inbound.port("in")
+    before = stat(inbound, "envoy_listener_ssl_connection_error") + stat(
+        inbound, "envoy_listener_no_filter_chain_match")
     with socket.create_connection(("127.0.0.1", port)) as s:
         # A framed binary Thrift call in plain text: no chain takes it.
         s.sendall(bytes.fromhex("0000001180010001000000036164640000000100"))
         assert closed_within(s, 10), "a plain-text Thrift call was not closed"
-    assert stat(strict, "envoy_listener_ssl_connection_error") + stat(
-        strict, "envoy_listener_no_filter_chain_match") > before
+    assert stat(inbound, "envoy_listener_ssl_connection_error") + stat(
+        inbound, "envoy_listener_no_filter_chain_match") > before
     assert mtls_thrift_call(port, client_ctx(pki, client_leaf)) == 3
 
 
-def test_client_without_certificate_is_refused(strict, pki, client_leaf, thrift_server):
-    port = strict.port("in")
-    before = stat(strict, "envoy_listener_ssl_fail_verify_no_cert")
+def test_client_without_certificate_is_refused(inbound, pki, client_leaf, thrift_server):
+    port = inbound.port("in")
+    before = stat(inbound, "envoy_listener_ssl_fail_verify_no_cert")
     calls = thrift_server.calls
     with pytest.raises(Exception):
         mtls_thrift_call(port, client_ctx(pki))
     deadline = time.time() + 5
-    while stat(strict, "envoy_listener_ssl_fail_verify_no_cert") <= before and time.time() < deadline:
+    while stat(inbound, "envoy_listener_ssl_fail_verify_no_cert") <= before and time.time() < deadline:
         time.sleep(0.1)
-    assert stat(strict, "envoy_listener_ssl_fail_verify_no_cert") > before
+    assert stat(inbound, "envoy_listener_ssl_fail_verify_no_cert") > before
     assert thrift_server.calls == calls
     assert mtls_thrift_call(port, client_ctx(pki, client_leaf)) == 3
 
 
-def test_client_of_another_workload_is_denied_by_rbac(strict, pki, other_leaf, client_leaf):
-    port = strict.port("in")
+def test_client_of_another_workload_is_denied_by_rbac(inbound, pki, other_leaf, client_leaf):
+    port = inbound.port("in")
     with pytest.raises(Exception):
         mtls_thrift_call(port, client_ctx(pki, other_leaf))
     assert mtls_thrift_call(port, client_ctx(pki, client_leaf)) == 3
