@@ -573,25 +573,34 @@ def test_client_of_another_workload_is_denied_by_rbac(inbound, pki, other_leaf, 
 def test_untrusted_or_expired_upstream_certificate_is_a_connect_failure(
         start_proxy, strict, pki, foreign, client_leaf, server_leaf, thrift_server):
     """A cluster that trusts another CA, one whose SNI/SAN does not match,
-    and a sidecar serving an expired certificate: each call gets a
-    TApplicationException, counted as a connect failure and a cluster TLS
-    error; the good cluster on the same proxy keeps answering."""
+    a sidecar serving an expired certificate, and an upstream that never
+    answers the handshake: each call gets a TApplicationException (the
+    last within the connect timeout), counted as a connect failure (and a
+    cluster TLS error); the good cluster on the same proxy keeps
+    answering."""
     from thrift.Thrift import TApplicationException
 
     expired_leaf = pki.leaf("expired-server", dns=["server.local"], uris=[SERVER_ID],
                             expired=True)
     expired = TlsHttpServer(pki, expired_leaf)
+    # Accepts and never answers the ClientHello: the connect timeout
+    # (1 s) covers the handshake.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
     sport = strict.port("in")
     try:
         a = start_proxy("mesh", harness.bootstrap(
             [thrift_out("good", "good"), thrift_out("untrusted", "untrusted"),
-             thrift_out("expired", "expired"), thrift_out("wrong_sni", "wrong_sni")],
+             thrift_out("expired", "expired"), thrift_out("wrong_sni", "wrong_sni"),
+             thrift_out("silent", "silent")],
             [tls_cluster("good", sport, up_tls(pki, client_leaf)),
              tls_cluster("untrusted", sport, up_tls(foreign, client_leaf)),
              tls_cluster("expired", expired.port, up_tls(pki, client_leaf)),
              tls_cluster("wrong_sni", sport, up_tls(pki, client_leaf, sni="other.local",
-                                                    san=OTHER_ID))]))
-        for name in ("untrusted", "expired", "wrong_sni"):
+                                                    san=OTHER_ID)),
+             tls_cluster("silent", silent.getsockname()[1], up_tls(pki, client_leaf))]))
+        for name in ("untrusted", "expired", "wrong_sni", "silent"):
             with ThriftClient(a.port(name)) as c:
                 with pytest.raises(TApplicationException):
                     c.add(1, 1)
@@ -600,13 +609,16 @@ def test_untrusted_or_expired_upstream_certificate_is_a_connect_failure(
                     c.add(1, 1)
             assert stat(a, "envoy_cluster_upstream_cx_connect_fail",
                         envoy_cluster_name=name) >= 2, name
-            assert stat(a, "envoy_cluster_ssl_fail_verify_error", envoy_cluster_name=name) + stat(
-                a, "envoy_cluster_ssl_fail_verify_san", envoy_cluster_name=name) + stat(
-                a, "envoy_cluster_ssl_connection_error", envoy_cluster_name=name) >= 1, name
+            if name != "silent":
+                assert stat(a, "envoy_cluster_ssl_fail_verify_error",
+                            envoy_cluster_name=name) + stat(
+                    a, "envoy_cluster_ssl_fail_verify_san", envoy_cluster_name=name) + stat(
+                    a, "envoy_cluster_ssl_connection_error", envoy_cluster_name=name) >= 1, name
         with ThriftClient(a.port("good")) as c:
             assert c.add(2, 2) == 4
     finally:
         expired.stop()
+        silent.close()
 
 
 # --------------------------------------------------------------------------
