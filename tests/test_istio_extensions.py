@@ -7,15 +7,24 @@
   istio-h2]` (to upstream `a`) and a TLS catch-all TCP chain (to upstream
   `b`). With the override, HTTP/1.1 and HTTP/2 requests reach the HTTP chain;
   the same clusters without it land on the TCP chain.
-- Istio filters whose behaviour is not built (metadata exchange, stats) are
-  refused with their path, never accepted and ignored.
+- `istio.metadata_exchange` (HTTP): the same two sidecars exchange their
+  node metadata in `x-envoy-peer-metadata(-id)`; the applications never
+  see those headers; the value decodes with `google.protobuf.struct_pb2`
+  to Istio's keys; a malformed peer header is ignored, never a failure.
+- Istio filters whose behaviour is not built (TCP metadata exchange,
+  stats) are refused with their path, never accepted and ignored.
 """
 
 from __future__ import annotations
 
+import base64
+import socket
+import ssl
 import subprocess
 
 import pytest
+import yaml
+from google.protobuf import struct_pb2
 
 import harness
 import tls_certs
@@ -37,6 +46,45 @@ ISTIO_ALPN = {"name": "istio.alpn", "typed_config": {"@type": ALPN_TYPE, "alpn_o
     {"upstream_protocol": "HTTP11", "alpn_override": ["istio-http/1.1", "istio", "http/1.1"]},
     {"upstream_protocol": "HTTP2", "alpn_override": ["istio-h2", "istio", "h2"]},
 ]}}
+
+PEER_METADATA = "type.googleapis.com/io.istio.http.peer_metadata.Config"
+# pilot's xdsfilters.SidecarOutboundMetadataFilter / SidecarInboundMetadataFilter.
+MX_OUTBOUND = {"name": "istio.metadata_exchange", "typed_config": {
+    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct", "type_url": PEER_METADATA,
+    "value": {"upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
+              "upstream_propagation": [{"istio_headers": {}}]}}}
+MX_INBOUND = {"name": "istio.metadata_exchange", "typed_config": {
+    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct", "type_url": PEER_METADATA,
+    "value": {"downstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
+              "downstream_propagation": [{"istio_headers": {}}]}}}
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def node(name: str, app: str) -> dict:
+    """A sidecar's node as istio-agent writes it."""
+    return {"id": f"sidecar~127.0.0.1~{name}.default~default.svc.cluster.local",
+            "cluster": f"{app}.default",
+            "metadata": {"NAME": name, "NAMESPACE": "default", "WORKLOAD_NAME": f"{app}-v1",
+                         "CLUSTER_ID": "Kubernetes",
+                         "OWNER": f"kubernetes://apis/apps/v1/namespaces/default/deployments/{app}-v1",
+                         "LABELS": {"app": app, "version": "v1", "pod-template-hash": "abc",
+                                    "service.istio.io/canonical-name": app},
+                         "ISTIO_VERSION": "1.28.0"}}
+
+
+def with_node(config: str, n: dict) -> str:
+    doc = yaml.safe_load(config)
+    doc["node"] = n
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def decode_peer(value: str) -> dict:
+    s = struct_pb2.Struct()
+    s.ParseFromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+    return {k: (dict(v.struct_value.fields) if v.HasField("struct_value") else v.string_value)
+            for k, v in s.fields.items()}
+
 
 ROUTES = """
 virtual_hosts:
@@ -73,7 +121,8 @@ def down_tls(pki, leaf, alpn) -> dict:
 
 
 def server_config(pki, leaf, upstream_a, upstream_b) -> str:
-    http_chain = harness.hcm_listener("inbound", harness.catch_all_routes("a"))["filter_chains"][0]
+    http_chain = harness.hcm_listener("inbound", harness.catch_all_routes("a"), {
+        "http_filters": [MX_INBOUND, ROUTER]})["filter_chains"][0]
     http_chain.update({
         "name": "inbound-http",
         "filter_chain_match": {"transport_protocol": "tls", "application_protocols": [
@@ -88,11 +137,12 @@ def server_config(pki, leaf, upstream_a, upstream_b) -> str:
     })
     listener = {"name": "inbound", "address": harness.socket_address(0),
                 "listener_filters": [INSPECTOR], "filter_chains": [http_chain, tcp_chain]}
-    return harness.bootstrap([listener], [harness.static_cluster("a", upstream_a.port),
-                                          harness.static_cluster("b", upstream_b.port)])
+    return with_node(harness.bootstrap([listener], [harness.static_cluster("a", upstream_a.port),
+                                                    harness.static_cluster("b", upstream_b.port)]),
+                     node("reviews-v1-pod", "reviews"))
 
 
-def client_config(pki, leaf, server_port) -> str:
+def client_config(pki, leaf, server_port, upstream_a) -> str:
     clusters = []
     for name, h2 in (("server_h1", False), ("server_h2", True)):
         c = harness.static_cluster(name, server_port, http2=h2)
@@ -103,10 +153,14 @@ def client_config(pki, leaf, server_port) -> str:
                                              SERVER_ID)}}
         clusters.append(c)
     with_alpn = harness.hcm_listener("outbound", ROUTES, {
-        "codec_type": "AUTO", "http_filters": [ISTIO_ALPN, {"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]})
+        "codec_type": "AUTO", "http_filters": [MX_OUTBOUND, ISTIO_ALPN, ROUTER]})
     without = harness.hcm_listener("plain", ROUTES, {"codec_type": "AUTO"})
-    return harness.bootstrap([with_alpn, without], clusters)
+    # Outbound straight to an application (no sidecar there): what goes on the wire.
+    direct = harness.hcm_listener("direct", harness.catch_all_routes("app"), {
+        "http_filters": [MX_OUTBOUND, ROUTER]})
+    clusters.append(harness.static_cluster("app", upstream_a.port))
+    return with_node(harness.bootstrap([with_alpn, without, direct], clusters),
+                     node("productpage-v1-pod", "productpage"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +168,8 @@ def sidecars(module_start_proxy, pki, upstream_a, upstream_b):
     server_leaf = pki.leaf("server", uris=[SERVER_ID])
     client_leaf = pki.leaf("client", uris=[CLIENT_ID])
     server = module_start_proxy("mesh", server_config(pki, server_leaf, upstream_a, upstream_b))
-    client = module_start_proxy("mesh", client_config(pki, client_leaf, server.port("inbound")))
+    client = module_start_proxy("mesh", client_config(pki, client_leaf, server.port("inbound"),
+                                                      upstream_a))
     return client, server
 
 
@@ -162,11 +217,6 @@ def test_bad_istio_alpn_config_is_refused_with_its_path(tmp_path):
 @pytest.mark.parametrize("name,typed_config,reason", [
     ("istio.stats", {"@type": "type.googleapis.com/stats.PluginConfig"},
      "istio.stats: Istio's standard metrics are not implemented yet"),
-    ("istio.metadata_exchange", {
-        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-        "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config",
-        "value": {"upstream_discovery": [{"istio_headers": {}}]}},
-     "istio.metadata_exchange: the peer metadata exchange is not implemented yet"),
 ])
 def test_unbuilt_istio_http_filters_are_refused_not_ignored(tmp_path, name, typed_config, reason):
     cfg = harness.bootstrap([harness.hcm_listener("l", harness.catch_all_routes("c"), {
@@ -181,3 +231,77 @@ def test_unbuilt_istio_http_filters_are_refused_not_ignored(tmp_path, name, type
     assert p.returncode != 0
     assert f"unsupported: static_resources.listeners[0].filter_chains[0].filters[0]" \
            f".typed_config.http_filters[0] ({reason})" in err, err
+
+
+def test_metadata_exchange_between_sidecars_never_reaches_the_apps(sidecars):
+    client, _ = sidecars
+    port = client.port("outbound")
+    r = harness.request(port, path="/mx")
+    assert r.status == 200 and r.upstream == "a", (r.status, r.body)
+    # The server's application saw no exchange header, the client's app
+    # gets none back either (read and removed by each sidecar).
+    seen = {k.lower() for k in r.json()["headers"]}
+    assert not {"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"} & seen, seen
+    assert r.header("x-envoy-peer-metadata") is None
+    assert r.header("x-envoy-peer-metadata-id") is None
+    r = harness.h2_request(port, path="/h2/mx")
+    assert r.status == 200 and r.header("x-envoy-peer-metadata") is None
+
+
+def test_metadata_exchange_wire_format(sidecars):
+    client, _ = sidecars
+    r = harness.request(client.port("direct"), path="/wire")
+    assert r.status == 200, r.body
+    headers = {k.lower(): v for k, v in r.json()["headers"].items()}
+    assert headers["x-envoy-peer-metadata-id"] == \
+        "sidecar~127.0.0.1~productpage-v1-pod.default~default.svc.cluster.local"
+    peer = decode_peer(headers["x-envoy-peer-metadata"])
+    assert peer["NAME"] == "productpage-v1-pod"
+    assert peer["NAMESPACE"] == "default"
+    assert peer["WORKLOAD_NAME"] == "productpage-v1"
+    assert peer["CLUSTER_ID"] == "Kubernetes"
+    assert peer["OWNER"] == "kubernetes://apis/apps/v1/namespaces/default/deployments/productpage-v1"
+    labels = {k: v.string_value for k, v in peer["LABELS"].items()}
+    # Istio sends only its canonical labels.
+    assert labels == {"app": "productpage", "version": "v1",
+                      "service.istio.io/canonical-name": "productpage"}
+
+
+def test_inbound_answers_with_its_metadata_and_ignores_malformed_peers(sidecars, pki):
+    _, server = sidecars
+    port = server.port("inbound")
+    leaf = pki.leaf("curl-client", uris=[CLIENT_ID])
+
+    def call(extra_headers):
+        """An HTTP/1.1 request over mTLS offering Istio's ALPN (as a sidecar)."""
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+        ctx.set_alpn_protocols(["istio-http/1.1", "istio", "http/1.1"])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw) as s:
+                head = "GET /in HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n"
+                head += "".join(f"{h}\r\n" for h in extra_headers) + "\r\n"
+                s.sendall(head.encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        return data.decode(errors="replace").split("\r\n\r\n", 1)[0], ""
+
+    mine = base64.b64encode(struct_pb2.Struct(fields={
+        "NAME": struct_pb2.Value(string_value="curl-pod")}).SerializeToString()).decode()
+    out, err = call([f"x-envoy-peer-metadata: {mine}", "x-envoy-peer-metadata-id: curl"])
+    lines = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip()
+             for l in out.split("\r\n")[1:] if ":" in l}
+    assert out.startswith("HTTP/1.1 200"), (out, err)
+    assert lines["x-envoy-peer-metadata-id"].startswith("sidecar~127.0.0.1~reviews-v1-pod")
+    assert decode_peer(lines["x-envoy-peer-metadata"])["WORKLOAD_NAME"] == "reviews-v1"
+    # A peer that sent none gets none back.
+    out, err = call([])
+    assert out.startswith("HTTP/1.1 200"), (out, err)
+    assert "x-envoy-peer-metadata" not in out.lower()
+    # Malformed values are ignored: the request is served.
+    for bad in ["!!!not base64", "AAAA", "/w=="]:
+        out, err = call([f"x-envoy-peer-metadata: {bad}"])
+        assert out.startswith("HTTP/1.1 200"), (bad, out, err)
+    assert server.alive()

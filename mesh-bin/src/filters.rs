@@ -159,8 +159,12 @@ impl FilterChain {
             let meta = config.http_filter_meta.get(i).cloned().unwrap_or_default();
             let kind = match f {
                 // RBAC runs before every other filter, in `HttpProxy::handle`;
-                // `istio.alpn` acts where the router picks a pool.
-                HttpFilter::Router | HttpFilter::Rbac(_) | HttpFilter::IstioAlpn(_) => continue,
+                // `istio.alpn` acts where the router picks a pool, the
+                // metadata exchange in `HttpProxy::handle`.
+                HttpFilter::Router
+                | HttpFilter::Rbac(_)
+                | HttpFilter::IstioAlpn(_)
+                | HttpFilter::IstioPeerMetadata(_) => continue,
                 HttpFilter::Fault(c) => Kind::Fault(
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,
