@@ -1406,18 +1406,9 @@ impl HttpProxy {
                     }
                     _ => {}
                 }
-                match e.kind() {
-                    FailureKind::Connect => {
-                        cstats.cx_connect_fail.inc();
-                        endpoint.stats.cx_connect_fail.inc();
-                        cstats.record_status(503);
-                    }
-                    FailureKind::Reset => {
-                        cstats.rq_rx_reset.inc();
-                        cstats.record_status(503);
-                    }
-                    _ => cstats.record_status(502),
-                }
+                // A retried try never failed on a circuit breaker (that
+                // failure is final).
+                crate::mirror::count_failure(cluster, endpoint, e);
             }
             Err(_) => {
                 endpoint.stats.rq_error.inc();
