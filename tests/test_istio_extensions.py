@@ -18,9 +18,12 @@
 from __future__ import annotations
 
 import base64
+import copy
+import json
 import socket
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,6 +31,7 @@ from google.protobuf import struct_pb2
 
 import harness
 import tls_certs
+from test_xds import control_plane, control_plane_bin, settle, xds_bootstrap  # noqa: F401
 
 pytestmark = pytest.mark.skipif(harness.mesh_missing_reason() is not None,
                                 reason=harness.mesh_missing_reason() or "")
@@ -305,3 +309,98 @@ def test_inbound_answers_with_its_metadata_and_ignores_malformed_peers(sidecars,
         out, err = call([f"x-envoy-peer-metadata: {bad}"])
         assert out.startswith("HTTP/1.1 200"), (bad, out, err)
     assert server.alive()
+
+
+# --------------------------------------------------------------------------
+# istiod's sidecar LDS/CDS over xDS (the example control plane, SotW and delta)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "istiod_sidecar.json"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+UNBUILT = ("type.googleapis.com/stats.PluginConfig",
+           "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange")
+
+
+def _unbuilt(f: dict) -> bool:
+    tc = f.get("typedConfig", {})
+    return tc.get("@type") in UNBUILT or tc.get("typeUrl") in UNBUILT
+
+
+def istiod_resources(upstream_port: int, without_unbuilt: bool) -> dict[str, list]:
+    doc = json.loads(FIXTURE.read_text())
+    listeners, clusters = copy.deepcopy(doc["listeners"]), copy.deepcopy(doc["clusters"])
+    for l in listeners:
+        # Ports of this test's own: istiod's 15001/15006 may be taken here
+        # (the per-service listeners do not bind).
+        if l.get("bindToPort", True):
+            l["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": 0}}
+        if without_unbuilt:
+            for chain in l["filterChains"]:
+                chain["filters"] = [f for f in chain["filters"] if not _unbuilt(f)]
+                for f in chain["filters"]:
+                    hf = f["typedConfig"].get("httpFilters")
+                    if hf is not None:
+                        f["typedConfig"]["httpFilters"] = [h for h in hf if not _unbuilt(h)]
+                    # Tracing is not built either: a route's span name.
+                    for vh in f["typedConfig"].get("routeConfig", {}).get("virtualHosts", []):
+                        for r in vh["routes"]:
+                            r.pop("decorator", None)
+    # The secrets come from istio-agent, which is not here: the TLS chains
+    # stop waiting for them after 1 s (istiod writes 0s, wait forever).
+    text = json.dumps(listeners).replace('"initialFetchTimeout": "0s", "resourceApiVersion": "V3"}}',
+                                         '"initialFetchTimeout": "1s", "resourceApiVersion": "V3"}}')
+    listeners = json.loads(text)
+    for c in clusters:
+        if without_unbuilt and "filters" in c:
+            c["filters"] = [f for f in c["filters"] if not _unbuilt(f)]
+    route = {"@type": ROUTE_TYPE, "name": "9080", "virtual_hosts": [{
+        "name": "reviews.default.svc.cluster.local:9080", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"}, "route": {
+            "cluster": "outbound|9080||reviews.default.svc.cluster.local"}}]}]}
+    endpoints = [{"@type": ENDPOINT_TYPE, "cluster_name": name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": harness.socket_address(upstream_port)}}]}]}
+        for name in ("outbound|9080||reviews.default.svc.cluster.local",
+                     "outbound|27017||mongodb.default.svc.cluster.local")]
+    return {
+        "clusters": [{"@type": CLUSTER_TYPE, **c} for c in clusters],
+        "endpoints": endpoints,
+        "routes": [route],
+        "listeners": [{"@type": LISTENER_TYPE, **l} for l in listeners],
+    }
+
+
+@pytest.mark.skipif(not control_plane_bin().exists(),
+                    reason="cargo build -p mesh-examples --example xds_control_plane")
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+def test_istiod_sidecar_resources_over_xds(api_type, start_proxy, control_plane, upstream_a):
+    node = "sidecar~127.0.0.1~reviews-v1.default~default.svc.cluster.local"
+    cp = control_plane([node])
+    # Istio's resources with istio.alpn and the HTTP metadata exchange
+    # (TypedStruct) in their chains: decoded and ACKed.
+    for name, resources in istiod_resources(upstream_a.port, True).items():
+        cp.write(name, resources)
+    settle()
+    boot = yaml.safe_load(xds_bootstrap(node, cp.port, api_type))
+    # Istio's bootstrap names the agent's SDS server `sds-grpc`: here the
+    # control plane, which has no secrets to give (the TLS chains wait).
+    boot["static_resources"]["clusters"].append(
+        harness.static_cluster("sds-grpc", [cp.port], http2=True))
+    proxy = start_proxy("mesh", yaml.safe_dump(boot))
+    s = cp.wait_status(node, lambda s: {"CDS", "EDS", "LDS", "RDS"} <= set(s.get("acked", {})))
+    assert not s.get("nacked"), s
+    assert proxy.port("virtualOutbound") > 0
+    # The untrimmed push: istio.stats and the TCP metadata exchange decode
+    # (Istio's descriptors) and are refused by name, not as unknown types;
+    # the proxy keeps its listeners.
+    for name, resources in istiod_resources(upstream_a.port, False).items():
+        cp.write(name, resources)
+    s = cp.wait_status(node, lambda s: {"LDS", "CDS"} <= set(s.get("nacked", {})))
+    assert "istio.stats: Istio's standard metrics are not implemented yet" in \
+        s["nacked"]["LDS"]["error"], s
+    assert "istio-peer-exchange" in s["nacked"]["CDS"]["error"], s
+    # A later snapshot version may be ACKed for LDS (the control plane
+    # versions all types together); what matters is that it still serves.
+    assert "LDS" in s["acked"]
+    assert proxy.port("virtualOutbound") > 0 and proxy.alive()

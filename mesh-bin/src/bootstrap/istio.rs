@@ -346,8 +346,9 @@ mod tests {
             }
         }
         for c in doc["clusters"].as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
             for e in errors(cluster_from_json(&over_xds(types::CLUSTER, c))) {
-                all.push(format!("cluster: {e}"));
+                all.push(format!("{name}: {e}"));
             }
         }
         let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
@@ -364,7 +365,8 @@ mod tests {
             format!("virtualInbound: unsupported: filter_chains[1].{hf}[3] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[0] {mx}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
-            format!("cluster: unsupported: filters[0] {mx}"),
+            format!("outbound|9080||reviews.default.svc.cluster.local: unsupported: filters[0] {mx}"),
+            format!("outbound|27017||mongodb.default.svc.cluster.local: unsupported: filters[0] {mx}"),
         ];
         assert_eq!(all, expected);
     }
