@@ -404,3 +404,19 @@ def test_istiod_sidecar_resources_over_xds(api_type, start_proxy, control_plane,
     # versions all types together); what matters is that it still serves.
     assert "LDS" in s["acked"]
     assert proxy.port("virtualOutbound") > 0 and proxy.alive()
+
+
+def test_istio_filters_cannot_be_switched_per_route_yet(tmp_path):
+    """A route turning `istio.alpn` off is refused, not ignored."""
+    routes = yaml.safe_load(harness.catch_all_routes("c"))
+    routes["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] = {"istio.alpn": {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    cfg = harness.bootstrap([harness.hcm_listener("l", routes, {
+        "http_filters": [ISTIO_ALPN, ROUTER]})], [harness.static_cluster("c", 1)])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg)
+    p = subprocess.run([str(harness.mesh_bin()), "run", "-c", str(path)],
+                       capture_output=True, timeout=30)
+    err = p.stderr.decode()
+    assert p.returncode != 0
+    assert "http_filters[0]: turning istio.alpn off or on per route is not supported" in err, err
