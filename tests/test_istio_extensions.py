@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -371,7 +372,7 @@ def istiod_resources(upstream_port: int, without_unbuilt: bool) -> dict[str, lis
     }
 
 
-@pytest.mark.skipif(not control_plane_bin().exists(),
+@pytest.mark.skipif(not control_plane_bin().exists() and not os.environ.get("MESH_REQUIRE"),
                     reason="cargo build -p mesh-examples --example xds_control_plane")
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_istiod_sidecar_resources_over_xds(api_type, start_proxy, control_plane, upstream_a):
