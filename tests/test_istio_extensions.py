@@ -321,7 +321,8 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 UNBUILT = ("type.googleapis.com/stats.PluginConfig",
-           "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange")
+           "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+           "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig")
 
 
 def _unbuilt(f: dict) -> bool:

@@ -334,7 +334,8 @@ mod tests {
     /// istiod's untrimmed sidecar LDS/CDS decodes over xDS (Istio's
     /// descriptors, TypedStruct unwrapped) and every field is read: the only
     /// refusals are the Istio filters whose behaviour is not built yet,
-    /// each named by path.
+    /// Envoy's gRPC stats filter and a route's tracing `decorator`, each
+    /// named by path.
     #[test]
     fn istiod_fixture_decodes_and_refuses_only_unbuilt_filters() {
         let doc: Value = serde_json::from_str(FIXTURE).unwrap();
@@ -354,15 +355,19 @@ mod tests {
         let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
         let mx = "(istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet)";
         let hf = "filters[0].typed_config.http_filters";
+        let grpc_stats = "(HTTP filter envoy.extensions.filters.http.grpc_stats.v3.FilterConfig)";
         let expected = [
             format!("virtualOutbound: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualOutbound: unsupported: filter_chains[1].filters[0] {stats}"),
-            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[4] {stats}"),
+            // istiod puts Envoy's gRPC stats filter in every HTTP chain.
+            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[1] {grpc_stats}"),
+            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[5] {stats}"),
             format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),
             // Tracing is not built: a route's `decorator` names its span.
             "virtualInbound: unsupported: filter_chains[1].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].decorator".to_string(),
-            format!("virtualInbound: unsupported: filter_chains[1].{hf}[3] {stats}"),
+            format!("virtualInbound: unsupported: filter_chains[1].{hf}[1] {grpc_stats}"),
+            format!("virtualInbound: unsupported: filter_chains[1].{hf}[4] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[0] {mx}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
             format!("outbound|9080||reviews.default.svc.cluster.local: unsupported: filters[0] {mx}"),
