@@ -393,13 +393,11 @@ impl WorkerChains {
         };
         if let (Some(worker), None) = (rpc, &chain.rbac) {
             // RPC chains are plain text (TLS on them is refused at start).
-            let a = Accepted {
-                stream,
-                peer,
-                local,
-                guard,
-            };
-            return worker.handle(a, self.drain.clone()).await;
+            // The listener's log line counts the connection's bytes.
+            let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
+            return worker
+                .handle_stream(stream, peer, local, guard, self.drain.clone())
+                .await;
         }
         let conn = Conn {
             peer,

@@ -375,6 +375,21 @@ impl RpcWorker {
             guard,
             ..
         } = accepted;
+        self.handle_stream(stream, peer, local, guard, stop).await
+    }
+
+    /// [`RpcWorker::handle`] for any byte stream (a metered one, for the
+    /// listener's access log).
+    pub async fn handle_stream<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        guard: mesh_core::listener::ConnectionGuard,
+        stop: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let stats = &self.shared.stats;
         stats.cx_total.inc();
         let _cx = GaugeGuard::new(&stats.cx_active);

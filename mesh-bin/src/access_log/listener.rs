@@ -248,11 +248,15 @@ impl ConnLog {
 }
 
 impl TcpOutcome {
-    /// Envoy's tcp_proxy adds `URX` when a connect failure used up its
-    /// connect attempts (one: mesh does not retry connects).
-    pub fn extra_flag(&self) -> Option<ResponseFlag> {
-        (self.flag == Some(ResponseFlag::UpstreamConnectionFailure))
-            .then_some(ResponseFlag::UpstreamRetryLimitExceeded)
+    /// The connection's flags in the order Envoy sets them: its tcp_proxy
+    /// adds `URX` after `UF` when a connect failure used up its connect
+    /// attempts (one: mesh does not retry connects).
+    pub fn extra_flags(&self) -> super::flags::FlagSet {
+        let mut s = super::flags::FlagSet::of(self.flag);
+        if self.flag == Some(ResponseFlag::UpstreamConnectionFailure) {
+            s.insert(ResponseFlag::UpstreamRetryLimitExceeded);
+        }
+        s
     }
 }
 
@@ -277,11 +281,12 @@ impl Drop for ConnLog {
         };
         let rec = LogRecord {
             flag: self.flag.or(tcp.flag),
-            extra_flag: tcp.extra_flag(),
+            extra_flags: tcp.extra_flags(),
             details: self.details,
             bytes_received: m.received.load(Ordering::Relaxed),
             bytes_sent: m.sent.load(Ordering::Relaxed),
             upstream_host: tcp.upstream,
+            upstream_unconnected: tcp.upstream_local.is_none(),
             upstream_local: tcp.upstream_local,
             upstream_failure: tcp.failure.as_deref(),
             upstream_cluster: tcp.cluster.as_ref().map(|c| c.config.name.as_str()),
