@@ -5,9 +5,11 @@ with Envoy on the same YAML.
 Envoy writes the flags in the order it set them: retries that end on a
 connect failure log `URX,UF` (the retry decision comes before the last
 try's failure is recorded), on a reset `URX,UC`; a retry refused by the
-`max_retries` breaker logs `UO,UF`; an injected delay adds `DI` (`DI,FI`
-with an abort), and a `response_flag_filter` on `URX` picks the lines that
-carry it among others. `%REQUEST_DURATION%` of a request with a body is
+`max_retries` breaker logs `UO,UF`, tries that all ran out of their
+`per_try_timeout` `URX,UT` (details `upstream_per_try_timeout`); an
+injected delay adds `DI` (`DI,FI` with an abort), and a
+`response_flag_filter` on `URX` picks the lines that carry it among
+others. `%REQUEST_DURATION%` of a request with a body is
 the time to its last byte (not `-`), `%BYTES_RECEIVED%` counts a chunked
 body, `%UPSTREAM_TRANSPORT_FAILURE_REASON%` names the socket error of a
 refused connect, which the details carry too, and the upstream
@@ -47,10 +49,13 @@ JSON = {
 PAUSE = 0.3
 
 
-def _route(prefix: str, cluster: str, retry_on: str | None = None) -> dict:
+def _route(prefix: str, cluster: str, retry_on: str | None = None,
+           per_try_timeout: str | None = None) -> dict:
     route = {"cluster": cluster, "timeout": "5s"}
     if retry_on:
         route["retry_policy"] = {"retry_on": retry_on, "num_retries": 1}
+    if per_try_timeout:
+        route["retry_policy"]["per_try_timeout"] = per_try_timeout
     return {"match": {"prefix": prefix}, "route": route}
 
 
@@ -77,6 +82,7 @@ def lines(tmp_path_factory, upstream_a, refused, hangup_upstream):
             _route("/uf-once", "dead"),
             _route("/uc-retried", "hangup", "reset"),
             _route("/uo", "dead_no_retries", "connect-failure"),
+            _route("/delay/", "a", "5xx", "0.2s"),
             _route("/", "a"),
         ]}]}
         no_retries = harness.static_cluster("dead_no_retries", refused)
@@ -103,7 +109,8 @@ def lines(tmp_path_factory, upstream_a, refused, hangup_upstream):
                      no_retries], hcm)
         with harness.start_proxy(kind, cfg) as proxy:
             port = proxy.port()
-            expect = {"/uf-retried": 503, "/uf-once": 503, "/uc-retried": 503, "/uo": 503}
+            expect = {"/uf-retried": 503, "/uf-once": 503, "/uc-retried": 503, "/uo": 503,
+                      "/delay/1": 504}
             for path, status in expect.items():
                 assert harness.request(port, "GET", path).status == status, (kind, path)
             delayed = harness.request(port, "GET", "/delayed",
@@ -134,6 +141,7 @@ def test_several_flags_on_one_line(lines):
         "/uf-once": "UF",
         "/uc-retried": "URX,UC",
         "/uo": "UO,UF",
+        "/delay/1": "URX,UT",
         "/delayed": "DI",
         "/aborted": "DI,FI",
         "/post": "-",
@@ -146,9 +154,12 @@ def test_several_flags_on_one_line(lines):
         "delayed_connect_error:_Connection_refused}"), rows
     assert rows["/uc-retried"]["details"] == \
         "upstream_reset_before_response_started{connection_termination}", rows
+    # Both tries ran out of their per_try_timeout.
+    assert (rows["/delay/1"]["details"], rows["/delay/1"]["attempts"]) == \
+        ("upstream_per_try_timeout", 2), rows
     assert rows["/delayed"]["details"] == "via_upstream"
     assert rows["/aborted"]["details"] == "fault_filter_abort"
-    assert urx == ["/uc-retried URX,UC", "/uf-retried URX,UF"]
+    assert urx == ["/delay/1 URX,UT", "/uc-retried URX,UC", "/uf-retried URX,UF"]
     if "envoy" in lines:
         env_rows, env_urx = lines["envoy"]
         assert {p: r["flags"] for p, r in env_rows.items()} == flags

@@ -448,6 +448,11 @@ impl AccessLogger {
 #[derive(Debug, Clone)]
 pub struct UpstreamFailure(pub String);
 
+/// `%RESPONSE_CODE_DETAILS%` of a proxy-made HTTP response when its flag
+/// alone does not tell (`upstream_per_try_timeout`), in its extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalDetails(pub &'static str);
+
 /// What an RPC request's log line needs from the request, captured
 /// before it is sent (see [`AccessLogger::capture_rpc`]).
 #[derive(Debug, Default)]

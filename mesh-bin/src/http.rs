@@ -40,7 +40,7 @@ use mesh_filter::retry::{
 
 use crate::access_log::flags::FlagSet;
 use crate::access_log::listener::connect_failure_reason;
-use crate::access_log::{AccessLogger, HttpLogEntry, UpstreamFailure};
+use crate::access_log::{AccessLogger, HttpLogEntry, LocalDetails, UpstreamFailure};
 use crate::cluster::{ClusterManager, WorkerCluster};
 use crate::filters::{Decision as FilterDecision, FilterChain};
 
@@ -237,8 +237,10 @@ impl HttpProxy {
             }
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
             logger.capture_response(&mut entry, resp.headers());
-            let details =
-                crate::access_log::failure_details(flag, entry.upstream_failure.as_deref());
+            let details = match resp.extensions().get::<LocalDetails>() {
+                Some(d) => d.0.into(),
+                None => crate::access_log::failure_details(flag, entry.upstream_failure.as_deref()),
+            };
             logger.log_http(
                 &entry,
                 &crate::access_log::HttpEnd {
@@ -812,6 +814,10 @@ impl HttpProxy {
             resp.extensions_mut().insert(FlagSet::of(Some(extra)));
         }
         resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
+        if matches!(failure, Failure::Timeout(Expiry::PerTry)) {
+            resp.extensions_mut()
+                .insert(LocalDetails("upstream_per_try_timeout"));
+        }
         if let (Failure::Upstream(UpstreamError::Connect(e)), Some(_)) =
             (&failure, &self.shared.access_log)
         {
