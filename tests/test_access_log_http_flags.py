@@ -13,7 +13,8 @@ others. `%REQUEST_DURATION%` of a request with a body is
 the time to its last byte (not `-`), `%BYTES_RECEIVED%` counts a chunked
 body, `%UPSTREAM_TRANSPORT_FAILURE_REASON%` names the socket error of a
 refused connect, which the details carry too, and the upstream
-connection's local address is on the lines of upstream responses.
+connection's local address is on the lines of upstream responses. A
+request whose client leaves before the response is logged with `DC`.
 """
 
 from __future__ import annotations
@@ -221,3 +222,23 @@ def test_upstream_addresses_on_http_lines(lines, upstream_a):
             assert env["remote"] == mesh["remote"], (path, env, mesh)
             if mesh["local"] is not None:
                 assert env["local_ip"] == mesh["local_ip"], (path, env, mesh)
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_a_request_whose_client_left_is_logged(kind, start_proxy, tmp_path, upstream_a):
+    """The client closes while the upstream is still working: the line is
+    not lost, it says `DC` with status 0, as Envoy's."""
+    log = tmp_path / "dc.log"
+    fmt = ("%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% "
+           "%UPSTREAM_HOST% %UPSTREAM_REQUEST_ATTEMPT_COUNT%\n")
+    cfg = harness.simple_http_bootstrap(
+        harness.catch_all_routes("a"), [harness.static_cluster("a", upstream_a.port)],
+        {"access_log": [file_log(log, {"text_format": fmt})]})
+    proxy = start_proxy(kind, cfg)
+    with socket.create_connection(("127.0.0.1", proxy.port())) as s:
+        s.sendall(b"GET /delay/1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        time.sleep(0.3)
+    flush(proxy)
+    got = read_lines(log, 1, timeout=5)
+    assert got == [f"/delay/1 0 DC downstream_remote_disconnect 127.0.0.1:{upstream_a.port} 1"], \
+        got

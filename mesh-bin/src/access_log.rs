@@ -336,6 +336,7 @@ impl AccessLogger {
             body: None,
             upstream_failure: None,
             upstream_local: None,
+            upstream_host: None,
         }
     }
 
@@ -559,6 +560,45 @@ pub struct HttpLogEntry {
     /// The local address of the upstream connection that carried the
     /// response (when a format reads it).
     pub upstream_local: Option<SocketAddr>,
+    /// The endpoint of the latest try.
+    pub upstream_host: Option<SocketAddr>,
+}
+
+/// An HTTP request's log entry until its line is written. A request whose
+/// handling ends before a response, because the downstream went away, is
+/// logged when dropped, as Envoy logs it: status 0, `DC`,
+/// `downstream_remote_disconnect`.
+#[derive(Debug)]
+pub struct PendingHttpLog<'a> {
+    logger: Option<&'a AccessLogger>,
+    /// The entry; taken when the line is written or handed on.
+    pub entry: Option<HttpLogEntry>,
+}
+
+impl<'a> PendingHttpLog<'a> {
+    /// Holds `entry` for `logger`.
+    pub fn new(logger: Option<&'a AccessLogger>, entry: Option<HttpLogEntry>) -> Self {
+        PendingHttpLog { logger, entry }
+    }
+}
+
+impl Drop for PendingHttpLog<'_> {
+    fn drop(&mut self) {
+        if let (Some(l), Some(e)) = (self.logger, self.entry.take()) {
+            let flag = Some(ResponseFlag::DownstreamConnectionTermination);
+            l.log_http(
+                &e,
+                &HttpEnd {
+                    status: 0,
+                    details: response_code_details(flag, false),
+                    flag,
+                    bytes_sent: 0,
+                    upstream: e.upstream_host,
+                    trailers: &[],
+                },
+            );
+        }
+    }
 }
 
 impl HttpLogEntry {

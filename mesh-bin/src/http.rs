@@ -40,7 +40,9 @@ use mesh_filter::retry::{
 
 use crate::access_log::flags::FlagSet;
 use crate::access_log::listener::connect_failure_reason;
-use crate::access_log::{AccessLogger, HttpLogEntry, LocalDetails, UpstreamFailure};
+use crate::access_log::{
+    AccessLogger, HttpLogEntry, LocalDetails, PendingHttpLog, UpstreamFailure,
+};
 use crate::cluster::{ClusterManager, WorkerCluster};
 use crate::filters::{Decision as FilterDecision, FilterChain};
 
@@ -203,20 +205,24 @@ impl HttpProxy {
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
-        let mut log = self.shared.access_log.as_ref().map(|l| {
-            let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
-            if http_body::Body::is_end_stream(req.body()) {
-                e.request_duration = Some(e.started.elapsed());
-            }
-            e
-        });
+        let logger = self.shared.access_log.as_ref();
+        let mut log = PendingHttpLog::new(
+            logger,
+            logger.map(|l| {
+                let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
+                if http_body::Body::is_end_stream(req.body()) {
+                    e.request_duration = Some(e.started.elapsed());
+                }
+                e
+            }),
+        );
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
         });
         let mut resp = match denied {
             Some(resp) => resp,
-            None => self.route_and_forward(req, &info, &mut log).await,
+            None => self.route_and_forward(req, &info, &mut log.entry).await,
         };
         if grpc
             && resp.extensions().get::<ResponseFlag>().is_some()
@@ -225,7 +231,7 @@ impl HttpProxy {
             resp = grpc_local_reply(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
-        if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
+        if let (Some(mut entry), Some(logger)) = (log.entry.take(), logger) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
@@ -1033,6 +1039,7 @@ impl HttpProxy {
             attempt += 1;
             if let Some(e) = log.as_mut() {
                 e.attempts = Some(attempt);
+                e.upstream_host = Some(endpoint.addr);
             }
             let try_body = match &mut body {
                 TryBody::Once(b) => b.take().unwrap_or_default(),
