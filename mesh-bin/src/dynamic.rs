@@ -1517,26 +1517,15 @@ impl Manager {
     }
 
     /// Refuses a listener whose TLS contexts or network RBAC cannot be
-    /// built (the error names the field; SDS secrets may arrive later),
-    /// or that has TLS or RBAC before an RPC proxy (not supported yet).
+    /// built (the error names the field; SDS secrets may arrive later).
     fn check_listener(&self, l: &Listener) -> Result<(), String> {
         for (ci, c) in l.filter_chains.iter().enumerate() {
             if let Some(t) = &c.tls {
-                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
-                    return Err(format!(
-                        "unsupported: filter_chains[{ci}].transport_socket (TLS on an RPC proxy chain is not supported yet)"
-                    ));
-                }
                 ServerTls::new(t, Some(self.cx.secrets.clone()), TlsStats::detached()).map_err(
                     |e| format!("filter_chains[{ci}].transport_socket.typed_config.{e}"),
                 )?;
             }
             if let Some(r) = &c.rbac {
-                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
-                    return Err(format!(
-                        "unsupported: filter_chains[{ci}].filters[0] (envoy.filters.network.rbac before an RPC proxy is not supported yet)"
-                    ));
-                }
                 crate::rbac::network_rbac(r, &self.cx.store)
                     .map_err(|e| format!("filter_chains[{ci}].filters[0].typed_config.{e}"))?;
             }

@@ -158,8 +158,9 @@ impl FilterChain {
         for (i, f) in config.http_filters.iter().enumerate() {
             let meta = config.http_filter_meta.get(i).cloned().unwrap_or_default();
             let kind = match f {
-                // RBAC runs before every other filter, in `HttpProxy::handle`.
-                HttpFilter::Router | HttpFilter::Rbac(_) => continue,
+                // RBAC runs before every other filter, in `HttpProxy::handle`;
+                // `istio.alpn` acts where the router picks a pool.
+                HttpFilter::Router | HttpFilter::Rbac(_) | HttpFilter::IstioAlpn(_) => continue,
                 HttpFilter::Fault(c) => Kind::Fault(
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,

@@ -123,6 +123,8 @@ pub struct HcmShared {
     pub filters: FilterChain,
     /// `envoy.filters.http.rbac`, checked before routing.
     rbac: Option<mesh_filter::rbac::RbacFilter>,
+    /// `istio.alpn`: the ALPN upstream TLS connections offer.
+    istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
 }
 
 impl HcmShared {
@@ -137,6 +139,7 @@ impl HcmShared {
         let filters = FilterChain::new(config, &routes, store)?;
         let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
+            istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
             filters,
             rbac,
             access_log,
@@ -1092,7 +1095,12 @@ impl HttpProxy {
             }
             let upstream_req = Request::from_parts(head, try_body);
 
-            let Some(pool) = cluster.pool(&endpoint, h2) else {
+            let alpn = self
+                .shared
+                .istio_alpn
+                .as_ref()
+                .and_then(|a| a.for_request(cluster.entry.config.protocol, down_version, h2));
+            let Some(pool) = cluster.pool_with_alpn(&endpoint, h2, alpn) else {
                 // `max_connection_pools`: Envoy's router finds no pool and
                 // answers as with no healthy upstream.
                 return self.local_reply(

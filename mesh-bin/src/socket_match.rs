@@ -144,10 +144,18 @@ impl SocketMatches {
         i: Option<u32>,
         default: &Option<Arc<ClientTls>>,
     ) -> Option<Arc<dyn Connector>> {
-        let tls = |t: &Option<Arc<ClientTls>>| {
-            t.clone()
-                .map(|t| Arc::new(TlsConnector(t)) as Arc<dyn Connector>)
-        };
+        self.connector_with(i, default, |t| Arc::new(TlsConnector(t)))
+    }
+
+    /// [`SocketMatches::connector`] with the TLS connector made by `make`
+    /// (Istio's ALPN override wraps the context).
+    pub fn connector_with(
+        &self,
+        i: Option<u32>,
+        default: &Option<Arc<ClientTls>>,
+        make: impl Fn(Arc<ClientTls>) -> Arc<dyn Connector>,
+    ) -> Option<Arc<dyn Connector>> {
+        let tls = |t: &Option<Arc<ClientTls>>| t.clone().map(&make);
         if self.is_empty() {
             return tls(default);
         }

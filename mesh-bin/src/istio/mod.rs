@@ -1,0 +1,7 @@
+//! Istio's own extensions, which istiod puts in nearly every sidecar
+//! listener and cluster: [`alpn`] (`istio.alpn`, the upstream ALPN
+//! override that lets the peer sidecar's inbound chains tell HTTP from TCP
+//! by `istio-http/1.1`, `istio-h2`, ...). The configuration model is
+//! `mesh_core::config::istio`; the loader is `bootstrap::istio`.
+
+pub mod alpn;
