@@ -12,7 +12,8 @@ injected delay adds `DI` (`DI,FI` with an abort), and a
 others. `%REQUEST_DURATION%` of a request with a body is
 the time to its last byte (not `-`), `%BYTES_RECEIVED%` counts a chunked
 body, `%UPSTREAM_TRANSPORT_FAILURE_REASON%` names the socket error of a
-refused connect, which the details carry too, and the upstream
+refused connect or the failed upstream TLS handshake, which the details
+carry too, and the upstream
 connection's local address is on the lines of upstream responses. A
 request whose client leaves before the response is logged with `DC`.
 """
@@ -242,3 +243,30 @@ def test_a_request_whose_client_left_is_logged(kind, start_proxy, tmp_path, upst
     got = read_lines(log, 1, timeout=5)
     assert got == [f"/delay/1 0 DC downstream_remote_disconnect 127.0.0.1:{upstream_a.port} 1"], \
         got
+
+
+@pytest.mark.parametrize("kind", harness.kind_params())
+def test_upstream_tls_failure_reason(kind, start_proxy, tmp_path, upstream_a):
+    """An upstream TLS handshake that fails (the endpoint speaks plain
+    HTTP): `UF`, the reason `TLS_error:...` and the details carrying it, as
+    Envoy writes them (the TLS library's words differ)."""
+    import tls_certs
+    from test_tls import up_tls
+
+    pki = tls_certs.Pki(tmp_path / "pki")
+    log = tmp_path / "tls.log"
+    cluster = harness.static_cluster("a", upstream_a.port)
+    cluster["transport_socket"] = up_tls(pki, None)
+    cfg = harness.simple_http_bootstrap(
+        harness.catch_all_routes("a"), [cluster],
+        {"access_log": [file_log(log, {"json_format": JSON})]})
+    proxy = start_proxy(kind, cfg)
+    assert harness.request(proxy.port(), "GET", "/tls").status == 503
+    flush(proxy)
+    got = read_lines(log, 1)
+    assert len(got) == 1, got
+    row = json.loads(got[0])
+    assert (row["flags"], row["code"]) == ("UF", 503), row
+    assert row["tfr"].startswith("TLS_error:") and " " not in row["tfr"], row
+    assert row["details"] == (
+        "upstream_reset_before_response_started{remote_connection_failure|" + row["tfr"] + "}"), row

@@ -39,7 +39,7 @@ use mesh_filter::retry::{
 };
 
 use crate::access_log::flags::FlagSet;
-use crate::access_log::listener::connect_failure_reason;
+use crate::access_log::listener::upstream_failure_reason;
 use crate::access_log::{
     AccessLogger, HttpLogEntry, LocalDetails, PendingHttpLog, UpstreamFailure,
 };
@@ -830,9 +830,8 @@ impl HttpProxy {
         if let (Failure::Upstream(UpstreamError::Connect(e)), Some(_)) =
             (&failure, &self.shared.access_log)
         {
-            if e.raw_os_error().is_some() {
-                resp.extensions_mut()
-                    .insert(UpstreamFailure(connect_failure_reason(e)));
+            if let Some(reason) = upstream_failure_reason(e) {
+                resp.extensions_mut().insert(UpstreamFailure(reason));
             }
         }
         if downstream_fault {

@@ -62,6 +62,36 @@ pub fn tls_failure_reason(reason: &str, message: &str) -> String {
     no_spaces(&format!("TLS_error:{reason}:{message}"))
 }
 
+/// A failed upstream transport handshake inside an `io::Error`, with its
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` (see [`upstream_failure_reason`]).
+#[derive(Debug)]
+pub struct TransportFailure {
+    /// The error text.
+    pub message: String,
+    /// The reason as Envoy writes it (`TLS_error:...`).
+    pub reason: String,
+}
+
+impl std::fmt::Display for TransportFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TransportFailure {}
+
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` of a failed upstream connect: the
+/// socket error, or the [`TransportFailure`] a connector reported; `None`
+/// for a connect timeout (Envoy has no reason then either).
+pub fn upstream_failure_reason(e: &io::Error) -> Option<String> {
+    if e.raw_os_error().is_some() {
+        return Some(connect_failure_reason(e));
+    }
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<TransportFailure>())
+        .map(|t| t.reason.clone())
+}
+
 /// As Envoy writes failure reasons: no white space.
 fn no_spaces(s: &str) -> String {
     s.replace(char::is_whitespace, "_")
