@@ -1228,14 +1228,19 @@ impl Manager {
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
-        let (outlier, health_checker) =
-            match crate::cluster::health_for(c, &balancer, &self.cx.store, &cluster_stop) {
-                Ok((outlier, checker, _first_round)) => (outlier, checker),
-                Err(e) => {
-                    tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
-                    (None, None)
-                }
-            };
+        let (outlier, health_checker) = match crate::cluster::health_for(
+            c,
+            &balancer,
+            &self.cx.store,
+            &cluster_stop,
+            (&tls, &socket_matches),
+        ) {
+            Ok((outlier, checker, _first_round)) => (outlier, checker),
+            Err(e) => {
+                tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
+                (None, None)
+            }
+        };
         ClusterEntry {
             config: c.clone(),
             balancer,

@@ -88,6 +88,9 @@ fn health_check(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HealthCheck> {
         .bool(cx, "always_log_health_check_failures")
         .unwrap_or(false);
     let event_log_path = o.string(cx, "event_log_path").filter(|p| !p.is_empty());
+    let transport_socket_match_criteria = o
+        .obj(cx, "transport_socket_match_criteria")
+        .map(|s| super::lb::struct_values(cx, s));
     o.refuse(
         cx,
         "event_logger",
@@ -127,6 +130,7 @@ fn health_check(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HealthCheck> {
         healthy_edge_interval: healthy_edge_interval.unwrap_or(interval),
         always_log_health_check_failures,
         event_log_path,
+        transport_socket_match_criteria,
         checker: checker?,
     })
 }

@@ -192,3 +192,18 @@ fn max_requests_per_connection_from_either_place() {
     assert_eq!(cluster(typed).max_requests_per_connection, Some(5));
     assert_eq!(cluster("").max_requests_per_connection, None);
 }
+
+#[test]
+fn transport_socket_match_criteria_is_read() {
+    let c = cluster(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, transport_socket_match_criteria: {tlsMode: istio}}\n",
+    );
+    let criteria = c
+        .health_check
+        .and_then(|h| h.transport_socket_match_criteria)
+        .expect("criteria");
+    assert_eq!(
+        criteria.get("tlsMode"),
+        Some(&MetadataValue::String("istio".into()))
+    );
+}
