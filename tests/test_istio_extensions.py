@@ -219,25 +219,6 @@ def test_bad_istio_alpn_config_is_refused_with_its_path(tmp_path):
             "HTTP10, HTTP11, HTTP2") in err, err
 
 
-@pytest.mark.parametrize("name,typed_config,reason", [
-    ("istio.stats", {"@type": "type.googleapis.com/stats.PluginConfig"},
-     "istio.stats: Istio's standard metrics are not implemented yet"),
-])
-def test_unbuilt_istio_http_filters_are_refused_not_ignored(tmp_path, name, typed_config, reason):
-    cfg = harness.bootstrap([harness.hcm_listener("l", harness.catch_all_routes("c"), {
-        "http_filters": [{"name": name, "typed_config": typed_config},
-                         {"name": "envoy.filters.http.router"}]})],
-        [harness.static_cluster("c", 1)])
-    path = tmp_path / "cfg.yaml"
-    path.write_text(cfg)
-    p = subprocess.run([str(harness.mesh_bin()), "validate", "--config-path", str(path)],
-                       capture_output=True, timeout=30)
-    err = p.stderr.decode() + p.stdout.decode()
-    assert p.returncode != 0
-    assert f"unsupported: static_resources.listeners[0].filter_chains[0].filters[0]" \
-           f".typed_config.http_filters[0] ({reason})" in err, err
-
-
 def test_metadata_exchange_between_sidecars_never_reaches_the_apps(sidecars):
     client, _ = sidecars
     port = client.port("outbound")
@@ -399,7 +380,7 @@ def test_istiod_sidecar_resources_over_xds(api_type, start_proxy, control_plane,
     for name, resources in istiod_resources(upstream_a.port, False).items():
         cp.write(name, resources)
     s = cp.wait_status(node, lambda s: {"LDS", "CDS"} <= set(s.get("nacked", {})))
-    assert "istio.stats: Istio's standard metrics are not implemented yet" in \
+    assert "istio.stats: Istio's TCP metrics are not implemented yet" in \
         s["nacked"]["LDS"]["error"], s
     assert "istio-peer-exchange" in s["nacked"]["CDS"]["error"], s
     # A later snapshot version may be ACKed for LDS (the control plane

@@ -162,7 +162,9 @@ impl FilterChain {
                 // `istio.alpn` acts where the router picks a pool, the
                 // metadata exchange in `HttpProxy::handle`.
                 HttpFilter::Router | HttpFilter::Rbac(_) => continue,
-                HttpFilter::IstioAlpn(_) | HttpFilter::IstioPeerMetadata(_) => {
+                HttpFilter::IstioAlpn(_)
+                | HttpFilter::IstioPeerMetadata(_)
+                | HttpFilter::IstioStats(_) => {
                     // They cannot be turned off per route yet: refuse
                     // rather than ignore a route that says so.
                     let named = |per: &[PerFilterConfig]| per.iter().any(|p| p.filter == meta.name);

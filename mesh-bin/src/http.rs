@@ -127,6 +127,8 @@ pub struct HcmShared {
     istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
     /// `istio.metadata_exchange`: peer metadata headers.
     istio_mx: Option<crate::istio::metadata::PeerExchange>,
+    /// `istio.stats`: Istio's standard request metrics.
+    istio_stats: Option<Arc<crate::istio::stats::IstioStats>>,
 }
 
 impl HcmShared {
@@ -143,6 +145,7 @@ impl HcmShared {
         Ok(HcmShared {
             istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
             istio_mx: crate::istio::metadata::from_filters(&config.http_filters)?,
+            istio_stats: crate::istio::stats::from_filters(&config.http_filters, store),
             filters,
             rbac,
             access_log,
@@ -227,6 +230,11 @@ impl HttpProxy {
             .istio_mx
             .as_ref()
             .map(|mx| mx.on_request(req.headers_mut()));
+        let istio_stats = self
+            .shared
+            .istio_stats
+            .as_ref()
+            .map(|s| s.on_request(&mut req));
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
@@ -272,6 +280,9 @@ impl HttpProxy {
                     trailers: &[],
                 },
             );
+        }
+        if let (Some(s), Some(st)) = (&self.shared.istio_stats, istio_stats) {
+            resp = s.on_response(st, exchange.as_ref(), resp);
         }
         resp
     }
@@ -888,6 +899,9 @@ impl HttpProxy {
         if let Some(e) = log.as_mut() {
             e.routed(m.route, choice.name);
         }
+        if let Some(p) = req.extensions().get::<crate::istio::stats::Pending>() {
+            p.routed(&cluster.entry);
+        }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
         let resources = cpolicy.resources(m.route.policy.priority);
@@ -1005,6 +1019,7 @@ impl HttpProxy {
             (Some(e), Some(l)) => l.watch_body(e, body),
             _ => body,
         };
+        let body = crate::istio::stats::watch_request(&parts, body);
         let buffer_limit = m
             .route
             .policy

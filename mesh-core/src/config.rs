@@ -394,6 +394,8 @@ pub enum HttpFilter {
     IstioAlpn(Box<istio::AlpnOverride>),
     /// `istio.metadata_exchange`: peer workload metadata in headers.
     IstioPeerMetadata(Box<istio::PeerMetadata>),
+    /// `istio.stats`: Istio's standard request metrics.
+    IstioStats(Box<istio::Stats>),
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,
@@ -848,6 +850,9 @@ pub struct Cluster {
     /// connections are made from (Istio binds its inbound passthrough to
     /// 127.0.0.6 so iptables can tell that traffic apart).
     pub upstream_bind: Option<SocketAddr>,
+    /// `metadata.filter_metadata.istio.services[0]`: the service istiod
+    /// made this cluster for (`istio.stats`' `destination_service`).
+    pub istio_service: Option<istio::IstioService>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

@@ -16,6 +16,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod histogram;
+pub use histogram::{Histogram, BYTES_BUCKETS, DURATION_BUCKETS};
+
 /// A monotonically increasing count.
 #[derive(Debug, Clone, Default)]
 pub struct Counter(Arc<AtomicU64>);
@@ -89,6 +92,7 @@ impl Drop for GaugeGuard {
 enum Metric {
     Counter(Counter),
     Gauge(Gauge),
+    Histogram(Histogram),
 }
 
 /// Labels of one series, in order.
@@ -200,7 +204,7 @@ impl Store {
             labels,
             |m| match m {
                 Metric::Counter(c) => Some(c.clone()),
-                Metric::Gauge(_) => None,
+                _ => None,
             },
             || {
                 let c = Counter::default();
@@ -216,7 +220,7 @@ impl Store {
             labels,
             |m| match m {
                 Metric::Gauge(g) => Some(g.clone()),
-                Metric::Counter(_) => None,
+                _ => None,
             },
             || {
                 let g = Gauge::default();
@@ -225,7 +229,28 @@ impl Store {
         )
     }
 
-    /// The value of a counter or gauge, if it exists (for tests and admin).
+    /// The histogram `name{labels}` over `bounds`, created empty if new.
+    pub fn histogram(
+        &self,
+        name: &str,
+        labels: &[(&'static str, String)],
+        bounds: &'static [f64],
+    ) -> Histogram {
+        self.lock().get_or_insert(
+            name,
+            labels,
+            |m| match m {
+                Metric::Histogram(h) => Some(h.clone()),
+                _ => None,
+            },
+            || {
+                let h = Histogram::new(bounds);
+                (h.clone(), Metric::Histogram(h))
+            },
+        )
+    }
+
+    /// The value of a counter or gauge (a histogram's count), if it exists (for tests and admin).
     pub fn value(&self, name: &str, labels: &[(&'static str, String)]) -> Option<i64> {
         let key = render_labels(labels);
         self.lock()
@@ -250,9 +275,14 @@ impl Store {
                 let ty = match metric {
                     Metric::Counter(_) => "counter",
                     Metric::Gauge(_) => "gauge",
+                    Metric::Histogram(_) => "histogram",
                 };
                 let _ = writeln!(out, "# TYPE {name} {ty}");
                 last_name = name;
+            }
+            if let Metric::Histogram(h) = metric {
+                h.render(&mut out, name, labels);
+                continue;
             }
             let value = metric.value();
             if labels.is_empty() {
@@ -270,6 +300,7 @@ impl Metric {
         match self {
             Metric::Counter(c) => c.get() as i64,
             Metric::Gauge(g) => g.get(),
+            Metric::Histogram(h) => h.count() as i64,
         }
     }
 }

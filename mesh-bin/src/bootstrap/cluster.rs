@@ -213,6 +213,7 @@ fn cluster(
     // Cluster metadata (Istio's `istio.services`) is data for filters mesh
     // does not run, read by no load-balancing decision: accepted as on
     // endpoints.
+    let istio_service = o.peek("metadata").and_then(super::istio::cluster_service);
     if let Some(m) = o.obj(cx, "metadata") {
         super::lb::lb_metadata(cx, m);
     }
@@ -260,6 +261,7 @@ fn cluster(
         circuit_breakers,
         pipe,
         upstream_bind,
+        istio_service,
     })
 }
 

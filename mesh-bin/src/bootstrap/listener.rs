@@ -283,6 +283,7 @@ pub(crate) fn listeners(cx: &mut Ctx, sr: &mut Obj<'_>) -> Vec<Listener> {
             }
             None => false,
         };
+        super::istio::set_stats_direction(&mut filter_chains, traffic_direction);
         if !present && !has_default {
             cx.missing(&chains_path);
         } else if empty && !has_default {

@@ -467,7 +467,7 @@ pub(crate) fn http_filters(
                     ISTIO_ALPN | ISTIO_MX | ISTIO_STATS => {
                         let what = HTTP_FILTERS[idx].name;
                         let built = match tc {
-                            Some(tc) => super::istio::http_filter(cx, what, f.path(), tc),
+                            Some(tc) => super::istio::http_filter(cx, what, tc),
                             None => {
                                 cx.missing(&f.at("typed_config"));
                                 None

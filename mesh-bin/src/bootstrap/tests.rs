@@ -239,6 +239,7 @@ fn bench_config_loads() {
             circuit_breakers: Default::default(),
             pipe: None,
             upstream_bind: None,
+            istio_service: None,
         }]
     );
 }

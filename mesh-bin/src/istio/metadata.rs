@@ -54,7 +54,7 @@ const LENIENT: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// A workload's Istio metadata (Istio's `WorkloadMetadataObject`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PeerInfo {
     /// `NAME`: the pod (instance) name.
     pub name: String,
@@ -226,6 +226,11 @@ fn local_node() -> (&'static str, &'static serde_json::Value) {
         Some((id, m)) => (id, m),
         None => ("", &NONE),
     }
+}
+
+/// This proxy's own workload metadata (from the node).
+pub fn local_peer() -> PeerInfo {
+    PeerInfo::from_node_json(local_node().1, &[])
 }
 
 /// One HCM's compiled `istio.metadata_exchange`.

@@ -8,3 +8,4 @@
 
 pub mod alpn;
 pub mod metadata;
+pub mod stats;

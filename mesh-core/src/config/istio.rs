@@ -116,6 +116,18 @@ pub struct MetricOverride {
     pub drop: bool,
 }
 
+/// A service a cluster was made for (istiod's cluster metadata
+/// `filter_metadata.istio.services[]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IstioService {
+    /// `host`: `reviews.default.svc.cluster.local`.
+    pub host: String,
+    /// `name`: `reviews`.
+    pub name: String,
+    /// `namespace`: `default`.
+    pub namespace: String,
+}
+
 /// `istio.stats` (`stats.PluginConfig`), HTTP or network filter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -131,4 +143,8 @@ pub struct Stats {
     pub rescoping_duration: Option<Duration>,
     /// `scope_grace_period_duration`.
     pub scope_grace_period_duration: Option<Duration>,
+    /// The enclosing listener's `traffic_direction`: with `reporter`
+    /// unspecified, an `INBOUND` listener reports as the destination and
+    /// any other as the source (as Istio).
+    pub traffic_direction: super::TrafficDirection,
 }
