@@ -1259,6 +1259,11 @@ impl Manager {
         let mut loaded = Vec::new();
         let mut errors = Vec::new();
         for r in &u.resources {
+            // Plain assignments skip the JSON round trip.
+            if let Some((name, l)) = bootstrap::eds_proto::endpoints_from_any(&r.body) {
+                loaded.push((name, l, r.body.clone()));
+                continue;
+            }
             let json = match mesh_xds::convert::any_to_json(&r.body) {
                 Ok(j) => j,
                 Err(e) => {

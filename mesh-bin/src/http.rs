@@ -125,6 +125,8 @@ pub struct HcmShared {
     rbac: Option<mesh_filter::rbac::RbacFilter>,
     /// `istio.alpn`: the ALPN upstream TLS connections offer.
     istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
+    /// `istio.metadata_exchange`: peer metadata headers.
+    istio_mx: Option<crate::istio::metadata::PeerExchange>,
 }
 
 impl HcmShared {
@@ -140,6 +142,7 @@ impl HcmShared {
         let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
             istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
+            istio_mx: crate::istio::metadata::from_filters(&config.http_filters)?,
             filters,
             rbac,
             access_log,
@@ -219,6 +222,11 @@ impl HttpProxy {
                 e
             }),
         );
+        let mut exchange = self
+            .shared
+            .istio_mx
+            .as_ref()
+            .map(|mx| mx.on_request(req.headers_mut()));
         let grpc = is_grpc(req.headers());
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
@@ -232,6 +240,9 @@ impl HttpProxy {
             && resp.extensions().get::<GrpcReplyDone>().is_none()
         {
             resp = grpc_local_reply(resp);
+        }
+        if let (Some(mx), Some(ex)) = (&self.shared.istio_mx, exchange.as_mut()) {
+            mx.on_response(ex, resp.headers_mut());
         }
         stats.rq_xx.record(resp.status().as_u16());
         if let (Some(mut entry), Some(logger)) = (log.entry.take(), logger) {

@@ -392,6 +392,8 @@ pub enum HttpFilter {
     Cors,
     /// `istio.alpn`: the ALPN list of upstream TLS connections.
     IstioAlpn(Box<istio::AlpnOverride>),
+    /// `istio.metadata_exchange`: peer workload metadata in headers.
+    IstioPeerMetadata(Box<istio::PeerMetadata>),
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,
