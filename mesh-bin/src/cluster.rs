@@ -206,8 +206,9 @@ impl ClusterManager {
             let socket_matches =
                 crate::socket_match::SocketMatches::build(c, Some(secrets.clone()), store)
                     .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
-            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
-                .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
+            let (outlier, health_checker, first) =
+                health_for(c, &balancer, store, stop, (&tls, &socket_matches))
+                    .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
             let balancer_for_hosts = balancer.clone();
             let name: Arc<str> = Arc::from(c.name.as_str());
@@ -299,11 +300,17 @@ type ClusterHealth = (
 /// Starts a cluster's outlier detection and active health checking on the
 /// current runtime, until `stop` fires. A balancer that is reused from a
 /// cluster that had them loses the flags they set.
+/// `sockets`: the cluster's built `transport_socket` and
+/// `transport_socket_matches`, which probes connect through.
 pub(crate) fn health_for(
     c: &Cluster,
     balancer: &Arc<Balancer>,
     store: &Store,
     stop: &CancellationToken,
+    sockets: (
+        &Option<Arc<mesh_tls::ClientTls>>,
+        &crate::socket_match::SocketMatches,
+    ),
 ) -> Result<ClusterHealth, String> {
     let mut stale = 0;
     if c.health_check.is_none() {
@@ -337,7 +344,22 @@ pub(crate) fn health_for(
         &c.name,
         hc.clone(),
         balancer.clone(),
-        crate::health::probe(&c.name, &hc.checker),
+        crate::health::probe(
+            &c.name,
+            &hc.checker,
+            crate::health::ProbeTransport {
+                tls: sockets.0.clone(),
+                matches: sockets.1.clone(),
+                source: c.upstream_bind,
+                criteria: hc.transport_socket_match_criteria.as_ref().map(|labels| {
+                    c.transport_socket_matches
+                        .iter()
+                        .position(|m| m.matches(labels))
+                        .and_then(|i| u32::try_from(i).ok())
+                }),
+                alpn: hc.tls_alpn.clone(),
+            },
+        ),
         HealthCheckStats::new(store, &c.name),
     );
     if let Some(d) = &outlier {
@@ -368,9 +390,11 @@ pub struct WorkerCluster {
     pools: Mutex<HashMap<PoolKey, (Arc<EndpointPool>, Permit)>>,
 }
 
-/// A worker's pool key: the endpoint, whether it speaks HTTP/2, and the
-/// `transport_socket_matches` entry its connections use.
-type PoolKey = (SocketAddr, bool, Option<u32>);
+/// A worker's pool key: the endpoint, whether it speaks HTTP/2, the
+/// `transport_socket_matches` entry its connections use, and the ALPN list
+/// Istio's `istio.alpn` makes them offer (HCMs with different overrides
+/// share worker clusters under xDS).
+type PoolKey = (SocketAddr, bool, Option<u32>, Option<Arc<[String]>>);
 
 impl WorkerCluster {
     /// A worker-local handle on `entry`.
@@ -399,16 +423,28 @@ impl WorkerCluster {
     /// priority) and no pool of this worker is idle to make room, as in
     /// Envoy (counted in `upstream_cx_pool_overflow`).
     pub fn pool(&self, endpoint: &Endpoint, h2: bool) -> Option<Arc<EndpointPool>> {
+        self.pool_with_alpn(endpoint, h2, None)
+    }
+
+    /// [`WorkerCluster::pool`] whose TLS connections offer `alpn` instead
+    /// of the context's list (`istio.alpn`); plain-text pools ignore it.
+    pub fn pool_with_alpn(
+        &self,
+        endpoint: &Endpoint,
+        h2: bool,
+        alpn: Option<&Arc<[String]>>,
+    ) -> Option<Arc<EndpointPool>> {
         let (addr, socket) = (endpoint.addr, endpoint.transport_socket);
+        let key = (addr, h2, socket, alpn.cloned());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((p, _)) = pools.get(&(addr, h2, socket)) {
+        if let Some((p, _)) = pools.get(&key) {
             return Some(p.clone());
         }
         // A new endpoint appeared: drop the pools of endpoints that left the
         // cluster (DNS answers change) or changed transport socket (EDS
         // metadata), closing their idle connections.
         let current = self.entry.balancer.endpoints();
-        pools.retain(|(a, _, s), _| {
+        pools.retain(|(a, _, s, _), _| {
             current
                 .endpoints
                 .iter()
@@ -427,7 +463,7 @@ impl WorkerCluster {
                 let idle = pools
                     .iter()
                     .find(|(_, (p, _))| Arc::strong_count(p) == 1 && p.is_idle())
-                    .map(|(k, _)| *k);
+                    .map(|(k, _)| k.clone());
                 if let Some(k) = idle {
                     pools.remove(&k);
                 }
@@ -440,7 +476,16 @@ impl WorkerCluster {
                 }
             }
         };
-        let connector = self.entry.socket_matches.connector(socket, &self.entry.tls);
+        let connector = match alpn {
+            Some(list) => {
+                self.entry
+                    .socket_matches
+                    .connector_with(socket, &self.entry.tls, |tls| {
+                        crate::istio::alpn::connector(tls, list.clone())
+                    })
+            }
+            None => self.entry.socket_matches.connector(socket, &self.entry.tls),
+        };
         let p = EndpointPool::with_source(
             addr,
             PoolConfig {
@@ -458,7 +503,7 @@ impl WorkerCluster {
             connector,
             self.entry.config.upstream_bind,
         );
-        pools.insert((addr, h2, socket), (p.clone(), permit));
+        pools.insert(key, (p.clone(), permit));
         Some(p)
     }
 }

@@ -36,7 +36,7 @@ use crate::access_log::AccessLogger;
 use crate::cluster::ClusterManager;
 use crate::http::{ConnService, HcmShared, HttpProxy};
 use crate::inspect::{Inspected, ProtocolInspector};
-use crate::rpc::{RpcShared, RpcWorker};
+use crate::rpc::{RpcConnection, RpcShared, RpcWorker};
 use crate::tcp::TcpProxyShared;
 
 /// The terminal network filter of a chain, shared by every worker.
@@ -391,15 +391,18 @@ impl WorkerChains {
             WorkerTerminal::RpcSwapping(slot) => Some(slot.load_full()),
             _ => None,
         };
-        if let (Some(worker), None) = (rpc, &chain.rbac) {
-            // RPC chains are plain text (TLS on them is refused at start).
-            let a = Accepted {
-                stream,
+        if let (Some(worker), None, None) = (rpc, &chain.rbac, &chain.tls) {
+            // A plain-text RPC chain without RBAC: straight to the proxy. The
+            // listener's log line counts the connection's bytes.
+            let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
+            let conn = RpcConnection {
                 peer,
                 local,
-                guard,
+                identity: None,
             };
-            return worker.handle(a, self.drain.clone()).await;
+            return worker
+                .handle_io(stream, conn, guard, self.drain.clone())
+                .await;
         }
         let conn = Conn {
             peer,
@@ -499,7 +502,14 @@ impl WorkerChains {
             WorkerTerminal::Tcp(t) => {
                 let outcome = t
                     .clone()
-                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .handle_captured(
+                        stream,
+                        peer,
+                        Some(local),
+                        original_dst,
+                        tls.as_deref(),
+                        guard,
+                    )
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);
@@ -508,14 +518,33 @@ impl WorkerChains {
             WorkerTerminal::TcpSwapping(slot) => {
                 let outcome = slot
                     .load_full()
-                    .handle_captured(stream, peer, local, original_dst, tls.as_deref(), guard)
+                    .handle_captured(
+                        stream,
+                        peer,
+                        Some(local),
+                        original_dst,
+                        tls.as_deref(),
+                        guard,
+                    )
                     .await;
                 if let Some(l) = log.as_mut() {
                     l.tcp(outcome);
                 }
             }
             WorkerTerminal::Rpc(_) | WorkerTerminal::RpcSwapping(_) => {
-                tracing::debug!(%peer, "TLS on an RPC proxy chain is not supported; closing")
+                let worker = match &self.terminals[index] {
+                    WorkerTerminal::RpcSwapping(slot) => slot.load_full(),
+                    WorkerTerminal::Rpc(w) => w.clone(),
+                    _ => return,
+                };
+                let conn = RpcConnection {
+                    peer,
+                    local,
+                    identity: tls,
+                };
+                worker
+                    .handle_io(stream, conn, guard, self.drain.clone())
+                    .await;
             }
         }
     }

@@ -1228,14 +1228,19 @@ impl Manager {
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
-        let (outlier, health_checker) =
-            match crate::cluster::health_for(c, &balancer, &self.cx.store, &cluster_stop) {
-                Ok((outlier, checker, _first_round)) => (outlier, checker),
-                Err(e) => {
-                    tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
-                    (None, None)
-                }
-            };
+        let (outlier, health_checker) = match crate::cluster::health_for(
+            c,
+            &balancer,
+            &self.cx.store,
+            &cluster_stop,
+            (&tls, &socket_matches),
+        ) {
+            Ok((outlier, checker, _first_round)) => (outlier, checker),
+            Err(e) => {
+                tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
+                (None, None)
+            }
+        };
         ClusterEntry {
             config: c.clone(),
             balancer,
@@ -1522,26 +1527,15 @@ impl Manager {
     }
 
     /// Refuses a listener whose TLS contexts or network RBAC cannot be
-    /// built (the error names the field; SDS secrets may arrive later),
-    /// or that has TLS or RBAC before an RPC proxy (not supported yet).
+    /// built (the error names the field; SDS secrets may arrive later).
     fn check_listener(&self, l: &Listener) -> Result<(), String> {
         for (ci, c) in l.filter_chains.iter().enumerate() {
             if let Some(t) = &c.tls {
-                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
-                    return Err(format!(
-                        "unsupported: filter_chains[{ci}].transport_socket (TLS on an RPC proxy chain is not supported yet)"
-                    ));
-                }
                 ServerTls::new(t, Some(self.cx.secrets.clone()), TlsStats::detached()).map_err(
                     |e| format!("filter_chains[{ci}].transport_socket.typed_config.{e}"),
                 )?;
             }
             if let Some(r) = &c.rbac {
-                if matches!(c.terminal, NetworkFilter::Rpc(_)) {
-                    return Err(format!(
-                        "unsupported: filter_chains[{ci}].filters[0] (envoy.filters.network.rbac before an RPC proxy is not supported yet)"
-                    ));
-                }
                 crate::rbac::network_rbac(r, &self.cx.store)
                     .map_err(|e| format!("filter_chains[{ci}].filters[0].typed_config.{e}"))?;
             }

@@ -28,6 +28,7 @@ pub mod filters;
 pub mod health;
 pub mod http;
 mod inspect;
+pub mod istio;
 pub mod lazy_eds;
 mod mirror;
 pub mod original_dst;

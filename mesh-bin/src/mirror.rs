@@ -162,20 +162,7 @@ async fn send(
             let _ = body.collect().await;
         }
         Some(Err(e)) => {
-            endpoint.stats.rq_error.inc();
-            match e.kind() {
-                FailureKind::Connect => {
-                    cstats.cx_connect_fail.inc();
-                    endpoint.stats.cx_connect_fail.inc();
-                    cstats.record_status(503);
-                }
-                FailureKind::Reset => {
-                    cstats.rq_rx_reset.inc();
-                    cstats.record_status(503);
-                }
-                FailureKind::Overflow => cluster.entry.policy.rq_active_overflow.inc(),
-                _ => cstats.record_status(502),
-            }
+            count_failure(&cluster, &endpoint, &e);
             tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, "shadow request failed");
         }
         None => {
@@ -183,5 +170,31 @@ async fn send(
             cstats.rq_timeout.inc();
             cstats.record_status(504);
         }
+    }
+}
+
+/// Counts an upstream request that failed without a response in the
+/// cluster's and the endpoint's stats: `rq_error`, `cx_connect_fail` or
+/// `rq_rx_reset`, and the status the proxy answers such a failure with (a
+/// circuit breaker's refusal counts as `rq_active_overflow` instead).
+pub(crate) fn count_failure(
+    cluster: &WorkerCluster,
+    endpoint: &mesh_lb::Endpoint,
+    e: &mesh_codec::http::client::UpstreamError,
+) {
+    let cstats = &cluster.entry.stats;
+    endpoint.stats.rq_error.inc();
+    match e.kind() {
+        FailureKind::Connect => {
+            cstats.cx_connect_fail.inc();
+            endpoint.stats.cx_connect_fail.inc();
+            cstats.record_status(503);
+        }
+        FailureKind::Reset => {
+            cstats.rq_rx_reset.inc();
+            cstats.record_status(503);
+        }
+        FailureKind::Overflow => cluster.entry.policy.rq_active_overflow.inc(),
+        _ => cstats.record_status(502),
     }
 }

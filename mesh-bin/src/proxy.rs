@@ -208,6 +208,7 @@ impl Proxy {
                 return Err(StartError::Config(e));
             }
         }
+        crate::istio::metadata::set_local_node(&bootstrap.node);
         let store = Store::new();
         let stop = CancellationToken::new();
         let drain = Drain::new();
@@ -314,11 +315,6 @@ impl Proxy {
             for (ci, (chain, terminal)) in l.filter_chains.iter().zip(terminals).enumerate() {
                 let tls = match &chain.tls {
                     None => None,
-                    Some(_) if matches!(terminal, Terminal::Rpc(_)) => {
-                        return Err(StartError::Config(format!(
-                            "{path}.filter_chains[{ci}].transport_socket: TLS on an RPC proxy chain is not supported yet (unsupported)"
-                        )));
-                    }
                     Some(ctx) => {
                         let t = mesh_tls::ServerTls::new(
                             ctx,
@@ -343,11 +339,6 @@ impl Proxy {
                         ))
                     })?),
                 };
-                if rbac.is_some() && matches!(terminal, Terminal::Rpc(_)) {
-                    return Err(StartError::Config(format!(
-                        "{path}.filter_chains[{ci}].filters[0]: envoy.filters.network.rbac before an RPC proxy is not supported yet (unsupported)"
-                    )));
-                }
                 chains.push(Chain {
                     terminal,
                     tls,

@@ -32,13 +32,15 @@ use mesh_codec::rpc::server::{serve, Closed, ServerConfig};
 use mesh_codec::rpc::{Codec, Message, MessageKind, ProxyError};
 use mesh_core::config::{RpcCodec, RpcFilter, RpcProxy, ThriftProtocol};
 use mesh_core::flags::ResponseFlag;
-use mesh_core::listener::Accepted;
+use mesh_core::identity::PeerIdentity;
+use mesh_core::listener::{Accepted, ConnectionGuard};
 use mesh_core::policy::{RetryOn, RetryPolicy};
 use mesh_core::router::{CompiledAction, CompiledRoute, RouteTable};
 use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use mesh_filter::circuit_breaker::ResourceManager;
 use mesh_filter::local_ratelimit::TokenBucket;
 use mesh_lb::Endpoint;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{format_time, AccessLogger, LogRecord, RpcRequest};
@@ -303,34 +305,52 @@ impl RpcShared {
     }
 }
 
+/// An endpoint client's key: the address and the
+/// `transport_socket_matches` entry (`Endpoint::transport_socket`).
+type ClientKey = (SocketAddr, Option<u32>);
+
 /// One worker's clients to one cluster's endpoints.
 #[derive(Debug)]
 struct RpcCluster {
     entry: Arc<ClusterEntry>,
-    clients: Mutex<HashMap<SocketAddr, Arc<EndpointClient>>>,
+    /// Keyed by address and `transport_socket_matches` entry, as the HTTP
+    /// pools are: an endpoint whose match changes gets a new client with
+    /// the other connector.
+    clients: Mutex<HashMap<ClientKey, Arc<EndpointClient>>>,
     codec: Arc<dyn Codec>,
     max_frame: usize,
 }
 
 impl RpcCluster {
-    fn client(&self, addr: SocketAddr) -> Arc<EndpointClient> {
+    fn client(&self, endpoint: &Endpoint) -> Arc<EndpointClient> {
+        let key = (endpoint.addr, endpoint.transport_socket);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&addr) {
+        if let Some(c) = clients.get(&key) {
             return c.clone();
         }
+        let entry = &self.entry;
         let c = Arc::new(EndpointClient::new(
-            addr,
+            endpoint.addr,
             self.codec.clone(),
             ClientConfig {
-                connect_timeout: self.entry.config.connect_timeout,
+                connect_timeout: entry.config.connect_timeout,
                 max_frame: self.max_frame,
+                connector: entry
+                    .socket_matches
+                    .connector(endpoint.transport_socket, &entry.tls),
+                source: entry.config.upstream_bind,
                 ..ClientConfig::default()
             },
         ));
         // A new endpoint: forget clients of endpoints that left the cluster.
-        let current = self.entry.balancer.endpoints();
-        clients.retain(|a, _| current.endpoints.iter().any(|e| e.addr == *a));
-        clients.insert(addr, c.clone());
+        let current = entry.balancer.endpoints();
+        clients.retain(|(a, t), _| {
+            current
+                .endpoints
+                .iter()
+                .any(|e| e.addr == *a && e.transport_socket == *t)
+        });
+        clients.insert(key, c.clone());
         c
     }
 }
@@ -375,13 +395,33 @@ impl RpcWorker {
             guard,
             ..
         } = accepted;
+        let conn = RpcConnection {
+            peer,
+            local,
+            identity: None,
+        };
+        self.handle_io(stream, conn, guard, stop).await
+    }
+
+    /// Serves one downstream connection whose transport the listener has
+    /// already set up (a TLS stream after its handshake, with the peer's
+    /// identity), to its end.
+    pub async fn handle_io<S>(
+        self: Arc<Self>,
+        stream: S,
+        conn: RpcConnection,
+        guard: ConnectionGuard,
+        stop: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = conn.peer;
         let stats = &self.shared.stats;
         stats.cx_total.inc();
         let _cx = GaugeGuard::new(&stats.cx_active);
         let svc = RpcService {
             worker: self.clone(),
-            peer,
-            local,
+            conn: Arc::new(conn),
         };
         let (closed, totals) = serve(
             stream,
@@ -405,7 +445,8 @@ impl RpcWorker {
     }
 
     /// Handles one request: route, pick, send, answer.
-    pub async fn call(&self, msg: Message, peer: SocketAddr, local: SocketAddr) -> Option<Message> {
+    pub async fn call(&self, msg: Message, conn: &RpcConnection) -> Option<Message> {
+        let (peer, local) = (conn.peer, conn.local);
         let shared = &self.shared;
         let start = SystemTime::now();
         let started = Instant::now();
@@ -473,6 +514,7 @@ impl RpcWorker {
                 downstream_direct_remote: Some(peer),
                 downstream_local: Some(local),
                 header_bits: capture.header_bits,
+                tls: conn.identity.as_deref(),
                 ..LogRecord::new(start, started.elapsed(), log.hostname())
             };
             log.log_own(&rec, || {
@@ -733,7 +775,7 @@ impl RpcWorker {
             let result = {
                 let _a = resources.requests.acquire();
                 let _b = GaugeGuard::new(&endpoint.stats.rq_active);
-                let client = cluster.client(endpoint.addr);
+                let client = cluster.client(&endpoint);
                 let call = client.call(send);
                 match per_try {
                     Some(t) => tokio::time::timeout(t, call).await.ok(),
@@ -903,8 +945,18 @@ type RpcResult = Result<Option<Message>, (ProxyError, ResponseFlag, String)>;
 #[derive(Debug, Clone)]
 pub struct RpcService {
     worker: Arc<RpcWorker>,
-    peer: SocketAddr,
-    local: SocketAddr,
+    conn: Arc<RpcConnection>,
+}
+
+/// What the proxy knows of a downstream RPC connection.
+#[derive(Debug, Clone)]
+pub struct RpcConnection {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address the connection arrived on.
+    pub local: SocketAddr,
+    /// The peer's TLS identity, on a TLS chain.
+    pub identity: Option<Arc<PeerIdentity>>,
 }
 
 impl tower::Service<Message> for RpcService {
@@ -918,7 +970,7 @@ impl tower::Service<Message> for RpcService {
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let worker = self.worker.clone();
-        let (peer, local) = (self.peer, self.local);
-        Box::pin(async move { Ok(worker.call(msg, peer, local).await) })
+        let conn = self.conn.clone();
+        Box::pin(async move { Ok(worker.call(msg, &conn).await) })
     }
 }

@@ -99,7 +99,7 @@ impl TcpProxyShared {
             local,
             guard,
         } = accepted;
-        self.handle_stream_from(stream, peer, Some(local), None, guard)
+        self.handle_captured(stream, peer, Some(local), None, None, guard)
             .await;
     }
 
@@ -114,49 +114,16 @@ impl TcpProxyShared {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        self.handle_stream_from(stream, peer, None, None, guard)
+        self.handle_captured(stream, peer, None, None, None, guard)
             .await;
     }
 
-    /// [`TcpProxyShared::handle_stream`] with the local address and the
-    /// downstream TLS session, for the access log. Returns what happened,
-    /// for the listener's access log.
-    pub async fn handle_stream_from<S>(
-        self: Arc<Self>,
-        stream: S,
-        peer: std::net::SocketAddr,
-        local: Option<std::net::SocketAddr>,
-        tls: Option<&mesh_core::identity::PeerIdentity>,
-        guard: mesh_core::listener::ConnectionGuard,
-    ) -> TcpOutcome
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        self.handle_captured_inner(stream, peer, local, None, tls, guard)
-            .await
-    }
-
-    /// [`TcpProxyShared::handle_stream_from`] for a connection whose
-    /// original destination the listener filter restored
-    /// (`original_dst`): ORIGINAL_DST clusters connect there. Returns what
-    /// happened, for the listener's access log.
+    /// [`TcpProxyShared::handle_stream`] with the local address (when
+    /// known) and the downstream TLS session, for the access log, for a
+    /// connection whose original destination the listener filter may have
+    /// restored (`original_dst`): ORIGINAL_DST clusters connect there.
+    /// Returns what happened, for the listener's access log.
     pub async fn handle_captured<S>(
-        self: Arc<Self>,
-        stream: S,
-        peer: std::net::SocketAddr,
-        local: std::net::SocketAddr,
-        original_dst: Option<std::net::SocketAddr>,
-        tls: Option<&mesh_core::identity::PeerIdentity>,
-        guard: mesh_core::listener::ConnectionGuard,
-    ) -> TcpOutcome
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        self.handle_captured_inner(stream, peer, Some(local), original_dst, tls, guard)
-            .await
-    }
-
-    async fn handle_captured_inner<S>(
         self: Arc<Self>,
         stream: S,
         peer: std::net::SocketAddr,

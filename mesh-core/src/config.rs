@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod istio;
 pub mod rbac;
 pub mod socket_match;
 pub mod tls;
@@ -389,6 +390,10 @@ pub enum HttpFilter {
     /// `envoy.filters.http.cors` (its policies come from
     /// `typed_per_filter_config`).
     Cors,
+    /// `istio.alpn`: the ALPN list of upstream TLS connections.
+    IstioAlpn(Box<istio::AlpnOverride>),
+    /// `istio.metadata_exchange`: peer workload metadata in headers.
+    IstioPeerMetadata(Box<istio::PeerMetadata>),
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,

@@ -26,20 +26,30 @@ pub fn static_endpoints(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> 
                     ep.host
                 )
             })?;
-            out.push(EndpointSpec {
-                addr: SocketAddr::new(ip, ep.port),
-                hostname: ep.host.clone(),
-                weight: ep.weight,
-                priority: loc.priority,
-                locality: loc.locality.clone(),
-                locality_weight: loc.load_balancing_weight,
-                metadata: ep.metadata.clone(),
-                health_status: ep.health_status,
-                transport_socket: socket(cluster, loc, ep),
-            });
+            out.push(spec(cluster, loc, ep, SocketAddr::new(ip, ep.port)));
         }
     }
     Ok(out)
+}
+
+/// The endpoint at `addr` made of `ep` (a host name may give several).
+fn spec(
+    cluster: &Cluster,
+    loc: &LocalityLbEndpoints,
+    ep: &LbEndpoint,
+    addr: SocketAddr,
+) -> EndpointSpec {
+    EndpointSpec {
+        addr,
+        hostname: ep.host.clone(),
+        weight: ep.weight,
+        priority: loc.priority,
+        locality: loc.locality.clone(),
+        locality_weight: loc.load_balancing_weight,
+        metadata: ep.metadata.clone(),
+        health_status: ep.health_status,
+        transport_socket: socket(cluster, loc, ep),
+    }
 }
 
 /// The `transport_socket_matches` entry an endpoint uses.
@@ -97,19 +107,7 @@ pub async fn resolve(cluster: &Cluster) -> Result<Vec<EndpointSpec>, String> {
             if logical {
                 addrs.truncate(1);
             }
-            for addr in addrs {
-                out.push(EndpointSpec {
-                    addr,
-                    hostname: ep.host.clone(),
-                    weight: ep.weight,
-                    priority: loc.priority,
-                    locality: loc.locality.clone(),
-                    locality_weight: loc.load_balancing_weight,
-                    metadata: ep.metadata.clone(),
-                    health_status: ep.health_status,
-                    transport_socket: socket(cluster, loc, ep),
-                });
-            }
+            out.extend(addrs.into_iter().map(|addr| spec(cluster, loc, ep, addr)));
         }
     }
     Ok(out)

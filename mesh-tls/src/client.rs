@@ -130,6 +130,27 @@ impl ClientTls {
             .get(self.sources.generation(), || self.build(), |c| c[i].clone())
     }
 
+    /// [`ClientTls::connect`] offering exactly `alpn` instead of the
+    /// context's list (Istio's `istio.alpn` override for HTTP requests).
+    pub async fn connect_with_alpn<IO>(
+        &self,
+        io: IO,
+        alpn: &[String],
+        peer: IpAddr,
+        timeout: Option<Duration>,
+    ) -> Result<(crate::ClientTlsStream<IO>, PeerIdentity), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let base = self.config(UpstreamAlpn::Raw).map_err(|e| {
+            self.stats
+                .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
+        })?;
+        let mut config = (*base).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.handshake(Arc::new(config), io, peer, timeout).await
+    }
+
     /// Runs the client handshake on `io` (a connection to `peer`), failing
     /// after `timeout`. Without a configured `sni`, no SNI is sent.
     pub async fn connect<IO>(
@@ -146,6 +167,19 @@ impl ClientTls {
             self.stats
                 .fail(HandshakeFailure::NoLocalCertificate, e.to_string())
         })?;
+        self.handshake(config, io, peer, timeout).await
+    }
+
+    async fn handshake<IO>(
+        &self,
+        config: Arc<ClientConfig>,
+        io: IO,
+        peer: IpAddr,
+        timeout: Option<Duration>,
+    ) -> Result<(crate::ClientTlsStream<IO>, PeerIdentity), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let name = self
             .sni
             .clone()

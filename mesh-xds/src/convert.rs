@@ -24,6 +24,12 @@ use serde_json::Value;
 
 static DESCRIPTORS: &[u8] = include_bytes!("../proto/envoy.pb");
 
+/// Istio's own extensions istiod puts in sidecar LDS/CDS (`istio.alpn`,
+/// `istio.stats`, `istio.metadata_exchange`), compiled by
+/// `scripts/gen-istio-descriptors` from `proto/istio/`: with them Istio's
+/// typed configs decode (and their unknown fields are refused) like Envoy's.
+static ISTIO_DESCRIPTORS: &[u8] = include_bytes!("../proto/istio.pb");
+
 /// Why a resource could not be converted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
@@ -48,12 +54,18 @@ pub enum ConvertError {
     },
 }
 
-/// The descriptor pool of the whole Envoy v3 API, decoded on first use
-/// (a process that never speaks xDS never pays for it).
+/// The descriptor pool of the whole Envoy v3 API and Istio's extensions,
+/// decoded on first use (a process that never speaks xDS never pays for it).
 pub fn descriptors() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| match DescriptorPool::decode(DESCRIPTORS) {
-        Ok(p) => p,
+        Ok(mut p) => {
+            if let Err(e) = p.decode_file_descriptor_set(ISTIO_DESCRIPTORS) {
+                // Part of the build, as the Envoy set.
+                tracing::error!(error = %e, "the embedded Istio descriptors do not decode");
+            }
+            p
+        }
         Err(e) => {
             // The file is part of the build; failing here is a build defect.
             tracing::error!(error = %e, "the embedded Envoy descriptors do not decode");
@@ -140,6 +152,56 @@ mod tests {
         let any = json_to_any(CLUSTER, &cluster).unwrap();
         let back = any_to_json(&any).unwrap();
         assert_eq!(back, cluster);
+    }
+
+    /// Istio's extensions decode as they arrive from istiod: `istio.alpn`
+    /// and `istio.stats` as their own Any, the metadata exchange inside a
+    /// `TypedStruct`; an unknown field of theirs is still refused.
+    #[test]
+    fn istio_extensions_round_trip() {
+        let alpn = json!({
+            "@type": "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+            "alpn_override": [
+                {"alpn_override": ["istio-http/1.0", "istio", "http/1.0"]},
+                {"upstream_protocol": "HTTP11", "alpn_override": ["istio-http/1.1", "istio", "http/1.1"]},
+                {"upstream_protocol": "HTTP2", "alpn_override": ["istio-h2", "istio", "h2"]}
+            ]
+        });
+        let stats = json!({
+            "@type": "type.googleapis.com/stats.PluginConfig",
+            "disable_host_header_fallback": true,
+            "tcp_reporting_duration": "15s",
+            "metrics": [{"name": "requests_total", "dimensions": {"x": "y"}, "tags_to_remove": ["a"]}]
+        });
+        let mx = json!({
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config",
+            "value": {"upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}]}
+        });
+        let tcp_mx = json!({
+            "@type": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+            "protocol": "istio-peer-exchange",
+            "enable_discovery": true
+        });
+        for v in [alpn, stats, mx, tcp_mx] {
+            let ty = v["@type"].as_str().unwrap().to_string();
+            let mut body = v.clone();
+            body.as_object_mut().unwrap().remove("@type");
+            let any = json_to_any(&ty, &body).unwrap();
+            assert_eq!(any_to_json(&any).unwrap(), body, "{ty}");
+        }
+        // The stats config Istio's inbound chains carry: `MAE=` is
+        // `disable_host_header_fallback: true`.
+        assert_eq!(
+            to_json("type.googleapis.com/stats.PluginConfig", &[0x30, 0x01]).unwrap(),
+            json!({"disable_host_header_fallback": true})
+        );
+        let err = json_to_any(
+            "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+            &json!({"protocol": "istio-peer-exchange", "no_such_field": 1}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no_such_field"), "{err}");
     }
 
     #[test]

@@ -238,6 +238,7 @@ fn cluster(
     let upstream_bind = o
         .obj(cx, "upstream_bind_config")
         .and_then(|b| super::original_dst::bind_config(cx, b));
+    super::istio::cluster_filters(cx, &mut o);
     o.finish(cx);
     Some(Cluster {
         name: name?,

@@ -105,6 +105,8 @@ const RPC_PROXY: usize = 5;
 const META_PROTOCOL: usize = 6;
 const NETWORK_RBAC: usize = 7;
 const NETWORK_LOCAL_RATELIMIT: usize = 8;
+const ISTIO_MX: usize = 9;
+const ISTIO_STATS: usize = 10;
 
 const NETWORK_FILTERS: &[Known] = &[
     Known {
@@ -144,6 +146,14 @@ const NETWORK_FILTERS: &[Known] = &[
         name: "envoy.filters.network.local_ratelimit",
         type_url:
             "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+    },
+    Known {
+        name: "istio.metadata_exchange",
+        type_url: super::istio::TCP_MX_TYPE,
+    },
+    Known {
+        name: "istio.stats",
+        type_url: super::istio::STATS_TYPE,
     },
 ];
 
@@ -413,6 +423,12 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
                         }
                         _ => NetworkFilter::HttpConnectionManager(Box::new(hcm::hcm(cx, tc))),
                     });
+                }
+            }
+            ISTIO_MX | ISTIO_STATS => {
+                if let Some(tc) = tc {
+                    let what = NETWORK_FILTERS[which].name;
+                    super::istio::network_filter(cx, what, f.path(), tc);
                 }
             }
             _ => {}

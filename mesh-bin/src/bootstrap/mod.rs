@@ -28,6 +28,7 @@ mod headers;
 mod health;
 #[cfg(test)]
 mod health_tests;
+mod istio;
 mod lb;
 mod listener;
 mod original_dst;
@@ -381,6 +382,7 @@ pub(crate) fn select_extension<'a>(
             }
             return None;
         };
+        let (tc, ty, ty_path) = istio::typed_struct(cx, tc, ty, ty_path)?;
         match (by_name, known.iter().position(|k| k.type_url == ty)) {
             (_, None) => {
                 let short = ty.strip_prefix("type.googleapis.com/").unwrap_or(&ty);

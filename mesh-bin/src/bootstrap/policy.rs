@@ -38,6 +38,9 @@ const CORS_POLICY_TYPE: &str =
 
 const RBAC: &str = "envoy.filters.http.rbac";
 const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+const ISTIO_ALPN: &str = "istio.alpn";
+const ISTIO_MX: &str = "istio.metadata_exchange";
+const ISTIO_STATS: &str = "istio.stats";
 
 /// The HTTP filters mesh knows, by canonical name and type URL.
 const HTTP_FILTERS: &[Known] = &[
@@ -60,6 +63,18 @@ const HTTP_FILTERS: &[Known] = &[
     Known {
         name: CORS,
         type_url: CORS_TYPE,
+    },
+    Known {
+        name: ISTIO_ALPN,
+        type_url: super::istio::ALPN_TYPE,
+    },
+    Known {
+        name: ISTIO_MX,
+        type_url: super::istio::PEER_METADATA_TYPE,
+    },
+    Known {
+        name: ISTIO_STATS,
+        type_url: super::istio::STATS_TYPE,
     },
 ];
 
@@ -449,6 +464,21 @@ pub(crate) fn http_filters(
                             continue;
                         }
                     },
+                    ISTIO_ALPN | ISTIO_MX | ISTIO_STATS => {
+                        let what = HTTP_FILTERS[idx].name;
+                        let built = match tc {
+                            Some(tc) => super::istio::http_filter(cx, what, f.path(), tc),
+                            None => {
+                                cx.missing(&f.at("typed_config"));
+                                None
+                            }
+                        };
+                        let Some(built) = built else { continue };
+                        if disabled {
+                            cx.unsupported(&f.at("disabled"), Some(&format!("a disabled {what}")));
+                        }
+                        out.push(built);
+                    }
                     _ => {
                         if let Some(tc) = tc {
                             tc.finish(cx);

@@ -2,11 +2,11 @@
 //! (`config.rbac.v3.RBAC` rules and shadow rules).
 
 use mesh_core::config::rbac::{Permission, Principal, Rbac, RbacAction, RbacPolicy, RbacRules};
-use mesh_core::config::tls::{CidrRange, StringMatch, StringMatcher};
-use mesh_core::config::HeaderMatchKind;
+use mesh_core::config::tls::CidrRange;
 
 use super::reader::{one_of, Ctx, Obj};
 use super::route::{header_matcher, string_matcher};
+use super::tls::to_string_matcher;
 
 /// The typed config of either RBAC filter. `network` requires a
 /// `stat_prefix` (Envoy does too).
@@ -74,22 +74,6 @@ fn rules(cx: &mut Ctx, mut o: Obj<'_>) -> RbacRules {
     }
     o.finish(cx);
     RbacRules { action, policies }
-}
-
-fn to_string_matcher(k: HeaderMatchKind) -> Option<StringMatcher> {
-    let (k, ignore_case) = match k {
-        HeaderMatchKind::IgnoreCase(k) => (*k, true),
-        k => (k, false),
-    };
-    let kind = match k {
-        HeaderMatchKind::Exact(s) => StringMatch::Exact(s),
-        HeaderMatchKind::Prefix(s) => StringMatch::Prefix(s),
-        HeaderMatchKind::Suffix(s) => StringMatch::Suffix(s),
-        HeaderMatchKind::Contains(s) => StringMatch::Contains(s),
-        HeaderMatchKind::Regex(s) => StringMatch::Regex(s),
-        _ => return None,
-    };
-    Some(StringMatcher { kind, ignore_case })
 }
 
 fn cidr(cx: &mut Ctx, mut o: Obj<'_>) -> Option<CidrRange> {

@@ -340,7 +340,9 @@ fn validation_context(cx: &mut Ctx, mut o: Obj<'_>) -> ValidationContext {
     }
 }
 
-fn to_string_matcher(kind: HeaderMatchKind) -> Option<StringMatcher> {
+/// A header matcher's string match as a [`StringMatcher`] (`None` for
+/// the kinds that are not string matches: present, range...).
+pub(super) fn to_string_matcher(kind: HeaderMatchKind) -> Option<StringMatcher> {
     let (kind, ignore_case) = match kind {
         HeaderMatchKind::IgnoreCase(k) => (*k, true),
         k => (k, false),

@@ -53,7 +53,7 @@ pub(super) fn submit(
     tokio::spawn(async move {
         let _permit = permit;
         let _active = GaugeGuard::new(&endpoint.stats.rq_active);
-        let client = cluster.client(endpoint.addr);
+        let client = cluster.client(&endpoint);
         let call = client.call(msg);
         let result = match timeout {
             Some(t) => tokio::time::timeout(t, call).await.ok(),

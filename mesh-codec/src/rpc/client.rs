@@ -13,6 +13,12 @@
 //! When it closes, every request waiting on it fails with
 //! [`ClientError::Reset`] and [`EndpointClient`] connects anew for the next
 //! request. Heartbeats from the upstream are answered.
+//!
+//! The transport is the caller's choice: [`ClientConfig::connector`] wraps
+//! every new connection (the proxy passes its TLS connector for a cluster
+//! with an `UpstreamTlsContext` or a matching `transport_socket_matches`
+//! entry), so this module knows nothing of TLS. The connect timeout covers
+//! the TCP connect and the connector's handshake together.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,11 +27,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Codec, Message, MessageKind, DEFAULT_MAX_FRAME};
+use crate::transport::{connect_from, Carried, Connector, Io};
 
 /// Why an upstream request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +61,12 @@ pub struct ClientConfig {
     /// for this long (Dubbo and Bolt servers close connections that stay
     /// silent), when the protocol has one. Default 60 s.
     pub heartbeat_interval: Option<Duration>,
+    /// Wraps every new connection (TLS origination); `None`: plain text.
+    /// A connector error is a connect failure ([`ClientError::Connect`]).
+    pub connector: Option<Arc<dyn Connector>>,
+    /// The local address new connections are bound to (a cluster's
+    /// `upstream_bind_config`); `None`: chosen by the system.
+    pub source: Option<SocketAddr>,
 }
 
 impl Default for ClientConfig {
@@ -62,6 +75,8 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
             heartbeat_interval: Some(Duration::from_secs(60)),
+            connector: None,
+            source: None,
         }
     }
 }
@@ -123,25 +138,38 @@ impl std::fmt::Debug for Multiplexed {
 }
 
 impl Multiplexed {
-    /// Connects to `addr` and starts the connection's reader and writer.
+    /// Connects to `addr` (from [`ClientConfig::source`], through
+    /// [`ClientConfig::connector`]) and starts the connection's reader and
+    /// writer. [`ClientConfig::connect_timeout`] bounds the TCP connect and
+    /// the connector's handshake together.
     pub async fn connect(
         addr: SocketAddr,
         codec: Arc<dyn Codec>,
         config: &ClientConfig,
     ) -> Result<Self, ClientError> {
-        let stream =
-            match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(ClientError::Connect(e.to_string())),
-                Err(_) => return Err(ClientError::Connect("connect timeout".into())),
-            };
-        let _ = stream.set_nodelay(true);
-        Ok(Self::start(
-            stream,
-            codec,
-            config.max_frame,
-            config.heartbeat_interval,
-        ))
+        let connect = async {
+            let stream = connect_from(addr, config.source)
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            match &config.connector {
+                None => Ok(Transport::Plain(stream)),
+                Some(c) => c
+                    .connect(stream, addr, Carried::Raw)
+                    .await
+                    .map(Transport::Wrapped)
+                    .map_err(|e| ClientError::Connect(format!("transport handshake: {e}"))),
+            }
+        };
+        let transport = match tokio::time::timeout(config.connect_timeout, connect).await {
+            Ok(t) => t?,
+            Err(_) => return Err(ClientError::Connect("connect timeout".into())),
+        };
+        let (max_frame, heartbeat) = (config.max_frame, config.heartbeat_interval);
+        Ok(match transport {
+            Transport::Plain(s) => Self::start(s, codec, max_frame, heartbeat),
+            Transport::Wrapped(io) => Self::start_io(io, codec, max_frame, heartbeat),
+        })
     }
 
     /// Runs the multiplexing over an already connected stream.
@@ -151,6 +179,33 @@ impl Multiplexed {
         max_frame: usize,
         heartbeat_interval: Option<Duration>,
     ) -> Self {
+        let (rd, wr) = stream.into_split();
+        Self::start_halves(rd, wr, codec, max_frame, heartbeat_interval)
+    }
+
+    /// Runs the multiplexing over any connected byte stream (a TLS stream,
+    /// for example).
+    pub fn start_io<S: Io>(
+        stream: S,
+        codec: Arc<dyn Codec>,
+        max_frame: usize,
+        heartbeat_interval: Option<Duration>,
+    ) -> Self {
+        let (rd, wr) = tokio::io::split(stream);
+        Self::start_halves(rd, wr, codec, max_frame, heartbeat_interval)
+    }
+
+    fn start_halves<R, W>(
+        rd: R,
+        wr: W,
+        codec: Arc<dyn Codec>,
+        max_frame: usize,
+        heartbeat_interval: Option<Duration>,
+    ) -> Self
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -158,7 +213,6 @@ impl Multiplexed {
             abort: tokio_util::sync::CancellationToken::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let (rd, wr) = stream.into_split();
         tokio::spawn(write_loop(
             wr,
             codec.clone(),
@@ -228,8 +282,15 @@ impl Multiplexed {
     }
 }
 
-async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+/// A new connection: plain TCP (split without a lock) or what a
+/// connector made of it.
+enum Transport {
+    Plain(TcpStream),
+    Wrapped(crate::transport::BoxIo),
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
     codec: Arc<dyn Codec>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
@@ -304,7 +365,12 @@ async fn write_loop(
                 item = rx.try_recv().ok();
             }
         }
-        if let Err(e) = wr.write_all(&out).await {
+        // Flushed: a TLS stream may hold written bytes until then.
+        let written = match wr.write_all(&out).await {
+            Ok(()) => wr.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "writing to an RPC upstream failed");
             shared.close(ClientError::Reset);
             return;
@@ -316,8 +382,8 @@ async fn write_loop(
     }
 }
 
-async fn read_loop(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
     codec: Arc<dyn Codec>,
     tx: mpsc::UnboundedSender<Outgoing>,
     shared: Arc<Shared>,
@@ -629,5 +695,55 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(5), c.call(call("fast"))).await;
         assert!(matches!(next, Ok(Ok(Some(_)))), "{next:?}");
         assert_eq!(c.connections(), 1);
+    }
+
+    /// A connector that refuses every connection: the call fails as a
+    /// connect failure (safe to retry), and nothing reaches the upstream.
+    #[tokio::test]
+    async fn a_failing_connector_is_a_connect_failure() {
+        #[derive(Debug)]
+        struct Refuse;
+        impl Connector for Refuse {
+            fn connect(
+                &self,
+                _tcp: TcpStream,
+                _peer: SocketAddr,
+                _carried: Carried,
+            ) -> crate::transport::ConnectFuture {
+                Box::pin(async {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "handshake refused",
+                    ))
+                })
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (got_tx, mut got_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = BytesMut::new();
+                let n = s.read_buf(&mut buf).await.unwrap_or(0);
+                let _ = got_tx.send(n);
+            }
+        });
+        let config = ClientConfig {
+            connector: Some(Arc::new(Refuse)),
+            ..ClientConfig::default()
+        };
+        let c = EndpointClient::new(addr, Arc::new(Dubbo), config);
+        let mut b = crate::rpc::dubbo::request(1, "svc", "", "m", &[], &[]);
+        let req = Dubbo.decode(&mut b, 1 << 20).unwrap().unwrap();
+        match c.call(req).await {
+            Err(ClientError::Connect(e)) => assert!(e.contains("handshake refused"), "{e}"),
+            other => panic!("expected a connect failure, got {other:?}"),
+        }
+        assert_eq!(c.connections(), 0);
+        let n = tokio::time::timeout(Duration::from_secs(5), got_rx.recv()).await;
+        assert!(
+            matches!(n, Ok(Some(0))),
+            "the upstream received bytes: {n:?}"
+        );
     }
 }

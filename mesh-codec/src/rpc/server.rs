@@ -213,7 +213,12 @@ async fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             }
         }
         if !failed {
-            if let Err(e) = wr.write_all(&out).await {
+            // Flushed: a TLS stream may hold written bytes until then.
+            let written = match wr.write_all(&out).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::debug!(error = %e, "writing RPC responses failed");
                 failed = true;
             } else {

@@ -1,0 +1,428 @@
+//! Istio's own extensions in listeners and clusters (`istio.alpn`,
+//! `istio.metadata_exchange`, `istio.stats`) and the `TypedStruct` wrapper
+//! istiod puts some of them in. Each typed config is read field by field
+//! like Envoy's, so a field Istio's proto does not have is refused with its
+//! path. The model is `mesh_core::config::istio`.
+
+use std::sync::OnceLock;
+
+use mesh_core::config::istio::{
+    AlpnOverride, IstioHeaders, MetricOverride, PeerDiscovery, PeerMetadata, Stats, StatsReporter,
+    TcpMetadataExchange, UpstreamProtocol,
+};
+use mesh_core::config::HttpFilter;
+use serde_json::Value;
+
+use super::reader::{one_of, Ctx, Obj};
+
+/// `istio.alpn`'s `@type`.
+pub(crate) const ALPN_TYPE: &str =
+    "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig";
+/// The HTTP `istio.metadata_exchange`'s `@type` (Istio 1.19 on).
+pub(crate) const PEER_METADATA_TYPE: &str =
+    "type.googleapis.com/io.istio.http.peer_metadata.Config";
+/// The network and cluster `istio.metadata_exchange`'s `@type`.
+pub(crate) const TCP_MX_TYPE: &str =
+    "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange";
+/// `istio.stats`'s `@type` (HTTP and network filter).
+pub(crate) const STATS_TYPE: &str = "type.googleapis.com/stats.PluginConfig";
+
+const TYPED_STRUCTS: &[&str] = &[
+    "type.googleapis.com/udpa.type.v1.TypedStruct",
+    "type.googleapis.com/xds.type.v3.TypedStruct",
+];
+
+/// Unwraps a `TypedStruct` typed config (`{"@type": ".../TypedStruct",
+/// "type_url": T, "value": {...}}`) into its `value` and type `T`, as
+/// Envoy looks extensions up by the inner type URL. Anything else is
+/// returned as it is. `None` when the wrapper itself is malformed (reported).
+pub(crate) fn typed_struct<'a>(
+    cx: &mut Ctx,
+    mut tc: Obj<'a>,
+    ty: String,
+    ty_path: String,
+) -> Option<(Obj<'a>, String, String)> {
+    if !TYPED_STRUCTS.contains(&ty.as_str()) {
+        return Some((tc, ty, ty_path));
+    }
+    let inner_path = tc.at("type_url");
+    let inner = tc.req_string(cx, "type_url");
+    let value_path = tc.at("value");
+    let value = match tc.take("value") {
+        Some(v) => Obj::new(cx, value_path, v),
+        None => Obj::new(cx, value_path, empty_map()),
+    };
+    tc.finish(cx);
+    Some((value?, inner?, inner_path))
+}
+
+fn empty_map() -> &'static Value {
+    static EMPTY: OnceLock<Value> = OnceLock::new();
+    EMPTY.get_or_init(|| Value::Object(Default::default()))
+}
+
+/// `istio.alpn`'s `FilterConfig`.
+pub(crate) fn alpn(cx: &mut Ctx, mut o: Obj<'_>) -> AlpnOverride {
+    let mut out = AlpnOverride::default();
+    for (path, v) in o.list(cx, "alpn_override") {
+        let Some(mut e) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let protocol = e
+            .enumeration(
+                cx,
+                "upstream_protocol",
+                &[
+                    ("HTTP10", UpstreamProtocol::Http10),
+                    ("HTTP11", UpstreamProtocol::Http11),
+                    ("HTTP2", UpstreamProtocol::Http2),
+                ],
+                &[],
+            )
+            .or_else(|| (!e.has("upstream_protocol")).then_some(UpstreamProtocol::Http10));
+        let list: Vec<String> = e
+            .strings(cx, "alpn_override")
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        e.finish(cx);
+        if let Some(p) = protocol {
+            out.overrides.push((p, list));
+        }
+    }
+    o.finish(cx);
+    out
+}
+
+/// The HTTP `istio.metadata_exchange`'s `io.istio.http.peer_metadata.Config`.
+pub(crate) fn peer_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> PeerMetadata {
+    let downstream_discovery = discovery(cx, &mut o, "downstream_discovery");
+    let upstream_discovery = discovery(cx, &mut o, "upstream_discovery");
+    let downstream_propagation = propagation(cx, &mut o, "downstream_propagation");
+    let upstream_propagation = propagation(cx, &mut o, "upstream_propagation");
+    let shared_with_upstream = o.bool(cx, "shared_with_upstream").unwrap_or(false);
+    let additional_labels = o
+        .strings(cx, "additional_labels")
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    o.finish(cx);
+    PeerMetadata {
+        downstream_discovery,
+        upstream_discovery,
+        downstream_propagation,
+        upstream_propagation,
+        shared_with_upstream,
+        additional_labels,
+    }
+}
+
+fn istio_headers(cx: &mut Ctx, mut o: Obj<'_>) -> IstioHeaders {
+    let path = o.at("skip_external_clusters");
+    let skip_external_clusters = o.bool(cx, "skip_external_clusters").unwrap_or(false);
+    if skip_external_clusters {
+        cx.unsupported(
+            &path,
+            Some("leaving out the headers to clusters outside the mesh is not implemented yet"),
+        );
+    }
+    o.finish(cx);
+    IstioHeaders {
+        skip_external_clusters,
+    }
+}
+
+fn discovery(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Vec<PeerDiscovery> {
+    let mut out = Vec::new();
+    for (path, v) in o.list(cx, key) {
+        let Some(mut m) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let keys = ["istio_headers", "workload_discovery", "baggage"];
+        match one_of(cx, &m, &keys, true) {
+            Some("istio_headers") => {
+                if let Some(h) = m.obj(cx, "istio_headers") {
+                    // Only the propagation side reads skip_external_clusters.
+                    istio_headers(cx, h);
+                }
+                out.push(PeerDiscovery::IstioHeaders);
+            }
+            Some("workload_discovery") => {
+                m.empty_obj(cx, "workload_discovery");
+                out.push(PeerDiscovery::WorkloadDiscovery);
+            }
+            Some(_) => {
+                m.empty_obj(cx, "baggage");
+                out.push(PeerDiscovery::Baggage);
+            }
+            None => {}
+        }
+        m.finish(cx);
+    }
+    out
+}
+
+fn propagation(cx: &mut Ctx, o: &mut Obj<'_>, key: &str) -> Option<IstioHeaders> {
+    let mut out = None;
+    for (path, v) in o.list(cx, key) {
+        let Some(mut m) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        if one_of(cx, &m, &["istio_headers"], true).is_some() {
+            if let Some(h) = m.obj(cx, "istio_headers") {
+                out = Some(istio_headers(cx, h));
+            }
+        }
+        m.finish(cx);
+    }
+    out
+}
+
+/// The network/cluster `istio.metadata_exchange`'s `MetadataExchange`.
+pub(crate) fn tcp_metadata_exchange(cx: &mut Ctx, mut o: Obj<'_>) -> TcpMetadataExchange {
+    let protocol = o.string(cx, "protocol").unwrap_or_default();
+    let enable_discovery = o.bool(cx, "enable_discovery").unwrap_or(false);
+    let additional_labels = o
+        .strings(cx, "additional_labels")
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    o.finish(cx);
+    TcpMetadataExchange {
+        protocol,
+        enable_discovery,
+        additional_labels,
+    }
+}
+
+/// `istio.stats`'s `stats.PluginConfig`.
+pub(crate) fn stats(cx: &mut Ctx, mut o: Obj<'_>) -> Stats {
+    let disable_host_header_fallback = o.bool(cx, "disable_host_header_fallback").unwrap_or(false);
+    let tcp_reporting_duration = o.duration(cx, "tcp_reporting_duration");
+    let rescoping_duration = o.duration(cx, "rescoping_duration");
+    let scope_grace_period_duration = o.duration(cx, "scope_grace_period_duration");
+    let reporter = o
+        .enumeration(
+            cx,
+            "reporter",
+            &[
+                ("UNSPECIFIED", StatsReporter::Unspecified),
+                ("SERVER_GATEWAY", StatsReporter::ServerGateway),
+            ],
+            &[],
+        )
+        .unwrap_or_default();
+    let mut metrics = Vec::new();
+    for (path, v) in o.list(cx, "metrics") {
+        let Some(mut m) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        let name = m.string(cx, "name").unwrap_or_default();
+        let mut dimensions = Vec::new();
+        if let Some(mut d) = m.obj(cx, "dimensions") {
+            for (k, p, v) in d.take_all() {
+                if let Some(s) = super::reader::as_str(cx, &p, v) {
+                    dimensions.push((k.to_owned(), s));
+                }
+            }
+        }
+        let tags_to_remove = m
+            .strings(cx, "tags_to_remove")
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        m.refuse(cx, "match", "not implemented in Istio either");
+        let drop = m.bool(cx, "drop").unwrap_or(false);
+        m.finish(cx);
+        metrics.push(MetricOverride {
+            name,
+            dimensions,
+            tags_to_remove,
+            drop,
+        });
+    }
+    o.empty_list(cx, "definitions", "custom metric definitions (CEL values)");
+    o.finish(cx);
+    Stats {
+        disable_host_header_fallback,
+        tcp_reporting_duration,
+        metrics,
+        reporter,
+        rescoping_duration,
+        scope_grace_period_duration,
+    }
+}
+
+/// Why each Istio filter is refused after its config was read: the config
+/// is valid, the behaviour is not built yet (never accepted and ignored).
+fn not_built(what: &str) -> &'static str {
+    match what {
+        "istio.metadata_exchange" => {
+            "istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet"
+        }
+        _ => "istio.stats: Istio's standard metrics are not implemented yet",
+    }
+}
+
+/// An Istio HTTP filter (`what` is its canonical name): its typed config is
+/// read and checked; `istio.stats`, whose behaviour is not built yet, is
+/// refused.
+pub(crate) fn http_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) -> Option<HttpFilter> {
+    match what {
+        "istio.alpn" => return Some(HttpFilter::IstioAlpn(Box::new(alpn(cx, tc)))),
+        "istio.metadata_exchange" => {
+            let mx = peer_metadata(cx, tc);
+            return Some(HttpFilter::IstioPeerMetadata(Box::new(mx)));
+        }
+        _ => drop(stats(cx, tc)),
+    }
+    cx.unsupported(path, Some(not_built(what)));
+    None
+}
+
+/// An Istio network filter before the terminal one, or a cluster's
+/// upstream filter (`istio.metadata_exchange`, `istio.stats`): read,
+/// checked, then refused until its behaviour exists.
+pub(crate) fn network_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) {
+    match what {
+        "istio.metadata_exchange" => drop(tcp_metadata_exchange(cx, tc)),
+        _ => drop(stats(cx, tc)),
+    }
+    cx.unsupported(path, Some(not_built(what)));
+}
+
+/// A cluster's `filters` (upstream network filters): istiod puts
+/// `istio.metadata_exchange` there; any other filter is unsupported.
+pub(crate) fn cluster_filters(cx: &mut Ctx, o: &mut Obj<'_>) {
+    const KNOWN: &[super::Known] = &[super::Known {
+        name: "istio.metadata_exchange",
+        type_url: TCP_MX_TYPE,
+    }];
+    for (path, v) in o.list(cx, "filters") {
+        let Some(mut f) = Obj::new(cx, path, v) else {
+            continue;
+        };
+        match super::select_extension(cx, &mut f, "upstream network filter", KNOWN) {
+            Some((_, Some(tc))) => network_filter(cx, KNOWN[0].name, f.path(), tc),
+            Some((_, None)) => cx.missing(&f.at("typed_config")),
+            None => {}
+        }
+        f.finish(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{cluster_from_json, listener_from_json, load_str};
+    use mesh_xds::convert::{any_to_json, json_to_any};
+    use mesh_xds::types;
+    use serde_json::Value;
+
+    static FIXTURE: &str = include_str!("../../../tests/fixtures/istiod_sidecar.json");
+
+    fn over_xds(type_url: &str, v: &Value) -> Value {
+        any_to_json(&json_to_any(type_url, v).unwrap()).unwrap()
+    }
+
+    fn errors<T>(r: Result<T, crate::bootstrap::ConfigErrors>) -> Vec<String> {
+        match r {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// istiod's untrimmed sidecar LDS/CDS decodes over xDS (Istio's
+    /// descriptors, TypedStruct unwrapped) and every field is read: the only
+    /// refusals are the Istio filters whose behaviour is not built yet,
+    /// Envoy's gRPC stats filter and a route's tracing `decorator`, each
+    /// named by path.
+    #[test]
+    fn istiod_fixture_decodes_and_refuses_only_unbuilt_filters() {
+        let doc: Value = serde_json::from_str(FIXTURE).unwrap();
+        let mut all = Vec::new();
+        for l in doc["listeners"].as_array().unwrap() {
+            let name = l["name"].as_str().unwrap();
+            for e in errors(listener_from_json(&over_xds(types::LISTENER, l))) {
+                all.push(format!("{name}: {e}"));
+            }
+        }
+        for c in doc["clusters"].as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
+            for e in errors(cluster_from_json(&over_xds(types::CLUSTER, c))) {
+                all.push(format!("{name}: {e}"));
+            }
+        }
+        let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
+        let mx = "(istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet)";
+        let hf = "filters[0].typed_config.http_filters";
+        let grpc_stats = "(HTTP filter envoy.extensions.filters.http.grpc_stats.v3.FilterConfig)";
+        let expected = [
+            format!("virtualOutbound: unsupported: filter_chains[0].filters[0] {stats}"),
+            format!("virtualOutbound: unsupported: filter_chains[1].filters[0] {stats}"),
+            // istiod puts Envoy's gRPC stats filter in every HTTP chain.
+            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[1] {grpc_stats}"),
+            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[5] {stats}"),
+            format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
+            format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),
+            // Tracing is not built: a route's `decorator` names its span.
+            "virtualInbound: unsupported: filter_chains[1].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].decorator".to_string(),
+            format!("virtualInbound: unsupported: filter_chains[1].{hf}[1] {grpc_stats}"),
+            format!("virtualInbound: unsupported: filter_chains[1].{hf}[4] {stats}"),
+            format!("virtualInbound: unsupported: filter_chains[2].filters[0] {mx}"),
+            format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
+            format!("outbound|9080||reviews.default.svc.cluster.local: unsupported: filters[0] {mx}"),
+            format!("outbound|27017||mongodb.default.svc.cluster.local: unsupported: filters[0] {mx}"),
+        ];
+        assert_eq!(all, expected);
+    }
+
+    /// A field Istio's protos do not have is refused with its path, inside
+    /// a TypedStruct too; the TypedStruct itself needs its `type_url`.
+    #[test]
+    fn unknown_fields_of_istio_configs_are_named() {
+        let errs = errors(load_str(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: istio.metadata_exchange
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange
+          value: {protocol: istio-peer-exchange, bogus: 1}
+      - name: istio.stats
+        typed_config:
+          "@type": type.googleapis.com/xds.type.v3.TypedStruct
+          value: {}
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    filters:
+    - name: istio.alpn
+      typed_config:
+        "@type": type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig
+"#,
+        ));
+        let has = |s: &str| errs.iter().any(|e| e.contains(s));
+        assert!(
+            has("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.value.bogus"),
+            "{errs:#?}"
+        );
+        assert!(
+            has("static_resources.listeners[0].filter_chains[0].filters[1].typed_config.type_url: missing required field"),
+            "{errs:#?}"
+        );
+        assert!(
+            has("static_resources.clusters[0].filters[0] (upstream network filter istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig)"),
+            "{errs:#?}"
+        );
+    }
+}
