@@ -147,16 +147,23 @@ def server_config(pki, leaf, upstream_a, upstream_b) -> str:
                      node("reviews-v1-pod", "reviews"))
 
 
-def client_config(pki, leaf, server_port, upstream_a) -> str:
+def mtls_clusters(pki, leaf, server_port, names=("server_h1", "server_h2"),
+                  service="server") -> list:
+    """Istio-style mTLS clusters to the server sidecar (HTTP/1.1, HTTP/2)."""
     clusters = []
-    for name, h2 in (("server_h1", False), ("server_h2", True)):
+    for name, h2 in zip(names, (False, True)):
         c = harness.static_cluster(name, server_port, http2=h2)
         # Istio's mTLS cluster context offers the TCP metadata exchange ALPN.
         c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": UP_TLS, "sni": "outbound_.9080_._.server.default.svc.cluster.local",
+            "@type": UP_TLS, "sni": f"outbound_.9080_._.{service}.default.svc.cluster.local",
             "common_tls_context": tls_common(pki, leaf, ["istio-peer-exchange", "istio"],
                                              SERVER_ID)}}
         clusters.append(c)
+    return clusters
+
+
+def client_config(pki, leaf, server_port, upstream_a) -> str:
+    clusters = mtls_clusters(pki, leaf, server_port)
     with_alpn = harness.hcm_listener("outbound", ROUTES, {
         "codec_type": "AUTO", "http_filters": [MX_OUTBOUND, ISTIO_ALPN, ROUTER]})
     without = harness.hcm_listener("plain", ROUTES, {"codec_type": "AUTO"})

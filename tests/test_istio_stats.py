@@ -20,8 +20,8 @@ import pytest
 
 import harness
 from test_istio_extensions import (  # noqa: F401
-    CLIENT_ID, INSPECTOR, ISTIO_ALPN, MX_INBOUND, MX_OUTBOUND, ROUTER, SERVER_ID, UP_TLS,
-    down_tls, node, pki, tls_common, with_node,
+    CLIENT_ID, INSPECTOR, ISTIO_ALPN, MX_INBOUND, MX_OUTBOUND, ROUTER, SERVER_ID, down_tls,
+    mtls_clusters, node, pki, with_node,
 )
 
 pytestmark = pytest.mark.skipif(harness.mesh_missing_reason() is not None,
@@ -79,15 +79,9 @@ def server_config(pki, leaf, upstream, grpc_port) -> str:
 
 
 def client_config(pki, leaf, server_port, refused_port) -> str:
-    servers = []
-    for name, h2 in (("server", False), ("server_h2", True)):
-        c = harness.static_cluster(name, server_port, http2=h2)
-        c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": UP_TLS, "sni": "outbound_.9080_._.reviews.default.svc.cluster.local",
-            "common_tls_context": tls_common(pki, leaf, ["istio-peer-exchange", "istio"],
-                                             SERVER_ID)}}
+    servers = mtls_clusters(pki, leaf, server_port, ("server", "server_h2"), "reviews")
+    for c in servers:
         c["metadata"] = ISTIO_METADATA
-        servers.append(c)
     refused = harness.static_cluster("refused", refused_port)
     outbound = harness.hcm_listener("outbound", ROUTES, {
         "codec_type": "AUTO",

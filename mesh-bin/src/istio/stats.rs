@@ -200,14 +200,16 @@ impl IstioStats {
         };
         let response_bytes = header_bytes(resp.headers());
         let inner = std::mem::take(resp.body_mut());
-        *resp.body_mut() = ProxyBody::Boxed(Box::pin(Counted {
+        *resp.body_mut() = ProxyBody::Boxed(Box::pin(Watched {
             inner,
-            bytes: response_bytes,
-            end: Some(End {
-                stats: self.clone(),
-                key,
-                st,
-            }),
+            watch: Counted {
+                bytes: response_bytes,
+                end: Some(End {
+                    stats: self.clone(),
+                    key,
+                    st,
+                }),
+            },
         }));
         resp
     }
@@ -342,15 +344,79 @@ struct End {
     st: RequestState,
 }
 
-/// A response body counting its bytes, recording its request when it ends.
-struct Counted {
+/// What a [`Watched`] body reports its frames and its end to.
+trait Watch: Send + Unpin {
+    /// A frame passed; `last` when the body has ended with it.
+    fn frame(&mut self, f: &Frame<Bytes>, last: bool);
+    /// The body ended, failed or was dropped (called at least once).
+    fn end(&mut self);
+}
+
+/// A body whose frames are reported to a [`Watch`].
+struct Watched<W: Watch> {
     inner: ProxyBody,
+    watch: W,
+}
+
+impl<W: Watch> Drop for Watched<W> {
+    fn drop(&mut self) {
+        self.watch.end();
+    }
+}
+
+impl<W: Watch> Body for Watched<W> {
+    type Data = Bytes;
+    type Error = mesh_codec::http::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                let last = f.is_trailers() || this.inner.is_end_stream();
+                this.watch.frame(f, last);
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.watch.end(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response's bytes, and what to record when it ends.
+struct Counted {
     bytes: u64,
     end: Option<End>,
 }
 
-impl Counted {
-    fn finish(&mut self) {
+impl Watch for Counted {
+    fn frame(&mut self, f: &Frame<Bytes>, last: bool) {
+        if let Some(d) = f.data_ref() {
+            self.bytes += d.len() as u64;
+        }
+        if let Some(t) = f.trailers_ref() {
+            self.bytes += header_bytes(t);
+            if let (Some(e), Some(s)) = (self.end.as_mut(), grpc_status(t)) {
+                e.key.grpc_status = Some(s);
+            }
+        }
+        if last {
+            self.end();
+        }
+    }
+
+    fn end(&mut self) {
         let Some(mut end) = self.end.take() else {
             return;
         };
@@ -369,93 +435,25 @@ impl Counted {
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = mesh_codec::http::body::BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.bytes += d.len() as u64;
-                }
-                if let Some(t) = f.trailers_ref() {
-                    self.bytes += header_bytes(t);
-                    if let (Some(e), Some(s)) = (self.end.as_mut(), grpc_status(t)) {
-                        e.key.grpc_status = Some(s);
-                    }
-                }
-                if f.is_trailers() || self.inner.is_end_stream() {
-                    self.finish();
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
-            Poll::Pending => {}
+impl Watch for Pending {
+    fn frame(&mut self, f: &Frame<Bytes>, _last: bool) {
+        if let Some(d) = f.data_ref() {
+            self.0
+                .body_bytes
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
         }
-        r
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body counting its bytes for `istio_request_bytes`.
-struct CountedRequest {
-    inner: ProxyBody,
-    pending: Pending,
-}
-
-impl Body for CountedRequest {
-    type Data = Bytes;
-    type Error = mesh_codec::http::body::BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.pending
-                    .0
-                    .body_bytes
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    fn end(&mut self) {}
 }
 
 /// The request body the router sends upstream: counted when the request
 /// has `istio.stats` state.
 pub fn watch_request(head: &http::request::Parts, body: ProxyBody) -> ProxyBody {
     match head.extensions.get::<Pending>() {
-        Some(p) if !body.is_end_stream() => ProxyBody::Boxed(Box::pin(CountedRequest {
+        Some(p) if !body.is_end_stream() => ProxyBody::Boxed(Box::pin(Watched {
             inner: body,
-            pending: p.clone(),
+            watch: p.clone(),
         })),
         _ => body,
     }
