@@ -415,6 +415,57 @@ mod tests {
         assert_eq!(all, expected);
     }
 
+    /// `istio.stats` learns its listener's direction (its reporter), and
+    /// istiod's cluster metadata names the destination service.
+    #[test]
+    fn istio_stats_direction_and_cluster_service() {
+        let b = load_str(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    traffic_direction: INBOUND
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: in
+          route_config: {virtual_hosts: [{name: a, domains: ["*"], routes: [{match: {prefix: /}, route: {cluster: c}}]}]}
+          http_filters:
+          - name: istio.stats
+            typed_config:
+              "@type": type.googleapis.com/stats.PluginConfig
+              disable_host_header_fallback: true
+          - name: envoy.filters.http.router
+  clusters:
+  - name: c
+    load_assignment: {cluster_name: c, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]}
+    metadata: {filter_metadata: {istio: {services: [{host: r.d.svc.cluster.local, name: r, namespace: d}]}}}
+"#,
+        )
+        .unwrap();
+        let mesh_core::config::NetworkFilter::HttpConnectionManager(h) =
+            &b.listeners[0].filter_chains[0].terminal
+        else {
+            panic!("expected an HCM");
+        };
+        let Some(mesh_core::config::HttpFilter::IstioStats(s)) = h.http_filters.first() else {
+            panic!("expected istio.stats: {:?}", h.http_filters);
+        };
+        assert_eq!(
+            s.traffic_direction,
+            mesh_core::config::TrafficDirection::Inbound
+        );
+        assert!(s.disable_host_header_fallback);
+        let svc = b.clusters[0].istio_service.as_ref().unwrap();
+        assert_eq!(
+            (svc.host.as_str(), svc.name.as_str(), svc.namespace.as_str()),
+            ("r.d.svc.cluster.local", "r", "d")
+        );
+    }
+
     /// A field Istio's protos do not have is refused with its path, inside
     /// a TypedStruct too; the TypedStruct itself needs its `type_url`.
     #[test]
