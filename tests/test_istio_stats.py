@@ -102,8 +102,8 @@ def sidecars(module_start_proxy, pki, upstream_a, grpc_server):
     refused_sock.close()
 
 
-def curl(port: int, path: str, body: bytes | None = None) -> str:
-    extra = ["--data-binary", "@-"] if body is not None else []
+def curl(port: int, path: str, body: bytes | None = None, *more: str) -> str:
+    extra = (["--data-binary", "@-"] if body is not None else []) + list(more)
     p = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
                         "-w", "%{http_code}", *extra, f"http://127.0.0.1:{port}{path}"],
                        input=body, capture_output=True, timeout=20)
@@ -146,13 +146,15 @@ def test_both_sidecars_report_istio_request_metrics(sidecars):
                  destination_service="127.0.0.1") == 1, out
     for h in ("istio_request_duration_milliseconds", "istio_request_bytes",
               "istio_response_bytes"):
-        assert value(out, f"{h}_count", **src) == 7, (h, out)
-        assert value(out, f"{h}_bucket", **src, le="+Inf") == 7, (h, out)
+        for code, n in (("200", 4), ("404", 2), ("503", 1)):
+            assert value(out, f"{h}_count", **src, response_code=code) == n, (h, out)
+            assert value(out, f"{h}_bucket", **src, response_code=code, le="+Inf") == n, out
     # The 5000-byte body is counted once, with every request's headers (the
     # exchange's metadata headers among them, as Istio counts them).
-    sent = value(out, "istio_request_bytes_sum", **src)
+    sent = sum(value(out, "istio_request_bytes_sum", **src, response_code=c)
+               for c in ("200", "404", "503"))
     assert 5000 + 7 * 300 < sent < 5000 + 7 * 1000, (sent, out)
-    assert value(out, "istio_response_bytes_sum", **src) > 7 * 20
+    assert value(out, "istio_response_bytes_sum", **src, response_code="200") > 4 * 20
 
     out = server.admin_text("/stats/prometheus")
     dst = dict(reporter="destination", destination_workload="reviews-v1",
@@ -164,6 +166,17 @@ def test_both_sidecars_report_istio_request_metrics(sidecars):
     assert value(out, "istio_requests_total", **dst, response_code="404") == 2, out
     assert value(out, "istio_request_duration_milliseconds_count", **dst) == 6, out
     assert 5000 < value(out, "istio_request_bytes_sum", **dst) < 5000 + 6 * 1000, out
+
+
+def test_requests_refused_before_routing_are_counted(sidecars):
+    client, _ = sidecars
+    # HTTP/1.0 is refused with 426 before routing, as Envoy does.
+    assert curl(client.port("outbound"), "/old", None, "--http1.0") == "426"
+    out = client.admin_text("/stats/prometheus")
+    assert value(out, "istio_requests_total", reporter="source", response_code="426",
+                 response_flags="DPE", destination_workload="unknown",
+                 source_workload="productpage-v1") == 1, out
+    assert value(out, "istio_request_duration_milliseconds_count", response_code="426") == 1
 
 
 def test_grpc_status_and_protocol_through_both_sidecars(sidecars, grpc_server):

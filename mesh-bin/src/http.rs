@@ -205,11 +205,11 @@ impl HttpProxy {
         let _active = GaugeGuard::new(&stats.rq_active);
         if let Some(resp) = self.reject_malformed(&req) {
             stats.rq_xx.record(resp.status().as_u16());
-            return resp;
+            return crate::istio::stats::local_reply(&self.shared.istio_stats, &mut req, resp);
         }
         if let Some(resp) = self.normalize_path(&mut req) {
             stats.rq_xx.record(resp.status().as_u16());
-            return resp;
+            return crate::istio::stats::local_reply(&self.shared.istio_stats, &mut req, resp);
         }
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());

@@ -459,6 +459,22 @@ pub fn watch_request(head: &http::request::Parts, body: ProxyBody) -> ProxyBody 
     }
 }
 
+/// A reply made before the request was routed (a malformed request):
+/// recorded too, with the peer unknown.
+pub fn local_reply<B>(
+    stats: &Option<Arc<IstioStats>>,
+    req: &mut Request<B>,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    match stats {
+        Some(s) => {
+            let st = s.on_request(req);
+            s.on_response(st, None, resp)
+        }
+        None => resp,
+    }
+}
+
 /// The compiled `istio.stats` of an HCM's filters, if any.
 pub fn from_filters(filters: &[HttpFilter], store: &Store) -> Option<Arc<IstioStats>> {
     filters.iter().find_map(|f| match f {
