@@ -160,7 +160,11 @@ impl FilterChain {
             let kind = match f {
                 // RBAC runs before every other filter, in `HttpProxy::handle`;
                 // `istio.alpn` acts where the router picks a pool.
-                HttpFilter::Router | HttpFilter::Rbac(_) | HttpFilter::IstioAlpn(_) => continue,
+                // `grpc_stats` counts where the response is sent.
+                HttpFilter::Router
+                | HttpFilter::Rbac(_)
+                | HttpFilter::IstioAlpn(_)
+                | HttpFilter::GrpcStats(_) => continue,
                 HttpFilter::Fault(c) => Kind::Fault(
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,

@@ -121,6 +121,8 @@ pub struct HcmShared {
     rbac: Option<mesh_filter::rbac::RbacFilter>,
     /// `istio.alpn`: the ALPN upstream TLS connections offer.
     istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
+    /// `envoy.filters.http.grpc_stats`.
+    grpc_stats: Option<Arc<crate::grpc_stats::GrpcStats>>,
 }
 
 impl HcmShared {
@@ -136,6 +138,7 @@ impl HcmShared {
         let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
             istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
+            grpc_stats: crate::grpc_stats::GrpcStats::from_filters(&config.http_filters, store),
             filters,
             rbac,
             access_log,
@@ -212,6 +215,14 @@ impl HttpProxy {
             e
         });
         let grpc = is_grpc(req.headers());
+        let grpc_call = match &self.shared.grpc_stats {
+            Some(g) if grpc => {
+                let call = g.begin(req.uri().path());
+                req.extensions_mut().insert(call.clone());
+                Some(call)
+            }
+            _ => None,
+        };
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
         });
@@ -224,6 +235,9 @@ impl HttpProxy {
             && resp.extensions().get::<GrpcReplyDone>().is_none()
         {
             resp = grpc_local_reply(resp);
+        }
+        if let Some(call) = grpc_call {
+            resp = call.response(resp);
         }
         stats.rq_xx.record(resp.status().as_u16());
         if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
@@ -815,7 +829,7 @@ impl HttpProxy {
     /// same loop once, with no copy of the request head or body.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         m: &RouteMatch<'_>,
         info: &StreamInfo,
         down_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -838,6 +852,10 @@ impl HttpProxy {
         };
         if let Some(e) = log.as_mut() {
             e.routed(m.route, choice.name);
+        }
+        let grpc_call = req.extensions_mut().remove::<crate::grpc_stats::Call>();
+        if let Some(c) = &grpc_call {
+            c.routed(choice.name);
         }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
@@ -951,6 +969,10 @@ impl HttpProxy {
             }
             _ if http_body::Body::is_end_stream(&body) && retry.is_some() => ProxyBody::Empty,
             _ => ProxyBody::Incoming(body),
+        };
+        let body = match &grpc_call {
+            Some(c) => c.request_body(body),
+            None => body,
         };
         let buffer_limit = m
             .route

@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod grpc_stats;
 pub mod istio;
 pub mod rbac;
 pub mod socket_match;
@@ -392,6 +393,8 @@ pub enum HttpFilter {
     Cors,
     /// `istio.alpn`: the ALPN list of upstream TLS connections.
     IstioAlpn(Box<istio::AlpnOverride>),
+    /// `envoy.filters.http.grpc_stats`: per-cluster gRPC call counters.
+    GrpcStats(Box<grpc_stats::GrpcStats>),
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,

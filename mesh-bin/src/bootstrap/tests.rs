@@ -1502,6 +1502,7 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
     );
 }
 
+mod grpc_stats;
 mod lb;
 
 #[test]
