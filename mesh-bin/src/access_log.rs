@@ -16,7 +16,9 @@
 //! full (the sink cannot keep up), the line is dropped and counted in
 //! `mesh_access_log_dropped`.
 
+pub mod body;
 pub mod filter;
+pub mod flags;
 pub mod format;
 pub mod listener;
 
@@ -35,7 +37,9 @@ use mesh_core::identity::PeerIdentity;
 use mesh_core::router::{CompiledHeaderMatcher, CompiledRoute};
 use mesh_core::stats::{Counter, Store};
 
+use self::body::BodyMark;
 use self::filter::Filter;
+use self::flags::FlagSet;
 use self::format::{Compiled, Needs};
 
 /// Lines that may wait for the writer thread.
@@ -263,10 +267,11 @@ impl AccessLogger {
     ) {
         let rec = LogRecord {
             flag: outcome.flag,
-            extra_flag: outcome.extra_flag(),
+            extra_flags: outcome.extra_flags(),
             bytes_received: received,
             bytes_sent: sent,
             upstream_host: outcome.upstream,
+            upstream_unconnected: outcome.upstream_local.is_none(),
             upstream_local: outcome.upstream_local,
             upstream_failure: outcome.failure.as_deref(),
             upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
@@ -327,6 +332,11 @@ impl AccessLogger {
             resp_headers: Vec::new(),
             response_duration: None,
             request_duration: None,
+            flags: FlagSet::default(),
+            body: None,
+            upstream_failure: None,
+            upstream_local: None,
+            upstream_host: None,
         }
     }
 
@@ -382,11 +392,20 @@ impl AccessLogger {
             status: end.status,
             details: Some(end.details),
             flag: end.flag,
-            bytes_received: entry.bytes_received,
+            extra_flags: entry.flags,
+            bytes_received: match &entry.body {
+                Some(b) if entry.bytes_received == 0 => b.bytes(),
+                _ => entry.bytes_received,
+            },
             bytes_sent: end.bytes_sent,
-            request_duration: entry.request_duration,
+            request_duration: entry
+                .request_duration
+                .or_else(|| entry.body.as_ref().and_then(|b| b.ended())),
+            upstream_failure: entry.upstream_failure.as_deref(),
+            upstream_local: entry.upstream_local,
             response_duration: entry.response_duration,
             upstream_host: end.upstream,
+            upstream_unconnected: end.flag == Some(ResponseFlag::UpstreamConnectionFailure),
             upstream_cluster: entry.cluster.as_deref(),
             downstream_remote: Some(entry.remote),
             downstream_direct_remote: Some(entry.info.downstream_remote),
@@ -401,6 +420,12 @@ impl AccessLogger {
             ..LogRecord::new(entry.start, entry.started.elapsed(), &self.inner.hostname)
         };
         self.log(&rec);
+    }
+
+    /// Whether some format reads the upstream connection's local address
+    /// (only then is it carried to the line).
+    pub fn wants_upstream_local(&self) -> bool {
+        self.inner.needs.upstream_local
     }
 
     /// Whether some format reads response trailers.
@@ -418,6 +443,16 @@ impl AccessLogger {
             .collect()
     }
 }
+
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` of a proxy-made HTTP response,
+/// carried in its extensions to the log line.
+#[derive(Debug, Clone)]
+pub struct UpstreamFailure(pub String);
+
+/// `%RESPONSE_CODE_DETAILS%` of a proxy-made HTTP response when its flag
+/// alone does not tell (`upstream_per_try_timeout`), in its extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalDetails(pub &'static str);
 
 /// What an RPC request's log line needs from the request, captured
 /// before it is sent (see [`AccessLogger::capture_rpc`]).
@@ -514,6 +549,56 @@ pub struct HttpLogEntry {
     /// Start to the request's end, when known (a request without a body
     /// ends with its headers).
     pub request_duration: Option<Duration>,
+    /// Flags set along the way besides the final one (`DI`, or `URX`
+    /// after a failed last try).
+    pub flags: FlagSet,
+    /// The request body's end and bytes, when watched (see
+    /// [`AccessLogger::watch_body`]).
+    pub body: Option<Arc<BodyMark>>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub upstream_failure: Option<String>,
+    /// The local address of the upstream connection that carried the
+    /// response (when a format reads it).
+    pub upstream_local: Option<SocketAddr>,
+    /// The endpoint of the latest try.
+    pub upstream_host: Option<SocketAddr>,
+}
+
+/// An HTTP request's log entry until its line is written. A request whose
+/// handling ends before a response, because the downstream went away, is
+/// logged when dropped, as Envoy logs it: status 0, `DC`,
+/// `downstream_remote_disconnect`.
+#[derive(Debug)]
+pub struct PendingHttpLog<'a> {
+    logger: Option<&'a AccessLogger>,
+    /// The entry; taken when the line is written or handed on.
+    pub entry: Option<HttpLogEntry>,
+}
+
+impl<'a> PendingHttpLog<'a> {
+    /// Holds `entry` for `logger`.
+    pub fn new(logger: Option<&'a AccessLogger>, entry: Option<HttpLogEntry>) -> Self {
+        PendingHttpLog { logger, entry }
+    }
+}
+
+impl Drop for PendingHttpLog<'_> {
+    fn drop(&mut self) {
+        if let (Some(l), Some(e)) = (self.logger, self.entry.take()) {
+            let flag = Some(ResponseFlag::DownstreamConnectionTermination);
+            l.log_http(
+                &e,
+                &HttpEnd {
+                    status: 0,
+                    details: response_code_details(flag, false),
+                    flag,
+                    bytes_sent: 0,
+                    upstream: e.upstream_host,
+                    trailers: &[],
+                },
+            );
+        }
+    }
 }
 
 impl HttpLogEntry {
@@ -544,9 +629,10 @@ pub struct LogRecord<'a> {
     pub details: Option<&'a str>,
     /// `%RESPONSE_FLAGS%`.
     pub flag: Option<ResponseFlag>,
-    /// A second flag set with `flag` (`URX` after a TCP proxy's connect
-    /// attempts are used up, as Envoy sets it).
-    pub extra_flag: Option<ResponseFlag>,
+    /// Flags set with `flag`, in the order set (`URX` or `UO` of the retry
+    /// decision before the last try's failure, `DI` of an injected delay);
+    /// `flag` goes last unless listed here (see [`LogRecord::flags`]).
+    pub extra_flags: FlagSet,
     /// `%BYTES_RECEIVED%`.
     pub bytes_received: u64,
     /// `%BYTES_SENT%`.
@@ -557,6 +643,9 @@ pub struct LogRecord<'a> {
     pub response_duration: Option<Duration>,
     /// `%UPSTREAM_HOST%`.
     pub upstream_host: Option<SocketAddr>,
+    /// No connection to `upstream_host` was made (its connect failed):
+    /// `%UPSTREAM_REMOTE_ADDRESS%` is `-`, as in Envoy.
+    pub upstream_unconnected: bool,
     /// `%UPSTREAM_CLUSTER%`.
     pub upstream_cluster: Option<&'a str>,
     /// `%UPSTREAM_LOCAL_ADDRESS%`.
@@ -611,12 +700,13 @@ impl<'a> LogRecord<'a> {
             status: 0,
             details: None,
             flag: None,
-            extra_flag: None,
+            extra_flags: FlagSet::default(),
             bytes_received: 0,
             bytes_sent: 0,
             request_duration: None,
             response_duration: None,
             upstream_host: None,
+            upstream_unconnected: false,
             upstream_cluster: None,
             upstream_local: None,
             upstream_failure: None,
@@ -640,6 +730,19 @@ impl<'a> LogRecord<'a> {
     }
 }
 
+impl LogRecord<'_> {
+    /// Every flag of the stream in the order set: the extra ones, then
+    /// `flag` unless they hold it already.
+    pub fn flags(&self) -> FlagSet {
+        self.extra_flags.union(FlagSet::of(self.flag))
+    }
+
+    /// `%UPSTREAM_REMOTE_ADDRESS%`: the upstream host, once connected to.
+    pub fn upstream_remote(&self) -> Option<SocketAddr> {
+        self.upstream_host.filter(|_| !self.upstream_unconnected)
+    }
+}
+
 /// The last address of `x-forwarded-for` (port 0), as Envoy reads it.
 fn last_xff(h: &HeaderMap) -> Option<SocketAddr> {
     let v = h
@@ -657,6 +760,23 @@ pub fn format_time(t: SystemTime) -> String {
     let mut s = String::with_capacity(24);
     let _ = format::write_time(&mut s, t, None);
     s
+}
+
+/// `%RESPONSE_CODE_DETAILS%` of a proxy-made reply: as
+/// [`response_code_details`], with the transport failure reason of a
+/// failed connect as Envoy adds it:
+/// `upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}`.
+pub fn failure_details(
+    flag: Option<ResponseFlag>,
+    failure: Option<&str>,
+) -> std::borrow::Cow<'static, str> {
+    match (flag, failure) {
+        (Some(ResponseFlag::UpstreamConnectionFailure), Some(reason)) => {
+            format!("upstream_reset_before_response_started{{remote_connection_failure|{reason}}}")
+                .into()
+        }
+        _ => response_code_details(flag, false).into(),
+    }
 }
 
 /// `%RESPONSE_CODE_DETAILS%` for a reply: `via_upstream` for an upstream's

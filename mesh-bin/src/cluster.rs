@@ -206,8 +206,9 @@ impl ClusterManager {
             let socket_matches =
                 crate::socket_match::SocketMatches::build(c, Some(secrets.clone()), store)
                     .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
-            let (outlier, health_checker, first) = health_for(c, &balancer, store, stop)
-                .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
+            let (outlier, health_checker, first) =
+                health_for(c, &balancer, store, stop, (&tls, &socket_matches))
+                    .map_err(|e| format!("static_resources.clusters[{i}].{e}"))?;
             first_checks.extend(first);
             let balancer_for_hosts = balancer.clone();
             let name: Arc<str> = Arc::from(c.name.as_str());
@@ -299,11 +300,17 @@ type ClusterHealth = (
 /// Starts a cluster's outlier detection and active health checking on the
 /// current runtime, until `stop` fires. A balancer that is reused from a
 /// cluster that had them loses the flags they set.
+/// `sockets`: the cluster's built `transport_socket` and
+/// `transport_socket_matches`, which probes connect through.
 pub(crate) fn health_for(
     c: &Cluster,
     balancer: &Arc<Balancer>,
     store: &Store,
     stop: &CancellationToken,
+    sockets: (
+        &Option<Arc<mesh_tls::ClientTls>>,
+        &crate::socket_match::SocketMatches,
+    ),
 ) -> Result<ClusterHealth, String> {
     let mut stale = 0;
     if c.health_check.is_none() {
@@ -337,7 +344,22 @@ pub(crate) fn health_for(
         &c.name,
         hc.clone(),
         balancer.clone(),
-        crate::health::probe(&c.name, &hc.checker),
+        crate::health::probe(
+            &c.name,
+            &hc.checker,
+            crate::health::ProbeTransport {
+                tls: sockets.0.clone(),
+                matches: sockets.1.clone(),
+                source: c.upstream_bind,
+                criteria: hc.transport_socket_match_criteria.as_ref().map(|labels| {
+                    c.transport_socket_matches
+                        .iter()
+                        .position(|m| m.matches(labels))
+                        .and_then(|i| u32::try_from(i).ok())
+                }),
+                alpn: hc.tls_alpn.clone(),
+            },
+        ),
         HealthCheckStats::new(store, &c.name),
     );
     if let Some(d) = &outlier {

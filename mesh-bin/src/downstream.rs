@@ -392,14 +392,17 @@ impl WorkerChains {
             _ => None,
         };
         if let (Some(worker), None, None) = (rpc, &chain.rbac, &chain.tls) {
-            // A plain-text RPC chain without RBAC: straight to the proxy.
-            let a = Accepted {
-                stream,
+            // A plain-text RPC chain without RBAC: straight to the proxy. The
+            // listener's log line counts the connection's bytes.
+            let stream = Metered::new(stream, log.as_ref().map(ConnLog::meter));
+            let conn = RpcConnection {
                 peer,
                 local,
-                guard,
+                identity: None,
             };
-            return worker.handle(a, self.drain.clone()).await;
+            return worker
+                .handle_io(stream, conn, guard, self.drain.clone())
+                .await;
         }
         let conn = Conn {
             peer,

@@ -1228,14 +1228,19 @@ impl Manager {
         stats
             .membership_total
             .set(balancer.endpoints().endpoints.len() as i64);
-        let (outlier, health_checker) =
-            match crate::cluster::health_for(c, &balancer, &self.cx.store, &cluster_stop) {
-                Ok((outlier, checker, _first_round)) => (outlier, checker),
-                Err(e) => {
-                    tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
-                    (None, None)
-                }
-            };
+        let (outlier, health_checker) = match crate::cluster::health_for(
+            c,
+            &balancer,
+            &self.cx.store,
+            &cluster_stop,
+            (&tls, &socket_matches),
+        ) {
+            Ok((outlier, checker, _first_round)) => (outlier, checker),
+            Err(e) => {
+                tracing::warn!(cluster = %c.name, error = %e, "health checking not started");
+                (None, None)
+            }
+        };
         ClusterEntry {
             config: c.clone(),
             balancer,
@@ -1254,6 +1259,11 @@ impl Manager {
         let mut loaded = Vec::new();
         let mut errors = Vec::new();
         for r in &u.resources {
+            // Plain assignments skip the JSON round trip.
+            if let Some((name, l)) = bootstrap::eds_proto::endpoints_from_any(&r.body) {
+                loaded.push((name, l, r.body.clone()));
+                continue;
+            }
             let json = match mesh_xds::convert::any_to_json(&r.body) {
                 Ok(j) => j,
                 Err(e) => {

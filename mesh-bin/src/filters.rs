@@ -159,12 +159,26 @@ impl FilterChain {
             let meta = config.http_filter_meta.get(i).cloned().unwrap_or_default();
             let kind = match f {
                 // RBAC runs before every other filter, in `HttpProxy::handle`;
-                // `istio.alpn` acts where the router picks a pool.
+                // `istio.alpn` acts where the router picks a pool, the
+                // metadata exchange in `HttpProxy::handle`.
                 // `grpc_stats` counts where the response is sent.
-                HttpFilter::Router
-                | HttpFilter::Rbac(_)
-                | HttpFilter::IstioAlpn(_)
-                | HttpFilter::GrpcStats(_) => continue,
+                HttpFilter::Router | HttpFilter::Rbac(_) | HttpFilter::GrpcStats(_) => continue,
+                HttpFilter::IstioAlpn(_) | HttpFilter::IstioPeerMetadata(_) => {
+                    // They cannot be turned off per route yet: refuse
+                    // rather than ignore a route that says so.
+                    let named = |per: &[PerFilterConfig]| per.iter().any(|p| p.filter == meta.name);
+                    let per_route = routes.virtual_hosts().iter().any(|vh| {
+                        named(&vh.policy.per_filter)
+                            || vh.routes().iter().any(|r| named(&r.policy.per_filter))
+                    });
+                    if per_route || meta.disabled {
+                        return Err(format!(
+                            "http_filters[{i}]: turning {} off or on per route is not supported (unsupported)",
+                            meta.name
+                        ));
+                    }
+                    continue;
+                }
                 HttpFilter::Fault(c) => Kind::Fault(
                     FaultInjector::new(c, FaultStats::new(store, &config.stat_prefix))
                         .map_err(|e| format!("http_filters[{i}].typed_config.{e}"))?,

@@ -12,8 +12,16 @@
 //! | HTTP | the status is in `expected_statuses` (default 200) | any other status | refused, reset, not HTTP, timeout |
 //! | TCP | connected (and every `receive` block arrived, in order) | — | refused, closed before the reply matched, timeout |
 //! | gRPC | `grpc.health.v1.Health/Check` answers `SERVING` | another serving status, a non-OK `grpc-status`, a non-200 HTTP status | refused, reset, timeout |
+//!
+//! Probes connect as traffic does ([`ProbeTransport`]): from the cluster's
+//! `upstream_bind_config` address, through the TLS context of the
+//! endpoint's `transport_socket_matches` entry or the cluster's
+//! `transport_socket` (Envoy health checks use the cluster's transport
+//! socket), offering ALPN `h2` to gRPC and HTTP/2 probes. A failed
+//! handshake is a network failure, counted in the cluster's `ssl` stats.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -21,25 +29,80 @@ use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_codec::transport::{connect_from, BoxIo, Carried, Connector};
 use mesh_core::config::{GrpcHealthCheck, HealthChecker as Kind, HttpHealthCheck, TcpHealthCheck};
 use mesh_core::flags::ResponseFlag;
 use mesh_lb::health_check::{Probe, ProbeFuture, ProbeResult};
 use mesh_lb::outlier::{Outcome, OutlierDetector};
 use mesh_lb::{Endpoint, HealthFlags};
+use mesh_tls::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::cluster::{ClusterEntry, ClusterManager};
+use crate::socket_match::SocketMatches;
+use crate::tls::TlsConnector;
 
 /// The `user-agent` of HTTP and gRPC probes (Envoy's).
 const USER_AGENT: &str = "Envoy/HC";
 
-/// The probe for a cluster's health check configuration.
-pub fn probe(cluster: &str, kind: &Kind) -> Arc<dyn Probe> {
+/// The probe for a cluster's health check configuration, connecting
+/// through `transport`.
+pub fn probe(cluster: &str, kind: &Kind, transport: ProbeTransport) -> Arc<dyn Probe> {
+    let transport = Arc::new(transport);
     match kind {
-        Kind::Http(h) => Arc::new(HttpProbe::new(cluster, h)),
-        Kind::Tcp(t) => Arc::new(TcpProbe(Arc::new(t.clone()))),
-        Kind::Grpc(g) => Arc::new(GrpcProbe::new(cluster, g)),
+        Kind::Http(h) => Arc::new(HttpProbe::new(cluster, h, transport)),
+        Kind::Tcp(t) => Arc::new(TcpProbe(Arc::new(t.clone()), transport)),
+        Kind::Grpc(g) => Arc::new(GrpcProbe::new(cluster, g, transport)),
+    }
+}
+
+/// How probes reach an endpoint: the cluster's upstream transport and
+/// source address. The default is plain text from any address.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeTransport {
+    /// The cluster's `transport_socket` (`None`: plain text).
+    pub tls: Option<Arc<ClientTls>>,
+    /// The cluster's `transport_socket_matches`.
+    pub matches: SocketMatches,
+    /// `upstream_bind_config`.
+    pub source: Option<SocketAddr>,
+    /// The health check's `transport_socket_match_criteria` resolved
+    /// against `matches`: `Some(entry)` for every endpoint (`Some(None)`:
+    /// the cluster's `transport_socket`); `None`: each endpoint's own.
+    pub criteria: Option<Option<u32>>,
+    /// `tls_options.alpn_protocols`: offered by TLS probes in place of the
+    /// socket's list (empty: the socket's own).
+    pub alpn: Vec<String>,
+}
+
+impl ProbeTransport {
+    /// A new connection to `endpoint`, in TLS when its transport socket
+    /// says so (offering the ALPN of what it will carry).
+    async fn connect(&self, endpoint: &Endpoint, carried: Carried) -> Result<BoxIo, ProbeResult> {
+        let tcp = connect_from(endpoint.addr, self.source)
+            .await
+            .map_err(network)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = match self.criteria {
+            // No entry fits the criteria: the cluster's own socket.
+            Some(None) => &self.tls,
+            Some(i) => self.matches.tls_of(i, &self.tls),
+            None => self.matches.tls_of(endpoint.transport_socket, &self.tls),
+        };
+        match tls {
+            None => Ok(Box::new(tcp)),
+            Some(tls) if self.alpn.is_empty() => TlsConnector(tls.clone())
+                .connect(tcp, endpoint.addr, carried)
+                .await
+                .map_err(|e| network(format!("TLS handshake: {e}"))),
+            Some(tls) => match tls
+                .connect_with_alpn(tcp, &self.alpn, endpoint.addr.ip(), None)
+                .await
+            {
+                Ok((stream, _)) => Ok(Box::new(stream)),
+                Err(e) => Err(network(format!("TLS handshake: {e}"))),
+            },
+        }
     }
 }
 
@@ -53,14 +116,14 @@ const MAX_PROBE_BODY: usize = 64 * 1024;
 /// Sends one request on a fresh connection and reads the response to its
 /// end, keeping at most `keep` bytes of the body.
 async fn exchange(
+    transport: &ProbeTransport,
     endpoint: &Endpoint,
     h2: bool,
     req: Request<Full<Bytes>>,
     keep: usize,
 ) -> Result<(http::response::Parts, Bytes, Option<http::HeaderMap>), ProbeResult> {
-    let stream = TcpStream::connect(endpoint.addr).await.map_err(network)?;
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
+    let carried = if h2 { Carried::Http2 } else { Carried::Http1 };
+    let io = TokioIo::new(transport.connect(endpoint, carried).await?);
     let resp = if h2 {
         let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
@@ -98,10 +161,11 @@ struct HttpProbe {
     config: Arc<HttpHealthCheck>,
     authority: HeaderValue,
     headers: Arc<Vec<(HeaderName, HeaderValue)>>,
+    transport: Arc<ProbeTransport>,
 }
 
 impl HttpProbe {
-    fn new(cluster: &str, c: &HttpHealthCheck) -> Self {
+    fn new(cluster: &str, c: &HttpHealthCheck, transport: Arc<ProbeTransport>) -> Self {
         let host = c.host.as_deref().unwrap_or(cluster);
         let authority =
             HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
@@ -119,6 +183,7 @@ impl HttpProbe {
             config: Arc::new(c.clone()),
             authority,
             headers: Arc::new(headers),
+            transport,
         }
     }
 }
@@ -129,6 +194,7 @@ impl Probe for HttpProbe {
         let config = self.config.clone();
         let authority = self.authority.clone();
         let headers = self.headers.clone();
+        let transport = self.transport.clone();
         Box::pin(async move {
             let mut b = Request::get(config.path.as_str());
             if config.http2 {
@@ -156,7 +222,7 @@ impl Probe for HttpProbe {
             for k in &config.request_headers_to_remove {
                 h.remove(k.as_str());
             }
-            match exchange(&endpoint, config.http2, req, 0).await {
+            match exchange(&transport, &endpoint, config.http2, req, 0).await {
                 Ok((parts, _, _)) => {
                     let s = parts.status.as_u16();
                     if config
@@ -181,7 +247,7 @@ impl Probe for HttpProbe {
 
 /// `tcp_health_check`: connect, send `send`, and find every `receive`
 /// block in the reply, in order (not necessarily adjacent), as Envoy does.
-struct TcpProbe(Arc<TcpHealthCheck>);
+struct TcpProbe(Arc<TcpHealthCheck>, Arc<ProbeTransport>);
 
 /// Whether `blocks` appear in `data` in order.
 fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
@@ -197,12 +263,13 @@ fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
 
 impl Probe for TcpProbe {
     fn probe(&self, endpoint: &Arc<Endpoint>) -> ProbeFuture {
-        let addr = endpoint.addr;
+        let endpoint = endpoint.clone();
         let c = self.0.clone();
+        let transport = self.1.clone();
         Box::pin(async move {
-            let mut s = match TcpStream::connect(addr).await {
+            let mut s = match transport.connect(&endpoint, Carried::Raw).await {
                 Ok(s) => s,
-                Err(e) => return network(e),
+                Err(r) => return r,
             };
             if !c.send.is_empty() {
                 if let Err(e) = s.write_all(&c.send).await {
@@ -242,10 +309,11 @@ struct GrpcProbe {
     authority: String,
     /// The framed `HealthCheckRequest`.
     message: Bytes,
+    transport: Arc<ProbeTransport>,
 }
 
 impl GrpcProbe {
-    fn new(cluster: &str, c: &GrpcHealthCheck) -> Self {
+    fn new(cluster: &str, c: &GrpcHealthCheck, transport: Arc<ProbeTransport>) -> Self {
         // HealthCheckRequest { string service = 1; }
         let mut pb = BytesMut::new();
         if !c.service_name.is_empty() {
@@ -260,6 +328,7 @@ impl GrpcProbe {
         GrpcProbe {
             authority: c.authority.clone().unwrap_or_else(|| cluster.to_owned()),
             message: msg.freeze(),
+            transport,
         }
     }
 }
@@ -333,6 +402,7 @@ impl Probe for GrpcProbe {
         let endpoint = endpoint.clone();
         let uri = format!("http://{}/grpc.health.v1.Health/Check", self.authority);
         let message = self.message.clone();
+        let transport = self.transport.clone();
         Box::pin(async move {
             let req = Request::post(uri)
                 .version(http::Version::HTTP_2)
@@ -344,8 +414,8 @@ impl Probe for GrpcProbe {
                 Ok(r) => r,
                 Err(e) => return ProbeResult::Unhealthy(format!("bad request: {e}")),
             };
-            let (parts, body, trailers) = match exchange(&endpoint, true, req, MAX_PROBE_BODY).await
-            {
+            let exchanged = exchange(&transport, &endpoint, true, req, MAX_PROBE_BODY).await;
+            let (parts, body, trailers) = match exchanged {
                 Ok(x) => x,
                 Err(r) => return r,
             };
@@ -576,6 +646,7 @@ mod tests {
                 service_name: "svc".into(),
                 authority: None,
             },
+            Arc::new(ProbeTransport::default()),
         );
         assert_eq!(&p.message[..], b"\0\0\0\0\x05\x0a\x03svc");
         assert_eq!(p.authority, "c");

@@ -21,7 +21,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use mesh_codec::http::body::{OnEnd, UpstreamBody};
-use mesh_codec::http::client::FailureKind;
+use mesh_codec::http::client::{ConnectionLocal, FailureKind, UpstreamError};
 use mesh_codec::http::{hop, ProxyBody};
 use mesh_core::config::HttpConnectionManager;
 use mesh_core::flags::ResponseFlag;
@@ -38,7 +38,11 @@ use mesh_filter::retry::{
     X_ENVOY_ATTEMPT_COUNT, X_ENVOY_RETRY_GRPC_ON, X_ENVOY_RETRY_ON,
 };
 
-use crate::access_log::{AccessLogger, HttpLogEntry};
+use crate::access_log::flags::FlagSet;
+use crate::access_log::listener::upstream_failure_reason;
+use crate::access_log::{
+    AccessLogger, HttpLogEntry, LocalDetails, PendingHttpLog, UpstreamFailure,
+};
 use crate::cluster::{ClusterManager, WorkerCluster};
 use crate::filters::{Decision as FilterDecision, FilterChain};
 
@@ -123,6 +127,8 @@ pub struct HcmShared {
     istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
     /// `envoy.filters.http.grpc_stats`.
     grpc_stats: Option<Arc<crate::grpc_stats::GrpcStats>>,
+    /// `istio.metadata_exchange`: peer metadata headers.
+    istio_mx: Option<crate::istio::metadata::PeerExchange>,
 }
 
 impl HcmShared {
@@ -139,6 +145,7 @@ impl HcmShared {
         Ok(HcmShared {
             istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
             grpc_stats: crate::grpc_stats::GrpcStats::from_filters(&config.http_filters, store),
+            istio_mx: crate::istio::metadata::from_filters(&config.http_filters)?,
             filters,
             rbac,
             access_log,
@@ -207,13 +214,22 @@ impl HttpProxy {
         if self.shared.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
         }
-        let mut log = self.shared.access_log.as_ref().map(|l| {
-            let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
-            if http_body::Body::is_end_stream(req.body()) {
-                e.request_duration = Some(e.started.elapsed());
-            }
-            e
-        });
+        let logger = self.shared.access_log.as_ref();
+        let mut log = PendingHttpLog::new(
+            logger,
+            logger.map(|l| {
+                let mut e = l.capture(&req, &info, !self.shared.config.use_remote_address);
+                if http_body::Body::is_end_stream(req.body()) {
+                    e.request_duration = Some(e.started.elapsed());
+                }
+                e
+            }),
+        );
+        let mut exchange = self
+            .shared
+            .istio_mx
+            .as_ref()
+            .map(|mx| mx.on_request(req.headers_mut()));
         let grpc = is_grpc(req.headers());
         let grpc_call = match &self.shared.grpc_stats {
             Some(g) if grpc => {
@@ -228,7 +244,7 @@ impl HttpProxy {
         });
         let mut resp = match denied {
             Some(resp) => resp,
-            None => self.route_and_forward(req, &info, &mut log).await,
+            None => self.route_and_forward(req, &info, &mut log.entry).await,
         };
         if grpc
             && resp.extensions().get::<ResponseFlag>().is_some()
@@ -239,18 +255,31 @@ impl HttpProxy {
         if let Some(call) = grpc_call {
             resp = call.response(resp);
         }
+        if let (Some(mx), Some(ex)) = (&self.shared.istio_mx, exchange.as_mut()) {
+            mx.on_response(ex, resp.headers_mut());
+        }
         stats.rq_xx.record(resp.status().as_u16());
-        if let (Some(mut entry), Some(logger)) = (log, &self.shared.access_log) {
+        if let (Some(mut entry), Some(logger)) = (log.entry.take(), logger) {
             // Not handed to a streaming upstream body: the response is complete.
             let flag = resp.extensions().get::<ResponseFlag>().copied();
             let upstream = resp.extensions().get::<UpstreamHost>().map(|h| h.0);
+            if let Some(more) = resp.extensions().get::<FlagSet>() {
+                entry.flags = entry.flags.union(*more);
+            }
+            if let Some(r) = resp.extensions_mut().remove::<UpstreamFailure>() {
+                entry.upstream_failure = Some(r.0);
+            }
             let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
             logger.capture_response(&mut entry, resp.headers());
+            let details = match resp.extensions().get::<LocalDetails>() {
+                Some(d) => d.0.into(),
+                None => crate::access_log::failure_details(flag, entry.upstream_failure.as_deref()),
+            };
             logger.log_http(
                 &entry,
                 &crate::access_log::HttpEnd {
                     status: resp.status().as_u16(),
-                    details: crate::access_log::response_code_details(flag, false),
+                    details: &details,
                     flag,
                     bytes_sent: sent,
                     upstream,
@@ -503,6 +532,9 @@ impl HttpProxy {
                     throttle = response_kbps.or(throttle);
                     if let Some(d) = delay {
                         shared.stats.flag(ResponseFlag::DelayInjected);
+                        if let Some(e) = log.as_mut() {
+                            e.flags.insert(ResponseFlag::DelayInjected);
+                        }
                         tokio::time::sleep(d).await;
                     }
                     if let Some(r) = abort {
@@ -808,8 +840,25 @@ impl HttpProxy {
         if let Failure::Upstream(e) = &failure {
             tracing::debug!(cluster = %cluster.entry.config.name, endpoint = %endpoint.addr, error = %e, flag = flag.as_str(), "upstream request failed");
         }
-        let mut resp = self.local_reply(status, body, flag_override.unwrap_or(flag));
+        // The try's own flag, and the one the retry decision added (`URX`,
+        // `UO`), as Envoy logs both.
+        let mut resp = self.local_reply(status, body, flag);
+        if let Some(extra) = flag_override {
+            self.shared.stats.flag(extra);
+            resp.extensions_mut().insert(FlagSet::of(Some(extra)));
+        }
         resp.extensions_mut().insert(UpstreamHost(endpoint.addr));
+        if matches!(failure, Failure::Timeout(Expiry::PerTry)) {
+            resp.extensions_mut()
+                .insert(LocalDetails("upstream_per_try_timeout"));
+        }
+        if let (Failure::Upstream(UpstreamError::Connect(e)), Some(_)) =
+            (&failure, &self.shared.access_log)
+        {
+            if let Some(reason) = upstream_failure_reason(e) {
+                resp.extensions_mut().insert(UpstreamFailure(reason));
+            }
+        }
         if downstream_fault {
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -974,6 +1023,10 @@ impl HttpProxy {
             Some(c) => c.request_body(body),
             None => body,
         };
+        let body = match (log.as_mut(), &self.shared.access_log) {
+            (Some(e), Some(l)) => l.watch_body(e, body),
+            _ => body,
+        };
         let buffer_limit = m
             .route
             .policy
@@ -996,6 +1049,14 @@ impl HttpProxy {
         };
         let attempt_header = m.vhost.policy.include_request_attempt_count;
         let mut parts = Some(parts);
+        // The upstream connection's local address, only for a log that
+        // reads it.
+        let want_local = log.is_some()
+            && self
+                .shared
+                .access_log
+                .as_ref()
+                .is_some_and(AccessLogger::wants_upstream_local);
 
         // Waiting for response headers is bounded by the route timeout, the
         // stream idle timeout (route `idle_timeout` overrides the HCM's) and
@@ -1013,6 +1074,7 @@ impl HttpProxy {
             attempt += 1;
             if let Some(e) = log.as_mut() {
                 e.attempts = Some(attempt);
+                e.upstream_host = Some(endpoint.addr);
             }
             let try_body = match &mut body {
                 TryBody::Once(b) => b.take().unwrap_or_default(),
@@ -1103,7 +1165,7 @@ impl HttpProxy {
                     }
                 }
             }
-            let sent = pool.send(upstream_req, is_upgrade);
+            let sent = pool.send_traced(upstream_req, is_upgrade, want_local);
             let result = match wait {
                 Some((d, why)) => tokio::time::timeout_at(d, sent).await.map_err(|_| why),
                 None => Ok(sent.await),
@@ -1265,6 +1327,7 @@ impl HttpProxy {
         let log = log.take().and_then(|mut e| {
             let l = self.shared.access_log.clone()?;
             l.capture_response(&mut e, &rparts.headers);
+            e.upstream_local = rparts.extensions.get::<ConnectionLocal>().map(|c| c.0);
             e.response_duration = Some(std::time::Duration::from_millis(service_time_ms));
             Some((e, l, status.as_u16(), endpoint.addr))
         });
@@ -1280,10 +1343,13 @@ impl HttpProxy {
             }
             drop(rq_active);
             drop(ep_active);
-            if let Some((entry, logger, status, upstream)) = log {
-                let flag = (!completed)
-                    .then_some(ResponseFlag::DownstreamConnectionTermination)
-                    .or(final_flag);
+            if let Some((mut entry, logger, status, upstream)) = log {
+                let flag = if completed {
+                    final_flag
+                } else {
+                    entry.flags = entry.flags.union(FlagSet::of(final_flag));
+                    Some(ResponseFlag::DownstreamConnectionTermination)
+                };
                 logger.log_http(
                     &entry,
                     &crate::access_log::HttpEnd {
@@ -1408,7 +1474,6 @@ impl HttpProxy {
                 }
             }
             Ok(Err(e)) => {
-                endpoint.stats.rq_error.inc();
                 match e.kind() {
                     FailureKind::Connect | FailureKind::Reset | FailureKind::UpstreamProtocol => {
                         cluster

@@ -208,6 +208,7 @@ impl Proxy {
                 return Err(StartError::Config(e));
             }
         }
+        crate::istio::metadata::set_local_node(&bootstrap.node);
         let store = Store::new();
         let stop = CancellationToken::new();
         let drain = Drain::new();

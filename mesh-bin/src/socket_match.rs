@@ -35,7 +35,7 @@ const CX_TOTAL: &str = "mesh_cluster_transport_socket_match_cx_total";
 pub type UpstreamSockets = (Option<Arc<ClientTls>>, SocketMatches);
 
 /// One built `transport_socket_matches` entry.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MatchedSocket {
     /// `name`.
     pub name: String,
@@ -45,7 +45,7 @@ pub struct MatchedSocket {
 }
 
 /// A cluster's built `transport_socket_matches` (empty for most clusters).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SocketMatches {
     entries: Vec<MatchedSocket>,
     /// The first match with an empty `match`, for endpoints that carry no
@@ -164,6 +164,16 @@ impl SocketMatches {
             inner: tls(t),
             connections: connections.clone(),
         }))
+    }
+
+    /// The TLS context of match `i` without counting a connection (health
+    /// check probes, which are not traffic).
+    pub fn tls_of<'a>(
+        &'a self,
+        i: Option<u32>,
+        default: &'a Option<Arc<ClientTls>>,
+    ) -> &'a Option<Arc<ClientTls>> {
+        self.select(i, default).0
     }
 
     /// The TLS context for one new connection to an endpoint using match

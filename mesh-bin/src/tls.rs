@@ -37,7 +37,13 @@ impl Connector for TlsConnector {
                         "upstream TLS handshake failed");
                     Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        e.to_string(),
+                        crate::access_log::listener::TransportFailure {
+                            message: e.to_string(),
+                            reason: crate::access_log::listener::tls_failure_reason(
+                                e.reason.as_str(),
+                                &e.message,
+                            ),
+                        },
                     ))
                 }
             }

@@ -55,8 +55,10 @@ pub enum Operator {
     UpstreamLocalAddressWithoutPort,
     /// `%UPSTREAM_LOCAL_PORT%`.
     UpstreamLocalPort,
-    /// `%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%` (`%UPSTREAM_REMOTE_ADDRESS%`
-    /// is [`Operator::UpstreamHost`]).
+    /// `%UPSTREAM_REMOTE_ADDRESS%`: the upstream host once connected to
+    /// (`-` when the connect failed, where `%UPSTREAM_HOST%` names it).
+    UpstreamRemoteAddress,
+    /// `%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`.
     UpstreamRemoteAddressWithoutPort,
     /// `%UPSTREAM_REMOTE_PORT%`.
     UpstreamRemotePort,
@@ -449,7 +451,8 @@ fn operator<'a>(
         "REQUEST_DURATION" => Operator::RequestDuration,
         "RESPONSE_DURATION" => Operator::ResponseDuration,
         "RESPONSE_TX_DURATION" => Operator::ResponseTxDuration,
-        "UPSTREAM_HOST" | "UPSTREAM_REMOTE_ADDRESS" => Operator::UpstreamHost,
+        "UPSTREAM_HOST" => Operator::UpstreamHost,
+        "UPSTREAM_REMOTE_ADDRESS" => Operator::UpstreamRemoteAddress,
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Operator::UpstreamCluster,
         "CONNECTION_TERMINATION_DETAILS" => Operator::ConnectionTerminationDetails,
         "UPSTREAM_LOCAL_ADDRESS" => Operator::UpstreamLocalAddress,

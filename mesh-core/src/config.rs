@@ -395,6 +395,8 @@ pub enum HttpFilter {
     IstioAlpn(Box<istio::AlpnOverride>),
     /// `envoy.filters.http.grpc_stats`: per-cluster gRPC call counters.
     GrpcStats(Box<grpc_stats::GrpcStats>),
+    /// `istio.metadata_exchange`: peer workload metadata in headers.
+    IstioPeerMetadata(Box<istio::PeerMetadata>),
 }
 
 /// One access log (Envoy `config.accesslog.v3.AccessLog`): where lines go,

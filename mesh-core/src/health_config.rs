@@ -49,6 +49,14 @@ pub struct HealthCheck {
     /// `event_log_path`: a file that gets one JSON line per health
     /// transition.
     pub event_log_path: Option<String>,
+    /// `transport_socket_match_criteria`: the labels that pick the
+    /// cluster's `transport_socket_matches` entry probes use, in place of
+    /// each endpoint's metadata (no entry matching: the cluster's
+    /// `transport_socket`). `None`: the endpoint's own entry.
+    pub transport_socket_match_criteria: Option<crate::lb_config::LbMetadata>,
+    /// `tls_options.alpn_protocols`: the ALPN list TLS probes offer in
+    /// place of the transport socket's (empty: the socket's own).
+    pub tls_alpn: Vec<String>,
     /// What a probe does.
     pub checker: HealthChecker,
 }

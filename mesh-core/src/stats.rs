@@ -94,28 +94,90 @@ enum Metric {
 /// Labels of one series, in order.
 pub type Labels = Vec<(&'static str, String)>;
 
-/// Every series by (name, rendered labels), with its metric and labels.
-type Series = BTreeMap<(String, String), (Metric, Labels)>;
+/// Every series by name, then by rendered labels, with its metric and
+/// labels. Nested rather than keyed by `(name, labels)`: a lookup borrows
+/// the name instead of copying it, the name is stored once rather than per
+/// series, and the comparisons while inserting one of 10,000 clusters'
+/// series only see the label strings.
+type Series = BTreeMap<String, BTreeMap<Arc<str>, (Metric, Arc<Labels>)>>;
+
+/// The series, and the label set used last: a cluster or listener
+/// registers its few dozen stats with the same labels one after the other,
+/// and they share one rendered string and one copy of the labels (at
+/// 10,000 clusters that is about 300,000 series).
+#[derive(Debug, Default)]
+struct Registry {
+    series: Series,
+    last: Option<(Arc<Labels>, Arc<str>)>,
+}
 
 /// The registry of every stat of a proxy.
 #[derive(Debug, Clone, Default)]
 pub struct Store {
-    inner: Arc<Mutex<Series>>,
+    inner: Arc<Mutex<Registry>>,
 }
 
 fn render_labels(labels: &[(&'static str, String)]) -> String {
-    let mut s = String::new();
+    let len: usize = labels.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let mut s = String::with_capacity(len);
     for (i, (k, v)) in labels.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
-        let escaped = v
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = write!(s, "{k}=\"{escaped}\"");
+        s.push_str(k);
+        s.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '"' => s.push_str("\\\""),
+                '\n' => s.push_str("\\n"),
+                c => s.push(c),
+            }
+        }
+        s.push('"');
     }
     s
+}
+
+impl Registry {
+    /// The shared labels and rendered label string for `labels`.
+    fn labels(&mut self, labels: &[(&'static str, String)]) -> (Arc<Labels>, Arc<str>) {
+        match &self.last {
+            Some((l, key)) if l.as_slice() == labels => (l.clone(), key.clone()),
+            _ => {
+                let shared: (Arc<Labels>, Arc<str>) =
+                    (Arc::new(labels.to_vec()), Arc::from(render_labels(labels)));
+                self.last = Some(shared.clone());
+                shared
+            }
+        }
+    }
+
+    /// The metric `name{labels}`: the existing one when `existing` takes
+    /// it, else a new one made by `new` (replacing a series of the other
+    /// kind).
+    fn get_or_insert<T>(
+        &mut self,
+        name: &str,
+        labels: &[(&'static str, String)],
+        existing: impl FnOnce(&Metric) -> Option<T>,
+        new: impl FnOnce() -> (T, Metric),
+    ) -> T {
+        let (labels, key) = self.labels(labels);
+        // The name is copied only for a new name.
+        if !self.series.contains_key(name) {
+            self.series.insert(name.to_owned(), BTreeMap::new());
+        }
+        let Some(series) = self.series.get_mut(name) else {
+            return new().0;
+        };
+        if let Some(t) = series.get(&key).and_then(|(m, _)| existing(m)) {
+            return t;
+        }
+        let (t, m) = new();
+        series.insert(key, (m, labels));
+        t
+    }
 }
 
 impl Store {
@@ -124,7 +186,7 @@ impl Store {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Series> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         // A poisoned lock only means another thread panicked while inserting;
         // the map itself is still consistent.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -133,44 +195,57 @@ impl Store {
     /// The counter `name{labels}`, created at zero if new. Asking twice for
     /// the same series returns the same counter.
     pub fn counter(&self, name: &str, labels: &[(&'static str, String)]) -> Counter {
-        let key = (name.to_owned(), render_labels(labels));
-        let mut map = self.lock();
-        match map.get(&key) {
-            Some((Metric::Counter(c), _)) => c.clone(),
-            _ => {
+        self.lock().get_or_insert(
+            name,
+            labels,
+            |m| match m {
+                Metric::Counter(c) => Some(c.clone()),
+                Metric::Gauge(_) => None,
+            },
+            || {
                 let c = Counter::default();
-                map.insert(key, (Metric::Counter(c.clone()), labels.to_vec()));
-                c
-            }
-        }
+                (c.clone(), Metric::Counter(c))
+            },
+        )
     }
 
     /// The gauge `name{labels}`, created at zero if new.
     pub fn gauge(&self, name: &str, labels: &[(&'static str, String)]) -> Gauge {
-        let key = (name.to_owned(), render_labels(labels));
-        let mut map = self.lock();
-        match map.get(&key) {
-            Some((Metric::Gauge(g), _)) => g.clone(),
-            _ => {
+        self.lock().get_or_insert(
+            name,
+            labels,
+            |m| match m {
+                Metric::Gauge(g) => Some(g.clone()),
+                Metric::Counter(_) => None,
+            },
+            || {
                 let g = Gauge::default();
-                map.insert(key, (Metric::Gauge(g.clone()), labels.to_vec()));
-                g
-            }
-        }
+                (g.clone(), Metric::Gauge(g))
+            },
+        )
     }
 
     /// The value of a counter or gauge, if it exists (for tests and admin).
     pub fn value(&self, name: &str, labels: &[(&'static str, String)]) -> Option<i64> {
-        let key = (name.to_owned(), render_labels(labels));
-        self.lock().get(&key).map(|(m, _)| m.value())
+        let key = render_labels(labels);
+        self.lock()
+            .series
+            .get(name)
+            .and_then(|s| s.get(key.as_str()))
+            .map(|(m, _)| m.value())
     }
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
-        let map = self.lock();
-        let mut out = String::with_capacity(map.len() * 64);
+        let registry = self.lock();
+        let map = &registry.series;
+        let count: usize = map.values().map(BTreeMap::len).sum();
+        let mut out = String::with_capacity(count * 64);
         let mut last_name = "";
-        for ((name, labels), (metric, _)) in map.iter() {
+        let all = map
+            .iter()
+            .flat_map(|(name, series)| series.iter().map(move |(l, m)| ((name, l), m)));
+        for ((name, labels), (metric, _)) in all {
             if name != last_name {
                 let ty = match metric {
                     Metric::Counter(_) => "counter",
@@ -262,10 +337,12 @@ impl Store {
     /// stat a line, sorted by name, so scripts written against Envoy's admin
     /// page read mesh's too.
     pub fn render_envoy_text(&self) -> String {
-        let map = self.lock();
-        let mut lines: Vec<String> = map
+        let registry = self.lock();
+        let mut lines: Vec<String> = registry
+            .series
             .iter()
-            .map(|((name, _), (metric, labels))| {
+            .flat_map(|(name, series)| series.values().map(move |m| (name, m)))
+            .map(|(name, (metric, labels))| {
                 format!("{}: {}", envoy_name(name, labels), metric.value())
             })
             .collect();

@@ -85,16 +85,12 @@ impl Filter {
             Filter::Status(c, v) => c.test(u64::from(rec.status), *v),
             Filter::Duration(c, v) => c.test(rec.duration.as_millis() as u64, *v),
             Filter::NotHealthCheck => true,
-            Filter::Flags(flags) => match rec.flag {
-                None => false,
-                Some(f) => {
-                    flags.is_empty()
-                        || [Some(f), rec.extra_flag]
-                            .into_iter()
-                            .flatten()
-                            .any(|f| flags.iter().any(|x| x == f.as_str()))
-                }
-            },
+            Filter::Flags(flags) => {
+                let set = rec.flags();
+                !set.is_empty()
+                    && (flags.is_empty()
+                        || set.iter().any(|f| flags.iter().any(|x| x == f.as_str())))
+            }
             Filter::Header(bit) => rec.header_bits & (1u64 << bit) != 0,
             Filter::Grpc(statuses, exclude) => statuses.contains(&grpc_status(rec)) != *exclude,
             Filter::And(fs) => fs.iter().all(|f| f.passes(rec)),

@@ -13,9 +13,6 @@ use mesh_core::access_log::{
     TimePiece,
 };
 
-use mesh_core::access_log::RESPONSE_FLAG_NAMES;
-use mesh_core::flags::ResponseFlag;
-
 use super::LogRecord;
 
 /// Envoy's default format (a format string).
@@ -101,6 +98,12 @@ pub struct Needs {
     pub trailers: Vec<http::HeaderName>,
     /// Whether `%ROUTE_NAME%` is used.
     pub route_name: bool,
+    /// Whether `%REQUEST_DURATION%` is used.
+    pub request_duration: bool,
+    /// Whether `%BYTES_RECEIVED%` is used.
+    pub bytes_received: bool,
+    /// Whether the upstream connection's local address is used.
+    pub upstream_local: bool,
 }
 
 fn slot_of(list: &mut Vec<http::HeaderName>, name: &str) -> Result<usize, String> {
@@ -170,6 +173,20 @@ impl Needs {
                 self.route_name = true;
                 Op::Other(op.clone())
             }
+            Operator::RequestDuration => {
+                self.request_duration = true;
+                Op::Other(op.clone())
+            }
+            Operator::BytesReceived => {
+                self.bytes_received = true;
+                Op::Other(op.clone())
+            }
+            Operator::UpstreamLocalAddress
+            | Operator::UpstreamLocalAddressWithoutPort
+            | Operator::UpstreamLocalPort => {
+                self.upstream_local = true;
+                Op::Other(op.clone())
+            }
             Operator::GrpcStatus(f) => {
                 self.grpc_status();
                 Op::Grpc(*f, slot_of(&mut self.req, "content-type")?)
@@ -237,8 +254,8 @@ enum Val<'a> {
     Ms(Duration),
     Time(SystemTime, Option<&'a TimeFormat>),
     List(&'a [String]),
-    /// Two response flags, written in Envoy's order.
-    Flags(ResponseFlag, ResponseFlag),
+    /// Several response flags, written in Envoy's order.
+    Flags(super::flags::FlagSet),
 }
 
 impl Val<'_> {
@@ -255,16 +272,7 @@ impl Val<'_> {
             Val::Ip(a) => write!(w, "{a}"),
             Val::Ms(d) => write!(w, "{}", d.as_millis()),
             Val::Time(t, f) => write_time(w, *t, *f),
-            Val::Flags(a, b) => {
-                let pos = |f: &ResponseFlag| {
-                    RESPONSE_FLAG_NAMES
-                        .iter()
-                        .position(|n| *n == f.as_str())
-                        .unwrap_or(usize::MAX)
-                };
-                let (a, b) = if pos(a) <= pos(b) { (a, b) } else { (b, a) };
-                write!(w, "{a},{b}")
-            }
+            Val::Flags(set) => set.write(w),
             Val::List(l) => {
                 for (i, s) in l.iter().enumerate() {
                     if i > 0 {
@@ -381,10 +389,10 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
         Operator::ResponseCode => Val::Num(u64::from(rec.status)),
         Operator::ResponseCodeDetails => opt(rec.details, Val::Str),
         // Envoy writes `-` for no flags, also in JSON (a string, not null).
-        Operator::ResponseFlags => match (rec.flag, rec.extra_flag) {
-            (None, _) => Val::Str("-"),
-            (Some(f), None) => Val::Str(f.as_str()),
-            (Some(a), Some(b)) => Val::Flags(a, b),
+        Operator::ResponseFlags => match (rec.flag, rec.extra_flags.is_empty()) {
+            (None, true) => Val::Str("-"),
+            (Some(f), true) => Val::Str(f.as_str()),
+            _ => Val::Flags(rec.flags()),
         },
         Operator::BytesReceived => Val::Num(rec.bytes_received),
         Operator::BytesSent => Val::Num(rec.bytes_sent),
@@ -403,10 +411,13 @@ fn value<'a>(op: &'a Op, rec: &'a LogRecord<'a>) -> Val<'a> {
             opt(rec.upstream_local.map(|a| a.ip()), Val::Ip)
         }
         Operator::UpstreamLocalPort => opt(rec.upstream_local, |a| Val::Num(u64::from(a.port()))),
+        Operator::UpstreamRemoteAddress => opt(rec.upstream_remote(), Val::Addr),
         Operator::UpstreamRemoteAddressWithoutPort => {
-            opt(rec.upstream_host.map(|a| a.ip()), Val::Ip)
+            opt(rec.upstream_remote().map(|a| a.ip()), Val::Ip)
         }
-        Operator::UpstreamRemotePort => opt(rec.upstream_host, |a| Val::Num(u64::from(a.port()))),
+        Operator::UpstreamRemotePort => {
+            opt(rec.upstream_remote(), |a| Val::Num(u64::from(a.port())))
+        }
         Operator::UpstreamTransportFailureReason => {
             rec.upstream_failure.map(Val::Str).unwrap_or(Val::Missing)
         }

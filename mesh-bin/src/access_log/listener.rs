@@ -62,6 +62,36 @@ pub fn tls_failure_reason(reason: &str, message: &str) -> String {
     no_spaces(&format!("TLS_error:{reason}:{message}"))
 }
 
+/// A failed upstream transport handshake inside an `io::Error`, with its
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` (see [`upstream_failure_reason`]).
+#[derive(Debug)]
+pub struct TransportFailure {
+    /// The error text.
+    pub message: String,
+    /// The reason as Envoy writes it (`TLS_error:...`).
+    pub reason: String,
+}
+
+impl std::fmt::Display for TransportFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TransportFailure {}
+
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` of a failed upstream connect: the
+/// socket error, or the [`TransportFailure`] a connector reported; `None`
+/// for a connect timeout (Envoy has no reason then either).
+pub fn upstream_failure_reason(e: &io::Error) -> Option<String> {
+    if e.raw_os_error().is_some() {
+        return Some(connect_failure_reason(e));
+    }
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<TransportFailure>())
+        .map(|t| t.reason.clone())
+}
+
 /// As Envoy writes failure reasons: no white space.
 fn no_spaces(s: &str) -> String {
     s.replace(char::is_whitespace, "_")
@@ -248,11 +278,15 @@ impl ConnLog {
 }
 
 impl TcpOutcome {
-    /// Envoy's tcp_proxy adds `URX` when a connect failure used up its
-    /// connect attempts (one: mesh does not retry connects).
-    pub fn extra_flag(&self) -> Option<ResponseFlag> {
-        (self.flag == Some(ResponseFlag::UpstreamConnectionFailure))
-            .then_some(ResponseFlag::UpstreamRetryLimitExceeded)
+    /// The connection's flags in the order Envoy sets them: its tcp_proxy
+    /// adds `URX` after `UF` when a connect failure used up its connect
+    /// attempts (one: mesh does not retry connects).
+    pub fn extra_flags(&self) -> super::flags::FlagSet {
+        let mut s = super::flags::FlagSet::of(self.flag);
+        if self.flag == Some(ResponseFlag::UpstreamConnectionFailure) {
+            s.insert(ResponseFlag::UpstreamRetryLimitExceeded);
+        }
+        s
     }
 }
 
@@ -277,11 +311,12 @@ impl Drop for ConnLog {
         };
         let rec = LogRecord {
             flag: self.flag.or(tcp.flag),
-            extra_flag: tcp.extra_flag(),
+            extra_flags: tcp.extra_flags(),
             details: self.details,
             bytes_received: m.received.load(Ordering::Relaxed),
             bytes_sent: m.sent.load(Ordering::Relaxed),
             upstream_host: tcp.upstream,
+            upstream_unconnected: tcp.upstream_local.is_none(),
             upstream_local: tcp.upstream_local,
             upstream_failure: tcp.failure.as_deref(),
             upstream_cluster: tcp.cluster.as_ref().map(|c| c.config.name.as_str()),

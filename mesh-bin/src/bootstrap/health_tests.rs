@@ -192,3 +192,33 @@ fn max_requests_per_connection_from_either_place() {
     assert_eq!(cluster(typed).max_requests_per_connection, Some(5));
     assert_eq!(cluster("").max_requests_per_connection, None);
 }
+
+#[test]
+fn transport_socket_match_criteria_and_tls_options_are_read() {
+    let c = cluster(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, transport_socket_match_criteria: {tlsMode: istio}}\n",
+    );
+    let criteria = c
+        .health_check
+        .and_then(|h| h.transport_socket_match_criteria)
+        .expect("criteria");
+    assert_eq!(
+        criteria.get("tlsMode"),
+        Some(&MetadataValue::String("istio".into()))
+    );
+    let c = cluster(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, tls_options: {alpn_protocols: [hc, h2]}}\n",
+    );
+    assert_eq!(
+        c.health_check.map(|h| h.tls_alpn),
+        Some(vec!["hc".into(), "h2".into()])
+    );
+    let e = errs(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, tls_options: {alpn_protocols: ['']}}\n",
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.contains("health_checks[0].tls_options.alpn_protocols[0]")),
+        "{e:?}"
+    );
+}

@@ -118,7 +118,14 @@ pub(crate) fn peer_metadata(cx: &mut Ctx, mut o: Obj<'_>) -> PeerMetadata {
 }
 
 fn istio_headers(cx: &mut Ctx, mut o: Obj<'_>) -> IstioHeaders {
+    let path = o.at("skip_external_clusters");
     let skip_external_clusters = o.bool(cx, "skip_external_clusters").unwrap_or(false);
+    if skip_external_clusters {
+        cx.unsupported(
+            &path,
+            Some("leaving out the headers to clusters outside the mesh is not implemented yet"),
+        );
+    }
     o.finish(cx);
     IstioHeaders {
         skip_external_clusters,
@@ -251,18 +258,22 @@ pub(crate) fn stats(cx: &mut Ctx, mut o: Obj<'_>) -> Stats {
 fn not_built(what: &str) -> &'static str {
     match what {
         "istio.metadata_exchange" => {
-            "istio.metadata_exchange: the peer metadata exchange is not implemented yet"
+            "istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet"
         }
         _ => "istio.stats: Istio's standard metrics are not implemented yet",
     }
 }
 
 /// An Istio HTTP filter (`what` is its canonical name): its typed config is
-/// read and checked; a filter whose behaviour is not built yet is refused.
+/// read and checked; `istio.stats`, whose behaviour is not built yet, is
+/// refused.
 pub(crate) fn http_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) -> Option<HttpFilter> {
     match what {
         "istio.alpn" => return Some(HttpFilter::IstioAlpn(Box::new(alpn(cx, tc)))),
-        "istio.metadata_exchange" => drop(peer_metadata(cx, tc)),
+        "istio.metadata_exchange" => {
+            let mx = peer_metadata(cx, tc);
+            return Some(HttpFilter::IstioPeerMetadata(Box::new(mx)));
+        }
         _ => drop(stats(cx, tc)),
     }
     cx.unsupported(path, Some(not_built(what)));
@@ -323,7 +334,8 @@ mod tests {
     /// istiod's untrimmed sidecar LDS/CDS decodes over xDS (Istio's
     /// descriptors, TypedStruct unwrapped) and every field is read: the only
     /// refusals are the Istio filters whose behaviour is not built yet,
-    /// each named by path.
+    /// Envoy's gRPC stats filter and a route's tracing `decorator`, each
+    /// named by path.
     #[test]
     fn istiod_fixture_decodes_and_refuses_only_unbuilt_filters() {
         let doc: Value = serde_json::from_str(FIXTURE).unwrap();
@@ -335,27 +347,28 @@ mod tests {
             }
         }
         for c in doc["clusters"].as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
             for e in errors(cluster_from_json(&over_xds(types::CLUSTER, c))) {
-                all.push(format!("cluster: {e}"));
+                all.push(format!("{name}: {e}"));
             }
         }
         let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
-        let mx = "(istio.metadata_exchange: the peer metadata exchange is not implemented yet)";
+        let mx = "(istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet)";
         let hf = "filters[0].typed_config.http_filters";
+        // Envoy's gRPC stats filter, in every HTTP chain, is accepted.
         let expected = [
             format!("virtualOutbound: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualOutbound: unsupported: filter_chains[1].filters[0] {stats}"),
-            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[0] {mx}"),
-            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[4] {stats}"),
+            format!("0.0.0.0_9080: unsupported: filter_chains[0].{hf}[5] {stats}"),
             format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),
             // Tracing is not built: a route's `decorator` names its span.
             "virtualInbound: unsupported: filter_chains[1].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].decorator".to_string(),
-            format!("virtualInbound: unsupported: filter_chains[1].{hf}[0] {mx}"),
-            format!("virtualInbound: unsupported: filter_chains[1].{hf}[3] {stats}"),
+            format!("virtualInbound: unsupported: filter_chains[1].{hf}[4] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[0] {mx}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
-            format!("cluster: unsupported: filters[0] {mx}"),
+            format!("outbound|9080||reviews.default.svc.cluster.local: unsupported: filters[0] {mx}"),
+            format!("outbound|27017||mongodb.default.svc.cluster.local: unsupported: filters[0] {mx}"),
         ];
         assert_eq!(all, expected);
     }

@@ -1,7 +1,10 @@
 //! Istio's own extensions, which istiod puts in nearly every sidecar
 //! listener and cluster: [`alpn`] (`istio.alpn`, the upstream ALPN
 //! override that lets the peer sidecar's inbound chains tell HTTP from TCP
-//! by `istio-http/1.1`, `istio-h2`, ...). The configuration model is
-//! `mesh_core::config::istio`; the loader is `bootstrap::istio`.
+//! by `istio-http/1.1`, `istio-h2`, ...) and [`metadata`]
+//! (`istio.metadata_exchange` over HTTP: peer workload metadata in
+//! headers). The configuration model is `mesh_core::config::istio`; the
+//! loader is `bootstrap::istio`.
 
 pub mod alpn;
+pub mod metadata;

@@ -166,8 +166,8 @@ pub struct EndpointPool {
     addr: SocketAddr,
     config: PoolConfig,
     /// Idle HTTP/1.1 connections: sender, idle since, requests carried.
-    idle: Mutex<Vec<(http1::SendRequest<ProxyBody>, tokio::time::Instant, u32)>>,
-    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    idle: Mutex<Vec<(H1Sender, tokio::time::Instant, u32)>>,
+    h2: Mutex<Option<H2Sender>>,
     /// Streams opened on the current HTTP/2 connection (changed under the
     /// `h2` lock).
     h2_used: std::sync::atomic::AtomicU32,
@@ -188,6 +188,45 @@ pub struct EndpointPool {
 /// What [`EndpointPool::send`] returns: the response, and a hook to run when
 /// its body ends (returns the connection to the pool).
 pub type PooledResponse = (Response<Incoming>, Option<OnEnd>);
+
+/// The local address of the upstream connection that carried a response:
+/// in the response's extensions when asked for (see
+/// [`EndpointPool::send_traced`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLocal(pub SocketAddr);
+
+/// A connection's sender with the connection's local address (read once,
+/// when it connected).
+#[derive(Debug, Clone)]
+struct Sender<S> {
+    inner: S,
+    local: Option<SocketAddr>,
+}
+
+impl<S> std::ops::Deref for Sender<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S> std::ops::DerefMut for Sender<S> {
+    fn deref_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S> Sender<S> {
+    /// Puts the connection's local address in `resp`'s extensions.
+    fn mark(&self, resp: &mut Response<Incoming>) {
+        if let Some(a) = self.local {
+            resp.extensions_mut().insert(ConnectionLocal(a));
+        }
+    }
+}
+
+type H1Sender = Sender<http1::SendRequest<ProxyBody>>;
+type H2Sender = Sender<http2::SendRequest<ProxyBody>>;
 
 impl EndpointPool {
     /// A pool for `addr`.
@@ -254,8 +293,7 @@ impl EndpointPool {
     async fn connection_permit(
         &self,
         wait: bool,
-    ) -> Result<Result<Option<LimitPermit>, (http1::SendRequest<ProxyBody>, u32)>, UpstreamError>
-    {
+    ) -> Result<Result<Option<LimitPermit>, (H1Sender, u32)>, UpstreamError> {
         let Some(limits) = &self.limits else {
             return Ok(Ok(None));
         };
@@ -312,13 +350,24 @@ impl EndpointPool {
         req: Request<ProxyBody>,
         upgrade: bool,
     ) -> Result<PooledResponse, UpstreamError> {
+        self.send_traced(req, upgrade, false).await
+    }
+
+    /// [`EndpointPool::send`]; with `local`, the response's extensions
+    /// carry the connection's local address ([`ConnectionLocal`]).
+    pub async fn send_traced(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        upgrade: bool,
+        local: bool,
+    ) -> Result<PooledResponse, UpstreamError> {
         match self.config.protocol {
-            PoolProtocol::Http1 => self.send_h1(req, upgrade).await,
-            PoolProtocol::Http2 => self.send_h2(req).await,
+            PoolProtocol::Http1 => self.send_h1(req, upgrade, local).await,
+            PoolProtocol::Http2 => self.send_h2(req, local).await,
         }
     }
 
-    fn take_idle(&self) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
+    fn take_idle(&self) -> Option<(H1Sender, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = self.config.idle_timeout {
             // The oldest connections sit at the front.
@@ -337,18 +386,17 @@ impl EndpointPool {
         None
     }
 
-    async fn new_h1(
-        &self,
-        permit: Option<LimitPermit>,
-    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+    async fn new_h1(&self, permit: Option<LimitPermit>) -> Result<H1Sender, UpstreamError> {
         let stream = self.connect().await?;
-        match &self.connector {
-            None => h1_handshake(stream, permit).await,
+        let local = stream.local_addr().ok();
+        let inner = match &self.connector {
+            None => h1_handshake(stream, permit).await?,
             Some(c) => {
                 let io = self.wrap(c, stream, Carried::Http1).await?;
-                h1_handshake(io, permit).await
+                h1_handshake(io, permit).await?
             }
-        }
+        };
+        Ok(Sender { inner, local })
     }
 
     /// Runs the connector on a new connection, under the connect timeout.
@@ -376,6 +424,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
         upgrade: bool,
+        local: bool,
     ) -> Result<PooledResponse, UpstreamError> {
         // Try idle connections first; a stale one hands the request back.
         while let Some((mut sender, used)) = self.take_idle() {
@@ -383,7 +432,7 @@ impl EndpointPool {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade, used + 1)),
+                Ok(resp) => return Ok(self.finish_h1(resp, sender, upgrade, used + 1, local)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => {
                         req = r;
@@ -404,16 +453,20 @@ impl EndpointPool {
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
-        Ok(self.finish_h1(resp, sender, upgrade, used + 1))
+        Ok(self.finish_h1(resp, sender, upgrade, used + 1, local))
     }
 
     fn finish_h1(
         self: &Arc<Self>,
-        resp: Response<Incoming>,
-        sender: http1::SendRequest<ProxyBody>,
+        mut resp: Response<Incoming>,
+        sender: H1Sender,
         upgrade: bool,
         used: u32,
+        local: bool,
     ) -> PooledResponse {
+        if local {
+            sender.mark(&mut resp);
+        }
         if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             return (resp, None);
         }
@@ -445,7 +498,7 @@ impl EndpointPool {
         (resp, Some(on_end))
     }
 
-    fn cached_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+    fn cached_h2(&self) -> Option<H2Sender> {
         let mut guard = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         let s = guard.as_ref().filter(|s| !s.is_closed()).cloned()?;
         self.count_h2_stream(&mut guard);
@@ -455,7 +508,7 @@ impl EndpointPool {
     /// Counts a stream on the current HTTP/2 connection; at
     /// `max_requests_per_connection` the connection gets no new streams
     /// (it closes once its streams end and its senders are dropped).
-    fn count_h2_stream(&self, current: &mut Option<http2::SendRequest<ProxyBody>>) {
+    fn count_h2_stream(&self, current: &mut Option<H2Sender>) {
         use std::sync::atomic::Ordering;
         let used = self.h2_used.fetch_add(1, Ordering::Relaxed) + 1;
         if self
@@ -467,7 +520,7 @@ impl EndpointPool {
         }
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+    async fn h2_sender(&self) -> Result<H2Sender, UpstreamError> {
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
@@ -478,13 +531,15 @@ impl EndpointPool {
         // Without waiting, no idle HTTP/1.1 connection comes back.
         let permit = self.connection_permit(false).await?.unwrap_or_default();
         let stream = self.connect().await?;
-        let sender = match &self.connector {
+        let local = stream.local_addr().ok();
+        let inner = match &self.connector {
             None => h2_handshake(stream, permit).await?,
             Some(c) => {
                 let io = self.wrap(c, stream, Carried::Http2).await?;
                 h2_handshake(io, permit).await?
             }
         };
+        let sender = Sender { inner, local };
         let mut current = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         *current = Some(sender.clone());
         self.h2_used.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -492,16 +547,23 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    async fn send_h2(&self, req: Request<ProxyBody>) -> Result<PooledResponse, UpstreamError> {
+    async fn send_h2(
+        &self,
+        req: Request<ProxyBody>,
+        local: bool,
+    ) -> Result<PooledResponse, UpstreamError> {
         let mut sender = match self.cached_h2() {
             Some(s) => s,
             None => Box::pin(self.h2_sender()).await?,
         };
         sender.ready().await.map_err(UpstreamError::Reset)?;
-        let resp = sender
+        let mut resp = sender
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
+        if local {
+            sender.mark(&mut resp);
+        }
         Ok((resp, None))
     }
 }

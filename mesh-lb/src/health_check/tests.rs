@@ -69,6 +69,8 @@ fn config() -> HealthCheck {
         healthy_edge_interval: s,
         always_log_health_check_failures: false,
         event_log_path: None,
+        transport_socket_match_criteria: None,
+        tls_alpn: Vec::new(),
         checker: Kind::Tcp(TcpHealthCheck::default()),
     }
 }
