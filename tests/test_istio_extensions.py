@@ -321,8 +321,7 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 UNBUILT = ("type.googleapis.com/stats.PluginConfig",
-           "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
-           "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig")
+           "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange")
 
 
 def _unbuilt(f: dict) -> bool:
@@ -345,10 +344,6 @@ def istiod_resources(upstream_port: int, without_unbuilt: bool) -> dict[str, lis
                     hf = f["typedConfig"].get("httpFilters")
                     if hf is not None:
                         f["typedConfig"]["httpFilters"] = [h for h in hf if not _unbuilt(h)]
-                    # Tracing is not built either: a route's span name.
-                    for vh in f["typedConfig"].get("routeConfig", {}).get("virtualHosts", []):
-                        for r in vh["routes"]:
-                            r.pop("decorator", None)
     # The secrets come from istio-agent, which is not here: the TLS chains
     # stop waiting for them after 1 s (istiod writes 0s, wait forever).
     text = json.dumps(listeners).replace('"initialFetchTimeout": "0s", "resourceApiVersion": "V3"}}',
