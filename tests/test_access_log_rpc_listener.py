@@ -85,7 +85,7 @@ def test_rpc_mtls_listener_line_counts_the_decrypted_bytes(kind, start_proxy, tm
     import ssl
 
     import tls_certs
-    from test_rpc_tls import CLIENT_ID, mtls_inbound
+    from test_rpc_tls import CLIENT_ID, ISTIO_ALPN, mtls_inbound
     from thrift.protocol import TBinaryProtocol
     from thrift.transport import TSSLSocket, TTransport
 
@@ -101,6 +101,8 @@ def test_rpc_mtls_listener_line_counts_the_decrypted_bytes(kind, start_proxy, tm
                                                 [harness.static_cluster("a", server.port)]))
     ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
     ctx.load_cert_chain(str(client_leaf.cert), str(client_leaf.key))
+    # Istio's inbound chains match its ALPN too.
+    ctx.set_alpn_protocols(list(ISTIO_ALPN))
     sock = TSSLSocket.TSSLSocket("127.0.0.1", proxy.port("thrift"), ssl_context=ctx,
                                 server_hostname="server.local")
     transport = TTransport.TFramedTransport(sock)

@@ -5,7 +5,9 @@ plain one, or to one that does not trust its certificate or expects
 another SAN. HTTP (ALPN http/1.1), TCP send/receive and gRPC (ALPN h2)
 checkers; an endpoint labelled `tlsMode: istio` under
 `transport_socket_matches` is probed in mTLS, and so is an unlabelled one
-whose health check's `transport_socket_match_criteria` names that match.
+whose health check's `transport_socket_match_criteria` names that match;
+`tls_options.alpn_protocols` replaces the ALPN list probes offer; probes
+come from `upstream_bind_config`.
 Read from `/clusters`.
 """
 
@@ -51,12 +53,14 @@ class TlsHttpServer:
     `/healthz`, and `+pong` to a line holding `ping` for TCP checks (the
     first bytes decide)."""
 
-    def __init__(self, pki: tls_certs.Pki, leaf: tls_certs.Leaf):
+    def __init__(self, pki: tls_certs.Pki, leaf: tls_certs.Leaf, require_alpn: str | None = None):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
         self.ctx.load_verify_locations(str(pki.ca.cert))
         self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.ctx.set_alpn_protocols([require_alpn] if require_alpn else ["http/1.1"])
+        # `/healthz` answers 200 only over this ALPN protocol (else 503).
+        self.require_alpn = require_alpn
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -78,7 +82,9 @@ class TlsHttpServer:
             conn.settimeout(5)
             with self.ctx.wrap_socket(conn, server_side=True) as t:
                 data = t.recv(4096)
-                if data.startswith(b"GET /healthz"):
+                if self.require_alpn and t.selected_alpn_protocol() != self.require_alpn:
+                    t.sendall(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                elif data.startswith(b"GET /healthz"):
                     t.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                 elif b"ping" in data:
                     t.sendall(b"+pong\r\n")
@@ -134,9 +140,11 @@ def leaves(pki):
 def tls_servers(pki, leaves):
     http = TlsHttpServer(pki, leaves[0])
     grpc_server = TlsGrpcHealthServer(pki, leaves[0])
-    yield http, grpc_server
+    alpn = TlsHttpServer(pki, leaves[0], require_alpn="hc")
+    yield http, grpc_server, alpn
     http.stop()
     grpc_server.stop()
+    alpn.stop()
 
 
 HTTP_CHECK = {"http_health_check": {"path": "/healthz"}}
@@ -147,7 +155,7 @@ GRPC_CHECK = {"grpc_health_check": {}}
 
 @pytest.fixture(scope="module", params=harness.kind_params())
 def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
-    http, grpc_server = tls_servers
+    http, grpc_server, alpn = tls_servers
     _, client = leaves
     clusters = []
 
@@ -186,6 +194,15 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
         c["health_checks"][0]["transport_socket_match_criteria"] = criteria
         c["transport_socket_matches"] = [m["transport_socket_matches"][0]]
         clusters.append(c)
+    # `tls_options.alpn_protocols`: what probes offer in place of the
+    # transport socket's list.
+    c = checked_cluster("alpn", alpn.port, HTTP_CHECK)
+    c["transport_socket"] = up_tls(pki, client)
+    c["health_checks"][0]["tls_options"] = {"alpn_protocols": ["hc"]}
+    clusters.append(c)
+    c = checked_cluster("alpn_none", alpn.port, HTTP_CHECK)
+    c["transport_socket"] = up_tls(pki, client)
+    clusters.append(c)
     # `upstream_bind_config`: probes come from the bound address.
     c = checked_cluster("bound", http.port, HTTP_CHECK)
     c["transport_socket"] = up_tls(pki, client)
@@ -201,15 +218,17 @@ def checked(request, module_start_proxy, pki, foreign, leaves, tls_servers):
     ("http_wrong_san", False), ("tcp_tls", True), ("tcp_plain", False),
     ("grpc_tls", True), ("grpc_untrusted", False), ("matched", True),
     ("criteria", True), ("criteria_none", False), ("bound", True),
+    ("alpn", True), ("alpn_none", False),
 ])
 def test_health_checks_use_the_cluster_tls(checked, tls_servers, cluster, healthy):
-    http, grpc_server = tls_servers
-    port = grpc_server.port if cluster.startswith("grpc") else http.port
+    http, grpc_server, alpn = tls_servers
+    port = (grpc_server.port if cluster.startswith("grpc")
+            else alpn.port if cluster.startswith("alpn") else http.port)
     wait_flags(checked, cluster, {port: "healthy" if healthy else FAILED})
 
 
 def test_probes_come_from_upstream_bind_config(checked, tls_servers):
-    http, _ = tls_servers
+    http = tls_servers[0]
     wait_flags(checked, "bound", {http.port: "healthy"})
     assert bind_address(checked.kind) in http.peers, http.peers
 

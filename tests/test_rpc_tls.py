@@ -104,17 +104,24 @@ def rbac_only(principal: str) -> dict:
     }}
 
 
-def mtls_inbound(listener: dict, pki, server_leaf) -> dict:
-    """`listener` (one RPC chain) as an Istio inbound listener: the TLS
-    inspector, the chain matched on `transport_protocol: tls` and Istio's
-    ALPN, mTLS, and network RBAC before the RPC proxy."""
+def mtls_inbound(listener: dict, pki, server_leaf, alpn=()) -> dict:
+    """`listener` (one RPC chain) as an inbound sidecar listener: the TLS
+    inspector, the chain matched on `transport_protocol: tls` (and on
+    `alpn` when given), mTLS, and network RBAC before the RPC proxy."""
     chain = listener["filter_chains"][0]
-    chain["filter_chain_match"] = {"transport_protocol": "tls",
-                                   "application_protocols": ISTIO_ALPN}
+    chain["filter_chain_match"] = {"transport_protocol": "tls"}
+    if alpn:
+        chain["filter_chain_match"]["application_protocols"] = list(alpn)
     chain["transport_socket"] = down_tls(pki, server_leaf)
     chain["filters"].insert(0, rbac_only(CLIENT_ID))
     listener["listener_filters"] = [INSPECTOR]
     return listener
+
+
+def istio_inbound(listener: dict, pki, server_leaf) -> dict:
+    """`mtls_inbound` as Istio's inbound chains are: matched on Istio's
+    ALPN as well."""
+    return mtls_inbound(listener, pki, server_leaf, alpn=ISTIO_ALPN)
 
 
 def tls_cluster(name: str, port: int, transport_socket: dict) -> dict:
@@ -183,7 +190,7 @@ def sidecars(start_proxy, a_kind, b_kind, b_listener, a_listener, backend_port, 
     listener `out` reaches B with the client certificate and `intruder`
     with another workload's."""
     b = start_proxy(b_kind, harness.bootstrap(
-        [mtls_inbound(b_listener, pki, server_leaf)],
+        [istio_inbound(b_listener, pki, server_leaf)],
         [harness.static_cluster("next", backend_port)]))
     bport = b.port("in")
     a = start_proxy(a_kind, harness.bootstrap(
@@ -312,7 +319,7 @@ def test_transport_socket_matches_pick_tls_per_endpoint(start_proxy, a_kind, pki
     plain_backend = ThriftServer("plain").start()
     try:
         b = start_proxy("mesh", harness.bootstrap(
-            [mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)],
+            [istio_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)],
             [harness.static_cluster("next", tls_backend.port)]))
         mixed = harness.static_cluster("mixed", [])
         mixed["load_assignment"]["endpoints"] = [{"lb_endpoints": [
@@ -365,7 +372,7 @@ def strict(module_start_proxy, pki, server_leaf, thrift_server, peer_log):
         "text_format": "%REQ(:METHOD)% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION%"
                        " %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_PEER_SERIAL%\n"})]
     return module_start_proxy("mesh", harness.bootstrap(
-        [mtls_inbound(rpc_peers.thrift_listener("in", routes), pki, server_leaf)],
+        [istio_inbound(rpc_peers.thrift_listener("in", routes), pki, server_leaf)],
         [harness.static_cluster("next", thrift_server.port)]))
 
 
@@ -373,7 +380,7 @@ def strict(module_start_proxy, pki, server_leaf, thrift_server, peer_log):
 def inbound(request, module_start_proxy, pki, server_leaf, thrift_server):
     """The mTLS inbound Thrift sidecar under Envoy and mesh."""
     return module_start_proxy(request.param, harness.bootstrap(
-        [mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)],
+        [istio_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)],
         [harness.static_cluster("next", thrift_server.port)]))
 
 
@@ -509,7 +516,7 @@ def test_rpc_chain_server_certificate_from_rotating_sds(start_proxy, pki, client
     secret.publish(leaves[0].cert.read_bytes(), leaves[0].key.read_bytes())
     sds = tmp_path / "sds.yaml"
     sds.write_text(SDS_FILE.format(dir=secret.root))
-    l = mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, leaves[0])
+    l = istio_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, leaves[0])
     common = l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
     del common["tls_certificates"]
     common["tls_certificate_sds_secret_configs"] = [{
@@ -637,7 +644,7 @@ def test_mtls_rpc_chain_over_lds(kind, start_proxy, control_plane, pki, server_l
 
     cp = control_plane([kind])
     port = harness.free_port()
-    l = mtls_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)
+    l = istio_inbound(rpc_peers.thrift_listener("in", thrift_routes()), pki, server_leaf)
     l["address"] = harness.socket_address(port)
     l["@type"] = xds.LISTENER
     cp.write("clusters", [xds.eds_cluster("next")])

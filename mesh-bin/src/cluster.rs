@@ -357,6 +357,7 @@ pub(crate) fn health_for(
                         .position(|m| m.matches(labels))
                         .and_then(|i| u32::try_from(i).ok())
                 }),
+                alpn: hc.tls_alpn.clone(),
             },
         ),
         HealthCheckStats::new(store, &c.name),

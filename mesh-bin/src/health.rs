@@ -70,6 +70,9 @@ pub struct ProbeTransport {
     /// against `matches`: `Some(entry)` for every endpoint (`Some(None)`:
     /// the cluster's `transport_socket`); `None`: each endpoint's own.
     pub criteria: Option<Option<u32>>,
+    /// `tls_options.alpn_protocols`: offered by TLS probes in place of the
+    /// socket's list (empty: the socket's own).
+    pub alpn: Vec<String>,
 }
 
 impl ProbeTransport {
@@ -88,10 +91,17 @@ impl ProbeTransport {
         };
         match tls {
             None => Ok(Box::new(tcp)),
-            Some(tls) => TlsConnector(tls.clone())
+            Some(tls) if self.alpn.is_empty() => TlsConnector(tls.clone())
                 .connect(tcp, endpoint.addr, carried)
                 .await
                 .map_err(|e| network(format!("TLS handshake: {e}"))),
+            Some(tls) => match tls
+                .connect_with_alpn(tcp, &self.alpn, endpoint.addr.ip(), None)
+                .await
+            {
+                Ok((stream, _)) => Ok(Box::new(stream)),
+                Err(e) => Err(network(format!("TLS handshake: {e}"))),
+            },
         }
     }
 }

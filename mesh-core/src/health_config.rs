@@ -54,6 +54,9 @@ pub struct HealthCheck {
     /// each endpoint's metadata (no entry matching: the cluster's
     /// `transport_socket`). `None`: the endpoint's own entry.
     pub transport_socket_match_criteria: Option<crate::lb_config::LbMetadata>,
+    /// `tls_options.alpn_protocols`: the ALPN list TLS probes offer in
+    /// place of the transport socket's (empty: the socket's own).
+    pub tls_alpn: Vec<String>,
     /// What a probe does.
     pub checker: HealthChecker,
 }

@@ -91,6 +91,17 @@ fn health_check(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HealthCheck> {
     let transport_socket_match_criteria = o
         .obj(cx, "transport_socket_match_criteria")
         .map(|s| super::lb::struct_values(cx, s));
+    let mut tls_alpn = Vec::new();
+    if let Some(mut t) = o.obj(cx, "tls_options") {
+        for (path, p) in t.strings(cx, "alpn_protocols") {
+            if p.is_empty() || p.len() > 255 {
+                cx.error(&path, "an ALPN protocol name is 1 to 255 bytes");
+            } else {
+                tls_alpn.push(p);
+            }
+        }
+        t.finish(cx);
+    }
     o.refuse(
         cx,
         "event_logger",
@@ -131,6 +142,7 @@ fn health_check(cx: &mut Ctx, mut o: Obj<'_>) -> Option<HealthCheck> {
         always_log_health_check_failures,
         event_log_path,
         transport_socket_match_criteria,
+        tls_alpn,
         checker: checker?,
     })
 }

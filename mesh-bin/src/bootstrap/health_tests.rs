@@ -194,7 +194,7 @@ fn max_requests_per_connection_from_either_place() {
 }
 
 #[test]
-fn transport_socket_match_criteria_is_read() {
+fn transport_socket_match_criteria_and_tls_options_are_read() {
     let c = cluster(
         "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, transport_socket_match_criteria: {tlsMode: istio}}\n",
     );
@@ -205,5 +205,20 @@ fn transport_socket_match_criteria_is_read() {
     assert_eq!(
         criteria.get("tlsMode"),
         Some(&MetadataValue::String("istio".into()))
+    );
+    let c = cluster(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, tls_options: {alpn_protocols: [hc, h2]}}\n",
+    );
+    assert_eq!(
+        c.health_check.map(|h| h.tls_alpn),
+        Some(vec!["hc".into(), "h2".into()])
+    );
+    let e = errs(
+        "    health_checks:\n    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}, tls_options: {alpn_protocols: ['']}}\n",
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.contains("health_checks[0].tls_options.alpn_protocols[0]")),
+        "{e:?}"
     );
 }

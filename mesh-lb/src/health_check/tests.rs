@@ -70,6 +70,7 @@ fn config() -> HealthCheck {
         always_log_health_check_failures: false,
         event_log_path: None,
         transport_socket_match_criteria: None,
+        tls_alpn: Vec::new(),
         checker: Kind::Tcp(TcpHealthCheck::default()),
     }
 }
