@@ -445,6 +445,9 @@ pub struct TcpProxy {
     pub access_log: Vec<AccessLog>,
     /// `hash_policy` (only `source_ip`).
     pub hash_policy: Vec<HashPolicy>,
+    /// An `istio.metadata_exchange` network filter before the proxy: the
+    /// TCP peer metadata exchange on downstream connections.
+    pub istio_metadata_exchange: Option<istio::TcpMetadataExchange>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.
@@ -851,6 +854,9 @@ pub struct Cluster {
     /// connections are made from (Istio binds its inbound passthrough to
     /// 127.0.0.6 so iptables can tell that traffic apart).
     pub upstream_bind: Option<SocketAddr>,
+    /// `filters[]`'s `istio.metadata_exchange`: the TCP peer metadata
+    /// exchange on upstream connections (outbound sidecar clusters).
+    pub istio_metadata_exchange: Option<istio::TcpMetadataExchange>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

@@ -179,6 +179,7 @@ mod tests {
             circuit_breakers: Default::default(),
             pipe: None,
             upstream_bind: None,
+            istio_metadata_exchange: None,
         }
     }
 

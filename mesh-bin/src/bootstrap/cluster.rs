@@ -238,7 +238,7 @@ fn cluster(
     let upstream_bind = o
         .obj(cx, "upstream_bind_config")
         .and_then(|b| super::original_dst::bind_config(cx, b));
-    super::istio::cluster_filters(cx, &mut o);
+    let istio_metadata_exchange = super::istio::cluster_filters(cx, &mut o);
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -260,6 +260,7 @@ fn cluster(
         circuit_breakers,
         pipe,
         upstream_bind,
+        istio_metadata_exchange,
     })
 }
 

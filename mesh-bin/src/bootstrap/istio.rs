@@ -255,13 +255,8 @@ pub(crate) fn stats(cx: &mut Ctx, mut o: Obj<'_>) -> Stats {
 
 /// Why each Istio filter is refused after its config was read: the config
 /// is valid, the behaviour is not built yet (never accepted and ignored).
-fn not_built(what: &str) -> &'static str {
-    match what {
-        "istio.metadata_exchange" => {
-            "istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet"
-        }
-        _ => "istio.stats: Istio's standard metrics are not implemented yet",
-    }
+fn not_built(_what: &str) -> &'static str {
+    "istio.stats: Istio's standard metrics are not implemented yet"
 }
 
 /// An Istio HTTP filter (`what` is its canonical name): its typed config is
@@ -281,19 +276,27 @@ pub(crate) fn http_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) -> 
 }
 
 /// An Istio network filter before the terminal one, or a cluster's
-/// upstream filter (`istio.metadata_exchange`, `istio.stats`): read,
-/// checked, then refused until its behaviour exists.
-pub(crate) fn network_filter(cx: &mut Ctx, what: &str, path: &str, tc: Obj<'_>) {
+/// upstream filter (`istio.metadata_exchange`, `istio.stats`): read and
+/// checked; the TCP metadata exchange is returned, `istio.stats` refused
+/// until its behaviour exists.
+pub(crate) fn network_filter(
+    cx: &mut Ctx,
+    what: &str,
+    path: &str,
+    tc: Obj<'_>,
+) -> Option<TcpMetadataExchange> {
     match what {
-        "istio.metadata_exchange" => drop(tcp_metadata_exchange(cx, tc)),
+        "istio.metadata_exchange" => return Some(tcp_metadata_exchange(cx, tc)),
         _ => drop(stats(cx, tc)),
     }
     cx.unsupported(path, Some(not_built(what)));
+    None
 }
 
 /// A cluster's `filters` (upstream network filters): istiod puts
 /// `istio.metadata_exchange` there; any other filter is unsupported.
-pub(crate) fn cluster_filters(cx: &mut Ctx, o: &mut Obj<'_>) {
+pub(crate) fn cluster_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Option<TcpMetadataExchange> {
+    let mut out = None;
     const KNOWN: &[super::Known] = &[super::Known {
         name: "istio.metadata_exchange",
         type_url: TCP_MX_TYPE,
@@ -303,12 +306,13 @@ pub(crate) fn cluster_filters(cx: &mut Ctx, o: &mut Obj<'_>) {
             continue;
         };
         match super::select_extension(cx, &mut f, "upstream network filter", KNOWN) {
-            Some((_, Some(tc))) => network_filter(cx, KNOWN[0].name, f.path(), tc),
+            Some((_, Some(tc))) => out = network_filter(cx, KNOWN[0].name, f.path(), tc),
             Some((_, None)) => cx.missing(&f.at("typed_config")),
             None => {}
         }
         f.finish(cx);
     }
+    out
 }
 
 #[cfg(test)]
@@ -353,7 +357,6 @@ mod tests {
             }
         }
         let stats = "(istio.stats: Istio's standard metrics are not implemented yet)";
-        let mx = "(istio.metadata_exchange: the TCP peer metadata exchange (istio-peer-exchange) is not implemented yet)";
         let hf = "filters[0].typed_config.http_filters";
         // Envoy's gRPC stats filter, in every HTTP chain, and every route's
         // `decorator` are accepted.
@@ -364,14 +367,7 @@ mod tests {
             format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),
             format!("virtualInbound: unsupported: filter_chains[1].{hf}[4] {stats}"),
-            format!("virtualInbound: unsupported: filter_chains[2].filters[0] {mx}"),
             format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
-            format!(
-                "outbound|9080||reviews.default.svc.cluster.local: unsupported: filters[0] {mx}"
-            ),
-            format!(
-                "outbound|27017||mongodb.default.svc.cluster.local: unsupported: filters[0] {mx}"
-            ),
         ];
         assert_eq!(all, expected);
     }

@@ -239,6 +239,7 @@ fn bench_config_loads() {
             circuit_breakers: Default::default(),
             pipe: None,
             upstream_bind: None,
+            istio_metadata_exchange: None,
         }]
     );
 }
@@ -640,6 +641,7 @@ fn tcp_proxy() {
             idle_timeout: None,
             access_log: vec![AccessLogSink::Stderr.into()],
             hash_policy: vec![],
+            istio_metadata_exchange: None,
         })
     );
 
