@@ -161,7 +161,8 @@ impl FilterChain {
                 // RBAC runs before every other filter, in `HttpProxy::handle`;
                 // `istio.alpn` acts where the router picks a pool, the
                 // metadata exchange in `HttpProxy::handle`.
-                HttpFilter::Router | HttpFilter::Rbac(_) => continue,
+                // `grpc_stats` counts where the response is sent.
+                HttpFilter::Router | HttpFilter::Rbac(_) | HttpFilter::GrpcStats(_) => continue,
                 HttpFilter::IstioAlpn(_)
                 | HttpFilter::IstioPeerMetadata(_)
                 | HttpFilter::IstioStats(_) => {

@@ -125,6 +125,8 @@ pub struct HcmShared {
     rbac: Option<mesh_filter::rbac::RbacFilter>,
     /// `istio.alpn`: the ALPN upstream TLS connections offer.
     istio_alpn: Option<crate::istio::alpn::AlpnOverrides>,
+    /// `envoy.filters.http.grpc_stats`.
+    grpc_stats: Option<Arc<crate::grpc_stats::GrpcStats>>,
     /// `istio.metadata_exchange`: peer metadata headers.
     istio_mx: Option<crate::istio::metadata::PeerExchange>,
     /// `istio.stats`: Istio's standard request metrics.
@@ -144,6 +146,7 @@ impl HcmShared {
         let rbac = crate::rbac::http_rbac(config, store)?;
         Ok(HcmShared {
             istio_alpn: crate::istio::alpn::from_filters(&config.http_filters),
+            grpc_stats: crate::grpc_stats::GrpcStats::from_filters(&config.http_filters, store),
             istio_mx: crate::istio::metadata::from_filters(&config.http_filters)?,
             istio_stats: crate::istio::stats::from_filters(&config.http_filters, store),
             filters,
@@ -236,6 +239,14 @@ impl HttpProxy {
             .as_ref()
             .map(|s| s.on_request(&mut req));
         let grpc = is_grpc(req.headers());
+        let grpc_call = match &self.shared.grpc_stats {
+            Some(g) if grpc => {
+                let call = g.begin(req.uri().path());
+                req.extensions_mut().insert(call.clone());
+                Some(call)
+            }
+            _ => None,
+        };
         let denied = self.shared.rbac.as_ref().and_then(|rbac| {
             crate::rbac::deny_reply(rbac, &req, &info, &self.shared.server_name, grpc)
         });
@@ -248,6 +259,9 @@ impl HttpProxy {
             && resp.extensions().get::<GrpcReplyDone>().is_none()
         {
             resp = grpc_local_reply(resp);
+        }
+        if let Some(call) = grpc_call {
+            resp = call.response(resp);
         }
         if let (Some(mx), Some(ex)) = (&self.shared.istio_mx, exchange.as_mut()) {
             mx.on_response(ex, resp.headers_mut());
@@ -875,7 +889,7 @@ impl HttpProxy {
     /// same loop once, with no copy of the request head or body.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         m: &RouteMatch<'_>,
         info: &StreamInfo,
         down_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -901,6 +915,10 @@ impl HttpProxy {
         }
         if let Some(p) = req.extensions().get::<crate::istio::stats::Pending>() {
             p.routed(&cluster.entry);
+        }
+        let grpc_call = req.extensions_mut().remove::<crate::grpc_stats::Call>();
+        if let Some(c) = &grpc_call {
+            c.routed(choice.name);
         }
         let cstats = &cluster.entry.stats;
         let cpolicy = &cluster.entry.policy;
@@ -1014,6 +1032,10 @@ impl HttpProxy {
             }
             _ if http_body::Body::is_end_stream(&body) && retry.is_some() => ProxyBody::Empty,
             _ => ProxyBody::Incoming(body),
+        };
+        let body = match &grpc_call {
+            Some(c) => c.request_body(body),
+            None => body,
         };
         let body = match (log.as_mut(), &self.shared.access_log) {
             (Some(e), Some(l)) => l.watch_body(e, body),

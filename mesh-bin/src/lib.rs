@@ -25,6 +25,7 @@ pub mod demo;
 mod downstream;
 pub mod dynamic;
 pub mod filters;
+pub mod grpc_stats;
 pub mod health;
 pub mod http;
 mod inspect;

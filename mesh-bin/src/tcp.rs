@@ -13,6 +13,7 @@ use mesh_core::stats::{Counter, Gauge, GaugeGuard, Store};
 use crate::access_log::listener::{connect_failure_reason, tls_failure_reason, TcpOutcome};
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
+use crate::istio::tcp_exchange::{self, ExchangeStats, TcpExchange, TcpPeers};
 
 /// Envoy's `tcp.<stat_prefix>.*` stats.
 #[derive(Debug, Clone)]
@@ -36,6 +37,10 @@ pub struct TcpProxyShared {
     total_weight: u64,
     stats: TcpStats,
     access_log: Option<AccessLogger>,
+    /// The network filter `istio.metadata_exchange` (downstream side).
+    istio_mx: Option<Arc<TcpExchange>>,
+    /// The clusters' `istio.metadata_exchange` (upstream side).
+    upstream_mx: Vec<(Arc<ClusterEntry>, Arc<TcpExchange>)>,
 }
 
 impl TcpProxyShared {
@@ -60,11 +65,25 @@ impl TcpProxyShared {
         if total_weight == 0 {
             return Err("weighted_clusters: the weights sum to 0".into());
         }
+        let mx_stats = || ExchangeStats::new(store);
+        let istio_mx = config
+            .istio_metadata_exchange
+            .as_ref()
+            .map(|c| Arc::new(TcpExchange::new(c, mx_stats())));
+        let upstream_mx = clusters
+            .iter()
+            .filter_map(|(c, _)| {
+                let mx = c.config.istio_metadata_exchange.as_ref()?;
+                Some((c.clone(), Arc::new(TcpExchange::new(mx, mx_stats()))))
+            })
+            .collect();
         let l = vec![("envoy_tcp_prefix", config.stat_prefix.clone())];
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
         Ok(TcpProxyShared {
             access_log,
+            istio_mx,
+            upstream_mx,
             config: config.clone(),
             clusters,
             total_weight,
@@ -140,8 +159,17 @@ impl TcpProxyShared {
         let id = crate::access_log::next_connection_id();
         let cluster = self.choose().clone();
         let mut outcome = TcpOutcome::default();
+        let peers = TcpPeers::default();
+        let alpn = tls.and_then(|t| t.alpn.as_deref());
         let (flag, received, sent, upstream) = self
-            .proxy(stream, peer, guard, &cluster, original_dst, &mut outcome)
+            .proxy(
+                (stream, alpn, &peers),
+                peer,
+                guard,
+                &cluster,
+                original_dst,
+                &mut outcome,
+            )
             .await;
         outcome.flag = flag;
         outcome.upstream = upstream;
@@ -160,7 +188,7 @@ impl TcpProxyShared {
 
     async fn proxy<S>(
         &self,
-        stream: S,
+        (stream, alpn, peers): (S, Option<&str>, &TcpPeers),
         peer: std::net::SocketAddr,
         guard: mesh_core::listener::ConnectionGuard,
         cluster: &Arc<ClusterEntry>,
@@ -171,6 +199,14 @@ impl TcpProxyShared {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.stats.cx_total.inc();
+        let mx = self.istio_mx.as_ref();
+        let stream = match tcp_exchange::maybe_start(mx, alpn, stream, &peers.downstream).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "tcp_proxy: istio-peer-exchange with the downstream failed; closing");
+                return (None, 0, 0, None);
+            }
+        };
         // tcp_proxy's hash_policy: only source_ip.
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
@@ -246,8 +282,22 @@ impl TcpProxyShared {
                     Some(cluster.config.connect_timeout),
                 );
                 match handshake.await {
-                    Ok((upstream, _)) => {
-                        mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout).await
+                    Ok((upstream, id)) => {
+                        let mx = self
+                            .upstream_mx
+                            .iter()
+                            .find(|(c, _)| Arc::ptr_eq(c, cluster));
+                        let slot = &peers.upstream;
+                        let alpn = id.alpn.as_deref();
+                        match tcp_exchange::maybe_start(mx.map(|m| &m.1), alpn, upstream, slot)
+                            .await
+                        {
+                            Ok(upstream) => {
+                                mesh_codec::tcp::proxy(stream, upstream, self.config.idle_timeout)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(e) => {
                         cluster.stats.cx_connect_fail.inc();

@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod grpc_stats;
 pub mod istio;
 pub mod rbac;
 pub mod socket_match;
@@ -392,6 +393,8 @@ pub enum HttpFilter {
     Cors,
     /// `istio.alpn`: the ALPN list of upstream TLS connections.
     IstioAlpn(Box<istio::AlpnOverride>),
+    /// `envoy.filters.http.grpc_stats`: per-cluster gRPC call counters.
+    GrpcStats(Box<grpc_stats::GrpcStats>),
     /// `istio.metadata_exchange`: peer workload metadata in headers.
     IstioPeerMetadata(Box<istio::PeerMetadata>),
     /// `istio.stats`: Istio's standard request metrics.
@@ -444,6 +447,9 @@ pub struct TcpProxy {
     pub access_log: Vec<AccessLog>,
     /// `hash_policy` (only `source_ip`).
     pub hash_policy: Vec<HashPolicy>,
+    /// An `istio.metadata_exchange` network filter before the proxy: the
+    /// TCP peer metadata exchange on downstream connections.
+    pub istio_metadata_exchange: Option<istio::TcpMetadataExchange>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.
@@ -853,6 +859,9 @@ pub struct Cluster {
     /// `metadata.filter_metadata.istio.services[0]`: the service istiod
     /// made this cluster for (`istio.stats`' `destination_service`).
     pub istio_service: Option<istio::IstioService>,
+    /// `filters[]`'s `istio.metadata_exchange`: the TCP peer metadata
+    /// exchange on upstream connections (outbound sidecar clusters).
+    pub istio_metadata_exchange: Option<istio::TcpMetadataExchange>,
 }
 
 /// Envoy `Cluster.DnsLookupFamily`.

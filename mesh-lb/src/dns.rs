@@ -180,6 +180,7 @@ mod tests {
             pipe: None,
             upstream_bind: None,
             istio_service: None,
+            istio_metadata_exchange: None,
         }
     }
 

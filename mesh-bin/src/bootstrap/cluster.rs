@@ -239,7 +239,7 @@ fn cluster(
     let upstream_bind = o
         .obj(cx, "upstream_bind_config")
         .and_then(|b| super::original_dst::bind_config(cx, b));
-    super::istio::cluster_filters(cx, &mut o);
+    let istio_metadata_exchange = super::istio::cluster_filters(cx, &mut o);
     o.finish(cx);
     Some(Cluster {
         name: name?,
@@ -262,6 +262,7 @@ fn cluster(
         pipe,
         upstream_bind,
         istio_service,
+        istio_metadata_exchange,
     })
 }
 

@@ -340,6 +340,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let mut rbac = None;
     let mut local_ratelimit = None;
     let mut seen_ratelimit = false;
+    let mut istio_mx = None;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -429,12 +430,24 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             ISTIO_MX | ISTIO_STATS => {
                 if let Some(tc) = tc {
                     let what = NETWORK_FILTERS[which].name;
-                    super::istio::network_filter(cx, what, f.path(), tc);
+                    if let Some(mx) = super::istio::network_filter(cx, what, f.path(), tc) {
+                        istio_mx = Some((f.path().to_owned(), mx));
+                    }
                 }
             }
             _ => {}
         }
         f.finish(cx);
+    }
+    if let Some((path, mx)) = istio_mx {
+        match &mut terminal {
+            Some(NetworkFilter::TcpProxy(t)) => t.istio_metadata_exchange = Some(mx),
+            Some(_) => cx.unsupported(
+                &path,
+                Some("istio.metadata_exchange runs before envoy.filters.network.tcp_proxy only"),
+            ),
+            None => {}
+        }
     }
     if !present {
         cx.missing(&filters_path);
@@ -551,5 +564,6 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
         idle_timeout,
         access_log,
         hash_policy,
+        istio_metadata_exchange: None,
     }
 }

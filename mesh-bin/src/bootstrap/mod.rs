@@ -22,7 +22,9 @@ use serde_json::Value;
 
 mod access_log;
 mod cluster;
+mod decorator;
 pub(crate) mod eds_proto;
+mod grpc_stats;
 mod hcm;
 mod headers;
 mod health;

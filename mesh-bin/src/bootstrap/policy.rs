@@ -76,6 +76,10 @@ const HTTP_FILTERS: &[Known] = &[
         name: ISTIO_STATS,
         type_url: super::istio::STATS_TYPE,
     },
+    Known {
+        name: super::grpc_stats::NAME,
+        type_url: super::grpc_stats::TYPE,
+    },
 ];
 
 /// A `retry_policy` (route or virtual host).
@@ -464,6 +468,20 @@ pub(crate) fn http_filters(
                             continue;
                         }
                     },
+                    super::grpc_stats::NAME => {
+                        let c = match tc {
+                            Some(mut tc) => {
+                                let c = super::grpc_stats::filter_config(cx, &mut tc);
+                                tc.finish(cx);
+                                c
+                            }
+                            None => Default::default(),
+                        };
+                        if disabled {
+                            cx.unsupported(&f.at("disabled"), Some("a disabled grpc_stats"));
+                        }
+                        out.push(HttpFilter::GrpcStats(Box::new(c)));
+                    }
                     ISTIO_ALPN | ISTIO_MX | ISTIO_STATS => {
                         let what = HTTP_FILTERS[idx].name;
                         let built = match tc {

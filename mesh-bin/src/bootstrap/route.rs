@@ -126,6 +126,7 @@ fn route(cx: &mut Ctx, mut o: Obj<'_>) -> Option<Route> {
     let headers = header_mutations(cx, &mut o);
     route_policy.per_filter = policy::per_filter_configs(cx, &mut o);
     route_policy.per_request_buffer_limit_bytes = policy::buffer_limit(cx, &mut o);
+    super::decorator::read(cx, &mut o);
     o.finish(cx);
     Some(Route {
         name,

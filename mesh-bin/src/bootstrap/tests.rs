@@ -240,6 +240,7 @@ fn bench_config_loads() {
             pipe: None,
             upstream_bind: None,
             istio_service: None,
+            istio_metadata_exchange: None,
         }]
     );
 }
@@ -641,6 +642,7 @@ fn tcp_proxy() {
             idle_timeout: None,
             access_log: vec![AccessLogSink::Stderr.into()],
             hash_policy: vec![],
+            istio_metadata_exchange: None,
         })
     );
 
@@ -1503,6 +1505,7 @@ fn damaged_configs_never_panic_and_errors_have_paths() {
     );
 }
 
+mod grpc_stats;
 mod lb;
 
 #[test]

@@ -137,6 +137,11 @@ impl PeerInfo {
             .decode(value)
             .map_err(|e| format!("not base64: {e}"))?;
         let s = Struct::decode(bytes.as_slice()).map_err(|e| format!("not a Struct: {e}"))?;
+        Ok(PeerInfo::from_struct(&s, additional))
+    }
+
+    /// The workload in a peer's metadata `Struct`.
+    pub fn from_struct(s: &Struct, additional: &[String]) -> Self {
         let text = |k: &str| match s.fields.get(k).and_then(|v| v.kind.as_ref()) {
             Some(Kind::StringValue(v)) => v.clone(),
             _ => String::new(),
@@ -152,7 +157,7 @@ impl PeerInfo {
                 .collect(),
             _ => Vec::new(),
         };
-        Ok(PeerInfo::build(
+        PeerInfo::build(
             text("NAME"),
             text("NAMESPACE"),
             text("WORKLOAD_NAME"),
@@ -160,7 +165,7 @@ impl PeerInfo {
             &text("OWNER"),
             labels,
             additional,
-        ))
+        )
     }
 
     /// The `Struct` Istio sends (`convertWorkloadMetadataToStruct`).
@@ -220,7 +225,8 @@ pub fn set_local_node(node: &Node) {
     let _ = LOCAL_NODE.set((node.id.clone(), metadata));
 }
 
-fn local_node() -> (&'static str, &'static serde_json::Value) {
+/// This proxy's node id and metadata (empty before [`set_local_node`]).
+pub(crate) fn local_node_json() -> (&'static str, &'static serde_json::Value) {
     static NONE: serde_json::Value = serde_json::Value::Null;
     match LOCAL_NODE.get() {
         Some((id, m)) => (id, m),
@@ -230,7 +236,7 @@ fn local_node() -> (&'static str, &'static serde_json::Value) {
 
 /// This proxy's own workload metadata (from the node).
 pub fn local_peer() -> PeerInfo {
-    PeerInfo::from_node_json(local_node().1, &[])
+    PeerInfo::from_node_json(local_node_json().1, &[])
 }
 
 /// One HCM's compiled `istio.metadata_exchange`.
@@ -259,7 +265,7 @@ pub struct Exchange {
 impl PeerExchange {
     /// Compiles the filter's configuration with this proxy's node.
     pub fn new(config: &PeerMetadata) -> Result<Self, String> {
-        let (id, metadata) = local_node();
+        let (id, metadata) = local_node_json();
         let local = PeerInfo::from_node_json(metadata, &config.additional_labels);
         let headers = |d: &[PeerDiscovery]| d.contains(&PeerDiscovery::IstioHeaders);
         Ok(PeerExchange {
