@@ -32,23 +32,25 @@ impl Connector for TlsConnector {
             };
             match tls.connect(tcp, alpn, peer.ip(), None).await {
                 Ok((stream, _)) => Ok(Box::new(stream) as BoxIo),
-                Err(e) => {
-                    tracing::debug!(endpoint = %peer, reason = e.reason.as_str(), error = %e.message,
-                        "upstream TLS handshake failed");
-                    Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        crate::access_log::listener::TransportFailure {
-                            message: e.to_string(),
-                            reason: crate::access_log::listener::tls_failure_reason(
-                                e.reason.as_str(),
-                                &e.message,
-                            ),
-                        },
-                    ))
-                }
+                Err(e) => Err(handshake_failed(peer, &e)),
             }
         })
     }
+}
+
+/// The `io::Error` a failed upstream TLS handshake with `peer` becomes:
+/// logged at debug, and carrying the reason the access log prints as
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+pub(crate) fn handshake_failed(peer: SocketAddr, e: &mesh_tls::HandshakeError) -> io::Error {
+    tracing::debug!(endpoint = %peer, reason = e.reason.as_str(), error = %e.message,
+        "upstream TLS handshake failed");
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        crate::access_log::listener::TransportFailure {
+            message: e.to_string(),
+            reason: crate::access_log::listener::tls_failure_reason(e.reason.as_str(), &e.message),
+        },
+    )
 }
 
 /// The SDS secrets a TLS context names that arrive over xDS, with their

@@ -9,7 +9,6 @@
 //! part of the worker's pool key (`WorkerCluster::pool_with_alpn`); a
 //! plain-text pool is unaffected by it.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -75,14 +74,7 @@ impl Connector for AlpnTlsConnector {
         Box::pin(async move {
             match tls.connect_with_alpn(tcp, &alpn, peer.ip(), None).await {
                 Ok((stream, _)) => Ok(Box::new(stream) as BoxIo),
-                Err(e) => {
-                    tracing::debug!(endpoint = %peer, reason = e.reason.as_str(), error = %e.message,
-                        "upstream TLS handshake failed");
-                    Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        e.to_string(),
-                    ))
-                }
+                Err(e) => Err(crate::tls::handshake_failed(peer, &e)),
             }
         })
     }
