@@ -499,25 +499,13 @@ impl WorkerChains {
                 serve_connection(stream, server, svc, self.drain.clone()).await;
                 drop(guard);
             }
-            WorkerTerminal::Tcp(t) => {
-                let outcome = t
-                    .clone()
-                    .handle_captured(
-                        stream,
-                        peer,
-                        Some(local),
-                        original_dst,
-                        tls.as_deref(),
-                        guard,
-                    )
-                    .await;
-                if let Some(l) = log.as_mut() {
-                    l.tcp(outcome);
-                }
-            }
-            WorkerTerminal::TcpSwapping(slot) => {
-                let outcome = slot
-                    .load_full()
+            WorkerTerminal::Tcp(_) | WorkerTerminal::TcpSwapping(_) => {
+                let tcp = match &self.terminals[index] {
+                    WorkerTerminal::TcpSwapping(slot) => slot.load_full(),
+                    WorkerTerminal::Tcp(t) => t.clone(),
+                    _ => return,
+                };
+                let outcome = tcp
                     .handle_captured(
                         stream,
                         peer,
