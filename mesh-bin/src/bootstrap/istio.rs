@@ -448,6 +448,70 @@ static_resources:
         );
     }
 
+    /// The network `istio.stats` goes with the `tcp_proxy` after it and
+    /// learns the listener's direction; before another terminal filter it
+    /// is refused by path.
+    #[test]
+    fn network_istio_stats_goes_with_tcp_proxy_only() {
+        let config = |terminal: &str| {
+            format!(
+                r#"
+static_resources:
+  listeners:
+  - name: l
+    traffic_direction: OUTBOUND
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: istio.stats
+        typed_config:
+          "@type": type.googleapis.com/stats.PluginConfig
+          tcp_reporting_duration: 2s
+      {terminal}
+  clusters:
+  - name: c
+    load_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}
+"#
+            )
+        };
+        let tcp = "- name: envoy.filters.network.tcp_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c";
+        let b = load_str(&config(tcp)).unwrap();
+        let mesh_core::config::NetworkFilter::TcpProxy(t) =
+            &b.listeners[0].filter_chains[0].terminal
+        else {
+            panic!("expected a tcp_proxy");
+        };
+        let s = t
+            .istio_stats
+            .as_ref()
+            .expect("istio.stats on the tcp_proxy");
+        assert_eq!(
+            s.traffic_direction,
+            mesh_core::config::TrafficDirection::Outbound
+        );
+        assert_eq!(
+            s.tcp_reporting_duration,
+            Some(std::time::Duration::from_secs(2))
+        );
+        let hcm = "- name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h
+          route_config: {virtual_hosts: [{name: a, domains: [\"*\"], routes: [{match: {prefix: /}, route: {cluster: c}}]}]}
+          http_filters: [{name: envoy.filters.http.router, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]";
+        let errs = errors(load_str(&config(hcm)));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("filter_chains[0].filters[0]")
+                && errs[0].contains("istio.stats runs before envoy.filters.network.tcp_proxy only"),
+            "{errs:?}"
+        );
+    }
+
     /// A field Istio's protos do not have is refused with its path, inside
     /// a TypedStruct too; the TypedStruct itself needs its `type_url`.
     #[test]
