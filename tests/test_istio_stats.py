@@ -8,6 +8,10 @@ the other side's workload labels learned from the exchange. Requests from
 curl give `istio_requests_total` by response code (200, 404, and 503 when
 the upstream refuses), histograms whose counts equal the request counts
 and whose byte sums cover what was sent; a config error names its path.
+With `istio.stats` before `tcp_proxy` and the TCP metadata exchange, both
+sidecars report `istio_tcp_*` for a connection: opened and closed once,
+the bytes the client sent and got back, the peer's workload labels, and
+deltas every `tcp_reporting_duration` while the connection is open.
 """
 
 from __future__ import annotations
