@@ -8,6 +8,10 @@ the other side's workload labels learned from the exchange. Requests from
 curl give `istio_requests_total` by response code (200, 404, and 503 when
 the upstream refuses), histograms whose counts equal the request counts
 and whose byte sums cover what was sent; a config error names its path.
+With `istio.stats` before `tcp_proxy` and the TCP metadata exchange, both
+sidecars report `istio_tcp_*` for a connection: opened and closed once,
+the bytes the client sent and got back, the peer's workload labels, and
+deltas every `tcp_reporting_duration` while the connection is open.
 """
 
 from __future__ import annotations
@@ -221,3 +225,112 @@ def test_bad_istio_stats_config_is_refused_with_its_path(tmp_path, value, error)
     err = p.stderr.decode() + p.stdout.decode()
     assert p.returncode != 0
     assert error in err, err
+
+
+# --------------------------------------------------------------------------
+# TCP metrics: `istio.stats` as a network filter before tcp_proxy, with the
+# TCP metadata exchange over mTLS between the sidecars.
+
+def tcp_server_config(pki, leaf, echo_port) -> str:
+    from test_istio_tcp_exchange import MX
+    chain = harness.tcp_listener("inbound", "inbound|9000||")["filter_chains"][0]
+    chain["filters"][:0] = [MX, copy.deepcopy(STATS)]
+    chain.update({"filter_chain_match": {"transport_protocol": "tls"},
+                  "transport_socket": down_tls(pki, leaf, ["istio-peer-exchange", "istio"])})
+    listener = {"name": "inbound", "address": harness.socket_address(0),
+                "traffic_direction": "INBOUND",
+                "listener_filters": [INSPECTOR], "filter_chains": [chain]}
+    cluster = harness.static_cluster("inbound|9000||", echo_port)
+    cluster["metadata"] = ISTIO_METADATA
+    return with_node(harness.bootstrap([listener], [cluster]), node("reviews-v1-pod", "reviews"))
+
+
+def tcp_client_config(pki, leaf, server_port) -> str:
+    from test_istio_extensions import UP_TLS, tls_common
+    from test_istio_tcp_exchange import MX
+    cluster = harness.static_cluster("server", server_port)
+    cluster.update({"metadata": ISTIO_METADATA, "filters": [MX], "transport_socket": {
+        "name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": UP_TLS, "common_tls_context": tls_common(
+                pki, leaf, ["istio-peer-exchange", "istio"], SERVER_ID)}}})
+    listeners = []
+    for name, stats in (("outbound", STATS),
+                        ("outbound_1s", {**STATS, "typed_config": {
+                            **STATS["typed_config"], "value": {"tcp_reporting_duration": "1s"}}})):
+        listener = harness.tcp_listener(name, "server")
+        listener["traffic_direction"] = "OUTBOUND"
+        listener["filter_chains"][0]["filters"].insert(0, copy.deepcopy(stats))
+        listeners.append(listener)
+    return with_node(harness.bootstrap(listeners, [cluster]),
+                     node("productpage-v1-pod", "productpage"))
+
+
+@pytest.fixture(scope="module")
+def tcp_sidecars(module_start_proxy, pki, tcp_echo):
+    server = module_start_proxy("mesh", tcp_server_config(
+        pki, pki.leaf("server", uris=[SERVER_ID]), tcp_echo.port))
+    client = module_start_proxy("mesh", tcp_client_config(
+        pki, pki.leaf("client", uris=[CLIENT_ID]), server.port("inbound")))
+    return client, server
+
+
+TCP_SRC = dict(reporter="source", source_workload="productpage-v1",
+               source_app="productpage", destination_workload="reviews-v1",
+               destination_app="reviews", destination_version="v1",
+               destination_service="reviews.default.svc.cluster.local",
+               destination_service_name="reviews", request_protocol="tcp",
+               response_flags="-", connection_security_policy="unknown")
+TCP_DST = dict(reporter="destination", source_workload="productpage-v1",
+               source_app="productpage", source_principal=CLIENT_ID,
+               destination_workload="reviews-v1", destination_app="reviews",
+               destination_service="reviews.default.svc.cluster.local",
+               request_protocol="tcp", response_flags="-",
+               connection_security_policy="mutual_tls")
+TCP_METRICS = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+               "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total")
+
+
+def tcp_metrics(proxy, labels: dict) -> tuple:
+    text = proxy.admin_text("/stats/prometheus")
+    return tuple(value(text, m, **labels) for m in TCP_METRICS)
+
+
+def test_both_sidecars_report_istio_tcp_metrics(tcp_sidecars):
+    import socket
+    client, server = tcp_sidecars
+    before = {"source": tcp_metrics(client, TCP_SRC), "destination": tcp_metrics(server, TCP_DST)}
+    data = harness.payload(100_000, seed=3)
+    with socket.create_connection(("127.0.0.1", client.port("outbound")), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        assert harness.recv_until(s, lambda b: False) == data
+    n = len(data)
+    for proxy, labels in ((client, TCP_SRC), (server, TCP_DST)):
+        b = before[labels["reporter"]]
+        want = (b[0] + 1, b[1] + 1, b[2] + n, b[3] + n)
+        harness.wait_until(lambda: tcp_metrics(proxy, labels) == want,
+                           what=f"{labels['reporter']} reported the connection")
+        text = proxy.admin_text("/stats/prometheus")
+        # No HTTP labels on TCP series.
+        for name, ls, _ in harness.prometheus_samples(text):
+            if name in TCP_METRICS:
+                assert "response_code" not in ls and "grpc_response_status" not in ls, ls
+
+
+def test_open_tcp_connections_are_reported_every_tcp_reporting_duration(tcp_sidecars):
+    import socket
+    client, _ = tcp_sidecars
+    labels = dict(TCP_SRC)
+    before = tcp_metrics(client, labels)
+    with socket.create_connection(("127.0.0.1", client.port("outbound_1s")), timeout=10) as s:
+        s.sendall(b"x" * 1000)
+        assert harness.recv_until(s, lambda b: len(b) >= 1000) == b"x" * 1000
+        # Still open: the deltas arrive with the next report.
+        harness.wait_until(lambda: tcp_metrics(client, labels)
+                           == (before[0] + 1, before[1], before[2] + 1000, before[3] + 1000),
+                           what="a periodic report of the open connection")
+        s.sendall(b"y" * 500)
+        assert harness.recv_until(s, lambda b: len(b) >= 500) == b"y" * 500
+    harness.wait_until(lambda: tcp_metrics(client, labels)
+                       == (before[0] + 1, before[1] + 1, before[2] + 1500, before[3] + 1500),
+                       what="the close report")

@@ -14,6 +14,7 @@ use crate::access_log::listener::{connect_failure_reason, tls_failure_reason, Tc
 use crate::access_log::{AccessLogger, TcpConn};
 use crate::cluster::{ClusterEntry, ClusterManager};
 use crate::istio::tcp_exchange::{self, ExchangeStats, TcpExchange, TcpPeers};
+use crate::istio::tcp_stats::{IstioTcpStats, Metered, TcpMeter};
 
 /// Envoy's `tcp.<stat_prefix>.*` stats.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct TcpProxyShared {
     istio_mx: Option<Arc<TcpExchange>>,
     /// The clusters' `istio.metadata_exchange` (upstream side).
     upstream_mx: Vec<(Arc<ClusterEntry>, Arc<TcpExchange>)>,
+    /// The network filter `istio.stats`.
+    istio_stats: Option<Arc<IstioTcpStats>>,
 }
 
 impl TcpProxyShared {
@@ -80,8 +83,13 @@ impl TcpProxyShared {
         let l = vec![("envoy_tcp_prefix", config.stat_prefix.clone())];
         let access_log =
             AccessLogger::new(&config.access_log, store).map_err(|e| format!("access_log: {e}"))?;
+        let istio_stats = config
+            .istio_stats
+            .as_ref()
+            .map(|c| Arc::new(IstioTcpStats::new(c, store)));
         Ok(TcpProxyShared {
             access_log,
+            istio_stats,
             istio_mx,
             upstream_mx,
             config: config.clone(),
@@ -161,9 +169,10 @@ impl TcpProxyShared {
         let mut outcome = TcpOutcome::default();
         let peers = TcpPeers::default();
         let alpn = tls.and_then(|t| t.alpn.as_deref());
+        let meter = (self.istio_stats.as_ref()).map(|s| s.connection(&peers, &cluster, tls));
         let (flag, received, sent, upstream) = self
             .proxy(
-                (stream, alpn, &peers),
+                (stream, alpn, &peers, meter.as_ref()),
                 peer,
                 guard,
                 &cluster,
@@ -171,6 +180,9 @@ impl TcpProxyShared {
                 &mut outcome,
             )
             .await;
+        if let Some(m) = &meter {
+            m.close(flag);
+        }
         outcome.flag = flag;
         outcome.upstream = upstream;
         outcome.cluster = Some(cluster);
@@ -188,7 +200,7 @@ impl TcpProxyShared {
 
     async fn proxy<S>(
         &self,
-        (stream, alpn, peers): (S, Option<&str>, &TcpPeers),
+        (stream, alpn, peers, meter): (S, Option<&str>, &TcpPeers, Option<&Arc<TcpMeter>>),
         peer: std::net::SocketAddr,
         guard: mesh_core::listener::ConnectionGuard,
         cluster: &Arc<ClusterEntry>,
@@ -207,6 +219,7 @@ impl TcpProxyShared {
                 return (None, 0, 0, None);
             }
         };
+        let stream = Metered::new(stream, meter.cloned());
         // tcp_proxy's hash_policy: only source_ip.
         let hash =
             (!self.config.hash_policy.is_empty()).then(|| mesh_lb::hash::source_ip_hash(peer.ip()));
@@ -265,6 +278,7 @@ impl TcpProxyShared {
         };
         let _ = upstream.set_nodelay(true);
         outcome.upstream_local = upstream.local_addr().ok();
+        let _ticker = meter.map(|m| m.connected());
         let _active = GaugeGuard::new(&self.stats.cx_active);
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         endpoint.stats.rq_total.inc();

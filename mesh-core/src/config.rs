@@ -450,6 +450,9 @@ pub struct TcpProxy {
     /// An `istio.metadata_exchange` network filter before the proxy: the
     /// TCP peer metadata exchange on downstream connections.
     pub istio_metadata_exchange: Option<istio::TcpMetadataExchange>,
+    /// An `istio.stats` network filter before the proxy: Istio's TCP
+    /// metrics (`istio_tcp_*`).
+    pub istio_stats: Option<Box<istio::Stats>>,
 }
 
 /// Envoy `config.route.v3.RouteConfiguration`.

@@ -297,13 +297,12 @@ pub(crate) fn set_stats_direction(
                 }
             }
         }
+        if let mesh_core::config::NetworkFilter::TcpProxy(t) = &mut chain.terminal {
+            if let Some(s) = &mut t.istio_stats {
+                s.traffic_direction = direction;
+            }
+        }
     }
-}
-
-/// Why each Istio filter is refused after its config was read: the config
-/// is valid, the behaviour is not built yet (never accepted and ignored).
-fn not_built(_what: &str) -> &'static str {
-    "istio.stats: Istio's TCP metrics are not implemented yet"
 }
 
 /// An Istio HTTP filter (`what` is its canonical name): its typed config is
@@ -316,22 +315,22 @@ pub(crate) fn http_filter(cx: &mut Ctx, what: &str, tc: Obj<'_>) -> Option<HttpF
     })
 }
 
+/// An Istio network filter's config, read and checked.
+pub(crate) enum IstioNetwork {
+    /// `istio.metadata_exchange`.
+    Mx(TcpMetadataExchange),
+    /// `istio.stats`.
+    Stats(Stats),
+}
+
 /// An Istio network filter before the terminal one, or a cluster's
-/// upstream filter (`istio.metadata_exchange`, `istio.stats`): read and
-/// checked; the TCP metadata exchange is returned, `istio.stats` refused
-/// until its behaviour exists.
-pub(crate) fn network_filter(
-    cx: &mut Ctx,
-    what: &str,
-    path: &str,
-    tc: Obj<'_>,
-) -> Option<TcpMetadataExchange> {
+/// upstream filter (`istio.metadata_exchange`, `istio.stats`; `what` is
+/// its canonical name).
+pub(crate) fn network_filter(cx: &mut Ctx, what: &str, tc: Obj<'_>) -> IstioNetwork {
     match what {
-        "istio.metadata_exchange" => return Some(tcp_metadata_exchange(cx, tc)),
-        _ => drop(stats(cx, tc)),
+        "istio.metadata_exchange" => IstioNetwork::Mx(tcp_metadata_exchange(cx, tc)),
+        _ => IstioNetwork::Stats(stats(cx, tc)),
     }
-    cx.unsupported(path, Some(not_built(what)));
-    None
 }
 
 /// A cluster's `filters` (upstream network filters): istiod puts
@@ -347,7 +346,7 @@ pub(crate) fn cluster_filters(cx: &mut Ctx, o: &mut Obj<'_>) -> Option<TcpMetada
             continue;
         };
         match super::select_extension(cx, &mut f, "upstream network filter", KNOWN) {
-            Some((_, Some(tc))) => out = network_filter(cx, KNOWN[0].name, f.path(), tc),
+            Some((_, Some(tc))) => out = Some(tcp_metadata_exchange(cx, tc)),
             Some((_, None)) => cx.missing(&f.at("typed_config")),
             None => {}
         }
@@ -377,12 +376,10 @@ mod tests {
     }
 
     /// istiod's untrimmed sidecar LDS/CDS decodes over xDS (Istio's
-    /// descriptors, TypedStruct unwrapped) and every field is read: the only
-    /// refusals are the Istio filters whose behaviour is not built yet,
-    /// Envoy's gRPC stats filter and a route's tracing `decorator`, each
-    /// named by path.
+    /// descriptors, TypedStruct unwrapped), every field is read and
+    /// nothing is refused (the network `istio.stats` included).
     #[test]
-    fn istiod_fixture_decodes_and_refuses_only_unbuilt_filters() {
+    fn istiod_fixture_decodes_and_nothing_is_refused() {
         let doc: Value = serde_json::from_str(FIXTURE).unwrap();
         let mut all = Vec::new();
         for l in doc["listeners"].as_array().unwrap() {
@@ -397,17 +394,7 @@ mod tests {
                 all.push(format!("{name}: {e}"));
             }
         }
-        let stats = "(istio.stats: Istio's TCP metrics are not implemented yet)";
-        // Envoy's gRPC stats filter, in every HTTP chain, and every route's
-        // `decorator` are accepted.
-        let expected = [
-            format!("virtualOutbound: unsupported: filter_chains[0].filters[0] {stats}"),
-            format!("virtualOutbound: unsupported: filter_chains[1].filters[0] {stats}"),
-            format!("10.96.0.30_27017: unsupported: filter_chains[0].filters[0] {stats}"),
-            format!("virtualInbound: unsupported: filter_chains[0].filters[0] {stats}"),
-            format!("virtualInbound: unsupported: filter_chains[2].filters[1] {stats}"),
-        ];
-        assert_eq!(all, expected);
+        assert_eq!(all, Vec::<String>::new());
     }
 
     /// `istio.stats` learns its listener's direction (its reporter), and
@@ -458,6 +445,70 @@ static_resources:
         assert_eq!(
             (svc.host.as_str(), svc.name.as_str(), svc.namespace.as_str()),
             ("r.d.svc.cluster.local", "r", "d")
+        );
+    }
+
+    /// The network `istio.stats` goes with the `tcp_proxy` after it and
+    /// learns the listener's direction; before another terminal filter it
+    /// is refused by path.
+    #[test]
+    fn network_istio_stats_goes_with_tcp_proxy_only() {
+        let config = |terminal: &str| {
+            format!(
+                r#"
+static_resources:
+  listeners:
+  - name: l
+    traffic_direction: OUTBOUND
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: istio.stats
+        typed_config:
+          "@type": type.googleapis.com/stats.PluginConfig
+          tcp_reporting_duration: 2s
+      {terminal}
+  clusters:
+  - name: c
+    load_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}
+"#
+            )
+        };
+        let tcp = "- name: envoy.filters.network.tcp_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c";
+        let b = load_str(&config(tcp)).unwrap();
+        let mesh_core::config::NetworkFilter::TcpProxy(t) =
+            &b.listeners[0].filter_chains[0].terminal
+        else {
+            panic!("expected a tcp_proxy");
+        };
+        let s = t
+            .istio_stats
+            .as_ref()
+            .expect("istio.stats on the tcp_proxy");
+        assert_eq!(
+            s.traffic_direction,
+            mesh_core::config::TrafficDirection::Outbound
+        );
+        assert_eq!(
+            s.tcp_reporting_duration,
+            Some(std::time::Duration::from_secs(2))
+        );
+        let hcm = "- name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h
+          route_config: {virtual_hosts: [{name: a, domains: [\"*\"], routes: [{match: {prefix: /}, route: {cluster: c}}]}]}
+          http_filters: [{name: envoy.filters.http.router, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]";
+        let errs = errors(load_str(&config(hcm)));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("filter_chains[0].filters[0]")
+                && errs[0].contains("istio.stats runs before envoy.filters.network.tcp_proxy only"),
+            "{errs:?}"
         );
     }
 

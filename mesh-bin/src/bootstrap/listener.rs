@@ -11,6 +11,7 @@ use mesh_core::config::{
 };
 
 pub(crate) use super::access_log::access_logs;
+use super::istio::IstioNetwork;
 use super::reader::{is_empty_list, Ctx, Obj};
 use super::{hcm, ip_address, rpc, select_extension, Known};
 
@@ -341,6 +342,7 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
     let mut local_ratelimit = None;
     let mut seen_ratelimit = false;
     let mut istio_mx = None;
+    let mut istio_stats = None;
     for (i, (path, v)) in filters.into_iter().enumerate() {
         let last = i + 1 == count;
         let Some(mut f) = Obj::new(cx, path, v) else {
@@ -430,14 +432,25 @@ fn filter_chain(cx: &mut Ctx, mut o: Obj<'_>) -> (Option<FilterChain>, Option<Co
             ISTIO_MX | ISTIO_STATS => {
                 if let Some(tc) = tc {
                     let what = NETWORK_FILTERS[which].name;
-                    if let Some(mx) = super::istio::network_filter(cx, what, f.path(), tc) {
-                        istio_mx = Some((f.path().to_owned(), mx));
+                    match super::istio::network_filter(cx, what, tc) {
+                        IstioNetwork::Mx(mx) => istio_mx = Some((f.path().to_owned(), mx)),
+                        IstioNetwork::Stats(s) => istio_stats = Some((f.path().to_owned(), s)),
                     }
                 }
             }
             _ => {}
         }
         f.finish(cx);
+    }
+    if let Some((path, s)) = istio_stats {
+        match &mut terminal {
+            Some(NetworkFilter::TcpProxy(t)) => t.istio_stats = Some(Box::new(s)),
+            Some(_) => cx.unsupported(
+                &path,
+                Some("istio.stats runs before envoy.filters.network.tcp_proxy only (or as an HTTP filter)"),
+            ),
+            None => {}
+        }
     }
     if let Some((path, mx)) = istio_mx {
         match &mut terminal {
@@ -565,5 +578,6 @@ fn tcp_proxy(cx: &mut Ctx, mut o: Obj<'_>) -> TcpProxy {
         access_log,
         hash_policy,
         istio_metadata_exchange: None,
+        istio_stats: None,
     }
 }

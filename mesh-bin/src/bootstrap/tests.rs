@@ -643,6 +643,7 @@ fn tcp_proxy() {
             access_log: vec![AccessLogSink::Stderr.into()],
             hash_policy: vec![],
             istio_metadata_exchange: None,
+            istio_stats: None,
         })
     );
 

@@ -61,21 +61,37 @@ struct Series {
 
 /// What tells one label tuple from another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    peer: Option<Arc<PeerInfo>>,
-    peer_principal: Option<Arc<str>>,
-    cluster_service: Option<Arc<ClusterKey>>,
-    host: Option<Box<str>>,
-    grpc: bool,
-    code: u16,
-    grpc_status: Option<Box<str>>,
-    flag: Option<&'static str>,
-    mtls: bool,
+pub(super) struct Key {
+    pub(super) peer: Option<Arc<PeerInfo>>,
+    pub(super) peer_principal: Option<Arc<str>>,
+    pub(super) cluster_service: Option<Arc<ClusterKey>>,
+    pub(super) host: Option<Box<str>>,
+    pub(super) grpc: bool,
+    pub(super) code: u16,
+    pub(super) grpc_status: Option<Box<str>>,
+    pub(super) flag: Option<&'static str>,
+    pub(super) mtls: bool,
+    /// A TCP connection's tuple (`request_protocol="tcp"`, no response
+    /// code or gRPC status).
+    pub(super) tcp: bool,
 }
 
 /// A cluster's `istio.services[0]` (host, name, namespace).
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct ClusterKey(String, String, String);
+pub(super) struct ClusterKey(String, String, String);
+
+impl ClusterKey {
+    /// The cluster's service, if istiod named one.
+    pub(super) fn of(cluster: &ClusterEntry) -> Option<Arc<Self>> {
+        cluster.config.istio_service.as_ref().map(|s| {
+            Arc::new(ClusterKey(
+                s.host.clone(),
+                s.name.clone(),
+                s.namespace.clone(),
+            ))
+        })
+    }
+}
 
 /// What the router reports back about a request (set in the request's
 /// extensions by [`IstioStats::on_request`]).
@@ -169,19 +185,7 @@ impl IstioStats {
             }
         });
         let identity = st.identity.as_ref().filter(|_| !self.source);
-        let cluster_service = st
-            .pending
-            .0
-            .cluster
-            .get()
-            .and_then(|c| c.config.istio_service.as_ref())
-            .map(|s| {
-                Arc::new(ClusterKey(
-                    s.host.clone(),
-                    s.name.clone(),
-                    s.namespace.clone(),
-                ))
-            });
+        let cluster_service = st.pending.0.cluster.get().and_then(|c| ClusterKey::of(c));
         let key = Key {
             peer,
             peer_principal: identity
@@ -197,6 +201,7 @@ impl IstioStats {
             grpc_status: grpc_status(resp.headers()),
             flag: resp.extensions().get::<ResponseFlag>().map(|f| f.as_str()),
             mtls: identity.is_some(),
+            tcp: false,
         };
         let response_bytes = header_bytes(resp.headers());
         let inner = std::mem::take(resp.body_mut());
@@ -238,8 +243,13 @@ impl IstioStats {
         s
     }
 
+    /// `reporter="source"` (else `destination`).
+    pub(super) fn is_source(&self) -> bool {
+        self.source
+    }
+
     /// Istio's labels for a tuple, in Istio's order.
-    fn labels(&self, key: &Key) -> Labels {
+    pub(super) fn labels(&self, key: &Key) -> Labels {
         let (src, dst) = if self.source {
             (Some(&self.local), key.peer.as_deref())
         } else {
@@ -282,7 +292,7 @@ impl IstioStats {
         } else {
             (UNKNOWN.to_owned(), "none")
         };
-        vec![
+        let mut labels = vec![
             (
                 "reporter",
                 if self.source { "source" } else { "destination" }.into(),
@@ -317,7 +327,12 @@ impl IstioStats {
             ("destination_cluster", field(dst, |p| p.cluster_id.as_str())),
             (
                 "request_protocol",
-                if key.grpc { "grpc" } else { "http" }.into(),
+                match (key.tcp, key.grpc) {
+                    (true, _) => "tcp",
+                    (false, true) => "grpc",
+                    (false, false) => "http",
+                }
+                .into(),
             ),
             ("response_flags", key.flag.unwrap_or("-").into()),
             ("connection_security_policy", policy.into()),
@@ -326,7 +341,12 @@ impl IstioStats {
                 "grpc_response_status",
                 key.grpc_status.as_deref().unwrap_or_default().into(),
             ),
-        ]
+        ];
+        if key.tcp {
+            // Istio's TCP metrics have no response code or gRPC status.
+            labels.truncate(labels.len() - 2);
+        }
+        labels
     }
 }
 
