@@ -913,10 +913,17 @@ impl HttpProxy {
         if let Some(e) = log.as_mut() {
             e.routed(m.route, choice.name);
         }
-        if let Some(p) = req.extensions().get::<crate::istio::stats::Pending>() {
-            p.routed(&cluster.entry);
+        // Only chains with `istio.stats` / `grpc_stats` look for their
+        // per-request state: no extension lookups on the others.
+        if self.shared.istio_stats.is_some() {
+            if let Some(p) = req.extensions().get::<crate::istio::stats::Pending>() {
+                p.routed(&cluster.entry);
+            }
         }
-        let grpc_call = req.extensions_mut().remove::<crate::grpc_stats::Call>();
+        let grpc_call = match self.shared.grpc_stats {
+            Some(_) => req.extensions_mut().remove::<crate::grpc_stats::Call>(),
+            None => None,
+        };
         if let Some(c) = &grpc_call {
             c.routed(choice.name);
         }
@@ -1041,7 +1048,10 @@ impl HttpProxy {
             (Some(e), Some(l)) => l.watch_body(e, body),
             _ => body,
         };
-        let body = crate::istio::stats::watch_request(&parts, body);
+        let body = match self.shared.istio_stats {
+            Some(_) => crate::istio::stats::watch_request(&parts, body),
+            None => body,
+        };
         let buffer_limit = m
             .route
             .policy
