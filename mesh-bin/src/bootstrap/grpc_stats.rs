@@ -23,7 +23,7 @@ pub(crate) fn filter_config(cx: &mut Ctx, o: &mut Obj<'_>) -> GrpcStats {
     };
     let upstream = o.at("enable_upstream_stats");
     if o.bool(cx, "enable_upstream_stats") == Some(true) {
-        // The `upstream_rq_time` histogram: mesh's stats have no histograms.
+        // The `upstream_rq_time` histogram: not built yet.
         cx.unsupported(&upstream, Some("upstream gRPC request time histograms"));
     }
     let which = one_of(
